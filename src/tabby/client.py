@@ -1,0 +1,56 @@
+"""Typed resource access over any Store: what the CLI and orchestrator adapters write through.
+
+Writes are compare-and-swap: ``apply`` reads the current revision and updates only if nobody
+wrote in between, retrying a few times, so two writers never silently overwrite each other's
+read-modify-write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabby.model import decode, encode, key_of
+from tabby.model.keys import kind_prefix, resource_key
+from tabby.store import AlreadyExists, NotFound, RevisionMismatch, Store, StoreError
+
+
+class Conflict(StoreError):
+    """Kept losing compare-and-swap to other writers."""
+
+
+class ResourceClient:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, kind: str, name: str) -> Any | None:
+        kv = self.store.get(resource_key(kind, name))
+        return decode(kv.key, kv.value) if kv else None
+
+    def list(self, kind: str) -> tuple[list[Any], list[tuple[str, str]]]:
+        """(good resources, [(key, error)] for corrupt records) — one bad record never hides the rest."""
+        kvs, _ = self.store.list(kind_prefix(kind))
+        good, bad = [], []
+        for kv in kvs:
+            try:
+                good.append(decode(kv.key, kv.value))
+            except ValueError as e:
+                bad.append((kv.key, str(e)))
+        return good, bad
+
+    def apply(self, resource: Any, attempts: int = 5) -> tuple[str, int]:
+        """Create or update; returns ("created" | "updated" | "unchanged", revision)."""
+        key, value = key_of(resource), encode(resource)
+        for _ in range(attempts):
+            kv = self.store.get(key)
+            try:
+                if kv is None:
+                    return "created", self.store.create(key, value)
+                if kv.value == value:
+                    return "unchanged", kv.mod_revision
+                return "updated", self.store.update(key, value, kv.mod_revision)
+            except (AlreadyExists, RevisionMismatch, NotFound):
+                continue
+        raise Conflict(f"{key}: gave up after {attempts} compare-and-swap conflicts")
+
+    def delete(self, kind: str, name: str) -> int:
+        return self.store.delete(resource_key(kind, name))

@@ -1,0 +1,1 @@
+"""The tabby CNI plugin (filled by the CNI issue)."""

@@ -1,0 +1,81 @@
+"""The Store key layout, written down in one place.
+
+    /tabby/v1/hosts/<name>                      Host
+    /tabby/v1/ippools/<name>                    IPPool
+    /tabby/v1/endpoints/<name>                  Endpoint (flat: a live migration is one CAS write
+                                                of spec.host, not a delete under one host and a
+                                                create under another)
+    /tabby/v1/profiles/<name>                   Profile
+    /tabby/v1/policies/<name>                   Policy
+    /tabby/v1/bgppeers/<name>                   BGPPeer
+    /tabby/v1/config/<global|host.NAME>         Config
+    /tabby/v1/status/endpoints/<host>/<name>    endpoint status, written by that host's agent
+    /tabby/v1/status/hosts/<host>               host liveness, written by its agent
+    /tabby/v1/status/bgp/<host>                 BGP sessions as that host's bird sees them
+    /tabby/v1/ipam/...                          IPAM's own records (blocks, affinities, handles)
+
+Writers put whole JSON documents; the agent watches ``/tabby/v1/`` minus ``status/``.
+"""
+
+from __future__ import annotations
+
+PREFIX = "/tabby/v1/"
+
+KIND_DIRS: dict[str, str] = {
+    "Host": "hosts",
+    "IPPool": "ippools",
+    "Endpoint": "endpoints",
+    "Profile": "profiles",
+    "Policy": "policies",
+    "BGPPeer": "bgppeers",
+    "Config": "config",
+}
+DIR_KINDS = {v: k for k, v in KIND_DIRS.items()}
+
+# Names people type on the command line, all mapping to a kind.
+KIND_ALIASES: dict[str, str] = {}
+for _kind, _dir in KIND_DIRS.items():
+    for _alias in (_kind.lower(), _dir, _dir.rstrip("s")):
+        KIND_ALIASES[_alias] = _kind
+KIND_ALIASES.update({"pool": "IPPool", "pools": "IPPool", "ep": "Endpoint", "eps": "Endpoint",
+                     "policy": "Policy", "peer": "BGPPeer", "peers": "BGPPeer"})
+
+STATUS_PREFIX = PREFIX + "status/"
+IPAM_PREFIX = PREFIX + "ipam/"
+
+
+def kind_prefix(kind: str) -> str:
+    return f"{PREFIX}{KIND_DIRS[kind]}/"
+
+
+def resource_key(kind: str, name: str) -> str:
+    return kind_prefix(kind) + name
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """(kind, name) for a resource key; None for status, IPAM or foreign keys."""
+    if not key.startswith(PREFIX):
+        return None
+    parts = key[len(PREFIX):].split("/")
+    if len(parts) != 2 or parts[0] not in DIR_KINDS or not parts[1]:
+        return None
+    return DIR_KINDS[parts[0]], parts[1]
+
+
+def resolve_kind(text: str) -> str:
+    kind = KIND_ALIASES.get(text.lower())
+    if kind is None:
+        raise ValueError(f"unknown kind {text!r}; known: {', '.join(KIND_DIRS)}")
+    return kind
+
+
+def endpoint_status_key(host: str, name: str) -> str:
+    return f"{STATUS_PREFIX}endpoints/{host}/{name}"
+
+
+def host_status_key(host: str) -> str:
+    return f"{STATUS_PREFIX}hosts/{host}"
+
+
+def bgp_status_key(host: str) -> str:
+    return f"{STATUS_PREFIX}bgp/{host}"

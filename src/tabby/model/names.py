@@ -1,0 +1,64 @@
+"""Validators for the names tabby puts into keys, the kernel and daemon configs.
+
+Every name that later reaches a netlink message, a BIRD or dnsmasq config line or a Store key
+is checked here once, so nothing downstream ever has to quote or escape it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Resource names become Store key segments and BIRD protocol names: no '/', no spaces.
+_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+# Linux allows more in an interface name, but a conservative set rules out shell
+# metacharacters, '/', ':' (alias syntax) and whitespace in one go.
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_LABEL_KEY_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}/)?[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+
+IFNAMSIZ = 16  # the kernel's buffer, including the NUL: 15 usable characters
+
+
+def check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"invalid name {value!r}: 1..253 characters of letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def check_interface_name(value: str) -> str:
+    if not 1 <= len(value) < IFNAMSIZ:
+        raise ValueError(f"invalid interface name {value!r}: must be 1..15 characters")
+    if value in (".", "..") or not _IFACE_RE.match(value):
+        raise ValueError(
+            f"invalid interface name {value!r}: only letters, digits, '_', '.' and '-' are "
+            "allowed (no '/', ':', whitespace or shell metacharacters)"
+        )
+    return value
+
+
+def check_label_key(value: str) -> str:
+    if not _LABEL_KEY_RE.match(value):
+        raise ValueError(f"invalid label key {value!r}")
+    return value
+
+
+def check_label_value(value: str) -> str:
+    if not _LABEL_VALUE_RE.match(value):
+        raise ValueError(f"invalid label value {value!r}")
+    return value
+
+
+def canonical_mac(value: str) -> str:
+    """MACs are stored lower-case with colons so that equality means the same MAC."""
+    mac = value.strip().lower().replace("-", ":")
+    if not _MAC_RE.match(mac):
+        raise ValueError(f"invalid MAC address {value!r}: expected six hex octets like 52:54:00:12:34:56")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"invalid MAC address {value!r}: a multicast MAC cannot be an endpoint's")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError(f"invalid MAC address {value!r}: all zeroes")
+    return mac

@@ -1,0 +1,340 @@
+"""tabby's resources: what orchestrators write and agents read.
+
+Every resource is ``kind`` + ``metadata`` + ``spec``, frozen and canonical on construction
+(addresses as ``ipaddress`` objects, MACs lower-case), so "nothing changed" is ``==``.
+No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator
+
+from tabby.model.names import (
+    canonical_mac,
+    check_interface_name,
+    check_label_key,
+    check_label_value,
+    check_name,
+)
+from tabby.model.selector import check_selector
+
+Name = Annotated[str, AfterValidator(check_name)]
+InterfaceName = Annotated[str, AfterValidator(check_interface_name)]
+Mac = Annotated[str, AfterValidator(canonical_mac)]
+Selector = Annotated[str, AfterValidator(check_selector)]
+ASN = Annotated[int, Field(ge=1, le=4_294_967_295)]
+
+DEFAULT_ASN = 64512  # first private 2-byte AS: a lab fabric needs no registered number
+V6_BLOCK_DEFAULT, V6_BLOCK_MIN = 122, 116
+V4_BLOCK_DEFAULT, V4_BLOCK_MIN = 26, 20
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Metadata(_Frozen):
+    name: Name
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            check_label_key(key)
+            check_label_value(value)
+        return dict(sorted(v.items()))
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.labels.items())))
+
+
+def _check_router_id(rid: IPv4Address) -> IPv4Address:
+    if rid == IPv4Address("0.0.0.0"):
+        raise ValueError("router id 0.0.0.0 is rejected by BGP peers")
+    if rid in IPv4Network("224.0.0.0/3"):
+        raise ValueError(f"router id {rid} is in 224.0.0.0/3 (multicast/reserved), which peers reject")
+    return rid
+
+
+def derive_router_id(name: str) -> IPv4Address:
+    """A stable router id for a host without IPv4: a hash of its name in 1.0.0.0..223.255.255.255.
+
+    BGP needs a 32-bit id even on an IPv6-only fabric. Hashing the name keeps it stable across
+    restarts; collisions between hosts are detected by ``duplicate_router_ids``.
+    """
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+    low, high = int(IPv4Address("1.0.0.0")), int(IPv4Address("223.255.255.255"))
+    return IPv4Address(low + h % (high - low + 1))
+
+
+class HostSpec(_Frozen):
+    ipv6_address: IPv6Address | None = None
+    ipv4_address: IPv4Address | None = None
+    asn: ASN = DEFAULT_ASN
+    router_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
+    route_reflector_cluster_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
+
+    @model_validator(mode="after")
+    def _one_address(self) -> HostSpec:
+        if self.ipv6_address is None and self.ipv4_address is None:
+            raise ValueError("a host needs a fabric address: set ipv6_address and/or ipv4_address")
+        for field in ("ipv6_address", "ipv4_address"):
+            addr = getattr(self, field)
+            if addr is not None and (addr.is_unspecified or addr.is_multicast or addr.is_loopback):
+                raise ValueError(f"{field}: {addr} cannot be a fabric address")
+        return self
+
+
+class Host(_Frozen):
+    kind: Literal["Host"] = "Host"
+    metadata: Metadata
+    spec: HostSpec
+
+    def effective_router_id(self) -> IPv4Address:
+        if self.spec.router_id is not None:
+            return self.spec.router_id
+        if self.spec.ipv4_address is not None:
+            return _check_router_id(self.spec.ipv4_address)
+        return derive_router_id(self.metadata.name)
+
+
+def duplicate_router_ids(hosts: list[Host]) -> dict[IPv4Address, list[str]]:
+    """Router ids held by more than one host: a fabric-wide check no single record can make."""
+    seen: dict[IPv4Address, list[str]] = {}
+    for host in hosts:
+        seen.setdefault(host.effective_router_id(), []).append(host.metadata.name)
+    return {rid: names for rid, names in seen.items() if len(names) > 1}
+
+
+class IPPoolSpec(_Frozen):
+    cidr: IPv6Network | IPv4Network
+    block_size: int | None = None
+    nat_outgoing: bool = False
+    disabled: bool = False
+
+    @field_validator("cidr", mode="before")
+    @classmethod
+    def _strict_cidr(cls, v: object) -> object:
+        if isinstance(v, str):
+            try:
+                return ipaddress.ip_network(v, strict=True)
+            except ValueError as e:
+                raise ValueError(f"{v!r} is not a network address with prefix length ({e})") from e
+        return v
+
+    @model_validator(mode="after")
+    def _block(self) -> IPPoolSpec:
+        v6 = self.cidr.version == 6
+        lo, default = (V6_BLOCK_MIN, V6_BLOCK_DEFAULT) if v6 else (V4_BLOCK_MIN, V4_BLOCK_DEFAULT)
+        hi = 128 if v6 else 32
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", max(default, self.cidr.prefixlen))
+        bs = self.block_size
+        assert bs is not None
+        if not lo <= bs <= hi:
+            raise ValueError(f"block_size {bs} out of range for IPv{self.cidr.version}: {lo}..{hi}")
+        if bs < self.cidr.prefixlen:
+            raise ValueError(f"block_size /{bs} is larger than the pool {self.cidr}")
+        return self
+
+
+class IPPool(_Frozen):
+    kind: Literal["IPPool"] = "IPPool"
+    metadata: Metadata
+    spec: IPPoolSpec
+
+
+def _host_route_v6(v: IPv6Interface) -> IPv6Interface:
+    if v.network.prefixlen != 128:
+        raise ValueError(f"{v} must be a single address (/128): tabby routes each workload address on its own")
+    return v
+
+
+def _host_route_v4(v: IPv4Interface) -> IPv4Interface:
+    if v.network.prefixlen != 32:
+        raise ValueError(f"{v} must be a single address (/32): tabby routes each workload address on its own")
+    return v
+
+
+V6Host = Annotated[IPv6Interface, AfterValidator(_host_route_v6)]
+V4Host = Annotated[IPv4Interface, AfterValidator(_host_route_v4)]
+
+
+class EndpointSpec(_Frozen):
+    host: Name
+    orchestrator: Literal["vm", "container"]
+    workload_id: Annotated[str, Field(min_length=1, max_length=253)]
+    interface: InterfaceName
+    mac: Mac
+    ipv6_addresses: tuple[V6Host, ...] = ()
+    ipv4_addresses: tuple[V4Host, ...] = ()
+    ipv6_gateway: IPv6Address | None = None
+    ipv4_gateway: IPv4Address | None = None
+    profiles: tuple[Name, ...] = ()
+
+    @model_validator(mode="after")
+    def _some_address(self) -> EndpointSpec:
+        if not self.ipv6_addresses and not self.ipv4_addresses:
+            raise ValueError("an endpoint needs at least one address in ipv6_addresses or ipv4_addresses")
+        for field in ("ipv6_addresses", "ipv4_addresses"):
+            addrs = getattr(self, field)
+            if len(set(addrs)) != len(addrs):
+                raise ValueError(f"{field}: duplicate address")
+            for a in addrs:
+                ip = a.ip
+                if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local:
+                    raise ValueError(f"{field}: {ip} cannot be a workload address")
+        return self
+
+
+class Endpoint(_Frozen):
+    kind: Literal["Endpoint"] = "Endpoint"
+    metadata: Metadata
+    spec: EndpointSpec
+
+
+PortSpec = Annotated[int, Field(ge=0, le=65535)] | Annotated[str, Field(pattern=r"^\d{1,5}:\d{1,5}$")]
+
+
+class Rule(_Frozen):
+    action: Literal["allow", "deny"]
+    protocol: Literal["tcp", "udp", "sctp", "icmp", "icmpv6"] | Annotated[int, Field(ge=0, le=255)] | None = None
+    ip_version: Literal[4, 6] | None = None
+    icmp_type: Annotated[int, Field(ge=0, le=255)] | None = None
+    icmp_code: Annotated[int, Field(ge=0, le=255)] | None = None
+    src_nets: tuple[IPv6Network | IPv4Network, ...] = ()
+    dst_nets: tuple[IPv6Network | IPv4Network, ...] = ()
+    src_selector: Selector | None = None
+    dst_selector: Selector | None = None
+    src_ports: tuple[PortSpec, ...] = ()
+    dst_ports: tuple[PortSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        if (self.icmp_type is not None or self.icmp_code is not None) and self.protocol not in ("icmp", "icmpv6"):
+            raise ValueError("icmp_type/icmp_code need protocol icmp or icmpv6")
+        if self.icmp_code is not None and self.icmp_type is None:
+            raise ValueError("icmp_code needs icmp_type")
+        if (self.src_ports or self.dst_ports) and self.protocol not in ("tcp", "udp", "sctp"):
+            raise ValueError("ports need protocol tcp, udp or sctp")
+        for p in (*self.src_ports, *self.dst_ports):
+            if isinstance(p, str):
+                lo, hi = (int(x) for x in p.split(":"))
+                if not lo <= hi <= 65535:
+                    raise ValueError(f"port range {p!r} must be low:high within 0..65535")
+        family = {"icmp": 4, "icmpv6": 6}.get(self.protocol) if isinstance(self.protocol, str) else None
+        if family and self.ip_version and family != self.ip_version:
+            raise ValueError(f"protocol {self.protocol} contradicts ip_version {self.ip_version}")
+        family = family or self.ip_version
+        for net in (*self.src_nets, *self.dst_nets):
+            if family and net.version != family:
+                raise ValueError(f"network {net} is not IPv{family}, as the rule's protocol/ip_version says")
+        return self
+
+
+class ProfileSpec(_Frozen):
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+
+
+class Profile(_Frozen):
+    kind: Literal["Profile"] = "Profile"
+    metadata: Metadata
+    spec: ProfileSpec
+
+
+class PolicySpec(_Frozen):
+    order: float = 1000.0
+    selector: Selector = "all()"
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+
+
+class Policy(_Frozen):
+    kind: Literal["Policy"] = "Policy"
+    metadata: Metadata
+    spec: PolicySpec
+
+
+class BGPPeerSpec(_Frozen):
+    peer_ip: IPv6Address | IPv4Address
+    asn: ASN
+    interface: InterfaceName | None = None
+    host: Name | None = None  # None: every host peers with it; a name: only that host
+
+    @model_validator(mode="after")
+    def _link_local(self) -> BGPPeerSpec:
+        if self.peer_ip.is_link_local and self.peer_ip.version == 6 and self.interface is None:
+            raise ValueError(f"peer_ip {self.peer_ip} is link-local: interface is required")
+        if self.peer_ip.is_unspecified or self.peer_ip.is_multicast:
+            raise ValueError(f"peer_ip {self.peer_ip} cannot be a BGP peer")
+        return self
+
+
+class BGPPeer(_Frozen):
+    kind: Literal["BGPPeer"] = "BGPPeer"
+    metadata: Metadata
+    spec: BGPPeerSpec
+
+
+class ConfigSpec(_Frozen):
+    """Settings; ``global`` applies everywhere, ``host.<name>`` overrides it for one host."""
+
+    log_level: Literal["debug", "info", "warning", "error"] | None = None
+    resync_interval_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    node_to_node_mesh: bool | None = None
+    strict_affinity: bool | None = None
+    default_asn: ASN | None = None
+
+
+class Config(_Frozen):
+    kind: Literal["Config"] = "Config"
+    metadata: Metadata
+    spec: ConfigSpec
+
+    @model_validator(mode="after")
+    def _scope(self) -> Config:
+        name = self.metadata.name
+        if name != "global" and not name.startswith("host."):
+            raise ValueError("config name must be 'global' or 'host.<hostname>'")
+        return self
+
+
+CONFIG_DEFAULTS = ConfigSpec(
+    log_level="info",
+    resync_interval_s=90.0,
+    metrics_port=9091,
+    node_to_node_mesh=True,
+    strict_affinity=False,
+    default_asn=DEFAULT_ASN,
+)
+
+
+def effective_config(global_cfg: ConfigSpec | None, host_cfg: ConfigSpec | None) -> ConfigSpec:
+    """Per-host settings over global ones over defaults, field by field."""
+    merged = CONFIG_DEFAULTS.model_dump()
+    for layer in (global_cfg, host_cfg):
+        if layer is not None:
+            merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+    return ConfigSpec(**merged)
+
+
+Resource = Annotated[
+    Host | IPPool | Endpoint | Profile | Policy | BGPPeer | Config,
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,110 @@
+"""The Store contract every backend keeps. The Store knows keys, bytes and revisions only.
+
+Revisions are one store-wide, strictly increasing counter (etcd's model): every write gets the
+next one, a key remembers the revision of its last write (``mod_revision``), and
+``update``/``delete`` can demand that revision (compare-and-swap). ``watch`` replays writes
+after a revision, in order; when that history has been compacted away it raises
+``HistoryGone`` and the caller must list again and resume from the list's revision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+class StoreError(Exception):
+    """Base of every Store failure."""
+
+
+class AlreadyExists(StoreError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} already exists")
+        self.key = key
+
+
+class NotFound(StoreError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} not found")
+        self.key = key
+
+
+class RevisionMismatch(StoreError):
+    """Compare-and-swap lost: someone wrote the key after the caller read it."""
+
+    def __init__(self, key: str, expected: int, actual: int | None) -> None:
+        super().__init__(f"{key}: expected revision {expected}, found {actual}")
+        self.key, self.expected, self.actual = key, expected, actual
+
+
+class HistoryGone(StoreError):
+    """The revisions a watch asked for were compacted: list again, then watch from there."""
+
+    def __init__(self, requested: int, compacted: int) -> None:
+        super().__init__(f"history before revision {compacted} is gone (asked from {requested}); resync")
+        self.requested, self.compacted = requested, compacted
+
+
+class Unavailable(StoreError):
+    """The backend cannot be reached; callers retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: Literal["put", "delete"]
+    key: str
+    value: bytes | None  # None for a delete
+    revision: int
+
+
+class Watch(Protocol):
+    """An open watch: iterate for events (blocking); ``close`` from any thread ends iteration."""
+
+    def __iter__(self) -> Iterator[Event]: ...
+
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    def get(self, key: str) -> KV | None: ...
+
+    def list(self, prefix: str) -> tuple[list[KV], int]:
+        """Every key under prefix, sorted, and the store revision the listing is consistent at."""
+        ...
+
+    def revision(self) -> int: ...
+
+    def create(self, key: str, value: bytes) -> int:
+        """Write a new key; AlreadyExists if present. Returns the write's revision."""
+        ...
+
+    def update(self, key: str, value: bytes, expected_revision: int) -> int:
+        """Compare-and-swap on mod_revision; RevisionMismatch or NotFound otherwise."""
+        ...
+
+    def put(self, key: str, value: bytes) -> int:
+        """Unconditional write, for records only one writer owns (status)."""
+        ...
+
+    def delete(self, key: str, expected_revision: int | None = None) -> int:
+        """Remove a key (only at that revision, if given); NotFound if absent."""
+        ...
+
+    def watch(self, prefix: str, after_revision: int) -> Watch:
+        """Events under prefix with revision > after_revision, in order, then live ones."""
+        ...
+
+    def compact(self, revision: int) -> None:
+        """Forget history up to revision (watches from before it get HistoryGone)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,219 @@
+"""The etcd v3 Store, for fabrics of many hosts.
+
+Talks to etcd's JSON gateway through etcd3gw's client (session, API-path discovery, TLS), but
+issues ``range``, ``txn``, ``compaction`` and ``watch`` requests itself: the Store contract
+needs the header revision of a listing, compare-and-swap on ``mod_revision``, and the watch's
+``compact_revision`` signal, which etcd3gw's helpers drop. Every write is one transaction, so
+a lost compare-and-swap writes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import Etcd3Exception
+
+from tabby.store.base import (
+    KV,
+    AlreadyExists,
+    Event,
+    HistoryGone,
+    NotFound,
+    RevisionMismatch,
+    StoreError,
+    Unavailable,
+)
+
+
+def _b64(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def _unb64(data: str | None) -> bytes:
+    return base64.b64decode(data) if data else b""
+
+
+def _prefix_end(prefix: str) -> bytes:
+    """etcd's range end for a prefix: the prefix with its last byte incremented."""
+    raw = bytearray(prefix.encode())
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return bytes(raw)
+        raw.pop()
+    return b"\0"  # empty prefix: every key
+
+
+def _kv(d: dict[str, Any]) -> KV:
+    return KV(_unb64(d["key"]).decode(), _unb64(d.get("value")), int(d.get("mod_revision", 0)),
+              int(d.get("create_revision", 0)))
+
+
+class EtcdStore:
+    def __init__(self, host: str = "127.0.0.1", port: int = 2379, *, timeout: float = 10.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._client = Etcd3Client(host=host, port=port, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self.host}:{self.port})"
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._client.post(self._client.get_url(path), json=payload)
+        except requests.RequestException as e:
+            raise Unavailable(f"etcd at {self.host}:{self.port}: {e}") from e
+        except Etcd3Exception as e:
+            if "ConnectionFailed" in type(e).__name__ or "Timeout" in type(e).__name__:
+                raise Unavailable(f"etcd at {self.host}:{self.port}: {e}") from e
+            raise StoreError(f"etcd at {self.host}:{self.port}: {e}") from e
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> KV | None:
+        resp = self._post("/kv/range", {"key": _b64(key)})
+        kvs = resp.get("kvs") or []
+        return _kv(kvs[0]) if kvs else None
+
+    def list(self, prefix: str) -> tuple[list[KV], int]:
+        resp = self._post("/kv/range", {"key": _b64(prefix or b"\0"), "range_end": _b64(_prefix_end(prefix)),
+                                        "sort_order": "ASCEND", "sort_target": "KEY"})
+        return [_kv(d) for d in resp.get("kvs") or []], int(resp["header"]["revision"])
+
+    def revision(self) -> int:
+        resp = self._post("/kv/range", {"key": _b64("\0"), "count_only": True})
+        return int(resp["header"]["revision"])
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _txn(self, key: str, compare: list[dict[str, Any]], op: dict[str, Any]) -> tuple[bool, int, KV | None]:
+        resp = self._post("/kv/txn", {
+            "compare": compare,
+            "success": [op],
+            "failure": [{"request_range": {"key": _b64(key)}}],
+        })
+        rev = int(resp["header"]["revision"])
+        if resp.get("succeeded"):
+            return True, rev, None
+        rng = (resp.get("responses") or [{}])[0].get("response_range", {})
+        kvs = rng.get("kvs") or []
+        return False, rev, _kv(kvs[0]) if kvs else None
+
+    def create(self, key: str, value: bytes) -> int:
+        ok, rev, _ = self._txn(
+            key,
+            [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            {"request_put": {"key": _b64(key), "value": _b64(value)}},
+        )
+        if not ok:
+            raise AlreadyExists(key)
+        return rev
+
+    def update(self, key: str, value: bytes, expected_revision: int) -> int:
+        ok, rev, current = self._txn(
+            key,
+            [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}],
+            {"request_put": {"key": _b64(key), "value": _b64(value)}},
+        )
+        if not ok:
+            if current is None:
+                raise NotFound(key)
+            raise RevisionMismatch(key, expected_revision, current.mod_revision)
+        return rev
+
+    def put(self, key: str, value: bytes) -> int:
+        resp = self._post("/kv/put", {"key": _b64(key), "value": _b64(value)})
+        return int(resp["header"]["revision"])
+
+    def delete(self, key: str, expected_revision: int | None = None) -> int:
+        if expected_revision is None:
+            compare = [{"key": _b64(key), "result": "GREATER", "target": "CREATE", "create_revision": 0}]
+        else:
+            compare = [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
+        ok, rev, current = self._txn(key, compare, {"request_delete_range": {"key": _b64(key)}})
+        if not ok:
+            if current is None:
+                raise NotFound(key)
+            raise RevisionMismatch(key, expected_revision or 0, current.mod_revision)
+        return rev
+
+    def compact(self, revision: int) -> None:
+        try:
+            self._post("/kv/compaction", {"revision": revision, "physical": True})
+        except StoreError as e:
+            if "compacted" not in str(e):  # already compacted that far: nothing to do
+                raise
+
+    def watch(self, prefix: str, after_revision: int) -> EtcdWatch:
+        return EtcdWatch(self, prefix, after_revision)
+
+    def close(self) -> None:
+        self._client.session.close()
+
+
+class EtcdWatch:
+    """One streaming watch request. ``close`` shuts the socket down so a blocked read returns."""
+
+    def __init__(self, store: EtcdStore, prefix: str, after_revision: int) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._after = after_revision
+        self._closed = threading.Event()
+        self._resp: requests.Response | None = None
+        self._session = requests.Session()
+
+    def close(self) -> None:
+        self._closed.set()
+        resp = self._resp
+        if resp is not None:
+            try:
+                fd = resp.raw._fp.fp.raw._sock.fileno()  # type: ignore[union-attr]
+                socket.socket(fileno=socket.dup(fd)).shutdown(socket.SHUT_RDWR)
+            except (AttributeError, OSError, ValueError):
+                pass
+            resp.close()
+        self._session.close()
+
+    def __iter__(self) -> Iterator[Event]:
+        create = {
+            "key": _b64(self._prefix or b"\0"),
+            "range_end": _b64(_prefix_end(self._prefix)),
+            "start_revision": self._after + 1,
+        }
+        client = self._store._client
+        try:
+            self._resp = self._session.post(client.get_url("/watch"), json={"create_request": create},
+                                            stream=True, timeout=(self._store.timeout, None))
+            if self._closed.is_set():
+                return
+            for line in self._resp.iter_lines(chunk_size=None):
+                if self._closed.is_set():
+                    return
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise StoreError(f"etcd watch: {msg['error']}")
+                result = msg.get("result", {})
+                compact = int(result.get("compact_revision", 0) or 0)
+                if compact:
+                    raise HistoryGone(self._after + 1, compact)
+                if result.get("canceled"):
+                    raise StoreError(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+                for ev in result.get("events") or []:
+                    kv = ev["kv"]
+                    rev = int(kv.get("mod_revision", 0))
+                    typ = "delete" if ev.get("type") == "DELETE" else "put"  # PUT may carry no "type"
+                    self._after = rev
+                    yield Event(typ, _unb64(kv["key"]).decode(),
+                                None if typ == "delete" else _unb64(kv.get("value")), rev)
+        except (requests.RequestException, OSError, AttributeError) as e:
+            if self._closed.is_set():
+                return
+            raise Unavailable(f"etcd watch at {self._store.host}:{self._store.port}: {e}") from e

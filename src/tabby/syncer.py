@@ -1,0 +1,129 @@
+"""List-then-watch of typed resources: the one stream every agent loop consumes.
+
+Yields ``Update`` for each change and ``InSync`` once the consumer has seen the whole current
+state (after start and after every resync), so nothing sweeps before the first full view.
+
+Failure model:
+- a corrupt record (bad JSON, failed validation, key/kind mismatch) is logged, reported to
+  ``on_corrupt`` and skipped; the last good version of that key stays in effect, so a bad write
+  never un-programs a working endpoint;
+- ``HistoryGone`` (the watch fell behind compaction) relists and emits only the difference
+  against what the consumer already has, then ``InSync`` again;
+- ``Unavailable`` backs off and resumes the watch from the last revision seen.
+Runs on the caller's thread; ``stop()`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tabby.model import decode
+from tabby.model.keys import IPAM_PREFIX, PREFIX, STATUS_PREFIX
+from tabby.store import HistoryGone, Store, Unavailable, Watch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Update:
+    key: str
+    resource: Any | None  # None: the key was deleted
+    revision: int
+
+
+@dataclass(frozen=True)
+class InSync:
+    revision: int
+
+
+class ResourceSyncer:
+    def __init__(
+        self,
+        store: Store,
+        prefix: str = PREFIX,
+        *,
+        exclude: tuple[str, ...] = (STATUS_PREFIX, IPAM_PREFIX),
+        on_corrupt: Callable[[str, str], None] | None = None,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.exclude = exclude
+        self.on_corrupt = on_corrupt
+        self.retry_s = retry_s
+        self.known: dict[str, Any] = {}
+        self.revision = 0
+        self._stop = threading.Event()
+        self._watch: Watch | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.close()
+
+    def _wanted(self, key: str) -> bool:
+        return not key.startswith(self.exclude)
+
+    def _decode(self, key: str, value: bytes) -> Any | None:
+        try:
+            return decode(key, value)
+        except ValueError as e:
+            log.error("skipping corrupt record %s (keeping its last good version, if any): %s", key, e)
+            if self.on_corrupt is not None:
+                self.on_corrupt(key, str(e))
+            return None
+
+    def _resync(self) -> Iterator[Update | InSync]:
+        kvs, rev = self.store.list(self.prefix)
+        seen: set[str] = set()
+        for kv in kvs:
+            if not self._wanted(kv.key):
+                continue
+            seen.add(kv.key)
+            res = self._decode(kv.key, kv.value)
+            if res is not None and self.known.get(kv.key) != res:
+                self.known[kv.key] = res
+                yield Update(kv.key, res, kv.mod_revision)
+        for key in [k for k in self.known if k not in seen]:
+            del self.known[key]
+            yield Update(key, None, rev)
+        self.revision = rev
+        yield InSync(rev)
+
+    def __iter__(self) -> Iterator[Update | InSync]:
+        need_list = True
+        while not self._stop.is_set():
+            try:
+                if need_list:
+                    yield from self._resync()
+                    need_list = False
+                self._watch = self.store.watch(self.prefix, self.revision)
+                if self._stop.is_set():
+                    return
+                for ev in self._watch:
+                    self.revision = ev.revision
+                    if not self._wanted(ev.key):
+                        continue
+                    if ev.type == "delete":
+                        if self.known.pop(ev.key, None) is not None:
+                            yield Update(ev.key, None, ev.revision)
+                        continue
+                    res = self._decode(ev.key, ev.value or b"")
+                    if res is not None and self.known.get(ev.key) != res:
+                        self.known[ev.key] = res
+                        yield Update(ev.key, res, ev.revision)
+            except HistoryGone as e:
+                log.warning("%s; relisting", e)
+                need_list = True
+            except Unavailable as e:
+                log.warning("store unavailable (%s); retrying in %.1fs from revision %d",
+                            e, self.retry_s, self.revision)
+                self._stop.wait(self.retry_s)
+            finally:
+                if self._watch is not None:
+                    self._watch.close()
+                    self._watch = None
