@@ -1,0 +1,38 @@
+"""Shared fixtures: a real etcd for the session, and a fresh Store per test on each backend."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tabby.lab.etcd import EtcdServer
+from tabby.store import Store, open_store
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    with EtcdServer(name=f"tbyt-{uuid.uuid4().hex[:6]}") as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/store.db"
+    return request.getfixturevalue("etcd_server").url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own: tests share one etcd."""
+    return f"/t/{uuid.uuid4().hex[:10]}/"

@@ -1,0 +1,76 @@
+"""The tabby CLI as an operator runs it: a real process on a real Store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tabby.store import open_store
+
+GOOD = [
+    {"kind": "Host", "metadata": {"name": "h1"}, "spec": {"ipv6_address": "fd00:f::1"}},
+    {"kind": "Endpoint", "metadata": {"name": "vm1", "labels": {"role": "db"}},
+     "spec": {"host": "h1", "orchestrator": "vm", "workload_id": "w1", "interface": "tap1",
+              "mac": "52:54:00:00:00:01", "ipv6_addresses": ["fd00:e::10"], "ipv4_addresses": ["10.1.0.10"]}},
+]
+
+
+def tabby(store_url: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TABBY_STORE": store_url, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "tabby.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_apply_get_delete(store_url: str, tmp_path: Path) -> None:
+    # a private host/endpoint name per run: tests share one etcd
+    suffix = tmp_path.name[-8:].replace("_", "-").strip("-")
+    docs = json.loads(json.dumps(GOOD).replace('"h1"', f'"h1-{suffix}"').replace('"vm1"', f'"vm1-{suffix}"'))
+    f = tmp_path / "in.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    r = tabby(store_url, "apply", "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    assert f"endpoint/vm1-{suffix} created" in r.stdout
+    assert "unchanged" in tabby(store_url, "apply", "-f", str(f)).stdout
+    r = tabby(store_url, "get", "endpoint", f"vm1-{suffix}", "-o", "json")
+    assert json.loads(r.stdout)["spec"]["ipv6_addresses"] == ["fd00:e::10/128"]
+    table = tabby(store_url, "get", "eps").stdout
+    assert f"vm1-{suffix}" in table and "fd00:e::10" in table
+    assert yaml.safe_load(tabby(store_url, "get", "host", f"h1-{suffix}", "-o", "yaml").stdout)["kind"] == "Host"
+    assert tabby(store_url, "delete", "endpoint", f"vm1-{suffix}").returncode == 0
+    r = tabby(store_url, "delete", "endpoint", f"vm1-{suffix}")
+    assert r.returncode == 1 and "not found" in r.stderr
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"ipv6_addresses": ["fd00::1/64"]}, "spec.ipv6_addresses.0"),
+    ({"interface": "tap;rm -rf /"}, "spec.interface"),
+])
+def test_apply_rejects_bad_endpoint_and_writes_nothing(tmp_path: Path, change: dict[str, object], field: str) -> None:
+    url = f"sqlite://{tmp_path}/s.db"
+    bad = json.loads(json.dumps(GOOD))
+    bad[1]["spec"].update(change)
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))  # the good Host comes first and must not be written either
+    r = tabby(url, "apply", "-f", str(f))
+    assert r.returncode != 0
+    assert field in r.stderr and "nothing written" in r.stderr
+    store = open_store(url)
+    assert store.list("/")[0] == [] and store.revision() == 0
+
+
+def test_apply_from_stdin_and_unknown_kind(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/s.db"
+    assert tabby(url, "apply", "-f", "-", stdin=yaml.safe_dump(GOOD[0])).returncode == 0
+    r = tabby(url, "get", "gadgets")
+    assert r.returncode == 1 and "unknown kind" in r.stderr
+
+
+def test_bad_store_url_is_a_clear_error(tmp_path: Path) -> None:
+    r = tabby("redis://x", "get", "hosts")
+    assert r.returncode == 1 and "scheme must be sqlite:// or etcd://" in r.stderr

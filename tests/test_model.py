@@ -1,0 +1,229 @@
+"""Model validation: round trips, errors that name the field, and properties under hypothesis."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tabby.model import (
+    ConfigSpec,
+    InvalidResource,
+    decode,
+    derive_router_id,
+    duplicate_router_ids,
+    effective_config,
+    encode,
+    key_of,
+    parse_documents,
+    to_plain,
+    validate,
+)
+from tabby.model.selector import SelectorError, parse_selector
+
+EXAMPLES: list[dict[str, Any]] = [
+    {"kind": "Host", "metadata": {"name": "host-a"},
+     "spec": {"ipv6_address": "2001:db8:f::1", "ipv4_address": "192.0.2.1", "asn": 65001}},
+    {"kind": "Host", "metadata": {"name": "v6only"}, "spec": {"ipv6_address": "2001:db8:f::2"}},
+    {"kind": "IPPool", "metadata": {"name": "v6"}, "spec": {"cidr": "2001:db8:100::/112", "nat_outgoing": True}},
+    {"kind": "IPPool", "metadata": {"name": "v4"}, "spec": {"cidr": "192.0.2.0/24", "block_size": 28}},
+    {"kind": "Endpoint", "metadata": {"name": "vm1", "labels": {"role": "db", "tabby.dev/ns": "prod"}},
+     "spec": {"host": "host-a", "orchestrator": "vm", "workload_id": "9f1c-port", "interface": "tap9f1c0000-aa",
+              "mac": "FA:16:3E:00:00:01", "ipv6_addresses": ["2001:db8:100::10"], "ipv4_addresses": ["192.0.2.10/32"],
+              "ipv6_gateway": "2001:db8:100::1", "profiles": ["default"]}},
+    {"kind": "Endpoint", "metadata": {"name": "c1"},
+     "spec": {"host": "v6only", "orchestrator": "container", "workload_id": "k8s/abc", "interface": "tby1a2b3c4d5e6",
+              "mac": "ee:ee:ee:ee:ee:ee", "ipv6_addresses": ["2001:db8:100::40"]}},
+    {"kind": "Endpoint", "metadata": {"name": "v4only"},
+     "spec": {"host": "host-a", "orchestrator": "vm", "workload_id": "x", "interface": "tap1",
+              "mac": "52:54:00:00:00:02", "ipv4_addresses": ["192.0.2.11"]}},
+    {"kind": "Profile", "metadata": {"name": "default"},
+     "spec": {"ingress": [{"action": "allow", "src_selector": "role == 'web'"},
+                          {"action": "allow", "protocol": "icmpv6", "icmp_type": 128}],
+              "egress": [{"action": "allow"}]}},
+    {"kind": "Policy", "metadata": {"name": "db"},
+     "spec": {"order": 10, "selector": "role == \"db\"",
+              "ingress": [{"action": "allow", "protocol": "tcp", "dst_ports": [5432, "8000:8080"],
+                           "src_nets": ["2001:db8::/32"]},
+                          {"action": "deny"}]}},
+    {"kind": "BGPPeer", "metadata": {"name": "tor"}, "spec": {"peer_ip": "2001:db8:f::fe", "asn": 65100}},
+    {"kind": "BGPPeer", "metadata": {"name": "ll"},
+     "spec": {"peer_ip": "fe80::1", "interface": "eth0", "asn": 65100, "host": "host-a"}},
+    {"kind": "Config", "metadata": {"name": "global"}, "spec": {"resync_interval_s": 30}},
+    {"kind": "Config", "metadata": {"name": "host.host-a"}, "spec": {"log_level": "debug"}},
+]
+
+
+@pytest.mark.parametrize("doc", EXAMPLES, ids=lambda d: f"{d['kind']}-{d['metadata']['name']}")
+def test_round_trip_yaml_json_and_store(doc: dict[str, Any]) -> None:
+    res = validate(doc)
+    assert validate(yaml.safe_load(yaml.safe_dump(to_plain(res)))) == res
+    assert validate(json.loads(json.dumps(to_plain(res)))) == res
+    key = key_of(res)
+    assert decode(key, encode(res)) == res
+    assert hash(res) == hash(validate(doc))
+
+
+def test_canonical_forms() -> None:
+    ep = validate(EXAMPLES[4])
+    assert ep.spec.mac == "fa:16:3e:00:00:01"
+    assert ep.spec.ipv6_addresses == (ipaddress.IPv6Interface("2001:db8:100::10/128"),)
+    assert validate(EXAMPLES[2]).spec.block_size == 122
+    assert validate(EXAMPLES[3]).spec.block_size == 28
+
+
+def test_multi_document_yaml_and_json_list() -> None:
+    text = yaml.safe_dump_all(EXAMPLES)
+    assert len(parse_documents(text)) == len(EXAMPLES)
+    assert len(parse_documents(json.dumps(EXAMPLES))) == len(EXAMPLES)
+
+
+def _endpoint(**spec: Any) -> dict[str, Any]:
+    base = {"host": "h", "orchestrator": "vm", "workload_id": "w", "interface": "tap0",
+            "mac": "52:54:00:00:00:01", "ipv6_addresses": ["fd00::1"]}
+    base.update(spec)
+    return {"kind": "Endpoint", "metadata": {"name": "e"}, "spec": base}
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    (_endpoint(ipv6_addresses=["fd00::1/64"]), "spec.ipv6_addresses.0"),
+    (_endpoint(ipv4_addresses=["10.0.0.1/24"]), "spec.ipv4_addresses.0"),
+    (_endpoint(interface="tap;rm -rf /"), "spec.interface"),
+    (_endpoint(interface="tap0123456789abcdef"), "spec.interface"),
+    (_endpoint(interface="eth0:1"), "spec.interface"),
+    (_endpoint(interface="a b"), "spec.interface"),
+    (_endpoint(interface="$(reboot)"), "spec.interface"),
+    (_endpoint(mac="01:00:5e:00:00:01"), "spec.mac"),
+    (_endpoint(mac="zz:00:00:00:00:01"), "spec.mac"),
+    (_endpoint(orchestrator="bare-metal"), "spec.orchestrator"),
+    (_endpoint(ipv6_addresses=[]), "spec"),
+    (_endpoint(ipv6_addresses=["fe80::1"]), "spec"),
+    (_endpoint(ipv6_addresses=["not-an-address"]), "spec.ipv6_addresses.0"),
+    ({"kind": "Endpoint", "metadata": {"name": "bad/name"}, "spec": _endpoint()["spec"]}, "metadata.name"),
+    ({"kind": "Host", "metadata": {"name": "h"}, "spec": {"ipv6_address": "fd00::1", "router_id": "0.0.0.0"}},
+     "spec.router_id"),
+    ({"kind": "Host", "metadata": {"name": "h"}, "spec": {"ipv6_address": "fd00::1", "router_id": "239.1.1.1"}},
+     "spec.router_id"),
+    ({"kind": "Host", "metadata": {"name": "h"}, "spec": {}}, "spec"),
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "fd00::1/64"}}, "spec.cidr"),
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "fd00::/64", "block_size": 100}}, "spec"),
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "10.0.0.0/8", "block_size": 19}}, "spec"),
+    ({"kind": "BGPPeer", "metadata": {"name": "p"}, "spec": {"peer_ip": "fe80::1", "asn": 1}}, "spec"),
+    ({"kind": "BGPPeer", "metadata": {"name": "p"}, "spec": {"peer_ip": "fd00::1", "asn": 0}}, "spec.asn"),
+    ({"kind": "Policy", "metadata": {"name": "p"}, "spec": {"selector": "role ==="}}, "spec.selector"),
+    ({"kind": "Policy", "metadata": {"name": "p"}, "spec": {"ingress": [{"action": "allow", "dst_ports": [80]}]}},
+     "spec.ingress.0"),
+    ({"kind": "Policy", "metadata": {"name": "p"},
+      "spec": {"ingress": [{"action": "allow", "protocol": "icmpv6", "src_nets": ["10.0.0.0/8"]}]}},
+     "spec.ingress.0"),
+    ({"kind": "Config", "metadata": {"name": "other"}, "spec": {}}, "(document)"),
+    ({"kind": "Gadget", "metadata": {"name": "g"}, "spec": {}}, "(document)"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field"), BAD)
+def test_bad_input_names_the_field(doc: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidResource) as exc:
+        validate(doc)
+    assert any(e.startswith(field + ":") for e in exc.value.errors), exc.value.errors
+
+
+def test_parse_documents_reports_every_bad_document() -> None:
+    docs = [EXAMPLES[0], _endpoint(interface="x|y"), EXAMPLES[1], _endpoint(mac="nope")]
+    with pytest.raises(InvalidResource) as exc:
+        parse_documents(yaml.safe_dump_all(docs), "f.yaml")
+    assert len(exc.value.errors) == 2
+    assert "document 2" in exc.value.errors[0] and "spec.interface" in exc.value.errors[0]
+    assert "document 4" in exc.value.errors[1] and "spec.mac" in exc.value.errors[1]
+
+
+@pytest.mark.parametrize("value", [b"{not json", b'{"kind": "Host"}', encode(validate(EXAMPLES[0]))])
+def test_decode_corrupt_records(value: bytes) -> None:
+    with pytest.raises(InvalidResource) as exc:
+        decode("/tabby/v1/hosts/other-name", value)
+    assert exc.value.where == "/tabby/v1/hosts/other-name"
+
+
+@given(st.text(max_size=40))
+def test_interface_names_accepted_are_safe(name: str) -> None:
+    try:
+        res = validate(_endpoint(interface=name))
+    except InvalidResource as e:
+        assert any(err.startswith("spec.interface:") for err in e.errors)
+        return
+    iface = res.spec.interface
+    assert 1 <= len(iface) <= 15
+    assert not set(iface) & set("/: \t\n;|&$`'\"\\<>()*?![]{}~#%=")
+
+
+@given(st.text(alphabet="abc0123456789-_.", min_size=1, max_size=12), st.sampled_from(list(";|&$`'\"\\<> ()/:")))
+def test_any_shell_metacharacter_is_rejected(stem: str, bad: str) -> None:
+    with pytest.raises(InvalidResource):
+        validate(_endpoint(interface=(stem + bad)[:15]))
+
+
+@given(st.lists(st.ip_addresses(v=6), min_size=0, max_size=3, unique=True),
+       st.lists(st.ip_addresses(v=4), min_size=0, max_size=3, unique=True),
+       st.integers(0, 128), st.integers(0, 32))
+def test_endpoint_addresses_valid_iff_host_routes(v6: list[Any], v4: list[Any], p6: int, p4: int) -> None:
+    doc = _endpoint(ipv6_addresses=[f"{a}/{p6}" for a in v6], ipv4_addresses=[f"{a}/{p4}" for a in v4])
+    def usable(a: Any) -> bool:
+        return not (a.is_unspecified or a.is_multicast or a.is_loopback or a.is_link_local)
+
+    should = ((v6 or v4) and (not v6 or p6 == 128) and (not v4 or p4 == 32)
+              and all(usable(a) for a in [*v6, *v4]))
+    try:
+        res = validate(doc)
+    except InvalidResource:
+        assert not should
+        return
+    assert should
+    assert decode("/tabby/v1/endpoints/e", encode(res)) == res
+
+
+@given(st.text(min_size=1, max_size=60, alphabet=st.characters(min_codepoint=33, max_codepoint=126)))
+def test_derived_router_id_is_always_acceptable(name: str) -> None:
+    rid = derive_router_id(name)
+    assert rid != ipaddress.IPv4Address("0.0.0.0")
+    assert rid not in ipaddress.IPv4Network("224.0.0.0/3")
+    assert rid == derive_router_id(name)
+
+
+def test_ipv6_only_hosts_get_distinct_router_ids() -> None:
+    hosts = [validate({"kind": "Host", "metadata": {"name": f"h{i}"}, "spec": {"ipv6_address": f"fd00::{i + 1}"}})
+             for i in range(500)]
+    assert duplicate_router_ids(hosts) == {}
+    twin = validate({"kind": "Host", "metadata": {"name": "twin"},
+                     "spec": {"ipv6_address": "fd00::ffff", "router_id": str(hosts[0].effective_router_id())}})
+    assert list(duplicate_router_ids([*hosts, twin]).values()) == [["h0", "twin"]]
+
+
+def test_effective_config_layers() -> None:
+    cfg = effective_config(ConfigSpec(resync_interval_s=30, log_level="warning"), ConfigSpec(log_level="debug"))
+    assert (cfg.resync_interval_s, cfg.log_level, cfg.metrics_port) == (30, "debug", 9091)
+
+
+@pytest.mark.parametrize(("text", "labels", "expected"), [
+    ("all()", {}, True),
+    ("role == 'db'", {"role": "db"}, True),
+    ("role == 'db'", {"role": "web"}, False),
+    ("role != 'db'", {}, True),
+    ("has(debug)", {"debug": ""}, True),
+    ("!has(debug)", {"debug": ""}, False),
+    ("tier in {'a', 'b'} && env == 'prod'", {"tier": "b", "env": "prod"}, True),
+    ("tier not in {'a', 'b'} || has(x)", {"tier": "a"}, False),
+    ("(a == '1' || b == '2') && !(c == '3')", {"b": "2"}, True),
+])
+def test_selectors(text: str, labels: dict[str, str], expected: bool) -> None:
+    assert parse_selector(text).matches(labels) is expected
+
+
+@pytest.mark.parametrize("text", ["", "role", "role == db", "has(", "a == 'x' &&", "a in {'x'", "a ~ 'b'"])
+def test_bad_selectors(text: str) -> None:
+    with pytest.raises(SelectorError):
+        parse_selector(text)

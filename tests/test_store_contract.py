@@ -1,0 +1,195 @@
+"""The Store contract, run against the SQLite file and a real etcd."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+import pytest
+
+from tabby.store import AlreadyExists, Event, HistoryGone, NotFound, RevisionMismatch, Store, open_store
+
+
+def collect(store: Store, prefix: str, after: int, n: int, timeout: float = 10.0) -> list[Event]:
+    """The first n events of a watch, or fail after timeout."""
+    w = store.watch(prefix, after)
+    got: list[Event] = []
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            for ev in w:
+                got.append(ev)
+                if len(got) >= n:
+                    break
+        except Exception as e:
+            failed.append(e)
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    done.wait(timeout)
+    w.close()
+    t.join(5)
+    if failed:
+        raise failed[0]
+    assert len(got) >= n, f"saw {len(got)} of {n} events: {got}"
+    return got
+
+
+def test_get_missing(store: Store, prefix: str) -> None:
+    assert store.get(prefix + "nothing") is None
+
+
+def test_create_then_get_and_create_again_fails(store: Store, prefix: str) -> None:
+    rev = store.create(prefix + "a", b"one")
+    kv = store.get(prefix + "a")
+    assert kv is not None
+    assert (kv.value, kv.mod_revision, kv.create_revision) == (b"one", rev, rev)
+    with pytest.raises(AlreadyExists):
+        store.create(prefix + "a", b"two")
+    assert store.get(prefix + "a").value == b"one"
+
+
+def test_update_is_compare_and_swap(store: Store, prefix: str) -> None:
+    r1 = store.create(prefix + "k", b"1")
+    r2 = store.update(prefix + "k", b"2", r1)
+    assert r2 > r1
+    with pytest.raises(RevisionMismatch) as exc:
+        store.update(prefix + "k", b"stale", r1)
+    assert exc.value.actual == r2
+    kv = store.get(prefix + "k")
+    assert (kv.value, kv.mod_revision, kv.create_revision) == (b"2", r2, r1)
+    with pytest.raises(NotFound):
+        store.update(prefix + "missing", b"x", r1)
+    assert store.get(prefix + "missing") is None
+
+
+def test_delete_plain_and_by_revision(store: Store, prefix: str) -> None:
+    r1 = store.create(prefix + "d", b"x")
+    r2 = store.update(prefix + "d", b"y", r1)
+    with pytest.raises(RevisionMismatch):
+        store.delete(prefix + "d", expected_revision=r1)
+    assert store.get(prefix + "d").value == b"y"
+    assert store.delete(prefix + "d", expected_revision=r2) > r2
+    assert store.get(prefix + "d") is None
+    with pytest.raises(NotFound):
+        store.delete(prefix + "d")
+    store.put(prefix + "e", b"z")
+    store.delete(prefix + "e")
+    assert store.get(prefix + "e") is None
+
+
+def test_list_by_prefix_sorted_and_consistent(store: Store, prefix: str) -> None:
+    for k in ["b", "a", "a/x", "ab", "c/d"]:
+        store.put(prefix + k, k.encode())
+    store.put(prefix[:-1] + "-sibling", b"not under the prefix")
+    kvs, rev = store.list(prefix + "a")
+    assert [kv.key for kv in kvs] == [prefix + "a", prefix + "a/x", prefix + "ab"]
+    kvs, rev = store.list(prefix)
+    assert [kv.key for kv in kvs] == [prefix + k for k in ["a", "a/x", "ab", "b", "c/d"]]
+    assert rev >= max(kv.mod_revision for kv in kvs)
+    assert rev == store.revision()
+
+
+def test_revisions_strictly_increase(store: Store, prefix: str) -> None:
+    revs = [store.put(prefix + f"k{i % 3}", b"%d" % i) for i in range(20)]
+    assert revs == sorted(set(revs))
+
+
+def test_values_are_bytes_and_keys_unicode(store: Store, prefix: str) -> None:
+    blob = bytes(range(256))
+    store.put(prefix + "bïn", blob)
+    assert store.get(prefix + "bïn").value == blob
+
+
+def test_watch_replays_then_follows_in_order(store: Store, prefix: str) -> None:
+    _, start = store.list(prefix)
+    r1 = store.create(prefix + "w", b"1")
+    r2 = store.update(prefix + "w", b"2", r1)
+    store.put(prefix[:-1] + "-other", b"not watched")
+
+    def later() -> None:
+        time.sleep(0.3)
+        store.delete(prefix + "w")
+        store.put(prefix + "z", b"live")
+
+    threading.Thread(target=later).start()
+    evs = collect(store, prefix, start, 4)
+    assert [(e.type, e.key, e.value) for e in evs] == [
+        ("put", prefix + "w", b"1"), ("put", prefix + "w", b"2"),
+        ("delete", prefix + "w", None), ("put", prefix + "z", b"live"),
+    ]
+    assert evs[0].revision == r1 and evs[1].revision == r2
+    assert [e.revision for e in evs] == sorted({e.revision for e in evs})
+
+
+def test_watch_resumed_from_last_revision_sees_every_event_once(store: Store, prefix: str) -> None:
+    _, start = store.list(prefix)
+    for i in range(10):
+        store.put(prefix + f"k{i}", b"%d" % i)
+    first = collect(store, prefix, start, 4)[:4]
+    # disconnected: more writes happen meanwhile
+    for i in range(10, 20):
+        store.put(prefix + f"k{i}", b"%d" % i)
+    rest = collect(store, prefix, first[-1].revision, 16)
+    seen = [e.value for e in first + rest]
+    assert seen == [b"%d" % i for i in range(20)]
+
+
+def test_watch_close_ends_a_blocked_iteration(store: Store, prefix: str) -> None:
+    w = store.watch(prefix, store.revision())
+    finished = threading.Event()
+    t = threading.Thread(target=lambda: (list(w), finished.set()), daemon=True)
+    t.start()
+    time.sleep(0.3)
+    w.close()
+    assert finished.wait(5), "a closed watch must stop blocking"
+
+
+def test_watch_from_compacted_history_says_resync(store: Store, prefix: str) -> None:
+    old = store.put(prefix + "h", b"1")
+    store.put(prefix + "h", b"2")
+    head = store.put(prefix + "h", b"3")
+    store.compact(head)
+    with pytest.raises(HistoryGone) as exc:
+        collect(store, prefix, old, 1, timeout=5)
+    assert exc.value.compacted >= old
+    # resuming from the list revision works again
+    _, rev = store.list(prefix)
+    store.put(prefix + "h", b"4")
+    assert collect(store, prefix, rev, 1)[0].value == b"4"
+
+
+def _increment(url: str, key: str, n: int, conflicts: mp.Queue) -> None:  # type: ignore[type-arg]
+    store = open_store(url)
+    lost = 0
+    for _ in range(n):
+        while True:
+            kv = store.get(key)
+            try:
+                store.update(key, b"%d" % (int(kv.value) + 1), kv.mod_revision)
+                break
+            except RevisionMismatch:
+                lost += 1
+    conflicts.put(lost)
+    store.close()
+
+
+def test_eight_processes_cas_increments_lose_nothing(store: Store, store_url: str, prefix: str) -> None:
+    key, n, writers = prefix + "counter", 150, 8
+    store.create(key, b"0")
+    ctx = mp.get_context("spawn")
+    conflicts = ctx.Queue()
+    procs = [ctx.Process(target=_increment, args=(store_url, key, n, conflicts)) for _ in range(writers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert int(store.get(key).value) == n * writers
+    total_conflicts = sum(conflicts.get(timeout=5) for _ in procs)
+    assert total_conflicts >= 0  # reported for the log; the count above is the proof
+    print(f"{store_url.split(':')[0]}: {total_conflicts} compare-and-swap conflicts retried")
