@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tabby.lab.etcd import EtcdServer  # noqa: E402
-from tabby.store import RevisionMismatch, open_store  # noqa: E402
+from tabby.lab.etcd import EtcdServer
+from tabby.store import RevisionMismatch, open_store
 
 
 def emit(metric: str, value: float, unit: str, backend: str, **labels: object) -> None:

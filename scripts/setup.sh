@@ -27,7 +27,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.tabby-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
