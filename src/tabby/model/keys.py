@@ -79,3 +79,32 @@ def host_status_key(host: str) -> str:
 
 def bgp_status_key(host: str) -> str:
     return f"{STATUS_PREFIX}bgp/{host}"
+
+
+def _cidr_segment(cidr: object) -> str:
+    """'fd00:e::/122' -> 'fd00:e::-122': a CIDR as one key segment."""
+    return str(cidr).replace("/", "-")
+
+
+def ipam_block_key(cidr: object) -> str:
+    return f"{IPAM_PREFIX}blocks/{_cidr_segment(cidr)}"
+
+
+def ipam_affinity_prefix(host: str) -> str:
+    return f"{IPAM_PREFIX}affinities/{host}/"
+
+
+def ipam_affinity_key(host: str, cidr: object) -> str:
+    return ipam_affinity_prefix(host) + _cidr_segment(cidr)
+
+
+def ipam_handle_key(handle: str) -> str:
+    from urllib.parse import quote
+
+    return f"{IPAM_PREFIX}handles/{quote(handle, safe='')}"
+
+
+IPAM_BLOCKS_PREFIX = IPAM_PREFIX + "blocks/"
+IPAM_AFFINITIES_PREFIX = IPAM_PREFIX + "affinities/"
+IPAM_HANDLES_PREFIX = IPAM_PREFIX + "handles/"
+IPAM_GC_KEY = IPAM_PREFIX + "gc"
