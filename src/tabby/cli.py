@@ -157,6 +157,110 @@ def delete(kind: str, name: str) -> None:
     out.print(f"{kind.lower()}/{name} deleted (revision {rev})", highlight=False)
 
 
+ipam_app = typer.Typer(help="IP address management: blocks, handles, leaks.", no_args_is_help=True)
+app.add_typer(ipam_app, name="ipam")
+
+
+def _ipam() -> Any:
+    from tabby.ipam import IPAM
+
+    return IPAM(STATE.client().store)
+
+
+@ipam_app.command("show")
+def ipam_show(
+    host: Annotated[str | None, typer.Option(help="only this host's blocks")] = None,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """Blocks, their affine host and how full they are."""
+    rows = [r for r in _ipam().usage() if host is None or r["host"] == host]
+    if output is not Output.table:
+        print(json.dumps(rows, indent=2) if output is Output.json else yaml.safe_dump(rows, sort_keys=False), end="")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("BLOCK", "HOST", "USED", "SIZE"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["block"]), str(r["host"] or "-"), str(r["used"]), str(r["size"]))
+    out.print(table)
+
+
+@ipam_app.command("assign")
+def ipam_assign(
+    handle: Annotated[str, typer.Option(help="e.g. NETWORK.CONTAINERID or a Neutron port id")],
+    host: Annotated[str, typer.Option()],
+    ipv6: Annotated[int, typer.Option(help="how many IPv6 addresses")] = 1,
+    ipv4: Annotated[int, typer.Option(help="how many IPv4 addresses")] = 0,
+    address: Annotated[str | None, typer.Option(help="one specific address instead")] = None,
+) -> None:
+    """Allocate addresses to a handle (what the CNI plugin and Neutron driver do)."""
+    from tabby.ipam import IpamError
+
+    try:
+        got = [_ipam().assign_address(handle, host, address)] if address else \
+            _ipam().assign(handle, host, ipv6=ipv6, ipv4=ipv4)
+    except (IpamError, ValueError, StoreError) as e:
+        fail(str(e))
+    for a in got:
+        out.print(f"{a.ip} block {a.block} seq {a.seq}", highlight=False)
+
+
+@ipam_app.command("release")
+def ipam_release(
+    handle: Annotated[str | None, typer.Option(help="release every address of this handle")] = None,
+    address: Annotated[str | None, typer.Option(help="release one address")] = None,
+    seq: Annotated[int | None, typer.Option(help="only if the address still carries this sequence number")] = None,
+) -> None:
+    """Free addresses by handle or by address."""
+    from tabby.ipam import IpamError
+
+    if (handle is None) == (address is None):
+        fail("give exactly one of --handle or --address", 2)
+    try:
+        if handle is not None:
+            freed = _ipam().release_handle(handle)
+            out.print(f"released {len(freed)} address(es) of {handle}: " + ", ".join(map(str, freed)),
+                      highlight=False)
+        else:
+            owner = _ipam().release_address(address, seq)  # type: ignore[arg-type]
+            out.print(f"released {address} (handle {owner})", highlight=False)
+    except (IpamError, ValueError, StoreError) as e:
+        fail(str(e))
+
+
+@ipam_app.command("gc")
+def ipam_gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report, change nothing")] = False,
+    grace_s: Annotated[float, typer.Option(help="a leak must be seen twice this far apart")] = 300.0,
+) -> None:
+    """Free addresses no Endpoint uses and empty blocks, once seen twice across the grace period."""
+    from tabby.ipam.gc import collect
+
+    report = collect(_ipam(), grace_s=grace_s, dry_run=dry_run)
+    verb = "would release" if dry_run else "released"
+    for handle, ips in report.leaked.items():
+        state = verb if handle in report.released else "seen leaked (waiting for the grace period)"
+        out.print(f"handle {handle}: {', '.join(ips)}: {state}", highlight=False)
+    for cidr in report.empty_blocks:
+        state = verb if cidr in report.released_blocks else "seen empty (waiting for the grace period)"
+        out.print(f"block {cidr}: {state}", highlight=False)
+    for aff in report.dropped_affinities:
+        out.print(f"stale pending affinity {aff}: {verb}", highlight=False)
+    if not (report.leaked or report.empty_blocks or report.dropped_affinities):
+        out.print("nothing leaked")
+
+
+@ipam_app.command("check")
+def ipam_check() -> None:
+    """Every allocation has its handle and every handle its allocations; exit 1 if not."""
+    problems = _ipam().check()
+    for p in problems:
+        out.print(f"[red]problem:[/] {p}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    out.print("ipam consistent")
+
+
 def main() -> None:
     app()
 

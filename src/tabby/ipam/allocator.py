@@ -54,10 +54,23 @@ class IPAM:
         self.strict_affinity = strict_affinity
         self.clock = clock
         self._hint: dict[tuple[str, int], str] = {}  # (host, IP version) -> block that last had room
+        self._pools: tuple[float, list[IPPool]] | None = None
 
     # -- pools ---------------------------------------------------------------------------
 
+    # Pools change rarely and are read on every assign: a short cache saves a round trip to etcd.
+    # A pool disabled this instant may still serve for POOL_CACHE_S; nothing is ever allocated
+    # outside a pool that existed.
+    POOL_CACHE_S = 1.0
+
     def pools(self) -> list[IPPool]:
+        now = time.monotonic()
+        if self._pools is not None and now - self._pools[0] < self.POOL_CACHE_S:
+            return self._pools[1]
+        self._pools = (now, self._read_pools())
+        return self._pools[1]
+
+    def _read_pools(self) -> list[IPPool]:
         kvs, _ = self.store.list(kind_prefix("IPPool"))
         out = []
         for kv in kvs:
@@ -123,7 +136,7 @@ class IPAM:
             for family, n in ((6, ipv6), (4, ipv4)):
                 if n:
                     pools = self._select_pools(family, pool if pool_family == family else None)
-                    got += self._assign_family(handle, host, pools, n)
+                    self._assign_family(handle, host, pools, n, got)
             self._record_handle(handle, got, endpoint)
             return got
         except BaseException:
@@ -167,33 +180,39 @@ class IPAM:
                 raise
             return got[0]
 
-    def _assign_family(self, handle: str, host: str, pools: list[IPPool], n: int) -> list[Assigned]:
+    def _assign_family(self, handle: str, host: str, pools: list[IPPool], n: int, into: list[Assigned]) -> None:
+        """Append n addresses to ``into`` as they are taken, so that the caller can roll back a partial
+        result if this raises."""
         got: list[Assigned] = []
         pool_nets = [p.spec.cidr for p in pools]
+
+        def add(taken: list[Assigned]) -> None:
+            got.extend(taken)
+            into.extend(taken)
+
         # 1. blocks this host already holds, the last one that had room first
         for cidr in self._own_blocks(host, pool_nets):
-            got += self._take(cidr, n - len(got), handle, host)
+            add(self._take(cidr, n - len(got), handle, host))
             if len(got) == n:
-                return got
+                return
         # 2. claim fresh blocks
         while len(got) < n:
             cidr = self._claim_next(host, pools)
             if cidr is None:
                 break
-            got += self._take(str(cidr), n - len(got), handle, host)
+            add(self._take(str(cidr), n - len(got), handle, host))
         # 3. borrow single addresses from other hosts' blocks
         if len(got) < n and not self.strict_affinity:
             for block, _ in self._all_blocks():
                 if block.free and any(block.network.subnet_of(net) for net in pool_nets  # type: ignore[arg-type]
                                       if net.version == block.network.version):
-                    got += self._take(block.cidr, n - len(got), handle, None)
+                    add(self._take(block.cidr, n - len(got), handle, None))
                     if len(got) == n:
                         break
         if len(got) < n:
             nets = ", ".join(str(p) for p in pool_nets)
             raise PoolExhausted(f"pool exhausted: {n} IPv{pool_nets[0].version} address(es) wanted for {handle} "
                                 f"on {host}, only {len(got)} free in {nets}")
-        return got
 
     def _own_blocks(self, host: str, pool_nets: list[IPNetwork]) -> Iterable[str]:
         def in_pools(cidr: str) -> bool:
@@ -272,6 +291,11 @@ class IPAM:
     def _record_handle(self, handle: str, got: list[Assigned], endpoint: str | None) -> None:
         key = ipam_handle_key(handle)
         add = [HandleAddress(ip=str(a.ip), block=a.block, seq=a.seq) for a in got]
+        try:  # the common case, a new handle, in one write
+            self.store.create(key, Handle(handle=handle, addresses=add, endpoint=endpoint).model_dump_json().encode())
+            return
+        except AlreadyExists:
+            pass
         while True:
             kv = self.store.get(key)
             try:
