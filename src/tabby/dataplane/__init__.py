@@ -1,0 +1,1 @@
+"""Reconcilers: each owns one kind of kernel or daemon state and never reads the Store."""
