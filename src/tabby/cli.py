@@ -157,6 +157,36 @@ def delete(kind: str, name: str) -> None:
     out.print(f"{kind.lower()}/{name} deleted (revision {rev})", highlight=False)
 
 
+@app.command()
+def agent(
+    host: Annotated[str, typer.Option(help="the Host this agent serves (its Endpoints have spec.host = HOST)")],
+    metrics_port: Annotated[int, typer.Option(help="port for /healthz and /metrics; 0 picks a free one")] = 9091,
+    metrics_addr: Annotated[str, typer.Option(help="address for /healthz and /metrics")] = "127.0.0.1",
+    resync_s: Annotated[float, typer.Option(help="full kernel check interval (jittered by 10%)")] = 90.0,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Run the per-host agent in this network namespace, until SIGTERM or SIGINT."""
+    import logging
+    import signal
+
+    from tabby.agent.agent import Agent
+    from tabby.model.names import check_name
+
+    try:
+        check_name(host)
+    except ValueError as e:
+        fail(f"--host: {e}")
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} %(levelname)s %(name)s: %(message)s")
+    try:
+        store = open_store(STATE.store_url)
+    except (ValueError, StoreError, OSError) as e:
+        fail(f"cannot open store {STATE.store_url}: {e}")
+    a = Agent(store, host, resync_s=resync_s, metrics_addr=metrics_addr, metrics_port=metrics_port)
+    signal.signal(signal.SIGTERM, lambda *_: a.stop())
+    signal.signal(signal.SIGINT, lambda *_: a.stop())
+    a.run()
+
+
 ipam_app = typer.Typer(help="IP address management: blocks, handles, leaks.", no_args_is_help=True)
 app.add_typer(ipam_app, name="ipam")
 

@@ -1,0 +1,312 @@
+"""The per-host agent loop.
+
+Concurrency model: three feeder threads (the Store syncer, the netlink monitor, the status
+writer) and one owner thread, this loop, which alone touches the calculation, the reconcilers
+and the netlink socket. Feeders put items on one queue; the loop drains everything waiting,
+folds it into the desired state, and applies once per drain, so a burst of changes costs one
+batch of kernel writes.
+
+Start-up, watch events, drift and the periodic resync all take the same path: desired state in
+the trackers, a read of the kernel when a full check is due, then one apply of the delta. Nothing
+is written to the kernel before the Store has delivered its first full view (``InSync``), and
+nothing is deleted that tabby does not own (its route protocol number), so a restarted agent
+never withdraws a route of an endpoint that still exists.
+
+Failure: a bad record is reported by the syncer and skipped; a kernel write that fails leaves
+its key pending and the endpoint in "error" with the kernel's reason, and is retried; a Store
+outage leaves the dataplane as it is while the syncer reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from tabby.agent.calc import HostIndex, Touched
+from tabby.agent.health import HealthServer, Metrics
+from tabby.agent.status import StatusWriter
+from tabby.dataplane import netlink as nl
+from tabby.dataplane.links import LinkIndex, SysctlReconciler, set_host_sysctls
+from tabby.dataplane.routes import RoutesReconciler
+from tabby.model.keys import kind_prefix, parse_key
+from tabby.store import Store
+from tabby.syncer import InSync, ResourceSyncer, Update
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 2.0  # how soon a failed kernel write is tried again
+
+
+class Agent:
+    def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
+                 metrics_port: int | None = 9091, status_ttl_s: float = 30.0) -> None:
+        self.store = store
+        self.host = host
+        self.resync_s = resync_s
+        self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.index = HostIndex(host)
+        self.links = LinkIndex()
+        self.netlink = nl.Netlink()
+        self.routes = RoutesReconciler(self.netlink, self.links)
+        self.sysctls = SysctlReconciler(self.links)
+        self.status = StatusWriter(store, host, ttl_s=status_ttl_s)
+        self.metrics = Metrics()
+        self.syncer = ResourceSyncer(store, kind_prefix("Endpoint"), on_corrupt=self._corrupt)
+        self.monitor = nl.Monitor()
+        self.in_sync = False
+        self.stopping = threading.Event()
+        self.dirty: set[str] = set()  # endpoints whose status must be recomputed
+        self.ep_states: dict[str, str] = {}
+        self.state_counts: Counter[str] = Counter()
+        self.full_check_due = True
+        self.last_apply_ok = True
+        self.health_server = HealthServer(metrics_addr, metrics_port, self.metrics, self.health) \
+            if metrics_port is not None else None
+
+    # -- feeders -------------------------------------------------------------------------
+
+    def _corrupt(self, key: str, error: str) -> None:
+        self.metrics.corrupt.inc()
+        parsed = parse_key(key)
+        if parsed is not None and parsed[1] in self.index.plans:
+            # the last good version stays programmed; say so on the endpoint
+            self.q.put(("corrupt", (parsed[1], error)))
+
+    def _feed_store(self) -> None:
+        try:
+            for item in self.syncer:
+                self.q.put(("store", item))
+        except Exception:
+            log.exception("store syncer died")
+            self.q.put(("fatal", "store syncer died"))
+
+    def _feed_netlink(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                changes = self.monitor.read()
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                log.exception("netlink monitor failed; forcing a full check")
+                changes = [nl.Change("overflow", False)]
+                time.sleep(0.5)
+            if changes:
+                self.q.put(("netlink", changes))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        ok = self.in_sync and not self.stopping.is_set()
+        return ok, {"host": self.host, "in_sync": self.in_sync, "last_apply_ok": self.last_apply_ok,
+                    "endpoints": len(self.index.plans), "pending_kernel_writes": self.routes.waiting()}
+
+    def start(self) -> None:
+        for note in set_host_sysctls(endpoints=0):
+            log.info("%s", note)
+        self.links.refresh()
+        threading.Thread(target=self._feed_netlink, name="netlink-monitor", daemon=True).start()
+        threading.Thread(target=self._feed_store, name="store-syncer", daemon=True).start()
+        self.status.host_info = {"started": time.time()}
+        self.status.start()
+        if self.health_server is not None:
+            self.health_server.start()
+        log.info("agent for host %s started (metrics on %s)", self.host,
+                 self.health_server.port if self.health_server else "off")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.syncer.stop()
+        self.monitor.close()
+        self.q.put(("stop", None))
+        self.status.stop()
+        if self.health_server is not None:
+            self.health_server.stop()
+
+    def run(self) -> None:
+        """Until stop(): drain the queue, fold changes in, apply."""
+        self.start()
+        next_resync = time.monotonic() + self._jitter()
+        retry_at: float | None = None
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                deadline = min(next_resync, retry_at or next_resync)
+                items = []
+                try:
+                    items.append(self.q.get(timeout=max(0.0, deadline - now)))
+                    while True:
+                        items.append(self.q.get_nowait())
+                except queue.Empty:
+                    pass
+                for kind, item in items:
+                    if kind == "stop":
+                        return
+                    if kind == "fatal":
+                        raise RuntimeError(item)
+                    self._fold(kind, item)
+                now = time.monotonic()
+                if now >= next_resync:
+                    self.full_check_due = True
+                    next_resync = now + self._jitter()
+                if retry_at is not None and now >= retry_at:
+                    retry_at = None
+                if self.in_sync and not self._apply():
+                    retry_at = time.monotonic() + RETRY_S
+        finally:
+            self.stopping.set()
+
+    def _jitter(self) -> float:
+        return self.resync_s * random.uniform(0.9, 1.1)
+
+    def _fold(self, kind: str, item: Any) -> None:
+        if kind == "store":
+            if isinstance(item, InSync):
+                if not self.in_sync:
+                    log.info("in sync with the store at revision %d: %d local endpoints",
+                             item.revision, len(self.index.plans))
+                self.in_sync = True
+                self.full_check_due = True
+                for note in set_host_sysctls(endpoints=len(self.index.plans)):
+                    log.debug("%s", note)
+                return
+            assert isinstance(item, Update)
+            self.metrics.store_events.inc()
+            parsed = parse_key(item.key)
+            if parsed is None or parsed[0] != "Endpoint":
+                return
+            name = parsed[1]
+            was_local = name in self.index.plans
+            self._push(self.index.update(name, item.resource))
+            if was_local and name not in self.index.plans:
+                self.status.set(name, None)
+                self._set_state(name, None)
+                self.dirty.discard(name)
+        elif kind == "netlink":
+            for change in item:
+                self._on_netlink(change)
+        elif kind == "corrupt":
+            name, error = item
+            self.status.set(name, "error", f"newest record is corrupt, last good version kept: {error}")
+
+    def _on_netlink(self, change: nl.Change) -> None:
+        if change.kind == "overflow":
+            self.full_check_due = True
+        elif change.kind == "link":
+            if change.deleted:
+                name = self.links.removed(change.ifindex)
+                if name is not None:
+                    self.routes.interface_gone(name)
+                    self.sysctls.interface_gone(name)
+                    self._dirty_iface(name)
+            elif change.key:
+                known = self.links.by_name.get(change.key) == change.ifindex
+                self.links.added(change.key, change.ifindex)
+                if not known:
+                    self.sysctls.interface_gone(change.key)  # a new device: its sysctls start afresh
+                    self._dirty_iface(change.key)
+        else:
+            self.routes.on_change(change)
+
+    def _dirty_iface(self, iface: str) -> None:
+        owner = self.index.state.interfaces.get(iface)
+        if owner is not None:
+            self.dirty.add(owner)
+
+    def _push(self, t: Touched) -> None:
+        st = self.index.state
+        for dst in t.routes:
+            self.routes.set_route(dst, st.routes.get(dst))
+        for key in t.neighbours:
+            self.routes.set_neighbour(key, st.neighbours.get(key))
+        for key in t.proxies:
+            self.routes.set_proxy(key, key in st.proxies)
+        for iface in t.interfaces:
+            self.sysctls.set_interface(iface, st.sysctls.get(iface))
+        self.dirty.update(n for n in t.endpoints if n in self.index.plans)
+
+    def _apply(self) -> bool:
+        t0 = time.perf_counter()
+        if self.full_check_due:
+            self.links.refresh()
+            self.routes.resync()
+            self.sysctls.read_back()
+            self.metrics.resyncs.inc()
+            self.dirty.update(self.index.plans)
+            self.full_check_due = False
+        attempted = self._attempted_owners()
+        failed_sysctls = self.sysctls.apply()
+        applied, failed = self.routes.apply()
+        if applied or failed or failed_sysctls:
+            self.metrics.apply_seconds.observe(time.perf_counter() - t0)
+            log.debug("applied %d kernel changes, %d failed, in %.1f ms", applied, failed,
+                      (time.perf_counter() - t0) * 1000)
+        if failed or failed_sysctls:
+            self.metrics.errors.inc(failed + failed_sysctls)
+        self.dirty |= attempted
+        self._write_statuses()
+        self.last_apply_ok = not (failed or failed_sysctls)
+        return self.last_apply_ok and not self._retryable_pending()
+
+    def _retryable_pending(self) -> bool:
+        """Pending writes whose device exists (so waiting alone will not help): retry on a timer."""
+        idx = self.links.by_name
+        return any(i in idx for i in self.routes.routes.pending_updates.values()) or \
+            any(k[0] in idx for k in self.routes.neighbours.pending_updates)
+
+    def _attempted_owners(self) -> set[str]:
+        st = self.index.state
+        owners: set[str] = set()
+        for iface in (*self.routes.routes.pending_updates.values(),
+                      *(k[0] for k in self.routes.neighbours.pending_updates),
+                      *(k[0] for k in self.routes.proxies.pending_updates)):
+            n = st.interfaces.get(iface)
+            if n is not None:
+                owners.add(n)
+        return owners
+
+    def _set_state(self, name: str, state: str | None) -> None:
+        old = self.ep_states.pop(name, None)
+        if old is not None:
+            self.state_counts[old] -= 1
+        if state is not None:
+            self.ep_states[name] = state
+            self.state_counts[state] += 1
+
+    def _write_statuses(self) -> None:
+        st = self.index.state
+        for name in self.dirty:
+            plan = self.index.plans.get(name)
+            if plan is None:
+                continue
+            state, reason = self._endpoint_status(name, plan.interface, st.errors.get(name))
+            self._set_state(name, state)
+            self.status.set(name, state, reason)
+        self.dirty.clear()
+        for state in ("up", "down", "error"):
+            self.metrics.endpoints.labels(state).set(self.state_counts[state])
+
+    def _endpoint_status(self, name: str, iface: str, conflict: str | None) -> tuple[str, str]:
+        if conflict and self.index.state.interfaces.get(iface) != name:
+            return "error", conflict
+        if iface not in self.links.by_name:
+            return "down", f"interface {iface} not present"
+        routes, neighs, proxies = self.index.endpoint_keys(name)
+        reasons = [self.routes.failures[k] for k in
+                   [*(("route", r) for r in routes), *(("neigh", n) for n in neighs), *(("proxy", p) for p in proxies)]
+                   if k in self.routes.failures]
+        reasons += [self.sysctls.failures[p] for p in self.sysctls.by_iface.get(iface, {})
+                    if p in self.sysctls.failures]
+        if conflict:
+            reasons.insert(0, conflict)
+        if reasons:
+            return "error", "; ".join(reasons)
+        pending = any(r in self.routes.routes.pending_updates for r in routes) or \
+            any(n in self.routes.neighbours.pending_updates for n in neighs) or self.sysctls.pending_for(iface)
+        if pending:
+            return "down", "programming"
+        return "up", ""

@@ -1,0 +1,59 @@
+"""/healthz and Prometheus /metrics on one small HTTP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.endpoints = Gauge("tabby_endpoints", "Endpoints on this host by state", ["state"], registry=self.registry)
+        self.errors = Counter("tabby_dataplane_errors_total", "Kernel writes that failed", registry=self.registry)
+        self.apply_seconds = Histogram(
+            "tabby_apply_seconds", "Time to apply one batch of changes to the kernel", registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.resyncs = Counter("tabby_resyncs_total", "Full reads of the kernel state", registry=self.registry)
+        self.store_events = Counter("tabby_store_events_total", "Store updates received", registry=self.registry)
+        self.corrupt = Counter("tabby_corrupt_records_total", "Store records skipped as corrupt",
+                               registry=self.registry)
+
+
+class HealthServer:
+    def __init__(self, addr: str, port: int, metrics: Metrics, health: Callable[[], tuple[bool, dict[str, Any]]]):
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+                elif self.path == "/healthz":
+                    ok, info = health()
+                    body, ctype, code = json.dumps(info).encode(), "application/json", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((addr, port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
