@@ -177,6 +177,7 @@ def agent(
     except ValueError as e:
         fail(f"--host: {e}")
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is one line per netlink message
     try:
         store = open_store(STATE.store_url)
     except (ValueError, StoreError, OSError) as e:

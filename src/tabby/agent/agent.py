@@ -239,8 +239,8 @@ class Agent:
             self.dirty.update(self.index.plans)
             self.full_check_due = False
         attempted = self._attempted_owners()
+        applied, failed = self.routes.apply()  # routes first: traffic flows before the fine-tuning
         failed_sysctls = self.sysctls.apply()
-        applied, failed = self.routes.apply()
         if applied or failed or failed_sysctls:
             self.metrics.apply_seconds.observe(time.perf_counter() - t0)
             log.debug("applied %d kernel changes, %d failed, in %.1f ms", applied, failed,

@@ -35,7 +35,7 @@ RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 NDA_DST, NDA_LLADDR, NDA_PROTOCOL = 1, 2, 12
 IFLA_IFNAME = 3
 RT_TABLE_MAIN = 254
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RTN_UNICAST = 1
 NUD_PERMANENT = 0x80
 NTF_PROXY = 0x08
@@ -118,13 +118,14 @@ _PRIO = {m: _attr(RTA_PRIORITY, struct.pack("=I", m)) for m in (TABBY_METRIC,)}
 
 def route_msg(op: int, dst: str, ifindex: int, flags: int = 0,
               proto: int = TABBY_PROTO, metric: int = TABBY_METRIC) -> bytes:
-    """A route message for "addr/len" via ifindex (0: any device, for deletes). No ACK flag: the
+    """A route message for "addr/len" via ifindex (0: any device, for deletes; a delete's scope is
+    RT_SCOPE_NOWHERE, the kernel's wildcard, or IPv4 finds no match). No ACK flag: the
     kernel reports errors anyway, and ``Netlink.apply`` asks for one ack per chunk."""
     ip, _, plen = dst.partition("/")
     family, packed = _pton(ip)
     prefixlen = int(plen) if plen else len(packed) * 8
     body = _RTMSG.pack(family, prefixlen, 0, 0, RT_TABLE_MAIN, proto,
-                       RT_SCOPE_LINK if op == RTM_NEWROUTE else RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+                       RT_SCOPE_LINK if op == RTM_NEWROUTE else RT_SCOPE_NOWHERE, RTN_UNICAST, 0)
     body += _attr(RTA_DST, packed) + (_PRIO.get(metric) or _attr(RTA_PRIORITY, struct.pack("=I", metric)))
     if ifindex:
         body += _attr(RTA_OIF, struct.pack("=i", ifindex))
@@ -302,6 +303,7 @@ class Change:
     proto: int = 0
     key: str = ""  # route dst, neighbour ip, or link name
     ifindex: int = 0
+    mac: str | None = None  # neighbours: the link-layer address now in the kernel
 
 
 class Monitor:
@@ -336,7 +338,7 @@ class Monitor:
             elif mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
                 n = parse_neigh(msg)
                 if n is not None:
-                    out.append(Change("neigh", mtype == RTM_DELNEIGH, n.proto, n.ip, n.ifindex))
+                    out.append(Change("neigh", mtype == RTM_DELNEIGH, n.proto, n.ip, n.ifindex, n.mac))
             elif mtype in (RTM_NEWLINK, RTM_DELLINK):
                 _, _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(msg)
                 name = next((v.rstrip(b"\0").decode() for k, v in _attrs(msg, _IFINFOMSG.size) if k == IFLA_IFNAME), "")

@@ -75,7 +75,9 @@ class RoutesReconciler:
         elif change.kind == "neigh":
             iface = self.links.by_index.get(change.ifindex)
             key = (iface or "", change.key)
-            if change.deleted or change.proto != nl.TABBY_PROTO:
+            changed_mac = key in self.neighbours.desired and change.mac is not None \
+                and change.mac != self.neighbours.desired[key]
+            if change.deleted or change.proto != nl.TABBY_PROTO or changed_mac:
                 if key in self.neighbours.desired or key in self.neighbours.dataplane:
                     self.neighbours.dataplane_gone(key)
                 if key in self.proxies.desired or key in self.proxies.dataplane:

@@ -64,7 +64,8 @@ class EtcdServer:
         self.stop()
         raise RuntimeError(f"etcd did not become healthy within {timeout}s")
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """End the process we started; keep_data=True lets ``start`` bring the same member back."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -73,7 +74,7 @@ class EtcdServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        if self._own_dir:
+        if self._own_dir and not keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EtcdServer:

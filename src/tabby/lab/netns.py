@@ -1,0 +1,105 @@
+"""Network namespaces, veths and processes for the lab, tests and benches.
+
+Set-up here is not a hot path: it shells out to ``ip`` with argument lists (never a shell
+string). Every name carries a caller-chosen prefix so that ``sweep(prefix)`` can remove
+leftovers after a crash, and processes are ended only by the pid we started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+NETNS_DIR = Path("/run/netns")
+
+
+def ip(*args: str, ns: str | None = None, check: bool = True, input: str | None = None) -> str:
+    cmd = ["ip", *(["-n", ns] if ns else []), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, input=input)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def add_netns(name: str) -> str:
+    ip("netns", "add", name)
+    ip("link", "set", "lo", "up", ns=name)
+    return name
+
+
+def del_netns(name: str) -> None:
+    ip("netns", "del", name, check=False)
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def sweep(prefix: str) -> list[str]:
+    """Remove every namespace whose name starts with prefix (crash leftovers)."""
+    gone = []
+    if NETNS_DIR.exists():
+        for entry in NETNS_DIR.iterdir():
+            if entry.name.startswith(prefix):
+                pids = subprocess.run(["ip", "netns", "pids", entry.name], capture_output=True, text=True).stdout
+                for pid in pids.split():
+                    kill_pid(int(pid))
+                del_netns(entry.name)
+                gone.append(entry.name)
+    return gone
+
+
+def add_veth(ns: str, name: str, peer: str, peer_ns: str | None = None, *, mac: str | None = None,
+             up: bool = True) -> None:
+    ip("link", "add", name, *(["address", mac] if mac else []), "type", "veth", "peer", "name", peer, ns=ns)
+    if peer_ns is not None:
+        ip("link", "set", peer, "netns", peer_ns, ns=ns)
+    if up:
+        ip("link", "set", name, "up", ns=ns)
+        ip("link", "set", peer, "up", ns=peer_ns or ns)
+
+
+def nsexec(ns: str, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    finally:
+        out.close()
+
+
+def kill_pid(pid: int, sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """End a process we started (by its pid), politely first."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,127 @@
+"""The agent in a real network namespace with real veths, on a real Store."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentlib import AgentProc, apply, endpoint, namespace, neighbours, proxies, routes, status, sysctl
+
+from tabby.client import ResourceClient
+from tabby.lab import netns
+from tabby.lab.netns import wait_for
+from tabby.store import Store, open_store
+
+
+@pytest.fixture
+def host_ns() -> Iterator[str]:
+    with namespace("h") as ns:
+        yield ns
+
+
+@pytest.fixture
+def sq(tmp_path: Path) -> Store:
+    return open_store(f"sqlite://{tmp_path}/store.db")
+
+
+@pytest.fixture
+def agent(host_ns: str, sq: Store, tmp_path: Path) -> Iterator[AgentProc]:
+    a = AgentProc(host_ns, f"sqlite://{tmp_path}/store.db", "h1", tmp_path / "agent.log").start()
+    try:
+        wait_for(a.healthy, 15, 0.1, "agent healthy")
+        yield a
+    finally:
+        a.stop()
+        print(a.output()[-5000:])
+
+
+def test_three_endpoints_exact_state_and_precise_removal(host_ns: str, sq: Store, agent: AgentProc) -> None:
+    for i in ("6", "d", "4"):
+        netns.add_veth(host_ns, f"tap{i}", f"vm{i}")
+    # foreign state on the same devices must survive everything below
+    netns.ip("route", "add", "fd00:99::1/128", "dev", "tap6", "proto", "static", ns=host_ns)
+    netns.ip("neigh", "add", "fd00:99::1", "lladdr", "52:54:00:99:99:99", "dev", "tap6", "nud", "permanent", ns=host_ns)
+    apply(sq,
+          endpoint("v6only", "h1", "tap6", v6=["fd00:e::6"], gw6="fd00:f::1", mac="52:54:00:00:00:06"),
+          endpoint("dual", "h1", "tapd", v6=["fd00:e::d"], v4=["10.65.0.13"], mac="52:54:00:00:00:0d"),
+          endpoint("v4only", "h1", "tap4", v4=["10.65.0.4"], mac="52:54:00:00:00:04"),
+          endpoint("remote", "h2", "tapx", v6=["fd00:e::99"]))
+    want = {"fd00:e::6/128": "tap6", "fd00:e::d/128": "tapd", "10.65.0.13/32": "tapd", "10.65.0.4/32": "tap4"}
+    wait_for(lambda: routes(host_ns) == want, 10, what="routes")
+    nb = neighbours(host_ns)
+    for dev, ip_, mac in (("tap6", "fd00:e::6", "52:54:00:00:00:06"), ("tapd", "fd00:e::d", "52:54:00:00:00:0d"),
+                          ("tapd", "10.65.0.13", "52:54:00:00:00:0d"), ("tap4", "10.65.0.4", "52:54:00:00:00:04")):
+        n = nb[(dev, ip_)]
+        assert n["lladdr"] == mac and "PERMANENT" in n["state"] and n.get("protocol") in (77, "77"), n
+    assert proxies(host_ns) == {("tap6", "fd00:f::1")}
+    assert [sysctl(host_ns, f"ipv6/conf/tap6/{k}") for k in ("accept_ra", "forwarding", "proxy_ndp")] == ["0", "1", "1"]
+    assert sysctl(host_ns, "ipv6/neigh/tap6/proxy_delay") == "0"
+    assert [sysctl(host_ns, f"ipv4/conf/tap4/{k}") for k in ("proxy_arp", "rp_filter")] == ["1", "1"]
+    assert sysctl(host_ns, "ipv6/conf/tapd/proxy_ndp") == "0"
+    assert sysctl(host_ns, "ipv6/conf/all/forwarding") == "1" and sysctl(host_ns, "ipv4/ip_forward") == "1"
+    wait_for(lambda: all((status(sq, "h1", n) or {}).get("state") == "up" for n in ("v6only", "dual", "v4only")),
+             10, what="status up")
+    assert status(sq, "h1", "remote") is None
+    code, body = agent.http("/metrics")
+    assert code == 200 and 'tabby_endpoints{state="up"} 3.0' in body
+
+    ResourceClient(sq).delete("Endpoint", "dual")
+    want.pop("fd00:e::d/128")
+    want.pop("10.65.0.13/32")
+    wait_for(lambda: routes(host_ns) == want, 10, what="routes after delete")
+    wait_for(lambda: ("tapd", "fd00:e::d") not in neighbours(host_ns), 10, what="neighbour removed")
+    nb = neighbours(host_ns)
+    assert ("tapd", "10.65.0.13") not in nb and ("tap6", "fd00:e::6") in nb
+    assert ("tap6", "fd00:99::1") in nb  # foreign neighbour survives
+    assert "fd00:99::1" in netns.ip("-6", "route", "show", "dev", "tap6", ns=host_ns)  # foreign route survives
+    wait_for(lambda: status(sq, "h1", "dual") is None, 10, what="status removed")
+
+
+def test_interface_before_or_after_the_record_and_coming_back(host_ns: str, sq: Store, agent: AgentProc) -> None:
+    apply(sq, endpoint("late", "h1", "taplate", v6=["fd00:e::1"], v4=["10.65.0.1"]))
+    wait_for(lambda: (status(sq, "h1", "late") or {}).get("state") == "down", 10, what="down status")
+    assert "not present" in status(sq, "h1", "late")["reason"]
+    netns.add_veth(host_ns, "taplate", "vmlate")
+    wait_for(lambda: routes(host_ns) == {"fd00:e::1/128": "taplate", "10.65.0.1/32": "taplate"}, 5, what="routes")
+    wait_for(lambda: sysctl(host_ns, "ipv6/conf/taplate/accept_ra") == "0", 5, what="sysctl")
+    netns.ip("link", "del", "taplate", ns=host_ns)
+    wait_for(lambda: (status(sq, "h1", "late") or {}).get("state") == "down", 10, what="down again")
+    netns.add_veth(host_ns, "taplate", "vmlate")
+    wait_for(lambda: routes(host_ns) == {"fd00:e::1/128": "taplate", "10.65.0.1/32": "taplate"}, 5, what="back")
+    wait_for(lambda: sysctl(host_ns, "ipv6/conf/taplate/accept_ra") == "0", 5, what="sysctl again")
+    wait_for(lambda: (status(sq, "h1", "late") or {}).get("state") == "up", 10, what="up again")
+
+
+def test_drift_repaired_within_a_second(host_ns: str, sq: Store, agent: AgentProc) -> None:
+    netns.add_veth(host_ns, "tapdr", "vmdr")
+    apply(sq, endpoint("drift", "h1", "tapdr", v6=["fd00:e::7"], v4=["10.65.0.7"]))
+    wait_for(lambda: len(routes(host_ns)) == 2 and ("tapdr", "fd00:e::7") in neighbours(host_ns), 10)
+    t0 = time.monotonic()
+    netns.ip("-6", "route", "del", "fd00:e::7/128", "dev", "tapdr", ns=host_ns)
+    netns.ip("neigh", "del", "10.65.0.7", "dev", "tapdr", ns=host_ns)
+    wait_for(lambda: "fd00:e::7/128" in routes(host_ns) and ("tapdr", "10.65.0.7") in neighbours(host_ns),
+             1.0, 0.01, "drift repaired")
+    print(f"repaired in {(time.monotonic() - t0) * 1000:.0f} ms")
+    netns.ip("neigh", "replace", "fd00:e::7", "lladdr", "52:54:00:66:66:66", "dev", "tapdr", "nud", "permanent",
+             ns=host_ns)
+    wait_for(lambda: neighbours(host_ns)[("tapdr", "fd00:e::7")]["lladdr"] == "52:54:00:00:00:01", 1.0, 0.01,
+             "changed MAC put back")
+
+
+def test_corrupt_records_are_skipped_and_the_rest_served(host_ns: str, sq: Store, agent: AgentProc) -> None:
+    netns.add_veth(host_ns, "tapok", "vmok")
+    netns.add_veth(host_ns, "tapkeep", "vmkeep")
+    apply(sq, endpoint("keep", "h1", "tapkeep", v6=["fd00:e::5"]))
+    wait_for(lambda: "fd00:e::5/128" in routes(host_ns), 10)
+    sq.put("/tabby/v1/endpoints/junk", b"{not json")
+    sq.put("/tabby/v1/endpoints/keep", json.dumps({"kind": "Endpoint", "metadata": {"name": "keep"},
+                                                    "spec": {"interface": "tap;reboot"}}).encode())
+    apply(sq, endpoint("ok", "h1", "tapok", v6=["fd00:e::8"]))
+    wait_for(lambda: "fd00:e::8/128" in routes(host_ns), 10, what="good endpoint served")
+    assert routes(host_ns)["fd00:e::5/128"] == "tapkeep"  # last good version kept
+    wait_for(lambda: (status(sq, "h1", "keep") or {}).get("state") == "error", 10, what="error status")
+    assert "corrupt" in status(sq, "h1", "keep")["reason"]
+    assert agent.healthy()
