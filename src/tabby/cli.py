@@ -177,7 +177,8 @@ def agent(
     except ValueError as e:
         fail(f"--host: {e}")
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is one line per netlink message
+    for noisy in ("pyroute2", "urllib3", "asyncio"):  # one debug line per message or connection
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         store = open_store(STATE.store_url)
     except (ValueError, StoreError, OSError) as e:
@@ -186,6 +187,59 @@ def agent(
     signal.signal(signal.SIGTERM, lambda *_: a.stop())
     signal.signal(signal.SIGINT, lambda *_: a.stop())
     a.run()
+
+
+@app.command()
+def status(
+    host: Annotated[str | None, typer.Option(help="only this host")] = None,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """Hosts (alive or not, from their agents' heartbeats) and endpoint status as agents report it."""
+    import time as _time
+
+    from tabby.model.keys import STATUS_PREFIX
+
+    store = STATE.client().store
+    try:
+        hosts, _ = store.list(STATUS_PREFIX + "hosts/")
+        eps, _ = store.list(STATUS_PREFIX + "endpoints/" + (f"{host}/" if host else ""))
+    except StoreError as e:
+        fail(str(e))
+    now = _time.time()
+    host_rows, ep_rows = [], []
+    for kv in hosts:
+        try:
+            h = json.loads(kv.value)
+        except ValueError:
+            continue
+        if host is None or h.get("host") == host:
+            host_rows.append({"host": h.get("host"), "alive": h.get("expires", 0) > now,
+                              "heartbeat_age_s": round(now - h.get("heartbeat", 0), 1)})
+    for kv in eps:
+        try:
+            e = json.loads(kv.value)
+        except ValueError:
+            continue
+        ep_rows.append({"endpoint": kv.key.rsplit("/", 1)[1], "host": e.get("host"), "state": e.get("state"),
+                        "reason": e.get("reason", "")})
+    if output is not Output.table:
+        doc = {"hosts": host_rows, "endpoints": ep_rows}
+        print(json.dumps(doc, indent=2) if output is Output.json else yaml.safe_dump(doc, sort_keys=False), end="")
+        return
+    t = Table(box=None, header_style="bold")
+    for col in ("HOST", "ALIVE", "HEARTBEAT AGE"):
+        t.add_column(col)
+    for r in host_rows:
+        t.add_row(str(r["host"]), "[green]yes[/]" if r["alive"] else "[red]no[/]", f"{r['heartbeat_age_s']}s")
+    out.print(t)
+    t = Table(box=None, header_style="bold")
+    for col in ("ENDPOINT", "HOST", "STATE", "REASON"):
+        t.add_column(col)
+    colour = {"up": "green", "down": "yellow", "error": "red"}
+    for r in ep_rows:
+        c = colour.get(str(r["state"]), "white")
+        t.add_row(str(r["endpoint"]), str(r["host"]), f"[{c}]{r['state']}[/]", str(r["reason"]))
+    out.print(t)
 
 
 ipam_app = typer.Typer(help="IP address management: blocks, handles, leaks.", no_args_is_help=True)

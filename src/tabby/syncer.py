@@ -9,7 +9,8 @@ Failure model:
   never un-programs a working endpoint;
 - ``HistoryGone`` (the watch fell behind compaction) relists and emits only the difference
   against what the consumer already has, then ``InSync`` again;
-- ``Unavailable`` backs off and resumes the watch from the last revision seen.
+- ``Unavailable`` backs off and resumes the watch from the last revision seen;
+- any other failure is logged, backs off, and relists: the consumer's loop never ends on it.
 Runs on the caller's thread; ``stop()`` may be called from any thread.
 """
 
@@ -96,6 +97,7 @@ class ResourceSyncer:
 
     def __iter__(self) -> Iterator[Update | InSync]:
         need_list = True
+        failures = 0
         while not self._stop.is_set():
             try:
                 if need_list:
@@ -105,6 +107,7 @@ class ResourceSyncer:
                 if self._stop.is_set():
                     return
                 for ev in self._watch:
+                    failures = 0
                     self.revision = ev.revision
                     if not self._wanted(ev.key):
                         continue
@@ -120,8 +123,17 @@ class ResourceSyncer:
                 log.warning("%s; relisting", e)
                 need_list = True
             except Unavailable as e:
-                log.warning("store unavailable (%s); retrying in %.1fs from revision %d",
-                            e, self.retry_s, self.revision)
+                failures += 1
+                delay = min(self.retry_s * 2 ** min(failures - 1, 3), 8 * self.retry_s)
+                if failures == 1 or failures % 10 == 0:  # an outage is one line, then one per ~minute
+                    log.warning("store unavailable (%s); dataplane left as is; retrying every %.0fs from revision %d"
+                                " (attempt %d)", e, delay, self.revision, failures)
+                self._stop.wait(delay)
+            except Exception:
+                # anything else (a backend error, a bug): never let it end the consumer's loop;
+                # start over from a fresh listing, which is always safe
+                log.exception("store watch failed; relisting in %.1fs", self.retry_s)
+                need_list = True
                 self._stop.wait(self.retry_s)
             finally:
                 if self._watch is not None:

@@ -1,6 +1,6 @@
 """Interfaces and their sysctls.
 
-``LinkIndex`` maps interface names to indexes: a pyroute2 dump at start and on resync, kept
+``LinkIndex`` maps interface names to indexes: read at start and on resync, kept
 current in between from the netlink monitor's link events. ``SysctlReconciler`` owns the
 per-interface sysctls tabby sets on endpoint interfaces, and the host-wide ones (forwarding,
 neighbour table sizes), written under /proc/sys/net of the agent's own network namespace.
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from pathlib import Path
-
-from pyroute2 import IPRoute
 
 from tabby.dataplane.tracker import DeltaTracker
 
@@ -27,9 +26,9 @@ class LinkIndex:
         self.by_index: dict[int, str] = {}
 
     def refresh(self) -> None:
-        with IPRoute() as ipr:
-            links = ipr.get_links()
-        self.by_name = {link.get_attr("IFLA_IFNAME"): link["index"] for link in links}
+        # libc's if_nameindex, not a pyroute2 dump: with thousands of veths the dump parses every
+        # attribute of every link (seen: 2 s for 4,000 links) when only names and indexes are needed
+        self.by_name = {name: index for index, name in socket.if_nameindex()}
         self.by_index = {i: n for n, i in self.by_name.items()}
 
     def added(self, name: str, index: int) -> None:

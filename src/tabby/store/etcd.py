@@ -199,7 +199,10 @@ class EtcdWatch:
                     continue
                 msg = json.loads(line)
                 if "error" in msg:
-                    raise StoreError(f"etcd watch: {msg['error']}")
+                    err = msg["error"]
+                    if isinstance(err, dict) and (err.get("grpc_code") == 14 or err.get("http_code") == 503):
+                        raise Unavailable(f"etcd watch: {err.get('message', err)}")  # shutting down / restarting
+                    raise StoreError(f"etcd watch: {err}")
                 result = msg.get("result", {})
                 compact = int(result.get("compact_revision", 0) or 0)
                 if compact:
