@@ -60,11 +60,18 @@ class Agent:
         self.monitor = nl.Monitor()
         self.in_sync = False
         self.stopping = threading.Event()
+        # Cleared while we write to the kernel: the monitor then leaves the echoes of our own
+        # writes in its socket buffer instead of parsing them one by one against us for the GIL.
+        self.monitor_may_read = threading.Event()
+        self.monitor_may_read.set()
         self.dirty: set[str] = set()  # endpoints whose status must be recomputed
         self.ep_states: dict[str, str] = {}
         self.state_counts: Counter[str] = Counter()
         self.full_check_due = True
         self.last_apply_ok = True
+        self.started_at = time.monotonic()
+        self.routes_programmed_at: float | None = None  # first moment every route and neighbour was in
+        self.sysctls_programmed_at: float | None = None
         self.health_server = HealthServer(metrics_addr, metrics_port, self.metrics, self.health) \
             if metrics_port is not None else None
 
@@ -87,6 +94,7 @@ class Agent:
 
     def _feed_netlink(self) -> None:
         while not self.stopping.is_set():
+            self.monitor_may_read.wait(1.0)
             try:
                 changes = self.monitor.read()
             except OSError:
@@ -231,16 +239,30 @@ class Agent:
 
     def _apply(self) -> bool:
         t0 = time.perf_counter()
-        if self.full_check_due:
-            self.links.refresh()
+        full = self.full_check_due
+        if full:
+            if self.metrics.resyncs._value.get() > 0:  # start() has just read them for the first check
+                self.links.refresh()
             self.routes.resync()
-            self.sysctls.read_back()
             self.metrics.resyncs.inc()
             self.dirty.update(self.index.plans)
             self.full_check_due = False
         attempted = self._attempted_owners()
-        applied, failed = self.routes.apply()  # routes first: traffic flows before the fine-tuning
+        self.monitor_may_read.clear()
+        try:
+            applied, failed = self.routes.apply()  # routes first: traffic flows before the fine-tuning
+        finally:
+            self.monitor_may_read.set()
+        if self.routes_programmed_at is None and self.routes.waiting() == 0:
+            self.routes_programmed_at = time.monotonic()
+            log.info("all routes and neighbours programmed %.3f s after start",
+                     self.routes_programmed_at - self.started_at)
+        if full and self.sysctls_programmed_at is not None:
+            # drift check of values we wrote before; at start-up everything is pending anyway
+            self.sysctls.read_back()
         failed_sysctls = self.sysctls.apply()
+        if self.sysctls_programmed_at is None and not self.sysctls.tracker.pending_updates:
+            self.sysctls_programmed_at = time.monotonic()
         if applied or failed or failed_sysctls:
             self.metrics.apply_seconds.observe(time.perf_counter() - t0)
             log.debug("applied %d kernel changes, %d failed, in %.1f ms", applied, failed,

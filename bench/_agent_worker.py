@@ -1,0 +1,70 @@
+"""Runs inside a bench namespace (``ip netns exec``): the agent in-process for the cold-start
+figure, or a writer timing endpoint add -> route in this namespace's kernel."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tabby.agent.agent import Agent
+from tabby.dataplane.netlink import Monitor
+from tabby.model import encode, key_of, validate
+from tabby.store import open_store
+
+
+def cold(url: str, host: str) -> None:
+    """Time a cold agent: Store list + decode + calculation + kernel programming of every endpoint."""
+    store = open_store(url)
+    agent = Agent(store, host, metrics_port=None)
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 300
+    while (agent.routes_programmed_at is None or agent.sysctls_programmed_at is None) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    agent.stop()
+    print(json.dumps({"program_s": agent.routes_programmed_at - agent.started_at,
+                      "sysctl_s": agent.sysctls_programmed_at - agent.routes_programmed_at,
+                      "endpoints": len(agent.index.plans), "pending": agent.routes.waiting()}))
+
+
+def adds(url: str, host: str, count: int, first: int) -> None:
+    """Write endpoints one by one; time each from Store write to its route in this kernel."""
+    store = open_store(url)
+    mon = Monitor()
+    seen: dict[str, float] = {}
+    cv = threading.Condition()
+
+    def listen() -> None:
+        while True:
+            for ch in mon.read():
+                if ch.kind == "route" and not ch.deleted and ch.proto == 77:
+                    with cv:
+                        seen.setdefault(ch.key, time.perf_counter())
+                        cv.notify_all()
+
+    threading.Thread(target=listen, daemon=True).start()
+    lat = []
+    for i in range(first, first + count):
+        dst = f"fd00:a::{i:x}"
+        ep = validate({"kind": "Endpoint", "metadata": {"name": f"add{i}"},
+                       "spec": {"host": host, "orchestrator": "container", "workload_id": f"add{i}",
+                                "interface": f"tbe{i}", "mac": "ee:ee:ee:ee:ee:ee", "ipv6_addresses": [dst]}})
+        t0 = time.perf_counter()
+        store.put(key_of(ep), encode(ep))
+        with cv:
+            cv.wait_for(lambda d=f"{dst}/128": d in seen, timeout=10)
+            lat.append((seen.get(f"{dst}/128", float("nan")) - t0) * 1000)
+        time.sleep(0.01)
+    print(json.dumps({"latencies_ms": lat}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "cold":
+        cold(sys.argv[2], sys.argv[3])
+    else:
+        adds(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,146 @@
+"""Agent programming speed against ``ip -batch``, and endpoint add latency, in scratch namespaces.
+
+    python bench/agent.py [--quick]
+
+program_s: a cold agent (in-process, in its own namespace) from start to every route and
+  permanent neighbour of N dual-stack endpoints in the kernel: Store list and decode, the
+  calculation, and the pipelined netlink writes. The per-interface sysctls that follow are
+  reported on their own as sysctl_s.
+ip_batch_s: ``ip -batch`` writing the same routes and neighbours into an identical namespace.
+ratio: program_s / ip_batch_s.
+add_p50_ms / add_p99_ms: a running agent; one endpoint written to the Store -> its route in the
+  kernel, per backend (SQLite; etcd running inside the namespace).
+Each endpoint has its own veth, as on a real host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from tabby.lab import netns  # noqa: E402
+from tabby.lab.etcd import EtcdServer  # noqa: E402
+from tabby.model import encode, key_of, validate  # noqa: E402
+from tabby.store import open_store  # noqa: E402
+
+WORKER = str(ROOT / "bench" / "_agent_worker.py")
+
+
+def emit(metric: str, value: float, unit: str, **labels: object) -> None:
+    print(json.dumps({"bench": "agent", "metric": metric, "value": round(value, 4), "unit": unit, **labels}),
+          flush=True)
+
+
+def make_veths(ns: str, n: int) -> None:
+    lines = [f"link add tbe{i} type veth peer name tbp{i}" for i in range(n)]
+    lines += [f"link set tbe{i} up" for i in range(n)]
+    netns.ip("-batch", "-", ns=ns, input="\n".join(lines) + "\n")
+
+
+def addrs(i: int) -> tuple[str, str]:
+    return f"fd00:e::{i // 65536:x}:{i % 65536:x}", f"10.{64 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+
+
+def cold(n: int, tmp: Path, tag: str) -> None:
+    a, b = f"tbybA{tag}", f"tbybB{tag}"
+    try:
+        netns.add_netns(a)
+        netns.add_netns(b)
+        make_veths(a, n)
+        make_veths(b, n)
+        url = f"sqlite://{tmp}/cold.db"
+        store = open_store(url)
+        for i in range(n):
+            v6, v4 = addrs(i)
+            ep = validate({"kind": "Endpoint", "metadata": {"name": f"ep{i}"},
+                           "spec": {"host": "hb", "orchestrator": "vm", "workload_id": f"w{i}", "interface": f"tbe{i}",
+                                    "mac": mac(i), "ipv6_addresses": [v6], "ipv4_addresses": [v4]}})
+            store.put(key_of(ep), encode(ep))
+        r = netns.nsexec(a, [sys.executable, WORKER, "cold", url, "hb"])
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["pending"] == 0 and res["endpoints"] == n, res
+        got = len(netns.ip("-6", "route", "show", "proto", "77", ns=a).splitlines()) + \
+            len(netns.ip("-4", "route", "show", "proto", "77", ns=a).splitlines())
+        assert got == 2 * n, f"{got} routes programmed, wanted {2 * n}"
+
+        batch = tmp / "routes.batch"
+        with batch.open("w") as f:
+            for i in range(n):
+                v6, v4 = addrs(i)
+                f.write(f"route replace {v6}/128 dev tbe{i} proto 77 metric 10\n")
+                f.write(f"route replace {v4}/32 dev tbe{i} proto 77 metric 10\n")
+                f.write(f"neigh replace {v6} lladdr {mac(i)} dev tbe{i} nud permanent\n")
+                f.write(f"neigh replace {v4} lladdr {mac(i)} dev tbe{i} nud permanent\n")
+        t0 = time.perf_counter()
+        netns.ip("-batch", str(batch), ns=b)
+        ip_batch_s = time.perf_counter() - t0
+        emit("program_s", res["program_s"], "s", n=n)
+        emit("sysctl_s", res["sysctl_s"], "s", n=n)
+        emit("ip_batch_s", ip_batch_s, "s", n=n)
+        emit("ratio", res["program_s"] / ip_batch_s, "ratio", n=n)
+    finally:
+        netns.del_netns(a)
+        netns.del_netns(b)
+
+
+def add_latency(backend: str, count: int, tmp: Path, tag: str) -> None:
+    ns = f"tbybL{tag}{backend[0]}"
+    agent = None
+    server = None
+    try:
+        netns.add_netns(ns)
+        make_veths(ns, count + 1)
+        if backend == "sqlite":
+            url = f"sqlite://{tmp}/add.db"
+        else:
+            server = EtcdServer(name="tbyb-add", netns=ns).start()
+            url = server.url
+        agent = netns.spawn(ns, [sys.executable, "-m", "tabby.cli", "--store", url, "agent", "--host", "hb",
+                                 "--metrics-port", "0", "--log-level", "warning"], tmp / f"agent-{backend}.log")
+        # a first endpoint, so the agent is past start-up when we measure
+        r = netns.nsexec(ns, [sys.executable, WORKER, "adds", url, "hb", "1", "0"], timeout=120)
+        r = netns.nsexec(ns, [sys.executable, WORKER, "adds", url, "hb", str(count), "1"], timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        lat = sorted(json.loads(r.stdout.strip().splitlines()[-1])["latencies_ms"])
+        emit("add_p50_ms", statistics.median(lat), "ms", backend=backend, adds=len(lat))
+        emit("add_p99_ms", lat[min(len(lat) - 1, int(len(lat) * 0.99))], "ms", backend=backend, adds=len(lat))
+    finally:
+        if agent is not None:
+            netns.stop(agent)
+        if server is not None:
+            server.stop()
+        netns.del_netns(ns)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    tag = uuid.uuid4().hex[:4]
+    with tempfile.TemporaryDirectory(prefix="tabby-bench-agent-") as d:
+        tmp = Path(d)
+        cold(2000 if args.quick else 10_000, tmp, tag)
+        for backend in ("sqlite", "etcd"):
+            add_latency(backend, 50 if args.quick else 200, tmp, tag)
+    subprocess.run(["true"])
+
+
+if __name__ == "__main__":
+    main()
