@@ -32,6 +32,29 @@ def cold(url: str, host: str) -> None:
                       "endpoints": len(agent.index.plans), "pending": agent.routes.waiting()}))
 
 
+def writer(n: int) -> None:
+    """The route/neighbour reconciler alone, all endpoints on one veth (the shape of the trial in
+    the issue): desired state in, one apply, timed from the first set_desired."""
+    from tabby.dataplane.links import LinkIndex
+    from tabby.dataplane.netlink import Netlink
+    from tabby.dataplane.routes import RoutesReconciler
+
+    links = LinkIndex()
+    links.refresh()
+    rec = RoutesReconciler(Netlink(), links)
+    t0 = time.perf_counter()
+    for i in range(n):
+        v6, v4 = f"fd00:e::{i // 65536:x}:{i % 65536:x}", f"10.{64 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        mac = f"52:54:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+        rec.set_route(f"{v6}/128", "tbe0")
+        rec.set_route(f"{v4}/32", "tbe0")
+        rec.set_neighbour(("tbe0", v6), mac)
+        rec.set_neighbour(("tbe0", v4), mac)
+    rec.resync()
+    applied, failed = rec.apply()
+    print(json.dumps({"writer_s": time.perf_counter() - t0, "applied": applied, "failed": failed}))
+
+
 def adds(url: str, host: str, count: int, first: int) -> None:
     """Write endpoints one by one; time each from Store write to its route in this kernel."""
     store = open_store(url)
@@ -66,5 +89,7 @@ def adds(url: str, host: str, count: int, first: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "cold":
         cold(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "writer":
+        writer(int(sys.argv[2]))
     else:
         adds(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

@@ -90,10 +90,42 @@ def cold(n: int, tmp: Path, tag: str) -> None:
         t0 = time.perf_counter()
         netns.ip("-batch", str(batch), ns=b)
         ip_batch_s = time.perf_counter() - t0
-        emit("program_s", res["program_s"], "s", n=n)
-        emit("sysctl_s", res["sysctl_s"], "s", n=n)
-        emit("ip_batch_s", ip_batch_s, "s", n=n)
-        emit("ratio", res["program_s"] / ip_batch_s, "ratio", n=n)
+        shape = "veth-per-endpoint"
+        emit("program_s", res["program_s"], "s", n=n, shape=shape)
+        emit("sysctl_s", res["sysctl_s"], "s", n=n, shape=shape)
+        emit("ip_batch_s", ip_batch_s, "s", n=n, shape=shape)
+        emit("ratio", res["program_s"] / ip_batch_s, "ratio", n=n, shape=shape)
+    finally:
+        netns.del_netns(a)
+        netns.del_netns(b)
+
+
+def one_veth(n: int, tmp: Path, tag: str) -> None:
+    """The route/neighbour writer alone against ip -batch, every endpoint on one veth."""
+    a, b = f"tbybC{tag}", f"tbybD{tag}"
+    try:
+        for ns in (a, b):
+            netns.add_netns(ns)
+            make_veths(ns, 1)
+        r = netns.nsexec(a, [sys.executable, WORKER, "writer", str(n)])
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["applied"] == 4 * n and res["failed"] == 0, res
+        batch = tmp / "one.batch"
+        with batch.open("w") as f:
+            for i in range(n):
+                v6, v4 = addrs(i)
+                f.write(f"route replace {v6}/128 dev tbe0 proto 77 metric 10\n")
+                f.write(f"route replace {v4}/32 dev tbe0 proto 77 metric 10\n")
+                f.write(f"neigh replace {v6} lladdr {mac(i)} dev tbe0 nud permanent\n")
+                f.write(f"neigh replace {v4} lladdr {mac(i)} dev tbe0 nud permanent\n")
+        t0 = time.perf_counter()
+        netns.ip("-batch", str(batch), ns=b)
+        ip_batch_s = time.perf_counter() - t0
+        emit("program_s", res["writer_s"], "s", n=n, shape="one-veth", scope="routes+neighbours writer")
+        emit("ip_batch_s", ip_batch_s, "s", n=n, shape="one-veth")
+        emit("ratio", res["writer_s"] / ip_batch_s, "ratio", n=n, shape="one-veth")
     finally:
         netns.del_netns(a)
         netns.del_netns(b)
@@ -137,6 +169,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tabby-bench-agent-") as d:
         tmp = Path(d)
         cold(2000 if args.quick else 10_000, tmp, tag)
+        one_veth(2000 if args.quick else 10_000, tmp, tag)
         for backend in ("sqlite", "etcd"):
             add_latency(backend, 50 if args.quick else 200, tmp, tag)
     subprocess.run(["true"])

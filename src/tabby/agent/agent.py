@@ -70,6 +70,7 @@ class Agent:
         self.full_check_due = True
         self.last_apply_ok = True
         self.started_at = time.monotonic()
+        self._links_read_at_start = False
         self.routes_programmed_at: float | None = None  # first moment every route and neighbour was in
         self.sysctls_programmed_at: float | None = None
         self.health_server = HealthServer(metrics_addr, metrics_port, self.metrics, self.health) \
@@ -117,6 +118,7 @@ class Agent:
         for note in set_host_sysctls(endpoints=0):
             log.info("%s", note)
         self.links.refresh()
+        self._links_read_at_start = True
         threading.Thread(target=self._feed_netlink, name="netlink-monitor", daemon=True).start()
         threading.Thread(target=self._feed_store, name="store-syncer", daemon=True).start()
         self.status.host_info = {"started": time.time()}
@@ -241,7 +243,9 @@ class Agent:
         t0 = time.perf_counter()
         full = self.full_check_due
         if full:
-            if self.metrics.resyncs._value.get() > 0:  # start() has just read them for the first check
+            if self._links_read_at_start:
+                self._links_read_at_start = False  # start() has just read them for this first check
+            else:
                 self.links.refresh()
             self.routes.resync()
             self.metrics.resyncs.inc()
