@@ -164,6 +164,8 @@ def agent(
     metrics_addr: Annotated[str, typer.Option(help="address for /healthz and /metrics")] = "127.0.0.1",
     resync_s: Annotated[float, typer.Option(help="full kernel check interval (jittered by 10%)")] = 90.0,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    bgp: Annotated[bool, typer.Option(help="run and configure BIRD for this host")] = True,
+    run_dir: Annotated[Path | None, typer.Option(help="BIRD's files (default /run/tabby/HOST)")] = None,
 ) -> None:
     """Run the per-host agent in this network namespace, until SIGTERM or SIGINT."""
     import logging
@@ -183,7 +185,8 @@ def agent(
         store = open_store(STATE.store_url)
     except (ValueError, StoreError, OSError) as e:
         fail(f"cannot open store {STATE.store_url}: {e}")
-    a = Agent(store, host, resync_s=resync_s, metrics_addr=metrics_addr, metrics_port=metrics_port)
+    a = Agent(store, host, resync_s=resync_s, metrics_addr=metrics_addr, metrics_port=metrics_port, bgp=bgp,
+              run_dir=run_dir)
     signal.signal(signal.SIGTERM, lambda *_: a.stop())
     signal.signal(signal.SIGINT, lambda *_: a.stop())
     a.run()
@@ -240,6 +243,88 @@ def status(
         c = colour.get(str(r["state"]), "white")
         t.add_row(str(r["endpoint"]), str(r["host"]), f"[{c}]{r['state']}[/]", str(r["reason"]))
     out.print(t)
+
+
+lab_app = typer.Typer(help="A many-host tabby fabric on this machine, in network namespaces.", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+LAB_STORE = "sqlite:///var/lib/tabby/lab/store.db"
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: Annotated[int, typer.Option(help="compute hosts")] = 3,
+    containers: Annotated[int, typer.Option(help="containers per host")] = 2,
+    ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
+    wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
+) -> None:
+    """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from tabby.lab import lab as L
+    from tabby.lab.topology import topology
+
+    try:
+        topo = topology(hosts, containers, ipv6_only)
+    except ValueError as e:
+        fail(str(e))
+    L.down()
+    lab = L.Lab(topo, LAB_STORE)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("building", total=None)
+        try:
+            lab.up(lambda step: progress.update(task, description=f"building: {step}"))
+        except Exception as e:
+            progress.stop()
+            L.down()
+            fail(f"lab up failed, everything removed again: {e}")
+        progress.update(task, description="waiting for BGP to spread every route")
+        fams = ("v6",) if ipv6_only else ("v6", "v4")
+        ok = L.wait_until(lambda: all(r["ok"] for r in lab.matrix(fams)), wait_s) if topo.workloads else True
+    out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, "
+              f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {LAB_STORE}", highlight=False)
+    if not ok:
+        err.print("[yellow]not every pair connects yet; see tabby lab check[/]")
+
+
+@lab_app.command("check")
+def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output.table) -> None:
+    """The connectivity matrix: every container to every other, IPv6 (and IPv4 where dual-stack)."""
+    from tabby.lab import lab as L
+
+    try:
+        lab = L.load()
+    except OSError:
+        fail("no lab is up (tabby lab up)")
+    fams = ("v6",) if lab.topo.ipv6_only else ("v6", "v4")
+    rows = lab.matrix(fams)
+    if output is Output.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        names = [w.name for w in lab.topo.workloads]
+        for fam in fams:
+            t = Table(title=f"ping over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
+            t.add_column("from \\ to")
+            for n in names:
+                t.add_column(n)
+            for src in names:
+                cells = []
+                for dst in names:
+                    hit = [r for r in rows if r["src"] == src and r["dst"] == dst and r["family"] == fam]
+                    cells.append("-" if src == dst else ("[green]ok[/]" if hit and all(r["ok"] for r in hit)
+                                                         else "[red]FAIL[/]"))
+                t.add_row(src, *cells)
+            out.print(t)
+    if not all(r["ok"] for r in rows):
+        raise typer.Exit(1)
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Remove every lab namespace, link, process and file (also after a crash)."""
+    from tabby.lab import lab as L
+
+    gone = L.down()
+    out.print(f"removed {len(gone)} namespaces" + (f": {' '.join(gone)}" if gone else ""), highlight=False)
 
 
 ipam_app = typer.Typer(help="IP address management: blocks, handles, leaks.", no_args_is_help=True)

@@ -50,12 +50,14 @@ class ResourceSyncer:
         exclude: tuple[str, ...] = (STATUS_PREFIX, IPAM_PREFIX),
         on_corrupt: Callable[[str, str], None] | None = None,
         retry_s: float = 1.0,
+        decoder: Callable[[str, bytes], Any] = decode,
     ) -> None:
         self.store = store
         self.prefix = prefix
         self.exclude = exclude
         self.on_corrupt = on_corrupt
         self.retry_s = retry_s
+        self.decoder = decoder
         self.known: dict[str, Any] = {}
         self.revision = 0
         self._stop = threading.Event()
@@ -71,7 +73,7 @@ class ResourceSyncer:
 
     def _decode(self, key: str, value: bytes) -> Any | None:
         try:
-            return decode(key, value)
+            return self.decoder(key, value)
         except ValueError as e:
             log.error("skipping corrupt record %s (keeping its last good version, if any): %s", key, e)
             if self.on_corrupt is not None:

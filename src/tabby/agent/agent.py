@@ -22,29 +22,56 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
 from tabby.agent.health import HealthServer, Metrics
 from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
+from tabby.dataplane.bird import BirdError, BirdReconciler
+from tabby.dataplane.bird_config import BirdInputs, render
 from tabby.dataplane.links import LinkIndex, SysctlReconciler, set_host_sysctls
 from tabby.dataplane.routes import RoutesReconciler
-from tabby.model.keys import kind_prefix, parse_key
+from tabby.model import decode
+from tabby.model.ipam import Affinity
+from tabby.model.keys import (
+    IPAM_AFFINITIES_PREFIX,
+    IPAM_BLOCKS_PREFIX,
+    IPAM_GC_KEY,
+    IPAM_HANDLES_PREFIX,
+    PREFIX,
+    STATUS_PREFIX,
+    bgp_status_key,
+    parse_key,
+)
 from tabby.store import Store
 from tabby.syncer import InSync, ResourceSyncer, Update
 
 log = logging.getLogger(__name__)
 
 RETRY_S = 2.0  # how soon a failed kernel write is tried again
+BGP_CHECK_S = 5.0  # how often bird's liveness and sessions are checked
+
+
+def decode_record(key: str, value: bytes) -> Any:
+    """Resources, and the one IPAM record the agent needs: this fabric's block affinities."""
+    if key.startswith(IPAM_AFFINITIES_PREFIX):
+        try:
+            return Affinity.model_validate_json(value)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    return decode(key, value)
 
 
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
-                 metrics_port: int | None = 9091, status_ttl_s: float = 30.0) -> None:
+                 metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
+                 run_dir: Path | None = None) -> None:
         self.store = store
         self.host = host
         self.resync_s = resync_s
@@ -56,7 +83,13 @@ class Agent:
         self.sysctls = SysctlReconciler(self.links)
         self.status = StatusWriter(store, host, ttl_s=status_ttl_s)
         self.metrics = Metrics()
-        self.syncer = ResourceSyncer(store, kind_prefix("Endpoint"), on_corrupt=self._corrupt)
+        self.syncer = ResourceSyncer(
+            store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record,
+            exclude=(STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
+        self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
+        self.bird = BirdReconciler(run_dir or Path("/run/tabby") / host) if bgp else None
+        self.bgp_dirty = True
+        self.next_bgp_check = 0.0
         self.monitor = nl.Monitor()
         self.in_sync = False
         self.stopping = threading.Event()
@@ -145,7 +178,8 @@ class Agent:
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
-                deadline = min(next_resync, retry_at or next_resync)
+                deadline = min(next_resync, retry_at or next_resync,
+                               self.next_bgp_check if self.bird is not None and self.in_sync else next_resync)
                 items = []
                 try:
                     items.append(self.q.get(timeout=max(0.0, deadline - now)))
@@ -167,8 +201,47 @@ class Agent:
                     retry_at = None
                 if self.in_sync and not self._apply():
                     retry_at = time.monotonic() + RETRY_S
+                if self.in_sync and self.bird is not None:
+                    self._bgp(now)
         finally:
             self.stopping.set()
+
+    def bird_inputs(self) -> BirdInputs | None:
+        """What bird needs from the Store; None while this host has no Host record (no BGP yet)."""
+        hosts = [r for k, r in self.fabric.items() if getattr(r, "kind", None) == "Host"]
+        me = next((h for h in hosts if h.metadata.name == self.host), None)
+        if me is None:
+            return None
+        kinds: dict[str, list[Any]] = {}
+        for r in self.fabric.values():
+            kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
+        cfg = {r.metadata.name: r.spec for r in kinds.get("Config", [])}
+        mesh = True
+        for name in ("global", f"host.{self.host}"):
+            if name in cfg and cfg[name].node_to_node_mesh is not None:
+                mesh = cfg[name].node_to_node_mesh
+        blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == self.host and a.state == "confirmed")
+        return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
+                          pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=mesh)
+
+    def _bgp(self, now: float) -> None:
+        assert self.bird is not None
+        if not self.bgp_dirty and now < self.next_bgp_check:
+            return
+        self.bgp_dirty = False
+        self.next_bgp_check = now + BGP_CHECK_S
+        inputs = self.bird_inputs()
+        if inputs is None:
+            return
+        try:
+            self.bird.set_config(render(inputs))
+            self.bird.apply()
+        except (BirdError, OSError, subprocess.TimeoutExpired) as e:
+            log.error("BIRD: %s", e)
+            self.bird.last_error = str(e)
+        self.status.set_doc(bgp_status_key(self.host), {
+            "host": self.host, "sessions": self.bird.sessions() if self.bird.pid() else [],
+            "error": self.bird.last_error, "at": time.time()})
 
     def _jitter(self) -> float:
         return self.resync_s * random.uniform(0.9, 1.1)
@@ -188,6 +261,11 @@ class Agent:
             self.metrics.store_events.inc()
             parsed = parse_key(item.key)
             if parsed is None or parsed[0] != "Endpoint":
+                if item.resource is None:
+                    self.fabric.pop(item.key, None)
+                else:
+                    self.fabric[item.key] = item.resource
+                self.bgp_dirty = True
                 return
             name = parsed[1]
             was_local = name in self.index.plans

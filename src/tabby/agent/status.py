@@ -28,6 +28,7 @@ class StatusWriter:
         self.ttl_s = ttl_s
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._written: dict[str, dict[str, Any]] = {}
+        self._docs: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
         self._stop = False
         self.host_info: dict[str, Any] = {}
@@ -51,6 +52,12 @@ class StatusWriter:
             self._pending[endpoint] = status
             self._cond.notify()
 
+    def set_doc(self, key: str, doc: dict[str, Any]) -> None:
+        """Any other record this host owns (BGP session status), written as it is."""
+        with self._cond:
+            self._docs[key] = doc
+            self._cond.notify()
+
     def current(self, endpoint: str) -> dict[str, Any] | None:
         with self._cond:
             if endpoint in self._pending:
@@ -67,6 +74,7 @@ class StatusWriter:
                 if not self._pending and timeout > 0:
                     self._cond.wait(timeout)
                 batch, self._pending = self._pending, {}
+                docs, self._docs = self._docs, {}
             failed: dict[str, dict[str, Any] | None] = {}
             for name, status in batch.items():
                 try:
@@ -81,6 +89,11 @@ class StatusWriter:
                 except StoreError as e:
                     failed[name] = status
                     log.warning("status of %s not written (%s); will retry", name, e)
+            for key, doc in docs.items():
+                try:
+                    self.store.put(key, json.dumps(doc).encode())
+                except StoreError as e:
+                    log.warning("%s not written: %s", key, e)
             if time.monotonic() >= next_beat:
                 try:
                     now = time.time()

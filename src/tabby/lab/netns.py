@@ -42,16 +42,20 @@ def netns_exists(name: str) -> bool:
 
 def sweep(prefix: str) -> list[str]:
     """Remove every namespace whose name starts with prefix (crash leftovers)."""
-    gone = []
-    if NETNS_DIR.exists():
-        for entry in NETNS_DIR.iterdir():
-            if entry.name.startswith(prefix):
-                pids = subprocess.run(["ip", "netns", "pids", entry.name], capture_output=True, text=True).stdout
-                for pid in pids.split():
-                    kill_pid(int(pid))
-                del_netns(entry.name)
-                gone.append(entry.name)
-    return gone
+    names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)) if NETNS_DIR.exists() else []
+    pids = {int(p) for n in names for p in
+            subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()}
+    for pid in pids:
+        kill_pid(pid)
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline:
+        pids = {p for p in pids if Path(f"/proc/{p}").exists()}
+        time.sleep(0.05)
+    for pid in pids:
+        kill_pid(pid, signal.SIGKILL)
+    for n in names:
+        del_netns(n)
+    return names
 
 
 def add_veth(ns: str, name: str, peer: str, peer_ns: str | None = None, *, mac: str | None = None,

@@ -1,0 +1,147 @@
+"""Runs and reconfigures this host's BIRD 2, and reads its sessions back.
+
+The agent hands over the rendered config text; apply writes it (atomically, only when the
+text changed) and asks the running bird to re-read it with ``birdc configure``. bird is started
+detached, in its own session, with its pid in the run directory, so an agent restart adopts the
+running bird instead of restarting it: the BGP sessions, and so the peers' routes, survive an
+agent upgrade. If bird dies, the next apply starts it again with ``-R`` (graceful-restart
+recovery), and the peers, which kept its routes as stale meanwhile, get them refreshed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class BirdError(Exception):
+    def __init__(self, argv: list[str], code: int, output: str) -> None:
+        super().__init__(f"{' '.join(argv)}: exit {code}: {output.strip()[-500:]}")
+        self.argv, self.code, self.output = argv, code, output
+
+
+class BirdReconciler:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.conf = run_dir / "bird.conf"
+        self.sock = run_dir / "bird.ctl"
+        self.pidfile = run_dir / "bird.pid"
+        self.log = run_dir / "bird.log"
+        self.desired: str | None = None
+        self.last_error: str | None = None
+        self.starts = 0
+
+    def set_config(self, text: str | None) -> None:
+        self.desired = text
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if Path(f"/proc/{pid}").exists() else []
+        return pid if any(str(self.conf).encode() == part for part in cmdline) else None
+
+    def birdc(self, *args: str, timeout: float = 10.0) -> str:
+        argv = [shutil.which("birdc") or "birdc", "-s", str(self.sock), *args]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise BirdError(argv, r.returncode, r.stdout + r.stderr)
+        return r.stdout
+
+    def _check(self, path: Path) -> None:
+        argv = [shutil.which("bird") or "bird", "-p", "-c", str(path)]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            raise BirdError(argv, r.returncode, r.stdout + r.stderr)
+
+    def apply(self) -> bool:
+        """Make bird run the desired config. Returns True if anything was done."""
+        if self.desired is None:
+            return False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        current = self.conf.read_text() if self.conf.exists() else None
+        changed = current != self.desired
+        if changed:
+            tmp = self.conf.with_suffix(".new")
+            tmp.write_text(self.desired)
+            try:
+                self._check(tmp)
+            except BirdError as e:
+                self.last_error = str(e)
+                log.error("rendered BIRD config rejected, keeping the running one: %s", e)
+                return False
+            os.replace(tmp, self.conf)
+        pid = self.pid()
+        if pid is None:
+            self._start(recovering=self.starts > 0 or current is not None)
+            return True
+        if changed:
+            out = self.birdc("configure")
+            if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+                self.last_error = out.strip()
+                log.error("birdc configure: %s", out.strip())
+                return False
+            log.info("BIRD reconfigured")
+        self.last_error = None
+        return changed
+
+    def _start(self, recovering: bool) -> None:
+        argv = [shutil.which("bird") or "bird", "-c", str(self.conf), "-s", str(self.sock), "-P", str(self.pidfile)]
+        if recovering:
+            argv.append("-R")  # graceful-restart recovery: wait for peers before touching the kernel
+        with open(self.log, "ab") as logf:
+            r = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, timeout=10)
+        if r.returncode != 0:
+            raise BirdError(argv, r.returncode, self.log.read_text()[-500:])
+        self.starts += 1
+        deadline = time.monotonic() + 5
+        while not self.sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        log.info("BIRD started (pid %s%s)", self.pid(), ", graceful-restart recovery" if recovering else "")
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, 15)
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """BGP sessions as bird sees them: name, peer description, state, since, routes in/out."""
+        try:
+            text = self.birdc("show", "protocols", "all")
+        except (BirdError, OSError, subprocess.TimeoutExpired) as e:
+            return [{"error": str(e)}]
+        out: list[dict[str, Any]] = []
+        cur: dict[str, Any] | None = None
+        for line in text.splitlines():
+            m = re.match(r"^(\S+)\s+BGP\s+\S+\s+(\S+)\s+(\S+ \S+|\S+)\s*(.*)$", line)
+            if m:
+                cur = {"name": m.group(1), "state": m.group(4).strip() or m.group(2), "proto_state": m.group(2),
+                       "since": m.group(3), "imported": 0, "exported": 0, "description": ""}
+                out.append(cur)
+                continue
+            if re.match(r"^\S", line):
+                cur = None
+                continue
+            if cur is None:
+                continue
+            d = re.match(r"^\s+Description:\s+(.*)$", line)
+            if d:
+                cur["description"] = d.group(1)
+            r = re.match(r"^\s+Routes:\s+(\d+) imported, (?:\d+ filtered, )?(\d+) exported", line)
+            if r:
+                cur["imported"] += int(r.group(1))
+                cur["exported"] += int(r.group(2))
+        return out

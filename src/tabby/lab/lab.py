@@ -1,0 +1,187 @@
+"""Builds and tears down the lab described by ``topology``: namespaces, links, the Store, agents.
+
+Containers are wired here the way the CNI plugin will wire them (pair created inside the
+workload namespace, host end moved out, MAC ee:ee:ee:ee:ee:ee, DAD off), with addresses from
+tabby's IPAM and an Endpoint in the Store; the agents do the rest (routes, neighbours, BGP).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabby.client import ResourceClient
+from tabby.ipam import IPAM
+from tabby.lab import netns
+from tabby.lab.topology import (
+    FABRIC_NS,
+    HOST_LINK_LOCAL,
+    HOST_LINK_MAC,
+    PREFIX,
+    V4_GATEWAY,
+    V4_POOL,
+    V6_POOL,
+    LabHost,
+    LabWorkload,
+    Topology,
+    topology,
+)
+from tabby.model import validate
+from tabby.store import open_store
+
+LAB_DIR = Path("/var/lib/tabby/lab")
+RUN_DIR = Path("/run/tabby/lab")
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Lab:
+    topo: Topology
+    store_url: str
+    dir: Path = LAB_DIR
+
+    # -- building ------------------------------------------------------------------------
+
+    def up(self, say: Say = _quiet) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "state.json").write_text(json.dumps({
+            "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
+            "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
+        say("fabric")
+        netns.add_netns(FABRIC_NS)
+        netns.ip("link", "add", "br0", "type", "bridge", ns=FABRIC_NS)
+        netns.ip("link", "set", "br0", "up", ns=FABRIC_NS)
+        for h in self.topo.hosts:
+            say(f"host {h.name}")
+            self._host(h)
+        say("store: hosts and pools")
+        self._resources()
+        for h in self.topo.hosts:
+            say(f"agent on {h.name}")
+            self._agent(h)
+        for w in self.topo.workloads:
+            say(f"container {w.name}")
+            self._container(w)
+
+    def _host(self, h: LabHost) -> None:
+        netns.add_netns(h.ns)
+        netns.ip("link", "add", h.bridge_port, "type", "veth", "peer", "name", "eth0", ns=FABRIC_NS)
+        netns.ip("link", "set", "eth0", "netns", h.ns, ns=FABRIC_NS)
+        netns.ip("link", "set", h.bridge_port, "master", "br0", "up", ns=FABRIC_NS)
+        netns.ip("addr", "add", f"{h.v6}/64", "dev", "eth0", "nodad", ns=h.ns)
+        if h.v4:
+            netns.ip("addr", "add", f"{h.v4}/24", "dev", "eth0", ns=h.ns)
+        netns.ip("link", "set", "eth0", "up", ns=h.ns)
+
+    def _resources(self) -> None:
+        client = ResourceClient(open_store(self.store_url))
+        for h in self.topo.hosts:
+            spec: dict[str, Any] = {"ipv6_address": h.v6}
+            if h.v4:
+                spec["ipv4_address"] = h.v4
+            client.apply(validate({"kind": "Host", "metadata": {"name": h.name}, "spec": spec}))
+        client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v6"}, "spec": {"cidr": V6_POOL}}))
+        if not self.topo.ipv6_only:
+            client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v4"}, "spec": {"cidr": V4_POOL}}))
+
+    def _agent(self, h: LabHost) -> None:
+        log = self.dir / f"agent-{h.name}.log"
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "agent", "--host", h.name,
+                           "--metrics-port", "9091", "--run-dir", str(RUN_DIR / h.name)], log)
+
+    def _container(self, w: LabWorkload) -> None:
+        ns, host_ns = w.ns, w.host.ns
+        netns.add_netns(ns)
+        # created inside the workload: addresses set before a namespace move are lost (TRIALS.md)
+        netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", w.host_iface, ns=ns)
+        netns.ip("link", "set", w.host_iface, "netns", host_ns, ns=ns)
+        netns.nsexec(host_ns, ["sysctl", "-qw", f"net.ipv6.conf.{w.host_iface}.accept_dad=0"])
+        netns.ip("link", "set", w.host_iface, "address", HOST_LINK_MAC, "up", ns=host_ns)
+        netns.nsexec(ns, ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"])
+        netns.ip("link", "set", "eth0", "up", ns=ns)
+        ipam = IPAM(open_store(self.store_url))
+        got = ipam.assign(w.handle, w.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=w.name)
+        v6 = [str(a.ip) for a in got if a.ip.version == 6]
+        v4 = [str(a.ip) for a in got if a.ip.version == 4]
+        for a in v6:
+            netns.ip("addr", "add", f"{a}/128", "dev", "eth0", "nodad", ns=ns)
+        netns.ip("-6", "route", "add", "default", "via", HOST_LINK_LOCAL, "dev", "eth0", ns=ns)
+        for a in v4:
+            netns.ip("addr", "add", f"{a}/32", "dev", "eth0", ns=ns)
+        if v4:
+            # a permanent entry for the gateway, as Calico's CNI does: proxy ARP only answers for an
+            # address the host routes elsewhere, and a host need not route 169.254.1.1 anywhere
+            netns.ip("neigh", "add", V4_GATEWAY, "lladdr", HOST_LINK_MAC, "dev", "eth0", "nud", "permanent", ns=ns)
+            netns.ip("route", "add", V4_GATEWAY, "dev", "eth0", "scope", "link", ns=ns)
+            netns.ip("route", "add", "default", "via", V4_GATEWAY, "dev", "eth0", ns=ns)
+        mac = json.loads(netns.ip("-j", "link", "show", "eth0", ns=ns))[0]["address"]
+        ResourceClient(open_store(self.store_url)).apply(validate({
+            "kind": "Endpoint", "metadata": {"name": w.name, "labels": {"lab": "container"}},
+            "spec": {"host": w.host.name, "orchestrator": "container", "workload_id": w.handle,
+                     "interface": w.host_iface, "mac": mac, "ipv6_addresses": v6, "ipv4_addresses": v4}}))
+
+    # -- looking -------------------------------------------------------------------------
+
+    def addresses(self) -> dict[str, dict[str, list[str]]]:
+        out: dict[str, dict[str, list[str]]] = {}
+        for w in self.topo.workloads:
+            addrs = json.loads(netns.ip("-j", "addr", "show", "dev", "eth0", ns=w.ns))[0]["addr_info"]
+            out[w.name] = {"v6": [a["local"] for a in addrs if a["family"] == "inet6" and a["scope"] == "global"],
+                           "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
+        return out
+
+    def matrix(self, families: tuple[str, ...] = ("v6", "v4")) -> list[dict[str, Any]]:
+        """Ping every workload from every other, per family, in parallel per source."""
+        addrs = self.addresses()
+        rows = []
+        for src in self.topo.workloads:
+            procs = []
+            for dst in self.topo.workloads:
+                if dst is src:
+                    continue
+                for fam in families:
+                    for a in addrs[dst.name][fam]:
+                        argv = ["ip", "netns", "exec", src.ns, "ping", "-6" if fam == "v6" else "-4", "-c", "2",
+                                "-i", "0.2", "-W", "1", a]
+                        procs.append((dst.name, fam, a, subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                                                         stderr=subprocess.STDOUT, text=True)))
+            for dst_name, fam, a, p in procs:
+                out, _ = p.communicate(timeout=30)
+                rows.append({"src": src.name, "dst": dst_name, "family": fam, "address": a,
+                             "ok": p.returncode == 0, "detail": out.strip().splitlines()[-1] if out else ""})
+        return rows
+
+
+def load(dir: Path = LAB_DIR) -> Lab:
+    state = json.loads((dir / "state.json").read_text())
+    topo = topology(state["hosts"], state["containers"], state["ipv6_only"])
+    return Lab(topo, state["store"], dir)
+
+
+def down(dir: Path = LAB_DIR) -> list[str]:
+    """Remove every lab namespace (ending the processes inside, by pid), and the lab's files."""
+    gone = netns.sweep(PREFIX + "-")
+    for d in (dir, RUN_DIR):
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return cond()

@@ -1,0 +1,90 @@
+"""The lab's topology as plain data, and its naming scheme, written down in one place.
+
+    tbl-fab            the fabric: a bridge br0 joining every host (a top-of-rack switch)
+    tbl-h<N>           host N: eth0 on the fabric, fd00:f::N/64 (and 10.255.0.N/24 unless IPv6-only);
+                       runs the tabby agent and BIRD
+    tbl-h<N>-c<M>      container M on host N: eth0 with a /128 (and /32), default route via the
+                       host end's link-local; the host end is named tbc<N>x<M>
+Pools: fd00:e::/112 (IPv6, /122 blocks) and 10.65.0.0/16 (IPv4, /26 blocks, unless IPv6-only).
+Every name starts with ``tbl`` so that ``tabby lab down`` can find leftovers after a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PREFIX = "tbl"
+FABRIC_NS = f"{PREFIX}-fab"
+V6_FABRIC = "fd00:f::/64"
+V4_FABRIC = "10.255.0.0/24"
+V6_POOL = "fd00:e::/112"
+V4_POOL = "10.65.0.0/16"
+HOST_LINK_MAC = "ee:ee:ee:ee:ee:ee"
+HOST_LINK_LOCAL = "fe80::ecee:eeff:feee:eeee"  # what that MAC gives, so the route is known up front
+V4_GATEWAY = "169.254.1.1"  # owned by nobody: the host end answers for it by proxy ARP
+
+
+@dataclass(frozen=True)
+class LabHost:
+    index: int
+    ipv6_only: bool
+
+    @property
+    def name(self) -> str:
+        return f"h{self.index}"
+
+    @property
+    def ns(self) -> str:
+        return f"{PREFIX}-{self.name}"
+
+    @property
+    def v6(self) -> str:
+        return f"fd00:f::{self.index}"
+
+    @property
+    def v4(self) -> str | None:
+        return None if self.ipv6_only else f"10.255.0.{self.index}"
+
+    @property
+    def bridge_port(self) -> str:
+        return f"{PREFIX}p{self.index}"
+
+
+@dataclass(frozen=True)
+class LabWorkload:
+    host: LabHost
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.host.name}-c{self.index}"
+
+    @property
+    def ns(self) -> str:
+        return f"{PREFIX}-{self.name}"
+
+    @property
+    def host_iface(self) -> str:
+        return f"tbc{self.host.index}x{self.index}"  # at most 15 characters for any sane lab
+
+    @property
+    def handle(self) -> str:
+        return f"lab.{self.name}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    hosts: tuple[LabHost, ...]
+    workloads: tuple[LabWorkload, ...]
+    ipv6_only: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def topology(hosts: int, containers: int, ipv6_only: bool = False) -> Topology:
+    if not 1 <= hosts <= 200:
+        raise ValueError("--hosts must be 1..200")
+    if not 0 <= containers <= 50:
+        raise ValueError("--containers must be 0..50 per host")
+    hs = tuple(LabHost(i, ipv6_only) for i in range(1, hosts + 1))
+    ws = tuple(LabWorkload(h, j) for h in hs for j in range(1, containers + 1))
+    return Topology(hs, ws, ipv6_only)
