@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# The main command: installs what is missing, then runs the demo. Until the lab lands this is
-# the CLI quickstart on the embedded SQLite store: resources in, validated, listed, rejected.
+# The main command: installs what is missing, then builds the 3-host lab (hosts as network
+# namespaces on a fabric, each with the tabby agent and BIRD; two containers per host) on the
+# embedded SQLite store and prints the connectivity matrix. Extra arguments go to `tabby lab up`
+# (e.g. --ipv6-only). The lab stays up to explore; `.venv/bin/tabby lab down` removes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-work=$(mktemp -d /tmp/tabby-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-export TABBY_STORE="sqlite://$work/tabby.db"
-tabby() { .venv/bin/tabby "$@"; }
-echo "== tabby apply -f examples/quickstart.yaml   (store: $TABBY_STORE)"
-tabby apply -f examples/quickstart.yaml
-for kind in hosts ippools endpoints policies bgppeers; do
-  echo; echo "== tabby get $kind"; tabby get "$kind"
-done
-echo; echo "== a bad endpoint is refused, naming the field, and nothing is written:"
-if tabby apply -f examples/bad-endpoint.yaml; then echo "UNEXPECTED: accepted"; exit 1; fi
-echo; echo "demo finished"
+.venv/bin/tabby lab up "$@"
+.venv/bin/tabby lab check
+echo
+echo "explore: ip netns list; .venv/bin/tabby --store sqlite:///var/lib/tabby/lab/tbl/store.db status"
+echo "remove:  .venv/bin/tabby lab down"

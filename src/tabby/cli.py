@@ -245,9 +245,50 @@ def status(
     out.print(t)
 
 
+bgp_app = typer.Typer(help="BGP sessions as each host's BIRD reports them.", no_args_is_help=True)
+app.add_typer(bgp_app, name="bgp")
+
+
+@bgp_app.command("status")
+def bgp_status(
+    host: Annotated[str | None, typer.Option(help="only this host")] = None,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """Sessions, state, since when, prefixes in and out, for every host (from the Store)."""
+    from tabby.model.keys import STATUS_PREFIX
+
+    try:
+        kvs, _ = STATE.client().store.list(STATUS_PREFIX + "bgp/")
+    except StoreError as e:
+        fail(str(e))
+    docs = []
+    for kv in kvs:
+        try:
+            d = json.loads(kv.value)
+        except ValueError:
+            continue
+        if host is None or d.get("host") == host:
+            docs.append(d)
+    if output is not Output.table:
+        print(json.dumps(docs, indent=2) if output is Output.json else yaml.safe_dump(docs, sort_keys=False), end="")
+        return
+    t = Table(box=None, header_style="bold")
+    for col in ("HOST", "PEER", "STATE", "SINCE", "IN", "OUT"):
+        t.add_column(col)
+    for d in docs:
+        if d.get("error"):
+            t.add_row(d["host"], "-", f"[red]{d['error']}[/]", "", "", "")
+        for sess in d.get("sessions", []):
+            st = sess.get("state", sess.get("error", "?"))
+            c = "green" if st == "Established" else "red"
+            t.add_row(d["host"], sess.get("description") or sess.get("name", "?"), f"[{c}]{st}[/]",
+                      sess.get("since", ""), str(sess.get("imported", "")), str(sess.get("exported", "")))
+    out.print(t)
+
+
 lab_app = typer.Typer(help="A many-host tabby fabric on this machine, in network namespaces.", no_args_is_help=True)
 app.add_typer(lab_app, name="lab")
-LAB_STORE = "sqlite:///var/lib/tabby/lab/store.db"
+PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespaces (several labs can coexist)")]
 
 
 @lab_app.command("up")
@@ -256,6 +297,7 @@ def lab_up(
     containers: Annotated[int, typer.Option(help="containers per host")] = 2,
     ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
     wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
+    prefix: PrefixOpt = "tbl",
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -264,35 +306,36 @@ def lab_up(
     from tabby.lab.topology import topology
 
     try:
-        topo = topology(hosts, containers, ipv6_only)
+        topo = topology(hosts, containers, ipv6_only, prefix)
     except ValueError as e:
         fail(str(e))
-    L.down()
-    lab = L.Lab(topo, LAB_STORE)
+    L.down(prefix)
+    lab = L.Lab(topo, L.default_store(prefix))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
         task = progress.add_task("building", total=None)
         try:
             lab.up(lambda step: progress.update(task, description=f"building: {step}"))
         except Exception as e:
             progress.stop()
-            L.down()
+            L.down(prefix)
             fail(f"lab up failed, everything removed again: {e}")
         progress.update(task, description="waiting for BGP to spread every route")
         fams = ("v6",) if ipv6_only else ("v6", "v4")
         ok = L.wait_until(lambda: all(r["ok"] for r in lab.matrix(fams)), wait_s) if topo.workloads else True
     out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, "
-              f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {LAB_STORE}", highlight=False)
+              f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {lab.store_url}", highlight=False)
     if not ok:
         err.print("[yellow]not every pair connects yet; see tabby lab check[/]")
 
 
 @lab_app.command("check")
-def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output.table) -> None:
+def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+              prefix: PrefixOpt = "tbl") -> None:
     """The connectivity matrix: every container to every other, IPv6 (and IPv4 where dual-stack)."""
     from tabby.lab import lab as L
 
     try:
-        lab = L.load()
+        lab = L.load(prefix)
     except OSError:
         fail("no lab is up (tabby lab up)")
     fams = ("v6",) if lab.topo.ipv6_only else ("v6", "v4")
@@ -319,11 +362,11 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
 
 
 @lab_app.command("down")
-def lab_down() -> None:
+def lab_down(prefix: PrefixOpt = "tbl") -> None:
     """Remove every lab namespace, link, process and file (also after a crash)."""
     from tabby.lab import lab as L
 
-    gone = L.down()
+    gone = L.down(prefix)
     out.print(f"removed {len(gone)} namespaces" + (f": {' '.join(gone)}" if gone else ""), highlight=False)
 
 

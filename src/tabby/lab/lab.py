@@ -21,7 +21,6 @@ from tabby.client import ResourceClient
 from tabby.ipam import IPAM
 from tabby.lab import netns
 from tabby.lab.topology import (
-    FABRIC_NS,
     HOST_LINK_LOCAL,
     HOST_LINK_MAC,
     PREFIX,
@@ -36,8 +35,16 @@ from tabby.lab.topology import (
 from tabby.model import validate
 from tabby.store import open_store
 
-LAB_DIR = Path("/var/lib/tabby/lab")
-RUN_DIR = Path("/run/tabby/lab")
+LAB_ROOT = Path("/var/lib/tabby/lab")  # one directory per lab prefix: state, store, agent logs
+RUN_ROOT = Path("/run/tabby/lab")  # one directory per lab prefix: BIRD's config and socket per host
+
+
+def lab_dir(prefix: str = PREFIX) -> Path:
+    return LAB_ROOT / prefix
+
+
+def default_store(prefix: str = PREFIX) -> str:
+    return f"sqlite://{lab_dir(prefix)}/store.db"
 
 Say = Callable[[str], None]
 
@@ -50,7 +57,14 @@ def _quiet(_: str) -> None:
 class Lab:
     topo: Topology
     store_url: str
-    dir: Path = LAB_DIR
+
+    @property
+    def dir(self) -> Path:
+        return lab_dir(self.topo.prefix)
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_ROOT / self.topo.prefix
 
     # -- building ------------------------------------------------------------------------
 
@@ -58,11 +72,13 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "state.json").write_text(json.dumps({
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
+            "prefix": self.topo.prefix,
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
         say("fabric")
-        netns.add_netns(FABRIC_NS)
-        netns.ip("link", "add", "br0", "type", "bridge", ns=FABRIC_NS)
-        netns.ip("link", "set", "br0", "up", ns=FABRIC_NS)
+        fab = self.topo.fabric_ns
+        netns.add_netns(fab)
+        netns.ip("link", "add", "br0", "type", "bridge", ns=fab)
+        netns.ip("link", "set", "br0", "up", ns=fab)
         for h in self.topo.hosts:
             say(f"host {h.name}")
             self._host(h)
@@ -76,10 +92,11 @@ class Lab:
             self._container(w)
 
     def _host(self, h: LabHost) -> None:
+        fab = self.topo.fabric_ns
         netns.add_netns(h.ns)
-        netns.ip("link", "add", h.bridge_port, "type", "veth", "peer", "name", "eth0", ns=FABRIC_NS)
-        netns.ip("link", "set", "eth0", "netns", h.ns, ns=FABRIC_NS)
-        netns.ip("link", "set", h.bridge_port, "master", "br0", "up", ns=FABRIC_NS)
+        netns.ip("link", "add", h.bridge_port, "type", "veth", "peer", "name", "eth0", ns=fab)
+        netns.ip("link", "set", "eth0", "netns", h.ns, ns=fab)
+        netns.ip("link", "set", h.bridge_port, "master", "br0", "up", ns=fab)
         netns.ip("addr", "add", f"{h.v6}/64", "dev", "eth0", "nodad", ns=h.ns)
         if h.v4:
             netns.ip("addr", "add", f"{h.v4}/24", "dev", "eth0", ns=h.ns)
@@ -99,7 +116,7 @@ class Lab:
     def _agent(self, h: LabHost) -> None:
         log = self.dir / f"agent-{h.name}.log"
         netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "agent", "--host", h.name,
-                           "--metrics-port", "9091", "--run-dir", str(RUN_DIR / h.name)], log)
+                           "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
 
     def _container(self, w: LabWorkload) -> None:
         ns, host_ns = w.ns, w.host.ns
@@ -164,16 +181,16 @@ class Lab:
         return rows
 
 
-def load(dir: Path = LAB_DIR) -> Lab:
-    state = json.loads((dir / "state.json").read_text())
-    topo = topology(state["hosts"], state["containers"], state["ipv6_only"])
-    return Lab(topo, state["store"], dir)
+def load(prefix: str = PREFIX) -> Lab:
+    state = json.loads((lab_dir(prefix) / "state.json").read_text())
+    topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix))
+    return Lab(topo, state["store"])
 
 
-def down(dir: Path = LAB_DIR) -> list[str]:
-    """Remove every lab namespace (ending the processes inside, by pid), and the lab's files."""
-    gone = netns.sweep(PREFIX + "-")
-    for d in (dir, RUN_DIR):
+def down(prefix: str = PREFIX) -> list[str]:
+    """Remove every namespace of this lab (ending the processes inside, by pid), and its files."""
+    gone = netns.sweep(prefix + "-")
+    for d in (lab_dir(prefix), RUN_ROOT / prefix):
         shutil.rmtree(d, ignore_errors=True)
     return gone
 

@@ -11,10 +11,10 @@ Every name starts with ``tbl`` so that ``tabby lab down`` can find leftovers aft
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-PREFIX = "tbl"
-FABRIC_NS = f"{PREFIX}-fab"
+PREFIX = "tbl"  # the default; tests pass their own so that labs never collide
 V6_FABRIC = "fd00:f::/64"
 V4_FABRIC = "10.255.0.0/24"
 V6_POOL = "fd00:e::/112"
@@ -28,6 +28,7 @@ V4_GATEWAY = "169.254.1.1"  # owned by nobody: the host end answers for it by pr
 class LabHost:
     index: int
     ipv6_only: bool
+    prefix: str = PREFIX
 
     @property
     def name(self) -> str:
@@ -35,7 +36,7 @@ class LabHost:
 
     @property
     def ns(self) -> str:
-        return f"{PREFIX}-{self.name}"
+        return f"{self.prefix}-{self.name}"
 
     @property
     def v6(self) -> str:
@@ -47,7 +48,7 @@ class LabHost:
 
     @property
     def bridge_port(self) -> str:
-        return f"{PREFIX}p{self.index}"
+        return f"{self.prefix}p{self.index}"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class LabWorkload:
 
     @property
     def ns(self) -> str:
-        return f"{PREFIX}-{self.name}"
+        return f"{self.host.prefix}-{self.name}"
 
     @property
     def host_iface(self) -> str:
@@ -77,14 +78,21 @@ class Topology:
     hosts: tuple[LabHost, ...]
     workloads: tuple[LabWorkload, ...]
     ipv6_only: bool = False
+    prefix: str = PREFIX
     extra: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def fabric_ns(self) -> str:
+        return f"{self.prefix}-fab"
 
-def topology(hosts: int, containers: int, ipv6_only: bool = False) -> Topology:
+
+def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX) -> Topology:
     if not 1 <= hosts <= 200:
         raise ValueError("--hosts must be 1..200")
     if not 0 <= containers <= 50:
         raise ValueError("--containers must be 0..50 per host")
-    hs = tuple(LabHost(i, ipv6_only) for i in range(1, hosts + 1))
+    if not re.fullmatch(r"[a-z][a-z0-9]{1,7}", prefix):
+        raise ValueError("lab prefix: 2..8 lower-case letters and digits, starting with a letter")
+    hs = tuple(LabHost(i, ipv6_only, prefix) for i in range(1, hosts + 1))
     ws = tuple(LabWorkload(h, j) for h in hs for j in range(1, containers + 1))
-    return Topology(hs, ws, ipv6_only)
+    return Topology(hs, ws, ipv6_only, prefix)
