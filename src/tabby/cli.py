@@ -297,6 +297,7 @@ def lab_up(
     containers: Annotated[int, typer.Option(help="containers per host")] = 2,
     ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
     wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
+    route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
     prefix: PrefixOpt = "tbl",
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
@@ -306,7 +307,7 @@ def lab_up(
     from tabby.lab.topology import topology
 
     try:
-        topo = topology(hosts, containers, ipv6_only, prefix)
+        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else ())
     except ValueError as e:
         fail(str(e))
     L.down(prefix)

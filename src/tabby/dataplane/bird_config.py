@@ -109,7 +109,10 @@ def render(inp: BirdInputs) -> str:
             lines.append("  multihop;")
         if rr_client:
             lines.append(f"  rr client; rr cluster id {spec.route_reflector_cluster_id};")
-        lines += [f"  ipv{family} {{ import filter bgp_in{family}; export filter {export}{family}; next hop self;"
+        # a reflector passes its clients' next hops on unchanged (else every path bends through it);
+        # everywhere else the next hop is this host's fabric address
+        nh = "next hop self ebgp;" if export == "rr_out" else "next hop self;"
+        lines += [f"  ipv{family} {{ import filter bgp_in{family}; export filter {export}{family}; {nh}"
                   + (" gateway direct;" if direct else "") + " };",
                   "}"]
         return lines

@@ -72,7 +72,7 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "state.json").write_text(json.dumps({
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
-            "prefix": self.topo.prefix,
+            "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors),
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
         say("fabric")
         fab = self.topo.fabric_ns
@@ -106,6 +106,8 @@ class Lab:
         client = ResourceClient(open_store(self.store_url))
         for h in self.topo.hosts:
             spec: dict[str, Any] = {"ipv6_address": h.v6}
+            if h.index in self.topo.route_reflectors:
+                spec["route_reflector_cluster_id"] = "10.255.255.1"  # 32 bits; no IPv4 needed on the fabric
             if h.v4:
                 spec["ipv4_address"] = h.v4
             client.apply(validate({"kind": "Host", "metadata": {"name": h.name}, "spec": spec}))
@@ -183,7 +185,8 @@ class Lab:
 
 def load(prefix: str = PREFIX) -> Lab:
     state = json.loads((lab_dir(prefix) / "state.json").read_text())
-    topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix))
+    topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix),
+                    tuple(state.get("route_reflectors", ())))
     return Lab(topo, state["store"])
 
 

@@ -79,6 +79,7 @@ class Topology:
     workloads: tuple[LabWorkload, ...]
     ipv6_only: bool = False
     prefix: str = PREFIX
+    route_reflectors: tuple[int, ...] = ()  # host indexes that reflect; empty: full mesh
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -86,7 +87,8 @@ class Topology:
         return f"{self.prefix}-fab"
 
 
-def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX) -> Topology:
+def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX,
+             route_reflectors: tuple[int, ...] = ()) -> Topology:
     if not 1 <= hosts <= 200:
         raise ValueError("--hosts must be 1..200")
     if not 0 <= containers <= 50:
@@ -95,4 +97,6 @@ def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str =
         raise ValueError("lab prefix: 2..8 lower-case letters and digits, starting with a letter")
     hs = tuple(LabHost(i, ipv6_only, prefix) for i in range(1, hosts + 1))
     ws = tuple(LabWorkload(h, j) for h in hs for j in range(1, containers + 1))
-    return Topology(hs, ws, ipv6_only, prefix)
+    if any(not 1 <= i <= hosts for i in route_reflectors):
+        raise ValueError("route reflectors must be host indexes 1..hosts")
+    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors))

@@ -1,0 +1,44 @@
+"""A lab of this test's own (unique prefix), always torn down."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tabby.lab import lab as L
+from tabby.lab import netns
+from tabby.lab.topology import topology
+
+
+@contextmanager
+def lab(hosts: int = 3, containers: int = 2, ipv6_only: bool = False,
+        route_reflectors: tuple[int, ...] = ()) -> Iterator[L.Lab]:
+    prefix = "t" + uuid.uuid4().hex[:5]
+    topo = topology(hosts, containers, ipv6_only, prefix, route_reflectors)
+    the_lab = L.Lab(topo, L.default_store(prefix))
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        for h in topo.hosts:
+            log = the_lab.dir / f"agent-{h.name}.log"
+            if log.exists():
+                print(f"--- {h.name} agent log (tail)\n" + log.read_text()[-2000:])
+        L.down(prefix)
+
+
+def all_ok(the_lab: L.Lab) -> bool:
+    fams = ("v6",) if the_lab.topo.ipv6_only else ("v6", "v4")
+    return all(r["ok"] for r in the_lab.matrix(fams))
+
+
+def kernel_routes(ns: str, family: str = "-6") -> list[dict[str, object]]:
+    return json.loads(netns.ip("-j", family, "route", "show", ns=ns) or "[]")
+
+
+def birdc(the_lab: L.Lab, host: str, *args: str) -> str:
+    sock = the_lab.run_dir / host / "bird.ctl"
+    return subprocess.run(["birdc", "-s", str(sock), *args], capture_output=True, text=True).stdout

@@ -1,0 +1,156 @@
+"""Route distribution between hosts with a real BIRD in each host namespace, through the lab."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import time
+from pathlib import Path
+
+from lablib import all_ok, birdc, kernel_routes, lab
+
+from tabby.client import ResourceClient
+from tabby.lab import lab as L
+from tabby.lab import netns
+from tabby.lab.netns import wait_for
+from tabby.model import validate
+from tabby.store import open_store
+
+
+def test_dual_stack_fabric_routes_spread_and_withdraw() -> None:
+    with lab(3, 2) as the_lab:
+        assert L.wait_until(lambda: all_ok(the_lab), 60), the_lab.matrix()
+        h1, h2, h3 = the_lab.topo.hosts
+        # h1's block is on h2 and h3 as one aggregate via h1's fabric address; a blackhole at home
+        v6 = kernel_routes(h2.ns)
+        agg = [r for r in v6 if r.get("protocol") == "bird" and r.get("gateway") == h1.v6]
+        assert [r["dst"] for r in agg] == ["fd00:e::/122"]
+        assert any(r.get("type") == "blackhole" and r["dst"] == "fd00:e::/122" for r in kernel_routes(h1.ns))
+        for ns in (h2.ns, h3.ns):
+            for r in kernel_routes(ns) + kernel_routes(ns, "-4"):
+                assert r["dst"] != "default"
+                if r.get("protocol") == "bird" and r.get("type") != "blackhole":
+                    net = ipaddress.ip_network(r["dst"])
+                    pool = ipaddress.ip_network("fd00:e::/112" if net.version == 6 else "10.65.0.0/16")
+                    assert net.subnet_of(pool), r  # type: ignore[arg-type]
+
+        # an endpoint on h1 outside h1's blocks is advertised on its own, and withdrawn on delete
+        netns.add_veth(h1.ns, "tbxtra", "tbxtrap")
+        store = open_store(the_lab.store_url)
+        ep = validate({"kind": "Endpoint", "metadata": {"name": "extra"},
+                       "spec": {"host": h1.name, "orchestrator": "vm", "workload_id": "x", "interface": "tbxtra",
+                                "mac": "52:54:00:00:00:aa", "ipv6_addresses": ["fd00:e::ff00"],
+                                "ipv4_addresses": ["10.65.200.1"]}})
+        ResourceClient(store).apply(ep)
+
+        def present(ns: str) -> bool:
+            v6 = {r["dst"]: r for r in kernel_routes(ns)}
+            v4 = {r["dst"]: r for r in kernel_routes(ns, "-4")}
+            return v6.get("fd00:e::ff00", {}).get("gateway") == h1.v6 and \
+                v4.get("10.65.200.1", {}).get("gateway") == h1.v4
+
+        t0 = time.monotonic()
+        wait_for(lambda: present(h2.ns) and present(h3.ns), 10, 0.01, "route on h2 and h3")
+        print(f"advertised in {(time.monotonic() - t0) * 1000:.0f} ms")
+        ResourceClient(store).delete("Endpoint", "extra")
+        wait_for(lambda: not any(r["dst"] == "fd00:e::ff00" for ns in (h1.ns, h2.ns, h3.ns)
+                                 for r in kernel_routes(ns)), 10, 0.01, "withdrawn everywhere")
+        assert not any(r["dst"] == "10.65.200.1" for r in kernel_routes(h2.ns, "-4"))
+
+
+def test_ipv6_only_fabric_has_no_ipv4_and_works() -> None:
+    with lab(3, 2, ipv6_only=True) as the_lab:
+        assert L.wait_until(lambda: all_ok(the_lab), 60), the_lab.matrix(("v6",))
+        rids = set()
+        for h in the_lab.topo.hosts:
+            v4 = [a for a in netns.ip("-4", "-o", "addr", "show", ns=h.ns).splitlines() if " lo " not in a]
+            assert v4 == [], v4
+            assert kernel_routes(h.ns, "-4") == []
+            conf = (the_lab.run_dir / h.name / "bird.conf").read_text()
+            assert "ipv4" not in conf
+            rid = ipaddress.IPv4Address(conf.split("router id ")[1].split(";")[0])
+            assert rid not in ipaddress.ip_network("224.0.0.0/3") and int(rid) != 0
+            rids.add(rid)
+        assert len(rids) == 3
+        for w in the_lab.topo.workloads:
+            assert netns.ip("-4", "-o", "addr", "show", "dev", "eth0", ns=w.ns).strip() == ""
+
+
+def test_route_reflector_topology_of_four_hosts() -> None:
+    with lab(4, 1, ipv6_only=True, route_reflectors=(1,)) as the_lab:
+        assert L.wait_until(lambda: all_ok(the_lab), 60), the_lab.matrix(("v6",))
+        protos = birdc(the_lab, "h2", "show", "protocols")
+        sessions = [line for line in protos.splitlines() if " BGP " in line]
+        assert len(sessions) == 1 and "host_h1" in sessions[0] and "Established" in sessions[0]
+        rr = [line for line in birdc(the_lab, "h1", "show", "protocols").splitlines() if " BGP " in line]
+        assert len(rr) == 3 and all("Established" in line for line in rr)
+        # h3's block reaches h2 through the reflector, with h3 (not h1) as next hop
+        h3 = the_lab.topo.hosts[2]
+        assert any(r.get("gateway") == h3.v6 for r in kernel_routes(the_lab.topo.hosts[1].ns))
+
+
+def test_external_peer_learns_the_aggregates_and_nothing_else(tmp_path: Path) -> None:
+    with lab(2, 2) as the_lab:
+        assert L.wait_until(lambda: all_ok(the_lab), 60)
+        tor_ns = f"{the_lab.topo.prefix}-tor"
+        netns.add_netns(tor_ns)
+        netns.ip("link", "add", "torp", "type", "veth", "peer", "name", "eth0", ns=the_lab.topo.fabric_ns)
+        netns.ip("link", "set", "eth0", "netns", tor_ns, ns=the_lab.topo.fabric_ns)
+        netns.ip("link", "set", "torp", "master", "br0", "up", ns=the_lab.topo.fabric_ns)
+        netns.ip("addr", "add", "fd00:f::fe/64", "dev", "eth0", "nodad", ns=tor_ns)
+        netns.ip("link", "set", "eth0", "up", ns=tor_ns)
+        conf = tmp_path / "tor.conf"
+        conf.write_text("router id 10.255.0.254;\nprotocol device {}\n" + "".join(
+            f"protocol bgp h{h.index} {{ local fd00:f::fe as 65100; neighbor {h.v6} as 64512; "
+            "connect delay time 1; ipv6 { import all; export none; }; }\n" for h in the_lab.topo.hosts))
+        sock = tmp_path / "tor.ctl"
+        subprocess.run(["ip", "netns", "exec", tor_ns, "bird", "-c", str(conf), "-s", str(sock),
+                        "-P", str(tmp_path / "tor.pid")], check=True)
+        ResourceClient(open_store(the_lab.store_url)).apply(validate(
+            {"kind": "BGPPeer", "metadata": {"name": "tor"}, "spec": {"peer_ip": "fd00:f::fe", "asn": 65100}}))
+
+        def tor_routes() -> list[str]:
+            out = subprocess.run(["birdc", "-s", str(sock), "show", "route"], capture_output=True, text=True).stdout
+            return sorted({line.split()[0] for line in out.splitlines()
+                           if line and not line[0].isspace() and not line.startswith(("BIRD", "Table"))})
+
+        wait_for(lambda: len(tor_routes()) == 2, 20, 0.2, "tor learns both hosts' blocks")
+        assert tor_routes() == ["fd00:e::/122", "fd00:e::40/122"]  # aggregates only: no /128, no default
+        # and it learned each block from its owner only (no host re-advertised the other's)
+        out = subprocess.run(["birdc", "-s", str(sock), "show", "route", "all"], capture_output=True, text=True).stdout
+        assert out.count("BGP.as_path: 64512") == 2
+
+
+def test_bird_killed_peers_keep_routes_and_ping_survives() -> None:
+    with lab(2, 1, ipv6_only=True) as the_lab:
+        assert L.wait_until(lambda: all_ok(the_lab), 60)
+        h1, h2 = the_lab.topo.hosts
+        w1, w2 = the_lab.topo.workloads
+        target = the_lab.addresses()[w1.name]["v6"][0]
+        ping = subprocess.Popen(["ip", "netns", "exec", w2.ns, "ping", "-6", "-i", "0.1", "-c", "150", "-W", "1",
+                                 target], stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        pid = int((the_lab.run_dir / h1.name / "bird.pid").read_text())
+        netns.kill_pid(pid, 9)  # no NOTIFICATION: h2 keeps h1's routes as stale (graceful restart)
+        time.sleep(1)
+        assert any(r["dst"] == "fd00:e::/122" for r in kernel_routes(h2.ns))
+        wait_for(lambda: (the_lab.run_dir / h1.name / "bird.pid").exists() and
+                 int((the_lab.run_dir / h1.name / "bird.pid").read_text() or 0) != pid, 20, 0.2, "bird restarted")
+        out, _ = ping.communicate(timeout=60)
+        summary = [line for line in out.splitlines() if "packets transmitted" in line][0]
+        sent, received = int(summary.split()[0]), int(summary.split()[3])
+        print(summary)
+        assert sent - received <= 1
+
+
+def test_lab_down_leaves_nothing() -> None:
+    with lab(2, 1, ipv6_only=True) as the_lab:
+        assert L.wait_until(lambda: all_ok(the_lab), 60)
+        prefix = the_lab.topo.prefix
+        pids = {int(p) for h in the_lab.topo.hosts for p in
+                subprocess.run(["ip", "netns", "pids", h.ns], capture_output=True, text=True).stdout.split()}
+        assert len(pids) >= 4  # an agent and a bird per host
+        dirs = (the_lab.dir, the_lab.run_dir)
+    assert not [n for n in netns.NETNS_DIR.iterdir() if n.name.startswith(prefix + "-")]
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    assert not any(d.exists() for d in dirs)
