@@ -137,7 +137,7 @@ def test_bird_killed_peers_keep_routes_and_ping_survives() -> None:
         wait_for(lambda: (the_lab.run_dir / h1.name / "bird.pid").exists() and
                  int((the_lab.run_dir / h1.name / "bird.pid").read_text() or 0) != pid, 20, 0.2, "bird restarted")
         out, _ = ping.communicate(timeout=60)
-        summary = [line for line in out.splitlines() if "packets transmitted" in line][0]
+        summary = next(line for line in out.splitlines() if "packets transmitted" in line)
         sent, received = int(summary.split()[0]), int(summary.split()[3])
         print(summary)
         assert sent - received <= 1
