@@ -51,6 +51,7 @@ def test_dual_stack_in_one_call_and_release_by_handle(sq: Store) -> None:
     got = ipam.assign("net.c1", "h1", ipv6=1, ipv4=1)
     assert [a.ip.version for a in got] == [6, 4]
     assert ipaddress.ip_address(got[0].ip) in ipaddress.ip_network("fd00:e::/122")
+    assert str(got[0].ip) == "fd00:e::1" and str(got[1].ip) == "10.65.0.1"  # the pools' first address is reserved
     assert ipaddress.ip_address(got[1].ip) in ipaddress.ip_network("10.65.0.0/26")
     assert {a.cidr for a in ipam.claims("h1")} == {"fd00:e::/122", "10.65.0.0/26"}
     assert ipam.check() == []
@@ -71,7 +72,7 @@ def test_hosts_get_their_own_blocks(sq: Store) -> None:
 def test_freed_addresses_are_reused_oldest_first(sq: Store) -> None:
     pool(sq, "v6", "fd00:e::/120")
     ipam = IPAM(sq)
-    first = [ipam.assign(f"h{i}", "h1", ipv6=1)[0].ip for i in range(64)]  # fill the block
+    first = [ipam.assign(f"h{i}", "h1", ipv6=1)[0].ip for i in range(63)]  # fill the block (::0 reserved)
     ipam.release_handle("h5")
     ipam.release_handle("h2")
     ipam.release_handle("h9")
@@ -87,7 +88,7 @@ def test_stale_release_fails_and_frees_nothing(sq: Store) -> None:
     old = ipam.assign("old", "h1", ipv6=1)[0]
     ipam.release_handle("old")
     # drain the queue so that the same address is handed out again
-    for i in range(63):
+    for i in range(62):
         ipam.assign(f"fill{i}", "h1", ipv6=1)
     new = ipam2.assign("new", "h1", ipv6=1)[0]
     assert new.ip == old.ip and new.seq != old.seq
@@ -114,15 +115,15 @@ def test_small_pool_exhausted_at_once_without_partial_allocation(sq: Store) -> N
     pool(sq, "v6", "fd00:e::/120")  # four /122 blocks
     ipam = IPAM(sq)
     hosts = ["h1", "h2", "h3", "h4", "h5"]
-    for i in range(255):
+    for i in range(254):  # 256 addresses, the pool's first reserved
         ipam.assign(f"c{i}", hosts[i % 5], ipv6=1)
-    assert sum(r["used"] for r in ipam.usage()) == 255
+    assert sum(r["used"] for r in ipam.usage()) == 254
     t0 = time.monotonic()
     with pytest.raises(PoolExhausted, match="pool exhausted"):
         ipam.assign("two", "h1", ipv6=2)  # one address is left: all or nothing
     assert time.monotonic() - t0 < 2
     assert ipam.handle("two") is None
-    assert sum(r["used"] for r in ipam.usage()) == 255
+    assert sum(r["used"] for r in ipam.usage()) == 254
     ipam.assign("last", "h5", ipv6=1)
     with pytest.raises(PoolExhausted):
         ipam.assign("more", "h5", ipv6=1)
@@ -133,7 +134,7 @@ def test_dual_stack_rolls_back_ipv6_when_ipv4_is_exhausted(sq: Store) -> None:
     pool(sq, "v6", "fd00:e::/112")
     pool(sq, "v4", "10.65.0.0/30", block_size=30)
     ipam = IPAM(sq)
-    for i in range(4):
+    for i in range(3):  # a /30: four addresses, the first reserved
         ipam.assign(f"c{i}", "h1", ipv6=1, ipv4=1)
     before = sum(r["used"] for r in ipam.usage())
     with pytest.raises(PoolExhausted):

@@ -42,7 +42,8 @@ class IpamMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _free(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
-        return net.num_addresses - sum(1 for ip in self.owner if ipaddress.ip_address(ip) in net)
+        # the pool's first address is reserved
+        return net.num_addresses - 1 - sum(1 for ip in self.owner if ipaddress.ip_address(ip) in net)
 
     @rule(host=st.sampled_from(HOSTS), v6=st.integers(0, 3), v4=st.integers(0, 2))
     def assign(self, host: str, v6: int, v4: int) -> None:
@@ -71,8 +72,9 @@ class IpamMachine(RuleBasedStateMachine):
         try:
             a = self.ipam[host].assign_address(handle, host, ip)
         except AddressInUse:
-            assert ip in self.owner
+            assert ip in self.owner or offset == 0
             return
+        assert offset != 0, "the pool's first address was handed out"
         assert ip not in self.owner
         self.owner[ip] = (handle, a.seq)
         self.handles[handle] = {ip}

@@ -158,7 +158,7 @@ class IPAM:
         while True:
             cur = self._get_block(str(cidr))
             if cur is None:
-                if self.strict_affinity or not self._claim(host, cidr):
+                if self.strict_affinity or not self._claim(host, cidr, pool.spec.cidr):
                     cur = self._get_block(str(cidr))
                     if cur is None:
                         continue
@@ -255,12 +255,12 @@ class IPAM:
         for pool in pools:
             assert pool.spec.block_size is not None
             for cidr in B.candidate_blocks(pool.spec.cidr, pool.spec.block_size, taken):
-                if self._claim(host, cidr):
+                if self._claim(host, cidr, pool.spec.cidr):
                     return cidr
                 taken.add(str(cidr))
         return None
 
-    def _claim(self, host: str, cidr: IPNetwork) -> bool:
+    def _claim(self, host: str, cidr: IPNetwork, pool: IPNetwork) -> bool:
         """Two-phase claim of one block for host; False if another host holds it."""
         aff_key = ipam_affinity_key(host, cidr)
         pending = Affinity(host=host, cidr=str(cidr), state="pending", since=self.clock())
@@ -272,7 +272,7 @@ class IPAM:
                 return False
             aff_rev = kv.mod_revision
         try:
-            self.store.create(ipam_block_key(cidr), B.new_block(cidr, host).model_dump_json().encode())
+            self.store.create(ipam_block_key(cidr), B.new_block(cidr, host, pool).model_dump_json().encode())
         except AlreadyExists:
             cur = self._get_block(str(cidr))
             if cur is None or cur[0].host != host:
@@ -401,7 +401,7 @@ class IPAM:
     def usage(self) -> list[dict[str, object]]:
         """One row per block: cidr, host, used, size."""
         return [{"block": b.cidr, "host": b.host, "used": len(b.allocations),
-                 "size": len(b.allocations) + len(b.free)} for b, _ in self._all_blocks()]
+                 "size": len(b.allocations) + len(b.free)} for b, _ in self._all_blocks()]  # size: assignable
 
     def check(self) -> list[str]:
         """Every allocation has its handle and every handle its allocations; blocks are whole."""
@@ -410,8 +410,8 @@ class IPAM:
         handles = {h.handle: h for h in self.handles()}
         for cidr, b in blocks.items():
             size = b.network.num_addresses
-            if sorted([*b.free, *b.allocations]) != list(range(size)):
-                problems.append(f"block {cidr}: free and allocated ordinals do not partition the block")
+            if sorted([*b.free, *b.allocations, *b.reserved]) != list(range(size)):
+                problems.append(f"block {cidr}: free, allocated and reserved ordinals do not partition the block")
             for o, alloc in b.allocations.items():
                 ip = str(B.address(b, o))
                 h = handles.get(alloc.handle)

@@ -38,8 +38,13 @@ class AddressInUse(IpamError):
     pass
 
 
-def new_block(cidr: IPNetwork, host: str | None) -> Block:
-    return Block(cidr=str(cidr), host=host, free=list(range(cidr.num_addresses)))
+def new_block(cidr: IPNetwork, host: str | None, pool: IPNetwork | None = None) -> Block:
+    """A fresh block. The pool's first address is reserved: in IPv6 it is the subnet-router anycast
+    address (RFC 4291), in IPv4 the network address, and every host uses it as the local anchor
+    that lets dnsmasq serve the pool on VM taps."""
+    reserved = [0] if pool is not None and cidr.network_address == pool.network_address else []
+    return Block(cidr=str(cidr), host=host, free=[o for o in range(cidr.num_addresses) if o not in reserved],
+                 reserved=reserved)
 
 
 def block_of(ip: IPAddr, block_size: int) -> IPNetwork:
@@ -86,6 +91,8 @@ def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]
 
 
 def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
+    if o in block.reserved:
+        raise AddressInUse(f"{address(block, o)} is reserved (the pool's first address)")
     if o in block.allocations:
         raise AddressInUse(f"{address(block, o)} is already allocated (handle {block.allocations[o].handle})")
     seq = block.seq + 1

@@ -31,6 +31,7 @@ class Block(BaseModel):
     seq: int = 0
     allocations: dict[int, Allocation] = Field(default_factory=dict)
     free: list[int]
+    reserved: list[int] = Field(default_factory=list)  # never handed out (the pool's first address)
 
     @property
     def network(self) -> IPNetwork:
