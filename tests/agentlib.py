@@ -46,7 +46,8 @@ class AgentProc:
     def start(self) -> AgentProc:
         self.proc = netns.spawn(self.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "agent",
                                           "--host", self.host, "--metrics-port", str(self.port),
-                                          "--resync-s", str(self.resync_s), "--log-level", "debug"], self.log)
+                                          "--resync-s", str(self.resync_s), "--log-level", "debug",
+                                          "--run-dir", str(self.log.parent / f"run-{self.host}")], self.log)
         return self
 
     def http(self, path: str) -> tuple[int, str]:

@@ -286,6 +286,64 @@ def bgp_status(
     out.print(t)
 
 
+guest_app = typer.Typer(help="What a VM image needs for tabby: render it, or check a running guest.",
+                        no_args_is_help=True)
+app.add_typer(guest_app, name="guest")
+
+
+@guest_app.command("render")
+def guest_render(
+    distro: Annotated[str, typer.Option(help="ubuntu | debian | centos")],
+    root: Annotated[Path | None, typer.Option(help="write into this mounted image root instead of printing")] = None,
+    interface: Annotated[list[str] | None, typer.Option(help="guest interfaces (repeat); default eth0")] = None,
+    ipv4: Annotated[bool, typer.Option(help="also DHCPv4 (dual-stack)")] = True,
+    cloud_init: Annotated[bool, typer.Option("--cloud-init", help="print cloud-init user-data instead")] = False,
+) -> None:
+    """DHCPv6 on each interface with accept_ra 1, the dhclient /128 fix, the RS-delay sysctl."""
+    from tabby.guest import render as R
+
+    ifaces = tuple(interface or ["eth0"])
+    try:
+        from tabby.model.names import check_interface_name
+
+        for i in ifaces:
+            check_interface_name(i)
+        files = R.render(distro, ifaces, ipv4)
+    except ValueError as e:
+        fail(str(e))
+    if cloud_init:
+        print(R.cloud_init(distro, ifaces, ipv4), end="")
+        return
+    for f in files:
+        if root is None:
+            print(f"# {f.path}" + (" (insert after the first line)" if f.mode != "replace" else ""))
+            print(f.text)
+            continue
+        target = root / f.path.lstrip("/")
+        if f.mode == "replace":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f.text)
+        elif target.exists():
+            target.write_text(R.patch_script(target.read_text()))
+        else:
+            err.print(f"[yellow]warning:[/] {f.path} not in the image: no ISC dhclient to fix")
+            continue
+        out.print(f"wrote {target}", highlight=False)
+
+
+@guest_app.command("check")
+def guest_check(interface: Annotated[list[str] | None, typer.Option(help="interfaces (repeat)")] = None) -> None:
+    """Run inside a guest: each requirement met or not, with the fix. Exit 1 if any is not met."""
+    from tabby.guest.check import check
+
+    findings = check(tuple(interface or ["eth0"]))
+    for f in findings:
+        mark = "[green]ok[/]  " if f.ok else "[red]FAIL[/]"
+        out.print(f"{mark} {f.requirement}: {f.detail}" + ("" if f.ok else f"\n      fix: {f.fix}"), highlight=False)
+    if not all(f.ok for f in findings):
+        raise typer.Exit(1)
+
+
 lab_app = typer.Typer(help="A many-host tabby fabric on this machine, in network namespaces.", no_args_is_help=True)
 app.add_typer(lab_app, name="lab")
 PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespaces (several labs can coexist)")]
@@ -295,6 +353,7 @@ PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespac
 def lab_up(
     hosts: Annotated[int, typer.Option(help="compute hosts")] = 3,
     containers: Annotated[int, typer.Option(help="containers per host")] = 2,
+    vms: Annotated[int, typer.Option(help="VMs per host (DHCPv6 clients: dhclient, dhcpcd, alternating)")] = 2,
     ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
     wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
     route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
@@ -307,7 +366,7 @@ def lab_up(
     from tabby.lab.topology import topology
 
     try:
-        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else ())
+        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms)
     except ValueError as e:
         fail(str(e))
     L.down(prefix)
@@ -322,8 +381,8 @@ def lab_up(
             fail(f"lab up failed, everything removed again: {e}")
         progress.update(task, description="waiting for BGP to spread every route")
         fams = ("v6",) if ipv6_only else ("v6", "v4")
-        ok = L.wait_until(lambda: all(r["ok"] for r in lab.matrix(fams)), wait_s) if topo.workloads else True
-    out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, "
+        ok = L.wait_until(lambda: all(r["ok"] for r in lab.matrix(fams)), wait_s) if lab.members() else True
+    out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, {len(topo.vms)} VMs, "
               f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {lab.store_url}", highlight=False)
     if not ok:
         err.print("[yellow]not every pair connects yet; see tabby lab check[/]")
@@ -344,7 +403,7 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
     if output is Output.json:
         print(json.dumps(rows, indent=2))
     else:
-        names = [w.name for w in lab.topo.workloads]
+        names = [name for name, _ in lab.members()]
         for fam in fams:
             t = Table(title=f"ping over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
             t.add_column("from \\ to")

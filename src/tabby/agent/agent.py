@@ -35,6 +35,9 @@ from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.bird import BirdError, BirdReconciler
 from tabby.dataplane.bird_config import BirdInputs, render
+from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
+from tabby.dataplane.dnsmasq_config import Vm
+from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
 from tabby.dataplane.links import LinkIndex, SysctlReconciler, set_host_sysctls
 from tabby.dataplane.routes import RoutesReconciler
 from tabby.model import decode
@@ -87,7 +90,10 @@ class Agent:
             store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record,
             exclude=(STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
-        self.bird = BirdReconciler(run_dir or Path("/run/tabby") / host) if bgp else None
+        run_dir = run_dir or Path("/run/tabby") / host
+        self.bird = BirdReconciler(run_dir) if bgp else None
+        self.dnsmasq = DnsmasqReconciler(run_dir)
+        self.dhcp_dirty = True
         self.bgp_dirty = True
         self.next_bgp_check = 0.0
         self.monitor = nl.Monitor()
@@ -203,6 +209,8 @@ class Agent:
                     retry_at = time.monotonic() + RETRY_S
                 if self.in_sync and self.bird is not None:
                     self._bgp(now)
+                if self.in_sync and self.dhcp_dirty:
+                    self._dhcp()
         finally:
             self.stopping.set()
 
@@ -243,6 +251,26 @@ class Agent:
             "host": self.host, "sessions": self.bird.sessions() if self.bird.pid() else [],
             "error": self.bird.last_error, "at": time.time()})
 
+    def _dhcp(self) -> None:
+        """RA and DHCP for this host's VMs whose tap exists (dnsmasq only starts on existing taps)."""
+        self.dhcp_dirty = False
+        st = self.index.state
+        vms = []
+        for name, plan in self.index.plans.items():
+            if plan.orchestrator != "vm" or st.interfaces.get(plan.interface) != name:
+                continue
+            if plan.interface not in self.links.by_name:
+                continue
+            vms.append(Vm(plan.interface, plan.mac, tuple(a for a in plan.addresses if ":" in a),
+                          tuple(a for a in plan.addresses if ":" not in a)))
+        pools = [r.spec.cidr for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
+        try:
+            self.dnsmasq.set_desired(render_dnsmasq(vms, pools, self.dnsmasq.run_dir) if vms else None, vms)
+            self.dnsmasq.apply()
+        except (DnsmasqError, OSError, subprocess.SubprocessError) as e:
+            log.error("dnsmasq: %s", e)
+            self.dhcp_dirty = True  # try again on the next turn that has anything to do
+
     def _jitter(self) -> float:
         return self.resync_s * random.uniform(0.9, 1.1)
 
@@ -266,8 +294,14 @@ class Agent:
                 else:
                     self.fabric[item.key] = item.resource
                 self.bgp_dirty = True
+                self.dhcp_dirty = self.dhcp_dirty or getattr(item.resource, "kind", "") == "IPPool" or \
+                    item.key.startswith(PREFIX + "ippools/")
                 return
             name = parsed[1]
+            old = self.index.plans.get(name)
+            if (old is not None and old.orchestrator == "vm") or \
+                    (item.resource is not None and item.resource.spec.orchestrator == "vm"):
+                self.dhcp_dirty = True
             was_local = name in self.index.plans
             self._push(self.index.update(name, item.resource))
             if was_local and name not in self.index.plans:
@@ -304,6 +338,8 @@ class Agent:
         owner = self.index.state.interfaces.get(iface)
         if owner is not None:
             self.dirty.add(owner)
+            if self.index.plans[owner].orchestrator == "vm":
+                self.dhcp_dirty = True
 
     def _push(self, t: Touched) -> None:
         st = self.index.state

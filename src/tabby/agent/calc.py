@@ -26,6 +26,7 @@ class EndpointPlan:
     ipv6_gateway: str | None
     has_v6: bool
     has_v4: bool
+    orchestrator: str = "container"
 
 
 def plan_endpoint(ep: Any) -> EndpointPlan:
@@ -38,6 +39,7 @@ def plan_endpoint(ep: Any) -> EndpointPlan:
         ipv6_gateway=str(s.ipv6_gateway) if s.ipv6_gateway is not None else None,
         has_v6=bool(s.ipv6_addresses),
         has_v4=bool(s.ipv4_addresses),
+        orchestrator=s.orchestrator,
     )
 
 

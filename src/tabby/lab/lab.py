@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tabby.client import ResourceClient
+from tabby.guest.render import patch_script
+from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
 from tabby.lab import netns
 from tabby.lab.topology import (
@@ -28,6 +30,7 @@ from tabby.lab.topology import (
     V4_POOL,
     V6_POOL,
     LabHost,
+    LabVm,
     LabWorkload,
     Topology,
     topology,
@@ -73,6 +76,7 @@ class Lab:
         (self.dir / "state.json").write_text(json.dumps({
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
             "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors),
+            "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)),
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
         say("fabric")
         fab = self.topo.fabric_ns
@@ -90,6 +94,9 @@ class Lab:
         for w in self.topo.workloads:
             say(f"container {w.name}")
             self._container(w)
+        for v in self.topo.vms:
+            say(f"VM {v.name} ({v.client})")
+            self.add_vm(v)
 
     def _host(self, h: LabHost) -> None:
         fab = self.topo.fabric_ns
@@ -151,34 +158,102 @@ class Lab:
             "spec": {"host": w.host.name, "orchestrator": "container", "workload_id": w.handle,
                      "interface": w.host_iface, "mac": mac, "ipv6_addresses": v6, "ipv4_addresses": v4}}))
 
+    def add_vm(self, v: LabVm, *, start_client: bool = True) -> None:
+        """The tap and the VM namespace, the orchestrator's allocation and Endpoint, and the guest's
+        own DHCP client, configured only by ``tabby guest render``."""
+        ns, host_ns = v.ns, v.host.ns
+        netns.add_netns(ns)
+        netns.ip("link", "add", "eth0", "address", v.mac, "type", "veth", "peer", "name", v.tap, ns=ns)
+        netns.ip("link", "set", v.tap, "netns", host_ns, ns=ns)
+        netns.ip("link", "set", v.tap, "up", ns=host_ns)
+        ipam = IPAM(open_store(self.store_url))
+        got = ipam.assign(v.handle, v.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=v.name)
+        ResourceClient(open_store(self.store_url)).apply(validate({
+            "kind": "Endpoint", "metadata": {"name": v.name, "labels": {"lab": "vm"}},
+            "spec": {"host": v.host.name, "orchestrator": "vm", "workload_id": v.handle, "interface": v.tap,
+                     "mac": v.mac, "ipv6_addresses": [str(a.ip) for a in got if a.ip.version == 6],
+                     "ipv4_addresses": [str(a.ip) for a in got if a.ip.version == 4]}}))
+        guest = self.dir / f"guest-{v.name}"
+        guest.mkdir(parents=True, exist_ok=True)
+        for f in guest_render("debian", ("eth0",), not self.topo.ipv6_only):
+            target = guest / f.path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if f.mode == "replace":
+                target.write_text(f.text)
+            else:
+                # the image's own dhclient-script, patched as `tabby guest render` patches it; the lab
+                # also makes it leave this machine's /etc/resolv.conf alone
+                script = patch_script(Path("/sbin/dhclient-script").read_text())
+                target.write_text(script.replace("make_resolv_conf() {", "make_resolv_conf() { return 0\n", 1))
+                target.chmod(0o755)
+        netns.nsexec(ns, ["sysctl", "-q", "-p", str(guest / "etc/sysctl.d/30-eth0-rs-delay.conf")])
+        netns.ip("link", "set", "eth0", "up", ns=ns)
+        if start_client:
+            self.start_dhcp_client(v)
+
+    def start_dhcp_client(self, v: LabVm) -> None:
+        guest = self.dir / f"guest-{v.name}"
+        log = self.dir / f"dhcp-{v.name}.log"
+        if v.client == "dhclient":
+            # as ifupdown does at boot: dhclient -6 binds to the link-local address, so wait for its DAD
+            wait_until(lambda: "tentative" not in netns.ip("-6", "addr", "show", "dev", "eth0", ns=v.ns), 5)
+            script = str(guest / "sbin/dhclient-script")
+            netns.spawn(v.ns, ["dhclient", "-6", "-d", "-sf", script, "-lf", str(guest / "lease6"),
+                               "-pf", str(guest / "dhclient6.pid"), "eth0"], log)
+            if not self.topo.ipv6_only:
+                netns.spawn(v.ns, ["dhclient", "-4", "-d", "-sf", script, "-lf", str(guest / "lease4"),
+                                   "-pf", str(guest / "dhclient4.pid"), "eth0"], log)
+        else:
+            conf = guest / "dhcpcd.conf"
+            conf.write_text(("ipv6only\n" if self.topo.ipv6_only else "") +
+                            "duid ll\nnoipv4ll\noption rapid_commit\nia_na\nnohook resolv.conf\n")
+            # dhcpcd keeps state in /run/dhcpcd and /var/lib/dhcpcd, which are not per network namespace
+            cmd = ("mount -t tmpfs tmpfs /run/dhcpcd 2>/dev/null || { mkdir -p /run/dhcpcd && "
+                   "mount -t tmpfs tmpfs /run/dhcpcd; }; mkdir -p /var/lib/dhcpcd && "
+                   "mount -t tmpfs tmpfs /var/lib/dhcpcd; "
+                   f"exec dhcpcd -B -f {conf} -c /bin/true eth0")
+            netns.spawn(v.ns, ["sh", "-c", cmd], log)
+
+    def remove_vm(self, v: LabVm) -> None:
+        """Delete a VM as an orchestrator does: its Endpoint and allocation, then its tap and namespace."""
+        ResourceClient(open_store(self.store_url)).delete("Endpoint", v.name)
+        IPAM(open_store(self.store_url)).release_handle(v.handle)
+        netns.sweep(v.ns)
+        shutil.rmtree(self.dir / f"guest-{v.name}", ignore_errors=True)
+
     # -- looking -------------------------------------------------------------------------
+
+    def members(self) -> list[tuple[str, str]]:
+        """(name, namespace) of every workload: containers, then VMs."""
+        return [(w.name, w.ns) for w in self.topo.workloads] + [(v.name, v.ns) for v in self.topo.vms]
 
     def addresses(self) -> dict[str, dict[str, list[str]]]:
         out: dict[str, dict[str, list[str]]] = {}
-        for w in self.topo.workloads:
-            addrs = json.loads(netns.ip("-j", "addr", "show", "dev", "eth0", ns=w.ns))[0]["addr_info"]
-            out[w.name] = {"v6": [a["local"] for a in addrs if a["family"] == "inet6" and a["scope"] == "global"],
-                           "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
+        for name, ns in self.members():
+            addrs = json.loads(netns.ip("-j", "addr", "show", "dev", "eth0", ns=ns))[0].get("addr_info", [])
+            out[name] = {"v6": [a["local"] for a in addrs if a["family"] == "inet6" and a["scope"] == "global"],
+                         "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
         return out
 
     def matrix(self, families: tuple[str, ...] = ("v6", "v4")) -> list[dict[str, Any]]:
         """Ping every workload from every other, per family, in parallel per source."""
         addrs = self.addresses()
         rows = []
-        for src in self.topo.workloads:
+        for src, src_ns in self.members():
             procs = []
-            for dst in self.topo.workloads:
-                if dst is src:
+            for dst, _ in self.members():
+                if dst == src:
                     continue
                 for fam in families:
-                    for a in addrs[dst.name][fam]:
-                        argv = ["ip", "netns", "exec", src.ns, "ping", "-6" if fam == "v6" else "-4", "-c", "2",
+                    targets = addrs[dst][fam] or ["(none)"]  # a workload without its address yet fails
+                    for a in targets:
+                        argv = ["ip", "netns", "exec", src_ns, "ping", "-6" if fam == "v6" else "-4", "-c", "2",
                                 "-i", "0.2", "-W", "1", a]
-                        procs.append((dst.name, fam, a, subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                                                         stderr=subprocess.STDOUT, text=True)))
+                        procs.append((dst, fam, a, subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                                                    stderr=subprocess.STDOUT, text=True)))
             for dst_name, fam, a, p in procs:
                 out, _ = p.communicate(timeout=30)
-                rows.append({"src": src.name, "dst": dst_name, "family": fam, "address": a,
+                rows.append({"src": src, "dst": dst_name, "family": fam, "address": a,
                              "ok": p.returncode == 0, "detail": out.strip().splitlines()[-1] if out else ""})
         return rows
 
@@ -186,7 +261,7 @@ class Lab:
 def load(prefix: str = PREFIX) -> Lab:
     state = json.loads((lab_dir(prefix) / "state.json").read_text())
     topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix),
-                    tuple(state.get("route_reflectors", ())))
+                    tuple(state.get("route_reflectors", ())), state.get("vms", 0))
     return Lab(topo, state["store"])
 
 

@@ -74,12 +74,43 @@ class LabWorkload:
 
 
 @dataclass(frozen=True)
+class LabVm:
+    """A VM: a namespace whose eth0 gets its address only from a real DHCP client (dhclient or dhcpcd),
+    configured by ``tabby guest render``; the host end of its veth plays the tap."""
+
+    host: LabHost
+    index: int
+    client: str = "dhclient"
+
+    @property
+    def name(self) -> str:
+        return f"{self.host.name}-v{self.index}"
+
+    @property
+    def ns(self) -> str:
+        return f"{self.host.prefix}-{self.name}"
+
+    @property
+    def tap(self) -> str:
+        return f"tap{self.host.index}v{self.index}"
+
+    @property
+    def mac(self) -> str:
+        return f"52:54:00:00:{self.host.index:02x}:{self.index:02x}"
+
+    @property
+    def handle(self) -> str:
+        return f"lab.{self.name}"
+
+
+@dataclass(frozen=True)
 class Topology:
     hosts: tuple[LabHost, ...]
     workloads: tuple[LabWorkload, ...]
     ipv6_only: bool = False
     prefix: str = PREFIX
     route_reflectors: tuple[int, ...] = ()  # host indexes that reflect; empty: full mesh
+    vms: tuple[LabVm, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -88,7 +119,7 @@ class Topology:
 
 
 def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX,
-             route_reflectors: tuple[int, ...] = ()) -> Topology:
+             route_reflectors: tuple[int, ...] = (), vms: int = 0) -> Topology:
     if not 1 <= hosts <= 200:
         raise ValueError("--hosts must be 1..200")
     if not 0 <= containers <= 50:
@@ -99,4 +130,8 @@ def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str =
     ws = tuple(LabWorkload(h, j) for h in hs for j in range(1, containers + 1))
     if any(not 1 <= i <= hosts for i in route_reflectors):
         raise ValueError("route reflectors must be host indexes 1..hosts")
-    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors))
+    if not 0 <= vms <= 20:
+        raise ValueError("--vms must be 0..20 per host")
+    # VMs alternate between the two DHCP clients the seed's images use
+    vs = tuple(LabVm(h, j, "dhclient" if j % 2 else "dhcpcd") for h in hs for j in range(1, vms + 1))
+    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors), vs)

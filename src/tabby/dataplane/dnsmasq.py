@@ -1,0 +1,138 @@
+"""Runs this host's dnsmasq for its VMs, and keeps its config, hosts and anchor current.
+
+A change of the served interfaces or ranges restarts dnsmasq (it reads those only at start);
+a change of only the MAC -> address table is a SIGHUP, which re-reads the hosts file and keeps
+every lease. Leases live in a file that dnsmasq reads at start, so a restart disturbs no VM. Before
+a (re)start, leases of addresses that no longer belong to the same VM are dropped from that file:
+a VM re-created with its old address and a new DUID is otherwise refused while the old lease lives.
+dnsmasq is started detached (own session, pid file), so an agent restart adopts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, V4_GATEWAY, Rendered, Vm
+
+log = logging.getLogger(__name__)
+
+
+class DnsmasqError(Exception):
+    pass
+
+
+class DnsmasqReconciler:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.conf = run_dir / "dnsmasq.conf"
+        self.hosts = run_dir / "dnsmasq.hosts"
+        self.leases = run_dir / "dnsmasq.leases"
+        self.pidfile = run_dir / "dnsmasq.pid"
+        self.desired: Rendered | None = None
+        self.vms: dict[str, Vm] = {}  # address -> the VM it belongs to now
+        self.last_error: str | None = None
+
+    def set_desired(self, rendered: Rendered | None, vms: list[Vm]) -> None:
+        self.desired = rendered
+        self.vms = {a: vm for vm in vms for a in (*vm.v6, *vm.v4)}
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 0)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.conf).encode() in cmdline else None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.01)
+
+    def _anchor(self, addrs: tuple[str, ...]) -> None:
+        """The anchor veth end carrying each served pool's first address (no prefix route, no DAD)."""
+        ip = shutil.which("ip") or "ip"
+        if not Path(f"/sys/class/net/{ANCHOR}").exists():
+            subprocess.run([ip, "link", "add", ANCHOR, "type", "veth", "peer", "name", ANCHOR_PEER], check=True)
+            subprocess.run([ip, "link", "set", ANCHOR_PEER, "up"], check=True)
+            subprocess.run([ip, "link", "set", ANCHOR, "up"], check=True)
+        for a in addrs:
+            extra = ["nodad"] if ":" in a else []
+            r = subprocess.run([ip, "addr", "replace", a, "dev", ANCHOR, "noprefixroute", *extra],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise DnsmasqError(f"anchor address {a}: {r.stderr.strip()}")
+        if any(":" not in a for a in addrs):
+            # proxy ARP on a tap answers for 169.254.1.1 only if the host routes it elsewhere
+            subprocess.run([ip, "route", "replace", f"{V4_GATEWAY}/32", "dev", ANCHOR, "proto", "77"],
+                           capture_output=True)
+
+    def _prune_leases(self) -> None:
+        if not self.leases.exists():
+            return
+        keep = []
+        for line in self.leases.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] != "duid":
+                addr = parts[2]
+                vm = self.vms.get(addr)
+                if vm is None or (":" not in addr and parts[1].lower() != vm.mac):
+                    log.info("dropping the lease of %s (no longer this VM's)", addr)
+                    continue
+            keep.append(line)
+        self.leases.write_text("\n".join(keep) + ("\n" if keep else ""))
+
+    def apply(self) -> bool:
+        """Returns True if dnsmasq was started, restarted or signalled."""
+        r = self.desired
+        if r is None or not r.hosts:
+            if self.pid() is not None:
+                self.stop()
+                log.info("dnsmasq stopped: no VMs on this host")
+                return True
+            return False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._anchor(r.anchors)
+        conf_changed = not self.conf.exists() or self.conf.read_text() != r.conf
+        hosts_changed = not self.hosts.exists() or self.hosts.read_text() != r.hosts
+        if hosts_changed:
+            self.hosts.write_text(r.hosts)
+        pid = self.pid()
+        if pid is not None and not conf_changed:
+            if hosts_changed:
+                os.kill(pid, signal.SIGHUP)
+                log.info("dnsmasq re-read its hosts (SIGHUP)")
+                return True
+            return False
+        if pid is not None:
+            self.stop()
+        self.conf.write_text(r.conf)
+        self._prune_leases()
+        argv = [shutil.which("dnsmasq") or "dnsmasq", f"--conf-file={self.conf}"]
+        res = subprocess.run(argv, capture_output=True, text=True, start_new_session=True)
+        if res.returncode != 0:
+            self.last_error = f"dnsmasq: {res.stderr.strip()}"
+            raise DnsmasqError(self.last_error)
+        for _ in range(100):
+            if self.pid() is not None:
+                break
+            time.sleep(0.01)
+        self.last_error = None
+        log.info("dnsmasq %s (pid %s)", "restarted" if pid else "started", self.pid())
+        return True
+
+    def remove_anchor(self) -> None:
+        with contextlib.suppress(OSError):
+            subprocess.run(["ip", "link", "del", ANCHOR], capture_output=True)
