@@ -100,6 +100,7 @@ class DnsmasqReconciler:
         if r is None or not r.hosts:
             if self.pid() is not None:
                 self.stop()
+                self._prune_leases()  # a VM coming back with its old address and a new DUID must get it
                 log.info("dnsmasq stopped: no VMs on this host")
                 return True
             return False

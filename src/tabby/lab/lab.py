@@ -158,7 +158,7 @@ class Lab:
             "spec": {"host": w.host.name, "orchestrator": "container", "workload_id": w.handle,
                      "interface": w.host_iface, "mac": mac, "ipv6_addresses": v6, "ipv4_addresses": v4}}))
 
-    def add_vm(self, v: LabVm, *, start_client: bool = True) -> None:
+    def add_vm(self, v: LabVm, *, start_client: bool = True, addresses: tuple[str, ...] = ()) -> None:
         """The tap and the VM namespace, the orchestrator's allocation and Endpoint, and the guest's
         own DHCP client, configured only by ``tabby guest render``."""
         ns, host_ns = v.ns, v.host.ns
@@ -167,7 +167,10 @@ class Lab:
         netns.ip("link", "set", v.tap, "netns", host_ns, ns=ns)
         netns.ip("link", "set", v.tap, "up", ns=host_ns)
         ipam = IPAM(open_store(self.store_url))
-        got = ipam.assign(v.handle, v.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=v.name)
+        if addresses:  # as an orchestrator asking for fixed IPs (a re-created VM keeping its address)
+            got = [ipam.assign_address(v.handle, v.host.name, a, endpoint=v.name) for a in addresses]
+        else:
+            got = ipam.assign(v.handle, v.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=v.name)
         ResourceClient(open_store(self.store_url)).apply(validate({
             "kind": "Endpoint", "metadata": {"name": v.name, "labels": {"lab": "vm"}},
             "spec": {"host": v.host.name, "orchestrator": "vm", "workload_id": v.handle, "interface": v.tap,
@@ -196,10 +199,16 @@ class Lab:
         log = self.dir / f"dhcp-{v.name}.log"
         if v.client == "dhclient":
             # as ifupdown does at boot: dhclient -6 binds to the link-local address, so wait for its DAD
-            wait_until(lambda: "tentative" not in netns.ip("-6", "addr", "show", "dev", "eth0", ns=v.ns), 5)
+            def link_local_ready() -> bool:
+                out = netns.ip("-6", "addr", "show", "dev", "eth0", ns=v.ns)
+                return "scope link" in out and "tentative" not in out
+
+            wait_until(link_local_ready, 5, 0.02)
             script = str(guest / "sbin/dhclient-script")
-            netns.spawn(v.ns, ["dhclient", "-6", "-d", "-sf", script, "-lf", str(guest / "lease6"),
-                               "-pf", str(guest / "dhclient6.pid"), "eth0"], log)
+            # dhclient -6 exits when its link-local is not usable yet; a boot service would restart it
+            retry = (f"for i in $(seq 30); do dhclient -6 -d -sf {script} -lf {guest / 'lease6'} "
+                     f"-pf {guest / 'dhclient6.pid'} eth0 && break; sleep 0.3; done")
+            netns.spawn(v.ns, ["sh", "-c", retry], log)
             if not self.topo.ipv6_only:
                 netns.spawn(v.ns, ["dhclient", "-4", "-d", "-sf", script, "-lf", str(guest / "lease4"),
                                    "-pf", str(guest / "dhclient4.pid"), "eth0"], log)
@@ -273,10 +282,10 @@ def down(prefix: str = PREFIX) -> list[str]:
     return gone
 
 
-def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return True
-        time.sleep(0.2)
+        time.sleep(interval)
     return cond()
