@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 from lablib import all_ok, lab
 
@@ -65,7 +66,14 @@ def test_vm_recreated_with_same_address_and_new_duid_gets_it_fast() -> None:
                  if (the_lab.run_dir / v.host.name / "dnsmasq.leases").exists() else True, 10, 0.1,
                  "old lease dropped")
         the_lab.add_vm(v, start_client=False, addresses=(old,))
-        time.sleep(1.0)  # let the agent program the new tap and dnsmasq pick it up
+        run = the_lab.run_dir / v.host.name
+
+        def serving() -> bool:  # the agent has (re)started dnsmasq for the new tap
+            conf = run / "dnsmasq.conf"
+            return conf.exists() and f"interface={v.tap}" in conf.read_text() and \
+                (run / "dnsmasq.pid").exists() and Path(f"/proc/{(run / 'dnsmasq.pid').read_text().strip()}").exists()
+
+        wait_for(serving, 10, 0.05, "dnsmasq serving the new tap")
         t0 = time.monotonic()
         the_lab.start_dhcp_client(v)
         wait_for(lambda: the_lab.addresses()[v.name]["v6"] == [old], 5, 0.05, "same address, new DUID")
@@ -76,8 +84,6 @@ def test_vm_recreated_with_same_address_and_new_duid_gets_it_fast() -> None:
 
 
 def test_guest_render_and_check_cli(tmp_path: object) -> None:
-    from pathlib import Path
-
     root = Path(str(tmp_path))
     (root / "sbin").mkdir()
     (root / "sbin/dhclient-script").write_text("#!/bin/sh\necho script\n")

@@ -200,8 +200,8 @@ class Lab:
         if v.client == "dhclient":
             # as ifupdown does at boot: dhclient -6 binds to the link-local address, so wait for its DAD
             def link_local_ready() -> bool:
-                out = netns.ip("-6", "addr", "show", "dev", "eth0", ns=v.ns)
-                return "scope link" in out and "tentative" not in out
+                out = netns.ip("-6", "-o", "addr", "show", "dev", "eth0", "scope", "link", ns=v.ns)
+                return "fe80" in out and "tentative" not in out
 
             wait_until(link_local_ready, 5, 0.02)
             script = str(guest / "sbin/dhclient-script")
