@@ -92,7 +92,10 @@ def test_guest_render_and_check_cli(tmp_path: object) -> None:
     assert r.returncode == 0, r.stderr
     assert "iface eth0 inet6 dhcp\n        accept_ra 1" in (root / "etc/network/interfaces.d/eth0.cfg").read_text()
     assert (root / "sbin/dhclient-script").read_text().splitlines()[1].startswith("new_ip6_prefixlen=128")
-    assert "router_solicitation_delay = 10" in (root / "etc/sysctl.d/30-eth0-rs-delay.conf").read_text()
+    assert "router_solicitation_delay = 1\n" in (root / "etc/sysctl.d/30-eth0-rs-delay.conf").read_text()
+    seed = subprocess.run([".venv/bin/tabby", "guest", "render", "--distro", "debian", "--rs-delay", "10"],
+                          capture_output=True, text=True).stdout
+    assert "net.ipv6.conf.eth0.router_solicitation_delay = 10" in seed  # the seed's own value, on request
     ci = subprocess.run([".venv/bin/tabby", "guest", "render", "--distro", "centos", "--cloud-init"],
                         capture_output=True, text=True).stdout
     assert ci.startswith("#cloud-config") and "DHCPV6C=yes" in ci

@@ -298,6 +298,8 @@ def guest_render(
     interface: Annotated[list[str] | None, typer.Option(help="guest interfaces (repeat); default eth0")] = None,
     ipv4: Annotated[bool, typer.Option(help="also DHCPv4 (dual-stack)")] = True,
     cloud_init: Annotated[bool, typer.Option("--cloud-init", help="print cloud-init user-data instead")] = False,
+    rs_delay: Annotated[int, typer.Option(help="router_solicitation_delay in seconds (the seed: 10; it also "
+                                          "delays the first DAD probe, so boot is slower)", min=0, max=60)] = 1,
 ) -> None:
     """DHCPv6 on each interface with accept_ra 1, the dhclient /128 fix, the RS-delay sysctl."""
     from tabby.guest import render as R
@@ -308,11 +310,11 @@ def guest_render(
 
         for i in ifaces:
             check_interface_name(i)
-        files = R.render(distro, ifaces, ipv4)
+        files = R.render(distro, ifaces, ipv4, rs_delay)
     except ValueError as e:
         fail(str(e))
     if cloud_init:
-        print(R.cloud_init(distro, ifaces, ipv4), end="")
+        print(R.cloud_init(distro, ifaces, ipv4, rs_delay), end="")
         return
     for f in files:
         if root is None:
