@@ -46,12 +46,22 @@ def test_dual_stack_vms_with_dhclient_and_dhcpcd() -> None:
             assert r.returncode == 0, r.stdout
 
 
-def test_ipv6_only_vms() -> None:
+def test_ipv6_only_vms_and_guest_check() -> None:
     with lab(2, 1, ipv6_only=True, vms=2) as the_lab:
         assert L.wait_until(lambda: all_ok(the_lab), 60), the_lab.matrix(("v6",))
         for v in the_lab.topo.vms:
             addrs, _ = vm_state(v.ns)
             assert not [a for a in addrs if a["family"] == "inet"]
+        # `tabby guest check`, run in a VM against its rendered files: every requirement met
+        v = the_lab.topo.vms[0]
+        guest = the_lab.dir / f"guest-{v.name}"
+        r = netns.nsexec(v.ns, [".venv/bin/tabby", "guest", "check", "--root", str(guest)])
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.count("ok") >= 3 and "FAIL" not in r.stdout
+        # and it names what is missing, with the fix, where a requirement is not met
+        netns.nsexec(v.ns, ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=0"])
+        r = netns.nsexec(v.ns, [".venv/bin/tabby", "guest", "check", "--root", str(guest)])
+        assert r.returncode == 1 and "FAIL eth0 accepts Router Advertisements" in r.stdout and "fix:" in r.stdout
 
 
 def test_vm_recreated_with_same_address_and_new_duid_gets_it_fast() -> None:

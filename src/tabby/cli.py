@@ -334,11 +334,13 @@ def guest_render(
 
 
 @guest_app.command("check")
-def guest_check(interface: Annotated[list[str] | None, typer.Option(help="interfaces (repeat)")] = None) -> None:
+def guest_check(interface: Annotated[list[str] | None, typer.Option(help="interfaces (repeat)")] = None,
+                root: Annotated[Path, typer.Option(help="where the guest's files are (default /)")] = Path("/"),
+                ) -> None:
     """Run inside a guest: each requirement met or not, with the fix. Exit 1 if any is not met."""
     from tabby.guest.check import check
 
-    findings = check(tuple(interface or ["eth0"]))
+    findings = check(tuple(interface or ["eth0"]), root)
     for f in findings:
         mark = "[green]ok[/]  " if f.ok else "[red]FAIL[/]"
         out.print(f"{mark} {f.requirement}: {f.detail}" + ("" if f.ok else f"\n      fix: {f.fix}"), highlight=False)

@@ -18,8 +18,9 @@ class Finding:
 
 
 def check(interfaces: tuple[str, ...] = ("eth0",), root: Path = Path("/")) -> list[Finding]:
+    """Files are read under root (an image, or /); sysctls always from this running system."""
     out = []
-    proc = root / "proc/sys/net/ipv6/conf"
+    proc = Path("/proc/sys/net/ipv6/conf")
     for i in interfaces:
         ra = (proc / i / "accept_ra")
         fwd = (proc / i / "forwarding")
@@ -41,7 +42,7 @@ def check(interfaces: tuple[str, ...] = ("eth0",), root: Path = Path("/")) -> li
                            "configured" if configured else "no inet6 dhcp / DHCPV6C=yes found",
                            "tabby guest render --distro DISTRO --root /"))
     script = root / "sbin/dhclient-script"
-    if (root / "sbin/dhclient").exists() or shutil.which("dhclient"):
+    if script.exists() or (root / "sbin/dhclient").exists() or shutil.which("dhclient"):
         fixed = script.exists() and (DHCLIENT_FIX.split()[0] in script.read_text())
         debian_128 = script.exists() and "/128" in script.read_text()
         out.append(Finding("ISC dhclient installs a /128, not a /64", fixed or debian_128,
