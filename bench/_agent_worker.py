@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _route_timer import RouteTimer
 
 from tabby.agent.agent import Agent
-from tabby.dataplane.netlink import Monitor
 from tabby.model import encode, key_of, validate
 from tabby.store import open_store
 
@@ -58,30 +60,14 @@ def writer(n: int) -> None:
 def adds(url: str, host: str, count: int, first: int) -> None:
     """Write endpoints one by one; time each from Store write to its route in this kernel."""
     store = open_store(url)
-    mon = Monitor()
-    seen: dict[str, float] = {}
-    cv = threading.Condition()
-
-    def listen() -> None:
-        while True:
-            for ch in mon.read():
-                if ch.kind == "route" and not ch.deleted and ch.proto == 77:
-                    with cv:
-                        seen.setdefault(ch.key, time.perf_counter())
-                        cv.notify_all()
-
-    threading.Thread(target=listen, daemon=True).start()
+    timer = RouteTimer(proto=77)
     lat = []
     for i in range(first, first + count):
         dst = f"fd00:a::{i:x}"
         ep = validate({"kind": "Endpoint", "metadata": {"name": f"add{i}"},
                        "spec": {"host": host, "orchestrator": "container", "workload_id": f"add{i}",
                                 "interface": f"tbe{i}", "mac": "ee:ee:ee:ee:ee:ee", "ipv6_addresses": [dst]}})
-        t0 = time.perf_counter()
-        store.put(key_of(ep), encode(ep))
-        with cv:
-            cv.wait_for(lambda d=f"{dst}/128": d in seen, timeout=10)
-            lat.append((seen.get(f"{dst}/128", float("nan")) - t0) * 1000)
+        lat.append(timer.time(lambda ep=ep: store.put(key_of(ep), encode(ep)), f"{dst}/128"))
         time.sleep(0.01)
     print(json.dumps({"latencies_ms": lat}))
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tabby.dataplane.netlink import Monitor
+from _route_timer import RouteTimer
+
 from tabby.model import encode, key_of, validate
 from tabby.store import open_store
 
@@ -20,30 +21,14 @@ RTPROT_BIRD = 12
 
 def main(url: str, host: str, count: int) -> None:
     store = open_store(url)
-    mon = Monitor()
-    seen: dict[str, float] = {}
-    cv = threading.Condition()
-
-    def listen() -> None:
-        while True:
-            for ch in mon.read():
-                if ch.kind == "route" and not ch.deleted and ch.proto == RTPROT_BIRD:
-                    with cv:
-                        seen.setdefault(ch.key, time.perf_counter())
-                        cv.notify_all()
-
-    threading.Thread(target=listen, daemon=True).start()
+    timer = RouteTimer(proto=RTPROT_BIRD)
     lat = []
     for i in range(count):
         dst = f"fd00:e::f{i:03x}"
         ep = validate({"kind": "Endpoint", "metadata": {"name": f"conv{i}"},
                        "spec": {"host": host, "orchestrator": "container", "workload_id": f"conv{i}",
                                 "interface": f"tbe{i}", "mac": "ee:ee:ee:ee:ee:ee", "ipv6_addresses": [dst]}})
-        t0 = time.perf_counter()
-        store.put(key_of(ep), encode(ep))
-        with cv:
-            cv.wait_for(lambda d=f"{dst}/128": d in seen, timeout=10)
-            lat.append((seen.get(f"{dst}/128", float("inf")) - t0) * 1000)
+        lat.append(timer.time(lambda ep=ep: store.put(key_of(ep), encode(ep)), f"{dst}/128"))
         time.sleep(0.02)
     print(json.dumps({"latencies_ms": lat}))
 

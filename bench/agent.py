@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,20 @@ def mac(i: int) -> str:
     return f"52:54:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
 
 
+def time_ip_batch(ns: str, batch: Path, n: int, dev: Callable[[int], str]) -> float:
+    """``ip -batch`` writing the same routes and neighbours the agent writes: the yardstick."""
+    with batch.open("w") as f:
+        for i in range(n):
+            v6, v4 = addrs(i)
+            f.write(f"route replace {v6}/128 dev {dev(i)} proto 77 metric 10\n")
+            f.write(f"route replace {v4}/32 dev {dev(i)} proto 77 metric 10\n")
+            f.write(f"neigh replace {v6} lladdr {mac(i)} dev {dev(i)} nud permanent\n")
+            f.write(f"neigh replace {v4} lladdr {mac(i)} dev {dev(i)} nud permanent\n")
+    t0 = time.perf_counter()
+    netns.ip("-batch", str(batch), ns=ns)
+    return time.perf_counter() - t0
+
+
 def cold(n: int, tmp: Path, tag: str) -> None:
     a, b = f"tbybA{tag}", f"tbybB{tag}"
     try:
@@ -79,17 +94,7 @@ def cold(n: int, tmp: Path, tag: str) -> None:
             len(netns.ip("-4", "route", "show", "proto", "77", ns=a).splitlines())
         assert got == 2 * n, f"{got} routes programmed, wanted {2 * n}"
 
-        batch = tmp / "routes.batch"
-        with batch.open("w") as f:
-            for i in range(n):
-                v6, v4 = addrs(i)
-                f.write(f"route replace {v6}/128 dev tbe{i} proto 77 metric 10\n")
-                f.write(f"route replace {v4}/32 dev tbe{i} proto 77 metric 10\n")
-                f.write(f"neigh replace {v6} lladdr {mac(i)} dev tbe{i} nud permanent\n")
-                f.write(f"neigh replace {v4} lladdr {mac(i)} dev tbe{i} nud permanent\n")
-        t0 = time.perf_counter()
-        netns.ip("-batch", str(batch), ns=b)
-        ip_batch_s = time.perf_counter() - t0
+        ip_batch_s = time_ip_batch(b, tmp / "routes.batch", n, lambda i: f"tbe{i}")
         shape = "veth-per-endpoint"
         emit("program_s", res["program_s"], "s", n=n, shape=shape)
         emit("sysctl_s", res["sysctl_s"], "s", n=n, shape=shape)
@@ -112,17 +117,7 @@ def one_veth(n: int, tmp: Path, tag: str) -> None:
             raise RuntimeError(r.stderr[-2000:])
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res["applied"] == 4 * n and res["failed"] == 0, res
-        batch = tmp / "one.batch"
-        with batch.open("w") as f:
-            for i in range(n):
-                v6, v4 = addrs(i)
-                f.write(f"route replace {v6}/128 dev tbe0 proto 77 metric 10\n")
-                f.write(f"route replace {v4}/32 dev tbe0 proto 77 metric 10\n")
-                f.write(f"neigh replace {v6} lladdr {mac(i)} dev tbe0 nud permanent\n")
-                f.write(f"neigh replace {v4} lladdr {mac(i)} dev tbe0 nud permanent\n")
-        t0 = time.perf_counter()
-        netns.ip("-batch", str(batch), ns=b)
-        ip_batch_s = time.perf_counter() - t0
+        ip_batch_s = time_ip_batch(b, tmp / "one.batch", n, lambda i: "tbe0")
         emit("program_s", res["writer_s"], "s", n=n, shape="one-veth", scope="routes+neighbours writer")
         emit("ip_batch_s", ip_batch_s, "s", n=n, shape="one-veth")
         emit("ratio", res["writer_s"] / ip_batch_s, "ratio", n=n, shape="one-veth")
