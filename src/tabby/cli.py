@@ -407,18 +407,19 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
     if output is Output.json:
         print(json.dumps(rows, indent=2))
     else:
-        names = [name for name, _ in lab.members()]
+        names = [name for name, _ in lab.members()] + ["outside"]
         for fam in fams:
-            t = Table(title=f"ping over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
-            t.add_column("from \\ to")
+            t = Table(title=f"ping and TCP over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
+            t.add_column("from \\ to", min_width=max(map(len, names)), no_wrap=True)
             for n in names:
-                t.add_column(n)
+                t.add_column(n, min_width=len(n), no_wrap=True)
             for src in names:
                 cells = []
                 for dst in names:
                     hit = [r for r in rows if r["src"] == src and r["dst"] == dst and r["family"] == fam]
-                    cells.append("-" if src == dst else ("[green]ok[/]" if hit and all(r["ok"] for r in hit)
-                                                         else "[red]FAIL[/]"))
+                    bad = sorted({r["check"] for r in hit if not r["ok"]})
+                    cells.append("-" if src == dst else ("[green]ok[/]" if hit and not bad
+                                                         else f"[red]FAIL {'+'.join(bad)}[/]"))
                 t.add_row(src, *cells)
             out.print(t)
     if not all(r["ok"] for r in rows):

@@ -75,9 +75,13 @@ def render(inp: BirdInputs) -> str:
                 f"define BLOCKS{f} = {_set([f'{b}+' for b in blocks[f]], f)};",
                 "",
                 f"filter kernel_in{f} {{ if net ~ POOLS{f} && krt_source = {TABBY_PROTO} then accept; reject; }}",
-                f"filter kernel_out{f} {{ if (source = RTS_BGP && net ~ POOLS{f}) || proto = \"blocks{f}\" "
-                f"then accept; reject; }}",
+                # BGP routes got past an import filter already: from hosts only pool prefixes, from external
+                # peers anything but them
+                f"filter kernel_out{f} {{ if source = RTS_BGP || proto = \"blocks{f}\" then accept; reject; }}",
                 f"filter bgp_in{f} {{ if net ~ POOLS{f} && net.len > 0 then accept; reject; }}",
+                # an external peer (a top-of-rack router) may give a default and outside prefixes, never
+                # a route into tabby's own pools
+                f"filter ext_in{f} {{ if net ~ POOLS{f} then reject; accept; }}",
                 # what this host originates: its blocks, and local workload routes outside them
                 f"filter bgp_out{f} {{ if net ~ POOLS{f} && (proto = \"blocks{f}\" || "
                 f"(proto = \"kernel{f}\" && !(net ~ BLOCKS{f}))) then accept; reject; }}",
@@ -98,7 +102,8 @@ def render(inp: BirdInputs) -> str:
             "}", ""]
 
     def session(name: str, local: Any, peer: Any, peer_as: int, family: int, *, rr_client: bool = False,
-                export: str = "bgp_out", direct: bool = True, interface: str | None = None) -> list[str]:
+                export: str = "bgp_out", direct: bool = True, interface: str | None = None,
+                imports: str = "bgp_in") -> list[str]:
         lines = [f"protocol bgp {_ident(name)} from tabby_peer {{",
                  f"  description \"{name}\";",
                  f"  local {local} as {spec.asn};",
@@ -112,7 +117,7 @@ def render(inp: BirdInputs) -> str:
         # a reflector passes its clients' next hops on unchanged (else every path bends through it);
         # everywhere else the next hop is this host's fabric address
         nh = "next hop self ebgp;" if export == "rr_out" else "next hop self;"
-        lines += [f"  ipv{family} {{ import filter bgp_in{family}; export filter {export}{family}; {nh}"
+        lines += [f"  ipv{family} {{ import filter {imports}{family}; export filter {export}{family}; {nh}"
                   + (" gateway direct;" if direct else "") + " };",
                   "}"]
         return lines
@@ -146,6 +151,7 @@ def render(inp: BirdInputs) -> str:
         if f not in families:
             continue
         mine = spec.ipv6_address if f == 6 else spec.ipv4_address
-        out += session(f"peer {peer.metadata.name}", mine, ps.peer_ip, ps.asn, f, interface=ps.interface)
+        out += session(f"peer {peer.metadata.name}", mine, ps.peer_ip, ps.asn, f, interface=ps.interface,
+                       imports="ext_in")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

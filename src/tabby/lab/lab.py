@@ -25,7 +25,13 @@ from tabby.lab import netns
 from tabby.lab.topology import (
     HOST_LINK_LOCAL,
     HOST_LINK_MAC,
+    OUTSIDE_ASN,
+    OUTSIDE_FABRIC_V4,
+    OUTSIDE_FABRIC_V6,
+    OUTSIDE_V4,
+    OUTSIDE_V6,
     PREFIX,
+    TCP_PORT,
     V4_GATEWAY,
     V4_POOL,
     V6_POOL,
@@ -86,7 +92,9 @@ class Lab:
         for h in self.topo.hosts:
             say(f"host {h.name}")
             self._host(h)
-        say("store: hosts and pools")
+        say("outside router")
+        self._outside()
+        say("store: hosts, pools, the outside peer")
         self._resources()
         for h in self.topo.hosts:
             say(f"agent on {h.name}")
@@ -97,6 +105,8 @@ class Lab:
         for v in self.topo.vms:
             say(f"VM {v.name} ({v.client})")
             self.add_vm(v)
+        for _, ns in self.members():
+            self._tcp_server(ns)
 
     def _host(self, h: LabHost) -> None:
         fab = self.topo.fabric_ns
@@ -109,6 +119,44 @@ class Lab:
             netns.ip("addr", "add", f"{h.v4}/24", "dev", "eth0", ns=h.ns)
         netns.ip("link", "set", "eth0", "up", ns=h.ns)
 
+    def _outside(self) -> None:
+        """A router outside the data center: on the fabric, peering eBGP with every host, with an
+        outside address on its loopback that workloads reach and that reaches them."""
+        ns, fab = self.topo.outside_ns, self.topo.fabric_ns
+        netns.add_netns(ns)
+        netns.ip("link", "add", f"{self.topo.prefix}po", "type", "veth", "peer", "name", "eth0", ns=fab)
+        netns.ip("link", "set", "eth0", "netns", ns, ns=fab)
+        netns.ip("link", "set", f"{self.topo.prefix}po", "master", "br0", "up", ns=fab)
+        netns.ip("addr", "add", f"{OUTSIDE_FABRIC_V6}/64", "dev", "eth0", "nodad", ns=ns)
+        netns.ip("addr", "add", f"{OUTSIDE_V6}/128", "dev", "lo", ns=ns)
+        if not self.topo.ipv6_only:
+            netns.ip("addr", "add", f"{OUTSIDE_FABRIC_V4}/24", "dev", "eth0", ns=ns)
+            netns.ip("addr", "add", f"{OUTSIDE_V4}/32", "dev", "lo", ns=ns)
+        netns.ip("link", "set", "eth0", "up", ns=ns)
+        netns.nsexec(ns, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        run = self.run_dir / "outside"
+        run.mkdir(parents=True, exist_ok=True)
+        fams = [(6, OUTSIDE_FABRIC_V6, lambda h: h.v6)] + \
+            ([] if self.topo.ipv6_only else [(4, OUTSIDE_FABRIC_V4, lambda h: h.v4)])
+        conf = ["router id 10.255.0.254;", "protocol device {}"]
+        for f, _, _ in fams:
+            conf += [f"protocol direct lo{f} {{ ipv{f}; interface \"lo\"; }}",
+                     f"protocol kernel k{f} {{ ipv{f} {{ import none; export where source = RTS_BGP; }}; }}"]
+        for h in self.topo.hosts:
+            for f, local, addr in fams:
+                conf.append(f"protocol bgp h{h.index}v{f} {{ local {local} as {OUTSIDE_ASN}; "
+                            f"neighbor {addr(h)} as 64512; connect delay time 1; "
+                            f"ipv{f} {{ import all; export where proto = \"lo{f}\"; }}; }}")
+        (run / "bird.conf").write_text("\n".join(conf) + "\n")
+        subprocess.run(["ip", "netns", "exec", ns, "bird", "-c", str(run / "bird.conf"), "-s", str(run / "bird.ctl"),
+                        "-P", str(run / "bird.pid")], check=True, capture_output=True)
+        self._tcp_server(ns)
+
+    def _tcp_server(self, ns: str) -> None:
+        """A TCP listener answering with its own name, both families, for the matrix's TCP checks."""
+        netns.spawn(ns, ["socat", f"TCP6-LISTEN:{TCP_PORT},fork,reuseaddr,ipv6only=0",
+                         f"SYSTEM:echo {ns}"], self.dir / f"tcp-{ns}.log")
+
     def _resources(self) -> None:
         client = ResourceClient(open_store(self.store_url))
         for h in self.topo.hosts:
@@ -119,6 +167,11 @@ class Lab:
                 spec["ipv4_address"] = h.v4
             client.apply(validate({"kind": "Host", "metadata": {"name": h.name}, "spec": spec}))
         client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v6"}, "spec": {"cidr": V6_POOL}}))
+        client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside"},
+                               "spec": {"peer_ip": OUTSIDE_FABRIC_V6, "asn": OUTSIDE_ASN}}))
+        if not self.topo.ipv6_only:
+            client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside-v4"},
+                                   "spec": {"peer_ip": OUTSIDE_FABRIC_V4, "asn": OUTSIDE_ASN}}))
         if not self.topo.ipv6_only:
             client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v4"}, "spec": {"cidr": V4_POOL}}))
 
@@ -244,26 +297,35 @@ class Lab:
                          "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
         return out
 
-    def matrix(self, families: tuple[str, ...] = ("v6", "v4")) -> list[dict[str, Any]]:
-        """Ping every workload from every other, per family, in parallel per source."""
+    def matrix(self, families: tuple[str, ...] = ("v6", "v4"), tcp: bool = True) -> list[dict[str, Any]]:
+        """Every workload to every other and to/from the outside router, per family: ping, and TCP."""
         addrs = self.addresses()
+        outside = {"v6": [OUTSIDE_V6], "v4": [] if self.topo.ipv6_only else [OUTSIDE_V4]}
+        members = [*self.members(), ("outside", self.topo.outside_ns)]
+        addrs["outside"] = outside
         rows = []
-        for src, src_ns in self.members():
+        for src, src_ns in members:
             procs = []
-            for dst, _ in self.members():
+            for dst, _ in members:
                 if dst == src:
                     continue
                 for fam in families:
-                    targets = addrs[dst][fam] or ["(none)"]  # a workload without its address yet fails
-                    for a in targets:
-                        argv = ["ip", "netns", "exec", src_ns, "ping", "-6" if fam == "v6" else "-4", "-c", "2",
-                                "-i", "0.2", "-W", "1", a]
-                        procs.append((dst, fam, a, subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                                                    stderr=subprocess.STDOUT, text=True)))
-            for dst_name, fam, a, p in procs:
+                    for a in addrs[dst][fam] or ["(none)"]:  # a workload without its address yet fails
+                        checks = [("ping", ["ping", "-6" if fam == "v6" else "-4", "-c", "2", "-i", "0.2", "-W", "1",
+                                            a])]
+                        if tcp:
+                            target = f"[{a}]" if fam == "v6" else a
+                            checks.append(("tcp", ["socat", "-T", "2", "-u",
+                                                   f"TCP:{target}:{TCP_PORT},connect-timeout=2", "-"]))
+                        for kind, argv in checks:
+                            p = subprocess.Popen(["ip", "netns", "exec", src_ns, *argv], stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True)
+                            procs.append((dst, fam, a, kind, p))
+            for dst_name, fam, a, kind, p in procs:
                 out, _ = p.communicate(timeout=30)
-                rows.append({"src": src, "dst": dst_name, "family": fam, "address": a,
-                             "ok": p.returncode == 0, "detail": out.strip().splitlines()[-1] if out else ""})
+                ok = p.returncode == 0 and (kind != "tcp" or bool(out.strip()))
+                rows.append({"src": src, "dst": dst_name, "family": fam, "address": a, "check": kind,
+                             "ok": ok, "detail": out.strip().splitlines()[-1] if out.strip() else ""})
         return rows
 
 

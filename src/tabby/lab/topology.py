@@ -19,6 +19,12 @@ V6_FABRIC = "fd00:f::/64"
 V4_FABRIC = "10.255.0.0/24"
 V6_POOL = "fd00:e::/112"
 V4_POOL = "10.65.0.0/16"
+OUTSIDE_V6 = "fd00:99::1"  # "a destination outside the data center", on the outside router's loopback
+OUTSIDE_V4 = "10.99.0.1"
+OUTSIDE_FABRIC_V6 = "fd00:f::fe"
+OUTSIDE_FABRIC_V4 = "10.255.0.254"
+OUTSIDE_ASN = 65100
+TCP_PORT = 8080  # every workload and the outside router answer TCP here, for the matrix
 HOST_LINK_MAC = "ee:ee:ee:ee:ee:ee"
 HOST_LINK_LOCAL = "fe80::ecee:eeff:feee:eeee"  # what that MAC gives, so the route is known up front
 V4_GATEWAY = "169.254.1.1"  # owned by nobody: the host end answers for it by proxy ARP
@@ -116,6 +122,10 @@ class Topology:
     @property
     def fabric_ns(self) -> str:
         return f"{self.prefix}-fab"
+
+    @property
+    def outside_ns(self) -> str:
+        return f"{self.prefix}-out"
 
 
 def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX,
