@@ -245,6 +245,32 @@ def status(
     out.print(t)
 
 
+@app.command()
+def diagnose(
+    src: Annotated[str, typer.Argument(help="source Endpoint name")],
+    dst: Annotated[str, typer.Argument(help="destination Endpoint name")],
+    lab: Annotated[str | None, typer.Option(help="read each host's kernel in this lab (prefix, e.g. tbl)")] = None,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+) -> None:
+    """Why SRC can or cannot reach DST: each step green or red; the first failing one is named."""
+    from tabby.diagnose import diagnose as run
+    from tabby.diagnose import lab_route_reader
+
+    store = STATE.client().store
+    steps = run(store, src, dst, lab_route_reader(lab) if lab else None)
+    first_bad = next((st for st in steps if not st.ok), None)
+    if output is not Output.table:
+        doc = {"steps": [st.__dict__ for st in steps], "first_failing": first_bad.name if first_bad else None}
+        print(json.dumps(doc, indent=2) if output is Output.json else yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        for st in steps:
+            out.print(f"{'[green]ok  [/]' if st.ok else '[red]FAIL[/]'} {st.name}: {st.detail}", highlight=False)
+        out.print(f"\nfirst failing step: [bold red]{first_bad.name}[/]" if first_bad
+                  else "\n[green]every step passes[/]")
+    if first_bad:
+        raise typer.Exit(1)
+
+
 bgp_app = typer.Typer(help="BGP sessions as each host's BIRD reports them.", no_args_is_help=True)
 app.add_typer(bgp_app, name="bgp")
 
