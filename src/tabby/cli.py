@@ -452,6 +452,45 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
         raise typer.Exit(1)
 
 
+@lab_app.command("status")
+def lab_status(prefix: PrefixOpt = "tbl", output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+               ) -> None:
+    """The lab's namespaces and the processes in each (agents, bird, dnsmasq, DHCP clients)."""
+    import subprocess as sp
+
+    from tabby.lab import lab as L
+    from tabby.lab import netns
+
+    try:
+        lab = L.load(prefix)
+    except OSError:
+        fail(f"no lab with prefix {prefix} is up (tabby lab up)")
+    names = sorted(e.name for e in netns.NETNS_DIR.iterdir() if e.name.startswith(prefix + "-")) \
+        if netns.NETNS_DIR.exists() else []
+    rows = []
+    for n in names:
+        pids = sp.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()
+        procs = []
+        for pid in pids:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            procs.append(f"{comm}[{pid}]")
+        rows.append({"namespace": n, "processes": sorted(procs)})
+    if output is not Output.table:
+        doc = {"prefix": prefix, "store": lab.store_url, "namespaces": rows}
+        print(json.dumps(doc, indent=2) if output is Output.json else yaml.safe_dump(doc, sort_keys=False), end="")
+        return
+    out.print(f"lab {prefix}: store {lab.store_url}", highlight=False)
+    t = Table(box=None, header_style="bold")
+    t.add_column("NAMESPACE", no_wrap=True)
+    t.add_column("PROCESSES")
+    for r in rows:
+        t.add_row(r["namespace"], " ".join(r["processes"]) or "-")
+    out.print(t)
+
+
 @lab_app.command("down")
 def lab_down(prefix: PrefixOpt = "tbl") -> None:
     """Remove every lab namespace, link, process and file (also after a crash)."""
