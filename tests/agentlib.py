@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,4 +126,4 @@ def status(store: Store, host: str, name: str) -> dict[str, Any] | None:
 
 
 __all__ = ["AgentProc", "apply", "endpoint", "namespace", "neighbours", "proxies", "routes", "status", "sysctl",
-           "unique", "urllib"]
+           "unique"]

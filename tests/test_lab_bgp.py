@@ -57,7 +57,8 @@ def test_dual_stack_fabric_routes_spread_and_withdraw() -> None:
         ResourceClient(store).delete("Endpoint", "extra")
         wait_for(lambda: not any(r["dst"] == "fd00:e::ff00" for ns in (h1.ns, h2.ns, h3.ns)
                                  for r in kernel_routes(ns)), 10, 0.01, "withdrawn everywhere")
-        assert not any(r["dst"] == "10.65.200.1" for r in kernel_routes(h2.ns, "-4"))
+        wait_for(lambda: not any(r["dst"] == "10.65.200.1" for ns in (h1.ns, h2.ns, h3.ns)
+                                 for r in kernel_routes(ns, "-4")), 10, 0.01, "IPv4 withdrawn everywhere")
 
 
 def test_ipv6_only_fabric_has_no_ipv4_and_works() -> None:

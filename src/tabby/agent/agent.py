@@ -50,6 +50,7 @@ from tabby.model.keys import (
     PREFIX,
     STATUS_PREFIX,
     bgp_status_key,
+    kind_prefix,
     parse_key,
 )
 from tabby.store import Store
@@ -294,8 +295,8 @@ class Agent:
                 else:
                     self.fabric[item.key] = item.resource
                 self.bgp_dirty = True
-                self.dhcp_dirty = self.dhcp_dirty or getattr(item.resource, "kind", "") == "IPPool" or \
-                    item.key.startswith(PREFIX + "ippools/")
+                if item.key.startswith(kind_prefix("IPPool")):
+                    self.dhcp_dirty = True  # dnsmasq's ranges follow the pools
                 return
             name = parsed[1]
             old = self.index.plans.get(name)
