@@ -7,6 +7,7 @@ tabby's IPAM and an Endpoint in the Store; the agents do the rest (routes, neigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -341,6 +342,9 @@ def down(prefix: str = PREFIX) -> list[str]:
     gone = netns.sweep(prefix + "-")
     for d in (lab_dir(prefix), RUN_ROOT / prefix):
         shutil.rmtree(d, ignore_errors=True)
+    for root in (LAB_ROOT, RUN_ROOT):  # the parents too, once no lab is left in them
+        with contextlib.suppress(OSError):
+            root.rmdir()
     return gone
 
 
