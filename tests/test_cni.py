@@ -1,0 +1,132 @@
+"""tabby-cni called exactly as a runtime calls it: CNI_* environment, config on stdin, in the host's
+namespace, for a container namespace; the agent then makes traffic flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentlib import AgentProc, apply, namespace
+
+from tabby.ipam import IPAM
+from tabby.lab import netns
+from tabby.lab.netns import wait_for
+from tabby.model import validate
+from tabby.store import open_store
+
+CNI = str(Path(".venv/bin/tabby-cni").resolve())
+
+
+def conf(store_url: str, **extra: Any) -> dict[str, Any]:
+    return {"cniVersion": "1.1.0", "name": "net1", "type": "tabby-cni", "store": store_url, "host": "h1", **extra}
+
+
+def cni(host_ns: str, command: str, config: dict[str, Any] | str, container: str = "", cid: str = "c0ffee",
+        ifname: str = "eth0") -> tuple[int, dict[str, Any] | None]:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname, "CNI_PATH": "/opt/cni/bin",
+           "CNI_NETNS": f"/run/netns/{container}" if container else ""}
+    stdin = config if isinstance(config, str) else json.dumps(config)
+    r = subprocess.run(["ip", "netns", "exec", host_ns, CNI], input=stdin, capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=60)
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[str, str, Any]]:
+    url = f"sqlite://{tmp_path}/store.db"
+    store = open_store(url)
+    apply(store, validate({"kind": "Host", "metadata": {"name": "h1"}, "spec": {"ipv6_address": "fd00:f::1"}}),
+          validate({"kind": "IPPool", "metadata": {"name": "v6"}, "spec": {"cidr": "fd00:e::/112"}}),
+          validate({"kind": "IPPool", "metadata": {"name": "v4"}, "spec": {"cidr": "10.65.0.0/16"}}))
+    with namespace("h") as host_ns:
+        yield host_ns, url, store
+
+
+def test_add_check_del_and_traffic(env: tuple[str, str, Any], tmp_path: Path) -> None:
+    host_ns, url, store = env
+    agent = AgentProc(host_ns, url, "h1", tmp_path / "agent.log").start()
+    try:
+        with namespace("c") as c1, namespace("c") as c2:
+            code, res = cni(host_ns, "ADD", conf(url), c1, cid="aaaa1111")
+            assert code == 0, res
+            assert [ip["address"] for ip in res["ips"]] == ["fd00:e::1/128", "10.65.0.1/32"]
+            assert res["routes"][0] == {"dst": "::/0", "gw": "fe80::ecee:eeff:feee:eeee"}
+            hostif = res["interfaces"][0]["name"]
+            assert len(hostif) <= 15 and res["interfaces"][0]["mac"] == "ee:ee:ee:ee:ee:ee"
+            assert "fd00:e::1/128" in netns.ip("-6", "addr", "show", "dev", "eth0", ns=c1)
+            assert "default via fe80::ecee:eeff:feee:eeee" in netns.ip("-6", "route", ns=c1)
+            code, res2 = cni(host_ns, "ADD", conf(url), c2, cid="bbbb2222")
+            assert code == 0, res2
+            assert cni(host_ns, "CHECK", conf(url), c1, cid="aaaa1111")[0] == 0
+            ep = store.get("/tabby/v1/endpoints/net1.aaaa1111.eth0")
+            assert ep is not None and json.loads(ep.value)["spec"]["interface"] == hostif
+            # the agent programs the host side; then traffic flows both families
+            for fam, dst in (("-6", "fd00:e::2"), ("-4", "10.65.0.2")):
+                wait_for(lambda fam=fam, dst=dst: netns.nsexec(c1, ["ping", fam, "-c", "1", "-W", "1", dst])
+                         .returncode == 0, 15, 0.2, f"ping {dst}")
+            # DEL, twice: nothing left
+            for _ in range(2):
+                assert cni(host_ns, "DEL", conf(url), "", cid="aaaa1111")[0] == 0
+            assert hostif not in netns.ip("link", "show", ns=host_ns)
+            assert store.get("/tabby/v1/endpoints/net1.aaaa1111.eth0") is None
+            assert IPAM(store).handle("net1.aaaa1111") is None
+            assert cni(host_ns, "CHECK", conf(url), c1, cid="aaaa1111")[0] == 1
+    finally:
+        agent.stop()
+
+
+def test_proxy_ndp_mode_routes_via_the_host_address(env: tuple[str, str, Any], tmp_path: Path) -> None:
+    host_ns, url, store = env
+    agent = AgentProc(host_ns, url, "h1", tmp_path / "agent.log").start()
+    try:
+        with namespace("c") as c1, namespace("c") as c2:
+            assert cni(host_ns, "ADD", conf(url, ipv6_gateway="proxy-ndp", ipv4=False), c1, cid="pp01")[0] == 0
+            assert cni(host_ns, "ADD", conf(url, ipv4=False), c2, cid="pp02")[0] == 0
+            assert "default via fd00:f::1" in netns.ip("-6", "route", ns=c1)
+            ep = json.loads(store.get("/tabby/v1/endpoints/net1.pp01.eth0").value)
+            assert ep["spec"]["ipv6_gateway"] == "fd00:f::1"
+            wait_for(lambda: netns.nsexec(c1, ["ping", "-6", "-c", "1", "-W", "1", "fd00:e::2"]).returncode == 0,
+                     15, 0.2, "ping through the proxied gateway")
+            assert "fd00:f::1" in netns.ip("-6", "neigh", "show", "proxy", ns=host_ns)
+    finally:
+        agent.stop()
+
+
+def test_failed_add_leaves_nothing_and_errors_have_codes(env: tuple[str, str, Any]) -> None:
+    host_ns, url, store = env
+    apply(store, validate({"kind": "IPPool", "metadata": {"name": "v4"},
+                           "spec": {"cidr": "10.65.0.0/16", "disabled": True}}))
+    with namespace("c") as c1:
+        links_before = netns.ip("link", "show", ns=host_ns)
+        code, res = cni(host_ns, "ADD", conf(url), c1, cid="dead0001")  # no enabled IPv4 pool
+        assert code == 1 and res["code"] in (5, 11) and "IPv4" in res["details"]
+        assert netns.ip("link", "show", ns=host_ns) == links_before
+        assert "eth0" not in netns.ip("link", "show", ns=c1)
+        assert IPAM(store).handle("net1.dead0001") is None
+        assert store.get("/tabby/v1/endpoints/net1.dead0001.eth0") is None
+        code, res = cni(host_ns, "ADD", '{"cniVersion": "1.1.0", "type": "tabby-cni"}', c1)
+        assert code == 1 and res["code"] == 7 and "name" in res["details"]
+        code, res = cni(host_ns, "ADD", conf(url, cniVersion="0.3.1"), c1)
+        assert code == 1 and res["code"] == 7 and "cniVersion" in res["details"]
+        code, res = cni(host_ns, "VERSION", conf(url))
+        assert code == 0 and "1.1.0" in res["supportedVersions"]
+        assert cni(host_ns, "STATUS", conf(url))[0] == 0
+        code, res = cni(host_ns, "STATUS", conf("etcd://127.0.0.1:1"))
+        assert code == 1 and res["code"] == 50
+
+
+def test_gc_releases_attachments_not_listed(env: tuple[str, str, Any]) -> None:
+    host_ns, url, store = env
+    ipam = IPAM(store)
+    ipam.assign("net1.keep", "h1", ipv6=1)
+    ipam.assign("net1.stale", "h1", ipv6=1)
+    ipam.assign("other.x", "h1", ipv6=1)
+    valid = {"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]}
+    code, _ = cni(host_ns, "GC", conf(url, **valid))
+    assert code == 0
+    assert ipam.handle("net1.keep") and ipam.handle("other.x") and ipam.handle("net1.stale") is None
