@@ -1,14 +1,15 @@
 """Builds and tears down the lab described by ``topology``: namespaces, links, the Store, agents.
 
-Containers are wired here the way the CNI plugin will wire them (pair created inside the
-workload namespace, host end moved out, MAC ee:ee:ee:ee:ee:ee, DAD off), with addresses from
-tabby's IPAM and an Endpoint in the Store; the agents do the rest (routes, neighbours, BGP).
+Containers are made as a runtime makes them: an empty namespace, then ``tabby-cni ADD`` run in
+the host's namespace. VMs are namespaces whose own DHCP client, configured by ``tabby guest
+render``, gets their address from the host's dnsmasq. The agents do the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,6 @@ from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
 from tabby.lab import netns
 from tabby.lab.topology import (
-    HOST_LINK_LOCAL,
-    HOST_LINK_MAC,
     OUTSIDE_ASN,
     OUTSIDE_FABRIC_V4,
     OUTSIDE_FABRIC_V6,
@@ -33,7 +32,6 @@ from tabby.lab.topology import (
     OUTSIDE_V6,
     PREFIX,
     TCP_PORT,
-    V4_GATEWAY,
     V4_POOL,
     V6_POOL,
     LabHost,
@@ -181,36 +179,28 @@ class Lab:
         netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "agent", "--host", h.name,
                            "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
 
+    CNI_NETWORK = "lab"
+
+    def endpoint_of(self, w: LabWorkload) -> str:
+        """The Endpoint the CNI plugin writes for a container."""
+        from tabby.cni.config import NetConf
+        from tabby.cni.plugin import Env, endpoint_name
+
+        conf = NetConf(cniVersion="1.1.0", name=self.CNI_NETWORK, type="tabby-cni")
+        return endpoint_name(conf, Env("ADD", w.name, f"/run/netns/{w.ns}", "eth0"))
+
     def _container(self, w: LabWorkload) -> None:
-        ns, host_ns = w.ns, w.host.ns
-        netns.add_netns(ns)
-        # created inside the workload: addresses set before a namespace move are lost (TRIALS.md)
-        netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", w.host_iface, ns=ns)
-        netns.ip("link", "set", w.host_iface, "netns", host_ns, ns=ns)
-        netns.nsexec(host_ns, ["sysctl", "-qw", f"net.ipv6.conf.{w.host_iface}.accept_dad=0"])
-        netns.ip("link", "set", w.host_iface, "address", HOST_LINK_MAC, "up", ns=host_ns)
-        netns.nsexec(ns, ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"])
-        netns.ip("link", "set", "eth0", "up", ns=ns)
-        ipam = IPAM(open_store(self.store_url))
-        got = ipam.assign(w.handle, w.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=w.name)
-        v6 = [str(a.ip) for a in got if a.ip.version == 6]
-        v4 = [str(a.ip) for a in got if a.ip.version == 4]
-        for a in v6:
-            netns.ip("addr", "add", f"{a}/128", "dev", "eth0", "nodad", ns=ns)
-        netns.ip("-6", "route", "add", "default", "via", HOST_LINK_LOCAL, "dev", "eth0", ns=ns)
-        for a in v4:
-            netns.ip("addr", "add", f"{a}/32", "dev", "eth0", ns=ns)
-        if v4:
-            # a permanent entry for the gateway, as Calico's CNI does: proxy ARP only answers for an
-            # address the host routes elsewhere, and a host need not route 169.254.1.1 anywhere
-            netns.ip("neigh", "add", V4_GATEWAY, "lladdr", HOST_LINK_MAC, "dev", "eth0", "nud", "permanent", ns=ns)
-            netns.ip("route", "add", V4_GATEWAY, "dev", "eth0", "scope", "link", ns=ns)
-            netns.ip("route", "add", "default", "via", V4_GATEWAY, "dev", "eth0", ns=ns)
-        mac = json.loads(netns.ip("-j", "link", "show", "eth0", ns=ns))[0]["address"]
-        ResourceClient(open_store(self.store_url)).apply(validate({
-            "kind": "Endpoint", "metadata": {"name": w.name, "labels": {"lab": "container"}},
-            "spec": {"host": w.host.name, "orchestrator": "container", "workload_id": w.handle,
-                     "interface": w.host_iface, "mac": mac, "ipv6_addresses": v6, "ipv4_addresses": v4}}))
+        """A container made the way a runtime makes one: an empty namespace, then tabby-cni ADD."""
+        netns.add_netns(w.ns)
+        conf = json.dumps({"cniVersion": "1.1.0", "name": self.CNI_NETWORK, "type": "tabby-cni",
+                           "store": self.store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only})
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": w.name, "CNI_NETNS": f"/run/netns/{w.ns}",
+               "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+        r = subprocess.run(["ip", "netns", "exec", w.host.ns, sys.executable, "-c",
+                            "from tabby.cni.main import main; main()"], input=conf, capture_output=True, text=True,
+                           env={**os.environ, **env})
+        if r.returncode != 0:
+            raise RuntimeError(f"tabby-cni ADD for {w.name}: {r.stdout.strip()} {r.stderr.strip()}")
 
     def add_vm(self, v: LabVm, *, start_client: bool = True, addresses: tuple[str, ...] = ()) -> None:
         """The tap and the VM namespace, the orchestrator's allocation and Endpoint, and the guest's

@@ -3,8 +3,10 @@
     tbl-fab            the fabric: a bridge br0 joining every host (a top-of-rack switch)
     tbl-h<N>           host N: eth0 on the fabric, fd00:f::N/64 (and 10.255.0.N/24 unless IPv6-only);
                        runs the tabby agent and BIRD
-    tbl-h<N>-c<M>      container M on host N: eth0 with a /128 (and /32), default route via the
-                       host end's link-local; the host end is named tbc<N>x<M>
+    tbl-h<N>-c<M>      container M on host N, made by tabby-cni: eth0 with a /128 (and /32), default
+                       route via the host end's link-local; the plugin names the host end tby<hash>
+    tbl-h<N>-v<M>      VM M on host N: eth0 gets its address from its own DHCP client; tap<N>v<M>
+    tbl-out            the outside router: fd00:f::fe on the fabric, fd00:99::1 (10.99.0.1) on lo
 Pools: fd00:e::/112 (IPv6, /122 blocks) and 10.65.0.0/16 (IPv4, /26 blocks, unless IPv6-only).
 Every name starts with ``tbl`` so that ``tabby lab down`` can find leftovers after a crash.
 """
@@ -70,13 +72,6 @@ class LabWorkload:
     def ns(self) -> str:
         return f"{self.host.prefix}-{self.name}"
 
-    @property
-    def host_iface(self) -> str:
-        return f"tbc{self.host.index}x{self.index}"  # at most 15 characters for any sane lab
-
-    @property
-    def handle(self) -> str:
-        return f"lab.{self.name}"
 
 
 @dataclass(frozen=True)
