@@ -27,9 +27,6 @@ OUTSIDE_FABRIC_V6 = "fd00:f::fe"
 OUTSIDE_FABRIC_V4 = "10.255.0.254"
 OUTSIDE_ASN = 65100
 TCP_PORT = 8080  # every workload and the outside router answer TCP here, for the matrix
-HOST_LINK_MAC = "ee:ee:ee:ee:ee:ee"
-HOST_LINK_LOCAL = "fe80::ecee:eeff:feee:eeee"  # what that MAC gives, so the route is known up front
-V4_GATEWAY = "169.254.1.1"  # owned by nobody: the host end answers for it by proxy ARP
 
 
 @dataclass(frozen=True)
