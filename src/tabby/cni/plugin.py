@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tabby.cni.config import SUPPORTED_VERSIONS, NetConf
@@ -69,11 +70,9 @@ def _batch(netns: str | None, lines: list[str]) -> None:
         raise CniError(IO_FAILURE, "interface setup failed", r.stderr.strip())
 
 
-def _sysctl(netns: str | None, key: str, value: str) -> None:
-    argv = ["sysctl", "-qw", f"{key}={value}"]
-    if netns is not None:
-        argv = [shutil.which("nsenter") or "nsenter", f"--net={netns}", *argv]
-    subprocess.run(argv, capture_output=True)
+def _sysctl(netns: str, key: str, value: str) -> None:
+    subprocess.run([shutil.which("nsenter") or "nsenter", f"--net={netns}", "sysctl", "-qw", f"{key}={value}"],
+                   capture_output=True)
 
 
 def host_name(conf: NetConf) -> str:
@@ -105,7 +104,8 @@ def add(conf: NetConf, env: Env) -> dict[str, Any]:
         _batch(env.netns, [f"link add {env.ifname} type veth peer name {hostif}",
                            f"link set {hostif} netns {os.getpid()}"])
         made_link = True
-        _sysctl(None, f"net.ipv6.conf.{hostif}.accept_dad", "0")
+        # the host end is in our own namespace: its sysctl is a file write, not a process
+        Path(f"/proc/sys/net/ipv6/conf/{hostif}/accept_dad").write_text("0")
         _batch(None, [f"link set {hostif} address {HOST_MAC}", f"link set {hostif} up"])
         _sysctl(env.netns, f"net.ipv6.conf.{env.ifname}.accept_dad", "0")
         lines = [f"link set {env.ifname} up"]

@@ -38,6 +38,7 @@ class DnsmasqReconciler:
         self.desired: Rendered | None = None
         self.vms: dict[str, Vm] = {}  # address -> the VM it belongs to now
         self.last_error: str | None = None
+        self._anchored: tuple[str, ...] | None = None  # what _anchor last set up, to skip repeating it
 
     def set_desired(self, rendered: Rendered | None, vms: list[Vm]) -> None:
         self.desired = rendered
@@ -63,6 +64,8 @@ class DnsmasqReconciler:
 
     def _anchor(self, addrs: tuple[str, ...]) -> None:
         """The anchor veth end carrying each served pool's first address (no prefix route, no DAD)."""
+        if self._anchored == addrs and Path(f"/sys/class/net/{ANCHOR}").exists():
+            return
         ip = shutil.which("ip") or "ip"
         if not Path(f"/sys/class/net/{ANCHOR}").exists():
             subprocess.run([ip, "link", "add", ANCHOR, "type", "veth", "peer", "name", ANCHOR_PEER], check=True)
@@ -78,6 +81,7 @@ class DnsmasqReconciler:
             # proxy ARP on a tap answers for 169.254.1.1 only if the host routes it elsewhere
             subprocess.run([ip, "route", "replace", f"{V4_GATEWAY}/32", "dev", ANCHOR, "proto", "77"],
                            capture_output=True)
+        self._anchored = addrs
 
     def _prune_leases(self) -> None:
         if not self.leases.exists():

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,9 +338,8 @@ def down(prefix: str = PREFIX) -> list[str]:
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
+    """``netns.wait_for`` that answers False instead of raising."""
+    try:
+        return bool(netns.wait_for(cond, timeout, interval))
+    except TimeoutError:
+        return False
