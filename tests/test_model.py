@@ -98,6 +98,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (_endpoint(interface="eth0:1"), "spec.interface"),
     (_endpoint(interface="a b"), "spec.interface"),
     (_endpoint(interface="$(reboot)"), "spec.interface"),
+    (_endpoint(interface="tap0\n"), "spec.interface"),  # `$` in a Python regex matches before a final newline
+    ({"kind": "Host", "metadata": {"name": "h1\n"}, "spec": {"ipv6_address": "fd00::1"}}, "metadata.name"),
     (_endpoint(mac="01:00:5e:00:00:01"), "spec.mac"),
     (_endpoint(mac="zz:00:00:00:00:01"), "spec.mac"),
     (_endpoint(orchestrator="bare-metal"), "spec.orchestrator"),

@@ -21,7 +21,7 @@ IFNAMSIZ = 16  # the kernel's buffer, including the NUL: 15 usable characters
 
 
 def check_name(value: str) -> str:
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError(
             f"invalid name {value!r}: 1..253 characters of letters, digits, '.', '_' or '-', "
             "starting and ending with a letter or digit"
@@ -32,7 +32,7 @@ def check_name(value: str) -> str:
 def check_interface_name(value: str) -> str:
     if not 1 <= len(value) < IFNAMSIZ:
         raise ValueError(f"invalid interface name {value!r}: must be 1..15 characters")
-    if value in (".", "..") or not _IFACE_RE.match(value):
+    if value in (".", "..") or not _IFACE_RE.fullmatch(value):
         raise ValueError(
             f"invalid interface name {value!r}: only letters, digits, '_', '.' and '-' are "
             "allowed (no '/', ':', whitespace or shell metacharacters)"
@@ -41,13 +41,13 @@ def check_interface_name(value: str) -> str:
 
 
 def check_label_key(value: str) -> str:
-    if not _LABEL_KEY_RE.match(value):
+    if not _LABEL_KEY_RE.fullmatch(value):
         raise ValueError(f"invalid label key {value!r}")
     return value
 
 
 def check_label_value(value: str) -> str:
-    if not _LABEL_VALUE_RE.match(value):
+    if not _LABEL_VALUE_RE.fullmatch(value):
         raise ValueError(f"invalid label value {value!r}")
     return value
 
@@ -55,7 +55,7 @@ def check_label_value(value: str) -> str:
 def canonical_mac(value: str) -> str:
     """MACs are stored lower-case with colons so that equality means the same MAC."""
     mac = value.strip().lower().replace("-", ":")
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise ValueError(f"invalid MAC address {value!r}: expected six hex octets like 52:54:00:12:34:56")
     if int(mac[:2], 16) & 1:
         raise ValueError(f"invalid MAC address {value!r}: a multicast MAC cannot be an endpoint's")
