@@ -23,7 +23,8 @@ CNI = str(Path(".venv/bin/tabby-cni").resolve())
 
 
 def conf(store_url: str, **extra: Any) -> dict[str, Any]:
-    return {"cniVersion": "1.1.0", "name": "net1", "type": "tabby-cni", "store": store_url, "host": "h1", **extra}
+    return {"cniVersion": "1.1.0", "name": "net1", "type": "tabby-cni", "store": store_url, "host": "h1",
+            "profiles": ["open"], **extra}
 
 
 def cni(host_ns: str, command: str, config: dict[str, Any] | str, container: str = "", cid: str = "c0ffee",
@@ -42,7 +43,9 @@ def env(tmp_path: Path) -> Iterator[tuple[str, str, Any]]:
     store = open_store(url)
     apply(store, validate({"kind": "Host", "metadata": {"name": "h1"}, "spec": {"ipv6_address": "fd00:f::1"}}),
           validate({"kind": "IPPool", "metadata": {"name": "v6"}, "spec": {"cidr": "fd00:e::/112"}}),
-          validate({"kind": "IPPool", "metadata": {"name": "v4"}, "spec": {"cidr": "10.65.0.0/16"}}))
+          validate({"kind": "IPPool", "metadata": {"name": "v4"}, "spec": {"cidr": "10.65.0.0/16"}}),
+          validate({"kind": "Profile", "metadata": {"name": "open"},
+                    "spec": {"ingress": [{"action": "allow"}], "egress": [{"action": "allow"}]}}))
     with namespace("h") as host_ns:
         yield host_ns, url, store
 

@@ -251,13 +251,15 @@ def diagnose(
     dst: Annotated[str, typer.Argument(help="destination Endpoint name")],
     lab: Annotated[str | None, typer.Option(help="read each host's kernel in this lab (prefix, e.g. tbl)")] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+    tcp_port: Annotated[int | None, typer.Option("--tcp-port", min=1, max=65535,
+                                                 help="judge a TCP connection to this port (default: a ping)")] = None,
 ) -> None:
     """Why SRC can or cannot reach DST: each step green or red; the first failing one is named."""
     from tabby.diagnose import diagnose as run
     from tabby.diagnose import lab_route_reader
 
     store = STATE.client().store
-    steps = run(store, src, dst, lab_route_reader(lab) if lab else None)
+    steps = run(store, src, dst, lab_route_reader(lab) if lab else None, tcp_port)
     first_bad = next((st for st in steps if not st.ok), None)
     if output is not Output.table:
         doc = {"steps": [st.__dict__ for st in steps], "first_failing": first_bad.name if first_bad else None}
@@ -444,10 +446,16 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
                 for dst in names:
                     hit = [r for r in rows if r["src"] == src and r["dst"] == dst and r["family"] == fam]
                     bad = sorted({r["check"] for r in hit if not r["ok"]})
-                    cells.append("-" if src == dst else ("[green]ok[/]" if hit and not bad
-                                                         else f"[red]FAIL {'+'.join(bad)}[/]"))
+                    blocked = bool(hit) and all(r["expect"] == "blocked" for r in hit)
+                    good = "[green]blocked (policy)[/]" if blocked else "[green]ok[/]"
+                    fail_text = "[red]NOT BLOCKED[/]" if blocked else f"[red]FAIL {'+'.join(bad)}[/]"
+                    cells.append("-" if src == dst else (good if hit and not bad else fail_text))
                 t.add_row(src, *cells)
             out.print(t)
+        if lab.topo.blocked_pair:
+            out.print(f"policy {L.BLOCK_POLICY} denies {lab.topo.blocked_pair[0]} -> {lab.topo.blocked_pair[1]} "
+                      f"(the reverse stays open); every other pair is allowed by profile {L.OPEN_PROFILE}",
+                      highlight=False)
     if not all(r["ok"] for r in rows):
         raise typer.Exit(1)
 

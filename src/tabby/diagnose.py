@@ -1,7 +1,7 @@
 """``tabby diagnose SRC DST``: why one workload can or cannot reach another, step by step.
 
 Each step reads one layer (the Store records, agent status, host liveness, IPAM, the kernel
-routes on both hosts, the BGP session) and is green or red with what it saw; the first red step
+routes on both hosts, the BGP session, the policy's verdict) and is green or red with what it saw; the first red step
 is named. Kernel state is read through ``HostAccess`` (in the lab: ``ip`` inside the host's
 namespace), so the steps themselves are plain functions of what they are given.
 """
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tabby.agent.policy_verdict import Packet, verdict
 from tabby.client import ResourceClient
 from tabby.ipam import IPAM
 from tabby.model.keys import bgp_status_key, endpoint_status_key, host_status_key
@@ -59,7 +60,27 @@ def _covering(routes: list[dict[str, Any]], addr: str) -> dict[str, Any] | None:
     return best[2] if best else None
 
 
-def diagnose(store: Store, src: str, dst: str, routes: RouteReader | None) -> list[Step]:
+def _policy_steps(client: ResourceClient, s_ep: Any, d_ep: Any, tcp_port: int | None) -> list[Step]:
+    """The policy's verdict on a ping (or a TCP connection to tcp_port), per family both endpoints have."""
+    policies, profiles, endpoints = client.list("Policy")[0], client.list("Profile")[0], client.list("Endpoint")[0]
+    steps = []
+    for fam, s_addrs, d_addrs in ((6, s_ep.spec.ipv6_addresses, d_ep.spec.ipv6_addresses),
+                                  (4, s_ep.spec.ipv4_addresses, d_ep.spec.ipv4_addresses)):
+        if not s_addrs or not d_addrs:
+            continue
+        if tcp_port is not None:
+            pkt, what = Packet(str(s_addrs[0].ip), str(d_addrs[0].ip), 6, dst_port=tcp_port), f"TCP {tcp_port}"
+        else:
+            pkt = Packet(str(s_addrs[0].ip), str(d_addrs[0].ip), 58 if fam == 6 else 1,
+                         icmp_type=128 if fam == 6 else 8, icmp_code=0)
+            what = "ping"
+        v = verdict(s_ep, d_ep, pkt, policies, profiles, endpoints)
+        steps.append(Step(f"policy verdict (IPv{fam} {what})", v.allowed, v.reason))
+    return steps
+
+
+def diagnose(store: Store, src: str, dst: str, routes: RouteReader | None, tcp_port: int | None = None
+             ) -> list[Step]:
     steps: list[Step] = []
     client = ResourceClient(store)
     eps = {}
@@ -98,7 +119,7 @@ def diagnose(store: Store, src: str, dst: str, routes: RouteReader | None) -> li
                       else f"not allocated in IPAM: {', '.join(unallocated)} (written without IPAM, or leaked)"))
     if routes is None:
         steps.append(Step("kernel routes", True, "not checked: give --lab PREFIX to read the hosts' kernels"))
-        return steps
+        return steps + _policy_steps(client, s_ep, d_ep, tcp_port)
     hosts = {h.metadata.name: h for h in client.list("Host")[0]}
     for a in d_addrs:
         fam = ipaddress.ip_address(a).version
@@ -131,5 +152,4 @@ def diagnose(store: Store, src: str, dst: str, routes: RouteReader | None) -> li
                           (f"{remote['dst']} via {remote.get('gateway', remote.get('dev'))} "
                            f"({remote.get('protocol')})" if remote else "no route") +
                           ("" if ok else f"; expected via {d_ep.spec.host}'s fabric address {via}")))
-    steps.append(Step("policy verdict", True, "no policy is enforced yet (nftables policy is not built)"))
-    return steps
+    return steps + _policy_steps(client, s_ep, d_ep, tcp_port)

@@ -31,6 +31,7 @@ from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
 from tabby.agent.health import HealthServer, Metrics
+from tabby.agent.policy_calc import PolicyIndex
 from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.bird import BirdError, BirdReconciler
@@ -39,6 +40,7 @@ from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
 from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
 from tabby.dataplane.links import LinkIndex, SysctlReconciler, set_host_sysctls
+from tabby.dataplane.policy import PolicyReconciler
 from tabby.dataplane.routes import RoutesReconciler
 from tabby.model import decode
 from tabby.model.ipam import Affinity
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 2.0  # how soon a failed kernel write is tried again
 BGP_CHECK_S = 5.0  # how often bird's liveness and sessions are checked
+POLICY_CHECK_S = 5.0  # how often the nftables generation is compared (a full compare only if it moved)
 
 
 def decode_record(key: str, value: bytes) -> Any:
@@ -75,7 +78,7 @@ def decode_record(key: str, value: bytes) -> Any:
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
                  metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, policy: bool = True) -> None:
         self.store = store
         self.host = host
         self.resync_s = resync_s
@@ -85,6 +88,11 @@ class Agent:
         self.netlink = nl.Netlink()
         self.routes = RoutesReconciler(self.netlink, self.links)
         self.sysctls = SysctlReconciler(self.links)
+        self.policy_index = PolicyIndex()
+        self.policy = PolicyReconciler() if policy else None
+        self.policy_ok = True
+        self.next_policy_check = 0.0
+        self.endpoint_records: dict[str, Any] = {}  # every host's endpoints: rule selectors name them
         self.status = StatusWriter(store, host, ttl_s=status_ttl_s)
         self.metrics = Metrics()
         self.syncer = ResourceSyncer(
@@ -186,7 +194,8 @@ class Agent:
             while not self.stopping.is_set():
                 now = time.monotonic()
                 deadline = min(next_resync, retry_at or next_resync,
-                               self.next_bgp_check if self.bird is not None and self.in_sync else next_resync)
+                               self.next_bgp_check if self.bird is not None and self.in_sync else next_resync,
+                               self.next_policy_check if self.policy is not None and self.in_sync else next_resync)
                 items = []
                 try:
                     items.append(self.q.get(timeout=max(0.0, deadline - now)))
@@ -214,6 +223,8 @@ class Agent:
                     self._dhcp()
         finally:
             self.stopping.set()
+            if self.policy is not None:
+                self.policy.close()
 
     def bird_inputs(self) -> BirdInputs | None:
         """What bird needs from the Store; None while this host has no Host record (no BGP yet)."""
@@ -289,6 +300,10 @@ class Agent:
             assert isinstance(item, Update)
             self.metrics.store_events.inc()
             parsed = parse_key(item.key)
+            if parsed is not None and parsed[0] in ("Policy", "Profile", "IPPool"):
+                setter = {"Policy": self.policy_index.set_policy, "Profile": self.policy_index.set_profile,
+                          "IPPool": self.policy_index.set_pool}[parsed[0]]
+                setter(parsed[1], item.resource)
             if parsed is None or parsed[0] != "Endpoint":
                 if item.resource is None:
                     self.fabric.pop(item.key, None)
@@ -304,7 +319,14 @@ class Agent:
                     (item.resource is not None and item.resource.spec.orchestrator == "vm"):
                 self.dhcp_dirty = True
             was_local = name in self.index.plans
-            self._push(self.index.update(name, item.resource))
+            touched = self.index.update(name, item.resource)
+            self._push(touched)
+            if item.resource is None:
+                self.endpoint_records.pop(name, None)
+            else:
+                self.endpoint_records[name] = item.resource
+            for n in {name} | touched.endpoints:
+                self._policy_endpoint(n)
             if was_local and name not in self.index.plans:
                 self.status.set(name, None)
                 self._set_state(name, None)
@@ -315,6 +337,12 @@ class Agent:
         elif kind == "corrupt":
             name, error = item
             self.status.set(name, "error", f"newest record is corrupt, last good version kept: {error}")
+
+    def _policy_endpoint(self, name: str) -> None:
+        """Feed one endpoint to the policy index: local only if it owns its interface here."""
+        plan = self.index.plans.get(name)
+        local = plan is not None and self.index.state.interfaces.get(plan.interface) == name
+        self.policy_index.set_endpoint(name, self.endpoint_records.get(name), local)
 
     def _on_netlink(self, change: nl.Change) -> None:
         if change.kind == "overflow":
@@ -366,6 +394,7 @@ class Agent:
             self.metrics.resyncs.inc()
             self.dirty.update(self.index.plans)
             self.full_check_due = False
+        policy_ok = self._apply_policy(full)
         attempted = self._attempted_owners()
         self.monitor_may_read.clear()
         try:
@@ -390,8 +419,27 @@ class Agent:
             self.metrics.errors.inc(failed + failed_sysctls)
         self.dirty |= attempted
         self._write_statuses()
-        self.last_apply_ok = not (failed or failed_sysctls)
+        self.last_apply_ok = not (failed or failed_sysctls) and policy_ok
         return self.last_apply_ok and not self._retryable_pending()
+
+    def _apply_policy(self, full: bool) -> bool:
+        """Policy goes in before routes, so a new workload is never reachable unfiltered."""
+        if self.policy is None:
+            return True
+        replaces, patches = self.policy.replaces, self.policy.patches
+        ok = self.policy.apply(self.policy_index)
+        now = time.monotonic()
+        if ok and (full or now >= self.next_policy_check):
+            self.next_policy_check = now + POLICY_CHECK_S
+            if self.policy.check(self.policy_index, force=full):
+                self.metrics.policy_drift.inc()
+                ok = self.policy.last_error is None
+        self.metrics.policy_writes.labels("replace").inc(self.policy.replaces - replaces)
+        self.metrics.policy_writes.labels("patch").inc(self.policy.patches - patches)
+        if ok != self.policy_ok:
+            self.dirty.update(self.index.plans)  # every local endpoint's status names the policy state
+            self.policy_ok = ok
+        return ok
 
     def _retryable_pending(self) -> bool:
         """Pending writes whose device exists (so waiting alone will not help): retry on a timer."""
@@ -444,6 +492,8 @@ class Agent:
                     if p in self.sysctls.failures]
         if conflict:
             reasons.insert(0, conflict)
+        if self.policy is not None and self.policy.last_error:
+            reasons.append(f"policy not programmed: {self.policy.last_error}")
         if reasons:
             return "error", "; ".join(reasons)
         pending = any(r in self.routes.routes.pending_updates for r in routes) or \

@@ -21,6 +21,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.resyncs = Counter("tabby_resyncs_total", "Full reads of the kernel state", registry=self.registry)
         self.store_events = Counter("tabby_store_events_total", "Store updates received", registry=self.registry)
+        self.policy_writes = Counter("tabby_policy_writes_total", "nftables writes by kind (replace, patch)",
+                                     ["kind"], registry=self.registry)
+        self.policy_drift = Counter("tabby_policy_drift_restored_total",
+                                    "Times the nftables table was found changed by hand and restored",
+                                    registry=self.registry)
         self.corrupt = Counter("tabby_corrupt_records_total", "Store records skipped as corrupt",
                                registry=self.registry)
 

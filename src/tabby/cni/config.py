@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tabby.model.names import check_name
+from tabby.model.resources import Metadata
 
 SUPPORTED_VERSIONS = ("1.0.0", "1.1.0")
 
@@ -24,6 +25,8 @@ class NetConf(BaseModel):
     ipv6_pool: str | None = None
     ipv4_pool: str | None = None
     ipv6_gateway: Literal["link-local", "proxy-ndp"] = "link-local"
+    profiles: list[str] = Field(default_factory=list)  # policy Profiles every container here gets
+    labels: dict[str, str] = Field(default_factory=dict)  # labels for policy selectors
 
 
 class ConfError(ValueError):
@@ -42,6 +45,15 @@ def parse(raw: bytes) -> NetConf:
         check_name(conf.name)
     except ValueError as e:
         raise ConfError(f"name: {e}") from None
+    for i, profile in enumerate(conf.profiles):
+        try:
+            check_name(profile)
+        except ValueError as e:
+            raise ConfError(f"profiles.{i}: {e}") from None
+    try:
+        Metadata(name="x", labels=conf.labels)
+    except ValidationError as e:
+        raise ConfError("; ".join(f"labels: {err['msg']}" for err in e.errors())) from None
     if not conf.ipv6 and not conf.ipv4:
         raise ConfError("ipv6/ipv4: at least one family must be on")
     return conf

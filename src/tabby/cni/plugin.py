@@ -133,8 +133,11 @@ def add(conf: NetConf, env: Env) -> dict[str, Any]:
                                 "interface": hostif, "mac": mac, "ipv6_addresses": v6, "ipv4_addresses": v4}
         if gw6:
             spec["ipv6_gateway"] = gw6
+        if conf.profiles:
+            spec["profiles"] = conf.profiles
+        labels = {**conf.labels, "cni.network": conf.name}
         ResourceClient(store).apply(validate({"kind": "Endpoint", "metadata": {"name": endpoint_name(conf, env),
-                                                                                "labels": {"cni.network": conf.name}},
+                                                                                "labels": labels},
                                               "spec": spec}))
     except BaseException as e:
         if made_link:

@@ -42,6 +42,9 @@ from tabby.lab.topology import (
 from tabby.model import validate
 from tabby.store import open_store
 
+OPEN_PROFILE = "lab-open"
+BLOCK_POLICY = "lab-block"
+WORKLOAD_LABEL = "lab.workload"
 LAB_ROOT = Path("/var/lib/tabby/lab")  # one directory per lab prefix: state, store, agent logs
 RUN_ROOT = Path("/run/tabby/lab")  # one directory per lab prefix: BIRD's config and socket per host
 
@@ -172,6 +175,15 @@ class Lab:
                                    "spec": {"peer_ip": OUTSIDE_FABRIC_V4, "asn": OUTSIDE_ASN}}))
         if not self.topo.ipv6_only:
             client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v4"}, "spec": {"cidr": V4_POOL}}))
+        # policy: every workload carries the open profile; one pair is blocked by a policy, which
+        # comes before profiles, to show that policy is enforced
+        client.apply(validate({"kind": "Profile", "metadata": {"name": OPEN_PROFILE},
+                               "spec": {"ingress": [{"action": "allow"}], "egress": [{"action": "allow"}]}}))
+        if self.topo.blocked_pair:
+            src, dst = self.topo.blocked_pair
+            client.apply(validate({"kind": "Policy", "metadata": {"name": BLOCK_POLICY}, "spec": {
+                "order": 100, "selector": f'{WORKLOAD_LABEL} == "{dst}"',
+                "ingress": [{"action": "deny", "src_selector": f'{WORKLOAD_LABEL} == "{src}"'}]}}))
 
     def _agent(self, h: LabHost) -> None:
         log = self.dir / f"agent-{h.name}.log"
@@ -192,7 +204,8 @@ class Lab:
         """A container made the way a runtime makes one: an empty namespace, then tabby-cni ADD."""
         netns.add_netns(w.ns)
         conf = json.dumps({"cniVersion": "1.1.0", "name": self.CNI_NETWORK, "type": "tabby-cni",
-                           "store": self.store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only})
+                           "store": self.store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only,
+                           "profiles": [OPEN_PROFILE], "labels": {WORKLOAD_LABEL: w.name}})
         env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": w.name, "CNI_NETNS": f"/run/netns/{w.ns}",
                "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
         r = subprocess.run(["ip", "netns", "exec", w.host.ns, sys.executable, "-c",
@@ -215,8 +228,9 @@ class Lab:
         else:
             got = ipam.assign(v.handle, v.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=v.name)
         ResourceClient(open_store(self.store_url)).apply(validate({
-            "kind": "Endpoint", "metadata": {"name": v.name, "labels": {"lab": "vm"}},
+            "kind": "Endpoint", "metadata": {"name": v.name, "labels": {"lab": "vm", WORKLOAD_LABEL: v.name}},
             "spec": {"host": v.host.name, "orchestrator": "vm", "workload_id": v.handle, "interface": v.tap,
+                     "profiles": [OPEN_PROFILE],
                      "mac": v.mac, "ipv6_addresses": [str(a.ip) for a in got if a.ip.version == 6],
                      "ipv4_addresses": [str(a.ip) for a in got if a.ip.version == 4]}}))
         guest = self.dir / f"guest-{v.name}"
@@ -288,7 +302,10 @@ class Lab:
         return out
 
     def matrix(self, families: tuple[str, ...] = ("v6", "v4"), tcp: bool = True) -> list[dict[str, Any]]:
-        """Every workload to every other and to/from the outside router, per family: ping, and TCP."""
+        """Every workload to every other and to/from the outside router, per family: ping, and TCP.
+
+        Each row says what was expected ("reach", or "blocked" for the pair the lab's policy
+        blocks), whether it reached, and ok when the two agree."""
         addrs = self.addresses()
         outside = {"v6": [OUTSIDE_V6], "v4": [] if self.topo.ipv6_only else [OUTSIDE_V4]}
         members = [*self.members(), ("outside", self.topo.outside_ns)]
@@ -313,9 +330,11 @@ class Lab:
                             procs.append((dst, fam, a, kind, p))
             for dst_name, fam, a, kind, p in procs:
                 out, _ = p.communicate(timeout=30)
-                ok = p.returncode == 0 and (kind != "tcp" or bool(out.strip()))
+                reached = p.returncode == 0 and (kind != "tcp" or bool(out.strip()))
+                expect = "blocked" if (src, dst_name) == self.topo.blocked_pair else "reach"
                 rows.append({"src": src, "dst": dst_name, "family": fam, "address": a, "check": kind,
-                             "ok": ok, "detail": out.strip().splitlines()[-1] if out.strip() else ""})
+                             "expect": expect, "reached": reached, "ok": reached == (expect == "reach"),
+                             "detail": out.strip().splitlines()[-1] if out.strip() else ""})
         return rows
 
 

@@ -116,6 +116,18 @@ class Topology:
         return f"{self.prefix}-fab"
 
     @property
+    def blocked_pair(self) -> tuple[str, str] | None:
+        """(source, destination) that the lab's policy blocks, to show that policy is enforced:
+        the first container of host 1 may not open anything to the first container of the last host
+        (the reverse direction stays open). None when there are not two containers to pick."""
+        if len(self.workloads) < 2:
+            return None
+        src = self.workloads[0]
+        remote = [w for w in self.workloads if w.host != src.host]
+        dst = next(w for w in remote if w.host == remote[-1].host) if remote else self.workloads[1]
+        return src.name, dst.name
+
+    @property
     def outside_ns(self) -> str:
         return f"{self.prefix}-out"
 

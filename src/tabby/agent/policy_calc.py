@@ -1,0 +1,312 @@
+"""The pure policy calculation: Policies, Profiles, Pools and Endpoints -> this host's nftables.
+
+No I/O. The result has two parts that change at very different rates:
+
+- ``Structure``: chains and rules, a function of Policies, Profiles and Pools only. It changes when
+  an operator edits policy, and is then applied as one replacement transaction.
+- set elements: which local interfaces each policy or profile applies to, which addresses each
+  label selector in a rule stands for (endpoints of every host), and each local interface's own
+  addresses and MAC for the anti-spoofing guards. They change with every endpoint, and are
+  patched element by element, so adding an endpoint never touches a chain.
+
+Selectors are indexed by the label pairs they require (``key == "v"``, ``key in {...}``, and an
+``&&`` with either), so an endpoint's update evaluates only the selectors that could match it,
+not all of them: the cost of one endpoint is independent of how many endpoints and rules exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabby.model.selector import Node, parse_selector
+
+Element = tuple[str, ...]
+
+# the sets every table has; the rest are named after what they stand for
+WL_IF, WL_SRC6, WL_SRC4, WL_MAC = "wl_if", "wl_src6", "wl_src4", "wl_mac"
+
+
+def _h(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def applies_set(kind: str, name: str) -> str:
+    """Local interfaces a policy ("po") or profile ("pr") applies to."""
+    return f"{kind}_{_h(name)}"
+
+
+def selector_set(text: str, version: int) -> str:
+    """Addresses (IPv6 or IPv4) of every endpoint a rule's selector matches, on any host."""
+    return f"se_{_h(text)}_{version}"
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    """One policy or profile as the renderer needs it: rules in order, and the set naming it."""
+
+    kind: str  # "po" | "pr"
+    name: str
+    order: float
+    ingress: tuple[Any, ...]  # model Rules
+    egress: tuple[Any, ...]
+
+    @property
+    def applies(self) -> str:
+        return applies_set(self.kind, self.name)
+
+
+@dataclass(frozen=True)
+class Structure:
+    policies: tuple[PolicyPlan, ...] = ()  # by order, then name
+    profiles: tuple[PolicyPlan, ...] = ()  # by name
+    selectors: tuple[str, ...] = ()  # every selector a rule uses, sorted
+    pools6: tuple[str, ...] = ()
+    pools4: tuple[str, ...] = ()
+    nat6: tuple[str, ...] = ()  # pools with nat_outgoing
+    nat4: tuple[str, ...] = ()
+
+    def set_names(self) -> dict[str, str | list[str]]:
+        """Every named set and its nftables type."""
+        sets: dict[str, str | list[str]] = {
+            WL_IF: "ifname", WL_SRC6: ["ifname", "ipv6_addr"], WL_SRC4: ["ifname", "ipv4_addr"],
+            WL_MAC: ["ifname", "ether_addr"]}
+        for p in (*self.policies, *self.profiles):
+            sets[p.applies] = "ifname"
+        for s in self.selectors:
+            sets[selector_set(s, 6)] = "ipv6_addr"
+            sets[selector_set(s, 4)] = "ipv4_addr"
+        return sets
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    labels: Mapping[str, str]
+    v6: tuple[str, ...]
+    v4: tuple[str, ...]
+    interface: str
+    mac: str
+    profiles: tuple[str, ...]
+    local: bool  # on this host and the owner of its interface
+
+
+def endpoint_info(ep: Any, local: bool) -> EndpointInfo:
+    s = ep.spec
+    return EndpointInfo(labels=dict(ep.metadata.labels), v6=tuple(str(a.ip) for a in s.ipv6_addresses),
+                        v4=tuple(str(a.ip) for a in s.ipv4_addresses), interface=s.interface,
+                        mac=s.mac.lower(), profiles=tuple(s.profiles), local=local)
+
+
+def _required_pairs(node: Node) -> list[tuple[str, str]] | None:
+    """Label pairs one of which a match needs; None when the selector can match without any."""
+    op = node[0]
+    if op == "eq":
+        return [(node[1], node[2])]
+    if op == "in":
+        return [(node[1], v) for v in sorted(node[2])]
+    if op == "and":
+        return _required_pairs(node[1]) or _required_pairs(node[2])
+    if op == "or":
+        a, b = _required_pairs(node[1]), _required_pairs(node[2])
+        return a + b if a is not None and b is not None else None
+    return None
+
+
+class SelectorIndex:
+    """Which selectors could match a label set, without evaluating all of them."""
+
+    def __init__(self) -> None:
+        self.by_pair: dict[tuple[str, str], set[str]] = {}
+        self.unindexed: set[str] = set()
+        self.users: Counter[str] = Counter()
+
+    def add(self, text: str) -> None:
+        self.users[text] += 1
+        if self.users[text] > 1:
+            return
+        pairs = _required_pairs(parse_selector(text).tree)
+        if pairs is None:
+            self.unindexed.add(text)
+        else:
+            for p in pairs:
+                self.by_pair.setdefault(p, set()).add(text)
+
+    def remove(self, text: str) -> None:
+        self.users[text] -= 1
+        if self.users[text] > 0:
+            return
+        del self.users[text]
+        self.unindexed.discard(text)
+        pairs = _required_pairs(parse_selector(text).tree) or []
+        for p in pairs:
+            texts = self.by_pair.get(p)
+            if texts is not None:
+                texts.discard(text)
+                if not texts:
+                    del self.by_pair[p]
+
+    def matching(self, labels: Mapping[str, str]) -> list[str]:
+        candidates = set(self.unindexed)
+        for p in labels.items():
+            candidates |= self.by_pair.get(p, set())
+        return [t for t in candidates if parse_selector(t).matches(labels)]
+
+
+@dataclass
+class PolicyIndex:
+    """Desired nftables state for one host, kept up to date one record at a time."""
+
+    endpoints: dict[str, EndpointInfo] = field(default_factory=dict)
+    policies: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, Any] = field(default_factory=dict)
+    pools: dict[str, Any] = field(default_factory=dict)
+    elements: dict[str, Counter[Element]] = field(default_factory=dict)  # set -> element -> refcount
+    contrib: dict[str, list[tuple[str, Element]]] = field(default_factory=dict)
+    delta: dict[str, dict[Element, bool]] = field(default_factory=dict)  # since take_delta()
+    _structure: Structure | None = None
+    _policy_sel: SelectorIndex = field(default_factory=SelectorIndex)  # policies' own selectors
+    _rule_sel: SelectorIndex = field(default_factory=SelectorIndex)  # selectors inside rules
+    _by_sel: dict[str, list[str]] = field(default_factory=dict)  # policy selector -> policy names
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def set_endpoint(self, name: str, ep: Any | None, local: bool = False) -> None:
+        if ep is None:
+            self.endpoints.pop(name, None)
+        else:
+            self.endpoints[name] = endpoint_info(ep, local)
+        self._refresh(name)
+
+    def set_policy(self, name: str, policy: Any | None) -> None:
+        old = self.policies.pop(name, None)
+        if old is not None:
+            self._policy_sel.remove(old.spec.selector)
+            for s in _rule_selectors(old):
+                self._rule_sel.remove(s)
+        if policy is not None:
+            self.policies[name] = policy
+            self._policy_sel.add(policy.spec.selector)
+            for s in _rule_selectors(policy):
+                self._rule_sel.add(s)
+        self._rebuild()
+
+    def set_profile(self, name: str, profile: Any | None) -> None:
+        old = self.profiles.pop(name, None)
+        if old is not None:
+            for s in _rule_selectors(old):
+                self._rule_sel.remove(s)
+        if profile is not None:
+            self.profiles[name] = profile
+            for s in _rule_selectors(profile):
+                self._rule_sel.add(s)
+        self._rebuild()
+
+    def set_pool(self, name: str, pool: Any | None) -> None:
+        if pool is None:
+            self.pools.pop(name, None)
+        else:
+            self.pools[name] = pool
+        self._structure = None
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def structure(self) -> Structure:
+        if self._structure is None:
+            pols = sorted(self.policies.values(), key=lambda p: (p.spec.order, p.metadata.name))
+            pools = [p.spec for p in self.pools.values() if not p.spec.disabled]
+            self._structure = Structure(
+                policies=tuple(PolicyPlan("po", p.metadata.name, p.spec.order, p.spec.ingress, p.spec.egress)
+                               for p in pols),
+                profiles=tuple(PolicyPlan("pr", n, 0.0, p.spec.ingress, p.spec.egress)
+                               for n, p in sorted(self.profiles.items())),
+                selectors=tuple(sorted(self._rule_sel.users)),
+                pools6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6)),
+                pools4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4)),
+                nat6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6 and p.nat_outgoing)),
+                nat4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4 and p.nat_outgoing)))
+        return self._structure
+
+    def desired_elements(self) -> dict[str, set[Element]]:
+        """Every set of the structure with its elements (empty sets included)."""
+        out: dict[str, set[Element]] = {name: set() for name in self.structure().set_names()}
+        for name, counts in self.elements.items():
+            if name in out:
+                out[name] = set(counts)
+        return out
+
+    def take_delta(self) -> dict[str, dict[Element, bool]]:
+        """Element changes since the last call: set -> element -> present."""
+        d, self.delta = self.delta, {}
+        return {k: v for k, v in d.items() if v}
+
+    # -- the calculation -------------------------------------------------------------------
+
+    def _contributions(self, info: EndpointInfo) -> list[tuple[str, Element]]:
+        out: list[tuple[str, Element]] = []
+        if info.local:
+            i = info.interface
+            out.append((WL_IF, (i,)))
+            out.extend((WL_SRC6, (i, a)) for a in info.v6)
+            out.extend((WL_SRC4, (i, a)) for a in info.v4)
+            out.append((WL_MAC, (i, info.mac)))
+            for text in self._policy_sel.matching(info.labels):
+                for pol in self._policies_with_selector(text):
+                    out.append((applies_set("po", pol), (i,)))
+            out.extend((applies_set("pr", p), (i,)) for p in info.profiles if p in self.profiles)
+        for text in self._rule_sel.matching(info.labels):
+            out.extend((selector_set(text, 6), (a,)) for a in info.v6)
+            out.extend((selector_set(text, 4), (a,)) for a in info.v4)
+        return out
+
+    def _policies_with_selector(self, text: str) -> list[str]:
+        if text not in self._by_sel:
+            self._by_sel[text] = [n for n, p in self.policies.items() if p.spec.selector == text]
+        return self._by_sel[text]
+
+    def _refresh(self, name: str) -> None:
+        info = self.endpoints.get(name)
+        new = self._contributions(info) if info is not None else []
+        old = self.contrib.pop(name, [])
+        if new:
+            self.contrib[name] = new
+        for set_name, elem in old:
+            counts = self.elements[set_name]
+            counts[elem] -= 1
+            if counts[elem] <= 0:
+                del counts[elem]
+                d = self.delta.setdefault(set_name, {})
+                if d.get(elem) is True:
+                    del d[elem]  # added and removed within one delta: never reached the kernel
+                else:
+                    d[elem] = False
+        for set_name, elem in new:
+            counts = self.elements.setdefault(set_name, Counter())
+            counts[elem] += 1
+            if counts[elem] == 1:
+                d = self.delta.setdefault(set_name, {})
+                if d.get(elem) is False:
+                    del d[elem]  # removed and re-added within one delta: no change
+                else:
+                    d[elem] = True
+
+    def _rebuild(self) -> None:
+        """After a policy or profile change: structure anew, every contribution recomputed."""
+        self._structure = None
+        self._by_sel.clear()
+        self.elements.clear()
+        self.contrib.clear()
+        self.delta.clear()
+        for name in self.endpoints:
+            self._refresh(name)
+        self.delta.clear()  # a structure change is applied whole, not as a delta
+
+
+def _rule_selectors(res: Any) -> Iterable[str]:
+    for rule in (*res.spec.ingress, *res.spec.egress):
+        if rule.src_selector is not None:
+            yield rule.src_selector
+        if rule.dst_selector is not None:
+            yield rule.dst_selector
