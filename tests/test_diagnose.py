@@ -21,18 +21,27 @@ def diagnose(the_lab: L.Lab, src: str, dst: str) -> tuple[int, dict[str, object]
 def test_diagnose_names_the_first_failing_step() -> None:
     with lab(2, 1, ipv6_only=True) as the_lab:
         assert L.wait_until(lambda: all_ok(the_lab), 60)
-        src, dst = the_lab.topo.workloads[0], the_lab.topo.workloads[1]
-        s_ep, d_ep = the_lab.endpoint_of(src), the_lab.endpoint_of(dst)  # made by tabby-cni
-        # all green (the BGP status record is refreshed every 5 s)
-        assert L.wait_until(lambda: diagnose(the_lab, s_ep, d_ep)[0] == 0, 15), diagnose(the_lab, s_ep, d_ep)
-        # a route deleted by hand on the source host (BIRD puts it back at its next scan, 10 s)
-        dst_addr = the_lab.addresses()[dst.name]["v6"][0]
-        block = next(r["dst"] for r in json.loads(netns.ip("-j", "-6", "route", "show", ns=src.host.ns))
-                     if r.get("protocol") == "bird" and r.get("gateway") == dst.host.v6)
-        netns.ip("-6", "route", "del", block, ns=src.host.ns)
-        code, doc = diagnose(the_lab, s_ep, d_ep)
+        a, b = the_lab.topo.workloads[0], the_lab.topo.workloads[1]
+        assert the_lab.topo.blocked_pair == (a.name, b.name)  # the lab's policy blocks a -> b
+        a_ep, b_ep = the_lab.endpoint_of(a), the_lab.endpoint_of(b)  # made by tabby-cni
+        # b -> a is open: all green (the BGP status record is refreshed every 5 s)
+        assert L.wait_until(lambda: diagnose(the_lab, b_ep, a_ep)[0] == 0, 15), diagnose(the_lab, b_ep, a_ep)
+        # a -> b: every layer up to the policy is fine, and the policy is what blocks it
+        code, doc = diagnose(the_lab, a_ep, b_ep)
+        assert code == 1 and doc["first_failing"] == "policy verdict (IPv6 ping)", doc
+        verdict = next(st for st in doc["steps"] if st["name"] == "policy verdict (IPv6 ping)")
+        assert "policy lab-block ingress rule 0 (deny)" in verdict["detail"]
+        assert all(st["ok"] for st in doc["steps"] if not st["name"].startswith("policy"))
+        a_addr = the_lab.addresses()[a.name]["v6"][0]
+        assert netns.nsexec(a.ns, ["ping", "-6", "-c", "1", "-W", "1", the_lab.addresses()[b.name]["v6"][0]]
+                            ).returncode != 0  # and the kernel agrees
+        # a route deleted by hand on b's host, toward a (BIRD puts it back at its next scan, 10 s)
+        block = next(r["dst"] for r in json.loads(netns.ip("-j", "-6", "route", "show", ns=b.host.ns))
+                     if r.get("protocol") == "bird" and r.get("gateway") == a.host.v6)
+        netns.ip("-6", "route", "del", block, ns=b.host.ns)
+        code, doc = diagnose(the_lab, b_ep, a_ep)
         assert code == 1
-        assert doc["first_failing"] == f"route to {dst_addr} on {src.host.name} (source host)"
+        assert doc["first_failing"] == f"route to {a_addr} on {b.host.name} (source host)"
         # an Endpoint that does not exist is the first thing named
-        code, doc = diagnose(the_lab, s_ep, "nope")
+        code, doc = diagnose(the_lab, a_ep, "nope")
         assert code == 1 and doc["first_failing"] == "destination endpoint record"
