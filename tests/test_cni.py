@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,51 @@ def test_gc_releases_attachments_not_listed(env: tuple[str, str, Any]) -> None:
     code, _ = cni(host_ns, "GC", conf(url, **valid))
     assert code == 0
     assert ipam.handle("net1.keep") and ipam.handle("other.x") and ipam.handle("net1.stale") is None
+
+
+@pytest.fixture
+def server(env: tuple[str, str, Any], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A warm `tabby cni-server` in the host's namespace, stopped at the end."""
+    host_ns, url, _ = env
+    sock, log = tmp_path / "srv" / "cni.sock", tmp_path / "cni-server.log"
+    proc = netns.spawn(host_ns, [sys.executable, "-m", "tabby.cli", "--store", url, "cni-server", "--host", "h1",
+                                 "--socket", str(sock)], log)
+    try:
+        wait_for(sock.exists, 20, 0.05, "cni-server socket")
+        yield str(sock), log
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_warm_server_runs_the_calls_and_the_same_errors_come_back(
+        env: tuple[str, str, Any], server: tuple[str, Path], tmp_path: Path) -> None:
+    host_ns, url, store = env
+    sock, log = server
+    assert oct(Path(sock).stat().st_mode & 0o777) == "0o600"  # only root may ask for interfaces
+    with namespace("c") as c1:
+        code, res = cni(host_ns, "ADD", conf(url, server_socket=sock), c1, cid="warm0001")
+        assert code == 0, res
+        assert [ip["address"] for ip in res["ips"]] == ["fd00:e::1/128", "10.65.0.1/32"]
+        assert "fd00:e::1/128" in netns.ip("-6", "addr", "show", "dev", "eth0", ns=c1)
+        assert res["interfaces"][0]["name"] in netns.ip("link", "show", ns=host_ns)  # made in the server's netns
+        assert cni(host_ns, "CHECK", conf(url, server_socket=sock), c1, cid="warm0001")[0] == 0
+        # errors keep their codes through the server
+        code, res = cni(host_ns, "ADD", conf(url, server_socket=sock, cniVersion="0.3.1"), c1, cid="warm0002")
+        assert code == 1 and res["code"] == 7
+        assert cni(host_ns, "DEL", conf(url, server_socket=sock), "", cid="warm0001")[0] == 0
+        assert IPAM(store).handle("net1.warm0001") is None
+    served = log.read_text()
+    assert "ADD warm0001 eth0 -> 0" in served and "DEL warm0001 eth0 -> 0" in served
+
+
+def test_a_call_from_another_namespace_runs_itself(env: tuple[str, str, Any], server: tuple[str, Path]) -> None:
+    """The server would make the veth in its own namespace: a caller elsewhere is told to run in-process."""
+    _, url, _ = env
+    sock, log = server
+    with namespace("h") as other_host, namespace("c") as c1:
+        code, res = cni(other_host, "ADD", conf(url, server_socket=sock), c1, cid="else0001")
+        assert code == 0, res
+        assert res["interfaces"][0]["name"] in netns.ip("link", "show", ns=other_host)
+        assert cni(other_host, "DEL", conf(url, server_socket=sock), "", cid="else0001")[0] == 0
+    assert "else0001" not in log.read_text()

@@ -192,6 +192,39 @@ def agent(
     a.run()
 
 
+@app.command("cni-server")
+def cni_server(
+    host: Annotated[str, typer.Option(help="the Host this node is (the default for calls that name none)")],
+    socket_path: Annotated[Path | None, typer.Option("--socket", help="default /run/tabby/cni/HOST.sock")] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Serve tabby-cni calls warm, in this network namespace, until SIGTERM or SIGINT."""
+    import logging
+    import signal
+    import threading
+
+    from tabby.cni.server import serve
+    from tabby.cni.shim import SOCKET_DIR
+    from tabby.model.names import check_name
+
+    try:
+        check_name(host)
+    except ValueError as e:
+        fail(f"--host: {e}")
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} cni-server %(levelname)s: %(message)s")
+    path = socket_path or Path(SOCKET_DIR) / f"{host}.sock"
+    server = serve(path, {"TABBY_STORE": STATE.store_url, "TABBY_HOST": host})
+    stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("tabby.cni").info("serving on %s", path)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        path.unlink(missing_ok=True)
+
+
 @app.command()
 def status(
     host: Annotated[str | None, typer.Option(help="only this host")] = None,

@@ -100,6 +100,8 @@ class Lab:
         for h in self.topo.hosts:
             say(f"agent on {h.name}")
             self._agent(h)
+            if any(w.host == h for w in self.topo.workloads):
+                self._cni_server(h)
         for w in self.topo.workloads:
             say(f"container {w.name}")
             self._container(w)
@@ -190,6 +192,16 @@ class Lab:
         netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "agent", "--host", h.name,
                            "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
 
+    def cni_socket(self, h: LabHost) -> Path:
+        return self.run_dir / h.name / "cni.sock"
+
+    def _cni_server(self, h: LabHost) -> None:
+        """The warm CNI helper, as a node runs it: tabby-cni hands its calls to it."""
+        sock = self.cni_socket(h)
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "cni-server",
+                           "--host", h.name, "--socket", str(sock)], self.dir / f"cni-server-{h.name}.log")
+        netns.wait_for(sock.exists, 20, 0.05, f"cni-server on {h.name}")
+
     CNI_NETWORK = "lab"
 
     def endpoint_of(self, w: LabWorkload) -> str:
@@ -205,11 +217,12 @@ class Lab:
         netns.add_netns(w.ns)
         conf = json.dumps({"cniVersion": "1.1.0", "name": self.CNI_NETWORK, "type": "tabby-cni",
                            "store": self.store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only,
-                           "profiles": [OPEN_PROFILE], "labels": {WORKLOAD_LABEL: w.name}})
+                           "profiles": [OPEN_PROFILE], "labels": {WORKLOAD_LABEL: w.name},
+                           "server_socket": str(self.cni_socket(w.host))})
         env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": w.name, "CNI_NETNS": f"/run/netns/{w.ns}",
                "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
         r = subprocess.run(["ip", "netns", "exec", w.host.ns, sys.executable, "-c",
-                            "from tabby.cni.main import main; main()"], input=conf, capture_output=True, text=True,
+                            "from tabby.cni.shim import main; main()"], input=conf, capture_output=True, text=True,
                            env={**os.environ, **env})
         if r.returncode != 0:
             raise RuntimeError(f"tabby-cni ADD for {w.name}: {r.stdout.strip()} {r.stderr.strip()}")
