@@ -3,7 +3,8 @@
 One per host (per network namespace, since ADD makes the veth where the server runs), on a unix
 socket only root may open (directory 0700, socket 0600): whoever can talk to it can make
 interfaces. Each call runs in its own thread, like separate plugin processes would, with its own
-Store connection. A call from another network namespace is told to run itself (``fallback``).
+Store connection. A call from another network or mount namespace is told to run itself
+(``fallback``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class _Handler(socketserver.StreamRequestHandler):
             request = json.loads(self.rfile.read())
             env = {str(k): str(v) for k, v in request["env"].items()}
             raw = str(request["stdin"]).encode()
-            peer_ns = int(request.get("netns", 0))
+            peer_ns = str(request.get("netns", ""))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("malformed request: %s", e)
             self.wfile.write(json.dumps({"code": 1, "stdout": json.dumps(
