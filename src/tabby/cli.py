@@ -414,6 +414,11 @@ app.add_typer(lab_app, name="lab")
 PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespaces (several labs can coexist)")]
 
 
+class LabStore(StrEnum):
+    sqlite = "sqlite"
+    etcd = "etcd"
+
+
 @lab_app.command("up")
 def lab_up(
     hosts: Annotated[int, typer.Option(help="compute hosts")] = 3,
@@ -422,6 +427,8 @@ def lab_up(
     ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
     wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
     route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
+    store: Annotated[LabStore, typer.Option("--store", help="the embedded SQLite file, or a real etcd on the fabric")
+                     ] = LabStore.sqlite,
     prefix: PrefixOpt = "tbl",
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
@@ -435,7 +442,7 @@ def lab_up(
     except ValueError as e:
         fail(str(e))
     L.down(prefix)
-    lab = L.Lab(topo, L.default_store(prefix))
+    lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
         task = progress.add_task("building", total=None)
         try:

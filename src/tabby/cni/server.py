@@ -1,7 +1,7 @@
 """``tabby cni-server``: the CNI verbs, warm, for the shim on this host.
 
 One per host (per network namespace, since ADD makes the veth where the server runs), on a unix
-socket only root may open (directory 0700, socket 0600): whoever can talk to it can make
+socket only root may open (0600; a directory it creates is 0700): whoever can talk to it can make
 interfaces. Each call runs in its own thread, like separate plugin processes would, with its own
 Store connection. A call from another network or mount namespace is told to run itself
 (``fallback``).
@@ -58,8 +58,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 def serve(path: Path, defaults: dict[str, str], ready: threading.Event | None = None) -> _Server:
     """Listen on path (replacing a stale socket) and return the server; serve_forever() runs it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing directory keeps its mode
     if path.is_socket():
         path.unlink()
     old = os.umask(0o177)

@@ -24,6 +24,7 @@ from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
 from tabby.lab import netns
 from tabby.lab.topology import (
+    ETCD_V6,
     OUTSIDE_ASN,
     OUTSIDE_FABRIC_V4,
     OUTSIDE_FABRIC_V6,
@@ -45,6 +46,7 @@ from tabby.store import open_store
 OPEN_PROFILE = "lab-open"
 BLOCK_POLICY = "lab-block"
 WORKLOAD_LABEL = "lab.workload"
+FORWARDER_MARK = "TABBY_LAB_FORWARDER"  # in the forwarder's environment: `down` ends it only if it is ours
 LAB_ROOT = Path("/var/lib/tabby/lab")  # one directory per lab prefix: state, store, agent logs
 RUN_ROOT = Path("/run/tabby/lab")  # one directory per lab prefix: BIRD's config and socket per host
 
@@ -65,8 +67,16 @@ def _quiet(_: str) -> None:
 
 @dataclass
 class Lab:
+    """store_url: the Store as seen from this (the root) namespace, for the lab's own writes, the
+    CLI and tests; agent_store_url: as the hosts see it (they differ only for etcd, below)."""
+
     topo: Topology
     store_url: str
+    agent_store_url: str = ""
+    store_kind: str = "sqlite"
+
+    def __post_init__(self) -> None:
+        self.agent_store_url = self.agent_store_url or self.store_url
 
     @property
     def dir(self) -> Path:
@@ -78,18 +88,26 @@ class Lab:
 
     # -- building ------------------------------------------------------------------------
 
-    def up(self, say: Say = _quiet) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _save_state(self) -> None:
         (self.dir / "state.json").write_text(json.dumps({
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
+            "agent_store": self.agent_store_url, "store_kind": self.store_kind,
             "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors),
             "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)),
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
+
+    def up(self, say: Say = _quiet) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._save_state()
         say("fabric")
         fab = self.topo.fabric_ns
         netns.add_netns(fab)
         netns.ip("link", "add", "br0", "type", "bridge", ns=fab)
         netns.ip("link", "set", "br0", "up", ns=fab)
+        if self.store_kind == "etcd":
+            say("etcd on the fabric")
+            self._etcd()
+            self._save_state()
         for h in self.topo.hosts:
             say(f"host {h.name}")
             self._host(h)
@@ -110,6 +128,34 @@ class Lab:
             self.add_vm(v)
         for _, ns in self.members():
             self._tcp_server(ns)
+
+    def _etcd(self) -> None:
+        """etcd in a namespace of its own on the fabric, where every host reaches it, and a loopback
+        forwarder in this namespace (socat, one `ip netns exec` per connection) for the lab's own
+        writes and the CLI: this namespace has no link to the fabric, and gets none."""
+        from tabby.lab.etcd import EtcdServer, free_port
+
+        ns, fab = self.topo.etcd_ns, self.topo.fabric_ns
+        netns.add_netns(ns)
+        netns.ip("link", "add", f"{self.topo.prefix}pe", "type", "veth", "peer", "name", "eth0", ns=fab)
+        netns.ip("link", "set", "eth0", "netns", ns, ns=fab)
+        netns.ip("link", "set", f"{self.topo.prefix}pe", "master", "br0", "up", ns=fab)
+        netns.ip("addr", "add", f"{ETCD_V6}/64", "dev", "eth0", "nodad", ns=ns)
+        netns.ip("link", "set", "eth0", "up", ns=ns)
+        netns.ip("link", "set", "lo", "up", ns=ns)
+        (self.dir / "etcd").mkdir(exist_ok=True)
+        etcd = EtcdServer(name=f"{self.topo.prefix}-etcd", data_dir=str(self.dir / "etcd"), netns=ns, host=ETCD_V6)
+        etcd.start()  # ends with the namespace at `down`
+        port = free_port()
+        script = self.dir / "etcd-forward.sh"  # a script: socat would split an address inside EXEC at ':'
+        script.write_text(f"#!/bin/sh\nexec ip netns exec {ns} socat STDIO 'TCP6:[{ETCD_V6}]:{etcd.port}'\n")
+        script.chmod(0o755)
+        fwd = netns.spawn_here(["socat", f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{script}"],
+                               self.dir / "etcd-forwarder.log", {FORWARDER_MARK: self.topo.prefix})
+        (self.dir / "forwarder.pid").write_text(str(fwd.pid))
+        self.agent_store_url = etcd.url
+        self.store_url = f"etcd://127.0.0.1:{port}"
+        netns.wait_for(lambda: _etcd_answers(self.store_url), 20, 0.1, "etcd through the forwarder")
 
     def _host(self, h: LabHost) -> None:
         fab = self.topo.fabric_ns
@@ -189,16 +235,16 @@ class Lab:
 
     def _agent(self, h: LabHost) -> None:
         log = self.dir / f"agent-{h.name}.log"
-        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "agent", "--host", h.name,
-                           "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.agent_store_url, "agent",
+                           "--host", h.name, "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
 
     def cni_socket(self, h: LabHost) -> Path:
-        return self.run_dir / h.name / "cni.sock"
+        return self.run_dir / h.name / "cni" / "cni.sock"
 
     def _cni_server(self, h: LabHost) -> None:
         """The warm CNI helper, as a node runs it: tabby-cni hands its calls to it."""
         sock = self.cni_socket(h)
-        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url, "cni-server",
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.agent_store_url, "cni-server",
                            "--host", h.name, "--socket", str(sock)], self.dir / f"cni-server-{h.name}.log")
         netns.wait_for(sock.exists, 20, 0.05, f"cni-server on {h.name}")
 
@@ -216,7 +262,7 @@ class Lab:
         """A container made the way a runtime makes one: an empty namespace, then tabby-cni ADD."""
         netns.add_netns(w.ns)
         conf = json.dumps({"cniVersion": "1.1.0", "name": self.CNI_NETWORK, "type": "tabby-cni",
-                           "store": self.store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only,
+                           "store": self.agent_store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only,
                            "profiles": [OPEN_PROFILE], "labels": {WORKLOAD_LABEL: w.name},
                            "server_socket": str(self.cni_socket(w.host))})
         env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": w.name, "CNI_NETNS": f"/run/netns/{w.ns}",
@@ -355,18 +401,32 @@ def load(prefix: str = PREFIX) -> Lab:
     state = json.loads((lab_dir(prefix) / "state.json").read_text())
     topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix),
                     tuple(state.get("route_reflectors", ())), state.get("vms", 0))
-    return Lab(topo, state["store"])
+    return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"))
 
 
 def down(prefix: str = PREFIX) -> list[str]:
     """Remove every namespace of this lab (ending the processes inside, by pid), and its files."""
     gone = netns.sweep(prefix + "-")
+    pid_file = lab_dir(prefix) / "forwarder.pid"
+    if pid_file.exists():  # the etcd forwarder, the one lab process outside the lab's namespaces
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text())
+            if f"{FORWARDER_MARK}={prefix}\0" in Path(f"/proc/{pid}/environ").read_text():
+                netns.kill_pid(pid)
     for d in (lab_dir(prefix), RUN_ROOT / prefix):
         shutil.rmtree(d, ignore_errors=True)
     for root in (LAB_ROOT, RUN_ROOT):  # the parents too, once no lab is left in them
         with contextlib.suppress(OSError):
             root.rmdir()
     return gone
+
+
+def _etcd_answers(url: str) -> bool:
+    try:
+        open_store(url).revision()
+        return True
+    except Exception:
+        return False
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

@@ -81,6 +81,16 @@ def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = 
         out.close()
 
 
+def spawn_here(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A process in this (the caller's) namespace, in a session of its own."""
+    out = open(log, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+    finally:
+        out.close()
+
+
 def kill_pid(pid: int, sig: int = signal.SIGTERM) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)

@@ -26,6 +26,7 @@ OUTSIDE_V4 = "10.99.0.1"
 OUTSIDE_FABRIC_V6 = "fd00:f::fe"
 OUTSIDE_FABRIC_V4 = "10.255.0.254"
 OUTSIDE_ASN = 65100
+ETCD_V6 = "fd00:f::fd"  # the lab's etcd (with --store etcd), in its own namespace on the fabric
 TCP_PORT = 8080  # every workload and the outside router answer TCP here, for the matrix
 
 
@@ -130,6 +131,10 @@ class Topology:
     @property
     def outside_ns(self) -> str:
         return f"{self.prefix}-out"
+
+    @property
+    def etcd_ns(self) -> str:
+        return f"{self.prefix}-etcd"
 
 
 def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX,

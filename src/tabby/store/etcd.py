@@ -59,7 +59,7 @@ def _kv(d: dict[str, Any]) -> KV:
 class EtcdStore:
     def __init__(self, host: str = "127.0.0.1", port: int = 2379, *, timeout: float = 10.0) -> None:
         self.host, self.port, self.timeout = host, port, timeout
-        self._client = Etcd3Client(host=host, port=port, timeout=timeout)
+        self._client = Etcd3Client(host=host, port=port, timeout=timeout)  # it brackets an IPv6 host itself
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.host}:{self.port})"
