@@ -3,8 +3,8 @@
 One per host (per network namespace, since ADD makes the veth where the server runs), on a unix
 socket only root may open (0600; a directory it creates is 0700): whoever can talk to it can make
 interfaces. Each call runs in its own thread, like separate plugin processes would, with its own
-Store connection. A call from another network or mount namespace is told to run itself
-(``fallback``).
+Store connection. A call from another network namespace, or whose CNI_NETNS path names another
+file here than there, is told to run itself (``fallback``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tabby.cni.main import run
-from tabby.cni.shim import netns_id
+from tabby.cni.shim import netns_id, path_id
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,14 @@ class _Handler(socketserver.StreamRequestHandler):
             request = json.loads(self.rfile.read())
             env = {str(k): str(v) for k, v in request["env"].items()}
             raw = str(request["stdin"]).encode()
-            peer_ns = str(request.get("netns", ""))
+            peer_ns = int(request.get("netns", 0))
+            peer_path = str(request.get("cni_netns", ""))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("malformed request: %s", e)
             self.wfile.write(json.dumps({"code": 1, "stdout": json.dumps(
                 {"cniVersion": "1.1.0", "code": 4, "msg": "malformed request to tabby cni-server"})}).encode())
             return
-        if peer_ns != netns_id():
+        if peer_ns != netns_id() or (peer_path and path_id(env.get("CNI_NETNS", "")) != peer_path):
             self.wfile.write(b'{"fallback": true}')
             return
         for key, value in self.server.defaults.items():  # type: ignore[attr-defined]

@@ -3,8 +3,8 @@
 Why a shim: a runtime starts one plugin process per call, and importing tabby's model (pydantic)
 alone costs ~100 ms. This file imports only the standard library; the server has everything
 loaded already. The call goes in-process instead when no server answers on the socket, or when
-the server sits in another network or mount namespace than the caller (it would make the veth
-in its own network namespace, and might not see the caller's CNI_NETNS path).
+the server sits in another network namespace than the caller (it would make the veth in its own),
+or does not see the caller's CNI_NETNS path as the same namespace file.
 Once the server has the request, its answer is final: a server that dies mid-call yields CNI
 error 11 (try again later), never a second attempt here, so an ADD is never run twice at once.
 """
@@ -37,10 +37,18 @@ def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
     return f"{SOCKET_DIR}/{host}.sock"
 
 
-def netns_id() -> str:
-    """Network and mount namespace: the server must share both (CNI_NETNS is a path, and a runtime
-    like podman mounts its namespaces where only its own mount namespace sees them)."""
-    return f"{os.stat('/proc/self/ns/net').st_ino}:{os.stat('/proc/self/ns/mnt').st_ino}"
+def netns_id() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def path_id(path: str) -> str:
+    """What a path names, as this process sees it ("" if nothing): CNI_NETNS is a path, and a
+    runtime like podman mounts its namespaces where only its own mount namespace sees them."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def via_server(path: str, environ: dict[str, str], raw: bytes) -> tuple[int, str] | None:
@@ -53,7 +61,8 @@ def via_server(path: str, environ: dict[str, str], raw: bytes) -> tuple[int, str
         s.close()
         return None
     env = {k: v for k, v in environ.items() if k.startswith("CNI_") or k in ("TABBY_STORE", "TABBY_HOST")}
-    request = json.dumps({"env": env, "stdin": raw.decode("utf-8", "replace"), "netns": netns_id()}).encode()
+    request = json.dumps({"env": env, "stdin": raw.decode("utf-8", "replace"), "netns": netns_id(),
+                          "cni_netns": path_id(env["CNI_NETNS"]) if env.get("CNI_NETNS") else ""}).encode()
     try:
         s.settimeout(300.0)
         s.sendall(request)
