@@ -38,3 +38,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# A second environment for OpenStack: neutron-server (with tabby's ML2 driver installed into it)
+# brings its own pins of oslo.*, SQLAlchemy and eventlet, kept apart from tabby's own .venv.
+NEUTRON_VERSION=29.0.0
+if [ ! -x .venv-neutron/bin/python ]; then
+  "$PY" -m venv .venv-neutron
+fi
+nstamp=.venv-neutron/.tabby-installed
+if [ ! -f "$nstamp" ] || [ pyproject.toml -nt "$nstamp" ]; then
+  .venv-neutron/bin/python -m pip install -q "neutron==$NEUTRON_VERSION" -e .
+  touch "$nstamp"
+fi

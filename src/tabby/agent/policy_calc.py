@@ -216,7 +216,7 @@ class PolicyIndex:
     def structure(self) -> Structure:
         if self._structure is None:
             pols = sorted(self.policies.values(), key=lambda p: (p.spec.order, p.metadata.name))
-            pools = [p.spec for p in self.pools.values() if not p.spec.disabled]
+            pools = [p.spec for p in self.pools.values()]  # disabled: no new allocations, workloads stay
             self._structure = Structure(
                 policies=tuple(PolicyPlan("po", p.metadata.name, p.spec.order, p.spec.ingress, p.spec.egress)
                                for p in pols),

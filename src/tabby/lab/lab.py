@@ -273,28 +273,41 @@ class Lab:
         if r.returncode != 0:
             raise RuntimeError(f"tabby-cni ADD for {w.name}: {r.stdout.strip()} {r.stderr.strip()}")
 
-    def add_vm(self, v: LabVm, *, start_client: bool = True, addresses: tuple[str, ...] = ()) -> None:
-        """The tap and the VM namespace, the orchestrator's allocation and Endpoint, and the guest's
-        own DHCP client, configured only by ``tabby guest render``."""
+    def add_vm(self, v: LabVm, *, start_client: bool = True, addresses: tuple[str, ...] = (),
+               orchestrate: bool = True) -> None:
+        """The tap and the VM namespace, the orchestrator's allocation and Endpoint (unless another
+        orchestrator, such as Neutron, writes them: orchestrate=False), and the guest's own DHCP
+        client, configured only by ``tabby guest render``."""
         ns, host_ns = v.ns, v.host.ns
         netns.add_netns(ns)
         netns.ip("link", "add", "eth0", "address", v.mac, "type", "veth", "peer", "name", v.tap, ns=ns)
         netns.ip("link", "set", v.tap, "netns", host_ns, ns=ns)
         netns.ip("link", "set", v.tap, "up", ns=host_ns)
+        if orchestrate:
+            self._orchestrate_vm(v, addresses)
+        self._guest(v, start_client)
+
+    def _orchestrate_vm(self, v: LabVm, addresses: tuple[str, ...]) -> None:
         ipam = IPAM(open_store(self.store_url))
         if addresses:  # as an orchestrator asking for fixed IPs (a re-created VM keeping its address)
             got = [ipam.assign_address(v.handle, v.host.name, a, endpoint=v.name) for a in addresses]
         else:
-            got = ipam.assign(v.handle, v.host.name, ipv6=1, ipv4=0 if self.topo.ipv6_only else 1, endpoint=v.name)
+            got = ipam.assign(v.handle, v.host.name, ipv6=1, ipv4=int(self._v4(v)), endpoint=v.name)
         ResourceClient(open_store(self.store_url)).apply(validate({
             "kind": "Endpoint", "metadata": {"name": v.name, "labels": {"lab": "vm", WORKLOAD_LABEL: v.name}},
             "spec": {"host": v.host.name, "orchestrator": "vm", "workload_id": v.handle, "interface": v.tap,
                      "profiles": [OPEN_PROFILE],
                      "mac": v.mac, "ipv6_addresses": [str(a.ip) for a in got if a.ip.version == 6],
                      "ipv4_addresses": [str(a.ip) for a in got if a.ip.version == 4]}}))
+
+    def _v4(self, v: LabVm) -> bool:
+        return (not self.topo.ipv6_only) if v.ipv4 is None else v.ipv4
+
+    def _guest(self, v: LabVm, start_client: bool) -> None:
+        ns = v.ns
         guest = self.dir / f"guest-{v.name}"
         guest.mkdir(parents=True, exist_ok=True)
-        for f in guest_render("debian", ("eth0",), not self.topo.ipv6_only):
+        for f in guest_render("debian", ("eth0",), self._v4(v)):
             target = guest / f.path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             if f.mode == "replace":
@@ -325,12 +338,12 @@ class Lab:
             retry = (f"for i in $(seq 30); do dhclient -6 -d -sf {script} -lf {guest / 'lease6'} "
                      f"-pf {guest / 'dhclient6.pid'} eth0 && break; sleep 0.3; done")
             netns.spawn(v.ns, ["sh", "-c", retry], log)
-            if not self.topo.ipv6_only:
+            if self._v4(v):
                 netns.spawn(v.ns, ["dhclient", "-4", "-d", "-sf", script, "-lf", str(guest / "lease4"),
                                    "-pf", str(guest / "dhclient4.pid"), "eth0"], log)
         else:
             conf = guest / "dhcpcd.conf"
-            conf.write_text(("ipv6only\n" if self.topo.ipv6_only else "") +
+            conf.write_text(("" if self._v4(v) else "ipv6only\n") +
                             "duid ll\nnoipv4ll\noption rapid_commit\nia_na\nnohook resolv.conf\n")
             # dhcpcd keeps state in /run/dhcpcd and /var/lib/dhcpcd, which are not per network namespace
             cmd = ("mount -t tmpfs tmpfs /run/dhcpcd 2>/dev/null || { mkdir -p /run/dhcpcd && "

@@ -80,6 +80,9 @@ class LabVm:
     host: LabHost
     index: int
     client: str = "dhclient"
+    tap_name: str | None = None  # given by an orchestrator (Neutron: "tap" + port id); else derived
+    mac_address: str | None = None
+    ipv4: bool | None = None  # does the guest ask for IPv4 too; None: unless the lab is IPv6-only
 
     @property
     def name(self) -> str:
@@ -91,11 +94,11 @@ class LabVm:
 
     @property
     def tap(self) -> str:
-        return f"tap{self.host.index}v{self.index}"
+        return self.tap_name or f"tap{self.host.index}v{self.index}"
 
     @property
     def mac(self) -> str:
-        return f"52:54:00:00:{self.host.index:02x}:{self.index:02x}"
+        return self.mac_address or f"52:54:00:00:{self.host.index:02x}:{self.index:02x}"
 
     @property
     def handle(self) -> str:
