@@ -1,0 +1,76 @@
+"""Neutron records -> tabby resources, the pure part of the OpenStack integration."""
+
+from __future__ import annotations
+
+import pytest
+
+from tabby.model import validate
+from tabby.openstack.translate import (
+    NO_PORT_SECURITY,
+    Unsupported,
+    check_subnet,
+    desired,
+    endpoint_doc,
+    pool_doc,
+    profile_doc,
+)
+
+PORT = {"id": "0123456789abcdef-0000", "network_id": "net-1", "mac_address": "fa:16:3e:00:00:01",
+        "binding:host_id": "h1", "binding:vif_type": "tap", "device_id": "vm-1", "security_groups": ["sg-a"],
+        "port_security_enabled": True,
+        "fixed_ips": [{"subnet_id": "s6", "ip_address": "fd00:5::10"}, {"subnet_id": "s4", "ip_address": "10.66.0.5"}]}
+
+
+def test_a_bound_port_becomes_an_endpoint_and_an_unbound_one_nothing() -> None:
+    ep = validate(endpoint_doc(PORT))
+    assert ep.metadata.name == "os-0123456789abcdef-0000"
+    assert ep.spec.interface == "tap0123456789a" and ep.spec.host == "h1" and ep.spec.workload_id == "vm-1"
+    assert [str(a) for a in ep.spec.ipv6_addresses] == ["fd00:5::10/128"]
+    assert [str(a) for a in ep.spec.ipv4_addresses] == ["10.66.0.5/32"]
+    assert ep.spec.profiles == ("sg-sg-a",) and "sg.openstack/sg-a" in ep.metadata.labels
+    assert endpoint_doc({**PORT, "binding:vif_type": "binding_failed"}) is None
+    assert endpoint_doc({**PORT, "binding:host_id": ""}) is None
+    assert validate(endpoint_doc({**PORT, "port_security_enabled": False})).spec.profiles == (NO_PORT_SECURITY,)
+
+
+def test_subnet_modes() -> None:
+    check_subnet({"ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful", "ipv6_ra_mode": None})
+    check_subnet({"ip_version": 4, "enable_dhcp": True})
+    for bad in ({"ip_version": 6, "ipv6_address_mode": "slaac"},
+                {"ip_version": 6, "ipv6_address_mode": "dhcpv6-stateless"},
+                {"ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful", "ipv6_ra_mode": "slaac"},
+                {"ip_version": 4, "enable_dhcp": False}):
+        with pytest.raises(Unsupported):
+            check_subnet(bad)
+    pool = validate(pool_doc({"id": "s6", "cidr": "fd00:5::/64"}))
+    assert pool.spec.disabled and str(pool.spec.cidr) == "fd00:5::/64"  # Neutron allocates, not tabby
+
+
+def test_security_group_rules() -> None:
+    sg = {"id": "g1", "security_group_rules": [
+        {"id": "1", "direction": "ingress", "ethertype": "IPv6", "protocol": "icmp", "port_range_min": 128},
+        {"id": "2", "direction": "ingress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 80,
+         "port_range_max": 90, "remote_ip_prefix": "10.0.0.0/8"},
+        {"id": "3", "direction": "ingress", "ethertype": "IPv6", "protocol": "udp", "port_range_min": 53,
+         "port_range_max": 53, "remote_group_id": "g2"},
+        {"id": "4", "direction": "egress", "ethertype": "IPv6", "protocol": None, "remote_ip_prefix": "::/0"},
+        {"id": "5", "direction": "ingress", "ethertype": "IPv4", "protocol": "132"},
+        {"id": "6", "direction": "ingress", "ethertype": "IPv4", "remote_address_group_id": "ag"},
+    ]}
+    prof = validate(profile_doc(sg))
+    icmp, tcp, udp, sctp = prof.spec.ingress  # the address-group rule is left out: denies more, never less
+    assert icmp.protocol == "icmpv6" and icmp.icmp_type == 128 and icmp.ip_version == 6
+    assert tcp.dst_ports == ("80:90",) and [str(n) for n in tcp.src_nets] == ["10.0.0.0/8"]
+    assert udp.dst_ports == (53,) and udp.src_selector == "has(sg.openstack/g2)"
+    assert sctp.protocol == 132
+    (eg,) = prof.spec.egress
+    assert eg.ip_version == 6 and [str(n) for n in eg.dst_nets] == ["::/0"]
+
+
+def test_desired_skips_subnets_tabby_does_not_serve() -> None:
+    docs = desired([{"id": "a", "cidr": "fd00:7::/64", "ip_version": 6, "ipv6_address_mode": "slaac"},
+                    {"id": "b", "cidr": "fd00:8::/64", "ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful"}],
+                   [PORT], [{"id": "sg-a", "security_group_rules": []}])
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("IPPool", "subnet-b") in names and ("IPPool", "subnet-a") not in names
+    assert ("Endpoint", "os-0123456789abcdef-0000") in names and ("Profile", "sg-sg-a") in names
