@@ -501,6 +501,9 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
         print(json.dumps(rows, indent=2))
     else:
         names = [name for name, _ in lab.members()] + ["outside"]
+        # wide enough for every column even when not on a terminal (rich would fold it to 80)
+        need = (max(map(len, names)) + 3) * (len(names) + 1) + 20
+        table_out = out if out.is_terminal else Console(width=max(out.width, need))
         for fam in fams:
             t = Table(title=f"ping and TCP over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
             t.add_column("from \\ to", min_width=max(map(len, names)), no_wrap=True)
@@ -516,7 +519,7 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
                     fail_text = "[red]NOT BLOCKED[/]" if blocked else f"[red]FAIL {'+'.join(bad)}[/]"
                     cells.append("-" if src == dst else (good if hit and not bad else fail_text))
                 t.add_row(src, *cells)
-            out.print(t)
+            table_out.print(t)
         if lab.topo.blocked_pair:
             out.print(f"policy {L.BLOCK_POLICY} denies {lab.topo.blocked_pair[0]} -> {lab.topo.blocked_pair[1]} "
                       f"(the reverse stays open); every other pair is allowed by profile {L.OPEN_PROFILE}",
