@@ -157,6 +157,19 @@ def delete(kind: str, name: str) -> None:
     out.print(f"{kind.lower()}/{name} deleted (revision {rev})", highlight=False)
 
 
+def _daemon_setup(host: str, log_level: str, what: str) -> None:
+    """A long-running command's checks and logging: the host name first, then one log format."""
+    import logging
+
+    from tabby.model.names import check_name
+
+    try:
+        check_name(host)
+    except ValueError as e:
+        fail(f"--host: {e}")
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} {what}%(levelname)s %(name)s: %(message)s")
+
+
 @app.command()
 def agent(
     host: Annotated[str, typer.Option(help="the Host this agent serves (its Endpoints have spec.host = HOST)")],
@@ -172,13 +185,8 @@ def agent(
     import signal
 
     from tabby.agent.agent import Agent
-    from tabby.model.names import check_name
 
-    try:
-        check_name(host)
-    except ValueError as e:
-        fail(f"--host: {e}")
-    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} %(levelname)s %(name)s: %(message)s")
+    _daemon_setup(host, log_level, "")
     for noisy in ("pyroute2", "urllib3", "asyncio"):  # one debug line per message or connection
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -205,13 +213,8 @@ def cni_server(
 
     from tabby.cni.server import serve
     from tabby.cni.shim import SOCKET_DIR
-    from tabby.model.names import check_name
 
-    try:
-        check_name(host)
-    except ValueError as e:
-        fail(f"--host: {e}")
-    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} cni-server %(levelname)s: %(message)s")
+    _daemon_setup(host, log_level, "cni-server ")
     path = socket_path or Path(SOCKET_DIR) / f"{host}.sock"
     server = serve(path, {"TABBY_STORE": STATE.store_url, "TABBY_HOST": host})
     stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731

@@ -135,11 +135,8 @@ class Lab:
         writes and the CLI: this namespace has no link to the fabric, and gets none."""
         from tabby.lab.etcd import EtcdServer, free_port
 
-        ns, fab = self.topo.etcd_ns, self.topo.fabric_ns
-        netns.add_netns(ns)
-        netns.ip("link", "add", f"{self.topo.prefix}pe", "type", "veth", "peer", "name", "eth0", ns=fab)
-        netns.ip("link", "set", "eth0", "netns", ns, ns=fab)
-        netns.ip("link", "set", f"{self.topo.prefix}pe", "master", "br0", "up", ns=fab)
+        ns = self.topo.etcd_ns
+        self._plug(ns, f"{self.topo.prefix}pe")
         netns.ip("addr", "add", f"{ETCD_V6}/64", "dev", "eth0", "nodad", ns=ns)
         netns.ip("link", "set", "eth0", "up", ns=ns)
         netns.ip("link", "set", "lo", "up", ns=ns)
@@ -157,12 +154,16 @@ class Lab:
         self.store_url = f"etcd://127.0.0.1:{port}"
         netns.wait_for(lambda: _etcd_answers(self.store_url), 20, 0.1, "etcd through the forwarder")
 
-    def _host(self, h: LabHost) -> None:
+    def _plug(self, ns: str, port: str) -> None:
+        """A new namespace with an eth0 on the fabric bridge (the other end, `port`, in br0)."""
         fab = self.topo.fabric_ns
-        netns.add_netns(h.ns)
-        netns.ip("link", "add", h.bridge_port, "type", "veth", "peer", "name", "eth0", ns=fab)
-        netns.ip("link", "set", "eth0", "netns", h.ns, ns=fab)
-        netns.ip("link", "set", h.bridge_port, "master", "br0", "up", ns=fab)
+        netns.add_netns(ns)
+        netns.ip("link", "add", port, "type", "veth", "peer", "name", "eth0", ns=fab)
+        netns.ip("link", "set", "eth0", "netns", ns, ns=fab)
+        netns.ip("link", "set", port, "master", "br0", "up", ns=fab)
+
+    def _host(self, h: LabHost) -> None:
+        self._plug(h.ns, h.bridge_port)
         netns.ip("addr", "add", f"{h.v6}/64", "dev", "eth0", "nodad", ns=h.ns)
         if h.v4:
             netns.ip("addr", "add", f"{h.v4}/24", "dev", "eth0", ns=h.ns)
@@ -171,11 +172,8 @@ class Lab:
     def _outside(self) -> None:
         """A router outside the data center: on the fabric, peering eBGP with every host, with an
         outside address on its loopback that workloads reach and that reaches them."""
-        ns, fab = self.topo.outside_ns, self.topo.fabric_ns
-        netns.add_netns(ns)
-        netns.ip("link", "add", f"{self.topo.prefix}po", "type", "veth", "peer", "name", "eth0", ns=fab)
-        netns.ip("link", "set", "eth0", "netns", ns, ns=fab)
-        netns.ip("link", "set", f"{self.topo.prefix}po", "master", "br0", "up", ns=fab)
+        ns = self.topo.outside_ns
+        self._plug(ns, f"{self.topo.prefix}po")
         netns.ip("addr", "add", f"{OUTSIDE_FABRIC_V6}/64", "dev", "eth0", "nodad", ns=ns)
         netns.ip("addr", "add", f"{OUTSIDE_V6}/128", "dev", "lo", ns=ns)
         if not self.topo.ipv6_only:
