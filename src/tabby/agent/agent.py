@@ -429,7 +429,8 @@ class Agent:
         replaces, patches = self.policy.replaces, self.policy.patches
         ok = self.policy.apply(self.policy_index)
         now = time.monotonic()
-        if ok and (full or now >= self.next_policy_check):
+        just_replaced = self.policy.replaces != replaces  # the kernel holds exactly what we wrote
+        if ok and not just_replaced and (full or now >= self.next_policy_check):
             self.next_policy_check = now + POLICY_CHECK_S
             if self.policy.check(self.policy_index, force=full):
                 self.metrics.policy_drift.inc()
