@@ -41,18 +41,28 @@ def netns_exists(name: str) -> bool:
 
 
 def sweep(prefix: str) -> list[str]:
-    """Remove every namespace whose name starts with prefix (crash leftovers)."""
+    """Remove every namespace whose name starts with prefix (crash leftovers), and end every process
+    in them first. In rounds: a process may start another while it is being stopped (an agent whose
+    VMs' taps vanish restarts dnsmasq), and once a namespace is deleted its processes can no longer
+    be found by it, so the namespaces go only when a round finds nobody left."""
     names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)) if NETNS_DIR.exists() else []
-    pids = {int(p) for n in names for p in
-            subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()}
-    for pid in pids:
-        kill_pid(pid)
-    deadline = time.monotonic() + 5
-    while pids and time.monotonic() < deadline:
-        pids = {p for p in pids if Path(f"/proc/{p}").exists()}
-        time.sleep(0.05)
-    for pid in pids:
-        kill_pid(pid, signal.SIGKILL)
+
+    def members() -> set[int]:
+        return {int(p) for n in names for p in
+                subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()}
+
+    for attempt in range(6):
+        pids = members()
+        if not pids:
+            break
+        for pid in pids:
+            kill_pid(pid, signal.SIGTERM if attempt < 3 else signal.SIGKILL)
+        deadline = time.monotonic() + 3
+        while pids and time.monotonic() < deadline:
+            pids = {p for p in pids if Path(f"/proc/{p}").exists()}
+            time.sleep(0.05)
+        for pid in pids:
+            kill_pid(pid, signal.SIGKILL)
     for n in names:
         del_netns(n)
     return names
