@@ -51,7 +51,8 @@ def test_incremental_deltas_keep_the_kernel_equal_to_a_fresh_calculation(
     for step, (i, role, local, v4) in enumerate(ops):
         if step == policy_at:
             idx.set_policy("p", policy("p", 'role == "web"', 'role in {"cli", "web"}'))
-            kernel = {k: set(v) for k, v in idx.desired_elements().items()}  # a structure change: replaced whole
+            idx.take_delta()  # a structure change: the reconciler takes the delta and replaces the table whole
+            kernel = {k: set(v) for k, v in idx.desired_elements().items()}
         name = f"e{i}"
         if role is None:
             idx.set_endpoint(name, None)
@@ -173,3 +174,21 @@ def test_reconciler_replaces_then_patches_elements_and_recovers_from_hand_edits(
         assert {"concat": ["tby5", "02:00:00:00:00:05"]} in sets["wl_mac"]
         assert {"concat": ["tby4", "10.65.0.4"]} in sets["wl_src4"]
         assert sorted(sets[selector_set('role == "cli"', 6)]) == ["fd00:e::2", "fd00:e::4", "fd00:e::9"]
+
+
+def test_a_policy_delivered_again_keeps_pending_endpoint_changes() -> None:
+    """A relist delivers the same policy again: the structure is unchanged, so only the delta is
+    written, and it must still hold the endpoint that arrived just before."""
+    idx = PolicyIndex()
+    pol = policy("p", 'role == "web"', 'role == "cli"')
+    idx.set_policy("p", pol)
+    idx.set_endpoint("a", ep("a", 1, {"role": "web"}), local=True)
+    before = idx.structure()
+    idx.take_delta()
+    idx.set_endpoint("b", ep("b", 2, {"role": "cli"}), local=True)
+    idx.set_policy("p", pol)
+    assert idx.structure() == before
+    delta = idx.take_delta()
+    assert delta[selector_set('role == "cli"', 6)] == {("fd00:e::2",): True}
+    assert delta[WL_IF] == {("tby2",): True}
+    assert ("tby1",) not in delta.get(WL_IF, {})  # already in the kernel

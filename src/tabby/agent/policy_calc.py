@@ -170,6 +170,7 @@ class PolicyIndex:
     _policy_sel: SelectorIndex = field(default_factory=SelectorIndex)  # policies' own selectors
     _rule_sel: SelectorIndex = field(default_factory=SelectorIndex)  # selectors inside rules
     _by_sel: dict[str, list[str]] = field(default_factory=dict)  # policy selector -> policy names
+    _stale: bool = False  # a policy or profile changed: every contribution is recomputed, once, when read
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -178,7 +179,8 @@ class PolicyIndex:
             self.endpoints.pop(name, None)
         else:
             self.endpoints[name] = endpoint_info(ep, local)
-        self._refresh(name)
+        if not self._stale:  # else the pending rebuild covers it
+            self._refresh(name)
 
     def set_policy(self, name: str, policy: Any | None) -> None:
         old = self.policies.pop(name, None)
@@ -191,7 +193,7 @@ class PolicyIndex:
             self._policy_sel.add(policy.spec.selector)
             for s in _rule_selectors(policy):
                 self._rule_sel.add(s)
-        self._rebuild()
+        self._invalidate()
 
     def set_profile(self, name: str, profile: Any | None) -> None:
         old = self.profiles.pop(name, None)
@@ -202,7 +204,7 @@ class PolicyIndex:
             self.profiles[name] = profile
             for s in _rule_selectors(profile):
                 self._rule_sel.add(s)
-        self._rebuild()
+        self._invalidate()
 
     def set_pool(self, name: str, pool: Any | None) -> None:
         if pool is None:
@@ -231,6 +233,7 @@ class PolicyIndex:
 
     def desired_elements(self) -> dict[str, set[Element]]:
         """Every set of the structure with its elements (empty sets included)."""
+        self._rebuild_if_stale()
         out: dict[str, set[Element]] = {name: set() for name in self.structure().set_names()}
         for name, counts in self.elements.items():
             if name in out:
@@ -239,6 +242,7 @@ class PolicyIndex:
 
     def take_delta(self) -> dict[str, dict[Element, bool]]:
         """Element changes since the last call: set -> element -> present."""
+        self._rebuild_if_stale()
         d, self.delta = self.delta, {}
         return {k: v for k, v in d.items() if v}
 
@@ -292,16 +296,35 @@ class PolicyIndex:
                 else:
                     d[elem] = True
 
-    def _rebuild(self) -> None:
-        """After a policy or profile change: structure anew, every contribution recomputed."""
+    def _invalidate(self) -> None:
+        """Why lazy: at start the Store delivers every endpoint before the policies (key order), and
+        recomputing all endpoints per policy cost 2.1 s for 100 policies and 2,000 endpoints."""
         self._structure = None
         self._by_sel.clear()
+        self._stale = True
+
+    def _rebuild_if_stale(self) -> None:
+        """Every contribution anew; the delta becomes what the kernel lacks or has too much, so
+        changes still pending before the rebuild are not lost (the structure may be unchanged, as
+        when a relist delivers the same policy again, and then only the delta is written)."""
+        if not self._stale:
+            return
+        self._stale = False
+        kernel = {name: set(counts) for name, counts in self.elements.items()}
+        for name, changes in self.delta.items():  # undo what is not written yet
+            for elem, present in changes.items():
+                (kernel.setdefault(name, set()).discard if present else kernel.setdefault(name, set()).add)(elem)
         self.elements.clear()
         self.contrib.clear()
         self.delta.clear()
         for name in self.endpoints:
             self._refresh(name)
-        self.delta.clear()  # a structure change is applied whole, not as a delta
+        self.delta = {}
+        for name in set(kernel) | set(self.elements):
+            have, want = kernel.get(name, set()), set(self.elements.get(name, ()))
+            changes = {e: True for e in want - have} | {e: False for e in have - want}
+            if changes:
+                self.delta[name] = changes
 
 
 def _rule_selectors(res: Any) -> Iterable[str]:
