@@ -430,11 +430,12 @@ class Agent:
         ok = self.policy.apply(self.policy_index)
         now = time.monotonic()
         just_replaced = self.policy.replaces != replaces  # the kernel holds exactly what we wrote
-        if ok and not just_replaced and (full or now >= self.next_policy_check):
+        due = full or now >= self.next_policy_check
+        if due:  # moved on even when nothing is compared: the loop sleeps until it, so a past time would spin
             self.next_policy_check = now + POLICY_CHECK_S
-            if self.policy.check(self.policy_index, force=full):
-                self.metrics.policy_drift.inc()
-                ok = self.policy.last_error is None
+        if ok and due and not just_replaced and self.policy.check(self.policy_index, force=full):
+            self.metrics.policy_drift.inc()
+            ok = self.policy.last_error is None
         self.metrics.policy_writes.labels("replace").inc(self.policy.replaces - replaces)
         self.metrics.policy_writes.labels("patch").inc(self.policy.patches - patches)
         if ok != self.policy_ok:
