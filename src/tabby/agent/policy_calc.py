@@ -20,6 +20,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from tabby.model.selector import Node, parse_selector
@@ -70,7 +71,11 @@ class Structure:
     nat4: tuple[str, ...] = ()
 
     def set_names(self) -> dict[str, str | list[str]]:
-        """Every named set and its nftables type."""
+        """Every named set and its nftables type (read on every element patch: computed once)."""
+        return self._set_names
+
+    @cached_property
+    def _set_names(self) -> dict[str, str | list[str]]:
         sets: dict[str, str | list[str]] = {
             WL_IF: "ifname", WL_SRC6: ["ifname", "ipv6_addr"], WL_SRC4: ["ifname", "ipv4_addr"],
             WL_MAC: ["ifname", "ether_addr"]}
