@@ -34,7 +34,7 @@ from oslo_config import cfg
 
 from tabby.client import ResourceClient
 from tabby.model import validate
-from tabby.model.keys import endpoint_status_key
+from tabby.model.keys import STATUS_PREFIX, endpoint_status_key
 from tabby.openstack import translate
 from tabby.openstack.sync import reconcile
 from tabby.store import NotFound, StoreError, open_store, store_url
@@ -175,14 +175,21 @@ class TabbyMechanismDriver(api.MechanismDriver):
         return counts
 
     def _statuses(self) -> None:
+        """One read of every endpoint status per round (not one per port), then only the ports
+        whose status changed are written to Neutron."""
         with self.lock:
             bound = dict(self.bound)
         if not bound:
             return
+        states: dict[str, str | None] = {}
+        for kv in self.client.store.list(f"{STATUS_PREFIX}endpoints/")[0]:
+            try:
+                states[kv.key] = json.loads(kv.value).get("state")
+            except ValueError:
+                continue
         plugin, ctx = directory.get_plugin(), n_context.get_admin_context()
         for port_id, (host, last) in bound.items():
-            kv = self.client.store.get(endpoint_status_key(host, translate.endpoint_name(port_id)))
-            state = json.loads(kv.value).get("state") if kv else None
+            state = states.get(endpoint_status_key(host, translate.endpoint_name(port_id)))
             status = n_const.PORT_STATUS_ACTIVE if state == "up" else n_const.PORT_STATUS_DOWN
             if status != last:
                 plugin.update_port_status(ctx, port_id, status, host)
