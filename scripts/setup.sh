@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # procps: sysctl; util-linux (essential): nsenter, mount; the rest: the daemons and clients the
 # tests run for real (podman with runc, and busybox-static for its image: the CNI end-to-end test)
-APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables python3-nftables etcd-server
+APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
               isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
               podman runc busybox-static)
 

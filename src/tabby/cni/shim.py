@@ -71,19 +71,19 @@ def via_server(path: str, environ: dict[str, str], raw: bytes) -> tuple[int, str
         while chunk := s.recv(65536):
             chunks.append(chunk)
     except OSError as e:
-        return _try_again(environ, f"tabby cni-server: {e}")
+        return _try_again(f"tabby cni-server: {e}")
     finally:
         s.close()
     try:
         reply = json.loads(b"".join(chunks))
     except ValueError:
-        return _try_again(environ, "tabby cni-server ended without an answer")
+        return _try_again("tabby cni-server ended without an answer")
     if reply.get("fallback"):
         return None
     return int(reply["code"]), str(reply["stdout"])
 
 
-def _try_again(environ: dict[str, str], why: str) -> tuple[int, str]:
+def _try_again(why: str) -> tuple[int, str]:
     return 1, json.dumps({"cniVersion": "1.1.0", "code": TRY_AGAIN, "msg": "try again later", "details": why})
 
 

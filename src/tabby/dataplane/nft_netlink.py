@@ -62,7 +62,8 @@ def _field(typ: str, value: str) -> bytes:
 def key_bytes(typ: str | list[str], elem: tuple[str, ...]) -> bytes:
     """A set element's key as the kernel stores it; concatenated fields are each 4-byte aligned."""
     if isinstance(typ, str):
-        return _field(typ, elem[0])[: {"ether_addr": 6}.get(typ, 64)]
+        raw = _field(typ, elem[0])
+        return raw[:6] if typ == "ether_addr" else raw  # the padding is only for a concatenation
     return b"".join(_field(t, v) for t, v in zip(typ, elem, strict=True))
 
 

@@ -255,13 +255,13 @@ def render(s: Structure) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     return t.cmds, t.chains
 
 
-def element_json(set_name: str, elem: Element) -> Any:
+def element_json(elem: Element) -> Any:
     return {"concat": list(elem)} if len(elem) > 1 else elem[0]
 
 
 def element_commands(op: str, elements: dict[str, set[Element]] | dict[str, list[Element]]) -> list[dict[str, Any]]:
     return [{op: {"element": {"family": FAMILY, "table": TABLE, "name": name,
-                              "elem": [element_json(name, e) for e in elems]}}}
+                              "elem": [element_json(e) for e in elems]}}}
             for name, elems in elements.items() if elems]
 
 
@@ -271,5 +271,5 @@ def replace_transaction(s: Structure, elements: dict[str, set[Element]]) -> tupl
     head = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, {"delete": {"table": {"family": FAMILY,
                                                                                          "name": TABLE}}}]
     doc = {"nftables": [{"metainfo": {"json_schema_version": 1}}, *head, *cmds,
-                        *element_commands("add", {k: sorted(v) for k, v in elements.items()})]}
+                        *element_commands("add", {k: list(v) for k, v in elements.items()})]}
     return doc, chains
