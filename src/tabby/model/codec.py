@@ -1,8 +1,15 @@
-"""Turning bytes and documents into resources and back, with errors that name the field."""
+"""Turning bytes and documents into resources and back, with errors that name the field.
+
+Every read path is total: ``load_json`` turns any bytes into plain JSON data or raises
+``InvalidResource`` naming the key and the field, and nothing else (no RecursionError, no
+UnicodeError, no float infinities). ``decode`` adds validation into a resource. Callers that
+loop over records catch ``InvalidResource`` (a ``ValueError``) and go on with the next.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import yaml
@@ -13,14 +20,121 @@ from tabby.model.resources import Resource
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Resource)
 
+# etcd refuses requests over 1.5 MiB by default, and the largest record a tabby writer makes (a
+# Profile from a big security group) is far below 1 MiB: anything larger did not come from us.
+MAX_RECORD_BYTES = 1024 * 1024
+# The deepest legitimate record is a Policy: spec > ingress > rule > src_nets > item, about 6
+# levels. 32 leaves room to grow and keeps every walk over a record shallow.
+MAX_DEPTH = 32
+# Characters that have no business in any field and that mislead a reader of a log or a table:
+# C0/C1 controls (a newline forges a log line) and the Unicode bidi controls (Trojan Source).
+_FORBIDDEN_CHARS = frozenset(
+    [chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
+    + [chr(c) for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))])
+# Values and keys a walk may visit: a 1 MiB record holds fewer, and a YAML document whose aliases
+# fan out (the "billion laughs") is refused instead of being walked for ever.
+MAX_NODES = 500_000
+
 
 class InvalidResource(ValueError):
-    """A resource that failed validation; ``str()`` names every bad field."""
+    """A record or document that failed decoding or validation: the "corrupt record" value.
+
+    ``where`` is the key (or document), ``errors`` are ``field: message`` lines, ``field`` the
+    first bad field ("(document)" when the whole thing is unreadable)."""
 
     def __init__(self, where: str, errors: list[str]) -> None:
         self.where = where
         self.errors = errors
+        self.field = errors[0].split(":", 1)[0] if errors else "(document)"
         super().__init__(f"{where}: " + "; ".join(errors))
+
+
+class _Reject(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Reject(f"duplicate key {k!r} in one object")
+        out[k] = v
+    return out
+
+
+def _constant(name: str) -> float:
+    raise _Reject(f"{name} is not a number JSON allows")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Reject(f"number {text[:40]} is out of range")
+    return value
+
+
+def _bad_text(s: str) -> str | None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate (not valid Unicode)"
+    bad = next((c for c in s if c in _FORBIDDEN_CHARS), None)
+    return None if bad is None else f"contains control character U+{ord(bad):04X}"
+
+
+def _check_tree(doc: Any) -> None:
+    """Depth and text checks in one iterative walk (a recursive one is what hostile input breaks)."""
+    stack: list[tuple[Any, str, int]] = [(doc, "", 1)]
+    visited = 0
+    while stack:
+        node, path, depth = stack.pop()
+        visited += 1
+        if visited > MAX_NODES:
+            raise InvalidResource("", [f"(document): more than {MAX_NODES} values"])
+        if isinstance(node, dict):
+            items: Any = node.items()
+        elif isinstance(node, list):
+            items = ((str(i), v) for i, v in enumerate(node))
+        else:
+            if isinstance(node, str) and (why := _bad_text(node)):
+                raise InvalidResource("", [f"{path or '(document)'}: {why}"])
+            continue
+        if depth > MAX_DEPTH:
+            raise InvalidResource("", [f"{path or '(document)'}: nested deeper than {MAX_DEPTH} levels"])
+        for k, v in items:
+            where = f"{path}.{k}" if path else k
+            if isinstance(node, dict) and (why := _bad_text(k)):
+                raise InvalidResource("", [f"{where}: key {why}"])
+            stack.append((v, where, depth + 1))
+
+
+def strict_json(text: str) -> Any:
+    """json.loads that refuses duplicate keys, NaN and infinities (raises ValueError, RecursionError)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_constant, parse_float=_finite)
+
+
+def load_json(key: str, value: bytes) -> Any:
+    """Any bytes -> plain JSON data, or InvalidResource naming the key (and the field)."""
+    if len(value) > MAX_RECORD_BYTES:
+        raise InvalidResource(key, [f"(document): {len(value)} bytes, more than the {MAX_RECORD_BYTES} allowed"])
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidResource(key, [f"(document): not UTF-8 (byte {e.start})"]) from None
+    try:
+        doc = strict_json(text)
+    except RecursionError:
+        raise InvalidResource(key, [f"(document): nested deeper than {MAX_DEPTH} levels"]) from None
+    except _Reject as e:
+        raise InvalidResource(key, [f"(document): {e}"]) from None
+    except ValueError as e:  # JSONDecodeError, and ints past Python's digit limit
+        raise InvalidResource(key, [f"(document): not valid JSON: {e}"]) from None
+    try:
+        _check_tree(doc)
+    except InvalidResource as e:
+        raise InvalidResource(key, e.errors) from None
+    return doc
 
 
 def _describe(exc: ValidationError) -> list[str]:
@@ -35,11 +149,13 @@ def _describe(exc: ValidationError) -> list[str]:
 def validate(doc: Any, where: str = "document") -> Any:
     """A plain dict (from YAML/JSON) -> a Resource, or InvalidResource naming the fields."""
     if not isinstance(doc, dict):
-        raise InvalidResource(where, [f"expected a mapping with kind/metadata/spec, got {type(doc).__name__}"])
+        raise InvalidResource(where, [f"(document): expected a mapping with kind/metadata/spec, got {type(doc).__name__}"])
     try:
         return _ADAPTER.validate_python(doc)
     except ValidationError as e:
         raise InvalidResource(where, _describe(e)) from None
+    except Exception as e:  # a validator that failed otherwise than by ValueError: still a bad record
+        raise InvalidResource(where, [f"(document): validation failed: {type(e).__name__}: {e}"]) from None
 
 
 def encode(resource: Any) -> bytes:
@@ -56,16 +172,14 @@ def key_of(resource: Any) -> str:
 
 def decode(key: str, value: bytes) -> Any:
     """A Store record -> a Resource. Raises InvalidResource (never anything else) when corrupt,
-    including a record whose kind or name disagrees with its key."""
-    try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidResource(key, [f"not valid JSON: {e}"]) from None
-    resource = validate(doc, key)
+    including a record whose kind or name disagrees with its key, and a key outside the layout."""
     expected = parse_key(key)
-    if expected is not None and expected != (resource.kind, resource.metadata.name):
+    if expected is None:
+        raise InvalidResource(key, ["(key): not a resource key of tabby's layout (/tabby/v1/<kind>/<name>)"])
+    resource = validate(load_json(key, value), key)
+    if expected != (resource.kind, resource.metadata.name):
         raise InvalidResource(
-            key, [f"record is {resource.kind}/{resource.metadata.name} but its key says {expected[0]}/{expected[1]}"]
+            key, [f"kind: record is {resource.kind}/{resource.metadata.name} but its key says {expected[0]}/{expected[1]}"]
         )
     return resource
 
@@ -78,20 +192,24 @@ def parse_documents(text: str, source: str = "input") -> list[Any]:
     try:
         stripped = text.lstrip()
         if stripped.startswith(("[", "{")):
-            loaded = json.loads(text)
+            loaded = strict_json(text)
             docs = loaded if isinstance(loaded, list) else [loaded]
         else:
             docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except RecursionError:
+        raise InvalidResource(source, [f"(document): nested deeper than {MAX_DEPTH} levels"]) from None
     except (ValueError, yaml.YAMLError) as e:
-        raise InvalidResource(source, [f"cannot parse: {e}"]) from None
+        raise InvalidResource(source, [f"(document): cannot parse: {e}"]) from None
     out, errors = [], []
     for i, doc in enumerate(docs):
-        name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
-        where = f"{source} document {i + 1}" + (f" ({doc.get('kind')}/{name})" if name else "")
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        where = f"{source} document {i + 1}" + (f" ({doc.get('kind')}/{name})" if isinstance(name, str) else "")
         try:
+            _check_tree(doc)
             out.append(validate(doc, where))
         except InvalidResource as e:
-            errors.append(str(e))
+            errors.append(f"{where}: " + "; ".join(e.errors) if not e.where else str(e))
     if errors:
         raise InvalidResource(source, errors)
     return out

@@ -43,7 +43,8 @@ V4_BLOCK_DEFAULT, V4_BLOCK_MIN = 26, 20
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan: an order of inf or a port of NaN would sort and compare unpredictably
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Metadata(_Frozen):
@@ -174,14 +175,22 @@ V6Host = Annotated[IPv6Interface, AfterValidator(_host_route_v6)]
 V4Host = Annotated[IPv4Interface, AfterValidator(_host_route_v4)]
 
 
+# One workload interface with more addresses than this is a mistake or an attack (each is a
+# route, a neighbour and set elements on its host); Neutron's default is 5 fixed IPs per port.
+MAX_ADDRESSES_PER_FAMILY = 64
+# workload_id is free text from an orchestrator (a container id, a Nova instance uuid): printable
+# ASCII without spaces is all any of them uses.
+_WORKLOAD_ID = r"^[!-~]{1,253}$"
+
+
 class EndpointSpec(_Frozen):
     host: Name
     orchestrator: Literal["vm", "container"]
-    workload_id: Annotated[str, Field(min_length=1, max_length=253)]
+    workload_id: Annotated[str, Field(pattern=_WORKLOAD_ID)]
     interface: InterfaceName
     mac: Mac
-    ipv6_addresses: tuple[V6Host, ...] = ()
-    ipv4_addresses: tuple[V4Host, ...] = ()
+    ipv6_addresses: Annotated[tuple[V6Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
+    ipv4_addresses: Annotated[tuple[V4Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
     ipv6_gateway: IPv6Address | None = None
     ipv4_gateway: IPv4Address | None = None
     profiles: tuple[Name, ...] = ()
@@ -207,7 +216,8 @@ class Endpoint(_Frozen):
     spec: EndpointSpec
 
 
-PortSpec = Annotated[int, Field(ge=0, le=65535)] | Annotated[str, Field(pattern=r"^\d{1,5}:\d{1,5}$")]
+# [0-9], not \d: the regex engine's \d matches every script's digits, which int() then accepts
+PortSpec = Annotated[int, Field(ge=0, le=65535)] | Annotated[str, Field(pattern=r"^[0-9]{1,5}:[0-9]{1,5}$")]
 
 
 class Rule(_Frozen):

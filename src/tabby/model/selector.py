@@ -33,6 +33,13 @@ class SelectorError(ValueError):
     pass
 
 
+# A selector is evaluated by recursion on every endpoint change: bound its size so that no record
+# can make the agent recurse deeply. Real selectors are a few terms long.
+MAX_SELECTOR_CHARS = 1024
+MAX_SELECTOR_NESTING = 16  # "(" and "!" levels
+MAX_SELECTOR_TERMS = 64  # comparisons joined by && / ||
+
+
 def _tokenize(text: str) -> list[tuple[str, str]]:
     tokens: list[tuple[str, str]] = []
     pos = 0
@@ -53,8 +60,17 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
 
 class _Parser:
     def __init__(self, text: str) -> None:
+        if len(text) > MAX_SELECTOR_CHARS:
+            raise SelectorError(f"selector is {len(text)} characters long; at most {MAX_SELECTOR_CHARS}")
         self.tokens = _tokenize(text)
         self.i = 0
+        self.depth = 0
+        self.terms = 0
+
+    def _nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_SELECTOR_NESTING:
+            raise SelectorError(f"selector nests deeper than {MAX_SELECTOR_NESTING} levels")
 
     def peek(self) -> tuple[str, str] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -94,12 +110,20 @@ class _Parser:
         tok = self.peek()
         if tok == ("op", "!"):
             self.i += 1
-            return ("not", self.factor())
+            self._nest()
+            node = ("not", self.factor())
+            self.depth -= 1
+            return node
         if tok == ("op", "("):
             self.i += 1
+            self._nest()
             node = self.expr()
             self.take("op", ")")
+            self.depth -= 1
             return node
+        self.terms += 1
+        if self.terms > MAX_SELECTOR_TERMS:
+            raise SelectorError(f"selector has more than {MAX_SELECTOR_TERMS} terms")
         word = self.take("word")
         if word in ("all", "has") and self.peek() == ("op", "("):
             self.i += 1
