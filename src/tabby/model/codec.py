@@ -149,7 +149,8 @@ def _describe(exc: ValidationError) -> list[str]:
 def validate(doc: Any, where: str = "document") -> Any:
     """A plain dict (from YAML/JSON) -> a Resource, or InvalidResource naming the fields."""
     if not isinstance(doc, dict):
-        raise InvalidResource(where, [f"(document): expected a mapping with kind/metadata/spec, got {type(doc).__name__}"])
+        got = type(doc).__name__
+        raise InvalidResource(where, [f"(document): expected a mapping with kind/metadata/spec, got {got}"])
     try:
         return _ADAPTER.validate_python(doc)
     except ValidationError as e:
@@ -178,9 +179,8 @@ def decode(key: str, value: bytes) -> Any:
         raise InvalidResource(key, ["(key): not a resource key of tabby's layout (/tabby/v1/<kind>/<name>)"])
     resource = validate(load_json(key, value), key)
     if expected != (resource.kind, resource.metadata.name):
-        raise InvalidResource(
-            key, [f"kind: record is {resource.kind}/{resource.metadata.name} but its key says {expected[0]}/{expected[1]}"]
-        )
+        got = f"{resource.kind}/{resource.metadata.name}"
+        raise InvalidResource(key, [f"kind: record is {got} but its key says {expected[0]}/{expected[1]}"])
     return resource
 
 
