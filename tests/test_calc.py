@@ -40,15 +40,38 @@ def test_three_kinds_of_endpoint() -> None:
     assert st_.errors == {}
 
 
-def test_conflicts_fail_closed_to_the_first_name() -> None:
+def test_conflicts_fail_closed_to_the_first_claimant() -> None:
     st_ = host_state([
         ep("a", iface="tap1", v6=("fd00::1",)),
         ep("b", iface="tap1", v6=("fd00::2",)),  # same interface as a
         ep("c", iface="tap3", v6=("fd00::1", "fd00::3")),  # same address as a
     ], "h1")
-    assert st_.routes == {"fd00::1/128": "tap1", "fd00::3/128": "tap3"}
-    assert "interface tap1" in st_.errors["b"] and "address fd00::1" in st_.errors["c"]
+    # c is refused whole: not even its own fd00::3 is routed to it
+    assert st_.routes == {"fd00::1/128": "tap1"}
+    assert st_.errors["b"] == "conflict: interface tap1 held by a"
+    assert st_.errors["c"] == "conflict: fd00::1 held by a"
     assert "a" not in st_.errors
+
+
+def test_the_older_record_keeps_its_address_whatever_the_names() -> None:
+    eps = [ep("zz-old", iface="tap1", v6=("fd00::1",)), ep("aa-new", iface="tap2", v6=("fd00::1",))]
+    st_ = host_state(eps, "h1", {"zz-old": 5, "aa-new": 9})
+    assert st_.routes == {"fd00::1/128": "tap1"}
+    assert st_.errors == {"aa-new": "conflict: fd00::1 held by zz-old"}
+
+
+def test_an_older_claim_on_another_host_refuses_the_local_one() -> None:
+    index = HostIndex("h1")
+    index.update("local", ep("local", iface="tap1", v6=("fd00::1",), v4=("10.0.0.1",)), created=20)
+    assert index.state.routes == {"fd00::1/128": "tap1", "10.0.0.1/32": "tap1"}
+    t = index.update("remote", ep("remote", host="h2", iface="tap9", v6=("fd00::1",)), created=10)
+    assert index.state.routes == {} and index.state.neighbours == {}
+    assert {"fd00::1/128", "10.0.0.1/32"} <= t.routes and "local" in t.endpoints
+    assert index.state.errors["local"] == "conflict: fd00::1 held by remote"
+    assert index.refused("remote") is None and index.refused("local") is not None
+    index.update("remote", None)
+    assert index.state.routes == {"fd00::1/128": "tap1", "10.0.0.1/32": "tap1"}
+    assert index.state.errors == {}
 
 
 NAMES = ["a", "b", "c", "d"]
@@ -63,7 +86,8 @@ endpoint_versions = st.builds(
     gw6=st.sampled_from([None, "fd00:f::1"]),
 )
 
-steps = st.lists(st.one_of(endpoint_versions, st.sampled_from(NAMES)), max_size=25)
+# (endpoint, create revision) or a name to delete; create revisions collide on purpose (ties -> name)
+steps = st.lists(st.one_of(st.tuples(endpoint_versions, st.integers(0, 3)), st.sampled_from(NAMES)), max_size=25)
 
 
 @settings(max_examples=300, deadline=None)
@@ -71,16 +95,20 @@ steps = st.lists(st.one_of(endpoint_versions, st.sampled_from(NAMES)), max_size=
 def test_incremental_equals_from_scratch_in_any_order(seq: list[Any]) -> None:
     index = HostIndex("h1")
     current: dict[str, Any] = {}
+    created: dict[str, int] = {}
     for item in seq:
         if isinstance(item, str):
             current.pop(item, None)
+            created.pop(item, None)
             index.update(item, None)
         else:
-            current[item.metadata.name] = item
-            index.update(item.metadata.name, item)
-        assert index.state == host_state(current.values(), "h1")
+            e, rev = item
+            current[e.metadata.name] = e
+            created[e.metadata.name] = rev
+            index.update(e.metadata.name, e, rev)
+        assert index.state == host_state(current.values(), "h1", created)
     # the same final state, reached from any reordering of the same final endpoints
-    assert host_state(reversed(list(current.values())), "h1") == index.state
+    assert host_state(reversed(list(current.values())), "h1", created) == index.state
 
 
 @given(steps)
@@ -89,8 +117,8 @@ def test_touched_covers_every_change(seq: list[Any]) -> None:
     for item in seq:
         before = (dict(index.state.routes), dict(index.state.neighbours), set(index.state.proxies),
                   {k: dict(v) for k, v in index.state.sysctls.items()})
-        name = item if isinstance(item, str) else item.metadata.name
-        t = index.update(name, None if isinstance(item, str) else item)
+        name = item if isinstance(item, str) else item[0].metadata.name
+        t = index.update(name, None) if isinstance(item, str) else index.update(name, item[0], item[1])
         routes, neighs, proxies, sysctls = before
         for k in set(routes) | set(index.state.routes):
             if routes.get(k) != index.state.routes.get(k):

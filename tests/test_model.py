@@ -16,11 +16,11 @@ from tabby.model import (
     InvalidResource,
     decode,
     derive_router_id,
-    duplicate_router_ids,
     effective_config,
     encode,
     key_of,
     parse_documents,
+    refused_hosts,
     to_plain,
     validate,
 )
@@ -199,10 +199,20 @@ def test_derived_router_id_is_always_acceptable(name: str) -> None:
 def test_ipv6_only_hosts_get_distinct_router_ids() -> None:
     hosts = [validate({"kind": "Host", "metadata": {"name": f"h{i}"}, "spec": {"ipv6_address": f"fd00::{i + 1}"}})
              for i in range(500)]
-    assert duplicate_router_ids(hosts) == {}
+    assert refused_hosts([(h, i) for i, h in enumerate(hosts)]) == {}
+    rid = hosts[0].effective_router_id()
     twin = validate({"kind": "Host", "metadata": {"name": "twin"},
-                     "spec": {"ipv6_address": "fd00::ffff", "router_id": str(hosts[0].effective_router_id())}})
-    assert list(duplicate_router_ids([*hosts, twin]).values()) == [["h0", "twin"]]
+                     "spec": {"ipv6_address": "fd00::ffff", "router_id": str(rid)}})
+    # the newer record is refused, whatever the names say
+    assert refused_hosts([*((h, i + 10) for i, h in enumerate(hosts)), (twin, 1000)]) == {
+        "twin": f"conflict: router id {rid} held by host h0"}
+    assert refused_hosts([*((h, i + 10) for i, h in enumerate(hosts)), (twin, 1)]) == {
+        "h0": f"conflict: router id {rid} held by host twin"}
+    same_addr = validate({"kind": "Host", "metadata": {"name": "copy"}, "spec": {"ipv6_address": "fd00::2"}})
+    assert refused_hosts([(hosts[1], 5), (same_addr, 6)]) == {"copy": "conflict: fabric address fd00::2 held by host h1"
+                                                              + (f"; router id {same_addr.effective_router_id()}"
+                                                                 f" held by host h1" if same_addr.effective_router_id()
+                                                                 == hosts[1].effective_router_id() else "")}
 
 
 def test_effective_config_layers() -> None:

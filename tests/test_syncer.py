@@ -51,7 +51,8 @@ def test_bad_update_keeps_last_good_version_and_loop_goes_on(store: Store, prefi
     a, b = host(f"{p.rsplit('/', 1)[1]}-a", "fd00::1"), host(f"{p.rsplit('/', 1)[1]}-b", "fd00::2")
     store.put(key_of(a), encode(a))
     reported: list[str] = []
-    syncer = ResourceSyncer(store, p, on_corrupt=lambda k, e: reported.append(k))
+    cured: list[str] = []
+    syncer = ResourceSyncer(store, p, on_corrupt=lambda k, e: (reported if e is not None else cured).append(k))
     it = iter(syncer)
     assert isinstance(take(it, InSync)[-1], InSync)
     got: list[Any] = []
@@ -69,6 +70,7 @@ def test_bad_update_keeps_last_good_version_and_loop_goes_on(store: Store, prefi
     assert not t.is_alive()
     assert [(u.key, u.resource) for u in got] == [(key_of(b), b), (key_of(a), a2)]
     assert reported == [key_of(a)]
+    assert cured == [key_of(a)]  # the good write after it cures the key
     assert syncer.known[key_of(a)] == a2
 
 

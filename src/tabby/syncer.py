@@ -4,9 +4,11 @@ Yields ``Update`` for each change and ``InSync`` once the consumer has seen the 
 state (after start and after every resync), so nothing sweeps before the first full view.
 
 Failure model:
-- a corrupt record (bad JSON, failed validation, key/kind mismatch) is logged, reported to
-  ``on_corrupt`` and skipped; the last good version of that key stays in effect, so a bad write
-  never un-programs a working endpoint;
+- a corrupt record (any bytes that do not decode: see ``tabby.model.codec``) is logged and
+  reported to ``on_corrupt`` once per version (a relist does not report it again) and skipped;
+  the last good version of that key stays in effect, so a bad write never un-programs a working
+  endpoint, and a key that was never good is ignored; ``on_corrupt(key, None)`` says a key that
+  was corrupt is good again or gone;
 - ``HistoryGone`` (the watch fell behind compaction) relists and emits only the difference
   against what the consumer already has, then ``InSync`` again;
 - ``Unavailable`` backs off and resumes the watch from the last revision seen;
@@ -34,6 +36,7 @@ class Update:
     key: str
     resource: Any | None  # None: the key was deleted
     revision: int
+    created: int = 0  # the key's create revision: who came first, when two records conflict
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class ResourceSyncer:
         prefix: str = PREFIX,
         *,
         exclude: tuple[str, ...] = (STATUS_PREFIX, IPAM_PREFIX),
-        on_corrupt: Callable[[str, str], None] | None = None,
+        on_corrupt: Callable[[str, Exception | None], None] | None = None,
         retry_s: float = 1.0,
         decoder: Callable[[str, bytes], Any] = decode,
     ) -> None:
@@ -59,6 +62,10 @@ class ResourceSyncer:
         self.retry_s = retry_s
         self.decoder = decoder
         self.known: dict[str, Any] = {}
+        # Every key that exists (good or not) -> its create revision. Derived from the stream: a
+        # put of a key not yet here is its creation, so no backend needs to send create revisions.
+        self.created: dict[str, int] = {}
+        self.corrupt: dict[str, tuple[int, str]] = {}  # key -> (revision, error) reported
         self.revision = 0
         self._stop = threading.Event()
         self._watch: Watch | None = None
@@ -71,14 +78,33 @@ class ResourceSyncer:
     def _wanted(self, key: str) -> bool:
         return not key.startswith(self.exclude)
 
-    def _decode(self, key: str, value: bytes) -> Any | None:
+    def _decode(self, key: str, value: bytes, revision: int) -> Any | None:
         try:
-            return self.decoder(key, value)
-        except ValueError as e:
-            log.error("skipping corrupt record %s (keeping its last good version, if any): %s", key, e)
-            if self.on_corrupt is not None:
-                self.on_corrupt(key, str(e))
+            res = self.decoder(key, value)
+        except ValueError as e:  # the decoders raise InvalidResource (a ValueError) and nothing else
+            if self.corrupt.get(key, (0, ""))[0] != revision:
+                self.corrupt[key] = (revision, str(e))
+                kept = "keeping its last good version" if key in self.known else "it was never good: ignored"
+                log.error("corrupt record %s at revision %d (%s): %s", key, revision, kept, e)
+                if self.on_corrupt is not None:
+                    self.on_corrupt(key, e)
             return None
+        self._cured(key)
+        return res
+
+    def _cured(self, key: str) -> None:
+        if self.corrupt.pop(key, None) is not None:
+            log.info("record %s is no longer corrupt", key)
+            if self.on_corrupt is not None:
+                self.on_corrupt(key, None)
+
+    def _put(self, key: str, value: bytes, revision: int, created: int) -> Update | None:
+        self.created.setdefault(key, created)
+        res = self._decode(key, value, revision)
+        if res is None or self.known.get(key) == res:
+            return None
+        self.known[key] = res
+        return Update(key, res, revision, self.created[key])
 
     def _resync(self) -> Iterator[Update | InSync]:
         kvs, rev = self.store.list(self.prefix)
@@ -87,13 +113,17 @@ class ResourceSyncer:
             if not self._wanted(kv.key):
                 continue
             seen.add(kv.key)
-            res = self._decode(kv.key, kv.value)
-            if res is not None and self.known.get(kv.key) != res:
-                self.known[kv.key] = res
-                yield Update(kv.key, res, kv.mod_revision)
-        for key in [k for k in self.known if k not in seen]:
-            del self.known[key]
-            yield Update(key, None, rev)
+            if self.created.get(kv.key) != kv.create_revision:
+                self.created[kv.key] = kv.create_revision
+                self.known.pop(kv.key, None)  # re-created while we were away: a new record
+            update = self._put(kv.key, kv.value, kv.mod_revision, kv.create_revision)
+            if update is not None:
+                yield update
+        for key in [k for k in self.created if k not in seen]:
+            del self.created[key]
+            self._cured(key)
+            if self.known.pop(key, None) is not None:
+                yield Update(key, None, rev)
         self.revision = rev
         yield InSync(rev)
 
@@ -114,13 +144,14 @@ class ResourceSyncer:
                     if not self._wanted(ev.key):
                         continue
                     if ev.type == "delete":
+                        self.created.pop(ev.key, None)
+                        self._cured(ev.key)
                         if self.known.pop(ev.key, None) is not None:
                             yield Update(ev.key, None, ev.revision)
                         continue
-                    res = self._decode(ev.key, ev.value or b"")
-                    if res is not None and self.known.get(ev.key) != res:
-                        self.known[ev.key] = res
-                        yield Update(ev.key, res, ev.revision)
+                    update = self._put(ev.key, ev.value or b"", ev.revision, ev.revision)
+                    if update is not None:
+                        yield update
             except HistoryGone as e:
                 log.warning("%s; relisting", e)
                 need_list = True

@@ -42,8 +42,9 @@ from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
 from tabby.dataplane.links import LinkIndex, SysctlReconciler, set_host_sysctls
 from tabby.dataplane.policy import PolicyReconciler
 from tabby.dataplane.routes import RoutesReconciler
-from tabby.model import decode
-from tabby.model.ipam import Affinity
+from tabby.model import ConfigSpec, decode, effective_config, refused_hosts
+from tabby.model.codec import InvalidResource
+from tabby.model.ipam import decode_ipam
 from tabby.model.keys import (
     IPAM_AFFINITIES_PREFIX,
     IPAM_BLOCKS_PREFIX,
@@ -65,13 +66,14 @@ BGP_CHECK_S = 5.0  # how often bird's liveness and sessions are checked
 POLICY_CHECK_S = 5.0  # how often the nftables generation is compared (a full compare only if it moved)
 
 
+MAX_CORRUPT_REPORTED = 100  # corrupt records named in this host's status (the log names every one)
+
+
 def decode_record(key: str, value: bytes) -> Any:
-    """Resources, and the one IPAM record the agent needs: this fabric's block affinities."""
+    """Resources, and the one IPAM record the agent needs: this fabric's block affinities.
+    Raises InvalidResource and nothing else."""
     if key.startswith(IPAM_AFFINITIES_PREFIX):
-        try:
-            return Affinity.model_validate_json(value)
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from None
+        return decode_ipam(key, value)
     return decode(key, value)
 
 
@@ -99,6 +101,11 @@ class Agent:
             store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record,
             exclude=(STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
+        self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
+        self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why
+        self.config: ConfigSpec = effective_config(None, None)
+        self.corrupt: dict[str, tuple[str, str]] = {}  # key -> (field, error), as reported by the syncer
+        self.policy_interfaces: set[str] = set()  # interfaces whose policy the kernel had at the last good apply
         run_dir = run_dir or Path("/run/tabby") / host
         self.bird = BirdReconciler(run_dir) if bgp else None
         self.dnsmasq = DnsmasqReconciler(run_dir)
@@ -126,12 +133,11 @@ class Agent:
 
     # -- feeders -------------------------------------------------------------------------
 
-    def _corrupt(self, key: str, error: str) -> None:
-        self.metrics.corrupt.inc()
-        parsed = parse_key(key)
-        if parsed is not None and parsed[1] in self.index.plans:
-            # the last good version stays programmed; say so on the endpoint
-            self.q.put(("corrupt", (parsed[1], error)))
+    def _corrupt(self, key: str, error: Exception | None) -> None:
+        """From the syncer's thread: a record turned corrupt (once per version), or was cured."""
+        if error is not None:
+            self.metrics.corrupt.inc()
+        self.q.put(("corrupt", (key, error)))
 
     def _feed_store(self) -> None:
         try:
@@ -169,7 +175,8 @@ class Agent:
         self._links_read_at_start = True
         threading.Thread(target=self._feed_netlink, name="netlink-monitor", daemon=True).start()
         threading.Thread(target=self._feed_store, name="store-syncer", daemon=True).start()
-        self.status.host_info = {"started": time.time()}
+        self.started_wall = time.time()
+        self._publish_host_info()
         self.status.start()
         if self.health_server is not None:
             self.health_server.start()
@@ -228,9 +235,10 @@ class Agent:
 
     def bird_inputs(self) -> BirdInputs | None:
         """What bird needs from the Store; None while this host has no Host record (no BGP yet)."""
-        hosts = [r for k, r in self.fabric.items() if getattr(r, "kind", None) == "Host"]
+        hosts = [r for k, r in self.fabric.items() if getattr(r, "kind", None) == "Host"
+                 and r.metadata.name not in self.refused_hosts]
         me = next((h for h in hosts if h.metadata.name == self.host), None)
-        if me is None:
+        if me is None:  # no Host record yet, or this host is refused: no BGP
             return None
         kinds: dict[str, list[Any]] = {}
         for r in self.fabric.values():
@@ -269,7 +277,7 @@ class Agent:
         st = self.index.state
         vms = []
         for name, plan in self.index.plans.items():
-            if plan.orchestrator != "vm" or st.interfaces.get(plan.interface) != name:
+            if plan.orchestrator != "vm" or st.interfaces.get(plan.interface) != name or name in st.errors:
                 continue
             if plan.interface not in self.links.by_name:
                 continue
@@ -307,11 +315,17 @@ class Agent:
             if parsed is None or parsed[0] != "Endpoint":
                 if item.resource is None:
                     self.fabric.pop(item.key, None)
+                    self.created.pop(item.key, None)
                 else:
                     self.fabric[item.key] = item.resource
+                    self.created[item.key] = item.created
                 self.bgp_dirty = True
                 if item.key.startswith(kind_prefix("IPPool")):
                     self.dhcp_dirty = True  # dnsmasq's ranges follow the pools
+                if parsed is not None and parsed[0] == "Host":
+                    self._check_hosts()
+                if parsed is not None and parsed[0] == "Config":
+                    self._configure()
                 return
             name = parsed[1]
             old = self.index.plans.get(name)
@@ -319,7 +333,7 @@ class Agent:
                     (item.resource is not None and item.resource.spec.orchestrator == "vm"):
                 self.dhcp_dirty = True
             was_local = name in self.index.plans
-            touched = self.index.update(name, item.resource)
+            touched = self.index.update(name, item.resource, item.created)
             self._push(touched)
             if item.resource is None:
                 self.endpoint_records.pop(name, None)
@@ -335,14 +349,54 @@ class Agent:
             for change in item:
                 self._on_netlink(change)
         elif kind == "corrupt":
-            name, error = item
-            self.status.set(name, "error", f"newest record is corrupt, last good version kept: {error}")
+            key, error = item
+            if error is None:
+                self.corrupt.pop(key, None)
+            else:
+                field = error.field if isinstance(error, InvalidResource) else "(document)"
+                self.corrupt[key] = (field, str(error))
+            self._publish_host_info()
+            parsed = parse_key(key)
+            if parsed is not None and parsed[0] == "Endpoint" and parsed[1] in self.index.plans:
+                self.dirty.add(parsed[1])  # its status says the last good version is what runs
 
     def _policy_endpoint(self, name: str) -> None:
-        """Feed one endpoint to the policy index: local only if it owns its interface here."""
+        """Feed one endpoint to the policy index: local only if it owns its interface here; an
+        endpoint refused for a conflict contributes nothing (its addresses are another's)."""
         plan = self.index.plans.get(name)
         local = plan is not None and self.index.state.interfaces.get(plan.interface) == name
-        self.policy_index.set_endpoint(name, self.endpoint_records.get(name), local)
+        record = None if self.index.refused(name) else self.endpoint_records.get(name)
+        self.policy_index.set_endpoint(name, record, local and record is not None)
+
+    def _check_hosts(self) -> None:
+        """Refuse Hosts whose fabric address or router id an older Host has (every agent alike)."""
+        prefix = kind_prefix("Host")
+        hosts = [(r, self.created.get(k, 0)) for k, r in self.fabric.items() if k.startswith(prefix)]
+        refused = refused_hosts(hosts)
+        if refused != self.refused_hosts:
+            for name, why in refused.items():
+                if self.refused_hosts.get(name) != why:
+                    log.error("host %s refused%s: %s", name, " (this host: no BGP)" if name == self.host else "", why)
+            self.refused_hosts = refused
+            self._publish_host_info()
+
+    def _configure(self) -> None:
+        """Config records (global, then this host's) -> the settings the agent applies."""
+        specs = {r.metadata.name: r.spec for k, r in self.fabric.items() if k.startswith(kind_prefix("Config"))}
+        cfg = effective_config(specs.get("global"), specs.get(f"host.{self.host}"))
+        if cfg == self.config:
+            return
+        self.config = cfg
+        assert cfg.workload_interface_prefixes is not None
+        self.policy_index.set_workload_prefixes(cfg.workload_interface_prefixes)
+
+    def _publish_host_info(self) -> None:
+        """What this host's status record says beside liveness: refusals, corrupt records seen."""
+        corrupt = [{"key": k, "field": f, "error": e[:4000]}
+                   for k, (f, e) in sorted(self.corrupt.items())[:MAX_CORRUPT_REPORTED]]
+        # one assignment: the status thread reads it whole at the next heartbeat
+        self.status.host_info = {"started": self.started_wall, "corrupt": corrupt, "refused": [
+            f"host {n}: {why}" for n, why in sorted(self.refused_hosts.items())]}
 
     def _on_netlink(self, change: nl.Change) -> None:
         if change.kind == "overflow":
@@ -395,10 +449,15 @@ class Agent:
             self.dirty.update(self.index.plans)
             self.full_check_due = False
         policy_ok = self._apply_policy(full)
+        if self.policy is None or policy_ok:
+            self.policy_interfaces = set(self.index.state.interfaces)
+            hold: set[str] = set()
+        else:  # fail closed: a workload whose policy is not in the kernel gets no route yet
+            hold = set(self.index.state.interfaces) - self.policy_interfaces
         attempted = self._attempted_owners()
         self.monitor_may_read.clear()
         try:
-            applied, failed = self.routes.apply()  # routes first: traffic flows before the fine-tuning
+            applied, failed = self.routes.apply(hold)  # routes first: traffic flows before the fine-tuning
         finally:
             self.monitor_may_read.set()
         if self.routes_programmed_at is None and self.routes.waiting() == 0:
@@ -478,22 +537,25 @@ class Agent:
             self._set_state(name, state)
             self.status.set(name, state, reason)
         self.dirty.clear()
-        for state in ("up", "down", "error"):
+        for state in ("up", "down", "error", "conflict"):
             self.metrics.endpoints.labels(state).set(self.state_counts[state])
 
     def _endpoint_status(self, name: str, iface: str, conflict: str | None) -> tuple[str, str]:
-        if conflict and self.index.state.interfaces.get(iface) != name:
-            return "error", conflict
+        if conflict:
+            return "conflict", conflict
         if iface not in self.links.by_name:
             return "down", f"interface {iface} not present"
+        if self.policy is not None and self.policy.last_error and iface not in self.policy_interfaces:
+            return "down", f"waiting for policy (no route until it is in the kernel): {self.policy.last_error}"
         routes, neighs, proxies = self.index.endpoint_keys(name)
         reasons = [self.routes.failures[k] for k in
                    [*(("route", r) for r in routes), *(("neigh", n) for n in neighs), *(("proxy", p) for p in proxies)]
                    if k in self.routes.failures]
         reasons += [self.sysctls.failures[p] for p in self.sysctls.by_iface.get(iface, {})
                     if p in self.sysctls.failures]
-        if conflict:
-            reasons.insert(0, conflict)
+        key = f"{kind_prefix('Endpoint')}{name}"
+        if key in self.corrupt:
+            reasons.append(f"newest record is corrupt, last good version kept: {self.corrupt[key][1]}")
         if self.policy is not None and self.policy.last_error:
             reasons.append(f"policy not programmed: {self.policy.last_error}")
         if reasons:

@@ -4,15 +4,18 @@ No I/O. ``HostIndex`` is updated one endpoint at a time and reports which keys i
 change costs work in proportion to itself, not to the number of endpoints; ``host_state`` is
 the same thing from scratch, and tests hold the two equal under any order of updates.
 
-Conflicts fail closed and deterministically: if two endpoints on this host claim one
-interface, or one address, the endpoint whose name sorts first keeps it and the other is in
-error for it (it never takes over traffic meant for the first). Endpoints of other hosts
-contribute nothing here.
+Conflicts are refused, not obeyed, and every agent decides them alike: an address belongs to
+the endpoint that claimed it first in the whole fabric (the lowest Store create revision, then
+the name), an interface to the first of this host's endpoints that names it. An endpoint that
+lost any of its addresses, or its interface, is refused whole: no route, no neighbour, no
+policy membership, status ``conflict`` naming the holder. So a newer record can never hijack a
+working workload's traffic, on this host or any other. Endpoints of other hosts are indexed only
+for their address claims.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,26 +96,50 @@ class HostIndex:
         self.host = host
         self.plans: dict[str, EndpointPlan] = {}
         self.if_owners: dict[str, set[str]] = {}
-        self.addr_owners: dict[str, set[str]] = {}
+        self.addr_owners: dict[str, set[str]] = {}  # every host's claims: address -> endpoint names
+        self.remote: dict[str, tuple[str, ...]] = {}  # other hosts' endpoints -> their addresses
+        self.created: dict[str, int] = {}  # endpoint -> Store create revision (age decides conflicts)
         self.state = HostState()
 
-    def update(self, name: str, endpoint: Any | None) -> Touched:
-        """Apply one endpoint's new version (None: gone, or moved to another host)."""
+    def _rank(self, name: str) -> tuple[int, str]:
+        return self.created.get(name, 0), name
+
+    def update(self, name: str, endpoint: Any | None, created: int = 0) -> Touched:
+        """Apply one endpoint's new version (None: gone). ``created`` is its record's create revision."""
         t = Touched()
         old = self.plans.pop(name, None)
         if old is not None:
             self._unindex(old, t)
-        if endpoint is not None and endpoint.spec.host == self.host:
+        for a in self.remote.pop(name, ()):
+            self._unclaim(name, a, t)
+        if endpoint is None:
+            self.created.pop(name, None)
+        elif endpoint.spec.host == self.host:
             plan = plan_endpoint(endpoint)
-            if plan == old:
+            if plan == old and self.created.get(name) == created:
                 self._index(plan, Touched())
                 self.plans[name] = plan
                 return Touched()
+            self.created[name] = created
             self.plans[name] = plan
             self._index(plan, t)
+        else:
+            self.created[name] = created
+            addrs = tuple(str(a.ip) for a in (*endpoint.spec.ipv6_addresses, *endpoint.spec.ipv4_addresses))
+            self.remote[name] = addrs
+            for a in addrs:
+                self.addr_owners.setdefault(a, set()).add(name)
+                t.routes.add(host_prefix(a))
         t.endpoints.add(name)
         self._recompute(t)
         return t
+
+    def _unclaim(self, name: str, addr: str, t: Touched) -> None:
+        owners = self.addr_owners.get(addr, set())
+        owners.discard(name)
+        if not owners:
+            self.addr_owners.pop(addr, None)
+        t.routes.add(host_prefix(addr))
 
     def _index(self, plan: EndpointPlan, t: Touched) -> None:
         self.if_owners.setdefault(plan.interface, set()).add(plan.name)
@@ -128,18 +155,36 @@ class HostIndex:
             self.if_owners.pop(plan.interface, None)
         t.interfaces.add(plan.interface)
         for a in plan.addresses:
-            owners = self.addr_owners.get(a, set())
-            owners.discard(plan.name)
-            if not owners:
-                self.addr_owners.pop(a, None)
-            t.routes.add(host_prefix(a))
+            self._unclaim(plan.name, a, t)
             t.neighbours.add((plan.interface, a))
         if plan.ipv6_gateway is not None:
             t.proxies.add((plan.interface, plan.ipv6_gateway))
 
     def _if_winner(self, iface: str) -> str | None:
         owners = self.if_owners.get(iface)
-        return min(owners) if owners else None
+        return min(owners, key=self._rank) if owners else None
+
+    def holder(self, addr: str) -> str | None:
+        """The endpoint an address belongs to, fabric-wide: the first to claim it."""
+        owners = self.addr_owners.get(addr)
+        return min(owners, key=self._rank) if owners else None
+
+    def refused(self, name: str) -> str | None:
+        """Why an endpoint (of any host) is refused, or None: an address held by an older one,
+        or (on this host) its interface."""
+        plan = self.plans.get(name)
+        addrs = plan.addresses if plan is not None else self.remote.get(name, ())
+        lost = [(a, h) for a in addrs if (h := self.holder(a)) != name]
+        if lost:
+            return "; ".join(f"conflict: {a} held by {h}" for a, h in lost)
+        if plan is not None and (winner := self._if_winner(plan.interface)) != name:
+            return f"conflict: interface {plan.interface} held by {winner}"
+        return None
+
+    def _serves(self, name: str) -> bool:
+        """A local endpoint that gets its routes: it won its interface and every address."""
+        plan = self.plans.get(name)
+        return plan is not None and self.refused(name) is None
 
     def _recompute(self, t: Touched) -> None:
         st = self.state
@@ -160,14 +205,23 @@ class HostIndex:
                 st.sysctls[iface] = interface_sysctls(self.plans[winner])
             if old_sysctls != st.sysctls.get(iface):
                 t.interfaces.add(iface)
+        # a change of holder of one address can refuse (or free) an endpoint's other addresses
+        claimants: set[str] = set()
+        for prefix in t.routes:
+            claimants.update(self.addr_owners.get(prefix.rsplit("/", 1)[0], ()))
+        for n in claimants:
+            t.endpoints.add(n)
+            plan = self.plans.get(n)
+            for a in plan.addresses if plan is not None else self.remote.get(n, ()):
+                t.routes.add(host_prefix(a))
+            if plan is not None and plan.ipv6_gateway is not None:
+                t.proxies.add((plan.interface, plan.ipv6_gateway))
         for prefix in list(t.routes):
             addr = prefix.rsplit("/", 1)[0]
-            eligible = [n for n in self.addr_owners.get(addr, ())
-                        if self._if_winner(self.plans[n].interface) == n]
-            t.endpoints.update(self.addr_owners.get(addr, ()))
+            h = self.holder(addr)
             old_iface = st.routes.get(prefix)
-            if eligible:
-                plan = self.plans[min(eligible)]
+            if h is not None and self._serves(h):
+                plan = self.plans[h]
                 st.routes[prefix] = plan.interface
                 st.neighbours[(plan.interface, addr)] = plan.mac
                 t.neighbours.add((plan.interface, addr))
@@ -182,24 +236,14 @@ class HostIndex:
         for key in list(t.proxies):
             iface, gw = key
             winner = self._if_winner(iface)
-            if winner is not None and self.plans[winner].ipv6_gateway == gw:
+            if winner is not None and self.plans[winner].ipv6_gateway == gw and self._serves(winner):
                 st.proxies.add(key)
             else:
                 st.proxies.discard(key)
         for n in t.endpoints:
             st.errors.pop(n, None)
-            plan = self.plans.get(n)
-            if plan is None:
-                continue
-            winner = self._if_winner(plan.interface)
-            if winner != n:
-                st.errors[n] = f"interface {plan.interface} is also claimed by endpoint {winner}"
-                continue
-            lost = [a for a in plan.addresses if min(
-                (o for o in self.addr_owners[a] if self._if_winner(self.plans[o].interface) == o), default=n) != n]
-            if lost:
-                holders = {a: min(self.addr_owners[a]) for a in lost}
-                st.errors[n] = "; ".join(f"address {a} is also claimed by endpoint {h}" for a, h in holders.items())
+            if n in self.plans and (why := self.refused(n)) is not None:
+                st.errors[n] = why
 
     def endpoint_keys(self, name: str) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
         """The routes, neighbours and proxy entries this endpoint holds now."""
@@ -214,9 +258,10 @@ class HostIndex:
         return routes, neighs, proxies
 
 
-def host_state(endpoints: Iterable[Any], host: str) -> HostState:
-    """This host's desired state from a full set of endpoints: the reference for HostIndex."""
+def host_state(endpoints: Iterable[Any], host: str, created: Mapping[str, int] | None = None) -> HostState:
+    """This host's desired state from a full set of endpoints (and their create revisions):
+    the reference for HostIndex."""
     index = HostIndex(host)
     for ep in sorted(endpoints, key=lambda e: e.metadata.name):
-        index.update(ep.metadata.name, ep)
+        index.update(ep.metadata.name, ep, (created or {}).get(ep.metadata.name, 0))
     return index.state

@@ -69,6 +69,7 @@ class Structure:
     pools4: tuple[str, ...] = ()
     nat6: tuple[str, ...] = ()  # pools with nat_outgoing
     nat4: tuple[str, ...] = ()
+    workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")  # unknown interfaces so named: dropped
 
     def set_names(self) -> dict[str, str | list[str]]:
         """Every named set and its nftables type (read on every element patch: computed once)."""
@@ -168,6 +169,7 @@ class PolicyIndex:
     policies: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, Any] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
+    workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")
     elements: dict[str, Counter[Element]] = field(default_factory=dict)  # set -> element -> refcount
     contrib: dict[str, list[tuple[str, Element]]] = field(default_factory=dict)
     delta: dict[str, dict[Element, bool]] = field(default_factory=dict)  # since take_delta()
@@ -211,6 +213,11 @@ class PolicyIndex:
                 self._rule_sel.add(s)
         self._invalidate()
 
+    def set_workload_prefixes(self, prefixes: tuple[str, ...]) -> None:
+        if prefixes != self.workload_prefixes:
+            self.workload_prefixes = prefixes
+            self._structure = None
+
     def set_pool(self, name: str, pool: Any | None) -> None:
         if pool is None:
             self.pools.pop(name, None)
@@ -233,7 +240,8 @@ class PolicyIndex:
                 pools6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6)),
                 pools4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4)),
                 nat6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6 and p.nat_outgoing)),
-                nat4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4 and p.nat_outgoing)))
+                nat4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4 and p.nat_outgoing)),
+                workload_prefixes=self.workload_prefixes)
         return self._structure
 
     def desired_elements(self) -> dict[str, set[Element]]:

@@ -3,9 +3,10 @@
 Layout (base chains accept what is not a workload's business: the fabric, BGP, the host itself):
 
     prerouting  (priority raw, before conntrack and routing) from a workload interface -> guard;
-                from an unknown tap*/tby* interface -> drop. Covers traffic to the host (input)
-                and through it (forward) alike; the host's own looped-back multicast is let be.
-    forward  from a workload -> from_wl; to a workload -> to_wl; to an unknown tap*/tby* -> drop
+                from an unknown workload-named interface (Config: tap*, tby*, vnet*) -> drop.
+                Covers traffic to the host (input) and through it (forward) alike; the host's own
+                looped-back multicast is let be.
+    forward  from a workload -> from_wl; to a workload -> to_wl; to an unknown workload-named one -> drop
     guard    RAs, DHCP server replies, foreign source MACs, spoofed IPv6/IPv4 sources: counted, dropped
     from_wl  invalid drop; established/related accept; always-allowed ICMPv6 accept;
              each policy (by order) whose applies-set holds the interface; then profiles; else drop
@@ -31,7 +32,6 @@ from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER
 TABLE = "tabby"
 FAMILY = "inet"
 ACCEPT_MARK = 0x00100000
-WORKLOAD_PREFIXES = ("tap", "tby")  # interface names tabby gives workloads (VM taps, CNI veths)
 # NS/NA, RS, MLD and packet-too-big pass whatever the policy says (the seed's ND must never break)
 ALWAYS_ICMPV6 = (2, 130, 131, 132, 133, 135, 136)
 PACKET_LOOPBACK = 5  # skb->pkt_type of a looped-back copy of the host's own multicast
@@ -206,8 +206,8 @@ def _direction(t: _Table, s: Structure, name: str, key: str, direction: str, cha
     t.rule(name, "default deny", _COUNT_DROP)
 
 
-def _unknown_workloads(t: _Table, chain: str, key: str) -> None:
-    for prefix in WORKLOAD_PREFIXES:
+def _unknown_workloads(t: _Table, s: Structure, chain: str, key: str) -> None:
+    for prefix in s.workload_prefixes:
         t.rule(chain, f"unknown {prefix}* {key}", [
             _m(_meta(key), prefix + "*"), _m(_meta(key), "@" + WL_IF, "!="),
             _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER]}, "!="), *_COUNT_DROP])
@@ -245,10 +245,10 @@ def render(s: Structure) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     # the host's own multicast (dnsmasq's RAs on a tap) comes back in with the tap as its input
     # interface; it is not the workload's, so the guards must not count or drop it
     t.rule("prerouting", "own multicast looped back", [_m(_meta("pkttype"), PACKET_LOOPBACK), {"accept": None}])
-    _unknown_workloads(t, "prerouting", "iifname")
+    _unknown_workloads(t, s, "prerouting", "iifname")
     t.rule("prerouting", "from workload", [_m(_meta("iifname"), "@" + WL_IF), {"jump": {"target": "guard"}}])
     t.chain("forward", type="filter", hook="forward", prio=0, policy="accept")
-    _unknown_workloads(t, "forward", "oifname")
+    _unknown_workloads(t, s, "forward", "oifname")
     t.rule("forward", "from workload", [_m(_meta("iifname"), "@" + WL_IF), {"jump": {"target": "from_wl"}}])
     t.rule("forward", "to workload", [_m(_meta("oifname"), "@" + WL_IF), {"jump": {"target": "to_wl"}}])
     _nat(t, s)

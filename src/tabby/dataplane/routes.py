@@ -9,6 +9,7 @@ so an endpoint whose interface changed is never left without a route in between.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.links import LinkIndex
@@ -94,21 +95,22 @@ class RoutesReconciler:
 
     # -- apply -----------------------------------------------------------------------------
 
-    def apply(self) -> tuple[int, int]:
-        """Program every pending change whose interface exists. Returns (applied, failed)."""
+    def apply(self, hold: Collection[str] = ()) -> tuple[int, int]:
+        """Program every pending change whose interface exists, except additions on the
+        interfaces in ``hold`` (their policy is not in the kernel yet). Returns (applied, failed)."""
         idx = self.links.by_name
         ops: list[tuple[str, object, bytes]] = []
         for dst, iface in self.routes.pending_updates.items():
             i = idx.get(iface)
-            if i:
+            if i and iface not in hold:
                 ops.append(("add-route", dst, nl.route_msg(nl.RTM_NEWROUTE, dst, i, CREATE)))
         for key, mac in self.neighbours.pending_updates.items():
             i = idx.get(key[0])
-            if i:
+            if i and key[0] not in hold:
                 ops.append(("add-neigh", key, nl.neigh_msg(nl.RTM_NEWNEIGH, key[1], i, mac, CREATE)))
         for key in self.proxies.pending_updates:
             i = idx.get(key[0])
-            if i:
+            if i and key[0] not in hold:
                 ops.append(("add-proxy", key, nl.neigh_msg(nl.RTM_NEWNEIGH, key[1], i, None, CREATE, proxy=True)))
         for dst in self.routes.pending_deletes:
             ops.append(("del-route", dst, nl.route_msg(nl.RTM_DELROUTE, dst, 0)))

@@ -26,13 +26,13 @@ from tabby.model.resources import (
     ProfileSpec,
     Rule,
     derive_router_id,
-    duplicate_router_ids,
     effective_config,
+    refused_hosts,
 )
 
 __all__ = [
     "BGPPeer", "Config", "ConfigSpec", "Endpoint", "EndpointSpec", "Host", "HostSpec", "IPPool",
     "IPPoolSpec", "InvalidResource", "Metadata", "Policy", "PolicySpec", "Profile", "ProfileSpec",
-    "Rule", "decode", "derive_router_id", "duplicate_router_ids", "effective_config", "encode",
-    "key_of", "parse_documents", "to_plain", "validate",
+    "Rule", "decode", "derive_router_id", "effective_config", "encode",
+    "key_of", "parse_documents", "refused_hosts", "to_plain", "validate",
 ]

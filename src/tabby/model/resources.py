@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -75,7 +76,7 @@ def derive_router_id(name: str) -> IPv4Address:
     """A stable router id for a host without IPv4: a hash of its name in 1.0.0.0..223.255.255.255.
 
     BGP needs a 32-bit id even on an IPv6-only fabric. Hashing the name keeps it stable across
-    restarts; collisions between hosts are detected by ``duplicate_router_ids``.
+    restarts; collisions between hosts are refused by ``refused_hosts``.
     """
     h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
     low, high = int(IPv4Address("1.0.0.0")), int(IPv4Address("223.255.255.255"))
@@ -113,12 +114,25 @@ class Host(_Frozen):
         return derive_router_id(self.metadata.name)
 
 
-def duplicate_router_ids(hosts: list[Host]) -> dict[IPv4Address, list[str]]:
-    """Router ids held by more than one host: a fabric-wide check no single record can make."""
-    seen: dict[IPv4Address, list[str]] = {}
-    for host in hosts:
-        seen.setdefault(host.effective_router_id(), []).append(host.metadata.name)
-    return {rid: names for rid, names in seen.items() if len(names) > 1}
+def refused_hosts(hosts: Iterable[tuple[Host, int]]) -> dict[str, str]:
+    """Hosts refused because an older Host (lower create revision, then name) already has their
+    fabric address or router id -> why. A fabric-wide check no single record can make; every
+    agent computes the same answer from the same Store, so the newer host is refused everywhere."""
+    held: dict[tuple[str, object], str] = {}
+    refused: dict[str, str] = {}
+    for host, _ in sorted(hosts, key=lambda hc: (hc[1], hc[0].metadata.name)):
+        name = host.metadata.name
+        claims = [("fabric address", host.spec.ipv6_address), ("fabric address", host.spec.ipv4_address),
+                  ("router id", host.effective_router_id())]
+        clash = [f"{what} {value} held by host {held[(what, value)]}" for what, value in claims
+                 if value is not None and (what, value) in held and held[(what, value)] != name]
+        if clash:
+            refused[name] = "conflict: " + "; ".join(clash)
+            continue
+        for what, value in claims:
+            if value is not None:
+                held[(what, value)] = name
+    return refused
 
 
 class IPPoolSpec(_Frozen):
@@ -301,6 +315,17 @@ class BGPPeer(_Frozen):
     spec: BGPPeerSpec
 
 
+def _check_interface_prefix(value: str) -> str:
+    check_interface_name(value)
+    if len(value) > 12:  # a prefix leaves room for the name it starts
+        raise ValueError(f"interface prefix {value!r} is longer than 12 characters")
+    return value
+
+
+InterfacePrefix = Annotated[str, AfterValidator(_check_interface_prefix)]
+DEFAULT_WORKLOAD_PREFIXES = ("tap", "tby", "vnet")  # VM taps (Nova, tabby), tabby's veths, libvirt's
+
+
 class ConfigSpec(_Frozen):
     """Settings; ``global`` applies everywhere, ``host.<name>`` overrides it for one host."""
 
@@ -310,6 +335,9 @@ class ConfigSpec(_Frozen):
     node_to_node_mesh: bool | None = None
     strict_affinity: bool | None = None
     default_asn: ASN | None = None
+    # Interfaces named so are workloads' even when no Endpoint names them yet: their traffic is
+    # dropped until their Endpoint's policy is in (fail closed).
+    workload_interface_prefixes: Annotated[tuple[InterfacePrefix, ...], Field(max_length=16)] | None = None
 
 
 class Config(_Frozen):
@@ -332,6 +360,7 @@ CONFIG_DEFAULTS = ConfigSpec(
     node_to_node_mesh=True,
     strict_affinity=False,
     default_asn=DEFAULT_ASN,
+    workload_interface_prefixes=DEFAULT_WORKLOAD_PREFIXES,
 )
 
 
