@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tabby.client import ResourceClient
@@ -44,8 +45,18 @@ STATE = State()
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn_corrupt(key: str, problem: str) -> None:
+    """One line per corrupt record: its key and what is wrong (text from the Store is escaped,
+    so a record cannot restyle or forge the terminal's output)."""
+    err.print(f"[yellow]warning:[/] corrupt record {escape(key)} skipped: {escape(problem)}",
+              highlight=False, soft_wrap=True)
+
+
+Strict = Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")]
 
 
 @app.callback()
@@ -111,8 +122,9 @@ def get(
     kind: Annotated[str, typer.Argument(help=f"one of {', '.join(KIND_DIRS)} (or a plural)")],
     name: Annotated[str | None, typer.Argument()] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+    strict: Strict = False,
 ) -> None:
-    """Show resources."""
+    """Show resources. Corrupt records are named on stderr, one line each, and skipped."""
     try:
         kind = resolve_kind(kind)
     except ValueError as e:
@@ -129,7 +141,7 @@ def get(
     except (StoreError, InvalidResource) as e:
         fail(str(e))
     for key, problem in bad:
-        err.print(f"[yellow]warning:[/] corrupt record {key} skipped: {problem}", highlight=False)
+        warn_corrupt(key, problem)
     plain = [to_plain(r) for r in items]
     if output is Output.json:
         print(json.dumps(plain[0] if name else plain, indent=2))
@@ -142,8 +154,10 @@ def get(
         table.add_column("SPEC")
         for r in items:
             labels = ",".join(f"{k}={v}" for k, v in r.metadata.labels.items())
-            table.add_row(r.metadata.name, labels or "-", _summary(r))
+            table.add_row(r.metadata.name, labels or "-", escape(_summary(r)))
         out.print(table)
+    if strict and bad:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -232,53 +246,76 @@ def cni_server(
 def status(
     host: Annotated[str | None, typer.Option(help="only this host")] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+    strict: Strict = False,
 ) -> None:
-    """Hosts (alive or not, from their agents' heartbeats) and endpoint status as agents report it."""
+    """Hosts (alive or not, refused for a conflict), endpoint status as agents report it, and
+    every corrupt record in the Store with its key and field."""
     import time as _time
 
+    from tabby.model import refused_hosts
     from tabby.model.keys import STATUS_PREFIX
+    from tabby.model.status import decode_status
 
-    store = STATE.client().store
+    client = STATE.client()
+    store = client.store
     try:
         hosts, _ = store.list(STATUS_PREFIX + "hosts/")
         eps, _ = store.list(STATUS_PREFIX + "endpoints/" + (f"{host}/" if host else ""))
+        host_records, _ = client.list_created("Host")
+        corrupt = client.corrupt_records()
     except StoreError as e:
         fail(str(e))
     now = _time.time()
+    refused = refused_hosts(host_records)
     host_rows, ep_rows = [], []
     for kv in hosts:
         try:
-            h = json.loads(kv.value)
-        except ValueError:
-            continue
-        if host is None or h.get("host") == host:
-            host_rows.append({"host": h.get("host"), "alive": h.get("expires", 0) > now,
-                              "heartbeat_age_s": round(now - h.get("heartbeat", 0), 1)})
+            h = decode_status(kv.key, kv.value)
+        except InvalidResource:
+            continue  # listed with the corrupt records below
+        if host is None or h.host == host:
+            host_rows.append({"host": h.host, "alive": h.expires > now,
+                              "heartbeat_age_s": round(now - h.heartbeat, 1), "refused": refused.get(h.host, ""),
+                              "degraded": h.degraded or "", "corrupt_seen": len(h.corrupt)})
     for kv in eps:
         try:
-            e = json.loads(kv.value)
-        except ValueError:
+            e = decode_status(kv.key, kv.value)
+        except InvalidResource:
             continue
-        ep_rows.append({"endpoint": kv.key.rsplit("/", 1)[1], "host": e.get("host"), "state": e.get("state"),
-                        "reason": e.get("reason", "")})
+        ep_rows.append({"endpoint": kv.key.rsplit("/", 1)[1], "host": e.host, "state": e.state, "reason": e.reason})
+    bad_rows = [{"key": c.where, "field": c.field, "error": "; ".join(c.errors)} for c in corrupt]
     if output is not Output.table:
-        doc = {"hosts": host_rows, "endpoints": ep_rows}
+        doc = {"hosts": host_rows, "endpoints": ep_rows, "corrupt": bad_rows}
         print(json.dumps(doc, indent=2) if output is Output.json else yaml.safe_dump(doc, sort_keys=False), end="")
-        return
-    t = Table(box=None, header_style="bold")
-    for col in ("HOST", "ALIVE", "HEARTBEAT AGE"):
-        t.add_column(col)
-    for r in host_rows:
-        t.add_row(str(r["host"]), "[green]yes[/]" if r["alive"] else "[red]no[/]", f"{r['heartbeat_age_s']}s")
-    out.print(t)
-    t = Table(box=None, header_style="bold")
-    for col in ("ENDPOINT", "HOST", "STATE", "REASON"):
-        t.add_column(col)
-    colour = {"up": "green", "down": "yellow", "error": "red"}
-    for r in ep_rows:
-        c = colour.get(str(r["state"]), "white")
-        t.add_row(str(r["endpoint"]), str(r["host"]), f"[{c}]{r['state']}[/]", str(r["reason"]))
-    out.print(t)
+    else:
+        t = Table(box=None, header_style="bold")
+        for col in ("HOST", "ALIVE", "HEARTBEAT AGE", "NOTES"):
+            t.add_column(col)
+        for r in host_rows:
+            notes = "; ".join(x for x in (r["refused"] and f"refused: {r['refused']}",
+                                          r["degraded"] and f"degraded: {r['degraded']}") if x)
+            t.add_row(escape(str(r["host"])), "[green]yes[/]" if r["alive"] else "[red]no[/]",
+                      f"{r['heartbeat_age_s']}s", escape(notes))
+        out.print(t)
+        t = Table(box=None, header_style="bold")
+        for col in ("ENDPOINT", "HOST", "STATE", "REASON"):
+            t.add_column(col)
+        colour = {"up": "green", "down": "yellow", "error": "red", "conflict": "red"}
+        for r in ep_rows:
+            c = colour.get(str(r["state"]), "white")
+            t.add_row(escape(str(r["endpoint"])), escape(str(r["host"])), f"[{c}]{r['state']}[/]",
+                      escape(str(r["reason"])))
+        out.print(t)
+        if bad_rows:
+            t = Table(box=None, header_style="bold", title="corrupt records (ignored; the last good version, "
+                      "if any, stays in effect)")
+            for col in ("KEY", "FIELD", "ERROR"):
+                t.add_column(col)
+            for r in bad_rows:
+                t.add_row(escape(r["key"]), escape(r["field"]), escape(r["error"]))
+            out.print(t)
+    if strict and corrupt:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -295,16 +332,22 @@ def diagnose(
     from tabby.diagnose import lab_route_reader
 
     store = STATE.client().store
-    steps = run(store, src, dst, lab_route_reader(lab) if lab else None, tcp_port)
-    first_bad = next((st for st in steps if not st.ok), None)
+    try:
+        steps = run(store, src, dst, lab_route_reader(lab) if lab else None, tcp_port)
+    except StoreError as e:
+        fail(str(e))
+    first_bad = next((st for st in steps if st.state == "failed"), None)
     if output is not Output.table:
-        doc = {"steps": [st.__dict__ for st in steps], "first_failing": first_bad.name if first_bad else None}
+        doc = {"steps": [{"name": st.name, "state": st.state, "ok": st.ok, "detail": st.detail} for st in steps],
+               "first_failing": first_bad.name if first_bad else None}
         print(json.dumps(doc, indent=2) if output is Output.json else yaml.safe_dump(doc, sort_keys=False), end="")
     else:
+        mark = {"ok": "[green]ok  [/]", "failed": "[red]FAIL[/]", "not checked": "[yellow]--  [/]"}
         for st in steps:
-            out.print(f"{'[green]ok  [/]' if st.ok else '[red]FAIL[/]'} {st.name}: {st.detail}", highlight=False)
-        out.print(f"\nfirst failing step: [bold red]{first_bad.name}[/]" if first_bad
-                  else "\n[green]every step passes[/]")
+            out.print(f"{mark[st.state]} {escape(st.name)}: {escape(st.detail)}", highlight=False)
+        unchecked = sum(st.state == "not checked" for st in steps)
+        out.print(f"\nfirst failing step: [bold red]{escape(first_bad.name)}[/]" if first_bad
+                  else "\n[green]no step fails[/]" + (f" ({unchecked} not checked)" if unchecked else ""))
     if first_bad:
         raise typer.Exit(1)
 
@@ -350,13 +393,16 @@ def bgp_status(
         kvs, _ = STATE.client().store.list(STATUS_PREFIX + "bgp/")
     except StoreError as e:
         fail(str(e))
+    from tabby.model.status import decode_status
+
     docs = []
     for kv in kvs:
         try:
-            d = json.loads(kv.value)
-        except ValueError:
+            d = decode_status(kv.key, kv.value).model_dump()
+        except InvalidResource as e:
+            warn_corrupt(kv.key, "; ".join(e.errors))
             continue
-        if host is None or d.get("host") == host:
+        if host is None or d["host"] == host:
             docs.append(d)
     if output is not Output.table:
         print(json.dumps(docs, indent=2) if output is Output.json else yaml.safe_dump(docs, sort_keys=False), end="")
@@ -365,13 +411,13 @@ def bgp_status(
     for col in ("HOST", "PEER", "STATE", "SINCE", "IN", "OUT"):
         t.add_column(col)
     for d in docs:
-        if d.get("error"):
-            t.add_row(d["host"], "-", f"[red]{d['error']}[/]", "", "", "")
-        for sess in d.get("sessions", []):
-            st = sess.get("state", sess.get("error", "?"))
+        if d["error"]:
+            t.add_row(escape(d["host"]), "-", f"[red]{escape(d['error'])}[/]", "", "", "")
+        for sess in d["sessions"]:
+            st = sess["error"] or sess["state"] or "?"
             c = "green" if st == "Established" else "red"
-            t.add_row(d["host"], sess.get("description") or sess.get("name", "?"), f"[{c}]{st}[/]",
-                      sess.get("since", ""), str(sess.get("imported", "")), str(sess.get("exported", "")))
+            t.add_row(escape(d["host"]), escape(sess["description"] or sess["name"] or "?"), f"[{c}]{escape(st)}[/]",
+                      escape(sess["since"]), str(sess["imported"]), str(sess["exported"]))
     out.print(t)
 
 

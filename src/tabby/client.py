@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tabby.model import decode, encode, key_of
-from tabby.model.keys import kind_prefix, resource_key
+from tabby.model import InvalidResource, decode, encode, key_of
+from tabby.model.keys import PREFIX, kind_prefix, resource_key
+from tabby.model.records import decode_record
 from tabby.store import AlreadyExists, NotFound, RevisionMismatch, Store, StoreError
 
 
@@ -23,8 +24,31 @@ class ResourceClient:
         self.store = store
 
     def get(self, kind: str, name: str) -> Any | None:
+        """The resource, None if absent; InvalidResource (naming key and field) if corrupt."""
         kv = self.store.get(resource_key(kind, name))
         return decode(kv.key, kv.value) if kv else None
+
+    def corrupt_records(self, prefix: str = PREFIX) -> list[InvalidResource]:
+        """Every record under prefix that does not decode (resources, IPAM and status alike)."""
+        kvs, _ = self.store.list(prefix)
+        bad = []
+        for kv in kvs:
+            try:
+                decode_record(kv.key, kv.value)
+            except InvalidResource as e:
+                bad.append(e)
+        return bad
+
+    def list_created(self, kind: str) -> tuple[list[tuple[Any, int]], list[tuple[str, str]]]:
+        """Like ``list``, with each resource's create revision (who came first decides conflicts)."""
+        kvs, _ = self.store.list(kind_prefix(kind))
+        good, bad = [], []
+        for kv in kvs:
+            try:
+                good.append((decode(kv.key, kv.value), kv.create_revision))
+            except ValueError as e:
+                bad.append((kv.key, str(e)))
+        return good, bad
 
     def list(self, kind: str) -> tuple[list[Any], list[tuple[str, str]]]:
         """(good resources, [(key, error)] for corrupt records) — one bad record never hides the rest."""

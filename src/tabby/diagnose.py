@@ -1,9 +1,11 @@
 """``tabby diagnose SRC DST``: why one workload can or cannot reach another, step by step.
 
 Each step reads one layer (the Store records, agent status, host liveness, IPAM, the kernel
-routes on both hosts, the BGP session, the policy's verdict) and is green or red with what it saw; the first red step
-is named. Kernel state is read through ``HostAccess`` (in the lab: ``ip`` inside the host's
-namespace), so the steps themselves are plain functions of what they are given.
+routes on both hosts, the BGP session, the policy's verdict) and is ``ok``, ``failed``, or
+``not checked`` with the reason (never green for what it did not look at); the first failed step
+is named. Kernel state is read through a ``RouteReader`` (in the lab: ``ip`` inside the host's
+namespace), so the steps themselves are plain functions of what they are given. Every record
+is decoded strictly: a corrupt one fails its step with its key and field, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tabby.agent.policy_verdict import Packet, verdict
 from tabby.client import ResourceClient
 from tabby.ipam import IPAM
+from tabby.model.codec import InvalidResource
 from tabby.model.keys import bgp_status_key, endpoint_status_key, host_status_key
+from tabby.model.status import decode_status
 from tabby.store import Store
 
 RouteReader = Callable[[str, int], list[dict[str, Any]]]  # (host, family) -> `ip -j route` rows
@@ -28,8 +32,27 @@ RouteReader = Callable[[str, int], list[dict[str, Any]]]  # (host, family) -> `i
 @dataclass(frozen=True)
 class Step:
     name: str
-    ok: bool
+    state: Literal["ok", "failed", "not checked"]
     detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def _step(name: str, ok: bool, detail: str) -> Step:
+    return Step(name, "ok" if ok else "failed", detail)
+
+
+def _status(store: Store, key: str) -> tuple[Any | None, str]:
+    """(record, "") or (None, why): absent, or corrupt with its key and field."""
+    kv = store.get(key)
+    if kv is None:
+        return None, "no record"
+    try:
+        return decode_status(kv.key, kv.value), ""
+    except InvalidResource as e:
+        return None, f"corrupt record: {e}"
 
 
 def lab_route_reader(prefix: str) -> RouteReader:
@@ -75,7 +98,7 @@ def _policy_steps(client: ResourceClient, s_ep: Any, d_ep: Any, tcp_port: int | 
                          icmp_type=128 if fam == 6 else 8, icmp_code=0)
             what = "ping"
         v = verdict(s_ep, d_ep, pkt, policies, profiles, endpoints)
-        steps.append(Step(f"policy verdict (IPv{fam} {what})", v.allowed, v.reason))
+        steps.append(_step(f"policy verdict (IPv{fam} {what})", v.allowed, v.reason))
     return steps
 
 
@@ -88,67 +111,83 @@ def diagnose(store: Store, src: str, dst: str, routes: RouteReader | None, tcp_p
         try:
             ep = client.get("Endpoint", name)
         except ValueError as e:
-            steps.append(Step(f"{role} endpoint record", False, f"{name}: corrupt: {e}"))
+            steps.append(_step(f"{role} endpoint record", False, f"{name}: corrupt: {e}"))
             return steps
         if ep is None:
-            steps.append(Step(f"{role} endpoint record", False, f"no Endpoint named {name}"))
+            steps.append(_step(f"{role} endpoint record", False, f"no Endpoint named {name}"))
             return steps
         eps[role] = ep
         addrs = ", ".join(str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses))
-        steps.append(Step(f"{role} endpoint record", True, f"{name} on {ep.spec.host} {ep.spec.interface}: {addrs}"))
+        steps.append(_step(f"{role} endpoint record", True, f"{name} on {ep.spec.host} {ep.spec.interface}: {addrs}"))
     s_ep, d_ep = eps["source"], eps["destination"]
     now = time.time()
+    alive_hosts: set[str] = set()
     for role, ep in (("source", s_ep), ("destination", d_ep)):
-        kv = store.get(host_status_key(ep.spec.host))
-        hb = json.loads(kv.value) if kv else None
-        alive = hb is not None and hb.get("expires", 0) > now
-        steps.append(Step(f"{role} host agent alive", alive,
-                          f"{ep.spec.host}: " + ("heartbeat " + f"{now - hb['heartbeat']:.0f}s ago" if hb
-                                                 else "no heartbeat record")))
-        kv = store.get(endpoint_status_key(ep.spec.host, ep.metadata.name))
-        st = json.loads(kv.value) if kv else None
-        steps.append(Step(f"{role} endpoint programmed", bool(st and st.get("state") == "up"),
-                          f"{st['state']}{': ' + st['reason'] if st.get('reason') else ''}" if st
-                          else "no status from the agent"))
+        hb, why = _status(store, host_status_key(ep.spec.host))
+        alive = hb is not None and hb.expires > now
+        if alive:
+            alive_hosts.add(ep.spec.host)
+        steps.append(_step(f"{role} host agent alive", alive,
+                           f"{ep.spec.host}: " + (f"heartbeat {now - hb.heartbeat:.0f}s ago" if hb
+                                                  else f"heartbeat: {why}")))
+        st, why = _status(store, endpoint_status_key(ep.spec.host, ep.metadata.name))
+        name = f"{role} endpoint programmed"
+        if ep.spec.host not in alive_hosts:
+            steps.append(Step(name, "not checked", f"the agent of {ep.spec.host} is not alive: its status is stale"
+                              + (f" (it said {st.state})" if st else "")))
+        else:
+            steps.append(_step(name, st is not None and st.state == "up",
+                               f"{st.state}{': ' + st.reason if st.reason else ''}" if st
+                               else f"no status from the agent ({why})"))
     ipam = IPAM(store)
     owners = {a.ip: h.handle for h in ipam.handles() for a in h.addresses}
     d_addrs = [str(a.ip) for a in (*d_ep.spec.ipv6_addresses, *d_ep.spec.ipv4_addresses)]
     unallocated = [a for a in d_addrs if a not in owners]
-    steps.append(Step("destination addresses allocated (IPAM)", not unallocated,
+    steps.append(_step("destination addresses allocated (IPAM)", not unallocated,
                       "all allocated: " + ", ".join(f"{a} ({owners[a]})" for a in d_addrs) if not unallocated
                       else f"not allocated in IPAM: {', '.join(unallocated)} (written without IPAM, or leaked)"))
     if routes is None:
-        steps.append(Step("kernel routes", True, "not checked: give --lab PREFIX to read the hosts' kernels"))
+        steps.append(Step("kernel routes", "not checked", "give --lab PREFIX to read the hosts' kernels"))
+        steps.append(Step("BGP sessions", "not checked", "judged with the kernel routes (--lab PREFIX)"))
         return steps + _policy_steps(client, s_ep, d_ep, tcp_port)
     hosts = {h.metadata.name: h for h in client.list("Host")[0]}
     for a in d_addrs:
         fam = ipaddress.ip_address(a).version
         try:
             local = _covering(routes(d_ep.spec.host, fam), a)
-        except RuntimeError as e:
-            steps.append(Step(f"route to {a} on {d_ep.spec.host} (destination host)", False, str(e)))
+        except (RuntimeError, ValueError) as e:
+            steps.append(Step(f"route to {a} on {d_ep.spec.host} (destination host)", "not checked",
+                              f"cannot read its kernel: {e}"))
             continue
         ok = local is not None and local.get("dev") == d_ep.spec.interface and local.get("protocol") in (77, "77")
-        steps.append(Step(f"route to {a} on {d_ep.spec.host} (destination host)", ok,
-                          f"{local}" if local else "no route"))
+        steps.append(_step(f"route to {a} on {d_ep.spec.host} (destination host)", ok,
+                           f"{local}" if local else "no route"))
         if s_ep.spec.host == d_ep.spec.host:
             continue
         dh = hosts.get(d_ep.spec.host)
         via = str(dh.spec.ipv6_address if fam == 6 else dh.spec.ipv4_address) if dh else "?"
-        kv = store.get(bgp_status_key(s_ep.spec.host))
-        sessions = json.loads(kv.value).get("sessions", []) if kv else []
-        up = [x for x in sessions if x.get("description") == f"host {d_ep.spec.host} v{fam}"
-              and x.get("state") == "Established"]
-        steps.append(Step(f"BGP {s_ep.spec.host} <-> {d_ep.spec.host} (IPv{fam})", bool(up) or not sessions,
-                          "Established" if up else ("no session status" if not sessions else
-                                                    "not Established (or a reflector carries the routes)")))
+        bgp, why = _status(store, bgp_status_key(s_ep.spec.host))
+        name = f"BGP {s_ep.spec.host} <-> {d_ep.spec.host} (IPv{fam})"
+        direct = [x for x in bgp.sessions if x.description == f"host {d_ep.spec.host} v{fam}"] if bgp else []
+        if bgp is None:
+            steps.append(Step(name, "not checked", f"no BGP status from {s_ep.spec.host}'s agent ({why})"))
+        elif s_ep.spec.host not in alive_hosts:
+            steps.append(Step(name, "not checked",
+                              f"the agent of {s_ep.spec.host} is not alive: its BGP status is stale"))
+        elif not direct:
+            steps.append(Step(name, "not checked", "no direct session (a route reflector carries the routes): "
+                              "judged by the source host's route below"))
+        else:
+            up = [x for x in direct if x.state == "Established"]
+            steps.append(_step(name, bool(up), "Established" if up else f"not Established: {direct[0].state}"))
         try:
             remote = _covering(routes(s_ep.spec.host, fam), a)
-        except RuntimeError as e:
-            steps.append(Step(f"route to {a} on {s_ep.spec.host} (source host)", False, str(e)))
+        except (RuntimeError, ValueError) as e:
+            steps.append(Step(f"route to {a} on {s_ep.spec.host} (source host)", "not checked",
+                              f"cannot read its kernel: {e}"))
             continue
         ok = remote is not None and remote.get("gateway") == via
-        steps.append(Step(f"route to {a} on {s_ep.spec.host} (source host)", ok,
+        steps.append(_step(f"route to {a} on {s_ep.spec.host} (source host)", ok,
                           (f"{remote['dst']} via {remote.get('gateway', remote.get('dev'))} "
                            f"({remote.get('protocol')})" if remote else "no route") +
                           ("" if ok else f"; expected via {d_ep.spec.host}'s fabric address {via}")))

@@ -17,7 +17,6 @@ a port's Endpoint late (the next resync or update writes it), never a Neutron AP
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,12 +33,15 @@ from oslo_config import cfg
 
 from tabby.client import ResourceClient
 from tabby.model import validate
+from tabby.model.codec import InvalidResource
 from tabby.model.keys import STATUS_PREFIX, endpoint_status_key
+from tabby.model.status import decode_status
 from tabby.openstack import translate
 from tabby.openstack.sync import reconcile
 from tabby.store import NotFound, StoreError, open_store, store_url
 
 log = logging.getLogger(__name__)
+_REPORTED: set[tuple[str, int]] = set()  # corrupt status records already logged (key, revision)
 
 STATUS_S = 2.0
 OPTS = [cfg.StrOpt("store_url", help="tabby Store URL (sqlite:///... or etcd://host:port); default $TABBY_STORE")]
@@ -184,9 +186,11 @@ class TabbyMechanismDriver(api.MechanismDriver):
         states: dict[str, str | None] = {}
         for kv in self.client.store.list(f"{STATUS_PREFIX}endpoints/")[0]:
             try:
-                states[kv.key] = json.loads(kv.value).get("state")
-            except ValueError:
-                continue
+                states[kv.key] = decode_status(kv.key, kv.value).state
+            except InvalidResource as e:
+                if (kv.key, kv.mod_revision) not in _REPORTED:  # once per version, not once per round
+                    _REPORTED.add((kv.key, kv.mod_revision))
+                    log.warning("tabby: corrupt status record %s ignored: %s", kv.key, e)
         plugin, ctx = directory.get_plugin(), n_context.get_admin_context()
         for port_id, (host, last) in bound.items():
             state = states.get(endpoint_status_key(host, translate.endpoint_name(port_id)))
