@@ -8,7 +8,8 @@ Failure model:
   reported to ``on_corrupt`` once per version (a relist does not report it again) and skipped;
   the last good version of that key stays in effect, so a bad write never un-programs a working
   endpoint, and a key that was never good is ignored; ``on_corrupt(key, None)`` says a key that
-  was corrupt is good again or gone;
+  was corrupt is good again or gone. ``seed`` carries last good versions across a restart (the
+  agent keeps them on disk): a key that is corrupt at the first listing falls back to its seed;
 - ``HistoryGone`` (the watch fell behind compaction) relists and emits only the difference
   against what the consumer already has, then ``InSync`` again;
 - ``Unavailable`` backs off and resumes the watch from the last revision seen;
@@ -54,6 +55,7 @@ class ResourceSyncer:
         on_corrupt: Callable[[str, Exception | None], None] | None = None,
         retry_s: float = 1.0,
         decoder: Callable[[str, bytes], Any] = decode,
+        seed: dict[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -66,6 +68,7 @@ class ResourceSyncer:
         # put of a key not yet here is its creation, so no backend needs to send create revisions.
         self.created: dict[str, int] = {}
         self.corrupt: dict[str, tuple[int, str]] = {}  # key -> (revision, error) reported
+        self.seed = dict(seed or {})
         self.revision = 0
         self._stop = threading.Event()
         self._watch: Watch | None = None
@@ -117,8 +120,13 @@ class ResourceSyncer:
                 self.created[kv.key] = kv.create_revision
                 self.known.pop(kv.key, None)  # re-created while we were away: a new record
             update = self._put(kv.key, kv.value, kv.mod_revision, kv.create_revision)
+            if update is None and kv.key in self.corrupt and kv.key not in self.known and kv.key in self.seed:
+                log.warning("%s: using its last good version from before the restart", kv.key)
+                self.known[kv.key] = self.seed[kv.key]
+                update = Update(kv.key, self.seed[kv.key], kv.mod_revision, kv.create_revision)
             if update is not None:
                 yield update
+        self.seed.clear()  # only the first listing after a start falls back to it
         for key in [k for k in self.created if k not in seen]:
             del self.created[key]
             self._cured(key)

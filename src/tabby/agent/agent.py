@@ -31,6 +31,7 @@ from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
 from tabby.agent.health import HealthServer, Metrics
+from tabby.agent.last_good import LastGood
 from tabby.agent.policy_calc import PolicyIndex
 from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
@@ -97,8 +98,10 @@ class Agent:
         self.endpoint_records: dict[str, Any] = {}  # every host's endpoints: rule selectors name them
         self.status = StatusWriter(store, host, ttl_s=status_ttl_s)
         self.metrics = Metrics()
+        run_dir = run_dir or Path("/run/tabby") / host
+        self.last_good = LastGood(run_dir / "last-good.json")
         self.syncer = ResourceSyncer(
-            store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record,
+            store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record, seed=self.last_good.load(decode_record),
             exclude=(STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
@@ -106,7 +109,6 @@ class Agent:
         self.config: ConfigSpec = effective_config(None, None)
         self.corrupt: dict[str, tuple[str, str]] = {}  # key -> (field, error), as reported by the syncer
         self.policy_interfaces: set[str] = set()  # interfaces whose policy the kernel had at the last good apply
-        run_dir = run_dir or Path("/run/tabby") / host
         self.bird = BirdReconciler(run_dir) if bgp else None
         self.dnsmasq = DnsmasqReconciler(run_dir)
         self.dhcp_dirty = True
@@ -134,9 +136,12 @@ class Agent:
     # -- feeders -------------------------------------------------------------------------
 
     def _corrupt(self, key: str, error: Exception | None) -> None:
-        """From the syncer's thread: a record turned corrupt (once per version), or was cured."""
+        """From the syncer's thread: a record turned corrupt (once per version), or was cured.
+        The last good version goes to disk, so that a restarted agent keeps it too."""
         if error is not None:
             self.metrics.corrupt.inc()
+        kept = self.syncer.known.get(key) if error is not None else None
+        self.last_good.set(key, kept)
         self.q.put(("corrupt", (key, error)))
 
     def _feed_store(self) -> None:

@@ -114,10 +114,10 @@ def strict_json(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_constant, parse_float=_finite)
 
 
-def load_json(key: str, value: bytes) -> Any:
+def load_json(key: str, value: bytes, max_bytes: int = MAX_RECORD_BYTES) -> Any:
     """Any bytes -> plain JSON data, or InvalidResource naming the key (and the field)."""
-    if len(value) > MAX_RECORD_BYTES:
-        raise InvalidResource(key, [f"(document): {len(value)} bytes, more than the {MAX_RECORD_BYTES} allowed"])
+    if len(value) > max_bytes:
+        raise InvalidResource(key, [f"(document): {len(value)} bytes, more than the {max_bytes} allowed"])
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
