@@ -57,6 +57,7 @@ from tabby.model.keys import (
     kind_prefix,
     parse_key,
 )
+from tabby.model.status import MAX_SESSIONS, one_line
 from tabby.store import Store
 from tabby.syncer import InSync, ResourceSyncer, Update
 
@@ -272,9 +273,11 @@ class Agent:
         except (BirdError, OSError, subprocess.TimeoutExpired) as e:
             log.error("BIRD: %s", e)
             self.bird.last_error = str(e)
+        sessions = self.bird.sessions() if self.bird.pid() else []
         self.status.set_doc(bgp_status_key(self.host), {
-            "host": self.host, "sessions": self.bird.sessions() if self.bird.pid() else [],
-            "error": self.bird.last_error, "at": time.time()})
+            "host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
+                                            for x in sessions[:MAX_SESSIONS]],
+            "error": one_line(self.bird.last_error) if self.bird.last_error else None, "at": time.time()})
 
     def _dhcp(self) -> None:
         """RA and DHCP for this host's VMs whose tap exists (dnsmasq only starts on existing taps)."""
@@ -540,7 +543,7 @@ class Agent:
                 continue
             state, reason = self._endpoint_status(name, plan.interface, st.errors.get(name))
             self._set_state(name, state)
-            self.status.set(name, state, reason)
+            self.status.set(name, state, one_line(reason))
         self.dirty.clear()
         for state in ("up", "down", "error", "conflict"):
             self.metrics.endpoints.labels(state).set(self.state_counts[state])

@@ -20,6 +20,13 @@ MAX_REASON_CHARS = 4096
 MAX_SESSIONS = 4096  # BGP sessions one host can report (a full mesh of 4,000 hosts)
 
 Text = Annotated[str, Field(max_length=MAX_REASON_CHARS)]
+
+
+def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A kernel's or daemon's message as a status field: control characters folded to spaces,
+    cut to the limit, so that what an agent writes always decodes."""
+    folded = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return folded if len(folded) <= limit else folded[: limit - 1] + "…"
 Timestamp = Annotated[float, Field(ge=0)]
 
 
