@@ -3,10 +3,13 @@ namespace, for a container namespace; the agent then makes traffic flow."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,20 @@ from tabby.lab.netns import wait_for
 from tabby.model import validate
 from tabby.store import open_store
 
-CNI = str(Path(".venv/bin/tabby-cni").resolve())
+
+def _plugin_binary() -> str:
+    """tabby-cni as a runtime finds it in CNI_PATH: an executable running the shim with this
+    interpreter (and this checkout's code, through PYTHONPATH)."""
+    d = tempfile.mkdtemp(prefix="tbyt-cnibin-")
+    atexit.register(shutil.rmtree, d, True)
+    path = Path(d) / "tabby-cni"
+    path.write_text(f"#!{sys.executable}\nfrom tabby.cni.shim import main\nmain()\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+CNI = _plugin_binary()
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def conf(store_url: str, **extra: Any) -> dict[str, Any]:
@@ -29,12 +45,13 @@ def conf(store_url: str, **extra: Any) -> dict[str, Any]:
 
 
 def cni(host_ns: str, command: str, config: dict[str, Any] | str, container: str = "", cid: str = "c0ffee",
-        ifname: str = "eth0") -> tuple[int, dict[str, Any] | None]:
+        ifname: str = "eth0", **extra_env: str) -> tuple[int, dict[str, Any] | None]:
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname, "CNI_PATH": "/opt/cni/bin",
-           "CNI_NETNS": f"/run/netns/{container}" if container else ""}
+           "CNI_NETNS": f"/run/netns/{container}" if container else "", **extra_env}
     stdin = config if isinstance(config, str) else json.dumps(config)
-    r = subprocess.run(["ip", "netns", "exec", host_ns, CNI], input=stdin, capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=60)
+    pythonpath = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{host_ns}", CNI], input=stdin, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": pythonpath, **env}, timeout=60)
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None)
 
 
@@ -78,7 +95,7 @@ def test_add_check_del_and_traffic(env: tuple[str, str, Any], tmp_path: Path) ->
                 assert cni(host_ns, "DEL", conf(url), "", cid="aaaa1111")[0] == 0
             assert hostif not in netns.ip("link", "show", ns=host_ns)
             assert store.get("/tabby/v1/endpoints/net1.aaaa1111.eth0") is None
-            assert IPAM(store).handle("net1.aaaa1111") is None
+            assert IPAM(store).handle("net1.aaaa1111/eth0") is None
             assert cni(host_ns, "CHECK", conf(url), c1, cid="aaaa1111")[0] == 1
     finally:
         agent.stop()
@@ -111,11 +128,11 @@ def test_failed_add_leaves_nothing_and_errors_have_codes(env: tuple[str, str, An
         assert code == 1 and res["code"] in (5, 11) and "IPv4" in res["details"]
         assert netns.ip("link", "show", ns=host_ns) == links_before
         assert "eth0" not in netns.ip("link", "show", ns=c1)
-        assert IPAM(store).handle("net1.dead0001") is None
+        assert IPAM(store).handle("net1.dead0001/eth0") is None
         assert store.get("/tabby/v1/endpoints/net1.dead0001.eth0") is None
         code, res = cni(host_ns, "ADD", '{"cniVersion": "1.1.0", "type": "tabby-cni"}', c1)
         assert code == 1 and res["code"] == 7 and "name" in res["details"]
-        code, res = cni(host_ns, "ADD", conf(url, cniVersion="0.3.1"), c1)
+        code, res = cni(host_ns, "ADD", conf(url, cniVersion="0.2.0"), c1)
         assert code == 1 and res["code"] == 7 and "cniVersion" in res["details"]
         code, res = cni(host_ns, "VERSION", conf(url))
         assert code == 0 and "1.1.0" in res["supportedVersions"]
@@ -124,16 +141,30 @@ def test_failed_add_leaves_nothing_and_errors_have_codes(env: tuple[str, str, An
         assert code == 1 and res["code"] == 50
 
 
-def test_gc_releases_attachments_not_listed(env: tuple[str, str, Any]) -> None:
+def test_gc_removes_allocation_endpoint_and_veth_of_attachments_not_listed(env: tuple[str, str, Any]) -> None:
     host_ns, url, store = env
     ipam = IPAM(store)
-    ipam.assign("net1.keep", "h1", ipv6=1)
-    ipam.assign("net1.stale", "h1", ipv6=1)
-    ipam.assign("other.x", "h1", ipv6=1)
-    valid = {"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]}
-    code, _ = cni(host_ns, "GC", conf(url, **valid))
-    assert code == 0
-    assert ipam.handle("net1.keep") and ipam.handle("other.x") and ipam.handle("net1.stale") is None
+    ipam.assign("other.x", "h1", ipv6=1)  # another network's handle: never GC's business
+    with namespace("c") as c1, namespace("c") as c2:
+        assert cni(host_ns, "ADD", conf(url), c1, cid="keep01")[0] == 0
+        code, res = cni(host_ns, "ADD", conf(url), c2, cid="stale01")
+        assert code == 0, res
+        stale_if = res["interfaces"][0]["name"]
+        for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):  # 1.1, and libcni's older name
+            valid = {key: [{"containerID": "keep01", "ifname": "eth0"}]}
+            assert cni(host_ns, "GC", conf(url, **valid))[0] == 0
+        assert ipam.handle("net1.keep01/eth0") and ipam.handle("other.x")
+        assert ipam.handle("net1.stale01/eth0") is None
+        assert store.get("/tabby/v1/endpoints/net1.stale01.eth0") is None
+        assert store.get("/tabby/v1/endpoints/net1.keep01.eth0") is not None
+        assert stale_if not in netns.ip("link", "show", ns=host_ns)
+        assert "eth0" not in netns.ip("link", "show", ns=c2)
+        assert "eth0" in netns.ip("link", "show", ns=c1)
+        assert cni(host_ns, "GC", conf(url))[0] == 0  # no list at all: nothing is removed
+        assert ipam.handle("net1.keep01/eth0")
+        assert cni(host_ns, "DEL", conf(url), c1, cid="keep01")[0] == 0
+    ipam.release_handle("other.x")
+    assert IPAM(store).check() == []
 
 
 @pytest.fixture
@@ -164,10 +195,10 @@ def test_the_warm_server_runs_the_calls_and_the_same_errors_come_back(
         assert res["interfaces"][0]["name"] in netns.ip("link", "show", ns=host_ns)  # made in the server's netns
         assert cni(host_ns, "CHECK", conf(url, server_socket=sock), c1, cid="warm0001")[0] == 0
         # errors keep their codes through the server
-        code, res = cni(host_ns, "ADD", conf(url, server_socket=sock, cniVersion="0.3.1"), c1, cid="warm0002")
+        code, res = cni(host_ns, "ADD", conf(url, server_socket=sock, cniVersion="0.2.0"), c1, cid="warm0002")
         assert code == 1 and res["code"] == 7
         assert cni(host_ns, "DEL", conf(url, server_socket=sock), "", cid="warm0001")[0] == 0
-        assert IPAM(store).handle("net1.warm0001") is None
+        assert IPAM(store).handle("net1.warm0001/eth0") is None
     served = log.read_text()
     assert "ADD warm0001 eth0 -> 0" in served and "DEL warm0001 eth0 -> 0" in served
 

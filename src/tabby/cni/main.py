@@ -3,51 +3,62 @@
 ``run`` is what both callers use: the in-process fallback of ``tabby-cni`` (``shim.py``) and the
 warm ``tabby cni-server`` (``server.py``). Nothing here reads ``os.environ``: the caller passes
 the CNI_* variables (and TABBY_STORE / TABBY_HOST) it was given, so one server serves many calls.
+Order: the verb, then stdin (decoded and checked), then the variables the verb needs; nothing
+is touched before all of them are valid.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
-from tabby.cni.config import SUPPORTED_VERSIONS, ConfError, parse
-from tabby.cni.plugin import INVALID_CONF, INVALID_ENV, CniError, Env, add, check, delete, gc, status, version
+from tabby.cni import inputs
+from tabby.cni.config import SUPPORTED_VERSIONS, ConfError, load, parse
+from tabby.cni.errors import INCOMPATIBLE, INVALID_CONF, IO_FAILURE, CniError
+from tabby.cni.plugin import Context, Phases, add, check, delete, gc, status, version
+from tabby.cni.result import at_least
+
+log = logging.getLogger(__name__)
 
 
-def run(environ: Mapping[str, str], raw: bytes) -> tuple[int, str]:
-    command = environ.get("CNI_COMMAND", "")
-    if command == "VERSION":
-        return 0, json.dumps(version())
+def run(environ: Mapping[str, str], raw: bytes, ctx: Context | None = None,
+        phases: Phases | None = None) -> tuple[int, str]:
     ver = SUPPORTED_VERSIONS[-1]
     try:
+        command = inputs.command(environ)
+        if command == "VERSION":
+            return 0, json.dumps(version())
         try:
-            conf = parse(raw)
+            doc = load(raw)
+            if isinstance(doc.get("cniVersion"), str) and doc["cniVersion"] in SUPPORTED_VERSIONS:
+                ver = doc["cniVersion"]
+            conf = parse(doc)
         except ConfError as e:
             raise CniError(INVALID_CONF, "invalid network configuration", str(e)) from None
-        ver = conf.cni_version
         conf.store = conf.store or environ.get("TABBY_STORE")
         conf.host = conf.host or environ.get("TABBY_HOST")
         if command in ("STATUS", "GC"):
-            status(conf) if command == "STATUS" else gc(conf, json.loads(raw))
+            if not at_least(ver, "1.1.0"):
+                raise CniError(INCOMPATIBLE, f"{command} needs cniVersion 1.1.0, not {ver}")
+            if command == "STATUS":
+                status(conf, ctx)
+            else:
+                gc(conf, doc, ctx)
             return 0, ""
-        missing = [k for k in ("CNI_CONTAINERID", "CNI_IFNAME") if not environ.get(k)]
-        if command in ("ADD", "CHECK") and not environ.get("CNI_NETNS"):
-            missing.append("CNI_NETNS")
-        if missing:
-            raise CniError(INVALID_ENV, f"missing {', '.join(missing)}")
-        env = Env(command, environ["CNI_CONTAINERID"], environ.get("CNI_NETNS", ""), environ["CNI_IFNAME"],
-                  environ.get("CNI_ARGS", ""))
+        env = inputs.env_for(command, environ)
         if command == "ADD":
-            return 0, json.dumps(add(conf, env))
+            return 0, json.dumps(add(conf, env, ctx, phases))
         if command == "DEL":
-            delete(conf, env)
-        elif command == "CHECK":
-            check(conf, env)
+            delete(conf, env, ctx, phases)
         else:
-            raise CniError(INVALID_ENV, f"CNI_COMMAND: unknown verb {command or '(unset)'}")
+            check(conf, env, ctx)
         return 0, ""
     except CniError as e:
         return 1, json.dumps(e.json(ver))
+    except OSError as e:  # the kernel or a file said no: I/O failure, with what it said
+        log.warning("CNI %s: %s", environ.get("CNI_COMMAND"), e)
+        return 1, json.dumps(CniError(IO_FAILURE, "system call failed", str(e)).json(ver))
 
 
 def main() -> None:

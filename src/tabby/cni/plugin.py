@@ -1,51 +1,106 @@
-"""The CNI verbs. ADD allocates from tabby IPAM, builds the veth pair inside the container (an
-address set before a namespace move is lost), moves the host end out (MAC ee:ee:ee:ee:ee:ee,
-DAD off, so its link-local fe80::ecee:eeff:feee:eeee works at once), configures the container
-side, and writes the Endpoint; the agent programs host routes, neighbours and policy. A failed
-ADD removes everything it made: the veth, the allocation, the record.
+"""The CNI verbs. ADD allocates from tabby IPAM, makes the veth pair, configures the container
+side, and writes the Endpoint; the agent programs host routes, neighbours and policy.
 
-Kernel work goes through ``ip -batch`` under ``nsenter``: one process per side, not one per object.
+Kernel work is netlink from this process (``nl.py``): the pair is created from the host's
+namespace with the container end made directly in the container's namespace (an address set
+before a move would be lost), the host end gets MAC ee:ee:ee:ee:ee:ee and DAD off before it goes
+up (so its link-local fe80::ecee:eeff:feee:eeee works at once), and the container side is set
+up by a thread that entered the container's namespace. No input string reaches a command line,
+a batch script or a path unchecked (``inputs.py``); no process is started.
+
+Attachments (SPEC.md: network name, container id, ifname) and their invariants:
+- the IPAM handle of an attachment is ``<network>.<container id>/<ifname>`` and records
+  ``attachment = <host>/<container id>/<ifname>``; it is created before any address is taken,
+  so two ADDs can never both allocate for one attachment;
+- ADD, DEL and GC of one attachment hold its lock (``lock.py``), across processes;
+- ADD of an attachment that exists and is intact returns its result and touches nothing; one
+  that exists but is broken (its namespace was replaced, its veth deleted) is rebuilt with the
+  addresses it has; one whose ADD died half way is removed entirely first. A failed ADD removes
+  what that call made and releases only what that call allocated;
+- DEL and GC remove all three: allocation, Endpoint and veth. What is gone already counts as
+  removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import json
 import os
-import shutil
 import socket
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from tabby.cni.config import SUPPORTED_VERSIONS, NetConf
+from tabby.cni import nl
+from tabby.cni.config import SUPPORTED_VERSIONS, ConfError, NetConf, Request, request
+from tabby.cni.errors import (
+    INCOMPATIBLE,
+    INVALID_CONF,
+    INVALID_ENV,
+    IO_FAILURE,
+    NOT_AVAILABLE,
+    TRY_AGAIN,
+    UNKNOWN_CONTAINER,
+    CniError,
+)
+from tabby.cni.inputs import Env
+from tabby.cni.lock import AttachmentLock, LockTimeout
+from tabby.cni.result import Plumbed, at_least, build
+
+__all__ = ["HOST_LL", "HOST_MAC", "INVALID_CONF", "INVALID_ENV", "IO_FAILURE", "TRY_AGAIN", "V4_GATEWAY",
+           "CniError", "Context", "Env", "add", "check", "delete", "endpoint_name", "gc", "handle_of", "host_ifname",
+           "status", "version"]
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 HOST_LL = "fe80::ecee:eeff:feee:eeee"
 V4_GATEWAY = "169.254.1.1"
 
-# CNI error codes (spec 1.1)
-INCOMPATIBLE, UNSUPPORTED_FIELD, UNKNOWN_CONTAINER, INVALID_ENV, IO_FAILURE, DECODE, INVALID_CONF, TRY_AGAIN = (
-    1, 2, 3, 4, 5, 6, 7, 11)
+
+class Phases:
+    """Milliseconds per phase of one call, for the server's log line and the bench."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self.t) * 1000
+        self.t = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v:.1f}" for k, v in self.ms.items())
 
 
-class CniError(Exception):
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(msg)
-        self.code, self.msg, self.details = code, msg, details
+class Context:
+    """Stores and IPAM objects for calls. The warm server keeps one (SQLite stores are shared:
+    one connection under a lock; the pool cache and block hints of IPAM carry over); a plugin
+    process makes its own."""
 
-    def json(self, version: str) -> dict[str, Any]:
-        return {"cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details}
+    def __init__(self, keep: bool = False) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[Any, Any]] = {}
 
+    def open(self, url: str | None) -> tuple[Any, Any]:
+        """(store, IPAM) for the config's store URL; CniError 11 if it cannot be opened."""
+        from tabby.ipam import IPAM
+        from tabby.store import StoreError, open_store, store_url
 
-@dataclass(frozen=True)
-class Env:
-    command: str
-    container_id: str
-    netns: str
-    ifname: str
-    args: str = ""
+        url = store_url(url)
+        with self._lock:
+            if url in self._cache:
+                return self._cache[url]
+            try:
+                store = open_store(url)
+            except (ValueError, StoreError, OSError) as e:
+                raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
+            pair = (store, IPAM(store))
+            if self.keep and url.startswith("sqlite:"):
+                self._cache[url] = pair
+            return pair
 
 
 def host_ifname(container_id: str, ifname: str) -> str:
@@ -54,172 +109,436 @@ def host_ifname(container_id: str, ifname: str) -> str:
 
 
 def handle_of(conf: NetConf, env: Env) -> str:
+    return f"{conf.name}.{env.container_id}/{env.ifname}"
+
+
+def _legacy_handle(conf: NetConf, env: Env) -> str:
+    """What tabby before attachments called the handle (no ifname): DEL still releases it."""
     return f"{conf.name}.{env.container_id}"
 
 
 def endpoint_name(conf: NetConf, env: Env) -> str:
-    return f"{conf.name}.{env.container_id[:40]}.{env.ifname}".replace("/", "-")
-
-
-def _batch(netns: str | None, lines: list[str]) -> None:
-    argv = ["ip", "-batch", "-"]
-    if netns is not None:
-        argv = [shutil.which("nsenter") or "nsenter", f"--net={netns}", *argv]
-    r = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True)
-    if r.returncode != 0:
-        raise CniError(IO_FAILURE, "interface setup failed", r.stderr.strip())
-
-
-def _sysctl(netns: str, key: str, value: str) -> None:
-    subprocess.run([shutil.which("nsenter") or "nsenter", f"--net={netns}", "sysctl", "-qw", f"{key}={value}"],
-                   capture_output=True)
+    cid = env.container_id
+    if len(cid) > 40:  # keep names short, and unique: a 64-character id is shortened with its hash
+        cid = f"{cid[:31]}-{hashlib.sha256(cid.encode()).hexdigest()[:8]}"
+    return f"{conf.name}.{cid}.{env.ifname}"
 
 
 def host_name(conf: NetConf) -> str:
     return conf.host or os.environ.get("TABBY_HOST") or socket.gethostname()
 
 
-def add(conf: NetConf, env: Env) -> dict[str, Any]:
-    from tabby.client import ResourceClient
-    from tabby.ipam import IPAM, IpamError
-    from tabby.model import validate
-    from tabby.store import StoreError, open_store, store_url
+def _attachment(conf: NetConf, env: Env) -> str:
+    return f"{host_name(conf)}/{env.container_id}/{env.ifname}"
 
-    if not os.path.exists(env.netns):
-        raise CniError(INVALID_ENV, f"CNI_NETNS: {env.netns} does not exist")
+
+@contextlib.contextmanager
+def _locked(env: Env) -> Iterator[AttachmentLock]:
+    """The attachment's lock. Its key has this network namespace in it: the veth names that
+    ADD makes are unique per host namespace, and two hosts of a lab share one /run."""
+    here = os.stat("/proc/thread-self/ns/net").st_ino
     try:
-        store = open_store(store_url(conf.store))
-    except (ValueError, StoreError) as e:
+        with AttachmentLock(f"{here}/{env.container_id}/{env.ifname}") as lock:
+            yield lock
+    except LockTimeout as e:
+        raise CniError(TRY_AGAIN, "attachment busy", str(e)) from None
+
+
+# -- ADD -----------------------------------------------------------------------------------
+
+def add(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases | None = None) -> dict[str, Any]:
+    ctx = ctx or Context()
+    ph = phases or Phases()
+    try:
+        req = request(conf)
+    except ConfError as e:
+        raise CniError(INVALID_CONF, "invalid network configuration", str(e)) from None
+    try:
+        ns_fd = nl.open_netns(env.netns)
+    except ValueError as e:
+        raise CniError(INVALID_ENV, f"CNI_NETNS: {e}") from None
+    try:
+        if os.fstat(ns_fd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+            raise CniError(INVALID_ENV, "CNI_NETNS: is the plugin's own network namespace, not a container's")
+        store, ipam = ctx.open(conf.store)
+        ph.mark("setup")
+        with _locked(env) as lock:
+            ph.mark("lock")
+            return _add_locked(conf, env, req, store, ipam, lock, ns_fd, ph)
+    finally:
+        os.close(ns_fd)
+
+
+def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lock: AttachmentLock, ns_fd: int,
+                ph: Phases) -> dict[str, Any]:
+    from tabby.ipam import IpamError, PoolExhausted
+    from tabby.ipam.allocator import HandleExists
+    from tabby.store import StoreError
+
+    handle, attachment, hostif = handle_of(conf, env), _attachment(conf, env), host_ifname(env.container_id,
+                                                                                            env.ifname)
+    state = lock.read()
+    try:
+        rec = ipam.handle(handle)
+    except (StoreError, ValueError) as e:
         raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
-    hostif = host_ifname(env.container_id, env.ifname)
-    handle = handle_of(conf, env)
-    ipam = IPAM(store)
-    made_link = False
+    ph.mark("read")
+    if rec is not None and rec.attachment not in (None, attachment):
+        raise CniError(INVALID_ENV, f"CNI_CONTAINERID/CNI_IFNAME: attachment {env.container_id}/{env.ifname} of "
+                                    f"network {conf.name} is held by {rec.attachment}")
+    if rec is not None and state.get("state") != "adding" and rec.addresses:
+        if state.get("state") == "added":
+            existing = _intact(conf, env, store, rec, hostif, ns_fd)
+            if existing is not None:
+                lock.write({"state": "added", "handle": handle})
+                return build(conf.cni_version, existing, conf.prev_result, conf.mtu)
+        # there, but broken (a new namespace, a deleted veth): rebuilt on the addresses it has
+        v6 = [a.ip for a in rec.addresses if ":" in a.ip]
+        v4 = [a.ip for a in rec.addresses if ":" not in a.ip]
+        _unplumb(hostif)
+        plumbed = _plumb_and_record(conf, env, req, store, ns_fd, hostif, handle, v6, v4, ph)
+        lock.write({"state": "added", "handle": handle})
+        return build(conf.cni_version, plumbed, conf.prev_result, conf.mtu)
+    if rec is not None or state:
+        _teardown(conf, env, store, ipam, handle, hostif, deep=True)  # what an ADD that died left
+    lock.write({"state": "adding", "handle": handle})
     try:
-        got = ipam.assign(handle, host_name(conf), ipv6=int(conf.ipv6), ipv4=int(conf.ipv4),
-                          endpoint=endpoint_name(conf, env))
+        want6 = int(conf.ipv6 and not any(ip.version == 6 for ip in req.ips))
+        want4 = int(conf.ipv4 and not any(ip.version == 4 for ip in req.ips))
+        got = ipam.assign_attachment(handle, host_name(conf), attachment, ipv6=want6, ipv4=want4,
+                                     addresses=req.ips, endpoint=endpoint_name(conf, env))
+    except HandleExists as e:  # another host's ADD of the same attachment, this instant
+        lock.remove()
+        raise CniError(TRY_AGAIN, "attachment is being added elsewhere", str(e)) from None
+    except PoolExhausted as e:
+        lock.remove()
+        raise CniError(IO_FAILURE, "address allocation failed", str(e)) from None
+    except (IpamError, ValueError) as e:
+        lock.remove()
+        raise CniError(INVALID_CONF if req.ips else TRY_AGAIN, "address allocation failed", str(e)) from None
+    except StoreError as e:
+        lock.remove()
+        raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
+    ph.mark("ipam")
+    try:
         v6 = [str(a.ip) for a in got if a.ip.version == 6]
         v4 = [str(a.ip) for a in got if a.ip.version == 4]
-        # the pair is made inside the container, then the host end moves out to our namespace
-        _batch(env.netns, [f"link add {env.ifname} type veth peer name {hostif}",
-                           f"link set {hostif} netns {os.getpid()}"])
-        made_link = True
-        # the host end is in our own namespace: its sysctl is a file write, not a process
-        Path(f"/proc/sys/net/ipv6/conf/{hostif}/accept_dad").write_text("0")
-        _batch(None, [f"link set {hostif} address {HOST_MAC}", f"link set {hostif} up"])
-        _sysctl(env.netns, f"net.ipv6.conf.{env.ifname}.accept_dad", "0")
-        lines = [f"link set {env.ifname} up"]
-        lines += [f"addr add {a}/128 dev {env.ifname} nodad" for a in v6]
-        host = ResourceClient(store).get("Host", host_name(conf))
-        gw6 = None
-        if v6:
-            if conf.ipv6_gateway == "proxy-ndp":
-                if host is None or host.spec.ipv6_address is None:
-                    raise CniError(INVALID_CONF, "ipv6_gateway: proxy-ndp needs this Host's IPv6 fabric address")
-                gw6 = str(host.spec.ipv6_address)
-                lines += [f"route add {gw6}/128 dev {env.ifname}", f"route add default via {gw6} dev {env.ifname}"]
-            else:
-                lines.append(f"route add default via {HOST_LL} dev {env.ifname}")
-        lines += [f"addr add {a}/32 dev {env.ifname}" for a in v4]
-        if v4:
-            lines += [f"neigh add {V4_GATEWAY} lladdr {HOST_MAC} dev {env.ifname} nud permanent",
-                      f"route add {V4_GATEWAY} dev {env.ifname} scope link",
-                      f"route add default via {V4_GATEWAY} dev {env.ifname}"]
-        _batch(env.netns, lines)
-        mac = json.loads(subprocess.run([shutil.which("nsenter") or "nsenter", f"--net={env.netns}", "ip", "-j",
-                                         "link", "show", env.ifname], capture_output=True, text=True).stdout)[0][
-            "address"]
-        spec: dict[str, Any] = {"host": host_name(conf), "orchestrator": "container", "workload_id": handle,
-                                "interface": hostif, "mac": mac, "ipv6_addresses": v6, "ipv4_addresses": v4}
-        if gw6:
-            spec["ipv6_gateway"] = gw6
-        if conf.profiles:
-            spec["profiles"] = conf.profiles
-        labels = {**conf.labels, "cni.network": conf.name}
-        ResourceClient(store).apply(validate({"kind": "Endpoint", "metadata": {"name": endpoint_name(conf, env),
-                                                                                "labels": labels},
-                                              "spec": spec}))
+        plumbed = _plumb_and_record(conf, env, req, store, ns_fd, hostif, handle, v6, v4, ph)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _teardown(conf, env, store, ipam, handle, hostif, deep=False)
+            lock.remove()
+        raise
+    lock.write({"state": "added", "handle": handle})
+    return build(conf.cni_version, plumbed, conf.prev_result, conf.mtu)
+
+
+def _gateway6(conf: NetConf, store: Any) -> str:
+    if conf.ipv6_gateway != "proxy-ndp":
+        return HOST_LL
+    from tabby.client import ResourceClient
+
+    host = ResourceClient(store).get("Host", host_name(conf))
+    if host is None or host.spec.ipv6_address is None:
+        raise CniError(INVALID_CONF, "ipv6_gateway: proxy-ndp needs this Host's IPv6 fabric address")
+    return str(host.spec.ipv6_address)
+
+
+def _plumb_and_record(conf: NetConf, env: Env, req: Request, store: Any, ns_fd: int, hostif: str, handle: str,
+                      v6: list[str], v4: list[str], ph: Phases) -> Plumbed:
+    """The veth, the container side and the Endpoint; on failure the veth is removed again."""
+    from tabby.store import StoreError
+
+    gw6 = _gateway6(conf, store) if v6 else ""
+    try:
+        plumbed = _plumb(env, ns_fd, hostif, v6, v4, gw6, req.mac, conf.mtu, ph)
+    except nl.NetlinkError as e:
+        _unplumb(hostif)
+        raise CniError(IO_FAILURE, "interface setup failed", str(e)) from None
+    except BaseException:
+        _unplumb(hostif)
+        raise
+    try:
+        _write_endpoint(conf, env, req, store, handle, plumbed, gw6)
     except BaseException as e:
-        if made_link:
-            subprocess.run(["ip", "link", "del", hostif], capture_output=True)
-        ipam.release_handle(handle)
-        if isinstance(e, CniError):
-            raise
-        if isinstance(e, IpamError):
-            raise CniError(TRY_AGAIN if "exhausted" not in str(e) else IO_FAILURE, "address allocation failed",
-                           str(e)) from None
+        _unplumb(hostif)
         if isinstance(e, StoreError):
             raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
         if isinstance(e, ValueError):
             raise CniError(INVALID_CONF, "invalid endpoint", str(e)) from None
         raise
-    ips = [{"address": f"{a}/128", "gateway": gw6 or HOST_LL, "interface": 1} for a in v6]
-    ips += [{"address": f"{a}/32", "gateway": V4_GATEWAY, "interface": 1} for a in v4]
-    routes = ([{"dst": "::/0", "gw": gw6 or HOST_LL}] if v6 else []) + ([{"dst": "0.0.0.0/0", "gw": V4_GATEWAY}]
-                                                                         if v4 else [])
-    return {"cniVersion": conf.cni_version,
-            "interfaces": [{"name": hostif, "mac": HOST_MAC},
-                           {"name": env.ifname, "mac": mac, "sandbox": env.netns}],
-            "ips": ips, "routes": routes}
+    ph.mark("endpoint")
+    return plumbed
 
 
-def delete(conf: NetConf, env: Env) -> None:
+def _plumb(env: Env, ns_fd: int, hostif: str, v6: list[str], v4: list[str], gw6: str, mac: str | None,
+           mtu: int | None, ph: Phases) -> Plumbed:
+    ifname = env.ifname
+    with nl.Netlink() as host:
+        try:
+            host.add_veth(hostif, HOST_MAC, ifname, ns_fd, peer_mac=mac, mtu=mtu)
+        except nl.NetlinkError as e:
+            if e.errno == errno.EEXIST:
+                raise CniError(IO_FAILURE, f"CNI_IFNAME: {ifname} exists in CNI_NETNS (or host interface {hostif} "
+                                           "exists)", str(e)) from None
+            raise
+        # DAD off on the host end before it is up: its link-local must work at once
+        nl.write_sysctl(f"ipv6/conf/{hostif}/accept_dad", "0")
+        host.run([host.set_up(hostif)])
+    ph.mark("veth")
+
+    def container_side() -> dict[str, Any]:
+        if v6:
+            nl.write_sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
+        with nl.Netlink() as c:
+            link = c.link(ifname)
+            if link is None:
+                raise CniError(IO_FAILURE, f"{ifname} vanished from CNI_NETNS")
+            i = link["index"]
+            reqs = [c.set_up(ifname)]
+            reqs += [c.add_address(i, a, 128) for a in v6]
+            if v6:
+                if gw6 != HOST_LL:
+                    reqs.append(c.add_route(i, f"{gw6}/128"))
+                reqs.append(c.add_route(i, "::/0", gw6, mtu))
+            reqs += [c.add_address(i, a, 32) for a in v4]
+            if v4:
+                reqs += [c.add_neighbour(i, V4_GATEWAY, HOST_MAC), c.add_route(i, f"{V4_GATEWAY}/32"),
+                         c.add_route(i, "0.0.0.0/0", V4_GATEWAY, mtu)]
+            c.run(reqs)
+            return link
+
+    link = nl.in_netns(ns_fd, container_side)
+    ph.mark("container")
+    ips = tuple((f"{a}/128", gw6) for a in v6) + tuple((f"{a}/32", V4_GATEWAY) for a in v4)
+    routes = ((("::/0", gw6),) if v6 else ()) + ((("0.0.0.0/0", V4_GATEWAY),) if v4 else ())
+    return Plumbed(hostif, HOST_MAC, ifname, link["mac"], env.netns, link["mtu"], ips, routes)
+
+
+def _unplumb(hostif: str) -> None:
+    """Delete the veth by its host end (which takes the container end with it); gone is fine."""
+    with nl.Netlink() as host:
+        host.delete_link(hostif)
+
+
+def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: str, p: Plumbed, gw6: str) -> None:
+    """Create the Endpoint; one already there is replaced only if it is this attachment's."""
+    from tabby.model import decode, encode, key_of, validate
+    from tabby.store import AlreadyExists, NotFound, RevisionMismatch
+
+    spec: dict[str, Any] = {"host": host_name(conf), "orchestrator": "container", "workload_id": handle,
+                            "interface": p.host_if, "mac": p.mac,
+                            "ipv6_addresses": [a.split("/")[0] for a, _ in p.ips if ":" in a],
+                            "ipv4_addresses": [a.split("/")[0] for a, _ in p.ips if ":" not in a]}
+    if gw6 and gw6 != HOST_LL:
+        spec["ipv6_gateway"] = gw6
+    if conf.profiles:
+        spec["profiles"] = conf.profiles
+    labels = {**conf.labels, **req.labels, "cni.network": conf.name}
+    ep = validate({"kind": "Endpoint", "metadata": {"name": endpoint_name(conf, env), "labels": labels},
+                   "spec": spec})
+    key, value = key_of(ep), encode(ep)
+    for _ in range(5):
+        try:
+            store.create(key, value)
+            return
+        except AlreadyExists:
+            pass
+        kv = store.get(key)
+        if kv is None:
+            continue
+        try:
+            mine = decode(kv.key, kv.value).spec.workload_id == handle
+        except ValueError:
+            mine = False
+        if not mine:
+            raise CniError(INVALID_ENV, f"CNI_CONTAINERID: Endpoint {endpoint_name(conf, env)} belongs to another "
+                                        "workload")
+        try:
+            store.update(key, value, kv.mod_revision)
+            return
+        except (RevisionMismatch, NotFound):
+            continue
+    raise CniError(TRY_AGAIN, f"Endpoint {endpoint_name(conf, env)} keeps changing")
+
+
+def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: int) -> Plumbed | None:
+    """The attachment as it is, if everything is there: Endpoint, host end, container end paired
+    with it, all addresses. None if anything is missing or different."""
+    from tabby.model import decode
+    from tabby.model.keys import resource_key
+
+    kv = store.get(resource_key("Endpoint", endpoint_name(conf, env)))
+    if kv is None:
+        return None
+    try:
+        ep = decode(kv.key, kv.value)
+    except ValueError:
+        return None
+    want = {a.ip for a in rec.addresses}
+    have = {str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)}
+    if ep.spec.workload_id != rec.handle or ep.spec.interface != hostif or want != have:
+        return None
+    with nl.Netlink() as host:
+        hlink = host.link(hostif)
+    if hlink is None or hlink["kind"] != "veth" or hlink["mac"] != HOST_MAC:
+        return None
+
+    def look() -> tuple[dict[str, Any] | None, set[str]]:
+        with nl.Netlink() as c:
+            link = c.link(env.ifname)
+            return link, (c.addresses(link["index"]) if link else set())
+
+    link, addrs = nl.in_netns(ns_fd, look)
+    if link is None or link["peer"] != hlink["index"]:
+        return None
+    v6 = sorted(a for a in want if ":" in a)
+    v4 = sorted(a for a in want if ":" not in a)
+    wanted = {f"{a}/128" for a in v6} | {f"{a}/32" for a in v4}
+    if not wanted <= addrs:
+        return None
+    gw6 = str(ep.spec.ipv6_gateway) if ep.spec.ipv6_gateway else HOST_LL
+    ips = tuple((f"{a}/128", gw6) for a in v6) + tuple((f"{a}/32", V4_GATEWAY) for a in v4)
+    routes = ((("::/0", gw6),) if v6 else ()) + ((("0.0.0.0/0", V4_GATEWAY),) if v4 else ())
+    return Plumbed(hostif, HOST_MAC, env.ifname, link["mac"], env.netns, link["mtu"], ips, routes)
+
+
+# -- DEL, GC -------------------------------------------------------------------------------
+
+def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hostif: str, deep: bool) -> None:
+    """Veth, Endpoint (if it is this attachment's) and allocation; ``deep`` also frees what a
+    dead ADD left in this host's blocks without recording it in the handle."""
+    from tabby.model import decode
+    from tabby.model.keys import resource_key
+    from tabby.store import NotFound, RevisionMismatch
+
+    _unplumb(hostif)
+    rec = ipam.handle(handle)
+    names = {endpoint_name(conf, env)} | ({rec.endpoint} if rec is not None and rec.endpoint else set())
+    for name in names:
+        kv = store.get(resource_key("Endpoint", name))
+        if kv is None:
+            continue
+        try:
+            mine = decode(kv.key, kv.value).spec.workload_id == handle
+        except ValueError:
+            mine = True  # a corrupt record under this attachment's name: ours to remove
+        if mine:
+            with contextlib.suppress(NotFound, RevisionMismatch):
+                store.delete(kv.key, expected_revision=kv.mod_revision)
+    ipam.release_handle(handle)
+    if deep:
+        cidrs = {a.cidr for a in ipam.claims(host_name(conf))}
+        if rec is not None:
+            cidrs |= {a.block for a in rec.addresses}
+        ipam.release_strays(handle, sorted(cidrs))
+
+
+def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases | None = None) -> None:
     """Idempotent: whatever is already gone counts as removed."""
-    import contextlib
+    from tabby.store import StoreError
 
-    from tabby.client import ResourceClient
-    from tabby.ipam import IPAM
-    from tabby.store import NotFound, StoreError, open_store, store_url
-
+    ctx = ctx or Context()
+    ph = phases or Phases()
+    store, ipam = ctx.open(conf.store)
+    handle, hostif = handle_of(conf, env), host_ifname(env.container_id, env.ifname)
     try:
-        store = open_store(store_url(conf.store))
-        with contextlib.suppress(NotFound):
-            ResourceClient(store).delete("Endpoint", endpoint_name(conf, env))
-        IPAM(store).release_handle(handle_of(conf, env))
-    except (ValueError, StoreError) as e:
+        with _locked(env) as lock:
+            ph.mark("lock")
+            state = lock.read()
+            rec = ipam.handle(handle)
+            if rec is not None and rec.attachment not in (None, _attachment(conf, env)):
+                _unplumb(hostif)  # another host's attachment of the same name: only our veth is ours
+            else:
+                _teardown(conf, env, store, ipam, handle, hostif, deep=state.get("state") == "adding")
+                legacy = ipam.handle(_legacy_handle(conf, env))
+                if legacy is not None and legacy.attachment is None and legacy.endpoint == endpoint_name(conf, env):
+                    _teardown(conf, env, store, ipam, legacy.handle, hostif, deep=False)
+            lock.remove()
+            ph.mark("teardown")
+    except (StoreError, ValueError) as e:
         raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
-    subprocess.run(["ip", "link", "del", host_ifname(env.container_id, env.ifname)], capture_output=True)
 
 
-def check(conf: NetConf, env: Env) -> None:
-    from tabby.client import ResourceClient
-    from tabby.store import open_store, store_url
+def gc(conf: NetConf, raw: dict[str, Any], ctx: Context | None = None) -> list[str]:
+    """Remove every attachment of this network on this host that the runtime does not list in
+    ``cni.dev/valid-attachments`` (or libcni's older ``cni.dev/attachments``): allocation,
+    Endpoint and veth. Without either list nothing is removed. Returns the handles removed."""
+    from tabby.cni.inputs import check_container_id, check_ifname
 
-    ep = ResourceClient(open_store(store_url(conf.store))).get("Endpoint", endpoint_name(conf, env))
-    if ep is None:
-        raise CniError(UNKNOWN_CONTAINER, f"no Endpoint {endpoint_name(conf, env)} in the store")
-    out = subprocess.run([shutil.which("nsenter") or "nsenter", f"--net={env.netns}", "ip", "-j", "addr", "show",
-                          "dev", env.ifname], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise CniError(IO_FAILURE, f"{env.ifname} missing in {env.netns}", out.stderr.strip())
-    have = {a["local"] for a in json.loads(out.stdout)[0]["addr_info"]}
-    want = {str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)}
-    if not want <= have:
-        raise CniError(IO_FAILURE, f"addresses missing on {env.ifname}: {', '.join(sorted(want - have))}")
-    routes = subprocess.run([shutil.which("nsenter") or "nsenter", f"--net={env.netns}", "ip", "-j", "-6", "route"],
-                            capture_output=True, text=True).stdout
-    if ep.spec.ipv6_addresses and '"default"' not in routes:
-        raise CniError(IO_FAILURE, f"no IPv6 default route in {env.netns}")
-
-
-def gc(conf: NetConf, raw: dict[str, Any]) -> None:
-    from tabby.ipam import IPAM
-    from tabby.store import open_store, store_url
-
-    valid = {f"{conf.name}.{a.get('containerID')}" for a in raw.get("cni.dev/valid-attachments", [])}
-    ipam = IPAM(open_store(store_url(conf.store)))
+    listed = raw.get("cni.dev/valid-attachments", raw.get("cni.dev/attachments"))
+    if listed is None:
+        return []
+    if not isinstance(listed, list):
+        raise CniError(INVALID_CONF, "invalid network configuration", "cni.dev/valid-attachments: must be a list")
+    valid = set()
+    for i, a in enumerate(listed):
+        if not isinstance(a, dict) or not isinstance(a.get("containerID"), str) or not isinstance(a.get("ifname"),
+                                                                                                  str):
+            raise CniError(INVALID_CONF, "invalid network configuration",
+                           f"cni.dev/valid-attachments.{i}: must be {{containerID, ifname}}")
+        valid.add(f"{a['containerID']}/{a['ifname']}")
+    ctx = ctx or Context()
+    store, ipam = ctx.open(conf.store)
+    host = host_name(conf)
+    removed = []
     for h in ipam.handles():
-        if h.handle.startswith(conf.name + ".") and h.handle not in valid:
-            ipam.release_handle(h.handle)
+        att = h.attachment
+        if att is None or not att.startswith(f"{host}/"):
+            continue
+        pair = att[len(host) + 1:]
+        if h.handle != f"{conf.name}.{pair}" or pair in valid:
+            continue
+        cid, _, ifname = pair.rpartition("/")
+        try:
+            env = Env("GC", check_container_id(cid), "", check_ifname(ifname))
+        except CniError:
+            continue  # not something our ADD wrote
+        with _locked(env) as lock:
+            _teardown(conf, env, store, ipam, h.handle, host_ifname(cid, ifname), deep=True)
+            lock.remove()
+        removed.append(h.handle)
+    return removed
 
 
-def status(conf: NetConf) -> None:
-    from tabby.store import StoreError, open_store, store_url
+# -- CHECK, STATUS, VERSION ----------------------------------------------------------------
+
+def check(conf: NetConf, env: Env, ctx: Context | None = None) -> None:
+    if not at_least(conf.cni_version, "0.4.0"):
+        raise CniError(INCOMPATIBLE, f"CHECK needs cniVersion 0.4.0 or later, not {conf.cni_version}")
+    ctx = ctx or Context()
+    store, ipam = ctx.open(conf.store)
+    rec = ipam.handle(handle_of(conf, env))
+    if rec is None:
+        raise CniError(UNKNOWN_CONTAINER, f"no attachment {env.container_id}/{env.ifname} in network {conf.name}")
+    try:
+        ns_fd = nl.open_netns(env.netns)
+    except ValueError as e:
+        raise CniError(INVALID_ENV, f"CNI_NETNS: {e}") from None
+    try:
+        got = _intact(conf, env, store, rec, host_ifname(env.container_id, env.ifname), ns_fd)
+    finally:
+        os.close(ns_fd)
+    if got is None:
+        raise CniError(IO_FAILURE, f"attachment {env.container_id}/{env.ifname} is not intact",
+                       "its Endpoint, veth or addresses are missing or changed")
+    prev = conf.prev_result or {}
+    ours = {a for a, _ in got.ips}
+    for ip in prev.get("ips", []) if isinstance(prev.get("ips"), list) else []:
+        addr = ip.get("address") if isinstance(ip, dict) else None
+        if isinstance(addr, str) and addr not in ours and any(i.get("name") == env.ifname for i in
+                                                               prev.get("interfaces", []) if isinstance(i, dict)):
+            raise CniError(IO_FAILURE, f"prevResult address {addr} is not on {env.ifname}")
+
+
+def status(conf: NetConf, ctx: Context | None = None) -> None:
+    from tabby.store import StoreError
 
     try:
-        open_store(store_url(conf.store)).revision()
-    except (ValueError, StoreError) as e:
-        raise CniError(50, "the tabby store is not reachable", str(e)) from None  # 50: plugin not available
+        store, _ = (ctx or Context()).open(conf.store)
+        store.revision()
+    except (CniError, ValueError, StoreError) as e:
+        raise CniError(NOT_AVAILABLE, "the tabby store is not reachable", str(e)) from None
 
 
 def version() -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 One per host (per network namespace, since ADD makes the veth where the server runs), on a unix
 socket only root may open (0600; a directory it creates is 0700): whoever can talk to it can make
-interfaces. Each call runs in its own thread, like separate plugin processes would, with its own
-Store connection. A call from another network namespace, or whose CNI_NETNS path names another
-file here than there, is told to run itself (``fallback``).
+interfaces. Each call runs in its own thread, like separate plugin processes would; calls share
+one ``Context`` (a SQLite Store connection under its lock, IPAM's pool cache and block hints),
+and calls for one attachment wait for each other on its lock (``lock.py``), which in-process
+plugins take too. A call from another network namespace, or whose CNI_NETNS path names another
+file here than there, is told to run itself (``fallback``). The wire format is in ``shim.py``.
 """
 
 from __future__ import annotations
@@ -18,43 +20,66 @@ import time
 from pathlib import Path
 
 from tabby.cni.main import run
-from tabby.cni.shim import netns_id, path_id
+from tabby.cni.plugin import Context, Phases
+from tabby.cni.shim import MAGIC, netns_id, path_id
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEST = 512 * 1024  # stdin (256 KiB at most, checked again by the verbs) and the environment
+
+
+def decode_request(data: bytes) -> tuple[int, str, dict[str, str], bytes]:
+    """(caller's netns inode, its CNI_NETNS "dev:ino", environment, stdin); ValueError if malformed."""
+    if len(data) < 8 or not data.startswith(MAGIC) or len(data) > MAX_REQUEST:
+        raise ValueError("not a tabby-cni request")
+    n = int.from_bytes(data[4:8], "big")
+    if 8 + n > len(data):
+        raise ValueError("truncated request")
+    fields = data[8:8 + n].decode("utf-8", "surrogateescape").split("\0")
+    if len(fields) < 2 or not fields[0].isdigit():
+        raise ValueError("bad request header")
+    env = {}
+    for f in fields[2:]:
+        k, sep, v = f.partition("=")
+        if not sep:
+            raise ValueError("bad environment entry")
+        env[k] = v
+    return int(fields[0]), fields[1], env, data[8 + n:]
 
 
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         t0 = time.perf_counter()
         try:
-            request = json.loads(self.rfile.read())
-            env = {str(k): str(v) for k, v in request["env"].items()}
-            raw = str(request["stdin"]).encode()
-            peer_ns = int(request.get("netns", 0))
-            peer_path = str(request.get("cni_netns", ""))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            peer_ns, peer_path, env, raw = decode_request(self.rfile.read(MAX_REQUEST + 1))
+        except ValueError as e:
             log.warning("malformed request: %s", e)
-            self.wfile.write(json.dumps({"code": 1, "stdout": json.dumps(
-                {"cniVersion": "1.1.0", "code": 4, "msg": "malformed request to tabby cni-server"})}).encode())
+            err = {"cniVersion": "1.1.0", "code": 4, "msg": "malformed request to tabby cni-server"}
+            self.wfile.write(MAGIC + b"1\n" + json.dumps(err).encode())
             return
         if peer_ns != netns_id() or (peer_path and path_id(env.get("CNI_NETNS", "")) != peer_path):
-            self.wfile.write(b'{"fallback": true}')
+            self.wfile.write(MAGIC + b"F")
             return
         for key, value in self.server.defaults.items():  # type: ignore[attr-defined]
             env.setdefault(key, value)
+        phases = Phases()
         try:
-            code, out = run(env, raw)
+            code, out = run(env, raw, self.server.ctx, phases)  # type: ignore[attr-defined]
         except Exception as e:  # a bug must not end the server; the caller gets a CNI error
             log.exception("CNI %s failed", env.get("CNI_COMMAND"))
             code, out = 1, json.dumps({"cniVersion": "1.1.0", "code": 999, "msg": "internal error", "details": str(e)})
-        self.wfile.write(json.dumps({"code": code, "stdout": out}).encode())
-        log.info("%s %s %s -> %d in %.1f ms", env.get("CNI_COMMAND"), env.get("CNI_CONTAINERID", "")[:16],
-                 env.get("CNI_IFNAME", ""), code, (time.perf_counter() - t0) * 1000)
+        self.wfile.write(MAGIC + f"{code}\n".encode() + out.encode())
+        cid = env.get("CNI_CONTAINERID", "")
+        shown = cid[:16] if cid.isascii() and cid.isprintable() else "(unprintable)"
+        ifname = env.get("CNI_IFNAME", "")
+        log.info("%s %s %s -> %d in %.1f ms (%s)", env.get("CNI_COMMAND", "")[:8].encode("unicode_escape").decode(),
+                 shown, ifname[:16].encode("unicode_escape").decode(), code, (time.perf_counter() - t0) * 1000, phases)
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     defaults: dict[str, str]
+    ctx: Context
 
 
 def serve(path: Path, defaults: dict[str, str], ready: threading.Event | None = None) -> _Server:
@@ -68,9 +93,14 @@ def serve(path: Path, defaults: dict[str, str], ready: threading.Event | None = 
     finally:
         os.umask(old)
     server.defaults = defaults  # TABBY_STORE / TABBY_HOST for calls that name neither
+    server.ctx = Context(keep=True)
     # everything a call needs, imported now rather than on the first call
+    import ctypes  # noqa: F401  (setns)
+    import fcntl  # noqa: F401
+
     import tabby.client
     import tabby.ipam
+    import tabby.ipam.allocator
     import tabby.store.etcd
     import tabby.store.sqlite  # noqa: F401
     if ready is not None:

@@ -1,38 +1,67 @@
 """``tabby-cni``: hand the call to this host's warm ``tabby cni-server``, or run it here.
 
 Why a shim: a runtime starts one plugin process per call, and importing tabby's model (pydantic)
-alone costs ~100 ms. This file imports only the standard library; the server has everything
-loaded already. The call goes in-process instead when no server answers on the socket, or when
-the server sits in another network namespace than the caller (it would make the veth in its own),
-or does not see the caller's CNI_NETNS path as the same namespace file.
-Once the server has the request, its answer is final: a server that dies mid-call yields CNI
-error 11 (try again later), never a second attempt here, so an ADD is never run twice at once.
+alone costs ~100 ms. This file imports nothing but built-in modules (``_socket``, ``_json``: not
+even ``socket`` and ``json``, whose Python layers cost ~15 ms of start-up between them); the
+server has everything loaded already. The call goes in-process instead when no server answers
+on the socket, or when the server sits in another network namespace than the caller (it would
+make the veth in its own), or does not see the caller's CNI_NETNS path as the same namespace
+file. Once the server has the request, its answer is final: a server that dies mid-call yields
+CNI error 11 (try again later), never a second attempt here, so an ADD is never run twice at once.
+
+Wire format (one request per connection, both ways ended by EOF): request ``TBY1``, a 4-byte
+big-endian length, that many bytes of NUL-separated fields (this process's network namespace
+inode, what CNI_NETNS names here as "dev:ino" or "", then ``KEY=VALUE`` for each CNI_* and
+TABBY_STORE / TABBY_HOST variable), then stdin as it came. Reply ``TBY1`` then either ``F``
+(run it yourself) or the exit code, a newline, and the plugin's stdout.
 """
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import re
-import socket
 import sys
 
 SOCKET_DIR = "/run/tabby/cni"
 TRY_AGAIN = 11
+MAGIC = b"TBY1"
+# What VERSION answers (config.py checks cniVersion against the same list).
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+FORWARDED = ("TABBY_STORE", "TABBY_HOST")
+
+
+class _Ctx:  # what _json's scanner reads from a decoder
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+
+
+def _loads(text: str) -> object:
+    import _json
+
+    start = len(text) - len(text.lstrip())
+    obj, end = _json.make_scanner(_Ctx)(text, start)
+    if text[end:].strip():
+        raise ValueError("trailing data")
+    return obj
 
 
 def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
     """The server socket for this call: the config's ``server_socket``, else one per host name."""
     try:
-        conf = json.loads(raw)
-    except ValueError:
-        return None  # let the full parser report it
+        conf = _loads(raw.decode("utf-8"))
+    except Exception:  # StopIteration, ValueError, UnicodeError: let the full parser report it
+        return None
     if not isinstance(conf, dict):
         return None
     if isinstance(conf.get("server_socket"), str):
         return conf["server_socket"]
-    host = conf.get("host") or environ.get("TABBY_HOST") or socket.gethostname()
-    if not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}", host):
+    host = conf.get("host") or environ.get("TABBY_HOST") or os.uname().nodename
+    if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isascii() or \
+            not all(c.isalnum() or c in "._-" for c in host) or not host[0].isalnum():
         return None
     return f"{SOCKET_DIR}/{host}.sock"
 
@@ -46,59 +75,72 @@ def path_id(path: str) -> str:
     runtime like podman mounts its namespaces where only its own mount namespace sees them."""
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return ""
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def encode_request(environ: dict[str, str], raw: bytes) -> bytes:
+    env = [f"{k}={v}" for k, v in environ.items() if k.startswith("CNI_") or k in FORWARDED]
+    netns = environ.get("CNI_NETNS", "")
+    head = "\0".join([str(netns_id()), path_id(netns) if netns else "", *env]).encode("utf-8", "surrogateescape")
+    return MAGIC + len(head).to_bytes(4, "big") + head + raw
+
+
 def via_server(path: str, environ: dict[str, str], raw: bytes) -> tuple[int, str] | None:
     """(code, stdout) from the server; None when there is no server for us to use."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(2.0)
         s.connect(path)
     except OSError:
         s.close()
         return None
-    env = {k: v for k, v in environ.items() if k.startswith("CNI_") or k in ("TABBY_STORE", "TABBY_HOST")}
-    request = json.dumps({"env": env, "stdin": raw.decode("utf-8", "replace"), "netns": netns_id(),
-                          "cni_netns": path_id(env["CNI_NETNS"]) if env.get("CNI_NETNS") else ""}).encode()
+    chunks = []
     try:
         s.settimeout(300.0)
-        s.sendall(request)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
+        s.sendall(encode_request(environ, raw))
+        s.shutdown(_socket.SHUT_WR)
         while chunk := s.recv(65536):
             chunks.append(chunk)
     except OSError as e:
         return _try_again(f"tabby cni-server: {e}")
     finally:
         s.close()
-    try:
-        reply = json.loads(b"".join(chunks))
-    except ValueError:
-        return _try_again("tabby cni-server ended without an answer")
-    if reply.get("fallback"):
+    reply = b"".join(chunks)
+    if reply == MAGIC + b"F":
         return None
-    return int(reply["code"]), str(reply["stdout"])
+    code, sep, out = reply[4:].partition(b"\n")
+    if not reply.startswith(MAGIC) or not sep or not code.isdigit():
+        return _try_again("tabby cni-server ended without an answer")
+    return int(code), out.decode("utf-8", "replace")
 
 
 def _try_again(why: str) -> tuple[int, str]:
-    return 1, json.dumps({"cniVersion": "1.1.0", "code": TRY_AGAIN, "msg": "try again later", "details": why})
+    why = why.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    return 1, f'{{"cniVersion": "1.1.0", "code": {TRY_AGAIN}, "msg": "try again later", "details": "{why}"}}'
 
 
 def main() -> None:
     environ = dict(os.environ)
-    raw = sys.stdin.buffer.read()
-    path = socket_path(raw, environ) if environ.get("CNI_COMMAND") != "VERSION" else None
-    result = via_server(path, environ, raw) if path and not environ.get("TABBY_CNI_NO_SERVER") else None
+    command = environ.get("CNI_COMMAND")
+    if command == "VERSION":
+        versions = ", ".join(f'"{v}"' for v in SUPPORTED_VERSIONS)
+        result: tuple[int, str] | None = (0, f'{{"cniVersion": "{SUPPORTED_VERSIONS[-1]}", '
+                                             f'"supportedVersions": [{versions}]}}')
+        raw = b""
+    else:
+        raw = sys.stdin.buffer.read()
+        path = socket_path(raw, environ) if not environ.get("TABBY_CNI_NO_SERVER") else None
+        result = via_server(path, environ, raw) if path else None
     if result is None:
         from tabby.cni.main import run
 
         result = run(environ, raw)
     code, out = result
     if out:
-        print(out)
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
     sys.exit(code)
 
 

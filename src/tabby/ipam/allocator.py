@@ -431,3 +431,90 @@ class IPAM:
                 if alloc is None or alloc.handle != h.handle or alloc.seq != a.seq:
                     problems.append(f"handle {h.handle}: {a.ip} is not allocated to it in {a.block}")
         return problems
+
+    # -- CNI attachments -----------------------------------------------------------------
+
+    def assign_attachment(self, handle: str, host: str, attachment: str, *, ipv6: int = 0, ipv4: int = 0,
+                          addresses: Iterable[str | IPAddr] = (), pool: str | None = None,
+                          endpoint: str | None = None) -> list[Assigned]:
+        """Addresses for a handle that must not exist yet (the CNI plugin's ADD): the handle
+        record, naming its attachment, is created first, so a second caller for the same handle
+        gets ``HandleExists`` before anything is allocated; then the specific ``addresses`` and
+        ipv6/ipv4 more from the pools; then the record is filled in. All or nothing: on any
+        failure what this call took is freed and its record removed. A crash in between leaves a
+        record with fewer addresses than its blocks give it, which ``check`` reports and
+        ``release_strays`` (or the leak collector) frees."""
+        key = ipam_handle_key(handle)
+        try:
+            rev = self.store.create(key, Handle(handle=handle, endpoint=endpoint,
+                                                attachment=attachment).model_dump_json().encode())
+        except AlreadyExists:
+            raise HandleExists(f"handle {handle} exists already") from None
+        got: list[Assigned] = []
+        try:
+            for ip in addresses:
+                got.append(self._take_specific(handle, host, ipaddress.ip_address(ip)))
+            pool_family = self._pool_family(pool) if pool is not None else None
+            for family, n in ((6, ipv6), (4, ipv4)):
+                if n:
+                    pools = self._select_pools(family, pool if pool_family == family else None)
+                    self._assign_family(handle, host, pools, n, got)
+            if not got:
+                raise ValueError("ask for at least one address (ipv6 and/or ipv4 count, or addresses)")
+            rec = Handle(handle=handle, endpoint=endpoint, attachment=attachment,
+                         addresses=[HandleAddress(ip=str(a.ip), block=a.block, seq=a.seq) for a in got])
+            self.store.update(key, rec.model_dump_json().encode(), rev)
+            return got
+        except BaseException:
+            self._rollback(got)
+            with contextlib.suppress(NotFound, RevisionMismatch):
+                self.store.delete(key, expected_revision=rev)
+            raise
+
+    def _take_specific(self, handle: str, host: str, addr: IPAddr) -> Assigned:
+        """One specific address into handle's blocks (no handle record written); as assign_address."""
+        pool = self._pool_of(addr)
+        assert pool.spec.block_size is not None
+        cidr = B.block_of(addr, pool.spec.block_size)
+        while True:
+            cur = self._get_block(str(cidr))
+            if cur is None:
+                if not self.strict_affinity:
+                    self._claim(host, cidr, pool.spec.cidr)
+                cur = self._get_block(str(cidr))
+                if cur is None:
+                    if self.strict_affinity:
+                        raise AddressInUse(f"{addr}: its block {cidr} is unclaimed and strict affinity is on")
+                    continue
+            block, rev = cur
+            if block.host != host and self.strict_affinity:
+                raise AddressInUse(f"{addr}: its block {cidr} belongs to {block.host} and strict affinity is on")
+            new, seq = B.take_specific(block, B.ordinal(block, addr), handle)
+            try:
+                self._put_block(new, rev)
+            except RevisionMismatch:
+                continue
+            return Assigned(addr, block.cidr, seq)
+
+    def release_strays(self, handle: str, cidrs: Iterable[str]) -> list[IPAddr]:
+        """Free allocations in the given blocks that carry handle but that its record lacks (or
+        all of them, once the record is gone): what an allocation left when its process died
+        between writing a block and writing the handle record."""
+        rec = self.handle(handle)
+        listed = {(a.ip, a.seq) for a in rec.addresses} if rec else set()
+        freed: list[IPAddr] = []
+        for cidr in cidrs:
+            cur = self._get_block(cidr)
+            if cur is None:
+                continue
+            for o, alloc in cur[0].allocations.items():
+                ip = B.address(cur[0], o)
+                if alloc.handle == handle and (str(ip), alloc.seq) not in listed:
+                    with contextlib.suppress(StaleRelease, NotAllocated):
+                        self._free_in_block(cidr, ip, alloc.seq)
+                        freed.append(ip)
+        return freed
+
+
+class HandleExists(IpamError):
+    """``assign_attachment``: the handle exists already; nothing was allocated."""

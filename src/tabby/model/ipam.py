@@ -129,6 +129,8 @@ class Handle(_Record):
     handle: Handle_
     addresses: Annotated[list[HandleAddress], Field(max_length=128)] = Field(default_factory=list)
     endpoint: HostName | None = None  # the Endpoint these addresses are for, when the writer knows it
+    # the CNI attachment these addresses are for, "<host>/<container id>/<ifname>" (CNI writes it)
+    attachment: Annotated[str, Field(pattern=r"^[!-~]+$", max_length=MAX_HANDLE_CHARS)] | None = None
 
 
 class GcState(_Record):

@@ -1,0 +1,58 @@
+"""The ADD result in the shape of each spec version (SPEC.md and libcni's pkg/types/040, 100).
+
+0.3.0, 0.3.1, 0.4.0: every ``ips`` entry carries ``"version": "4" | "6"``; 1.0.0 drops it; 1.1.0
+adds ``mtu`` to interfaces and routes. A ``prevResult`` (tabby chained after another plugin) is
+kept: its interfaces, ips, routes and dns come first, and tabby's ips point past its interfaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Plumbed:
+    """What ADD made: the host end, the container end, the addresses and the routes."""
+
+    host_if: str
+    host_mac: str
+    ifname: str
+    mac: str
+    sandbox: str
+    mtu: int
+    ips: tuple[tuple[str, str], ...]  # ("addr/len", gateway)
+    routes: tuple[tuple[str, str], ...]  # ("dst/len", gateway)
+
+
+def at_least(version: str, floor: str) -> bool:
+    return tuple(int(x) for x in version.split(".")) >= tuple(int(x) for x in floor.split("."))
+
+
+def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mtu: int | None = None
+          ) -> dict[str, Any]:
+    v11 = at_least(version, "1.1.0")
+    prev = prev or {}
+    interfaces = [i for i in prev.get("interfaces", []) if isinstance(i, dict)]
+    base = len(interfaces)
+    host = {"name": p.host_if, "mac": p.host_mac}
+    cont: dict[str, Any] = {"name": p.ifname, "mac": p.mac, "sandbox": p.sandbox}
+    if v11 and p.mtu:
+        host["mtu"] = cont["mtu"] = p.mtu
+    interfaces += [host, cont]
+    ips = [i for i in prev.get("ips", []) if isinstance(i, dict)]
+    for addr, gw in p.ips:
+        ip: dict[str, Any] = {"address": addr, "gateway": gw, "interface": base + 1}
+        if not at_least(version, "1.0.0"):
+            ip = {"version": "6" if ":" in addr else "4", **ip}
+        ips.append(ip)
+    routes = [r for r in prev.get("routes", []) if isinstance(r, dict)]
+    for dst, gw in p.routes:
+        route: dict[str, Any] = {"dst": dst, "gw": gw}
+        if v11 and route_mtu:
+            route["mtu"] = route_mtu
+        routes.append(route)
+    out: dict[str, Any] = {"cniVersion": version, "interfaces": interfaces, "ips": ips, "routes": routes}
+    if isinstance(prev.get("dns"), dict) and prev["dns"]:
+        out["dns"] = prev["dns"]
+    return out
