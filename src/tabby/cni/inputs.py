@@ -58,11 +58,14 @@ def check_ifname(value: str) -> str:
     if not value:
         raise CniError(INVALID_ENV, "CNI_IFNAME: missing")
     try:
-        return check_interface_name(value)
+        check_interface_name(value)
+        if not value[0].isalnum():  # stricter than the kernel: "-x" reads as an option to any tool
+            raise ValueError(value)
     except ValueError:
         raise CniError(INVALID_ENV, "CNI_IFNAME: invalid interface name",
-                       "1..15 characters of letters, digits, '_', '.' or '-' (no '/', ':', whitespace, "
-                       "control characters)") from None
+                       "1..15 characters of letters, digits, '_', '.' or '-', starting with a letter or digit "
+                       "(no '/', ':', whitespace, control characters)") from None
+    return value
 
 
 def check_netns_path(value: str) -> str:

@@ -48,6 +48,7 @@ NUD_PERMANENT = 0x80
 IFF_UP = 0x1
 RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
+RTNH_F_ONLINK = 0x4
 NLA_F_NESTED = 0x8000
 SOL_NETLINK, NETLINK_EXT_ACK, NETLINK_CAP_ACK = 270, 11, 10
 NLMSGERR_ATTR_MSG = 1
@@ -236,14 +237,15 @@ class Netlink:
         return (f"add address {ip}/{plen}", RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
 
     @staticmethod
-    def add_route(ifindex: int, dst: str, gateway: str | None = None, mtu: int | None = None
-                  ) -> tuple[str, int, int, bytes]:
-        """dst "addr/len" on ifindex, via gateway when given (else a link-scope device route)."""
+    def add_route(ifindex: int, dst: str, gateway: str | None = None, mtu: int | None = None,
+                  onlink: bool = False) -> tuple[str, int, int, bytes]:
+        """dst "addr/len" on ifindex, via gateway when given (else a link-scope device route);
+        ``onlink``: the gateway counts as on this link whatever other routes say."""
         ip, _, plen = dst.partition("/")
         fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
         dst_len = int(plen)
         body = _RTMSG.pack(fam, dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT,
-                           RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK, RTN_UNICAST, 0)
+                           RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK, RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)
         if dst_len:
             body += _attr(RTA_DST, socket.inet_pton(fam, ip))
         if gateway:

@@ -297,15 +297,21 @@ def _plumb(env: Env, ns_fd: int, hostif: str, v6: list[str], v4: list[str], gw6:
             i = link["index"]
             reqs = [c.set_up(ifname)]
             reqs += [c.add_address(i, a, 128) for a in v6]
-            if v6:
-                if gw6 != HOST_LL:
-                    reqs.append(c.add_route(i, f"{gw6}/128"))
-                reqs.append(c.add_route(i, "::/0", gw6, mtu))
             reqs += [c.add_address(i, a, 32) for a in v4]
             if v4:
-                reqs += [c.add_neighbour(i, V4_GATEWAY, HOST_MAC), c.add_route(i, f"{V4_GATEWAY}/32"),
-                         c.add_route(i, "0.0.0.0/0", V4_GATEWAY, mtu)]
+                reqs.append(c.add_neighbour(i, V4_GATEWAY, HOST_MAC))
             c.run(reqs)
+            # the gateway and default routes: a second attachment in one container finds the first
+            # one's there, and leaves them to it (the first network keeps the default route)
+            routes = []
+            if v6:
+                if gw6 != HOST_LL:
+                    routes.append(c.add_route(i, f"{gw6}/128"))
+                routes.append(c.add_route(i, "::/0", gw6, mtu))
+            if v4:
+                routes += [c.add_route(i, f"{V4_GATEWAY}/32"),
+                           c.add_route(i, "0.0.0.0/0", V4_GATEWAY, mtu, onlink=True)]
+            c.run(routes, ok=(errno.EEXIST,))
             return link
 
     link = nl.in_netns(ns_fd, container_side)
