@@ -1,12 +1,16 @@
-"""CNI plugin latency, as a runtime sees it: one `tabby-cni` process per call, run in a host
-namespace for a fresh container namespace each time.
+"""CNI plugin latency, as a runtime sees it: one plugin process per call, started directly in the
+host's network namespace (as containerd or podman would), for a fresh container namespace each
+time; tabby-cni and the reference plugins (ptp + host-local, Debian containernetworking-plugins)
+side by side.
 
     python bench/cni.py [--quick]
 
-Prints add_p50_ms, add_p99_ms, del_p50_ms, del_p99_ms with labels parallel (1, 8) and mode
-("server": the shim hands the call to a warm `tabby cni-server`; "in-process": no server, the
-plugin process does everything itself), then checks
-that all those ADDs and DELs left no veth, no allocation and no record (metric leaked_objects).
+Prints add_p50_ms, add_p99_ms, del_p50_ms, del_p99_ms with labels plugin (tabby, ptp), family
+(dual, v4), parallel (1, 8) and mode ("server": the shim hands the call to a warm `tabby
+cni-server`; "in-process": the plugin process does everything itself, which is how ptp always
+runs); server_phase_p50_ms per phase of the server's work (labels phase, verb); then checks that
+all those ADDs and DELs left no veth, no allocation, no record and no host-local lease
+(leaked_objects). ptp dual-stack waits for IPv6 DAD (~1.8 s an ADD) and runs only a few calls.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,25 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from tabby.client import ResourceClient  # noqa: E402
+from tabby.cni import nl  # noqa: E402
+from tabby.cni.install import install  # noqa: E402
 from tabby.ipam import IPAM  # noqa: E402
 from tabby.lab import netns  # noqa: E402
 from tabby.model import validate  # noqa: E402
 from tabby.store import open_store  # noqa: E402
 
-CNI = str(ROOT / ".venv" / "bin" / "tabby-cni")
-
-
-def call(host_ns: str, command: str, conf: str, cid: str, container: str, server: bool) -> float:
-    env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
-           "CNI_NETNS": f"/run/netns/{container}", "CNI_PATH": "/opt/cni/bin"}
-    if not server:
-        env["TABBY_CNI_NO_SERVER"] = "1"
-    t0 = time.perf_counter()
-    r = subprocess.run(["ip", "netns", "exec", host_ns, CNI], input=conf, capture_output=True, text=True, env=env)
-    dt = (time.perf_counter() - t0) * 1000
-    if r.returncode != 0:
-        raise RuntimeError(f"{command} {cid}: {r.stdout} {r.stderr}")
-    return dt
+METRICS = ("add_p50_ms", "add_p99_ms", "del_p50_ms", "del_p99_ms", "server_phase_p50_ms", "process_start_p50_ms",
+           "leaked_objects")
+REFERENCE_PLUGINS = Path("/usr/lib/cni")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -53,55 +49,141 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))]
 
 
+def emit(**fields: object) -> None:
+    print(json.dumps({"bench": "cni", **fields}), flush=True)
+
+
+class Runner:
+    def __init__(self, d: Path, env: dict[str, str]) -> None:
+        self.d, self.env = d, env
+
+    def call(self, binary: str, command: str, conf: str, cid: str, container: str, extra: dict[str, str]) -> float:
+        env = {**self.env, "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
+               "CNI_NETNS": f"/run/netns/{container}", **extra}
+        t0 = time.perf_counter()
+        r = subprocess.run([binary], input=conf, capture_output=True, text=True, env=env)
+        dt = (time.perf_counter() - t0) * 1000
+        if r.returncode != 0:
+            raise RuntimeError(f"{binary} {command} {cid}: {r.stdout} {r.stderr}")
+        return dt
+
+
+def server_phases(log: Path, pos: int, **labels: object) -> int:
+    """Where the server's milliseconds went in the last run: the median of each phase of its
+    log lines (one per call) written since pos; returns the new position."""
+    text = log.read_bytes()[pos:].decode(errors="replace")
+    phases: dict[tuple[str, str], list[float]] = {}
+    for line in text.splitlines():
+        m = re.search(r" (ADD|DEL) \S+ eth0 -> 0 in ([0-9.]+) ms \((.*)\)", line)
+        if m:
+            phases.setdefault((m[1], "total"), []).append(float(m[2]))
+            for k, v in re.findall(r"(\w+)=([0-9.]+)", m[3]):
+                phases.setdefault((m[1], k), []).append(float(v))
+    for (verb, phase), xs in sorted(phases.items()):
+        emit(metric="server_phase_p50_ms", value=round(statistics.median(xs), 2), unit="ms", verb=verb,
+             phase=phase, calls=len(xs), **labels)
+    return pos + len(text.encode())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    n = 40 if args.quick else 250  # per mode and parallelism level: 1,000 ADDs and DELs in all
     tag = uuid.uuid4().hex[:4]
-    host_ns = f"tbyc{tag}"
-    with tempfile.TemporaryDirectory(prefix="tabby-bench-cni-") as d:
-        url = f"sqlite://{d}/store.db"
-        store = open_store(url)
-        client = ResourceClient(store)
-        client.apply(validate({"kind": "IPPool", "metadata": {"name": "v6"}, "spec": {"cidr": "fd00:e::/104"}}))
-        client.apply(validate({"kind": "IPPool", "metadata": {"name": "v4"}, "spec": {"cidr": "10.64.0.0/14"}}))
-        sock = f"{d}/cni.sock"
-        conf = json.dumps({"cniVersion": "1.1.0", "name": "bench", "type": "tabby-cni", "store": url, "host": "hb",
-                           "server_socket": sock})
-        containers: list[str] = []
-        server = None
+    host_ns = netns.add_netns(f"tbyc{tag}")
+    containers: list[str] = []
+    server = None
+    with tempfile.TemporaryDirectory(prefix="tabby-bench-cni-") as tmp:
+        d = Path(tmp)
         try:
-            netns.add_netns(host_ns)
-            server = netns.spawn(host_ns, [sys.executable, "-m", "tabby.cli", "cni-server", "--host", "hb",
-                                           "--socket", sock, "--log-level", "warning"], Path(d) / "server.log")
-            netns.wait_for(lambda: os.path.exists(sock), 20, 0.05, "cni-server")
-            for mode in ("server", "in-process"):
-                for parallel in (1, 8):
-                    names = [f"tbyc{tag}{mode[0]}{parallel}x{i}" for i in range(n)]
-                    for c in names:
-                        netns.add_netns(c)
-                    containers += names
-                    warm = mode == "server"
-                    with ThreadPoolExecutor(parallel) as pool:
-                        adds = list(pool.map(lambda c, w=warm: call(host_ns, "ADD", conf, c, c, w), names))
-                        dels = list(pool.map(lambda c, w=warm: call(host_ns, "DEL", conf, c, c, w), names))
-                    for metric, xs in (("add", adds), ("del", dels)):
-                        for q, label in ((0.5, "p50"), (0.99, "p99")):
-                            print(json.dumps({"bench": "cni", "metric": f"{metric}_{label}_ms",
-                                              "value": round(statistics.median(xs) if q == 0.5 else pct(xs, q), 1),
-                                              "unit": "ms", "parallel": parallel, "mode": mode, "calls": len(xs)}),
-                                  flush=True)
-            veths = [line for line in netns.ip("-o", "link", "show", ns=host_ns).splitlines() if " tby" in line]
-            leaked = len(veths) + len(IPAM(store).handles()) + len(store.list("/tabby/v1/endpoints/")[0])
-            print(json.dumps({"bench": "cni", "metric": "leaked_objects", "value": leaked, "unit": "objects",
-                              "adds_and_dels": 2 * len(containers)}), flush=True)
+            url = f"sqlite://{d}/store.db"
+            store = open_store(url)
+            client = ResourceClient(store)
+            client.apply(validate({"kind": "IPPool", "metadata": {"name": "v6"}, "spec": {"cidr": "fd00:e::/104"}}))
+            client.apply(validate({"kind": "IPPool", "metadata": {"name": "v4"}, "spec": {"cidr": "10.64.0.0/14"}}))
+            sock = d / "cni.sock"
+            binary = install(d / "bin")  # what CNI_PATH holds: the lean shim executable
+            pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+            runner = Runner(d, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": pythonpath,
+                                "CNI_PATH": str(REFERENCE_PLUGINS)})
+            server_log = d / "server.log"
+            server = netns.spawn(host_ns, [sys.executable, "-m", "tabby.cli", "--store", url, "cni-server",
+                                           "--host", "hb", "--socket", str(sock), "--log-level", "info"], server_log,
+                                 {"PYTHONPATH": pythonpath})
+            netns.wait_for(sock.exists, 30, 0.05, "cni-server")
+            # from here on this process (and what it starts) is in the host's namespace, like a runtime
+            fd = os.open(f"/run/netns/{host_ns}", os.O_RDONLY)
+            nl._setns(fd)
+            os.close(fd)
+
+            def tabby_conf(v4_only: bool) -> str:
+                return json.dumps({"cniVersion": "1.1.0", "name": "bench", "type": "tabby-cni", "store": url,
+                                   "host": "hb", "server_socket": str(sock), "ipv6": not v4_only})
+
+            def ptp_conf(dual: bool) -> str:
+                ranges = [[{"subnet": "10.99.0.0/16"}]] + ([[{"subnet": "fd00:99::/64"}]] if dual else [])
+                return json.dumps({"cniVersion": "1.0.0", "name": "ptpbench", "type": "ptp", "ipMasq": False,
+                                   "ipam": {"type": "host-local", "ranges": ranges, "dataDir": str(d / "host-local"),
+                                            "routes": [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if dual else [])}})
+
+            n = 30 if args.quick else 200
+            n_inproc = 8 if args.quick else 60
+            runs = [  # plugin, family, mode, parallel, calls
+                ("tabby", "dual", "server", 1, n), ("tabby", "dual", "server", 8, n),
+                ("tabby", "v4", "server", 1, n),
+                ("tabby", "dual", "in-process", 1, n_inproc), ("tabby", "dual", "in-process", 8, 2 * n_inproc),
+                ("ptp", "v4", "in-process", 1, n), ("ptp", "v4", "in-process", 8, n),
+            ]
+            if not args.quick:
+                runs.append(("ptp", "dual", "in-process", 1, 8))
+            log_pos = 0
+            for plugin, family, mode, parallel, calls in runs:
+                names = [f"tbyc{tag}{plugin[0]}{family[0]}{mode[0]}{parallel}x{i}" for i in range(calls)]
+                for c in names:
+                    netns.add_netns(c)
+                containers += names
+                if plugin == "tabby":
+                    binary_path, conf = str(binary), tabby_conf(family == "v4")
+                    extra = {} if mode == "server" else {"TABBY_CNI_NO_SERVER": "1"}
+                else:
+                    binary_path, conf, extra = str(REFERENCE_PLUGINS / "ptp"), ptp_conf(family == "dual"), {}
+                with ThreadPoolExecutor(parallel) as pool:
+                    adds = list(pool.map(lambda c, b=binary_path, s=conf, e=extra: runner.call(b, "ADD", s, c, c, e),
+                                         names))
+                    dels = list(pool.map(lambda c, b=binary_path, s=conf, e=extra: runner.call(b, "DEL", s, c, c, e),
+                                         names))
+                for metric, xs in (("add", adds), ("del", dels)):
+                    for q, label in ((0.5, "p50"), (0.99, "p99")):
+                        emit(metric=f"{metric}_{label}_ms", value=round(statistics.median(xs) if q == 0.5 else
+                                                                         pct(xs, q), 1),
+                             unit="ms", plugin=plugin, family=family, mode=mode, parallel=parallel, calls=len(xs))
+                for c in names:
+                    netns.del_netns(c)
+                if plugin == "tabby" and mode == "server":
+                    log_pos = server_phases(server_log, log_pos, family=family, parallel=parallel)
+            # the floor under any plugin process: start-up alone (VERSION, answered without work)
+            for name, argv in (("tabby-cni", [str(binary)]), ("ptp", [str(REFERENCE_PLUGINS / "ptp")]),
+                               ("python -S", [sys.executable, "-S", "-c", "pass"])):
+                xs = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    subprocess.run(argv, env={**runner.env, "CNI_COMMAND": "VERSION"}, input="{}", text=True,
+                                   capture_output=True)
+                    xs.append((time.perf_counter() - t0) * 1000)
+                emit(metric="process_start_p50_ms", value=round(statistics.median(xs), 1), unit="ms", plugin=name,
+                     calls=len(xs))
+            links = netns.ip("-o", "link", "show", ns=host_ns).splitlines()
+            veths = [line for line in links if ": tby" in line or ": veth" in line]
+            leases = [p for p in (d / "host-local").rglob("*")  # host-local names a lease file by its address
+                      if p.is_file() and re.fullmatch(r"[0-9a-f.:]+", p.name)]
+            leaked = len(veths) + len(IPAM(store).handles()) + len(store.list("/tabby/v1/endpoints/")[0]) + len(leases)
+            emit(metric="leaked_objects", value=leaked, unit="objects", adds_and_dels=2 * len(containers))
         finally:
             if server is not None:
-                server.terminate()
-                server.wait(10)
+                netns.stop(server)
             for c in containers:
-                netns.del_netns(c)
+                if netns.netns_exists(c):
+                    netns.del_netns(c)
             netns.del_netns(host_ns)
 
 

@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 from agentlib import AgentProc, apply, namespace
 
+from tabby.cni.install import install
+from tabby.cni.lock import wait_idle
+from tabby.cni.plugin import lock_key
 from tabby.ipam import IPAM
 from tabby.lab import netns
 from tabby.lab.netns import wait_for
@@ -25,14 +28,17 @@ from tabby.store import open_store
 
 
 def _plugin_binary() -> str:
-    """tabby-cni as a runtime finds it in CNI_PATH: an executable running the shim with this
-    interpreter (and this checkout's code, through PYTHONPATH)."""
+    """tabby-cni as a runtime finds it in CNI_PATH, written by tabby.cni.install (this
+    interpreter, this checkout's code)."""
     d = tempfile.mkdtemp(prefix="tbyt-cnibin-")
     atexit.register(shutil.rmtree, d, True)
-    path = Path(d) / "tabby-cni"
-    path.write_text(f"#!{sys.executable}\nfrom tabby.cni.shim import main\nmain()\n")
-    path.chmod(0o755)
-    return str(path)
+    return str(install(d))
+
+
+def settle(host_ns: str, cid: str, ifname: str = "eth0") -> None:
+    """Wait until the attachment's lock is free: the server's DEL finishes (veth, addresses)
+    after it has answered, under that lock."""
+    wait_idle(lock_key(os.stat(f"/run/netns/{host_ns}").st_ino, cid, ifname))
 
 
 CNI = _plugin_binary()
@@ -198,7 +204,10 @@ def test_the_warm_server_runs_the_calls_and_the_same_errors_come_back(
         code, res = cni(host_ns, "ADD", conf(url, server_socket=sock, cniVersion="0.2.0"), c1, cid="warm0002")
         assert code == 1 and res["code"] == 7
         assert cni(host_ns, "DEL", conf(url, server_socket=sock), "", cid="warm0001")[0] == 0
-        assert IPAM(store).handle("net1.warm0001/eth0") is None
+        assert store.get("/tabby/v1/endpoints/net1.warm0001.eth0") is None  # before DEL answers
+        settle(host_ns, "warm0001")
+        assert IPAM(store).handle("net1.warm0001/eth0") is None  # then the rest, under the lock
+        assert "tby" not in netns.ip("-o", "link", "show", ns=host_ns)
     served = log.read_text()
     assert "ADD warm0001 eth0 -> 0" in served and "DEL warm0001 eth0 -> 0" in served
 

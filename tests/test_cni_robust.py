@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agentlib import namespace
-from test_cni import CNI, SRC, cni, conf, env  # noqa: F401  (env is a fixture)
+from test_cni import CNI, SRC, cni, conf, env, settle  # noqa: F401  (env is a fixture)
 
 from tabby.cni.plugin import host_ifname
 from tabby.ipam import IPAM
@@ -94,7 +94,8 @@ def test_injection_in_every_variable_is_refused_before_anything_is_made(env: tup
 
 def attachment_state(store: Any, host_ns: str, c: str, cid: str) -> str:
     """'live' or 'gone', asserting that the handle, the Endpoint, the veth and the container's
-    addresses agree (no half of an attachment without the other)."""
+    addresses agree (no half of an attachment without the other), once work on it has settled."""
+    settle(host_ns, cid)
     handle = IPAM(store).handle(f"net1.{cid}/eth0")
     kv = store.get(f"/tabby/v1/endpoints/net1.{cid}.eth0")
     hostif = host_ifname(cid, "eth0")
@@ -114,7 +115,9 @@ def attachment_state(store: Any, host_ns: str, c: str, cid: str) -> str:
     return "live"
 
 
-def leftovers(store: Any, host_ns: str) -> list[str]:
+def leftovers(store: Any, host_ns: str, *cids: str) -> list[str]:
+    for cid in cids:
+        settle(host_ns, cid)
     out = [f"handle {h.handle}" for h in IPAM(store).handles()]
     out += [f"endpoint {kv.key}" for kv in store.list("/tabby/v1/endpoints/")[0]]
     out += [f"veth {line.split(':')[1].strip()}" for line in netns.ip("-o", "link", ns=host_ns).splitlines()
@@ -194,7 +197,7 @@ def test_add_racing_del_of_one_attachment(env: tuple[str, str, Any], tmp_path: P
                 if i % 2:  # and ADD after DEL after ADD... leaves a whole attachment or none
                     assert _popen(host_ns, "DEL", url, c1, "race01", str(sock)).wait(60) == 0
             assert cni(host_ns, "DEL", conf(url, server_socket=str(sock)), c1, cid="race01")[0] == 0
-            assert leftovers(store, host_ns) == []
+            assert leftovers(store, host_ns, "race01") == []
     finally:
         netns.stop(server)
     print(f"ADD racing DEL, 100 rounds: {outcomes}")
@@ -239,8 +242,9 @@ def test_server_sigkilled_mid_add_leaves_nothing_behind(env: tuple[str, str, Any
             assert [i["address"] for i in cni(host_ns, "ADD", conf(url, server_socket=str(sock)), keeper,
                                               cid="keeper01")[1]["ips"]] == [i["address"] for i in kept["ips"]]
             assert cni(host_ns, "DEL", conf(url, server_socket=str(sock)), keeper, cid="keeper01")[0] == 0
+            settle(host_ns, "keeper01")  # the server finishes a DEL after answering; let it
         finally:
             netns.stop(server)
-        assert leftovers(store, host_ns) == []
+        assert leftovers(store, host_ns, "keeper01", *(f"victim{i:02d}" for i in range(20))) == []
     print(f"server SIGKILLed during 20 ADDs: {killed} died mid-call")
     assert killed >= 5, "the kills should land mid-ADD most of the time"

@@ -80,3 +80,24 @@ class AttachmentLock:
         """Drop the file (the attachment is gone); the lock is held until __exit__."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def wait_idle(key: str, directory: str = LOCK_DIR, wait_s: float = WAIT_S) -> None:
+    """Return once nobody holds the attachment's lock (creates no file): for callers that want
+    to see an attachment after background work on it, such as the server's DEL, has finished."""
+    path = os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:32])
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"attachment lock {path} held for more than {wait_s:.0f} s") from None
+        finally:
+            os.close(fd)
+        time.sleep(0.002)

@@ -51,7 +51,7 @@ from tabby.cni.result import Plumbed, at_least, build
 
 __all__ = ["HOST_LL", "HOST_MAC", "INVALID_CONF", "INVALID_ENV", "IO_FAILURE", "TRY_AGAIN", "V4_GATEWAY",
            "CniError", "Context", "Env", "add", "check", "delete", "endpoint_name", "gc", "handle_of", "host_ifname",
-           "status", "version"]
+           "lock_key", "status", "version"]
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 HOST_LL = "fe80::ecee:eeff:feee:eeee"
@@ -79,10 +79,40 @@ class Context:
     one connection under a lock; the pool cache and block hints of IPAM carry over); a plugin
     process makes its own."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, background: bool = False) -> None:
         self.keep = keep
+        self.background = background  # may work go on after the answer (a server: yes; a process: no)
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[Any, Any]] = {}
+        self._pending: set[threading.Thread] = set()
+
+    def later(self, fn: Any) -> None:
+        """Run fn after the call has answered (a thread the interpreter waits for at exit)."""
+        def body() -> None:
+            try:
+                fn()
+            except Exception:
+                import logging
+
+                logging.getLogger(__name__).exception("CNI background work failed")
+            finally:
+                with self._lock:
+                    self._pending.discard(threading.current_thread())
+
+        t = threading.Thread(target=body, name="tabby-cni-later")
+        with self._lock:
+            self._pending.add(t)
+        t.start()
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait for background work (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending or time.monotonic() > deadline:
+                return
+            pending[0].join(max(0.0, deadline - time.monotonic()))
 
     def open(self, url: str | None) -> tuple[Any, Any]:
         """(store, IPAM) for the config's store URL; CniError 11 if it cannot be opened."""
@@ -132,13 +162,17 @@ def _attachment(conf: NetConf, env: Env) -> str:
     return f"{host_name(conf)}/{env.container_id}/{env.ifname}"
 
 
+def lock_key(host_netns_inode: int, container_id: str, ifname: str) -> str:
+    """An attachment's lock key. It has the host's network namespace in it: the veth names that
+    ADD makes are unique per host namespace, and two hosts of a lab share one /run."""
+    return f"{host_netns_inode}/{container_id}/{ifname}"
+
+
 @contextlib.contextmanager
 def _locked(env: Env) -> Iterator[AttachmentLock]:
-    """The attachment's lock. Its key has this network namespace in it: the veth names that
-    ADD makes are unique per host namespace, and two hosts of a lab share one /run."""
     here = os.stat("/proc/thread-self/ns/net").st_ino
     try:
-        with AttachmentLock(f"{here}/{env.container_id}/{env.ifname}") as lock:
+        with AttachmentLock(lock_key(here, env.container_id, env.ifname)) as lock:
             yield lock
     except LockTimeout as e:
         raise CniError(TRY_AGAIN, "attachment busy", str(e)) from None
@@ -186,7 +220,7 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
     if rec is not None and rec.attachment not in (None, attachment):
         raise CniError(INVALID_ENV, f"CNI_CONTAINERID/CNI_IFNAME: attachment {env.container_id}/{env.ifname} of "
                                     f"network {conf.name} is held by {rec.attachment}")
-    if rec is not None and state.get("state") != "adding" and rec.addresses:
+    if rec is not None and state.get("state") not in ("adding", "deleting") and rec.addresses:
         if state.get("state") == "added":
             existing = _intact(conf, env, store, rec, hostif, ns_fd)
             if existing is not None:
@@ -414,14 +448,26 @@ def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: i
 def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hostif: str, deep: bool) -> None:
     """Veth, Endpoint (if it is this attachment's) and allocation; ``deep`` also frees what a
     dead ADD left in this host's blocks without recording it in the handle."""
+
+    _unplumb(hostif)
+    rec = ipam.handle(handle)
+    _delete_endpoints(conf, env, store, handle, rec)
+    ipam.release_handle(handle)
+    if deep:
+        cidrs = {a.cidr for a in ipam.claims(host_name(conf))}
+        if rec is not None:
+            cidrs |= {a.block for a in rec.addresses}
+        ipam.release_strays(handle, sorted(cidrs))
+
+
+def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any) -> None:
+    """The attachment's Endpoint (under its name, and the one its handle names), if it is its."""
     from tabby.model import decode
     from tabby.model.keys import resource_key
     from tabby.store import NotFound, RevisionMismatch
 
-    _unplumb(hostif)
-    rec = ipam.handle(handle)
     names = {endpoint_name(conf, env)} | ({rec.endpoint} if rec is not None and rec.endpoint else set())
-    for name in names:
+    for name in sorted(names):
         kv = store.get(resource_key("Endpoint", name))
         if kv is None:
             continue
@@ -432,16 +478,17 @@ def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hosti
         if mine:
             with contextlib.suppress(NotFound, RevisionMismatch):
                 store.delete(kv.key, expected_revision=kv.mod_revision)
-    ipam.release_handle(handle)
-    if deep:
-        cidrs = {a.cidr for a in ipam.claims(host_name(conf))}
-        if rec is not None:
-            cidrs |= {a.block for a in rec.addresses}
-        ipam.release_strays(handle, sorted(cidrs))
 
 
 def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases | None = None) -> None:
-    """Idempotent: whatever is already gone counts as removed."""
+    """Idempotent: whatever is already gone counts as removed.
+
+    In the warm server (``ctx.background``) DEL answers once the Endpoint is gone (the agent
+    withdraws the routes at once) and the attachment is marked "deleting"; the veth deletion
+    (~15-25 ms in the kernel: it waits for an RCU grace period) and then the address release
+    go on after the answer, still holding the attachment's lock, so any next ADD, DEL, CHECK
+    or GC of it waits for them. Addresses are freed only once no interface has them. Should
+    the server die in between, the "deleting" mark makes the next caller finish the job."""
     from tabby.store import StoreError
 
     ctx = ctx or Context()
@@ -455,15 +502,37 @@ def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases |
             rec = ipam.handle(handle)
             if rec is not None and rec.attachment not in (None, _attachment(conf, env)):
                 _unplumb(hostif)  # another host's attachment of the same name: only our veth is ours
-            else:
-                _teardown(conf, env, store, ipam, handle, hostif, deep=state.get("state") == "adding")
-                legacy = ipam.handle(_legacy_handle(conf, env))
-                if legacy is not None and legacy.attachment is None and legacy.endpoint == endpoint_name(conf, env):
-                    _teardown(conf, env, store, ipam, legacy.handle, hostif, deep=False)
+                lock.remove()
+                return
+            deep = state.get("state") in ("adding", "deleting")
+            if ctx.background and not deep:
+                _delete_endpoints(conf, env, store, handle, rec)
+                lock.write({"state": "deleting", "handle": handle})
+                ph.mark("endpoint")
+                fd = os.dup(lock.fd)  # the lock goes on with the background work
+
+                def rest() -> None:
+                    try:
+                        _teardown(conf, env, store, ipam, handle, hostif, deep=False)
+                        _release_legacy(conf, env, store, ipam, hostif)
+                        lock.remove()
+                    finally:
+                        os.close(fd)
+
+                ctx.later(rest)
+                return
+            _teardown(conf, env, store, ipam, handle, hostif, deep=deep)
+            _release_legacy(conf, env, store, ipam, hostif)
             lock.remove()
             ph.mark("teardown")
     except (StoreError, ValueError) as e:
         raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
+
+
+def _release_legacy(conf: NetConf, env: Env, store: Any, ipam: Any, hostif: str) -> None:
+    legacy = ipam.handle(_legacy_handle(conf, env))
+    if legacy is not None and legacy.attachment is None and legacy.endpoint == endpoint_name(conf, env):
+        _teardown(conf, env, store, ipam, legacy.handle, hostif, deep=False)
 
 
 def gc(conf: NetConf, raw: dict[str, Any], ctx: Context | None = None) -> list[str]:

@@ -93,7 +93,7 @@ def serve(path: Path, defaults: dict[str, str], ready: threading.Event | None = 
     finally:
         os.umask(old)
     server.defaults = defaults  # TABBY_STORE / TABBY_HOST for calls that name neither
-    server.ctx = Context(keep=True)
+    server.ctx = Context(keep=True, background=True)
     # everything a call needs, imported now rather than on the first call
     import ctypes  # noqa: F401  (setns)
     import fcntl  # noqa: F401

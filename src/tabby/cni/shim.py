@@ -134,6 +134,10 @@ def main() -> None:
         path = socket_path(raw, environ) if not environ.get("TABBY_CNI_NO_SERVER") else None
         result = via_server(path, environ, raw) if path else None
     if result is None:
+        if sys.flags.no_site and "site" not in sys.modules:
+            import site  # started lean (install.py): what is installed is found now
+
+            site.main()
         from tabby.cni.main import run
 
         result = run(environ, raw)
