@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # procps: sysctl; util-linux (essential): nsenter, mount; the rest: the daemons and clients the
-# tests run for real (podman with runc, and busybox-static for its image: the CNI end-to-end test)
+# tests run for real (podman with runc, and busybox-static for its image: the CNI end-to-end test;
+# containerd for `ctr run --cni`; the reference CNI plugins, chained after tabby-cni and benched
+# beside it, with iptables for portmap)
 APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
               isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
-              podman runc busybox-static)
+              podman runc busybox-static containerd containernetworking-plugins iptables)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

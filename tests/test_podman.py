@@ -7,9 +7,11 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from lablib import all_ok, lab
 
+from tabby.cni.install import install
 from tabby.ipam import IPAM
 from tabby.lab import lab as L
 from tabby.lab import netns
@@ -18,16 +20,21 @@ from tabby.store import open_store
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def podman_env(d: Path, the_lab: L.Lab) -> dict[str, str]:
-    """containers.conf and storage.conf of this test's own, and a CNI network of type tabby-cni."""
+def podman_env(d: Path, the_lab: L.Lab, host: int = 0, chained: tuple[dict[str, Any], ...] = (),
+               version: str = "1.0.0") -> dict[str, str]:
+    """containers.conf and storage.conf of this test's own, and a CNI network of type tabby-cni
+    (for lab host number ``host``), with ``chained`` reference plugins after it."""
     (d / "bin").mkdir()
     (d / "net.d").mkdir()
-    (d / "bin" / "tabby-cni").symlink_to(ROOT / ".venv" / "bin" / "tabby-cni")
-    h1 = the_lab.topo.hosts[0]
+    install(d / "bin")  # tabby-cni: this checkout's shim, run lean
+    for plugin in chained:
+        (d / "bin" / plugin["type"]).symlink_to(f"/usr/lib/cni/{plugin['type']}")
+    h = the_lab.topo.hosts[host]
     (d / "net.d" / "tabbynet.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": "tabbynet",
-        "plugins": [{"type": "tabby-cni", "store": the_lab.store_url, "host": h1.name, "profiles": [L.OPEN_PROFILE],
-                     "labels": {"runtime": "podman"}, "server_socket": str(the_lab.cni_socket(h1))}]}))
+        "cniVersion": version, "name": "tabbynet",
+        "plugins": [{"type": "tabby-cni", "store": the_lab.store_url, "host": h.name, "profiles": [L.OPEN_PROFILE],
+                     "labels": {"runtime": "podman"}, "server_socket": str(the_lab.cni_socket(h)),
+                     "capabilities": {"mac": True, "ips": True}}, *chained]}))
     # runc, not crun (cgroup v1 hybrid here); cgroupfs and file events (no systemd); vfs storage
     (d / "containers.conf").write_text(
         '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
@@ -38,6 +45,23 @@ def podman_env(d: Path, the_lab: L.Lab) -> dict[str, str]:
     (d / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{d / "graph"}"\n'
                                     f'runroot = "{d / "runroot"}"\n')
     return {"CONTAINERS_CONF": str(d / "containers.conf"), "CONTAINERS_STORAGE_CONF": str(d / "storage.conf")}
+
+
+def busybox_tar(d: Path) -> Path:
+    """A root file system of one static busybox, as a tar."""
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox-static is installed by scripts/setup.sh"
+    rootfs = d / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy(busybox, rootfs / "bin" / "busybox")
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(d / "busybox.tar"), "."], check=True)
+    return d / "busybox.tar"
+
+
+def podman_import(d: Path, env: dict[str, str]) -> None:
+    r = subprocess.run(["podman", "import", str(busybox_tar(d)), "tabby-busybox"],
+                       capture_output=True, text=True, env={**env, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert r.returncode == 0, r.stderr
 
 
 def in_host(host_ns: str, script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -51,21 +75,27 @@ def in_host(host_ns: str, script: str, env: dict[str, str]) -> subprocess.Comple
                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env})
 
 
+def leftovers(the_lab: L.Lab, host_ns: str, network: str = "tabbynet") -> list[str]:
+    """What the runtime's containers on this network left: handles, Endpoints, host ends other
+    than the lab's own containers'."""
+    store = open_store(the_lab.store_url)
+    out = [f"handle {h.handle}" for h in IPAM(store).handles() if h.handle.startswith(f"{network}.")]
+    out += [f"endpoint {kv.key}" for kv in store.list("/tabby/v1/endpoints/")[0]
+            if kv.key.rsplit("/", 1)[-1].startswith(f"{network}.")]
+    lab_ends = {json.loads(kv.value)["spec"]["interface"] for kv in store.list("/tabby/v1/endpoints/")[0]
+                if kv.key.rsplit("/", 1)[-1].startswith(f"{the_lab.CNI_NETWORK}.")}
+    ends = [line.split(":")[1].strip().split("@")[0] for line in netns.ip("-o", "link", "show", ns=host_ns).splitlines()
+            if ": tby" in line]
+    return out + [f"veth {e}" for e in ends if e not in lab_ends]
+
+
 def test_podman_container_reaches_a_container_on_another_host(tmp_path: Path) -> None:
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox-static is installed by scripts/setup.sh"
     with lab(2, 1) as the_lab:
         assert L.wait_until(lambda: all_ok(the_lab), 60)
         h1 = the_lab.topo.hosts[0]
         target = the_lab.addresses()["h2-c1"]["v6"][0]
         env = podman_env(tmp_path, the_lab)
-        rootfs = tmp_path / "rootfs"
-        (rootfs / "bin").mkdir(parents=True)
-        shutil.copy(busybox, rootfs / "bin" / "busybox")
-        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tmp_path / "busybox.tar"), "."], check=True)
-        r = subprocess.run(["podman", "import", str(tmp_path / "busybox.tar"), "tabby-busybox"],
-                           capture_output=True, text=True, env={**env, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        assert r.returncode == 0, r.stderr
+        podman_import(tmp_path, env)
         try:
             run = in_host(h1.ns, "podman run --rm --network tabbynet localhost/tabby-busybox /bin/busybox sh -c "
                                  "'/bin/busybox ip -6 addr show dev eth0; /bin/busybox ip -6 route; "
@@ -74,12 +104,9 @@ def test_podman_container_reaches_a_container_on_another_host(tmp_path: Path) ->
             assert "3 packets received" in run.stdout, run.stdout
             assert "default via fe80::ecee:eeff:feee:eeee" in run.stdout
             assert "inet6 fd00:e::" in run.stdout and "/128" in run.stdout
-            # podman's DEL after --rm released everything: no allocation, no record, no veth
-            store = open_store(the_lab.store_url)
-            assert not [h for h in IPAM(store).handles() if h.handle.startswith("tabbynet.")]
-            assert not [kv for kv in store.list("/tabby/v1/endpoints/")[0]
-                        if kv.key.rsplit("/", 1)[-1].startswith("tabbynet.")]
-            assert netns.ip("-o", "link", "show", ns=h1.ns).count(" tby") == 1  # h1-c1's host end only
+            # podman's DEL after --rm released everything: no allocation, no record, no veth (the
+            # server finishes a DEL's veth and addresses just after answering it)
+            assert netns.wait_for(lambda: leftovers(the_lab, h1.ns) == [], 10, 0.05, "DEL to finish")
         finally:
             subprocess.run(["podman", "rmi", "-a", "-f"], capture_output=True,
                            env={**env, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})

@@ -2,12 +2,13 @@
 one at a time, whether in the warm server or in a plugin process of their own.
 
 ``fcntl.flock`` on ``/run/tabby/cni/locks/<sha256 of "id/ifname">``; the kernel drops it when its
-holder dies (a SIGKILLed server included), so a lock is never left held. The file also holds
-the attachment's progress, ``{"state": "adding" | "added", "handle": ...}``: a state "adding"
-found by the next caller means an ADD died half way, and that caller cleans up thoroughly
-(stray block allocations included) before anything else. DEL removes the file while holding
-it; a waiter that then gets the lock on the removed file notices (its inode is no longer the
-path's) and opens the new one.
+holder dies (a SIGKILLed server included), so a lock is never left held. The file exists only
+while work on the attachment is in flight and holds its progress, ``{"state": "adding" |
+"deleting", "handle": ...}``: a file found by the next caller means an ADD or DEL died half way,
+and that caller cleans up thoroughly (stray block allocations included) before anything else.
+A finished ADD or DEL removes the file while still holding it; a waiter that then gets the lock
+on the removed file notices (its inode is no longer the path's) and opens a new one. So after
+a crash-free run nothing is left in the directory.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class AttachmentLock:
 
     def __exit__(self, *_: object) -> None:
         if self.fd >= 0:
+            try:
+                if os.fstat(self.fd).st_size == 0 and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.path)  # nothing in flight was recorded: leave no file behind
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
             self.fd = -1
 

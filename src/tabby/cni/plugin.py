@@ -221,18 +221,15 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
         raise CniError(INVALID_ENV, f"CNI_CONTAINERID/CNI_IFNAME: attachment {env.container_id}/{env.ifname} of "
                                     f"network {conf.name} is held by {rec.attachment}")
     if rec is not None and state.get("state") not in ("adding", "deleting") and rec.addresses:
-        if state.get("state") == "added":
-            existing = _intact(conf, env, store, rec, hostif, ns_fd)
-            if existing is not None:
-                lock.write({"state": "added", "handle": handle})
-                return build(conf.cni_version, existing, conf.prev_result, conf.mtu)
-        # there, but broken (a new namespace, a deleted veth): rebuilt on the addresses it has
-        v6 = [a.ip for a in rec.addresses if ":" in a.ip]
-        v4 = [a.ip for a in rec.addresses if ":" not in a.ip]
-        _unplumb(hostif)
-        plumbed = _plumb_and_record(conf, env, req, store, ns_fd, hostif, handle, v6, v4, ph)
-        lock.write({"state": "added", "handle": handle})
-        return build(conf.cni_version, plumbed, conf.prev_result, conf.mtu)
+        existing = _intact(conf, env, store, rec, hostif, ns_fd)
+        if existing is None:
+            # there, but broken (a new namespace, a deleted veth): rebuilt on the addresses it has
+            v6 = [a.ip for a in rec.addresses if ":" in a.ip]
+            v4 = [a.ip for a in rec.addresses if ":" not in a.ip]
+            _unplumb(hostif)
+            existing = _plumb_and_record(conf, env, req, store, ns_fd, hostif, handle, v6, v4, ph)
+        lock.remove()
+        return build(conf.cni_version, existing, conf.prev_result, conf.mtu)
     if rec is not None or state:
         _teardown(conf, env, store, ipam, handle, hostif, deep=True)  # what an ADD that died left
     lock.write({"state": "adding", "handle": handle})
@@ -263,7 +260,7 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
             _teardown(conf, env, store, ipam, handle, hostif, deep=False)
             lock.remove()
         raise
-    lock.write({"state": "added", "handle": handle})
+    lock.remove()  # done: nothing is in flight for this attachment
     return build(conf.cni_version, plumbed, conf.prev_result, conf.mtu)
 
 
