@@ -222,3 +222,65 @@ def test_a_call_from_another_namespace_runs_itself(env: tuple[str, str, Any], se
         assert res["interfaces"][0]["name"] in netns.ip("link", "show", ns=other_host)
         assert cni(other_host, "DEL", conf(url, server_socket=sock), "", cid="else0001")[0] == 0
     assert "else0001" not in log.read_text()
+
+
+def test_every_spec_version_capability_args_and_prev_result(env: tuple[str, str, Any]) -> None:
+    """tabby-cni as the runtime: each cniVersion's result shape (SPEC.md, libcni pkg/types/040 and
+    100), CHECK from 0.4.0, GC and STATUS only at 1.1.0; runtimeConfig.mac and .ips, the older
+    args.cni.ips and args.cni.labels; a prevResult kept ahead of tabby's own; 1.1.0's mtu."""
+    host_ns, url, store = env
+    with namespace("c") as c1:
+        for i, version in enumerate(("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")):
+            cid = f"ver{i}"
+            code, res = cni(host_ns, "ADD", conf(url, cniVersion=version, mtu=1400), c1, cid=cid, ifname=f"eth{i}")
+            assert code == 0, res
+            assert res["cniVersion"] == version
+            for ip in res["ips"]:
+                assert ip["interface"] == 1
+                if version < "1.0.0":
+                    assert ip["version"] == ("6" if ":" in ip["address"] else "4")
+                else:
+                    assert "version" not in ip
+            mtus = [i.get("mtu") for i in res["interfaces"]] + [r.get("mtu") for r in res["routes"]]
+            assert mtus == ([1400] * 4 if version == "1.1.0" else [None] * 4), res
+            assert "mtu 1400" in netns.ip("link", "show", f"eth{i}", ns=c1)
+            check = cni(host_ns, "CHECK", conf(url, cniVersion=version, prevResult=res), c1, cid=cid,
+                        ifname=f"eth{i}")
+            assert check[0] == (0 if version >= "0.4.0" else 1), check
+            if version < "0.4.0":
+                assert check[1]["code"] == 1  # incompatible: CHECK came with 0.4.0
+            for verb in ("GC", "STATUS"):
+                assert cni(host_ns, verb, conf(url, cniVersion=version))[0] == (0 if version == "1.1.0" else 1)
+        # the capability arguments a runtime injects, and the older args.cni convention
+        code, res = cni(host_ns, "ADD", conf(url, runtimeConfig={"mac": "52:54:00:AB:CD:EF",
+                                                                 "ips": ["fd00:e::99/64"]},
+                                             args={"cni": {"ips": ["10.65.7.7"],
+                                                           "labels": [{"key": "app", "value": "web"}]}}),
+                        c1, cid="caps01", ifname="eth9")
+        assert code == 0, res
+        assert res["interfaces"][1]["mac"] == "52:54:00:ab:cd:ef"
+        assert [ip["address"] for ip in res["ips"]] == ["fd00:e::99/128", "10.65.7.7/32"]
+        assert "52:54:00:ab:cd:ef" in netns.ip("link", "show", "eth9", ns=c1)
+        ep = json.loads(store.get("/tabby/v1/endpoints/net1.caps01.eth9").value)
+        assert ep["metadata"]["labels"]["app"] == "web" and ep["spec"]["mac"] == "52:54:00:ab:cd:ef"
+        assert IPAM(store).handle("net1.caps01/eth9").attachment == "h1/caps01/eth9"
+        # a requested address someone else holds: refused, and nothing of the caller's is left
+        code, res2 = cni(host_ns, "ADD", conf(url, runtimeConfig={"ips": ["fd00:e::99"]}), c1, cid="caps02",
+                         ifname="eth8")
+        assert code == 1 and res2["code"] == 7, res2
+        assert IPAM(store).handle("net1.caps02/eth8") is None and "eth8" not in netns.ip("link", ns=c1)
+        # chained after another plugin: its interfaces, ips and dns come first
+        prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo0"}], "ips": [{"address": "192.0.2.1/24",
+                "interface": 0}], "dns": {"nameservers": ["2001:db8::53"]}}
+        code, res3 = cni(host_ns, "ADD", conf(url, cniVersion="1.0.0", prevResult=prev), c1, cid="prev01",
+                         ifname="eth7")
+        assert code == 0, res3
+        assert res3["interfaces"][0] == {"name": "lo0"} and res3["ips"][0]["address"] == "192.0.2.1/24"
+        assert res3["ips"][1]["interface"] == 2 and res3["dns"] == prev["dns"]
+        code, ver = cni(host_ns, "VERSION", "")
+        assert ver["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        for i in range(5):
+            assert cni(host_ns, "DEL", conf(url), c1, cid=f"ver{i}", ifname=f"eth{i}")[0] == 0
+        for cid, ifname in (("caps01", "eth9"), ("prev01", "eth7")):
+            assert cni(host_ns, "DEL", conf(url), c1, cid=cid, ifname=ifname)[0] == 0
+    assert IPAM(store).handles() == [] and IPAM(store).check() == []
