@@ -1,8 +1,9 @@
 """``tabby-cni``: hand the call to this host's warm ``tabby cni-server``, or run it here.
 
 Why a shim: a runtime starts one plugin process per call, and importing tabby's model (pydantic)
-alone costs ~100 ms. This file imports nothing but built-in modules (``_socket``, ``_json``: not
-even ``socket`` and ``json``, whose Python layers cost ~15 ms of start-up between them); the
+alone costs ~100 ms. This file imports nothing but built-in modules (``posix``, ``_socket``, ``_json``:
+not even ``os``, ``socket`` and ``json``, whose Python layers cost ~15 ms of start-up between
+them; no ``from __future__`` either); the
 server has everything loaded already. The call goes in-process instead when no server answers
 on the socket, or when the server sits in another network namespace than the caller (it would
 make the veth in its own), or does not see the caller's CNI_NETNS path as the same namespace
@@ -16,10 +17,8 @@ TABBY_STORE / TABBY_HOST variable), then stdin as it came. Reply ``TBY1`` then e
 (run it yourself) or the exit code, a newline, and the plugin's stdout.
 """
 
-from __future__ import annotations
-
 import _socket
-import os
+import posix  # what os wraps: with -S nothing has imported os yet, and it costs ~1-3 ms
 import sys
 
 SOCKET_DIR = "/run/tabby/cni"
@@ -59,7 +58,7 @@ def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
         return None
     if isinstance(conf.get("server_socket"), str):
         return conf["server_socket"]
-    host = conf.get("host") or environ.get("TABBY_HOST") or os.uname().nodename
+    host = conf.get("host") or environ.get("TABBY_HOST") or posix.uname().nodename
     if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isascii() or \
             not all(c.isalnum() or c in "._-" for c in host) or not host[0].isalnum():
         return None
@@ -67,14 +66,14 @@ def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
 
 
 def netns_id() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
+    return posix.stat("/proc/self/ns/net").st_ino
 
 
 def path_id(path: str) -> str:
     """What a path names, as this process sees it ("" if nothing): CNI_NETNS is a path, and a
     runtime like podman mounts its namespaces where only its own mount namespace sees them."""
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except (OSError, ValueError):
         return ""
     return f"{st.st_dev}:{st.st_ino}"
@@ -122,7 +121,8 @@ def _try_again(why: str) -> tuple[int, str]:
 
 
 def main() -> None:
-    environ = dict(os.environ)
+    environ = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+               for k, v in posix.environ.items()}
     command = environ.get("CNI_COMMAND")
     if command == "VERSION":
         versions = ", ".join(f'"{v}"' for v in SUPPORTED_VERSIONS)
