@@ -16,76 +16,23 @@ not all of them: the cost of one endpoint is independent of how many endpoints a
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
+from tabby.dataplane.nft_structure import (  # the shapes the dataplane renders; pure, below the agent
+    WL_IF,
+    WL_MAC,
+    WL_SRC4,
+    WL_SRC6,
+    Element,
+    PolicyPlan,
+    Structure,
+    applies_set,
+    selector_set,
+)
 from tabby.model.selector import Node, parse_selector
-
-Element = tuple[str, ...]
-
-# the sets every table has; the rest are named after what they stand for
-WL_IF, WL_SRC6, WL_SRC4, WL_MAC = "wl_if", "wl_src6", "wl_src4", "wl_mac"
-
-
-def _h(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def applies_set(kind: str, name: str) -> str:
-    """Local interfaces a policy ("po") or profile ("pr") applies to."""
-    return f"{kind}_{_h(name)}"
-
-
-def selector_set(text: str, version: int) -> str:
-    """Addresses (IPv6 or IPv4) of every endpoint a rule's selector matches, on any host."""
-    return f"se_{_h(text)}_{version}"
-
-
-@dataclass(frozen=True)
-class PolicyPlan:
-    """One policy or profile as the renderer needs it: rules in order, and the set naming it."""
-
-    kind: str  # "po" | "pr"
-    name: str
-    order: float
-    ingress: tuple[Any, ...]  # model Rules
-    egress: tuple[Any, ...]
-
-    @property
-    def applies(self) -> str:
-        return applies_set(self.kind, self.name)
-
-
-@dataclass(frozen=True)
-class Structure:
-    policies: tuple[PolicyPlan, ...] = ()  # by order, then name
-    profiles: tuple[PolicyPlan, ...] = ()  # by name
-    selectors: tuple[str, ...] = ()  # every selector a rule uses, sorted
-    pools6: tuple[str, ...] = ()
-    pools4: tuple[str, ...] = ()
-    nat6: tuple[str, ...] = ()  # pools with nat_outgoing
-    nat4: tuple[str, ...] = ()
-    workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")  # unknown interfaces so named: dropped
-
-    def set_names(self) -> dict[str, str | list[str]]:
-        """Every named set and its nftables type (read on every element patch: computed once)."""
-        return self._set_names
-
-    @cached_property
-    def _set_names(self) -> dict[str, str | list[str]]:
-        sets: dict[str, str | list[str]] = {
-            WL_IF: "ifname", WL_SRC6: ["ifname", "ipv6_addr"], WL_SRC4: ["ifname", "ipv4_addr"],
-            WL_MAC: ["ifname", "ether_addr"]}
-        for p in (*self.policies, *self.profiles):
-            sets[p.applies] = "ifname"
-        for s in self.selectors:
-            sets[selector_set(s, 6)] = "ipv6_addr"
-            sets[selector_set(s, 4)] = "ipv4_addr"
-        return sets
 
 
 @dataclass(frozen=True)

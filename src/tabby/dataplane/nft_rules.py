@@ -26,8 +26,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from tabby.agent.policy_calc import WL_IF, WL_MAC, WL_SRC4, WL_SRC6, Element, PolicyPlan, Structure, selector_set
 from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER
+from tabby.dataplane.nft_structure import WL_IF, WL_MAC, WL_SRC4, WL_SRC6, Element, PolicyPlan, Structure, selector_set
 
 TABLE = "tabby"
 FAMILY = "inet"
