@@ -31,6 +31,13 @@ class Output(StrEnum):
     json = "json"
 
 
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 class State:
     store_url: str = ""
 
@@ -99,7 +106,7 @@ def _summary(res: Any) -> str:
     match res.kind:
         case "Host":
             return " ".join(str(a) for a in (spec.ipv6_address, spec.ipv4_address) if a) + \
-                f" as{spec.asn} rid {res.effective_router_id()}"
+                f" as{spec.asn or 'default'} rid {res.effective_router_id()}"
         case "IPPool":
             flags = [f"/{spec.block_size} blocks"] + (["nat"] if spec.nat_outgoing else []) + \
                 (["disabled"] if spec.disabled else [])
@@ -171,7 +178,7 @@ def delete(kind: str, name: str) -> None:
     out.print(f"{kind.lower()}/{name} deleted (revision {rev})", highlight=False)
 
 
-def _daemon_setup(host: str, log_level: str, what: str) -> None:
+def _daemon_setup(host: str, log_level: str | None, what: str) -> None:
     """A long-running command's checks and logging: the host name first, then one log format."""
     import logging
 
@@ -181,16 +188,21 @@ def _daemon_setup(host: str, log_level: str, what: str) -> None:
         check_name(host)
     except ValueError as e:
         fail(f"--host: {e}")
-    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {host} {what}%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=(log_level or "info").upper(),
+                        format=f"%(asctime)s {host} {what}%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
 def agent(
     host: Annotated[str, typer.Option(help="the Host this agent serves (its Endpoints have spec.host = HOST)")],
-    metrics_port: Annotated[int, typer.Option(help="port for /healthz and /metrics; 0 picks a free one")] = 9091,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="port for /healthz and /metrics; 0 picks a free one (default: Config metrics_port, 9091)",
+        min=0, max=65535)] = None,
     metrics_addr: Annotated[str, typer.Option(help="address for /healthz and /metrics")] = "127.0.0.1",
-    resync_s: Annotated[float, typer.Option(help="full kernel check interval (jittered by 10%)")] = 90.0,
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    resync_s: Annotated[float | None, typer.Option(
+        help="full kernel check interval, jittered by 10% (default: Config resync_interval_s, 90)",
+        min=0.1, max=86400)] = None,
+    log_level: Annotated[LogLevel | None, typer.Option(help="default: Config log_level, info")] = None,
     bgp: Annotated[bool, typer.Option(help="run and configure BIRD for this host")] = True,
     run_dir: Annotated[Path | None, typer.Option(help="BIRD's files (default /run/tabby/HOST)")] = None,
 ) -> None:
@@ -207,7 +219,10 @@ def agent(
         store = open_store(STATE.store_url)
     except (ValueError, StoreError, OSError) as e:
         fail(f"cannot open store {STATE.store_url}: {e}")
-    a = Agent(store, host, resync_s=resync_s, metrics_addr=metrics_addr, metrics_port=metrics_port, bgp=bgp,
+    given = {"log_level": log_level, "resync_interval_s": resync_s, "metrics_port": metrics_port}
+    a = Agent(store, host, resync_s=resync_s or 90.0, metrics_addr=metrics_addr,
+              metrics_port=9091 if metrics_port is None else metrics_port, bgp=bgp,
+              overrides=frozenset(k for k, v in given.items() if v is not None),
               run_dir=run_dir)
     signal.signal(signal.SIGTERM, lambda *_: a.stop())
     signal.signal(signal.SIGINT, lambda *_: a.stop())
@@ -218,7 +233,7 @@ def agent(
 def cni_server(
     host: Annotated[str, typer.Option(help="the Host this node is (the default for calls that name none)")],
     socket_path: Annotated[Path | None, typer.Option("--socket", help="default /run/tabby/cni/HOST.sock")] = None,
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    log_level: Annotated[LogLevel, typer.Option()] = LogLevel.info,
 ) -> None:
     """Serve tabby-cni calls warm, in this network namespace, until SIGTERM or SIGINT."""
     import logging

@@ -57,6 +57,7 @@ from tabby.model.keys import (
     kind_prefix,
     parse_key,
 )
+from tabby.model.resources import DEFAULT_ASN
 from tabby.model.status import MAX_SESSIONS, one_line
 from tabby.store import Store
 from tabby.syncer import InSync, ResourceSyncer, Update
@@ -82,10 +83,15 @@ def decode_record(key: str, value: bytes) -> Any:
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
                  metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
-                 run_dir: Path | None = None, policy: bool = True) -> None:
+                 run_dir: Path | None = None, policy: bool = True, overrides: frozenset[str] = frozenset()) -> None:
+        """overrides: the Config fields (log_level, resync_interval_s, metrics_port) the command line
+        set; the Store's Config steers the others, live."""
         self.store = store
         self.host = host
         self.resync_s = resync_s
+        self.next_resync = 0.0
+        self.overrides = overrides
+        self.metrics_addr = metrics_addr
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.index = HostIndex(host)
         self.links = LinkIndex()
@@ -201,11 +207,12 @@ class Agent:
     def run(self) -> None:
         """Until stop(): drain the queue, fold changes in, apply."""
         self.start()
-        next_resync = time.monotonic() + self._jitter()
+        self.next_resync = time.monotonic() + self._jitter()
         retry_at: float | None = None
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
+                next_resync = self.next_resync
                 deadline = min(next_resync, retry_at or next_resync,
                                self.next_bgp_check if self.bird is not None and self.in_sync else next_resync,
                                self.next_policy_check if self.policy is not None and self.in_sync else next_resync)
@@ -223,9 +230,9 @@ class Agent:
                         raise RuntimeError(item)
                     self._fold(kind, item)
                 now = time.monotonic()
-                if now >= next_resync:
+                if now >= self.next_resync:
                     self.full_check_due = True
-                    next_resync = now + self._jitter()
+                    self.next_resync = now + self._jitter()
                 if retry_at is not None and now >= retry_at:
                     retry_at = None
                 if self.in_sync and not self._apply():
@@ -249,14 +256,10 @@ class Agent:
         kinds: dict[str, list[Any]] = {}
         for r in self.fabric.values():
             kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
-        cfg = {r.metadata.name: r.spec for r in kinds.get("Config", [])}
-        mesh = True
-        for name in ("global", f"host.{self.host}"):
-            if name in cfg and cfg[name].node_to_node_mesh is not None:
-                mesh = cfg[name].node_to_node_mesh
         blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == self.host and a.state == "confirmed")
         return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
-                          pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=mesh)
+                          pools=tuple(kinds.get("IPPool", [])), blocks=blocks,
+                          mesh=bool(self.config.node_to_node_mesh), default_asn=self.config.default_asn or DEFAULT_ASN)
 
     def _bgp(self, now: float) -> None:
         assert self.bird is not None
@@ -394,9 +397,36 @@ class Agent:
         cfg = effective_config(specs.get("global"), specs.get(f"host.{self.host}"))
         if cfg == self.config:
             return
-        self.config = cfg
-        assert cfg.workload_interface_prefixes is not None
+        old, self.config = self.config, cfg
+        assert cfg.workload_interface_prefixes is not None and cfg.log_level is not None
         self.policy_index.set_workload_prefixes(cfg.workload_interface_prefixes)
+        if "log_level" not in self.overrides and cfg.log_level != old.log_level:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+            log.warning("log level %s (Config)", cfg.log_level)
+        if "resync_interval_s" not in self.overrides and cfg.resync_interval_s != self.resync_s:
+            assert cfg.resync_interval_s is not None
+            self.resync_s = cfg.resync_interval_s
+            self.next_resync = min(self.next_resync, time.monotonic() + self._jitter())
+            log.info("full kernel check every %.0f s (Config)", self.resync_s)
+        if "metrics_port" not in self.overrides and self.health_server is not None \
+                and cfg.metrics_port != old.metrics_port:
+            self._serve_metrics(cfg.metrics_port)
+        if (cfg.default_asn, cfg.node_to_node_mesh) != (old.default_asn, old.node_to_node_mesh):
+            self.bgp_dirty = True
+
+    def _serve_metrics(self, port: int | None) -> None:
+        """Move /healthz and /metrics to another port: the new one listens before the old one stops."""
+        try:
+            new = HealthServer(self.metrics_addr, port or 0, self.metrics, self.health)
+        except OSError as e:
+            log.error("metrics port %s (Config) not taken, staying on %s: %s", port,
+                      self.health_server.port if self.health_server else "-", e)
+            return
+        new.start()
+        old, self.health_server = self.health_server, new
+        if old is not None:
+            old.stop()
+        log.info("metrics and health on %s:%d (Config)", self.metrics_addr, new.port)
 
     def _publish_host_info(self) -> None:
         """What this host's status record says beside liveness: refusals, corrupt records seen."""
