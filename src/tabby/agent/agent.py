@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
+from tabby.agent.fabric import bird_inputs, endpoint_status
 from tabby.agent.health import HealthServer, Metrics
 from tabby.agent.last_good import LastGood
 from tabby.agent.policy_calc import PolicyIndex
 from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.bird import BirdError, BirdReconciler
-from tabby.dataplane.bird_config import BirdInputs, render
+from tabby.dataplane.bird_config import render
 from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
 from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
@@ -57,7 +58,6 @@ from tabby.model.keys import (
     kind_prefix,
     parse_key,
 )
-from tabby.model.resources import DEFAULT_ASN
 from tabby.model.status import MAX_SESSIONS, one_line
 from tabby.store import Store
 from tabby.syncer import InSync, ResourceSyncer, Update
@@ -246,28 +246,13 @@ class Agent:
             if self.policy is not None:
                 self.policy.close()
 
-    def bird_inputs(self) -> BirdInputs | None:
-        """What bird needs from the Store; None while this host has no Host record (no BGP yet)."""
-        hosts = [r for k, r in self.fabric.items() if getattr(r, "kind", None) == "Host"
-                 and r.metadata.name not in self.refused_hosts]
-        me = next((h for h in hosts if h.metadata.name == self.host), None)
-        if me is None:  # no Host record yet, or this host is refused: no BGP
-            return None
-        kinds: dict[str, list[Any]] = {}
-        for r in self.fabric.values():
-            kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
-        blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == self.host and a.state == "confirmed")
-        return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
-                          pools=tuple(kinds.get("IPPool", [])), blocks=blocks,
-                          mesh=bool(self.config.node_to_node_mesh), default_asn=self.config.default_asn or DEFAULT_ASN)
-
     def _bgp(self, now: float) -> None:
         assert self.bird is not None
         if not self.bgp_dirty and now < self.next_bgp_check:
             return
         self.bgp_dirty = False
         self.next_bgp_check = now + BGP_CHECK_S
-        inputs = self.bird_inputs()
+        inputs = bird_inputs(self.host, self.fabric.values(), self.refused_hosts, self.config)
         if inputs is None:
             return
         try:
@@ -579,27 +564,16 @@ class Agent:
             self.metrics.endpoints.labels(state).set(self.state_counts[state])
 
     def _endpoint_status(self, name: str, iface: str, conflict: str | None) -> tuple[str, str]:
-        if conflict:
-            return "conflict", conflict
-        if iface not in self.links.by_name:
-            return "down", f"interface {iface} not present"
-        if self.policy is not None and self.policy.last_error and iface not in self.policy_interfaces:
-            return "down", f"waiting for policy (no route until it is in the kernel): {self.policy.last_error}"
         routes, neighs, proxies = self.index.endpoint_keys(name)
-        reasons = [self.routes.failures[k] for k in
-                   [*(("route", r) for r in routes), *(("neigh", n) for n in neighs), *(("proxy", p) for p in proxies)]
-                   if k in self.routes.failures]
-        reasons += [self.sysctls.failures[p] for p in self.sysctls.by_iface.get(iface, {})
-                    if p in self.sysctls.failures]
-        key = f"{kind_prefix('Endpoint')}{name}"
-        if key in self.corrupt:
-            reasons.append(f"newest record is corrupt, last good version kept: {self.corrupt[key][1]}")
-        if self.policy is not None and self.policy.last_error:
-            reasons.append(f"policy not programmed: {self.policy.last_error}")
-        if reasons:
-            return "error", "; ".join(reasons)
+        failures = [self.routes.failures[k] for k in
+                    [*(("route", r) for r in routes), *(("neigh", n) for n in neighs), *(("proxy", p) for p in proxies)]
+                    if k in self.routes.failures]
+        failures += [self.sysctls.failures[p] for p in self.sysctls.by_iface.get(iface, {})
+                     if p in self.sysctls.failures]
         pending = any(r in self.routes.routes.pending_updates for r in routes) or \
             any(n in self.routes.neighbours.pending_updates for n in neighs) or self.sysctls.pending_for(iface)
-        if pending:
-            return "down", "programming"
-        return "up", ""
+        corrupt = self.corrupt.get(f"{kind_prefix('Endpoint')}{name}")
+        return endpoint_status(conflict=conflict, interface=iface, present=iface in self.links.by_name,
+                               policy_error=self.policy.last_error if self.policy is not None else None,
+                               policy_covers=iface in self.policy_interfaces, failures=failures,
+                               corrupt=corrupt[1] if corrupt else None, pending=pending)
