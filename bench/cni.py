@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    n = 16 if args.quick else 250  # per mode and parallelism level: 1,000 ADDs and DELs in all (64 quick)
+    n = 12 if args.quick else 250  # per mode and parallelism level: 1,000 ADDs and DELs in all (48 quick)
     tag = uuid.uuid4().hex[:4]
     host_ns = f"tbyc{tag}"
     with tempfile.TemporaryDirectory(prefix="tabby-bench-cni-") as d:
