@@ -61,6 +61,17 @@ def test_every_bench_is_found() -> None:
     assert {"agent", "cni", "convergence", "ipam", "policy", "store", "vm_boot"} <= names, names
 
 
+def test_readme_names_every_metric() -> None:
+    """README's Benchmarks paragraph names each bench and every metric it promises."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Benchmarks"):]
+    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    for path in BENCHES:
+        assert f"bench/{path.name}" in section, f"README's Benchmarks paragraph does not name {path.name}"
+        missing = [m for m in promised_metrics(path) if f"`{m}`" not in section]
+        assert not missing, f"README's Benchmarks paragraph does not name {path.name}'s {missing}"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the benches build network namespaces: run as root")
 @pytest.mark.timeout(RUN_TIMEOUT_S + GRACE_S + 60)
 @pytest.mark.parametrize("path", BENCHES, ids=[p.stem for p in BENCHES])
