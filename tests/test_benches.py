@@ -58,7 +58,7 @@ def run_quick(path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_every_bench_is_found() -> None:
     names = {p.stem for p in BENCHES}
-    assert {"agent", "cni", "convergence", "ipam", "policy", "store", "vm_boot"} <= names, names
+    assert {"agent", "cni", "convergence", "hostile", "ipam", "policy", "store", "vm_boot"} <= names, names
 
 
 def test_readme_names_every_metric() -> None:
