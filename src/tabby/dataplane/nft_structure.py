@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Protocol
 
 Element = tuple[str, ...]
@@ -23,11 +23,13 @@ def _h(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@lru_cache(maxsize=65536)  # asked once per endpoint and policy on every rebuild: hash once
 def applies_set(kind: str, name: str) -> str:
     """Local interfaces a policy ("po") or profile ("pr") applies to."""
     return f"{kind}_{_h(name)}"
 
 
+@lru_cache(maxsize=65536)
 def selector_set(text: str, version: int) -> str:
     """Addresses (IPv6 or IPv4) of every endpoint a rule's selector matches, on any host."""
     return f"se_{_h(text)}_{version}"

@@ -14,6 +14,7 @@ replaced if anything differs.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -73,15 +74,23 @@ class PolicyReconciler:
 
     def _replace(self, index: DesiredPolicy) -> bool:
         s = index.structure()
-        doc, chains = replace_transaction(s, index.desired_elements())
-        rc, _out, err = self.nft.json_cmd(doc)
+        # a burst of short-lived objects: a full garbage collection in the middle of it (0.15 s
+        # at 10,000 endpoints) would find nothing to free
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            text, cmds, chains = replace_transaction(s, index.desired_elements())
+            rc, _out, err = self.nft.cmd(text)  # JSON in (json output is on), one transaction
+        finally:
+            if gc_was_on:
+                gc.enable()
         if rc != 0:
             self.last_error = f"nftables refused the policy table: {err.strip()[:2000]}"
             log.error("policy: %s", self.last_error)
             self.replace_due = True
             return False
         self.structure, self.chains, self.replace_due = s, chains, False
-        self.base = {c["add"]["chain"]["name"]: _base_of(c["add"]["chain"]) for c in doc["nftables"]
+        self.base = {c["add"]["chain"]["name"]: _base_of(c["add"]["chain"]) for c in cmds
                      if "add" in c and "chain" in c["add"] and "hook" in c["add"]["chain"]}
         self.replaces += 1
         self.last_error = None
