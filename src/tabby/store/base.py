@@ -72,7 +72,7 @@ class StoreFault(StoreError):
 class StoreLocked(StoreFault, Unavailable):
     """SQLite: another writer held the database lock for longer than the busy timeout."""
 
-    what = "database is locked (busy timeout expired)"
+    what = "locked by another writer for longer than the busy timeout"
 
 
 class StoreFull(StoreFault, Unavailable):
