@@ -16,6 +16,7 @@ import re
 import sqlite3
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -216,6 +217,43 @@ def test_read_only_filesystem_then_read_write() -> None:
         store.close()
 
 
+def test_read_only_with_the_wal_left_by_a_crash_reads_then_writes_again() -> None:
+    """A process died holding the file, so its -wal and -shm stay: on a read-only filesystem
+    the store reads and cannot write, and once read-write it writes again without a restart
+    (the watch's connection, which mapped the -shm read-only, is opened again as well)."""
+    with tmpfs() as d:
+        path = d / "tabby.db"
+        crash = ("import os\nfrom tabby.store.sqlite import SqliteStore\n"
+                 f"SqliteStore({str(path)!r}).put('/a', b'1')\nos._exit(0)")  # dies without closing
+        subprocess.run([sys.executable, "-c", crash], check=True)
+        assert Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()
+        assert remount(d, "ro").returncode == 0
+        store = SqliteStore(path)
+        seen: list[str] = []
+        watch = store.watch("/", 0)
+        t = threading.Thread(target=lambda: [seen.append(ev.key) for ev in watch], daemon=True)
+        try:
+            t.start()
+            wait_for(lambda: seen == ["/a"], 5, what="the watch reading a read-only store")
+            with pytest.raises(StoreReadOnly, match="SQLITE_READONLY"):
+                store.put("/b", b"2")
+            assert remount(d, "rw").returncode == 0
+
+            def put() -> bool:
+                try:
+                    store.put("/b", b"2")
+                    return True
+                except StoreReadOnly:
+                    return False
+
+            wait_for(put, 5, 0.2, "a write once read-write")
+            wait_for(lambda: seen == ["/a", "/b"], 5, what="the watch following")
+        finally:
+            watch.close()
+            t.join(5)
+            store.close()
+
+
 @contextmanager
 def ext4(tmp: Path) -> Iterator[tuple[Path, str]]:
     """A 16 MiB ext4 (no journal, errors=remount-ro) on a loop device of its own."""
@@ -389,6 +427,9 @@ def test_etcd_garbage_5xx_and_timeouts_are_typed_errors_naming_the_url() -> None
 # -- the loops, in-process -----------------------------------------------------------------
 
 
+WATCH_RETRY = r"store (?:unavailable|watch failed), attempt (\d+)"  # the syncer's line per retry
+
+
 def attempts_logged(records: list[logging.LogRecord], pattern: str) -> list[int]:
     return [int(m.group(1)) for r in records if (m := re.search(pattern, r.getMessage()))]
 
@@ -445,9 +486,8 @@ def test_syncer_backs_off_on_a_read_only_store_and_resumes(caplog: pytest.LogCap
         t = threading.Thread(target=lambda: [got.append(x) for x in syncer], daemon=True)
         try:
             t.start()
-            wait_for(lambda: len(attempts_logged(caplog.records, r"store watch failed, attempt (\d+)")) >= 4, 10,
-                     what="four retries")
-            assert attempts_logged(caplog.records, r"store watch failed, attempt (\d+)")[:4] == [1, 2, 3, 4]
+            wait_for(lambda: len(attempts_logged(caplog.records, WATCH_RETRY)) >= 4, 10, what="four retries")
+            assert attempts_logged(caplog.records, WATCH_RETRY)[:4] == [1, 2, 3, 4]
             assert syncer.failing is not None and str(path) in syncer.failing and "read-only" in syncer.failing
             assert got == [] and t.is_alive()
             assert remount(d, "rw").returncode == 0
@@ -540,7 +580,14 @@ def test_agent_survives_a_full_disk(host_ns: str, tmp_path: Path) -> None:
             print(agent.output()[-6000:])
 
 
-def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("crash", [True, False], ids=["after-a-crash", "after-a-clean-stop"])
+def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path, crash: bool) -> None:
+    """Linux refuses to remount a filesystem read-only while a process holds a file on it open
+    for writing (EBUSY), and a running agent always does: so the filesystem goes read-only
+    between two runs of the agent (a restart, a reboot into a read-only /var), and the agent
+    must come up on it. After a crash the -wal and -shm stay and the database can still be read:
+    the agent serves, and cannot write. After a clean stop they are gone, and a WAL database on
+    a read-only filesystem cannot even be opened: the agent has no view, and touches nothing."""
     netns.add_veth(host_ns, "tapa", "vma")
     with tmpfs() as fs:
         db = fs / "tabby.db"  # straight in the mount's root: a directory we did not make
@@ -556,23 +603,31 @@ def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path) -> N
             assert programmed == {"fd00:e::a/128": "tapa", "10.65.0.10/32": "tapa"}
             assert mode_of(fs) == 0o755 and mode_of(db) == 0o600
             store.close()
-            # Linux refuses to remount a filesystem read-only while a process holds a file on it
-            # open for writing, and a running agent always does: so the filesystem goes read-only
-            # between two runs of the agent (a restart, a reboot into a read-only /var)
-            assert "busy" in remount(fs, "ro").stderr
-            first.stop()
+            assert "busy" in remount(fs, "ro").stderr  # the running agent holds the file open
+            if crash:
+                first.kill()
+            else:
+                first.stop()
+                SqliteStore(db).close()  # the last connection to close checkpoints and removes the WAL
+            assert Path(f"{db}-wal").exists() is crash
             assert remount(fs, "ro").returncode == 0
 
             second.start()
-            pattern = r"store watch failed, attempt (\d+): store (\S+): read-only"
-            wait_for(lambda: len(re.findall(pattern, second.output())) >= 3, 15, 0.1, "three watch attempts")
-            assert [(int(n), p) for n, p in re.findall(pattern, second.output())][:3] == [(1, str(db)), (2, str(db)),
-                                                                                           (3, str(db))]
+            if crash:  # it reads, serves what it read (the same), and says it cannot write
+                wait_for(second.healthy, 15, 0.1, "healthy on a read-only store")
+                pattern = r"status writer: host heartbeat not written, attempt (\d+): store (\S+): read-only"
+                want_code = 200
+            else:  # it cannot read: no view, so nothing new is served and nothing is taken away
+                pattern = r"store unavailable, attempt (\d+): store (\S+): read-only"
+                want_code = 503
+            wait_for(lambda: len(re.findall(pattern, second.output())) >= 3, 15, 0.1, "three attempts")
+            assert [(int(n), p) for n, p in re.findall(pattern, second.output())][:3] == [
+                (1, str(db)), (2, str(db)), (3, str(db))]
             assert retries(second.output(), r"status writer: host heartbeat not written, attempt (\d+)")[:2] == [1, 2]
             code, info = health(second)
-            assert code == 503 and not info["in_sync"]  # it has no view of the Store: it serves nothing new
+            assert code == want_code and info["in_sync"] is crash, info
             assert str(db) in info["degraded"] and "read-only" in info["degraded"], info
-            assert routes(host_ns) == programmed  # and takes nothing away
+            assert routes(host_ns) == programmed
             assert all(neighbours(host_ns)[k] == v for k, v in neighs.items() if k[0] == "tapa")
 
             assert remount(fs, "rw").returncode == 0
@@ -581,8 +636,8 @@ def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path) -> N
             assert second.proc is not None
             assert remount(fs, "rw", pid=second.proc.pid).returncode == 0
             t0 = time.monotonic()
-            wait_for(second.healthy, 15, 0.1, "healthy after read-write")
-            wait_for(lambda: not degraded(second), 15, 0.1, "not degraded")
+            wait_for(second.healthy, 20, 0.1, "healthy after read-write")
+            wait_for(lambda: not degraded(second), 20, 0.1, "not degraded")
             store = SqliteStore(db)
             netns.add_veth(host_ns, "tapnew", "vmnew")
             apply(store, endpoint("new", "h1", "tapnew", v6=["fd00:e::c"], v4=["10.65.0.12"]))
@@ -590,7 +645,8 @@ def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path) -> N
             wait_for(lambda: (status(store, "h1", "new") or {}).get("state") == "up", 5, what="its status written")
             print(f"recovered {time.monotonic() - t0:.1f} s after the remount")
             assert {k: v for k, v in routes(host_ns).items() if v == "tapa"} == programmed
-            assert "store answers again" in second.output()
+            assert "work again" in second.output()
+            assert crash or "store answers again" in second.output()
             assert_threads_alive(second, host_ns)
         finally:
             first.stop()

@@ -13,7 +13,9 @@ Failure model:
   the last revision seen;
 - any other failure (a corrupt file, a bad reply, a bug) backs off and relists: the consumer's
   loop never ends on it.
-Back-off doubles from ``retry_s`` to ``max_retry_s`` (1 s .. 30 s); each retry is one log line
+Back-off doubles from ``retry_s`` to ``max_retry_s`` (1 s .. 10 s: a retry is one cheap
+``revision()``, and how soon after the Store returns new workloads are programmed depends on
+it; the status writer, whose lag matters less, goes to 30 s); each retry is one log line
 with its attempt number and the error (which names the Store's file or URL), and between tries
 a cheap ``revision()`` asks whether the Store answers again. While it does not, ``failing``
 says why (health reports it); the consumer keeps what it has, so a dataplane is left as is.
@@ -57,7 +59,7 @@ class ResourceSyncer:
         exclude: tuple[str, ...] = (STATUS_PREFIX, IPAM_PREFIX),
         on_corrupt: Callable[[str, str], None] | None = None,
         retry_s: float = 1.0,
-        max_retry_s: float = 30.0,
+        max_retry_s: float = 10.0,
         decoder: Callable[[str, bytes], Any] = decode,
     ) -> None:
         self.store = store
@@ -90,7 +92,8 @@ class ResourceSyncer:
             delay = min(self.retry_s * 2 ** min(attempt - 1, 20), self.max_retry_s)
             self._failing = f"store watch: {error} (attempt {attempt}, next try in {delay:g}s)"
             if isinstance(error, StoreError):
-                log.warning("store watch failed, attempt %d: %s; keeping what we have, %s in %gs",
+                log.warning("%s, attempt %d: %s; keeping what we have, %s in %gs",
+                            "store unavailable" if isinstance(error, Unavailable) else "store watch failed",
                             attempt, error, then, delay)
             else:  # not a Store error: a bug, so the traceback too
                 log.error("store watch failed, attempt %d: %r; keeping what we have, %s in %gs",

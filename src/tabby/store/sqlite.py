@@ -18,7 +18,10 @@ error", so for those the filesystem is asked (read-only flag, free blocks, and a
 ``O_TMPFILE`` that tells an ext4 gone read-only after an error) to say which it is. After a
 read-only, I/O or corruption failure the connection is dropped and the next call opens the
 file again: a connection SQLite opened read-only never writes, even once the filesystem is
-read-write again, and a file restored from a backup is a new file.
+read-write again, and a file restored from a backup is a new file. Watches drop theirs too
+(they follow the store's ``generation``): SQLite shares one ``-shm`` mapping per file among a
+process's connections, and while any of them holds one mapped read-only, no new connection in
+the process can write either.
 
 Modes: the database file (and so its ``-wal`` and ``-shm``, which SQLite creates with the
 file's mode) is 0600; directories this module creates are 0700; a directory that already
@@ -188,6 +191,13 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     return conn
 
 
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(os.path.dirname(path) or ".").f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """End a failed transaction; SQLite may already have rolled it back (on SQLITE_FULL, for
     one), and a failing ROLLBACK must not hide the error that made it necessary."""
@@ -206,6 +216,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self.generation = 0  # bumped when a fault drops the connection; watches then open theirs again
         try:
             with self._session():
                 pass
@@ -247,10 +258,12 @@ class SqliteStore:
                 yield self._conn
             except (sqlite3.Error, OSError) as e:
                 err = fault(self.path, e)
-                if isinstance(err, (StoreReadOnly, StoreIOError, StoreCorrupt)) and self._conn is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.close()
-                    self._conn = None
+                if isinstance(err, (StoreReadOnly, StoreIOError, StoreCorrupt)):
+                    if self._conn is not None:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._conn.close()
+                        self._conn = None
+                    self.generation += 1
                 raise err from e
 
     def __repr__(self) -> str:
@@ -375,14 +388,29 @@ class SqliteWatch:
 
     def __iter__(self) -> Iterator[Event]:
         path = self._store.path
+        generation = self._store.generation
         try:
             conn = _connect(path, self._store.busy_timeout_s)
         except (sqlite3.Error, OSError) as e:
             raise fault(path, e) from e
+        # opened on a read-only filesystem: SQLite mapped the -shm read-only, and no connection of
+        # this process could write while we hold it; so look once a second, and open again once
+        # the filesystem is read-write
+        read_only_since = time.monotonic() if _read_only_fs(path) else None
         try:
             last_version = None
             while not self._closed.is_set():
                 try:
+                    now = time.monotonic()
+                    stale = read_only_since is not None and now - read_only_since >= 1.0
+                    if stale and _read_only_fs(path):
+                        read_only_since, stale = now, False
+                    if stale or generation != self._store.generation:  # the store dropped its connection
+                        generation = self._store.generation
+                        conn.close()
+                        conn = _connect(path, self._store.busy_timeout_s)
+                        read_only_since = now if _read_only_fs(path) else None
+                        last_version = None
                     version = conn.execute("PRAGMA data_version").fetchone()[0]
                     if version == last_version:
                         time.sleep(self._store.poll_interval_s)
@@ -402,7 +430,7 @@ class SqliteWatch:
                     except BaseException:
                         _rollback(conn)
                         raise
-                except sqlite3.Error as e:
+                except (sqlite3.Error, OSError) as e:
                     raise fault(path, e) from e
                 if len(rows) < 1000:
                     last_version = version  # drained up to head; wait for the next commit
