@@ -176,9 +176,19 @@ class Agent:
     # -- the loop ------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """ok (HTTP 200) while the agent has had a full view of the Store and serves it; a Store
+        that fails after that does not make it unhealthy (the dataplane is left as it is, and a
+        restart would not mend a full disk) but adds ``degraded``: which loop fails, and why."""
         ok = self.in_sync and not self.stopping.is_set()
-        return ok, {"host": self.host, "in_sync": self.in_sync, "last_apply_ok": self.last_apply_ok,
-                    "endpoints": len(self.index.plans), "pending_kernel_writes": self.routes.waiting()}
+        info: dict[str, Any] = {
+            "host": self.host, "in_sync": self.in_sync, "last_apply_ok": self.last_apply_ok,
+            "endpoints": len(self.index.plans), "pending_kernel_writes": self.routes.waiting()}
+        failing = [f for f in (self.syncer.failing, self.status.failing) if f]
+        if not self.status.alive() and not self.stopping.is_set():
+            failing.append("status writer thread not running")
+        if failing:
+            info["degraded"] = "; ".join(failing)
+        return ok, info
 
     def start(self) -> None:
         for note in set_host_sysctls(endpoints=0):
