@@ -617,6 +617,14 @@ def _plain(text: object) -> str:
     return escape("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)))
 
 
+def _quiet_ipam_log() -> None:
+    """show, check and gc name each corrupt record themselves, in one warning line: IPAM's own log
+    line about it (Python's last-resort handler, on stderr) is not shown as well."""
+    import logging
+
+    logging.getLogger("tabby.ipam").addHandler(logging.NullHandler())
+
+
 def _warn_corrupt(corrupt: list[tuple[str, str, list[str]]]) -> None:
     """One warning line per corrupt record, (key, field, errors) (stderr: stdout stays the report)."""
     for key, field, errors in corrupt:
@@ -632,6 +640,7 @@ def ipam_show(
     """Blocks, their affine host and how full they are. A corrupt IPAM record gets one warning line
     (stderr) naming its key and field; the good ones are listed all the same (exit 0)."""
     ipam = _ipam()
+    _quiet_ipam_log()
     snap = ipam.snapshot()
     _warn_corrupt([(c.key, c.field, c.errors) for c in snap.corrupt])
     rows = [r for r in ipam.usage(snap) if host is None or r["host"] == host]
@@ -700,7 +709,9 @@ def ipam_gc(
     concern is kept."""
     from tabby.ipam.gc import collect
 
-    report = collect(_ipam(), grace_s=grace_s, dry_run=dry_run)
+    ipam = _ipam()
+    _quiet_ipam_log()
+    report = collect(ipam, grace_s=grace_s, dry_run=dry_run)
     for line in report.corrupt:
         err.print(f"[yellow]warning:[/] corrupt record {_plain(line)}", highlight=False, soft_wrap=True)
     if report.state_corrupt:
@@ -742,6 +753,7 @@ def ipam_check(
     from tabby.model.keys import parse_key
 
     ipam = _ipam()
+    _quiet_ipam_log()
     snap = ipam.snapshot()
     problems = ipam.check(snap)
     endpoints, bad_endpoints = read_endpoints(ipam.store)

@@ -291,7 +291,8 @@ class IPAM:
 
         Strict affinity forbids borrowing from another host's block, not claiming a free one. A
         block that vanishes again after each claim (released in a race) ends in ``Contention``
-        after MAX_FRUITLESS_ROUNDS; a corrupt block in ``CorruptRecord``."""
+        after MAX_FRUITLESS_ROUNDS; a corrupt block, or a corrupt affinity of this host for it, in
+        ``CorruptRecord``."""
         addr = ipaddress.ip_address(ip)
         pool = self._pool_of(addr)
         assert pool.spec.block_size is not None
@@ -407,14 +408,16 @@ class IPAM:
         for pool in pools:
             assert pool.spec.block_size is not None
             for cidr in B.candidate_blocks(pool.spec.cidr, pool.spec.block_size, held):
-                if self._claim(host, cidr, pool.spec.cidr):
-                    return cidr
+                with contextlib.suppress(CorruptRecord):  # this host's affinity for it is corrupt: the next
+                    if self._claim(host, cidr, pool.spec.cidr):
+                        return cidr
                 held.append(cidr)
         return None
 
     def _claim(self, host: str, cidr: IPNetwork, pool: IPNetwork) -> bool:
-        """Two-phase claim of one block for host; False if another host holds it, or its block or
-        this host's affinity for it is a corrupt record (left as it is)."""
+        """Two-phase claim of one block for host; False if another host holds it (or its block record
+        is corrupt). CorruptRecord if this host's affinity record for it is corrupt (left as it is:
+        the block cannot be claimed without rewriting it)."""
         aff_key = ipam_affinity_key(host, cidr)
         pending = Affinity(host=host, cidr=str(cidr), state="pending", since=self.clock())
         try:
@@ -426,8 +429,7 @@ class IPAM:
             try:
                 decode_ipam(aff_key, kv.value)
             except InvalidResource as e:
-                corrupt(e)
-                return False
+                raise corrupt(e) from None
             aff_rev = kv.mod_revision
         try:
             self.store.create(ipam_block_key(cidr), B.new_block(cidr, host, pool).model_dump_json().encode())

@@ -45,7 +45,7 @@ class GcReport:
     released_blocks: list[str] = field(default_factory=list)
     dropped_affinities: list[str] = field(default_factory=list)
     kept_unknown: dict[str, str] = field(default_factory=dict)  # handle -> the corrupt record that keeps it
-    corrupt: list[str] = field(default_factory=list)  # "key (field): what is wrong", every corrupt IPAM record
+    corrupt: list[str] = field(default_factory=list)  # "key (field F): what is wrong": IPAM and Endpoint records
     state_corrupt: bool = False  # ipam/gc itself is corrupt: nothing freed, nothing written
 
 
@@ -76,7 +76,7 @@ def endpoint_addresses(ep: Endpoint) -> list[str]:
     return [str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
 
 
-def _live_endpoints(store: Store) -> tuple[set[str], set[str]]:
+def _live_endpoints(store: Store) -> tuple[set[str], set[str], list[tuple[KV, InvalidResource]]]:
     good, bad = read_endpoints(store)
     ips: set[str] = set()
     names: set[str] = set()
@@ -89,7 +89,7 @@ def _live_endpoints(store: Store) -> tuple[set[str], set[str]]:
         parsed = parse_key(kv.key)
         names.add(parsed[1] if parsed else kv.key.rsplit("/", 1)[-1])
         ips.update(salvage_addresses(kv.value))
-    return ips, names
+    return ips, names, bad
 
 
 def _unknown(handle: str, rec: Handle | None, bad: set[str]) -> str | None:
@@ -108,8 +108,9 @@ def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fal
     report = GcReport()
     snap = ipam.snapshot()
     bad = snap.corrupt_keys
-    report.corrupt = [f"{c.key} ({c.field}): {'; '.join(c.errors)}" for c in snap.corrupt]
-    live_ips, live_names = _live_endpoints(ipam.store)
+    live_ips, live_names, bad_endpoints = _live_endpoints(ipam.store)
+    report.corrupt = [f"{c.key} (field {c.field}): {'; '.join(c.errors)}" for c in snap.corrupt]
+    report.corrupt += [f"{kv.key} (field {e.field}): {'; '.join(e.errors)}" for kv, e in bad_endpoints]
     blocks = snap.blocks
     handles = {h.handle: h for h, _ in snap.handles}
 
