@@ -601,11 +601,13 @@ def test_cli_show_check_release_gc_among_corrupt_records(store_url: str, store: 
     assert "/x\\x0a[red]forged (field handle)" in r.stderr  # a newline in a key is escaped, markup not obeyed
     rows = json.loads(tabby(store_url, "ipam", "show", "-o", "json").stdout)
     assert {row["block"] for row in rows} == {a.block, b[0].block, b[1].block}
+    assert tabby(store_url, "ipam", "show", "--strict").returncode == 1
 
     r = tabby(store_url, "ipam", "check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ipam consistent (5 corrupt record(s) skipped)" in r.stdout
     assert len([line for line in r.stderr.splitlines() if line.startswith("warning:")]) == 5
+    assert tabby(store_url, "ipam", "check", "--strict").returncode == 1
 
     r = tabby(store_url, "ipam", "release", "--handle", "net.bad")
     assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -636,9 +636,10 @@ def _warn_corrupt(corrupt: list[tuple[str, str, list[str]]]) -> None:
 def ipam_show(
     host: Annotated[str | None, typer.Option(help="only this host's blocks")] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")] = False,
 ) -> None:
     """Blocks, their affine host and how full they are. A corrupt IPAM record gets one warning line
-    (stderr) naming its key and field; the good ones are listed all the same (exit 0)."""
+    (stderr) naming its key and field; the good ones are listed all the same (exit 0; 1 with --strict)."""
     ipam = _ipam()
     _quiet_ipam_log()
     snap = ipam.snapshot()
@@ -646,13 +647,15 @@ def ipam_show(
     rows = [r for r in ipam.usage(snap) if host is None or r["host"] == host]
     if output is not Output.table:
         print(json.dumps(rows, indent=2) if output is Output.json else yaml.safe_dump(rows, sort_keys=False), end="")
-        return
-    table = Table(box=None, header_style="bold")
-    for col in ("BLOCK", "HOST", "USED", "SIZE"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(str(r["block"]), _plain(r["host"] or "-"), str(r["used"]), str(r["size"]))
-    out.print(table)
+    else:
+        table = Table(box=None, header_style="bold")
+        for col in ("BLOCK", "HOST", "USED", "SIZE"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["block"]), _plain(r["host"] or "-"), str(r["used"]), str(r["size"]))
+        out.print(table)
+    if strict and snap.corrupt:
+        raise typer.Exit(1)
 
 
 @ipam_app.command("assign")
@@ -737,14 +740,15 @@ def ipam_check(
     grace_s: Annotated[float, typer.Option(help="report a handle without an Endpoint only once it is this old")
                        ] = 300.0,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")] = False,
 ) -> None:
     """IPAM's records agree with each other and with the Endpoints.
 
     Exit 0: no inconsistency (corrupt records may have been found: one warning line each on stderr,
-    naming key and field; they are skipped, not counted as inconsistencies). Exit 1: at least one
-    problem: allocations and handles that disagree, blocks that overlap or are not whole, an
-    Endpoint on an address IPAM calls free, two Endpoints on one address, a handle older than
-    --grace-s with no Endpoint. Exit 2: bad usage."""
+    naming key and field; they are skipped, not counted as inconsistencies, unless --strict).
+    Exit 1: a corrupt record with --strict, or at least one problem: allocations and handles that
+    disagree, blocks that overlap or are not whole, an Endpoint on an address IPAM calls free, two
+    Endpoints on one address, a handle older than --grace-s with no Endpoint. Exit 2: bad usage."""
     import dataclasses
     import time
 
@@ -774,7 +778,7 @@ def ipam_check(
             out.print(f"[red]problem:[/] {f.kind}: {_plain(f.message)}", highlight=False, soft_wrap=True)
         if not (problems or findings):
             out.print("ipam consistent" + (f" ({len(corrupt)} corrupt record(s) skipped)" if corrupt else ""))
-    if problems or findings:
+    if problems or findings or (strict and corrupt):
         raise typer.Exit(1)
 
 
