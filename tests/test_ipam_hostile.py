@@ -631,3 +631,17 @@ def test_cli_show_check_release_gc_among_corrupt_records(store_url: str, store: 
     assert not doc["consistent"] and doc["problems"] == []
     assert {(f["kind"], tuple(f["handles"])) for f in doc["findings"]} >= {("orphan-handle", ("net.orphan",))}
     assert {c["key"] for c in doc["corrupt"]} == set(bad)
+
+
+def test_cni_del_with_a_corrupt_handle_record_is_a_clear_error_and_keeps_it(store_url: str, store: Store) -> None:
+    from tabby.cni.main import run
+
+    key = ipam_handle_key("net1.dead0001")
+    store.create(key, b'{"handle": "net1.dead0001", "addresses": [], "seq": NaN}')
+    conf = json.dumps({"cniVersion": "1.1.0", "name": "net1", "type": "tabby-cni", "store": store_url, "host": "h1"})
+    environ = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "dead0001", "CNI_IFNAME": "eth0", "CNI_NETNS": ""}
+    code, out = run(environ, conf.encode())
+    doc = json.loads(out)
+    assert code == 1 and doc["code"] == 5 and doc["msg"] == "address release failed"
+    assert key in doc["details"] and "NaN" in doc["details"]
+    assert store.get(key).value == b'{"handle": "net1.dead0001", "addresses": [], "seq": NaN}'

@@ -81,7 +81,7 @@ def host_name(conf: NetConf) -> str:
 
 def add(conf: NetConf, env: Env) -> dict[str, Any]:
     from tabby.client import ResourceClient
-    from tabby.ipam import IPAM, IpamError
+    from tabby.ipam import IPAM, CorruptRecord, IpamError, PoolExhausted
     from tabby.model import validate
     from tabby.store import StoreError, open_store, store_url
 
@@ -148,9 +148,9 @@ def add(conf: NetConf, env: Env) -> dict[str, Any]:
             e.add_note(f"release of {handle}: {release_error}")
         if isinstance(e, CniError):
             raise
-        if isinstance(e, IpamError):
-            raise CniError(TRY_AGAIN if "exhausted" not in str(e) else IO_FAILURE, "address allocation failed",
-                           str(e)) from None
+        if isinstance(e, IpamError):  # exhausted, or this container's handle record is corrupt: a retry won't do
+            final = isinstance(e, (PoolExhausted, CorruptRecord))
+            raise CniError(IO_FAILURE if final else TRY_AGAIN, "address allocation failed", str(e)) from None
         if isinstance(e, StoreError):
             raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
         if isinstance(e, ValueError):
