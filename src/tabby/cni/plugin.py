@@ -81,7 +81,7 @@ def host_name(conf: NetConf) -> str:
 
 def add(conf: NetConf, env: Env) -> dict[str, Any]:
     from tabby.client import ResourceClient
-    from tabby.ipam import IPAM, IpamError
+    from tabby.ipam import IPAM, CorruptRecord, IpamError, PoolExhausted
     from tabby.model import validate
     from tabby.store import StoreError, open_store, store_url
 
@@ -142,12 +142,15 @@ def add(conf: NetConf, env: Env) -> dict[str, Any]:
     except BaseException as e:
         if made_link:
             subprocess.run(["ip", "link", "del", hostif], capture_output=True)
-        ipam.release_handle(handle)
+        try:
+            ipam.release_handle(handle)
+        except IpamError as release_error:  # a corrupt handle record: left as it is, the first error stands
+            e.add_note(f"release of {handle}: {release_error}")
         if isinstance(e, CniError):
             raise
-        if isinstance(e, IpamError):
-            raise CniError(TRY_AGAIN if "exhausted" not in str(e) else IO_FAILURE, "address allocation failed",
-                           str(e)) from None
+        if isinstance(e, IpamError):  # exhausted, or this container's handle record is corrupt: a retry won't do
+            final = isinstance(e, (PoolExhausted, CorruptRecord))
+            raise CniError(IO_FAILURE if final else TRY_AGAIN, "address allocation failed", str(e)) from None
         if isinstance(e, StoreError):
             raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
         if isinstance(e, ValueError):
@@ -168,7 +171,7 @@ def delete(conf: NetConf, env: Env) -> None:
     import contextlib
 
     from tabby.client import ResourceClient
-    from tabby.ipam import IPAM
+    from tabby.ipam import IPAM, IpamError
     from tabby.store import NotFound, StoreError, open_store, store_url
 
     try:
@@ -176,6 +179,8 @@ def delete(conf: NetConf, env: Env) -> None:
         with contextlib.suppress(NotFound):
             ResourceClient(store).delete("Endpoint", endpoint_name(conf, env))
         IPAM(store).release_handle(handle_of(conf, env))
+    except IpamError as e:  # the handle's record is corrupt: nothing freed, the record left for an operator
+        raise CniError(IO_FAILURE, "address release failed", str(e)) from None
     except (ValueError, StoreError) as e:
         raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
     subprocess.run(["ip", "link", "del", host_ifname(env.container_id, env.ifname)], capture_output=True)

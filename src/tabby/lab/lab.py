@@ -38,6 +38,7 @@ from tabby.lab.topology import (
     LabVm,
     LabWorkload,
     Topology,
+    check_prefix,
     topology,
 )
 from tabby.model import validate
@@ -51,8 +52,22 @@ LAB_ROOT = Path("/var/lib/tabby/lab")  # one directory per lab prefix: state, st
 RUN_ROOT = Path("/run/tabby/lab")  # one directory per lab prefix: BIRD's config and socket per host
 
 
+def _under(root: Path, prefix: str) -> Path:
+    """root/prefix for a checked prefix, and refused (ValueError) unless it resolves strictly inside
+    root: a symlink planted at root/prefix must not point ``lab down``'s rmtree elsewhere."""
+    path = root / check_prefix(prefix)
+    real, base = path.resolve(), root.resolve()
+    if real == base or not real.is_relative_to(base):
+        raise ValueError(f"lab directory {path} resolves to {real}, outside {base}: refused")
+    return path
+
+
 def lab_dir(prefix: str = PREFIX) -> Path:
-    return LAB_ROOT / prefix
+    return _under(LAB_ROOT, prefix)
+
+
+def run_dir(prefix: str = PREFIX) -> Path:
+    return _under(RUN_ROOT, prefix)
 
 
 def default_store(prefix: str = PREFIX) -> str:
@@ -84,7 +99,7 @@ class Lab:
 
     @property
     def run_dir(self) -> Path:
-        return RUN_ROOT / self.topo.prefix
+        return run_dir(self.topo.prefix)
 
     # -- building ------------------------------------------------------------------------
 
@@ -409,14 +424,25 @@ class Lab:
 
 
 def load(prefix: str = PREFIX) -> Lab:
-    state = json.loads((lab_dir(prefix) / "state.json").read_text())
-    topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix),
-                    tuple(state.get("route_reflectors", ())), state.get("vms", 0))
-    return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"))
+    """The lab that is up under prefix. ValueError for a refused prefix or a state file that is not
+    this lab's; OSError when there is none."""
+    path = lab_dir(prefix) / "state.json"
+    text = path.read_text()
+    try:
+        state = json.loads(text)
+        if state.get("prefix", prefix) != prefix:
+            raise ValueError(f"it is the state of lab {state.get('prefix')!r}")
+        topo = topology(state["hosts"], state["containers"], state["ipv6_only"], prefix,
+                        tuple(state.get("route_reflectors", ())), state.get("vms", 0))
+        return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a usable lab state file ({type(e).__name__}: {e})") from None
 
 
 def down(prefix: str = PREFIX) -> list[str]:
-    """Remove every namespace of this lab (ending the processes inside, by pid), and its files."""
+    """Remove every namespace of this lab (ending the processes inside, by pid), and its files.
+    The prefix is checked (``check_prefix``) before anything is touched: ValueError if refused."""
+    dirs = (lab_dir(prefix), run_dir(prefix))
     gone = netns.sweep(prefix + "-")
     pid_file = lab_dir(prefix) / "forwarder.pid"
     if pid_file.exists():  # the etcd forwarder, the one lab process outside the lab's namespaces
@@ -424,7 +450,7 @@ def down(prefix: str = PREFIX) -> list[str]:
             pid = int(pid_file.read_text())
             if f"{FORWARDER_MARK}={prefix}\0" in Path(f"/proc/{pid}/environ").read_text():
                 netns.kill_pid(pid)
-    for d in (lab_dir(prefix), RUN_ROOT / prefix):
+    for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     for root in (LAB_ROOT, RUN_ROOT):  # the parents too, once no lab is left in them
         with contextlib.suppress(OSError):

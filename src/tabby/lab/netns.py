@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
+# The shortest prefix sweep accepts: a lab's is "<3+ characters>-" (see topology.check_prefix).
+MIN_SWEEP_PREFIX = 4
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True, input: str | None = None) -> str:
@@ -44,7 +46,13 @@ def sweep(prefix: str) -> list[str]:
     """Remove every namespace whose name starts with prefix (crash leftovers), and end every process
     in them first. In rounds: a process may start another while it is being stopped (an agent whose
     VMs' taps vanish restarts dnsmasq), and once a namespace is deleted its processes can no longer
-    be found by it, so the namespaces go only when a round finds nobody left."""
+    be found by it, so the namespaces go only when a round finds nobody left.
+
+    A prefix shorter than MIN_SWEEP_PREFIX characters (the empty one matches every namespace on
+    the machine) is refused with ValueError before anything is touched."""
+    if len(prefix) < MIN_SWEEP_PREFIX:
+        raise ValueError(f"sweep prefix {prefix!r}: at least {MIN_SWEEP_PREFIX} characters, or it matches "
+                         "namespaces that are not ours")
     names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)) if NETNS_DIR.exists() else []
 
     def members() -> set[int]:
