@@ -51,7 +51,7 @@ from tabby.ipam.blocks import (
     PoolExhausted,
     StaleRelease,
 )
-from tabby.model import InvalidResource, IPPool, decode
+from tabby.model import InvalidResource, IPPool, decode, effective_config
 from tabby.model.ipam import Affinity, Block, GcState, Handle, HandleAddress, IPNetwork, decode_ipam
 from tabby.model.keys import (
     IPAM_BLOCKS_PREFIX,
@@ -139,13 +139,38 @@ class Snapshot:
 
 
 class IPAM:
-    def __init__(self, store: Store, *, strict_affinity: bool = False,
+    def __init__(self, store: Store, *, strict_affinity: bool | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        """strict_affinity: None follows the fabric's Config (``global``, then ``host.<name>``
+        of the host asking); True or False overrides it for this caller."""
         self.store = store
-        self.strict_affinity = strict_affinity
+        self._strict = strict_affinity
         self.clock = clock
         self._hint: dict[tuple[str, int], str] = {}  # (host, IP version) -> block that last had room
         self._pools: tuple[float, list[IPPool]] | None = None
+        self._configs: tuple[float, dict[str, Any]] | None = None
+
+    def strict_for(self, host: str) -> bool:
+        """Whether host may not borrow from other hosts' blocks (read like the pools: cached 1 s)."""
+        if self._strict is not None:
+            return self._strict
+        now = time.monotonic()
+        if self._configs is None or now - self._configs[0] >= self.POOL_CACHE_S:
+            self._configs = (now, self._read_configs())
+        specs = self._configs[1]
+        return bool(effective_config(specs.get("global"), specs.get(f"host.{host}")).strict_affinity)
+
+    def _read_configs(self) -> dict[str, Any]:
+        kvs, _ = self.store.list(kind_prefix("Config"))
+        out = {}
+        for kv in kvs:
+            try:
+                cfg = decode(kv.key, kv.value)
+            except InvalidResource as e:
+                log.error("IPAM ignores corrupt config record %s (field %s): %s", kv.key, e.field, e)
+                continue
+            out[cfg.metadata.name] = cfg.spec
+        return out
 
     # -- pools ---------------------------------------------------------------------------
 
@@ -312,7 +337,7 @@ class IPAM:
                 self._claim(host, cidr, pool.spec.cidr)
                 continue  # read again: ours now, another host's, or gone again
             block, rev = cur
-            if block.host != host and self.strict_affinity:
+            if block.host != host and self.strict_for(host):
                 raise AddressInUse(f"{addr}: its block {cidr} belongs to {block.host} and strict affinity is on")
             new, seq = B.take_specific(block, B.ordinal(block, addr), handle)
             try:
@@ -353,7 +378,7 @@ class IPAM:
             fruitless += not taken
             add(taken)
         # 3. borrow single addresses from other hosts' blocks
-        if len(got) < n and not self.strict_affinity:
+        if len(got) < n and not self.strict_for(host):
             for block, _ in self._all_blocks():
                 if block.free and fits(block.network, pools):
                     add(self._take(block.cidr, n - len(got), handle, None))
