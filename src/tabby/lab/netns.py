@@ -143,3 +143,21 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def processes(prefix: str) -> dict[str, list[str]]:
+    """Namespace -> "comm[pid]" of every process in it, for the namespaces named prefix-*."""
+    names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix + "-")) \
+        if NETNS_DIR.exists() else []
+    out: dict[str, list[str]] = {}
+    for n in names:
+        pids = subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()
+        procs = []
+        for pid in pids:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            procs.append(f"{comm}[{pid}]")
+        out[n] = sorted(procs)
+    return out
