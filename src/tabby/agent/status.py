@@ -57,10 +57,18 @@ class StatusWriter:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the writer; a last heartbeat that has already expired says "stopped" at once,
+        instead of leaving readers to wait out the TTL."""
         with self._cond:
             self._stop = True
             self._cond.notify()
         self._thread.join(5)
+        now = time.time()
+        try:
+            self.store.put(host_status_key(self.host), json.dumps(
+                {"host": self.host, "heartbeat": now, "expires": now, **self.host_info}).encode())
+        except StoreError as e:
+            log.warning("last heartbeat (stopped) not written: %s", e)
 
     def set(self, endpoint: str, state: str | None, reason: str = "") -> None:
         """state: up | down | error, or None to remove the record (endpoint gone from this host)."""
