@@ -468,6 +468,26 @@ def test_status_writer_retries_with_back_off_and_recovers(tmp_path: Path, caplog
         reader.close()
 
 
+def test_status_writer_drops_a_record_that_can_never_be_written(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    store = SqliteStore(tmp_path / "tabby.db")
+    writer = StatusWriter(store, "h1", retry_s=0.05, max_retry_s=0.2)
+    try:
+        writer.start()
+        writer.set_doc("/tabby/v1/status/bgp/h1", {"sessions": object()})  # a bug: not JSON
+        writer.set("ep", "up")
+        wait_for(lambda: "/tabby/v1/status/bgp/h1 dropped" in caplog.text, 5, what="the bad record dropped")
+        writer.set("ep", "down", "later")
+        wait_for(lambda: (status(store, "h1", "ep") or {}).get("state") == "down", 5,
+                 what="records after it written all the same")
+        wait_for(lambda: writer.failing is None, 5, what="not failing")
+        assert writer.alive()
+        assert store.get("/tabby/v1/status/bgp/h1") is None
+    finally:
+        writer.stop()
+        store.close()
+
+
 def test_syncer_backs_off_on_a_read_only_store_and_resumes(caplog: pytest.LogCaptureFixture) -> None:
     """The watch loop on a Store it cannot open (a WAL database on a read-only filesystem cannot
     even be read): one log line per try, ``failing`` names the file, and a full view once the

@@ -16,12 +16,12 @@ Failure model:
   the last revision seen;
 - any other failure (a corrupt file, a bad reply, a bug) backs off and relists: the consumer's
   loop never ends on it.
-Back-off doubles from ``retry_s`` to ``max_retry_s`` (1 s .. 10 s: a retry is one cheap
-``revision()``, and how soon after the Store returns new workloads are programmed depends on
-it; the status writer, whose lag matters less, goes to 30 s); each retry is one log line
-with its attempt number and the error (which names the Store's file or URL), and between tries
-a cheap ``revision()`` asks whether the Store answers again. While it does not, ``failing``
-says why (health reports it); the consumer keeps what it has, so a dataplane is left as is.
+Back-off doubles from ``retry_s`` to ``max_retry_s``, 1 s .. 10 s (a retry is one cheap
+``revision()`` asking whether the Store answers again, and the cap bounds how late new
+workloads are programmed once it does; the status writer, whose lag matters less, goes to
+30 s). Each retry is one log line with its attempt number and the error, which names the
+Store's file or URL. While the Store does not answer, ``failing`` says why (health reports
+it); the consumer keeps what it has, so a dataplane is left as is.
 Runs on the caller's thread; ``stop()`` may be called from any thread.
 """
 

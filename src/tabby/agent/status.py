@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from tabby.model.keys import endpoint_status_key, host_status_key
-from tabby.store import NotFound, Store, StoreError
+from tabby.store import NotFound, Store, StoreError, StoreFault, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,11 @@ class StatusWriter:
                beat: bool) -> tuple[str, Exception] | None:
         """One pass: the heartbeat if due, statuses, other records. The first failure ends
         it (a Store that refused one write will likely refuse the next) and puts back what was
-        not written; returns what failed and why."""
-        what = "status"
+        not written; returns what failed and why. A record that fails for a reason of its own
+        (a bug, or a Store that refuses that request rather than failing) is dropped, so that
+        it cannot hold up every other record behind it."""
+        queue: dict[str, Any] | None = None  # where the record being written came from
+        what, item = "status", ""
         try:
             if beat:  # liveness first: a reader takes a host whose heartbeat expired for down
                 what = "host heartbeat"
@@ -140,7 +143,7 @@ class StatusWriter:
                 self.store.put(host_status_key(self.host), json.dumps(
                     {"host": self.host, "heartbeat": now, "expires": now + self.ttl_s, **self.host_info}).encode())
             for name in list(batch):
-                what = f"status of {name}"
+                what, queue, item = f"status of {name}", batch, name
                 status = batch[name]
                 key = endpoint_status_key(self.host, name)
                 if status is None:
@@ -152,12 +155,14 @@ class StatusWriter:
                     self._written[name] = status
                 del batch[name]
             for key in list(docs):
-                what = key
+                what, queue, item = key, docs, key
                 self.store.put(key, json.dumps(docs[key]).encode())
                 del docs[key]
         except Exception as e:  # a Store error, or a bug: the thread goes on either way
-            if not isinstance(e, StoreError):
-                log.error("status writer: unexpected failure writing %s", what, exc_info=e)
+            if not isinstance(e, (StoreFault, Unavailable)):
+                log.error("status writer: %s dropped: %r", what, e, exc_info=not isinstance(e, StoreError))
+                if queue is not None:
+                    queue.pop(item, None)
             self._requeue(batch, docs)
             return what, e
         return None
