@@ -121,6 +121,7 @@ class Agent:
         self.dhcp_dirty = True
         self.bgp_dirty = True
         self.next_bgp_check = 0.0
+        self.bgp_written: dict[str, Any] | None = None
         self.monitor = nl.Monitor()
         self.in_sync = False
         self.stopping = threading.Event()
@@ -272,10 +273,12 @@ class Agent:
             log.error("BIRD: %s", e)
             self.bird.last_error = str(e)
         sessions = self.bird.sessions() if self.bird.pid() else []
-        self.status.set_doc(bgp_status_key(self.host), {
-            "host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
-                                            for x in sessions[:MAX_SESSIONS]],
-            "error": one_line(self.bird.last_error) if self.bird.last_error else None, "at": time.time()})
+        doc = {"host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
+                                               for x in sessions[:MAX_SESSIONS]],
+               "error": one_line(self.bird.last_error) if self.bird.last_error else None}
+        if doc != self.bgp_written:  # status is written when it changes, not every check ("at": when)
+            self.bgp_written = doc
+            self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
 
     def _dhcp(self) -> None:
         """RA and DHCP for this host's VMs whose tap exists (dnsmasq only starts on existing taps)."""

@@ -51,7 +51,7 @@ def agent(
     from tabby.agent.agent import Agent
 
     _daemon_setup(host, log_level, "")
-    for noisy in ("pyroute2", "urllib3", "asyncio"):  # one debug line per message or connection
+    for noisy in ("urllib3", "asyncio"):  # one debug line per message or connection
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         store = open_store(STATE.store_url)
