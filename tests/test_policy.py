@@ -221,3 +221,18 @@ def test_a_large_element_patch_is_one_batch_not_a_replace() -> None:
         assert out["first"] == [True, 1, 0]
         assert out["big"] == [True, 1, 1], r.stderr[-2000:]  # patched, no fallback to a replace
         assert out["diff"] is None
+
+
+def test_workload_interface_prefixes_from_config_shape_the_fail_closed_rules() -> None:
+    from tabby.dataplane.nft_rules import render
+
+    idx = PolicyIndex()
+    _, chains = render(idx.structure())
+    assert {c.split(":", 1)[1] for c in chains["prerouting"] if "unknown" in c} == {
+        "unknown tap* iifname", "unknown tby* iifname", "unknown vnet* iifname"}
+    before = idx.structure()
+    idx.set_workload_prefixes(("tap", "cali"))
+    assert idx.structure() != before  # a new structure: the table is replaced with the new rules
+    _, chains = render(idx.structure())
+    assert {c.split(":", 1)[1] for c in chains["forward"] if "unknown" in c} == {
+        "unknown tap* oifname", "unknown cali* oifname"}

@@ -85,12 +85,6 @@ class StatusWriter:
             self._docs[key] = doc
             self._cond.notify()
 
-    def current(self, endpoint: str) -> dict[str, Any] | None:
-        with self._cond:
-            if endpoint in self._pending:
-                return self._pending[endpoint]
-            return self._written.get(endpoint)
-
     def _run(self) -> None:
         next_beat = 0.0  # monotonic time the heartbeat is due
         retry_at: float | None = None  # while failing: nothing is tried before this

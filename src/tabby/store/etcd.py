@@ -1,6 +1,7 @@
 """The etcd v3 Store, for fabrics of many hosts.
 
-Talks to etcd's JSON gateway through etcd3gw's client (session, API-path discovery, TLS), but
+Talks to etcd's JSON gateway through etcd3gw's client (session, API-path discovery; plain HTTP:
+TLS and several members are not wired yet), but
 issues ``range``, ``txn``, ``compaction`` and ``watch`` requests itself: the Store contract
 needs the header revision of a listing, compare-and-swap on ``mod_revision``, and the watch's
 ``compact_revision`` signal, which etcd3gw's helpers drop. Every write is one transaction, so
