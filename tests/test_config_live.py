@@ -100,3 +100,14 @@ def test_a_command_line_flag_wins_over_config(tmp_path: Path) -> None:
     finally:
         a.netlink.close()
         a.monitor.close()
+
+
+def test_node_to_node_mesh_off_leaves_only_the_explicit_peers() -> None:
+    from tabby.agent.fabric import bird_inputs
+    from tabby.model import effective_config
+
+    me, other = host("h1", "2001:db8::1"), host("h2", "2001:db8::2")
+    on = bird_inputs("h1", [me, other], {}, effective_config(None, None))
+    off = bird_inputs("h1", [me, other], {}, effective_config(config(node_to_node_mesh=False).spec, None))
+    assert on is not None and off is not None and on.mesh and not off.mesh
+    assert "neighbor 2001:db8::2" in render(on) and "neighbor 2001:db8::2" not in render(off)
