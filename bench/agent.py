@@ -34,6 +34,8 @@ from tabby.lab.etcd import EtcdServer  # noqa: E402
 from tabby.model import encode, key_of, validate  # noqa: E402
 from tabby.store import open_store  # noqa: E402
 
+METRICS = ("program_s", "sysctl_s", "ip_batch_s", "ratio", "add_p50_ms", "add_p99_ms")
+
 WORKER = str(ROOT / "bench" / "_agent_worker.py")
 
 

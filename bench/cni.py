@@ -126,8 +126,8 @@ def main() -> None:
                                    "ipam": {"type": "host-local", "ranges": ranges, "dataDir": str(d / "host-local"),
                                             "routes": [{"dst": "0.0.0.0/0"}] + ([{"dst": "::/0"}] if dual else [])}})
 
-            n = 30 if args.quick else 200
-            n_inproc = 8 if args.quick else 60
+            n = 20 if args.quick else 200
+            n_inproc = 6 if args.quick else 60
             runs = [  # plugin, family, mode, parallel, calls
                 ("tabby", "dual", "server", 1, n), ("tabby", "dual", "server", 8, n),
                 ("tabby", "v4", "server", 1, n),

@@ -26,6 +26,8 @@ from tabby.lab.etcd import EtcdServer
 from tabby.model import validate
 from tabby.store import open_store
 
+METRICS = ("assigns_per_s",)
+
 
 def _writer(url: str, pool: str, host: str, w: int, n: int, start: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     ipam = IPAM(open_store(url))

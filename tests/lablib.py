@@ -42,3 +42,17 @@ def kernel_routes(ns: str, family: str = "-6") -> list[dict[str, object]]:
 def birdc(the_lab: L.Lab, host: str, *args: str) -> str:
     sock = the_lab.run_dir / host / "bird.ctl"
     return subprocess.run(["birdc", "-s", str(sock), *args], capture_output=True, text=True).stdout
+
+
+def agent_pid(host_ns: str) -> int:
+    """The tabby agent running in a lab host's namespace."""
+    from pathlib import Path
+
+    for pid in subprocess.run(["ip", "netns", "pids", host_ns], capture_output=True, text=True).stdout.split():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tabby.cli" in cmd and b"agent" in cmd:
+            return int(pid)
+    raise LookupError(f"no agent in {host_ns}")

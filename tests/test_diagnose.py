@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from lablib import all_ok, lab
+from lablib import agent_pid, all_ok, lab
 
 from tabby.lab import lab as L
 from tabby.lab import netns
@@ -45,3 +45,14 @@ def test_diagnose_names_the_first_failing_step() -> None:
         # an Endpoint that does not exist is the first thing named
         code, doc = diagnose(the_lab, a_ep, "nope")
         assert code == 1 and doc["first_failing"] == "destination endpoint record"
+        # b's host agent stopped: what only its agent could say is "not checked", never green
+        netns.kill_pid(agent_pid(b.host.ns))
+        assert L.wait_until(lambda: diagnose(the_lab, b_ep, a_ep)[1]["first_failing"] == "source host agent alive",
+                            15), diagnose(the_lab, b_ep, a_ep)
+        steps = {st["name"]: st for st in diagnose(the_lab, b_ep, a_ep)[1]["steps"]}
+        assert steps["source host agent alive"]["state"] == "failed"
+        assert steps["source endpoint programmed"]["state"] == "not checked"
+        assert "not alive" in steps["source endpoint programmed"]["detail"]
+        bgp = next(st for name, st in steps.items() if name.startswith(f"BGP {b.host.name}"))
+        assert bgp["state"] == "not checked"
+        assert steps["destination endpoint programmed"]["state"] == "ok"  # a's host is fine

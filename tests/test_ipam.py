@@ -285,3 +285,21 @@ def _assign_many_in_pool(url: str, pool_name: str, host: str, writer: int, n: in
     ipam = IPAM(open_store(url))
     ips = [str(ipam.assign(f"{pool_name}.w{writer}-{i}", host, ipv6=1, pool=pool_name)[0].ip) for i in range(n)]
     out.put(ips)
+
+
+def test_strict_affinity_from_config_refuses_to_borrow(sq: Store) -> None:
+    pool(sq, "v6", "fd00:e::/121")  # two blocks
+    ipam = IPAM(sq)  # no override: the Store's Config decides
+    ipam.assign("a", "h1", ipv6=1)
+    ipam.assign("b", "h2", ipv6=1)
+    client = ResourceClient(sq)
+    client.apply(validate({"kind": "Config", "metadata": {"name": "global"}, "spec": {"strict_affinity": True}}))
+    strict = IPAM(sq)
+    with pytest.raises(PoolExhausted):
+        strict.assign("c", "h3", ipv6=1)
+    # one host may be let off: host.<name> over global
+    client.apply(validate({"kind": "Config", "metadata": {"name": "host.h4"}, "spec": {"strict_affinity": False}}))
+    assert IPAM(sq).assign("d", "h4", ipv6=1)[0].block in ("fd00:e::/122", "fd00:e::40/122")
+    with pytest.raises(PoolExhausted):
+        IPAM(sq).assign("e", "h3", ipv6=1)
+    assert IPAM(sq, strict_affinity=False).assign("e", "h3", ipv6=1)  # an explicit caller choice wins

@@ -239,3 +239,18 @@ def test_selectors(text: str, labels: dict[str, str], expected: bool) -> None:
 def test_bad_selectors(text: str) -> None:
     with pytest.raises(SelectorError):
         parse_selector(text)
+
+
+def test_yaml_with_a_key_that_is_not_a_string_is_refused_naming_it() -> None:
+    with pytest.raises(InvalidResource) as e:
+        parse_documents("kind: Host\nmetadata: {name: a, labels: {1: x}}\nspec: {ipv6_address: 'fd00::1'}\n")
+    assert "key 1 is not a string" in str(e.value)
+
+
+def test_escape_free_json_is_still_held_to_the_depth_limit() -> None:
+    deep = '{"kind": "Host", "metadata": {"name": "a", "labels": ' + "[" * 40 + "]" * 40 + "}}"
+    with pytest.raises(InvalidResource, match="nested deeper than 32"):
+        decode("/tabby/v1/hosts/a", deep.encode())
+    tricky = '{"kind": "Host", "metadata": {"name": "a", "labels": {"x": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}}'
+    with pytest.raises(InvalidResource, match="label value"):  # brackets inside a string are text
+        decode("/tabby/v1/hosts/a", tricky.encode())

@@ -192,3 +192,47 @@ def test_a_policy_delivered_again_keeps_pending_endpoint_changes() -> None:
     assert delta[selector_set('role == "cli"', 6)] == {("fd00:e::2",): True}
     assert delta[WL_IF] == {("tby2",): True}
     assert ("tby1",) not in delta.get(WL_IF, {})  # already in the kernel
+
+
+BIG_PATCH_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_policy import ep, policy
+from tabby.agent.policy_calc import PolicyIndex
+from tabby.dataplane.policy import PolicyReconciler
+idx = PolicyIndex()
+idx.set_policy("p", policy("p", 'role == "web"', 'role == "cli"'))
+idx.set_endpoint("e1", ep("e1", 1, {"role": "web"}), True)
+r = PolicyReconciler()
+first = r.apply(idx), r.replaces, r.patches
+for i in range(2, 3002):  # one delta of ~21,000 elements: a batch far past the default send buffer
+    idx.set_endpoint(f"e{i}", ep(f"e{i}", i, {"role": "web"}), True)
+print(json.dumps({"first": first, "big": (r.apply(idx), r.replaces, r.patches), "diff": r.differences(idx)}))
+"""
+
+
+def test_a_large_element_patch_is_one_batch_not_a_replace() -> None:
+    tests_dir = str(Path(__file__).parent)
+    with namespace("p") as ns:
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", BIG_PATCH_SCRIPT, tests_dir],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["first"] == [True, 1, 0]
+        assert out["big"] == [True, 1, 1], r.stderr[-2000:]  # patched, no fallback to a replace
+        assert out["diff"] is None
+
+
+def test_workload_interface_prefixes_from_config_shape_the_fail_closed_rules() -> None:
+    from tabby.dataplane.nft_rules import render
+
+    idx = PolicyIndex()
+    _, chains = render(idx.structure())
+    assert {c.split(":", 1)[1] for c in chains["prerouting"] if "unknown" in c} == {
+        "unknown tap* iifname", "unknown tby* iifname", "unknown vnet* iifname"}
+    before = idx.structure()
+    idx.set_workload_prefixes(("tap", "cali"))
+    assert idx.structure() != before  # a new structure: the table is replaced with the new rules
+    _, chains = render(idx.structure())
+    assert {c.split(":", 1)[1] for c in chains["forward"] if "unknown" in c} == {
+        "unknown tap* oifname", "unknown cali* oifname"}

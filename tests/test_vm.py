@@ -1,5 +1,7 @@
-"""VMs: namespaces running a real DHCP client (ISC dhclient or dhcpcd), configured only by
-`tabby guest render`; the host's dnsmasq (run by the agent) serves RAs and DHCPv6/DHCPv4."""
+"""VMs: namespaces running a real DHCP client (ISC dhclient or dhcpcd), configured by the files
+`tabby guest render` writes (dhclient's script, dhcpcd.conf, the sysctls), plus one lab-only
+change to each, so that this machine's /etc/resolv.conf is left alone; the host's dnsmasq (run by
+the agent) serves RAs and DHCPv6/DHCPv4."""
 
 from __future__ import annotations
 

@@ -56,6 +56,21 @@ def _status(store: Store, key: str) -> tuple[Any | None, str]:
 
 
 def lab_route_reader(prefix: str) -> RouteReader:
+    """Routes of a lab's host namespaces. The prefix is checked like every lab command's
+    (``topology.check_prefix``); a refused one makes each read fail with the reason (so
+    ``diagnose`` names it in a failing step) and no namespace name is built from it."""
+    from tabby.lab.topology import check_prefix
+
+    try:
+        check_prefix(prefix)
+    except ValueError as e:
+        reason = str(e)
+
+        def refuse(host: str, family: int) -> list[dict[str, Any]]:
+            raise RuntimeError(reason)
+
+        return refuse
+
     def read(host: str, family: int) -> list[dict[str, Any]]:
         r = subprocess.run(["ip", "-n", f"{prefix}-{host}", "-j", f"-{family}", "route", "show"],
                            capture_output=True, text=True)

@@ -12,8 +12,16 @@ Failure model:
   agent keeps them on disk): a key that is corrupt at the first listing falls back to its seed;
 - ``HistoryGone`` (the watch fell behind compaction) relists and emits only the difference
   against what the consumer already has, then ``InSync`` again;
-- ``Unavailable`` backs off and resumes the watch from the last revision seen;
-- any other failure is logged, backs off, and relists: the consumer's loop never ends on it.
+- ``Unavailable`` (unreachable, locked, full, read-only) backs off and resumes the watch from
+  the last revision seen;
+- any other failure (a corrupt file, a bad reply, a bug) backs off and relists: the consumer's
+  loop never ends on it.
+Back-off doubles from ``retry_s`` to ``max_retry_s``, 1 s .. 10 s (a retry is one cheap
+``revision()`` asking whether the Store answers again, and the cap bounds how late new
+workloads are programmed once it does; the status writer, whose lag matters less, goes to
+30 s). Each retry is one log line with its attempt number and the error, which names the
+Store's file or URL. While the Store does not answer, ``failing`` says why (health reports
+it); the consumer keeps what it has, so a dataplane is left as is.
 Runs on the caller's thread; ``stop()`` may be called from any thread.
 """
 
@@ -21,13 +29,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from tabby.model import decode
 from tabby.model.keys import IPAM_PREFIX, PREFIX, STATUS_PREFIX
-from tabby.store import HistoryGone, Store, Unavailable, Watch
+from tabby.store import HistoryGone, Store, StoreError, Unavailable, Watch
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,7 @@ class ResourceSyncer:
         exclude: tuple[str, ...] = (STATUS_PREFIX, IPAM_PREFIX),
         on_corrupt: Callable[[str, Exception | None], None] | None = None,
         retry_s: float = 1.0,
+        max_retry_s: float = 10.0,
         decoder: Callable[[str, bytes], Any] = decode,
         seed: dict[str, Any] | None = None,
     ) -> None:
@@ -62,6 +72,7 @@ class ResourceSyncer:
         self.exclude = exclude
         self.on_corrupt = on_corrupt
         self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
         self.decoder = decoder
         self.known: dict[str, Any] = {}
         # Every key that exists (good or not) -> its create revision. Derived from the stream: a
@@ -72,6 +83,42 @@ class ResourceSyncer:
         self.revision = 0
         self._stop = threading.Event()
         self._watch: Watch | None = None
+        self._failing: str | None = None
+        self._failed_at = float("-inf")
+
+    @property
+    def failing(self) -> str | None:
+        """Why the Store cannot be read, while the loop is backing off; None when it answers."""
+        return self._failing
+
+    def _back_off(self, error: BaseException, attempt: int, then: str) -> int:
+        """Wait out one failure and every further one until the Store answers a ``revision()``
+        (or stop); one log line per try. Returns the attempt number reached: the caller's count
+        of consecutive failures (a failure long after the last one starts again from 1)."""
+        if time.monotonic() - self._failed_at > 2 * self.max_retry_s:
+            attempt = 1
+        while not self._stop.is_set():
+            self._failed_at = time.monotonic()
+            delay = min(self.retry_s * 2 ** min(attempt - 1, 20), self.max_retry_s)
+            self._failing = f"store watch: {error} (attempt {attempt}, next try in {delay:g}s)"
+            if isinstance(error, StoreError):
+                log.warning("%s, attempt %d: %s; keeping what we have, %s in %gs",
+                            "store unavailable" if isinstance(error, Unavailable) else "store watch failed",
+                            attempt, error, then, delay)
+            else:  # not a Store error: a bug, so the traceback too
+                log.error("store watch failed, attempt %d: %r; keeping what we have, %s in %gs",
+                          attempt, error, then, delay, exc_info=error)
+            if self._stop.wait(delay):
+                break
+            try:
+                self.store.revision()
+            except Exception as e:
+                error, attempt = e, attempt + 1
+                continue
+            log.info("store answers again after %d failed attempt(s); %s", attempt, then)
+            self._failing = None
+            break
+        return attempt
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,18 +211,13 @@ class ResourceSyncer:
                 log.warning("%s; relisting", e)
                 need_list = True
             except Unavailable as e:
-                failures += 1
-                delay = min(self.retry_s * 2 ** min(failures - 1, 3), 8 * self.retry_s)
-                if failures == 1 or failures % 10 == 0:  # an outage is one line, then one per ~minute
-                    log.warning("store unavailable (%s); dataplane left as is; retrying every %.0fs from revision %d"
-                                " (attempt %d)", e, delay, self.revision, failures)
-                self._stop.wait(delay)
-            except Exception:
-                # anything else (a backend error, a bug): never let it end the consumer's loop;
-                # start over from a fresh listing, which is always safe
-                log.exception("store watch failed; relisting in %.1fs", self.retry_s)
+                failures = self._back_off(e, failures + 1,
+                                          "relisting" if need_list else f"resuming from revision {self.revision}")
+            except Exception as e:
+                # anything else (a corrupt file, a bad reply, a bug): never let it end the
+                # consumer's loop; start over from a fresh listing, which is always safe
                 need_list = True
-                self._stop.wait(self.retry_s)
+                failures = self._back_off(e, failures + 1, "relisting")
             finally:
                 if self._watch is not None:
                     self._watch.close()

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
+from tabby.agent.fabric import bird_inputs, endpoint_status
 from tabby.agent.health import HealthServer, Metrics
 from tabby.agent.last_good import LastGood
 from tabby.agent.policy_calc import PolicyIndex
 from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.bird import BirdError, BirdReconciler
-from tabby.dataplane.bird_config import BirdInputs, render
+from tabby.dataplane.bird_config import render
 from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
 from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
@@ -82,10 +83,15 @@ def decode_record(key: str, value: bytes) -> Any:
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
                  metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
-                 run_dir: Path | None = None, policy: bool = True) -> None:
+                 run_dir: Path | None = None, policy: bool = True, overrides: frozenset[str] = frozenset()) -> None:
+        """overrides: the Config fields (log_level, resync_interval_s, metrics_port) the command line
+        set; the Store's Config steers the others, live."""
         self.store = store
         self.host = host
         self.resync_s = resync_s
+        self.next_resync = 0.0
+        self.overrides = overrides
+        self.metrics_addr = metrics_addr
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.index = HostIndex(host)
         self.links = LinkIndex()
@@ -115,6 +121,7 @@ class Agent:
         self.dhcp_dirty = True
         self.bgp_dirty = True
         self.next_bgp_check = 0.0
+        self.bgp_written: dict[str, Any] | None = None
         self.monitor = nl.Monitor()
         self.in_sync = False
         self.stopping = threading.Event()
@@ -170,9 +177,19 @@ class Agent:
     # -- the loop ------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """ok (HTTP 200) while the agent has had a full view of the Store and serves it; a Store
+        that fails after that does not make it unhealthy (the dataplane is left as it is, and a
+        restart would not mend a full disk) but adds ``degraded``: which loop fails, and why."""
         ok = self.in_sync and not self.stopping.is_set()
-        return ok, {"host": self.host, "in_sync": self.in_sync, "last_apply_ok": self.last_apply_ok,
-                    "endpoints": len(self.index.plans), "pending_kernel_writes": self.routes.waiting()}
+        info: dict[str, Any] = {
+            "host": self.host, "in_sync": self.in_sync, "last_apply_ok": self.last_apply_ok,
+            "endpoints": len(self.index.plans), "pending_kernel_writes": self.routes.waiting()}
+        failing = [f for f in (self.syncer.failing, self.status.failing) if f]
+        if not self.status.alive() and not self.stopping.is_set():
+            failing.append("status writer thread not running")
+        if failing:
+            info["degraded"] = "; ".join(failing)
+        return ok, info
 
     def start(self) -> None:
         for note in set_host_sysctls(endpoints=0):
@@ -201,11 +218,12 @@ class Agent:
     def run(self) -> None:
         """Until stop(): drain the queue, fold changes in, apply."""
         self.start()
-        next_resync = time.monotonic() + self._jitter()
+        self.next_resync = time.monotonic() + self._jitter()
         retry_at: float | None = None
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
+                next_resync = self.next_resync
                 deadline = min(next_resync, retry_at or next_resync,
                                self.next_bgp_check if self.bird is not None and self.in_sync else next_resync,
                                self.next_policy_check if self.policy is not None and self.in_sync else next_resync)
@@ -223,9 +241,9 @@ class Agent:
                         raise RuntimeError(item)
                     self._fold(kind, item)
                 now = time.monotonic()
-                if now >= next_resync:
+                if now >= self.next_resync:
                     self.full_check_due = True
-                    next_resync = now + self._jitter()
+                    self.next_resync = now + self._jitter()
                 if retry_at is not None and now >= retry_at:
                     retry_at = None
                 if self.in_sync and not self._apply():
@@ -239,32 +257,13 @@ class Agent:
             if self.policy is not None:
                 self.policy.close()
 
-    def bird_inputs(self) -> BirdInputs | None:
-        """What bird needs from the Store; None while this host has no Host record (no BGP yet)."""
-        hosts = [r for k, r in self.fabric.items() if getattr(r, "kind", None) == "Host"
-                 and r.metadata.name not in self.refused_hosts]
-        me = next((h for h in hosts if h.metadata.name == self.host), None)
-        if me is None:  # no Host record yet, or this host is refused: no BGP
-            return None
-        kinds: dict[str, list[Any]] = {}
-        for r in self.fabric.values():
-            kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
-        cfg = {r.metadata.name: r.spec for r in kinds.get("Config", [])}
-        mesh = True
-        for name in ("global", f"host.{self.host}"):
-            if name in cfg and cfg[name].node_to_node_mesh is not None:
-                mesh = cfg[name].node_to_node_mesh
-        blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == self.host and a.state == "confirmed")
-        return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
-                          pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=mesh)
-
     def _bgp(self, now: float) -> None:
         assert self.bird is not None
         if not self.bgp_dirty and now < self.next_bgp_check:
             return
         self.bgp_dirty = False
         self.next_bgp_check = now + BGP_CHECK_S
-        inputs = self.bird_inputs()
+        inputs = bird_inputs(self.host, self.fabric.values(), self.refused_hosts, self.config)
         if inputs is None:
             return
         try:
@@ -274,10 +273,12 @@ class Agent:
             log.error("BIRD: %s", e)
             self.bird.last_error = str(e)
         sessions = self.bird.sessions() if self.bird.pid() else []
-        self.status.set_doc(bgp_status_key(self.host), {
-            "host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
-                                            for x in sessions[:MAX_SESSIONS]],
-            "error": one_line(self.bird.last_error) if self.bird.last_error else None, "at": time.time()})
+        doc = {"host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
+                                               for x in sessions[:MAX_SESSIONS]],
+               "error": one_line(self.bird.last_error) if self.bird.last_error else None}
+        if doc != self.bgp_written:  # status is written when it changes, not every check ("at": when)
+            self.bgp_written = doc
+            self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
 
     def _dhcp(self) -> None:
         """RA and DHCP for this host's VMs whose tap exists (dnsmasq only starts on existing taps)."""
@@ -394,9 +395,36 @@ class Agent:
         cfg = effective_config(specs.get("global"), specs.get(f"host.{self.host}"))
         if cfg == self.config:
             return
-        self.config = cfg
-        assert cfg.workload_interface_prefixes is not None
+        old, self.config = self.config, cfg
+        assert cfg.workload_interface_prefixes is not None and cfg.log_level is not None
         self.policy_index.set_workload_prefixes(cfg.workload_interface_prefixes)
+        if "log_level" not in self.overrides and cfg.log_level != old.log_level:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+            log.warning("log level %s (Config)", cfg.log_level)
+        if "resync_interval_s" not in self.overrides and cfg.resync_interval_s != self.resync_s:
+            assert cfg.resync_interval_s is not None
+            self.resync_s = cfg.resync_interval_s
+            self.next_resync = min(self.next_resync, time.monotonic() + self._jitter())
+            log.info("full kernel check every %.0f s (Config)", self.resync_s)
+        if "metrics_port" not in self.overrides and self.health_server is not None \
+                and cfg.metrics_port != old.metrics_port:
+            self._serve_metrics(cfg.metrics_port)
+        if (cfg.default_asn, cfg.node_to_node_mesh) != (old.default_asn, old.node_to_node_mesh):
+            self.bgp_dirty = True
+
+    def _serve_metrics(self, port: int | None) -> None:
+        """Move /healthz and /metrics to another port: the new one listens before the old one stops."""
+        try:
+            new = HealthServer(self.metrics_addr, port or 0, self.metrics, self.health)
+        except OSError as e:
+            log.error("metrics port %s (Config) not taken, staying on %s: %s", port,
+                      self.health_server.port if self.health_server else "-", e)
+            return
+        new.start()
+        old, self.health_server = self.health_server, new
+        if old is not None:
+            old.stop()
+        log.info("metrics and health on %s:%d (Config)", self.metrics_addr, new.port)
 
     def _publish_host_info(self) -> None:
         """What this host's status record says beside liveness: refusals, corrupt records seen."""
@@ -549,27 +577,16 @@ class Agent:
             self.metrics.endpoints.labels(state).set(self.state_counts[state])
 
     def _endpoint_status(self, name: str, iface: str, conflict: str | None) -> tuple[str, str]:
-        if conflict:
-            return "conflict", conflict
-        if iface not in self.links.by_name:
-            return "down", f"interface {iface} not present"
-        if self.policy is not None and self.policy.last_error and iface not in self.policy_interfaces:
-            return "down", f"waiting for policy (no route until it is in the kernel): {self.policy.last_error}"
         routes, neighs, proxies = self.index.endpoint_keys(name)
-        reasons = [self.routes.failures[k] for k in
-                   [*(("route", r) for r in routes), *(("neigh", n) for n in neighs), *(("proxy", p) for p in proxies)]
-                   if k in self.routes.failures]
-        reasons += [self.sysctls.failures[p] for p in self.sysctls.by_iface.get(iface, {})
-                    if p in self.sysctls.failures]
-        key = f"{kind_prefix('Endpoint')}{name}"
-        if key in self.corrupt:
-            reasons.append(f"newest record is corrupt, last good version kept: {self.corrupt[key][1]}")
-        if self.policy is not None and self.policy.last_error:
-            reasons.append(f"policy not programmed: {self.policy.last_error}")
-        if reasons:
-            return "error", "; ".join(reasons)
+        failures = [self.routes.failures[k] for k in
+                    [*(("route", r) for r in routes), *(("neigh", n) for n in neighs), *(("proxy", p) for p in proxies)]
+                    if k in self.routes.failures]
+        failures += [self.sysctls.failures[p] for p in self.sysctls.by_iface.get(iface, {})
+                     if p in self.sysctls.failures]
         pending = any(r in self.routes.routes.pending_updates for r in routes) or \
             any(n in self.routes.neighbours.pending_updates for n in neighs) or self.sysctls.pending_for(iface)
-        if pending:
-            return "down", "programming"
-        return "up", ""
+        corrupt = self.corrupt.get(f"{kind_prefix('Endpoint')}{name}")
+        return endpoint_status(conflict=conflict, interface=iface, present=iface in self.links.by_name,
+                               policy_error=self.policy.last_error if self.policy is not None else None,
+                               policy_covers=iface in self.policy_interfaces, failures=failures,
+                               corrupt=corrupt[1] if corrupt else None, pending=pending)

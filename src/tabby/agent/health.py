@@ -1,4 +1,12 @@
-"""/healthz and Prometheus /metrics on one small HTTP server."""
+"""/healthz and Prometheus /metrics on one small HTTP server.
+
+``/healthz`` answers JSON from the agent's ``health()``: HTTP 200 while the agent serves its
+dataplane from a full view of the Store, 503 before the first full view or while stopping.
+A failing Store is not a reason for 503 (a liveness probe that restarts the agent would not
+free a disk or remount a filesystem, and a restart is the one moment an agent can lose its
+view): the body then carries ``"degraded": "<which loop fails: the error, naming the Store's
+file or URL>"``, present only while something fails. A ``health()`` that raises is a 500.
+"""
 
 from __future__ import annotations
 
@@ -39,8 +47,12 @@ class HealthServer:
                 if self.path == "/metrics":
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
                 elif self.path == "/healthz":
-                    ok, info = health()
-                    body, ctype, code = json.dumps(info).encode(), "application/json", 200 if ok else 503
+                    try:
+                        ok, info = health()
+                        body, code = json.dumps(info).encode(), 200 if ok else 503
+                    except Exception as e:  # a bug in health(): say so rather than drop the connection
+                        body, code = json.dumps({"error": f"health check failed: {e!r}"}).encode(), 500
+                    ctype = "application/json"
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)

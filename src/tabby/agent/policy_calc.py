@@ -16,76 +16,24 @@ not all of them: the cost of one endpoint is independent of how many endpoints a
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from socket import AF_INET, AF_INET6, inet_ntop
 from typing import Any
 
+from tabby.dataplane.nft_structure import (  # the shapes the dataplane renders; pure, below the agent
+    WL_IF,
+    WL_MAC,
+    WL_SRC4,
+    WL_SRC6,
+    Element,
+    PolicyPlan,
+    Structure,
+    applies_set,
+    selector_set,
+)
 from tabby.model.selector import Node, parse_selector
-
-Element = tuple[str, ...]
-
-# the sets every table has; the rest are named after what they stand for
-WL_IF, WL_SRC6, WL_SRC4, WL_MAC = "wl_if", "wl_src6", "wl_src4", "wl_mac"
-
-
-def _h(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def applies_set(kind: str, name: str) -> str:
-    """Local interfaces a policy ("po") or profile ("pr") applies to."""
-    return f"{kind}_{_h(name)}"
-
-
-def selector_set(text: str, version: int) -> str:
-    """Addresses (IPv6 or IPv4) of every endpoint a rule's selector matches, on any host."""
-    return f"se_{_h(text)}_{version}"
-
-
-@dataclass(frozen=True)
-class PolicyPlan:
-    """One policy or profile as the renderer needs it: rules in order, and the set naming it."""
-
-    kind: str  # "po" | "pr"
-    name: str
-    order: float
-    ingress: tuple[Any, ...]  # model Rules
-    egress: tuple[Any, ...]
-
-    @property
-    def applies(self) -> str:
-        return applies_set(self.kind, self.name)
-
-
-@dataclass(frozen=True)
-class Structure:
-    policies: tuple[PolicyPlan, ...] = ()  # by order, then name
-    profiles: tuple[PolicyPlan, ...] = ()  # by name
-    selectors: tuple[str, ...] = ()  # every selector a rule uses, sorted
-    pools6: tuple[str, ...] = ()
-    pools4: tuple[str, ...] = ()
-    nat6: tuple[str, ...] = ()  # pools with nat_outgoing
-    nat4: tuple[str, ...] = ()
-    workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")  # unknown interfaces so named: dropped
-
-    def set_names(self) -> dict[str, str | list[str]]:
-        """Every named set and its nftables type (read on every element patch: computed once)."""
-        return self._set_names
-
-    @cached_property
-    def _set_names(self) -> dict[str, str | list[str]]:
-        sets: dict[str, str | list[str]] = {
-            WL_IF: "ifname", WL_SRC6: ["ifname", "ipv6_addr"], WL_SRC4: ["ifname", "ipv4_addr"],
-            WL_MAC: ["ifname", "ether_addr"]}
-        for p in (*self.policies, *self.profiles):
-            sets[p.applies] = "ifname"
-        for s in self.selectors:
-            sets[selector_set(s, 6)] = "ipv6_addr"
-            sets[selector_set(s, 4)] = "ipv4_addr"
-        return sets
 
 
 @dataclass(frozen=True)
@@ -100,9 +48,13 @@ class EndpointInfo:
 
 
 def endpoint_info(ep: Any, local: bool) -> EndpointInfo:
+    """Addresses as the kernel's own text (inet_ntop): what nft lists back, so the drift check
+    compares like with like (ipaddress writes ::ffff:1.2.3.4 as ::ffff:102:304), and 5x faster
+    than ipaddress's pure-Python formatting."""
     s = ep.spec
-    return EndpointInfo(labels=dict(ep.metadata.labels), v6=tuple(str(a.ip) for a in s.ipv6_addresses),
-                        v4=tuple(str(a.ip) for a in s.ipv4_addresses), interface=s.interface,
+    return EndpointInfo(labels=dict(ep.metadata.labels),
+                        v6=tuple(inet_ntop(AF_INET6, a.ip.packed) for a in s.ipv6_addresses),
+                        v4=tuple(inet_ntop(AF_INET, a.ip.packed) for a in s.ipv4_addresses), interface=s.interface,
                         mac=s.mac.lower(), profiles=tuple(s.profiles), local=local)
 
 
@@ -300,7 +252,9 @@ class PolicyIndex:
                 else:
                     d[elem] = False
         for set_name, elem in new:
-            counts = self.elements.setdefault(set_name, Counter())
+            counts = self.elements.get(set_name)
+            if counts is None:
+                counts = self.elements[set_name] = Counter()
             counts[elem] += 1
             if counts[elem] == 1:
                 d = self.delta.setdefault(set_name, {})
@@ -327,11 +281,21 @@ class PolicyIndex:
         for name, changes in self.delta.items():  # undo what is not written yet
             for elem, present in changes.items():
                 (kernel.setdefault(name, set()).discard if present else kernel.setdefault(name, set()).add)(elem)
-        self.elements.clear()
-        self.contrib.clear()
-        self.delta.clear()
-        for name in self.endpoints:
-            self._refresh(name)
+        # one pass that only counts (Counter over a list counts in C); no delta bookkeeping, since
+        # the delta is computed once below: 0.40 -> 0.21 s of calculation at 10,000 endpoints
+        self.contrib = {}
+        by_set: dict[str, list[Element]] = {}
+        for name, info in self.endpoints.items():
+            new = self._contributions(info)
+            if new:
+                self.contrib[name] = new
+                for set_name, elem in new:
+                    got = by_set.get(set_name)
+                    if got is None:
+                        by_set[set_name] = [elem]
+                    else:
+                        got.append(elem)
+        self.elements = {name: Counter(elems) for name, elems in by_set.items()}
         self.delta = {}
         for name in set(kernel) | set(self.elements):
             have, want = kernel.get(name, set()), set(self.elements.get(name, ()))

@@ -4,6 +4,13 @@ The agent's loop only records the latest status per endpoint (cheap, no I/O); th
 writes what changed, coalescing bursts, and keeps what it could not write for the next try when
 the Store is unreachable. Liveness is a heartbeat record carrying its own expiry (``expires``),
 so it works the same on SQLite and etcd: a reader treats a host whose record has expired as down.
+
+Failure: a write that fails (the Store unreachable, locked, full, read-only, corrupt) ends the
+pass; what was not written stays queued (a newer status for the same endpoint replaces it) and
+the whole pass, heartbeat included, is tried again after a back-off that doubles from
+``retry_s`` to ``max_retry_s`` (1 s .. 30 s), one log line per retry naming the attempt and the
+error. New statuses arriving meanwhile wait for that retry instead of hammering a failing Store.
+``failing`` says why while it lasts (health reports it). The thread survives any exception.
 """
 
 from __future__ import annotations
@@ -16,32 +23,52 @@ import time
 from typing import Any
 
 from tabby.model.keys import endpoint_status_key, host_status_key
-from tabby.store import NotFound, Store, StoreError
+from tabby.store import NotFound, Store, StoreError, StoreFault, Unavailable
 
 log = logging.getLogger(__name__)
 
 
 class StatusWriter:
-    def __init__(self, store: Store, host: str, *, ttl_s: float = 30.0) -> None:
+    def __init__(self, store: Store, host: str, *, ttl_s: float = 30.0, retry_s: float = 1.0,
+                 max_retry_s: float = 30.0) -> None:
         self.store = store
         self.host = host
         self.ttl_s = ttl_s
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._written: dict[str, dict[str, Any]] = {}
         self._docs: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
         self._stop = False
+        self._failing: str | None = None
         self.host_info: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._run, name="status-writer", daemon=True)
+
+    @property
+    def failing(self) -> str | None:
+        """Why status and heartbeat writes fail, while they do; None once a retry got through."""
+        return self._failing
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the writer; a last heartbeat that has already expired says "stopped" at once,
+        instead of leaving readers to wait out the TTL."""
         with self._cond:
             self._stop = True
             self._cond.notify()
         self._thread.join(5)
+        now = time.time()
+        try:
+            self.store.put(host_status_key(self.host), json.dumps(
+                {"host": self.host, "heartbeat": now, "expires": now, **self.host_info}).encode())
+        except StoreError as e:
+            log.warning("last heartbeat (stopped) not written: %s", e)
 
     def set(self, endpoint: str, state: str | None, reason: str = "") -> None:
         """state: up | down | error, or None to remove the record (endpoint gone from this host)."""
@@ -58,53 +85,86 @@ class StatusWriter:
             self._docs[key] = doc
             self._cond.notify()
 
-    def current(self, endpoint: str) -> dict[str, Any] | None:
-        with self._cond:
-            if endpoint in self._pending:
-                return self._pending[endpoint]
-            return self._written.get(endpoint)
-
     def _run(self) -> None:
-        next_beat = 0.0
+        next_beat = 0.0  # monotonic time the heartbeat is due
+        retry_at: float | None = None  # while failing: nothing is tried before this
+        attempt = 0
         while True:
             with self._cond:
+                while not self._stop:
+                    now = time.monotonic()
+                    due = now if self._pending or self._docs else next_beat
+                    until = retry_at if retry_at is not None else due  # a retry waits out its back-off
+                    if now >= until:
+                        break
+                    self._cond.wait(until - now)
                 if self._stop:
                     return
-                timeout = max(0.0, next_beat - time.monotonic())
-                if not self._pending and timeout > 0:
-                    self._cond.wait(timeout)
                 batch, self._pending = self._pending, {}
                 docs, self._docs = self._docs, {}
-            failed: dict[str, dict[str, Any] | None] = {}
-            for name, status in batch.items():
-                try:
-                    key = endpoint_status_key(self.host, name)
-                    if status is None:
-                        with contextlib.suppress(NotFound):
-                            self.store.delete(key)
-                        self._written.pop(name, None)
-                    else:
-                        self.store.put(key, json.dumps({**status, "at": time.time()}).encode())
-                        self._written[name] = status
-                except StoreError as e:
-                    failed[name] = status
-                    log.warning("status of %s not written (%s); will retry", name, e)
-            for key, doc in docs.items():
-                try:
-                    self.store.put(key, json.dumps(doc).encode())
-                except StoreError as e:
-                    log.warning("%s not written: %s", key, e)
-            if time.monotonic() >= next_beat:
-                try:
-                    now = time.time()
-                    self.store.put(host_status_key(self.host), json.dumps(
-                        {"host": self.host, "heartbeat": now, "expires": now + self.ttl_s, **self.host_info}).encode())
+            beat = time.monotonic() >= next_beat
+            failed = self._write(batch, docs, beat)
+            if failed is None:
+                if beat:
                     next_beat = time.monotonic() + self.ttl_s / 3
-                except StoreError as e:
-                    log.warning("host heartbeat not written: %s", e)
-                    next_beat = time.monotonic() + 1.0
-            if failed:
-                with self._cond:
-                    for name, status in failed.items():
-                        self._pending.setdefault(name, status)
-                    self._cond.wait(1.0)
+                if attempt:
+                    log.info("status writer: writes to the store work again after %d failed attempt(s)", attempt)
+                attempt, retry_at, self._failing = 0, None, None
+                continue
+            what, error = failed
+            attempt += 1
+            delay = min(self.retry_s * 2 ** min(attempt - 1, 20), self.max_retry_s)
+            retry_at = time.monotonic() + delay
+            self._failing = f"status writes: {what} not written: {error} (attempt {attempt}, next try in {delay:g}s)"
+            with self._cond:
+                queued = len(self._pending) + len(self._docs)
+            log.warning("status writer: %s not written, attempt %d: %s; retrying in %gs (%d record(s) queued)",
+                        what, attempt, error, delay, queued)
+
+    def _write(self, batch: dict[str, dict[str, Any] | None], docs: dict[str, dict[str, Any]],
+               beat: bool) -> tuple[str, Exception] | None:
+        """One pass: the heartbeat if due, statuses, other records. The first failure ends
+        it (a Store that refused one write will likely refuse the next) and puts back what was
+        not written; returns what failed and why. A record that fails for a reason of its own
+        (a bug, or a Store that refuses that request rather than failing) is dropped, so that
+        it cannot hold up every other record behind it."""
+        queue: dict[str, Any] | None = None  # where the record being written came from
+        what, item = "status", ""
+        try:
+            if beat:  # liveness first: a reader takes a host whose heartbeat expired for down
+                what = "host heartbeat"
+                now = time.time()
+                self.store.put(host_status_key(self.host), json.dumps(
+                    {"host": self.host, "heartbeat": now, "expires": now + self.ttl_s, **self.host_info}).encode())
+            for name in list(batch):
+                what, queue, item = f"status of {name}", batch, name
+                status = batch[name]
+                key = endpoint_status_key(self.host, name)
+                if status is None:
+                    with contextlib.suppress(NotFound):
+                        self.store.delete(key)
+                    self._written.pop(name, None)
+                else:
+                    self.store.put(key, json.dumps({**status, "at": time.time()}).encode())
+                    self._written[name] = status
+                del batch[name]
+            for key in list(docs):
+                what, queue, item = key, docs, key
+                self.store.put(key, json.dumps(docs[key]).encode())
+                del docs[key]
+        except Exception as e:  # a Store error, or a bug: the thread goes on either way
+            if not isinstance(e, (StoreFault, Unavailable)):
+                log.error("status writer: %s dropped: %r", what, e, exc_info=not isinstance(e, StoreError))
+                if queue is not None:
+                    queue.pop(item, None)
+            self._requeue(batch, docs)
+            return what, e
+        return None
+
+    def _requeue(self, batch: dict[str, dict[str, Any] | None], docs: dict[str, dict[str, Any]]) -> None:
+        """Put back what was not written; anything set meanwhile is newer and wins."""
+        with self._cond:
+            for name, status in batch.items():
+                self._pending.setdefault(name, status)
+            for key, doc in docs.items():
+                self._docs.setdefault(key, doc)

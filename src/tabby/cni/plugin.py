@@ -205,7 +205,7 @@ def add(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases | No
 
 def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lock: AttachmentLock, ns_fd: int,
                 ph: Phases) -> dict[str, Any]:
-    from tabby.ipam import IpamError, PoolExhausted
+    from tabby.ipam import Contention, CorruptRecord, IpamError, PoolExhausted
     from tabby.ipam.allocator import HandleExists
     from tabby.store import StoreError
 
@@ -214,6 +214,8 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
     state = lock.read()
     try:
         rec = ipam.handle(handle)
+    except CorruptRecord as e:  # never overwritten: an operator's to look at, and a retry won't do
+        raise CniError(IO_FAILURE, "this attachment's IPAM handle record is corrupt", str(e)) from None
     except (StoreError, ValueError) as e:
         raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
     ph.mark("read")
@@ -241,9 +243,12 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
     except HandleExists as e:  # another host's ADD of the same attachment, this instant
         lock.remove()
         raise CniError(TRY_AGAIN, "attachment is being added elsewhere", str(e)) from None
-    except PoolExhausted as e:
+    except (PoolExhausted, CorruptRecord) as e:  # exhausted, or a record in the way is corrupt: final
         lock.remove()
         raise CniError(IO_FAILURE, "address allocation failed", str(e)) from None
+    except Contention as e:
+        lock.remove()
+        raise CniError(TRY_AGAIN, "address allocation failed", str(e)) from None
     except (IpamError, ValueError) as e:
         lock.remove()
         raise CniError(INVALID_CONF if req.ips else TRY_AGAIN, "address allocation failed", str(e)) from None
@@ -446,8 +451,13 @@ def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hosti
     """Veth, Endpoint (if it is this attachment's) and allocation; ``deep`` also frees what a
     dead ADD left in this host's blocks without recording it in the handle."""
 
+    from tabby.ipam import CorruptRecord
+
     _unplumb(hostif)
-    rec = ipam.handle(handle)
+    try:
+        rec = ipam.handle(handle)
+    except CorruptRecord:
+        rec = None  # the Endpoint and veth go all the same; release_handle below reports the record
     _delete_endpoints(conf, env, store, handle, rec)
     ipam.release_handle(handle)
     if deep:
@@ -478,7 +488,8 @@ def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any
 
 
 def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases | None = None) -> None:
-    """Idempotent: whatever is already gone counts as removed.
+    """Idempotent: whatever is already gone counts as removed. A corrupt handle record is never
+    rewritten: the Endpoint and veth go, the record stays (code 5, naming it).
 
     In the warm server (``ctx.background``) DEL answers once the Endpoint is gone (the agent
     withdraws the routes at once) and the attachment is marked "deleting"; the veth deletion
@@ -486,6 +497,7 @@ def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases |
     go on after the answer, still holding the attachment's lock, so any next ADD, DEL, CHECK
     or GC of it waits for them. Addresses are freed only once no interface has them. Should
     the server die in between, the "deleting" mark makes the next caller finish the job."""
+    from tabby.ipam import CorruptRecord, IpamError
     from tabby.store import StoreError
 
     ctx = ctx or Context()
@@ -496,7 +508,10 @@ def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases |
         with _locked(env) as lock:
             ph.mark("lock")
             state = lock.read()
-            rec = ipam.handle(handle)
+            try:
+                rec = ipam.handle(handle)
+            except CorruptRecord:
+                rec, state = None, {"state": "deleting"}  # the slow path, which reports the record
             if rec is not None and rec.attachment not in (None, _attachment(conf, env)):
                 _unplumb(hostif)  # another host's attachment of the same name: only our veth is ours
                 lock.remove()
@@ -522,6 +537,8 @@ def delete(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases |
             _release_legacy(conf, env, store, ipam, hostif)
             lock.remove()
             ph.mark("teardown")
+    except IpamError as e:  # the handle's record is corrupt: nothing freed, the record left for an operator
+        raise CniError(IO_FAILURE, "address release failed", str(e)) from None
     except (StoreError, ValueError) as e:
         raise CniError(TRY_AGAIN, "store unavailable", str(e)) from None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tabby.dataplane.netlink import TABBY_PROTO
@@ -33,7 +33,7 @@ class BirdInputs:
     pools: tuple[Any, ...] = ()  # IPPools
     blocks: tuple[str, ...] = ()  # this host's affine blocks
     mesh: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
+    default_asn: int = 64512  # for Hosts that name no AS of their own (Config default_asn)
 
 
 def _ident(text: str) -> str:
@@ -106,7 +106,7 @@ def render(inp: BirdInputs) -> str:
                 imports: str = "bgp_in") -> list[str]:
         lines = [f"protocol bgp {_ident(name)} from tabby_peer {{",
                  f"  description \"{name}\";",
-                 f"  local {local} as {spec.asn};",
+                 f"  local {local} as {spec.asn or inp.default_asn};",
                  f"  neighbor {peer}{f'%{interface}' if interface else ''} as {peer_as};"]
         if direct:
             lines.append("  direct;")
@@ -140,7 +140,7 @@ def render(inp: BirdInputs) -> str:
             theirs = other.spec.ipv6_address if f == 6 else other.spec.ipv4_address
             if theirs is None:
                 continue
-            out += session(f"host {other.metadata.name} v{f}", mine, theirs, other.spec.asn, f,
+            out += session(f"host {other.metadata.name} v{f}", mine, theirs, other.spec.asn or inp.default_asn, f,
                            rr_client=rr_client, export=export)
             out.append("")
     for peer in sorted(inp.peers, key=lambda x: x.metadata.name):

@@ -10,7 +10,6 @@ dnsmasq is started detached (own session, pid file), so an agent restart adopts 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -137,7 +136,3 @@ class DnsmasqReconciler:
         self.last_error = None
         log.info("dnsmasq %s (pid %s)", "restarted" if pid else "started", self.pid())
         return True
-
-    def remove_anchor(self) -> None:
-        with contextlib.suppress(OSError):
-            subprocess.run(["ip", "link", "del", ANCHOR], capture_output=True)

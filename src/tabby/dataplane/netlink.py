@@ -4,7 +4,7 @@ Why not pyroute2 here: building one pyroute2 message object costs ~50 us, which 
 dual-stack endpoints (40,000 messages) is 2 s of pure Python; packing the same messages with
 ``struct`` takes 0.08 s, and pipelining them on one socket (many per ``send``, acks matched by
 sequence number as they arrive) lets the kernel apply them faster than ``ip -batch``, which waits
-for every ack. pyroute2 is still used for links, where objects are few.
+for every ack. (The link index uses libc's if_nameindex; see links.py.)
 
 Only the messages tabby needs are spoken: RTM_NEWROUTE/DELROUTE (main table, a device route
 per address), RTM_NEWNEIGH/DELNEIGH (permanent entries and proxy entries), their dumps, and the

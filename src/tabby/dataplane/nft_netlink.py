@@ -34,6 +34,7 @@ _HDR = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
 _NLA = struct.Struct("=HH")
 
+SO_SNDBUFFORCE = 32  # socket.h: SO_SNDBUF past net.core.wmem_max, for CAP_NET_ADMIN
 
 class NftError(Exception):
     pass
@@ -72,6 +73,7 @@ class NftSocket:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
         self.sock.settimeout(5.0)
+        self._sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2  # the kernel doubles it
         self.seq = int.from_bytes(os.urandom(3), "big")
 
     def close(self) -> None:
@@ -81,6 +83,18 @@ class NftSocket:
         self.seq += 1
         body = _NFGEN.pack(family, 0, res_id) + payload
         return self.seq, _HDR.pack(_HDR.size + len(body), mtype, flags, self.seq, 0) + body
+
+    def _room_for(self, size: int) -> None:
+        """A batch is one message train the kernel takes in one sendmsg: past the socket's send
+        buffer (~200 KB, a few thousand elements) it fails with EMSGSIZE. Grow the buffer to fit
+        (SO_SNDBUFFORCE passes the sysctl cap; root has CAP_NET_ADMIN), as libnftables does."""
+        if size > self._sndbuf:
+            want = size + (1 << 16)
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, want)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
+            self._sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
 
     def set_elements(self, table: str, changes: Iterable[tuple[bool, str, str | list[str], list[tuple[str, ...]]]]
                      ) -> None:
@@ -108,7 +122,9 @@ class NftSocket:
             return
         _, end = self._msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, AF_UNSPEC, socket.htons(NFNL_SUBSYS_NFTABLES), b"")
         parts.append(end)
-        self.sock.sendall(b"".join(parts))
+        batch = b"".join(parts)
+        self._room_for(len(batch))
+        self.sock.sendall(batch)
         errors = self._acks(set(seqs))
         if errors:
             raise NftError("; ".join(sorted({os.strerror(e) for e in errors})))

@@ -24,10 +24,11 @@ their comments, so a rule added, removed or reordered by hand is noticed.
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
 
-from tabby.agent.policy_calc import WL_IF, WL_MAC, WL_SRC4, WL_SRC6, Element, PolicyPlan, Structure, selector_set
 from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER
+from tabby.dataplane.nft_structure import WL_IF, WL_MAC, WL_SRC4, WL_SRC6, Element, PolicyPlan, Structure, selector_set
 
 TABLE = "tabby"
 FAMILY = "inet"
@@ -259,17 +260,32 @@ def element_json(elem: Element) -> Any:
     return {"concat": list(elem)} if len(elem) > 1 else elem[0]
 
 
-def element_commands(op: str, elements: dict[str, set[Element]] | dict[str, list[Element]]) -> list[dict[str, Any]]:
-    return [{op: {"element": {"family": FAMILY, "table": TABLE, "name": name,
-                              "elem": [element_json(e) for e in elems]}}}
+def _text(value: str) -> str:
+    # set elements are validated names, inet_ntop addresses and canonical MACs: no quote or
+    # backslash can occur, but a string that had one would still be written correctly
+    return f'"{value}"' if '"' not in value and "\\" not in value else json.dumps(value)
+
+
+def _element_text(elem: Element) -> str:
+    if len(elem) == 1:
+        return _text(elem[0])
+    return '{"concat":[' + ",".join(_text(v) for v in elem) + "]}"
+
+
+def element_commands_text(op: str, elements: dict[str, set[Element]]) -> list[str]:
+    """The element commands as JSON text. Why text: 70,000 elements built as dicts and passed
+    through json.dumps cost ~0.15 s of a 10,000-endpoint replace; joined strings ~0.03 s."""
+    head = f'{{"{op}":{{"element":{{"family":"{FAMILY}","table":"{TABLE}","name":'
+    return [f'{head}{_text(name)},"elem":[' + ",".join(_element_text(e) for e in elems) + "]}}}"
             for name, elems in elements.items() if elems]
 
 
-def replace_transaction(s: Structure, elements: dict[str, set[Element]]) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """One atomic transaction that swaps whatever table is there for the desired one."""
+def replace_transaction(s: Structure, elements: dict[str, set[Element]]
+                        ) -> tuple[str, list[dict[str, Any]], dict[str, list[str]]]:
+    """One atomic transaction that swaps whatever table is there for the desired one:
+    (its libnftables JSON text, the structure's commands, chain -> rule comments)."""
     cmds, chains = render(s)
-    head = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, {"delete": {"table": {"family": FAMILY,
-                                                                                         "name": TABLE}}}]
-    doc = {"nftables": [{"metainfo": {"json_schema_version": 1}}, *head, *cmds,
-                        *element_commands("add", {k: list(v) for k, v in elements.items()})]}
-    return doc, chains
+    head = [{"metainfo": {"json_schema_version": 1}}, {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+            {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *cmds]
+    parts = [json.dumps(c, separators=(",", ":")) for c in head] + element_commands_text("add", elements)
+    return '{"nftables":[' + ",".join(parts) + "]}", cmds, chains

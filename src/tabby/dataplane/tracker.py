@@ -56,6 +56,3 @@ class DeltaTracker(Generic[K, V]):
     def applied_delete(self, key: K) -> None:
         self.dataplane.pop(key, None)
         self.pending_deletes.discard(key)
-
-    def in_sync(self) -> bool:
-        return not self.pending_updates and not self.pending_deletes

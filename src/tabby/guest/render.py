@@ -9,6 +9,10 @@
    (the kernel's default) unless asked: Linux also delays an interface's first DAD probe by a random
    time up to this value, and DHCPv6 clients wait for the link-local address to pass DAD, so 10 s
    made a VM's boot take 5-12 s here. dnsmasq's periodic RAs (every 10 s) cover a lost early RS.
+5. For guests that run dhcpcd instead of ISC dhclient: /etc/dhcpcd.conf asking for an address
+   (``ia_na``) on each interface, a DUID from the MAC (``duid ll``: stable across reinstalls of the
+   image, so the host's DHCPv6 server keeps handing out the orchestrator's address), no IPv4
+   link-local, and no IPv4 at all on an IPv6-only network.
 """
 
 from __future__ import annotations
@@ -48,7 +52,18 @@ def render(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = Tr
                                f"net.ipv6.conf.{i}.router_solicitation_delay = {rs_delay}\n"
                                f"net.ipv6.conf.{i}.accept_ra = 1\n"))
     files.append(GuestFile("/sbin/dhclient-script", DHCLIENT_FIX + "\n", mode="prepend-after-shebang"))
+    files.append(GuestFile("/etc/dhcpcd.conf", dhcpcd_conf(interfaces, ipv4)))
     return files
+
+
+def dhcpcd_conf(interfaces: tuple[str, ...], ipv4: bool) -> str:
+    lines = ["# tabby: a DHCPv6 address per interface, the default route from the host's RAs",
+             "duid ll", "noipv4ll", "option rapid_commit", f"allowinterfaces {' '.join(interfaces)}"]
+    if not ipv4:
+        lines.append("ipv6only")
+    for i in interfaces:
+        lines += [f"interface {i}", "  ia_na"]
+    return "\n".join(lines) + "\n"
 
 
 def patch_script(text: str) -> str:

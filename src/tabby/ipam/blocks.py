@@ -7,8 +7,9 @@ with compare-and-swap.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+from tabby.model.codec import InvalidResource
 from tabby.model.ipam import Allocation, Block, IPNetwork
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,6 +39,25 @@ class AddressInUse(IpamError):
     pass
 
 
+class Contention(IpamError):
+    """A bounded number of attempts all lost a race (a block claimed or released under us): try again."""
+
+
+class CorruptRecord(IpamError):
+    """An IPAM record that does not decode (or does not belong under its key). It is never allocated
+    from and never overwritten; ``key`` and ``field`` name it, ``errors`` says what is wrong."""
+
+    def __init__(self, key: str, field: str, errors: list[str]) -> None:
+        self.key = key
+        self.field = field
+        self.errors = errors
+        super().__init__(f"corrupt IPAM record {key} (field {field}): {'; '.join(errors)}")
+
+    @classmethod
+    def of(cls, e: InvalidResource) -> CorruptRecord:
+        return cls(e.where, e.field, e.errors)
+
+
 def new_block(cidr: IPNetwork, host: str | None, pool: IPNetwork | None = None) -> Block:
     """A fresh block. The pool's first address is reserved: in IPv6 it is the subnet-router anycast
     address (RFC 4291), in IPv4 the network address, and every host uses it as the local anchor
@@ -51,15 +71,54 @@ def block_of(ip: IPAddr, block_size: int) -> IPNetwork:
     return ipaddress.ip_network(f"{ip}/{block_size}", strict=False)
 
 
-def candidate_blocks(pool: IPNetwork, block_size: int, taken: set[str]) -> Iterator[IPNetwork]:
-    """Blocks of the pool nobody holds, in address order; lazy, since a /64 has 2**58 of them."""
+def key_network(key: str) -> IPNetwork | None:
+    """The network a block key names ("…/blocks/fd00:e::-122" -> fd00:e::/122), whatever its record
+    holds; None when the key names no network. Read leniently (host bits allowed): a record under
+    a key is taken to cover what its key says, corrupt or not."""
+    segment = key.rsplit("/", 1)[-1]
+    text, sep, length = segment.rpartition("-")
+    if not sep or not length.isdigit() or len(length) > 3:
+        return None
+    try:
+        return ipaddress.ip_network(f"{text}/{length}", strict=False)
+    except ValueError:
+        return None
+
+
+def candidate_blocks(pool: IPNetwork, block_size: int, held: Iterable[IPNetwork]) -> Iterator[IPNetwork]:
+    """Blocks of the pool that overlap no held network, in address order; lazy, since a /64 has
+    2**58 of them. ``held`` is every network a block record's key names, of any size: a held
+    network smaller than a block takes the whole block that contains it, a larger one every block
+    inside it (skipped over, not walked), so a new claim never overlaps a record of another size
+    (a pool whose block size changed, a hostile record)."""
     step = 1 << (pool.max_prefixlen - block_size)
     base = int(pool.network_address)
+    end = base + pool.num_addresses
     cls = type(pool)
-    for i in range(pool.num_addresses // step):
-        net = cls((base + i * step, block_size))
-        if str(net) not in taken:
-            yield net
+    small: set[int] = set()  # block-aligned start addresses taken
+    spans: list[tuple[int, int]] = []  # [first, last] of held networks larger than a block
+    for net in held:
+        if net.version != pool.version:
+            continue
+        first, last = int(net.network_address), int(net.broadcast_address)
+        if last < base or first >= end:
+            continue
+        if net.prefixlen >= block_size:
+            small.add(first - (first - base) % step)
+        else:
+            spans.append((first, last))
+    spans.sort()
+    at, k = base, 0
+    while at < end:
+        while k < len(spans) and spans[k][1] < at:
+            k += 1
+        if k < len(spans) and spans[k][0] <= at:
+            last = spans[k][1]
+            at = last + 1 + (-(last + 1 - base)) % step  # the next block boundary after the span
+            continue
+        if at not in small:
+            yield cls((at, block_size))
+        at += step
 
 
 def ordinal(block: Block, ip: IPAddr) -> int:
@@ -101,11 +160,15 @@ def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
     return block.model_copy(update={"free": free, "allocations": allocations, "seq": seq}), seq
 
 
-def give_back(block: Block, o: int, seq: int | None) -> tuple[Block, Allocation]:
-    """Release ordinal o (only if it still carries seq, when given); freed addresses queue last."""
+def give_back(block: Block, o: int, seq: int | None, handle: str | None = None) -> tuple[Block, Allocation]:
+    """Release ordinal o (only if it still carries seq, and belongs to handle, when given); freed
+    addresses queue last. The handle check keeps a record that names someone else's address (a
+    hostile or stale handle record) from freeing it."""
     alloc = block.allocations.get(o)
     if alloc is None:
         raise NotAllocated(f"{address(block, o)} is not allocated")
+    if handle is not None and alloc.handle != handle:
+        raise NotAllocated(f"{address(block, o)} is allocated to handle {alloc.handle}, not {handle}: not released")
     if seq is not None and alloc.seq != seq:
         raise StaleRelease(
             f"{address(block, o)} was reassigned (sequence {alloc.seq}, release named {seq}): not released"

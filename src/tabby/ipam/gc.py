@@ -7,6 +7,12 @@ handle (all-or-nothing). It is released only when seen leaked by two runs at lea
 seconds apart, which also protects a CNI ADD that has assigned but not yet written its
 Endpoint. Empty blocks lose their affinity the same way, except a host's last block. What the
 collector saw is kept in one Store record (``ipam/gc``) so runs in different processes agree.
+
+Nothing is freed on the basis of a corrupt record: a handle whose record is corrupt, or whose
+record names an address in a corrupt block, is "unknown" and kept (``kept_unknown``); a corrupt
+Endpoint keeps its name and every address its bytes might name; an affinity whose block is
+corrupt is kept; and when the collector's own record is corrupt it frees nothing and leaves the
+record alone (``state_corrupt``), until an operator deletes it. Corrupt records are never written.
 """
 
 from __future__ import annotations
@@ -14,18 +20,21 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, field
 
-from tabby.ipam.allocator import IPAM
-from tabby.ipam.blocks import address
-from tabby.model import decode
-from tabby.model.ipam import Affinity, GcState
-from tabby.model.keys import IPAM_AFFINITIES_PREFIX, IPAM_GC_KEY, ipam_affinity_key, ipam_block_key, kind_prefix
-from tabby.store import NotFound, RevisionMismatch
+from tabby.ipam.allocator import IPAM, corrupt, one_call
+from tabby.ipam.blocks import IpamError, address
+from tabby.model import Endpoint, InvalidResource, decode
+from tabby.model.ipam import GcState, Handle, decode_ipam
+from tabby.model.keys import IPAM_GC_KEY, ipam_affinity_key, ipam_block_key, ipam_handle_key, kind_prefix, parse_key
+from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 300.0
+# Text that could be an address inside a corrupt record's bytes (checked with ipaddress after).
+_ADDRESS_LIKE = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
 
 @dataclass
@@ -35,53 +44,111 @@ class GcReport:
     empty_blocks: list[str] = field(default_factory=list)
     released_blocks: list[str] = field(default_factory=list)
     dropped_affinities: list[str] = field(default_factory=list)
+    kept_unknown: dict[str, str] = field(default_factory=dict)  # handle -> the corrupt record that keeps it
+    corrupt: list[str] = field(default_factory=list)  # "key (field F): what is wrong": IPAM and Endpoint records
+    state_corrupt: bool = False  # ipam/gc itself is corrupt: nothing freed, nothing written
 
 
-def _live_endpoints(ipam: IPAM) -> tuple[set[str], set[str]]:
-    kvs, _ = ipam.store.list(kind_prefix("Endpoint"))
-    ips: set[str] = set()
-    names: set[str] = set()
+def read_endpoints(store: Store) -> tuple[list[Endpoint], list[tuple[KV, InvalidResource]]]:
+    """Every Endpoint record that decodes, and the ones that do not (with why)."""
+    kvs, _ = store.list(kind_prefix("Endpoint"))
+    good: list[Endpoint] = []
+    bad: list[tuple[KV, InvalidResource]] = []
     for kv in kvs:
         try:
-            ep = decode(kv.key, kv.value)
-        except ValueError:
-            # a corrupt endpoint record still names a workload: keep everything it might use
-            names.add(kv.key.rsplit("/", 1)[1])
-            continue
+            good.append(decode(kv.key, kv.value))
+        except InvalidResource as e:
+            bad.append((kv, e))
+    return good, bad
+
+
+def salvage_addresses(value: bytes) -> set[str]:
+    """Every address a corrupt record's bytes might name, so that what it may use is kept."""
+    out = set()
+    for m in _ADDRESS_LIKE.finditer(value.decode("utf-8", "replace")):
+        for text in (m.group(), m.group().rstrip(".:")):
+            with contextlib.suppress(ValueError):
+                out.add(str(ipaddress.ip_address(text)))
+    return out
+
+
+def endpoint_addresses(ep: Endpoint) -> list[str]:
+    return [str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
+
+
+def _live_endpoints(store: Store) -> tuple[set[str], set[str], list[tuple[KV, InvalidResource]]]:
+    good, bad = read_endpoints(store)
+    ips: set[str] = set()
+    names: set[str] = set()
+    for ep in good:
         names.add(ep.metadata.name)
-        ips.update(str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses))
-    return ips, names
+        ips.update(endpoint_addresses(ep))
+    for kv, e in bad:
+        # a corrupt endpoint record still names a workload: keep everything it might use
+        log.error("gc keeps what corrupt Endpoint record %s (field %s) may use: %s", kv.key, e.field, e)
+        parsed = parse_key(kv.key)
+        names.add(parsed[1] if parsed else kv.key.rsplit("/", 1)[-1])
+        ips.update(salvage_addresses(kv.value))
+    return ips, names, bad
 
 
+def _unknown(handle: str, rec: Handle | None, bad: set[str]) -> str | None:
+    """Why a handle that looks leaked must be kept because a record about it is corrupt, or None."""
+    if ipam_handle_key(handle) in bad:
+        return f"its record {ipam_handle_key(handle)} is corrupt"
+    for a in rec.addresses if rec is not None else ():
+        if ipam_block_key(a.block) in bad:
+            return f"its address {a.ip} is in corrupt block record {ipam_block_key(a.block)}"
+    return None
+
+
+@one_call
 def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> GcReport:
     now = ipam.clock()
     report = GcReport()
-    live_ips, live_names = _live_endpoints(ipam)
-    blocks = ipam._all_blocks()
-    handles = {h.handle: h for h in ipam.handles()}
+    snap = ipam.snapshot()
+    bad = snap.corrupt_keys
+    live_ips, live_names, bad_endpoints = _live_endpoints(ipam.store)
+    report.corrupt = [f"{c.key} (field {c.field}): {'; '.join(c.errors)}" for c in snap.corrupt]
+    report.corrupt += [f"{kv.key} (field {e.field}): {'; '.join(e.errors)}" for kv, e in bad_endpoints]
+    blocks = snap.blocks
+    handles = {h.handle: h for h, _ in snap.handles}
 
     # addresses per handle, from the blocks (the truth) and the handle records
+    allocated: dict[str, dict[str, tuple[str, int]]] = {}  # handle -> ip -> (block, seq), from blocks
     by_handle: dict[str, set[str]] = {}
     for b, _ in blocks:
         for o, alloc in b.allocations.items():
-            by_handle.setdefault(alloc.handle, set()).add(str(address(b, o)))
+            ip = str(address(b, o))
+            allocated.setdefault(alloc.handle, {})[ip] = (b.cidr, alloc.seq)
+            by_handle.setdefault(alloc.handle, set()).add(ip)
     for h in handles.values():
         by_handle.setdefault(h.handle, set()).update(a.ip for a in h.addresses)
 
-    gc_kv = ipam.store.get(IPAM_GC_KEY)
-    state = GcState.model_validate_json(gc_kv.value) if gc_kv else GcState()
+    if snap.gc is not None:
+        state = snap.gc[0]
+    else:
+        state = GcState()
+        report.state_corrupt = IPAM_GC_KEY in bad
+        if report.state_corrupt:
+            log.error("gc: its own record %s is corrupt: nothing is freed until it is deleted", IPAM_GC_KEY)
+    writes = not dry_run and not report.state_corrupt
     seen_leaked: dict[str, float] = {}
     for handle, ips in sorted(by_handle.items()):
         rec = handles.get(handle)
         if ips & live_ips or (rec is not None and rec.endpoint in live_names):
+            continue
+        why = _unknown(handle, rec, bad)
+        if why is not None:
+            report.kept_unknown[handle] = why
             continue
         report.leaked[handle] = sorted(ips)
         first = state.leaked_handles.get(handle, now)
         seen_leaked[handle] = first
         if now - first >= grace_s and handle in state.leaked_handles:
             report.released[handle] = sorted(ips)
-            if not dry_run:
-                _release_all(ipam, handle, ips)
+            if writes:
+                _release_all(ipam, handle, allocated.get(handle, {}))
                 del seen_leaked[handle]
 
     # empty blocks: a host keeps its last one
@@ -97,7 +164,7 @@ def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fal
         first = state.empty_blocks.get(b.cidr, now)
         seen_empty[b.cidr] = first
         if now - first >= grace_s and b.cidr in state.empty_blocks:
-            if dry_run:
+            if not writes:
                 report.released_blocks.append(b.cidr)
                 continue
             try:  # only if still empty: an allocation since we read it makes this fail
@@ -106,35 +173,62 @@ def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fal
                 continue
             if b.host is not None:
                 per_host[b.host] -= 1
-                with contextlib.suppress(NotFound):
-                    ipam.store.delete(ipam_affinity_key(b.host, b.cidr))
+                _drop_affinity(ipam, b.host, b.cidr)
             report.released_blocks.append(b.cidr)
             del seen_empty[b.cidr]
             log.info("released empty block %s (host %s)", b.cidr, b.host)
 
     # pending affinities left by a claim that crashed before its block was written
     block_hosts = {b.cidr: b.host for b, _ in blocks}
-    kvs, _ = ipam.store.list(IPAM_AFFINITIES_PREFIX)
-    for kv in kvs:
-        aff = Affinity.model_validate_json(kv.value)
+    for aff, kv in snap.affinities:
+        if ipam_block_key(aff.cidr) in bad:
+            continue  # what its block says is unknown: keep it
         if block_hosts.get(aff.cidr) != aff.host and now - aff.since >= grace_s:
             report.dropped_affinities.append(f"{aff.host}:{aff.cidr}")
-            if not dry_run:
+            if writes:
                 with contextlib.suppress(NotFound, RevisionMismatch):
                     ipam.store.delete(kv.key, expected_revision=kv.mod_revision)
 
-    if not dry_run:
-        ipam.store.put(IPAM_GC_KEY, GcState(leaked_handles=seen_leaked, empty_blocks=seen_empty)
-                       .model_dump_json().encode())
+    if writes:
+        new = GcState(leaked_handles=seen_leaked, empty_blocks=seen_empty).model_dump_json().encode()
+        try:  # compare-and-swap: a collector running at the same time wins, and we do not clobber it
+            if snap.gc is None:
+                ipam.store.create(IPAM_GC_KEY, new)
+            else:
+                ipam.store.update(IPAM_GC_KEY, new, snap.gc[1].mod_revision)
+        except (AlreadyExists, RevisionMismatch, NotFound):
+            log.warning("gc: %s changed during this run (another collector?): not rewritten", IPAM_GC_KEY)
     return report
 
 
-def _release_all(ipam: IPAM, handle: str, ips: set[str]) -> None:
-    """Free the handle's record and any allocation carrying its id that the record missed."""
-    freed = {str(ip) for ip in ipam.release_handle(handle)}
-    for ip in sorted(ips - freed):
+def _drop_affinity(ipam: IPAM, host: str, cidr: str) -> None:
+    """Delete host's affinity for cidr, if it is a good record (a corrupt one is left alone)."""
+    key = ipam_affinity_key(host, cidr)
+    kv = ipam.store.get(key)
+    if kv is None:
+        return
+    try:
+        decode_ipam(key, kv.value)
+    except InvalidResource as e:
+        corrupt(e)
+        return
+    with contextlib.suppress(NotFound, RevisionMismatch):
+        ipam.store.delete(key, expected_revision=kv.mod_revision)
+
+
+def _release_all(ipam: IPAM, handle: str, allocations: dict[str, tuple[str, int]]) -> None:
+    """Free the handle's record, then any allocation carrying its id that the record missed (only
+    allocations the blocks themselves give to this handle, at the sequence they gave it)."""
+    try:
+        freed = {str(ip) for ip in ipam.release_handle(handle)}
+    except IpamError as e:  # its record turned corrupt since the snapshot: keep everything
+        log.warning("gc: handle %s not released: %s", handle, e)
+        return
+    for ip, (cidr, seq) in sorted(allocations.items()):
+        if ip in freed:
+            continue
         try:
-            ipam.release_address(ipaddress.ip_address(ip))
-        except Exception as e:  # a crash-leftover may be half gone already
+            ipam._free_in_block(cidr, ipaddress.ip_address(ip), seq, handle)
+        except IpamError as e:  # a crash-leftover may be half gone already
             log.warning("gc: %s of handle %s: %s", ip, handle, e)
-    log.warning("gc released leaked handle %s: %s", handle, ", ".join(sorted(ips)))
+    log.warning("gc released leaked handle %s: %s", handle, ", ".join(sorted({*freed, *allocations})))

@@ -22,7 +22,7 @@ from tabby.client import ResourceClient
 from tabby.guest.render import patch_script
 from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
-from tabby.lab import netns
+from tabby.lab import netns, outside_bird
 from tabby.lab.topology import (
     ETCD_V6,
     OUTSIDE_ASN,
@@ -38,6 +38,7 @@ from tabby.lab.topology import (
     LabVm,
     LabWorkload,
     Topology,
+    check_prefix,
     topology,
 )
 from tabby.model import validate
@@ -51,8 +52,22 @@ LAB_ROOT = Path("/var/lib/tabby/lab")  # one directory per lab prefix: state, st
 RUN_ROOT = Path("/run/tabby/lab")  # one directory per lab prefix: BIRD's config and socket per host
 
 
+def _under(root: Path, prefix: str) -> Path:
+    """root/prefix for a checked prefix, and refused (ValueError) unless it resolves strictly inside
+    root: a symlink planted at root/prefix must not point ``lab down``'s rmtree elsewhere."""
+    path = root / check_prefix(prefix)
+    real, base = path.resolve(), root.resolve()
+    if real == base or not real.is_relative_to(base):
+        raise ValueError(f"lab directory {path} resolves to {real}, outside {base}: refused")
+    return path
+
+
 def lab_dir(prefix: str = PREFIX) -> Path:
-    return LAB_ROOT / prefix
+    return _under(LAB_ROOT, prefix)
+
+
+def run_dir(prefix: str = PREFIX) -> Path:
+    return _under(RUN_ROOT, prefix)
 
 
 def default_store(prefix: str = PREFIX) -> str:
@@ -84,7 +99,7 @@ class Lab:
 
     @property
     def run_dir(self) -> Path:
-        return RUN_ROOT / self.topo.prefix
+        return run_dir(self.topo.prefix)
 
     # -- building ------------------------------------------------------------------------
 
@@ -183,18 +198,10 @@ class Lab:
         netns.nsexec(ns, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         run = self.run_dir / "outside"
         run.mkdir(parents=True, exist_ok=True)
-        fams = [(6, OUTSIDE_FABRIC_V6, lambda h: h.v6)] + \
-            ([] if self.topo.ipv6_only else [(4, OUTSIDE_FABRIC_V4, lambda h: h.v4)])
-        conf = ["router id 10.255.0.254;", "protocol device {}"]
-        for f, _, _ in fams:
-            conf += [f"protocol direct lo{f} {{ ipv{f}; interface \"lo\"; }}",
-                     f"protocol kernel k{f} {{ ipv{f} {{ import none; export where source = RTS_BGP; }}; }}"]
-        for h in self.topo.hosts:
-            for f, local, addr in fams:
-                conf.append(f"protocol bgp h{h.index}v{f} {{ local {local} as {OUTSIDE_ASN}; "
-                            f"neighbor {addr(h)} as 64512; connect delay time 1; "
-                            f"ipv{f} {{ import all; export where proto = \"lo{f}\"; }}; }}")
-        (run / "bird.conf").write_text("\n".join(conf) + "\n")
+        v4 = not self.topo.ipv6_only
+        (run / "bird.conf").write_text(outside_bird.render(
+            OUTSIDE_FABRIC_V4, OUTSIDE_ASN, OUTSIDE_FABRIC_V6, OUTSIDE_FABRIC_V4 if v4 else None,
+            [outside_bird.Neighbour(h.index, h.v6, h.v4 if v4 else None) for h in self.topo.hosts]))
         subprocess.run(["ip", "netns", "exec", ns, "bird", "-c", str(run / "bird.conf"), "-s", str(run / "bird.ctl"),
                         "-P", str(run / "bird.pid")], check=True, capture_output=True)
         self._tcp_server(ns)
@@ -333,22 +340,21 @@ class Lab:
             wait_until(link_local_ready, 5, 0.02)
             script = str(guest / "sbin/dhclient-script")
             # dhclient -6 exits when its link-local is not usable yet; a boot service would restart it
-            retry = (f"for i in $(seq 30); do dhclient -6 -d -sf {script} -lf {guest / 'lease6'} "
-                     f"-pf {guest / 'dhclient6.pid'} eth0 && break; sleep 0.3; done")
-            netns.spawn(v.ns, ["sh", "-c", retry], log)
+            netns.spawn(v.ns, [sys.executable, "-m", "tabby.lab.launch", "--retry", "30", "--every", "0.3", "--",
+                               "dhclient", "-6", "-d", "-sf", script, "-lf", str(guest / "lease6"),
+                               "-pf", str(guest / "dhclient6.pid"), "eth0"], log)
             if self._v4(v):
                 netns.spawn(v.ns, ["dhclient", "-4", "-d", "-sf", script, "-lf", str(guest / "lease4"),
                                    "-pf", str(guest / "dhclient4.pid"), "eth0"], log)
         else:
-            conf = guest / "dhcpcd.conf"
-            conf.write_text(("" if self._v4(v) else "ipv6only\n") +
-                            "duid ll\nnoipv4ll\noption rapid_commit\nia_na\nnohook resolv.conf\n")
+            # the rendered /etc/dhcpcd.conf, plus one lab-only line: leave this machine's resolv.conf be
+            conf = guest / "etc/dhcpcd.conf"
+            if "nohook resolv.conf" not in conf.read_text():
+                conf.write_text(conf.read_text() + "nohook resolv.conf\n")
             # dhcpcd keeps state in /run/dhcpcd and /var/lib/dhcpcd, which are not per network namespace
-            cmd = ("mount -t tmpfs tmpfs /run/dhcpcd 2>/dev/null || { mkdir -p /run/dhcpcd && "
-                   "mount -t tmpfs tmpfs /run/dhcpcd; }; mkdir -p /var/lib/dhcpcd && "
-                   "mount -t tmpfs tmpfs /var/lib/dhcpcd; "
-                   f"exec dhcpcd -B -f {conf} -c /bin/true eth0")
-            netns.spawn(v.ns, ["sh", "-c", cmd], log)
+            netns.spawn(v.ns, [sys.executable, "-m", "tabby.lab.launch", "--tmpfs", "/run/dhcpcd",
+                               "--tmpfs", "/var/lib/dhcpcd", "--", "dhcpcd", "-B", "-f", str(conf), "-c", "/bin/true",
+                               "eth0"], log)
 
     def remove_vm(self, v: LabVm) -> None:
         """Delete a VM as an orchestrator does: its Endpoint and allocation, then its tap and namespace."""
@@ -377,6 +383,9 @@ class Lab:
         Each row says what was expected ("reach", or "blocked" for the pair the lab's policy
         blocks), whether it reached, and ok when the two agree."""
         addrs = self.addresses()
+        blocked_host = next((w.host.ns for w in self.topo.workloads if self.topo.blocked_pair
+                             and w.name == self.topo.blocked_pair[1]), None)
+        drops_before = self.policy_drops(blocked_host) if blocked_host else 0
         outside = {"v6": [OUTSIDE_V6], "v4": [] if self.topo.ipv6_only else [OUTSIDE_V4]}
         members = [*self.members(), ("outside", self.topo.outside_ns)]
         addrs["outside"] = outside
@@ -405,18 +414,50 @@ class Lab:
                 rows.append({"src": src, "dst": dst_name, "family": fam, "address": a, "check": kind,
                              "expect": expect, "reached": reached, "ok": reached == (expect == "reach"),
                              "detail": out.strip().splitlines()[-1] if out.strip() else ""})
+        if blocked_host is not None:
+            # blocked counts only as the policy's doing: its deny rule must have dropped packets
+            dropped = self.policy_drops(blocked_host) - drops_before
+            for r in rows:
+                if r["expect"] == "blocked" and r["ok"] and dropped <= 0:
+                    r["ok"] = False
+                    r["detail"] = f"not reached, but policy {BLOCK_POLICY} dropped nothing (another fault)"
         return rows
+
+    @staticmethod
+    def policy_drops(host_ns: str) -> int:
+        """Packets the lab's blocking policy's deny rules have dropped on that host."""
+        r = subprocess.run(["ip", "netns", "exec", host_ns, "nft", "-j", "list", "table", "inet", "tabby"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return 0
+        total = 0
+        for item in json.loads(r.stdout).get("nftables", []):
+            rule = item.get("rule")
+            if rule and f"policy {BLOCK_POLICY} in" in rule.get("comment", ""):
+                total += sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+        return total
 
 
 def load(prefix: str = PREFIX) -> Lab:
-    state = json.loads((lab_dir(prefix) / "state.json").read_text())
-    topo = topology(state["hosts"], state["containers"], state["ipv6_only"], state.get("prefix", prefix),
-                    tuple(state.get("route_reflectors", ())), state.get("vms", 0))
-    return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"))
+    """The lab that is up under prefix. ValueError for a refused prefix or a state file that is not
+    this lab's; OSError when there is none."""
+    path = lab_dir(prefix) / "state.json"
+    text = path.read_text()
+    try:
+        state = json.loads(text)
+        if state.get("prefix", prefix) != prefix:
+            raise ValueError(f"it is the state of lab {state.get('prefix')!r}")
+        topo = topology(state["hosts"], state["containers"], state["ipv6_only"], prefix,
+                        tuple(state.get("route_reflectors", ())), state.get("vms", 0))
+        return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a usable lab state file ({type(e).__name__}: {e})") from None
 
 
 def down(prefix: str = PREFIX) -> list[str]:
-    """Remove every namespace of this lab (ending the processes inside, by pid), and its files."""
+    """Remove every namespace of this lab (ending the processes inside, by pid), and its files.
+    The prefix is checked (``check_prefix``) before anything is touched: ValueError if refused."""
+    dirs = (lab_dir(prefix), run_dir(prefix))
     gone = netns.sweep(prefix + "-")
     pid_file = lab_dir(prefix) / "forwarder.pid"
     if pid_file.exists():  # the etcd forwarder, the one lab process outside the lab's namespaces
@@ -424,7 +465,7 @@ def down(prefix: str = PREFIX) -> list[str]:
             pid = int(pid_file.read_text())
             if f"{FORWARDER_MARK}={prefix}\0" in Path(f"/proc/{pid}/environ").read_text():
                 netns.kill_pid(pid)
-    for d in (lab_dir(prefix), RUN_ROOT / prefix):
+    for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     for root in (LAB_ROOT, RUN_ROOT):  # the parents too, once no lab is left in them
         with contextlib.suppress(OSError):

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
+# The shortest prefix sweep accepts: a lab's is "<3+ characters>-" (see topology.check_prefix).
+MIN_SWEEP_PREFIX = 4
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True, input: str | None = None) -> str:
@@ -44,7 +46,13 @@ def sweep(prefix: str) -> list[str]:
     """Remove every namespace whose name starts with prefix (crash leftovers), and end every process
     in them first. In rounds: a process may start another while it is being stopped (an agent whose
     VMs' taps vanish restarts dnsmasq), and once a namespace is deleted its processes can no longer
-    be found by it, so the namespaces go only when a round finds nobody left."""
+    be found by it, so the namespaces go only when a round finds nobody left.
+
+    A prefix shorter than MIN_SWEEP_PREFIX characters (the empty one matches every namespace on
+    the machine) is refused with ValueError before anything is touched."""
+    if len(prefix) < MIN_SWEEP_PREFIX:
+        raise ValueError(f"sweep prefix {prefix!r}: at least {MIN_SWEEP_PREFIX} characters, or it matches "
+                         "namespaces that are not ours")
     names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)) if NETNS_DIR.exists() else []
 
     def members() -> set[int]:
@@ -135,3 +143,21 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def processes(prefix: str) -> dict[str, list[str]]:
+    """Namespace -> "comm[pid]" of every process in it, for the namespaces named prefix-*."""
+    names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix + "-")) \
+        if NETNS_DIR.exists() else []
+    out: dict[str, list[str]] = {}
+    for n in names:
+        pids = subprocess.run(["ip", "netns", "pids", n], capture_output=True, text=True).stdout.split()
+        procs = []
+        for pid in pids:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            procs.append(f"{comm}[{pid}]")
+        out[n] = sorted(procs)
+    return out

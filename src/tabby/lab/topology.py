@@ -29,6 +29,29 @@ OUTSIDE_ASN = 65100
 ETCD_V6 = "fd00:f::fd"  # the lab's etcd (with --store etcd), in its own namespace on the fabric
 TCP_PORT = 8080  # every workload and the outside router answer TCP here, for the matrix
 
+_PREFIX_RULE = re.compile(r"[a-z][a-z0-9]{2,7}")
+# Prefixes other software gives its network namespaces ("<prefix>-<id>"), which `tabby lab down`
+# (it sweeps "<prefix>-*") would otherwise take for the lab's: CNI runtimes (containerd, CRI-O),
+# podman, Neutron's L3/DHCP/metadata agents, OVN's metadata agent, and "ns" (ip netns examples).
+FOREIGN_PREFIXES = frozenset({"cni", "netns", "qrouter", "qdhcp", "snat", "fip", "qlbaas", "ovnmeta", "ns"})
+
+
+def check_prefix(prefix: str) -> str:
+    """The lab prefix, or ValueError saying why it is refused. Every lab command checks it.
+
+    Rule: 3..8 characters, lower-case letters and digits, starting with a letter, and not one of
+    FOREIGN_PREFIXES. Why each part: the prefix becomes namespace names ("<prefix>-h1"), interface
+    names ("<prefix>p1", within Linux's 15 characters) and a directory name under the lab roots, so
+    nothing but [a-z0-9] (no "/", ".", "..", nothing empty); ``lab down`` removes every namespace
+    named "<prefix>-*", so a prefix must be specific enough not to match what is not a lab's: at
+    least 3 characters, and none that other software is known to use for its namespaces."""
+    if not isinstance(prefix, str) or not _PREFIX_RULE.fullmatch(prefix):
+        shown = repr(prefix)[:40]
+        raise ValueError(f"lab prefix {shown}: 3..8 lower-case letters and digits, starting with a letter")
+    if prefix in FOREIGN_PREFIXES:
+        raise ValueError(f"lab prefix {prefix!r}: other software names its namespaces {prefix}-*; pick another")
+    return prefix
+
 
 @dataclass(frozen=True)
 class LabHost:
@@ -146,8 +169,7 @@ def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str =
         raise ValueError("--hosts must be 1..200")
     if not 0 <= containers <= 50:
         raise ValueError("--containers must be 0..50 per host")
-    if not re.fullmatch(r"[a-z][a-z0-9]{1,7}", prefix):
-        raise ValueError("lab prefix: 2..8 lower-case letters and digits, starting with a letter")
+    check_prefix(prefix)
     hs = tuple(LabHost(i, ipv6_only, prefix) for i in range(1, hosts + 1))
     ws = tuple(LabWorkload(h, j) for h in hs for j in range(1, containers + 1))
     if any(not 1 <= i <= hosts for i in route_reflectors):

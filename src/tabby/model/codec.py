@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import yaml
@@ -103,6 +104,8 @@ def _check_tree(doc: Any) -> None:
         if depth > MAX_DEPTH:
             raise InvalidResource("", [f"{path or '(document)'}: nested deeper than {MAX_DEPTH} levels"])
         for k, v in items:
+            if not isinstance(k, str):  # YAML allows any key; JSON and our models want strings
+                raise InvalidResource("", [f"{path or '(document)'}: key {k!r} is not a string"])
             where = f"{path}.{k}" if path else k
             if isinstance(node, dict) and (why := _bad_text(k)):
                 raise InvalidResource("", [f"{where}: key {why}"])
@@ -131,10 +134,30 @@ def load_json(key: str, value: bytes, max_bytes: int = MAX_RECORD_BYTES) -> Any:
     except ValueError as e:  # JSONDecodeError, and ints past Python's digit limit
         raise InvalidResource(key, [f"(document): not valid JSON: {e}"]) from None
     try:
-        _check_tree(doc)
+        if text.isascii() and "\\" not in text and "\x7f" not in text:
+            # no escape anywhere, nothing outside ASCII and no DEL: no string can hold a control,
+            # bidi or surrogate character (JSON refuses raw controls), so only the depth is left
+            _check_depth(text)
+        else:
+            _check_tree(doc)
     except InvalidResource as e:
         raise InvalidResource(key, e.errors) from None
     return doc
+
+
+_STRINGS_AND_TEXT = re.compile(r'"[^"]*"|[^\[\]{}"]+')
+
+
+def _check_depth(text: str) -> None:
+    """The nesting depth of escape-free JSON text, from its brackets alone (strings removed)."""
+    depth = 0
+    for c in _STRINGS_AND_TEXT.sub("", text):
+        if c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise InvalidResource("", [f"(document): nested deeper than {MAX_DEPTH} levels"])
+        else:
+            depth -= 1
 
 
 def _describe(exc: ValidationError) -> list[str]:

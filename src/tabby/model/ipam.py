@@ -129,6 +129,9 @@ class Handle(_Record):
     handle: Handle_
     addresses: Annotated[list[HandleAddress], Field(max_length=128)] = Field(default_factory=list)
     endpoint: HostName | None = None  # the Endpoint these addresses are for, when the writer knows it
+    # when the handle was first written (seconds since the epoch), so that a check can give a CNI ADD
+    # time to write its Endpoint; records from before this field have none and count as old
+    created: Annotated[float, Field(ge=0)] | None = None
     # the CNI attachment these addresses are for, "<host>/<container id>/<ifname>" (CNI writes it)
     attachment: Annotated[str, Field(pattern=r"^[!-~]+$", max_length=MAX_HANDLE_CHARS)] | None = None
 

@@ -86,7 +86,7 @@ def derive_router_id(name: str) -> IPv4Address:
 class HostSpec(_Frozen):
     ipv6_address: IPv6Address | None = None
     ipv4_address: IPv4Address | None = None
-    asn: ASN = DEFAULT_ASN
+    asn: ASN | None = None  # None: the fabric's Config default_asn (64512 unless set)
     router_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
     route_reflector_cluster_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
 

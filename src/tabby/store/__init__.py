@@ -8,12 +8,19 @@ from urllib.parse import urlparse
 from tabby.store.base import (
     KV,
     AlreadyExists,
+    BadResponse,
     Event,
     HistoryGone,
     NotFound,
     RevisionMismatch,
     Store,
+    StoreCorrupt,
     StoreError,
+    StoreFault,
+    StoreFull,
+    StoreIOError,
+    StoreLocked,
+    StoreReadOnly,
     Unavailable,
     Watch,
 )
@@ -21,8 +28,9 @@ from tabby.store.base import (
 DEFAULT_STORE_URL = "sqlite:///var/lib/tabby/tabby.db"
 
 __all__ = [
-    "DEFAULT_STORE_URL", "KV", "AlreadyExists", "Event", "HistoryGone", "NotFound",
-    "RevisionMismatch", "Store", "StoreError", "Unavailable", "Watch", "open_store", "store_url",
+    "DEFAULT_STORE_URL", "KV", "AlreadyExists", "BadResponse", "Event", "HistoryGone", "NotFound",
+    "RevisionMismatch", "Store", "StoreCorrupt", "StoreError", "StoreFault", "StoreFull", "StoreIOError",
+    "StoreLocked", "StoreReadOnly", "Unavailable", "Watch", "open_store", "store_url",
 ]
 
 

@@ -47,7 +47,64 @@ class HistoryGone(StoreError):
 
 
 class Unavailable(StoreError):
-    """The backend cannot be reached; callers retry later."""
+    """The backend cannot serve requests now; callers retry later (a loop backs off and goes on)."""
+
+
+class StoreFault(StoreError):
+    """A failure of the backend itself (its file, disk or server), not of the request.
+
+    ``where`` names the SQLite file or the etcd URL, and so does the message. Which faults are
+    also ``Unavailable`` is the one decision callers need: those are expected to clear without
+    anybody changing tabby's data (another writer lets go of the lock, an operator frees disk
+    space or remounts the filesystem read-write, etcd elects a leader), so a long-running loop
+    waits and tries again while a one-shot command reports them. A fault that is not
+    ``Unavailable`` (a corrupt file, an answer that is not etcd's) needs an operator; loops still
+    survive it (they back off and relist), but nobody should expect waiting alone to fix it.
+    """
+
+    what = "store failure"
+
+    def __init__(self, where: str, detail: str = "") -> None:
+        super().__init__(f"store {where}: {self.what}" + (f" ({detail})" if detail else ""))
+        self.where, self.detail = where, detail
+
+
+class StoreLocked(StoreFault, Unavailable):
+    """SQLite: another writer held the database lock for longer than the busy timeout."""
+
+    what = "locked by another writer for longer than the busy timeout"
+
+
+class StoreFull(StoreFault, Unavailable):
+    """No space left for the write (SQLITE_FULL, ENOSPC, EDQUOT); reads still work."""
+
+    what = "disk full"
+
+
+class StoreReadOnly(StoreFault, Unavailable):
+    """The file or its filesystem is read-only (SQLITE_READONLY, EROFS); reads may still work."""
+
+    what = "read-only"
+
+
+class StoreIOError(StoreFault, Unavailable):
+    """Any other I/O failure of the file (SQLITE_IOERR, SQLITE_CANTOPEN, EIO)."""
+
+    what = "I/O error"
+
+
+class StoreCorrupt(StoreFault):
+    """The file is damaged or is not a tabby database (SQLITE_CORRUPT, SQLITE_NOTADB). Not
+    ``Unavailable``: it does not heal by waiting, an operator restores or removes the file."""
+
+    what = "database file is corrupt or not a database"
+
+
+class BadResponse(StoreFault):
+    """etcd (or whatever answers at its URL) sent something that is not a valid reply: not
+    JSON, or JSON without the fields the v3 API always has."""
+
+    what = "bad response"
 
 
 @dataclass(frozen=True, slots=True)

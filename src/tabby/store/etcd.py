@@ -1,15 +1,22 @@
 """The etcd v3 Store, for fabrics of many hosts.
 
-Talks to etcd's JSON gateway through etcd3gw's client (session, API-path discovery, TLS), but
+Talks to etcd's JSON gateway through etcd3gw's client (session, API-path discovery; plain HTTP:
+TLS and several members are not wired yet), but
 issues ``range``, ``txn``, ``compaction`` and ``watch`` requests itself: the Store contract
 needs the header revision of a listing, compare-and-swap on ``mod_revision``, and the watch's
 ``compact_revision`` signal, which etcd3gw's helpers drop. Every write is one transaction, so
 a lost compare-and-swap writes nothing.
+
+Errors name the URL and are typed: no ``requests``, etcd3gw, ``KeyError`` or ``ValueError``
+leaves this module. Unreachable, timed out, or an HTTP 5xx (etcd without a leader, shutting
+down, overloaded) is ``Unavailable``; a reply that is not the v3 API's JSON is ``BadResponse``;
+any other refusal (HTTP 4xx) is a plain ``StoreError`` carrying etcd's own message.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import threading
@@ -18,11 +25,18 @@ from typing import Any
 
 import requests
 from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import Etcd3Exception
+from etcd3gw.exceptions import (
+    ApiVersionDiscoveryFailedError,
+    ConnectionFailedError,
+    ConnectionTimeoutError,
+    Etcd3Exception,
+    InternalServerError,
+)
 
 from tabby.store.base import (
     KV,
     AlreadyExists,
+    BadResponse,
     Event,
     HistoryGone,
     NotFound,
@@ -56,39 +70,72 @@ def _kv(d: dict[str, Any]) -> KV:
               int(d.get("create_revision", 0)))
 
 
+_DETAIL_MAX = 300  # characters of an error body kept in a message
+
+
+def _short(text: object) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= _DETAIL_MAX else t[:_DETAIL_MAX] + "..."
+
+
+def _etcd_error(url: str, e: Exception) -> StoreError:
+    """The typed Store error for what etcd3gw or requests raised talking to url."""
+    if isinstance(e, requests.exceptions.JSONDecodeError):  # a RequestException too: test it first
+        return BadResponse(url, f"not JSON: {_short(e)}")
+    if isinstance(e, requests.RequestException):
+        return Unavailable(f"store {url}: unreachable ({_short(e)})")
+    if isinstance(e, ApiVersionDiscoveryFailedError):
+        return BadResponse(url, _short(e))
+    detail = _short(" ".join(str(x) for x in (getattr(e, "detail_text", None), e) if x))  # the body, then the reason
+    if isinstance(e, (ConnectionFailedError, ConnectionTimeoutError, InternalServerError)):
+        return Unavailable(f"store {url}: unavailable ({detail})")
+    return StoreError(f"store {url}: {detail}")
+
+
 class EtcdStore:
     def __init__(self, host: str = "127.0.0.1", port: int = 2379, *, timeout: float = 10.0) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self._client = Etcd3Client(host=host, port=port, timeout=timeout)  # it brackets an IPv6 host itself
+        self.url = self._client.base_url
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.host}:{self.port})"
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self._client.post(self._client.get_url(path), json=payload)
-        except requests.RequestException as e:
-            raise Unavailable(f"etcd at {self.host}:{self.port}: {e}") from e
-        except Etcd3Exception as e:
-            if "ConnectionFailed" in type(e).__name__ or "Timeout" in type(e).__name__:
-                raise Unavailable(f"etcd at {self.host}:{self.port}: {e}") from e
-            raise StoreError(f"etcd at {self.host}:{self.port}: {e}") from e
+            resp = self._client.post(self._client.get_url(path), json=payload)
+        except (requests.RequestException, Etcd3Exception) as e:
+            raise _etcd_error(self.url, e) from e
+        if not isinstance(resp, dict):
+            raise BadResponse(self.url, f"{path}: expected a JSON object, got {_short(resp)}")
+        return resp
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn a reply without the fields the v3 API always sends into BadResponse."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise BadResponse(self.url, f"{what}: {type(e).__name__}: {_short(e)}") from e
 
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> KV | None:
         resp = self._post("/kv/range", {"key": _b64(key)})
-        kvs = resp.get("kvs") or []
-        return _kv(kvs[0]) if kvs else None
+        with self._reading("range"):
+            kvs = resp.get("kvs") or []
+            return _kv(kvs[0]) if kvs else None
 
     def list(self, prefix: str) -> tuple[list[KV], int]:
         resp = self._post("/kv/range", {"key": _b64(prefix or b"\0"), "range_end": _b64(_prefix_end(prefix)),
                                         "sort_order": "ASCEND", "sort_target": "KEY"})
-        return [_kv(d) for d in resp.get("kvs") or []], int(resp["header"]["revision"])
+        with self._reading("range"):
+            return [_kv(d) for d in resp.get("kvs") or []], int(resp["header"]["revision"])
 
     def revision(self) -> int:
         resp = self._post("/kv/range", {"key": _b64("\0"), "count_only": True})
-        return int(resp["header"]["revision"])
+        with self._reading("range"):
+            return int(resp["header"]["revision"])
 
     # -- writes --------------------------------------------------------------------------
 
@@ -98,12 +145,13 @@ class EtcdStore:
             "success": [op],
             "failure": [{"request_range": {"key": _b64(key)}}],
         })
-        rev = int(resp["header"]["revision"])
-        if resp.get("succeeded"):
-            return True, rev, None
-        rng = (resp.get("responses") or [{}])[0].get("response_range", {})
-        kvs = rng.get("kvs") or []
-        return False, rev, _kv(kvs[0]) if kvs else None
+        with self._reading("txn"):
+            rev = int(resp["header"]["revision"])
+            if resp.get("succeeded"):
+                return True, rev, None
+            rng = (resp.get("responses") or [{}])[0].get("response_range", {})
+            kvs = rng.get("kvs") or []
+            return False, rev, _kv(kvs[0]) if kvs else None
 
     def create(self, key: str, value: bytes) -> int:
         ok, rev, _ = self._txn(
@@ -129,7 +177,8 @@ class EtcdStore:
 
     def put(self, key: str, value: bytes) -> int:
         resp = self._post("/kv/put", {"key": _b64(key), "value": _b64(value)})
-        return int(resp["header"]["revision"])
+        with self._reading("put"):
+            return int(resp["header"]["revision"])
 
     def delete(self, key: str, expected_revision: int | None = None) -> int:
         if expected_revision is None:
@@ -186,37 +235,57 @@ class EtcdWatch:
             "range_end": _b64(_prefix_end(self._prefix)),
             "start_revision": self._after + 1,
         }
-        client = self._store._client
+        store = self._store
+        url = store.url
         try:
-            self._resp = self._session.post(client.get_url("/watch"), json={"create_request": create},
-                                            stream=True, timeout=(self._store.timeout, None))
+            self._resp = self._session.post(store._client.get_url("/watch"), json={"create_request": create},
+                                            stream=True, timeout=(store.timeout, None))
             if self._closed.is_set():
                 return
+            if self._resp.status_code != 200:
+                text = _short(self._resp.text)
+                if self._resp.status_code >= 500:
+                    raise Unavailable(f"store {url}: watch refused, HTTP {self._resp.status_code} ({text})")
+                raise StoreError(f"store {url}: watch refused, HTTP {self._resp.status_code} ({text})")
             for line in self._resp.iter_lines(chunk_size=None):
                 if self._closed.is_set():
                     return
                 if not line.strip():
                     continue
-                msg = json.loads(line)
-                if "error" in msg:
-                    err = msg["error"]
-                    if isinstance(err, dict) and (err.get("grpc_code") == 14 or err.get("http_code") == 503):
-                        raise Unavailable(f"etcd watch: {err.get('message', err)}")  # shutting down / restarting
-                    raise StoreError(f"etcd watch: {err}")
-                result = msg.get("result", {})
-                compact = int(result.get("compact_revision", 0) or 0)
-                if compact:
-                    raise HistoryGone(self._after + 1, compact)
-                if result.get("canceled"):
-                    raise StoreError(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
-                for ev in result.get("events") or []:
-                    kv = ev["kv"]
-                    rev = int(kv.get("mod_revision", 0))
-                    typ = "delete" if ev.get("type") == "DELETE" else "put"  # PUT may carry no "type"
-                    self._after = rev
-                    yield Event(typ, _unb64(kv["key"]).decode(),
-                                None if typ == "delete" else _unb64(kv.get("value")), rev)
-        except (requests.RequestException, OSError, AttributeError) as e:
+                yield from self._events(url, line)
+        except (requests.RequestException, Etcd3Exception, OSError, AttributeError) as e:
             if self._closed.is_set():
                 return
-            raise Unavailable(f"etcd watch at {self._store.host}:{self._store.port}: {e}") from e
+            if isinstance(e, (requests.RequestException, Etcd3Exception)):
+                raise _etcd_error(url, e) from e
+            raise Unavailable(f"store {url}: watch: {_short(e)}") from e
+
+    def _events(self, url: str, line: bytes) -> Iterator[Event]:
+        """The events of one line of the watch stream; a line that is not etcd's is BadResponse."""
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise TypeError(f"expected a JSON object, got {type(msg).__name__}")
+            if "error" in msg:
+                err = msg["error"]
+                if isinstance(err, dict) and (err.get("grpc_code") == 14 or err.get("http_code") == 503):
+                    # shutting down / restarting
+                    raise Unavailable(f"store {url}: watch: {_short(err.get('message', err))}")
+                raise StoreError(f"store {url}: watch: {_short(err)}")
+            result = msg.get("result", {})
+            compact = int(result.get("compact_revision", 0) or 0)
+            if compact:
+                raise HistoryGone(self._after + 1, compact)
+            if result.get("canceled"):
+                raise StoreError(f"store {url}: etcd cancelled the watch: {_short(result.get('cancel_reason', ''))}")
+            events = []
+            for ev in result.get("events") or []:
+                kv = ev["kv"]
+                typ = "delete" if ev.get("type") == "DELETE" else "put"  # PUT may carry no "type"
+                value = None if typ == "delete" else _unb64(kv.get("value"))
+                events.append(Event(typ, _unb64(kv["key"]).decode(), value, int(kv.get("mod_revision", 0))))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise BadResponse(url, f"watch: {type(e).__name__}: {_short(e)}") from e
+        for event in events:
+            self._after = event.revision
+            yield event

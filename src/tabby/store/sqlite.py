@@ -9,18 +9,56 @@ History: every write appends to ``log`` with the next store revision, which is w
 replay. The log is trimmed to the last ``retain`` revisions; a watch from before that gets
 ``HistoryGone``. ``synchronous=NORMAL``: a process crash loses nothing, a power cut can lose
 the last transactions but never corrupts the file.
+
+Failures of the file itself are typed (``tabby.store.base``) and name the path: the busy
+timeout expiring is ``StoreLocked``, no space ``StoreFull``, a read-only file or filesystem
+``StoreReadOnly``, a damaged file ``StoreCorrupt``, any other I/O failure ``StoreIOError``; no
+``sqlite3`` exception leaves this module. SQLite reports most errno values as a bare "disk I/O
+error", so for those the filesystem is asked (read-only flag, free blocks, and a nameless
+``O_TMPFILE`` that tells an ext4 gone read-only after an error) to say which it is. After a
+read-only, I/O or corruption failure the connection is dropped and the next call opens the
+file again: a connection SQLite opened read-only never writes, even once the filesystem is
+read-write again, and a file restored from a backup is a new file. Watches drop theirs too
+(they follow the store's ``generation``): SQLite shares one ``-shm`` mapping per file among a
+process's connections, and while any of them holds one mapped read-only, no new connection in
+the process can write either.
+
+Modes: the database file (and so its ``-wal`` and ``-shm``, which SQLite creates with the
+file's mode) is 0600; directories this module creates are 0700; a directory that already
+exists is left as its owner made it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
-from tabby.store.base import KV, AlreadyExists, Event, HistoryGone, NotFound, RevisionMismatch
+from tabby.store.base import (
+    KV,
+    AlreadyExists,
+    Event,
+    HistoryGone,
+    NotFound,
+    RevisionMismatch,
+    StoreCorrupt,
+    StoreError,
+    StoreFault,
+    StoreFull,
+    StoreIOError,
+    StoreLocked,
+    StoreReadOnly,
+)
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -42,34 +80,191 @@ def _range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+FILE_MODE = 0o600  # the database holds every workload's addresses: root's business only
+DIR_MODE = 0o700
+
+# SQLite's primary result codes (the low byte of an extended code)
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _PROTOCOL, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 15, 26
+
+
+def _filesystem_says(path: str) -> tuple[type[StoreFault], str] | None:
+    """Why the filesystem under path cannot take a write, if it can tell: SQLite turns EROFS,
+    EIO and most other errno values into one "disk I/O error" and keeps the errno to itself."""
+    d = os.path.dirname(path) or "."
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return StoreReadOnly, "filesystem mounted read-only"
+    if st.f_bavail == 0:
+        return StoreFull, "no free blocks on the filesystem"
+    if st.f_files and st.f_favail == 0:
+        return StoreFull, "no free inodes on the filesystem"
+    try:  # an inode with no name, gone on close: ext4 after an error is read-only without saying so in statvfs
+        os.close(os.open(d, os.O_TMPFILE | os.O_WRONLY, FILE_MODE))
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            return StoreReadOnly, "filesystem is read-only"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFull, os.strerror(e.errno)
+    return None
+
+
+def fault(path: str, e: BaseException) -> StoreError:
+    """The typed Store error for a sqlite3 or OS error on the database file at path."""
+    if isinstance(e, OSError):
+        detail = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreFull(path, detail)
+        if e.errno == errno.EROFS:
+            return StoreReadOnly(path, detail)
+        return StoreIOError(path, detail)
+    code = getattr(e, "sqlite_errorcode", None)
+    name = getattr(e, "sqlite_errorname", None)
+    detail = f"{e}; {name}" if name else str(e)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(e).lower()
+    if primary in (_BUSY, _LOCKED) or "database is locked" in text:
+        return StoreLocked(path, detail)
+    if primary == _FULL or "disk is full" in text:
+        return StoreFull(path, detail)
+    if primary == _READONLY or "readonly database" in text:
+        return StoreReadOnly(path, detail)
+    if primary in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text:
+        return StoreCorrupt(path, detail)
+    if primary in (_IOERR, _CANTOPEN, _PROTOCOL) or "disk i/o error" in text or "unable to open" in text:
+        said = _filesystem_says(path)
+        if said is not None:
+            return said[0](path, f"{detail}; {said[1]}")
+        return StoreIOError(path, detail)
+    return StoreError(f"store {path}: {detail}")  # a misuse (closed connection, bad SQL): a bug of ours
+
+
+def _make_dirs(d: Path) -> None:
+    """Create d and any missing parent, each 0700; leave existing directories alone."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    for m in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # someone else made it meanwhile: theirs, not ours
+            os.mkdir(m, DIR_MODE)
+            os.chmod(m, DIR_MODE)  # exactly 0700 whatever the umask
+
+
+def _ensure_file(path: str) -> None:
+    """The database file exists with mode 0600 before SQLite sees it (SQLite would create it
+    0644, and gives ``-wal`` and ``-shm`` the mode of the database file)."""
+    _make_dirs(Path(path).parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES) or not os.path.exists(path):
+            raise
+        fd = None  # it exists on a read-only filesystem: SQLite opens it read-only
+    if fd is not None:
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+    for suffix in ("-wal", "-shm"):  # left over from a version that made them wider
+        with contextlib.suppress(OSError):
+            if stat.S_IMODE(os.stat(path + suffix).st_mode) & ~FILE_MODE:
+                os.chmod(path + suffix, FILE_MODE)
+
+
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+    """A connection to an existing file (``mode=rw``: SQLite never creates it with its own mode)."""
+    conn = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=busy_timeout_s, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(os.path.dirname(path) or ".").f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction; SQLite may already have rolled it back (on SQLITE_FULL, for
+    one), and a failing ROLLBACK must not hide the error that made it necessary."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 class SqliteStore:
     def __init__(self, path: str | os.PathLike[str], *, retain: int = DEFAULT_RETAIN,
                  busy_timeout_s: float = 30.0, poll_interval_s: float = 0.002) -> None:
         self.path = str(path)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.retain = retain
         self.busy_timeout_s = busy_timeout_s
         self.poll_interval_s = poll_interval_s
         self._lock = threading.Lock()
-        self._conn = _connect(self.path, busy_timeout_s)
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self.generation = 0  # bumped when a fault drops the connection; watches then open theirs again
+        try:
+            with self._session():
+                pass
+        except StoreFault as e:
+            # not fatal: an agent must come up (and keep its dataplane) on a Store that is full,
+            # read-only or locked right now; the next call opens the file again
+            log.debug("%s; opening again on first use", e)
+
+    def _open(self) -> sqlite3.Connection:
+        _ensure_file(self.path)
+        conn = _connect(self.path, self.busy_timeout_s)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"kv", "log", "meta"} <= tables:  # only a new file is written to here
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in _SCHEMA.strip().split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    _rollback(conn)
+                    raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        """The shared connection under the lock, opened if needed; sqlite3 and OS errors leave
+        as typed Store errors, and a fault that a new connection may cure drops this one."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if self._closed:
+                raise StoreError(f"store {self.path}: closed")
             try:
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        self._conn.execute(stmt)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                if self._conn is None:
+                    self._conn = self._open()
+                yield self._conn
+            except (sqlite3.Error, OSError) as e:
+                err = fault(self.path, e)
+                if isinstance(err, (StoreReadOnly, StoreIOError, StoreCorrupt)):
+                    if self._conn is not None:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._conn.close()
+                        self._conn = None
+                    self.generation += 1
+                raise err from e
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -77,37 +272,38 @@ class SqliteStore:
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> KV | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._session() as c:
+            row = c.execute(
                 "SELECT key, value, mod_rev, create_rev FROM kv WHERE key = ?", (key,)
             ).fetchone()
         return KV(row[0], bytes(row[1]), row[2], row[3]) if row else None
 
     def list(self, prefix: str) -> tuple[list[KV], int]:
         lo, hi = _range(prefix)
-        with self._lock:
-            self._conn.execute("BEGIN")
+        with self._session() as c:
+            c.execute("BEGIN")
             try:
-                rows = self._conn.execute(
+                rows = c.execute(
                     "SELECT key, value, mod_rev, create_rev FROM kv WHERE key >= ? AND key < ? ORDER BY key",
                     (lo, hi),
                 ).fetchall()
-                rev = self._conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
-            finally:
-                self._conn.execute("COMMIT")
+                rev = c.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+                c.execute("COMMIT")
+            except BaseException:
+                _rollback(c)
+                raise
         return [KV(r[0], bytes(r[1]), r[2], r[3]) for r in rows], rev
 
     def revision(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+        with self._session() as c:
+            return c.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
 
     # -- writes --------------------------------------------------------------------------
 
     def _write(self, key: str, value: bytes | None, *, must_exist: bool | None,
                expected: int | None) -> int:
         """One write transaction; value None deletes. must_exist: None = don't care."""
-        with self._lock:
-            c = self._conn
+        with self._session() as c:
             c.execute("BEGIN IMMEDIATE")
             try:
                 row = c.execute("SELECT mod_rev, create_rev FROM kv WHERE key = ?", (key,)).fetchone()
@@ -127,18 +323,19 @@ class SqliteStore:
                     c.execute("INSERT INTO log VALUES (?, 'put', ?, ?)", (rev, key, value))
                 c.execute("UPDATE meta SET value = ? WHERE name='revision'", (rev,))
                 if rev % _TRIM_EVERY == 0 and rev > self.retain:
-                    self._trim(rev - self.retain)
+                    self._trim(c, rev - self.retain)
                 c.execute("COMMIT")
                 return rev
             except BaseException:
-                c.execute("ROLLBACK")
+                _rollback(c)
                 raise
 
-    def _trim(self, upto: int) -> None:
-        current = self._conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
+    @staticmethod
+    def _trim(c: sqlite3.Connection, upto: int) -> None:
+        current = c.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
         if upto > current:
-            self._conn.execute("DELETE FROM log WHERE rev <= ?", (upto,))
-            self._conn.execute("UPDATE meta SET value = ? WHERE name='compacted'", (upto,))
+            c.execute("DELETE FROM log WHERE rev <= ?", (upto,))
+            c.execute("UPDATE meta SET value = ? WHERE name='compacted'", (upto,))
 
     def create(self, key: str, value: bytes) -> int:
         return self._write(key, bytes(value), must_exist=False, expected=None)
@@ -153,13 +350,13 @@ class SqliteStore:
         return self._write(key, None, must_exist=True, expected=expected_revision)
 
     def compact(self, revision: int) -> None:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._session() as c:
+            c.execute("BEGIN IMMEDIATE")
             try:
-                self._trim(revision)
-                self._conn.execute("COMMIT")
+                self._trim(c, revision)
+                c.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                _rollback(c)
                 raise
 
     # -- watch ---------------------------------------------------------------------------
@@ -169,7 +366,11 @@ class SqliteStore:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._closed = True
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
 
 
 class SqliteWatch:
@@ -186,27 +387,51 @@ class SqliteWatch:
         self._closed.set()
 
     def __iter__(self) -> Iterator[Event]:
-        conn = _connect(self._store.path, self._store.busy_timeout_s)
+        path = self._store.path
+        generation = self._store.generation
+        try:
+            conn = _connect(path, self._store.busy_timeout_s)
+        except (sqlite3.Error, OSError) as e:
+            raise fault(path, e) from e
+        # opened on a read-only filesystem: SQLite mapped the -shm read-only, and no connection of
+        # this process could write while we hold it; so look once a second, and open again once
+        # the filesystem is read-write
+        read_only_since = time.monotonic() if _read_only_fs(path) else None
         try:
             last_version = None
             while not self._closed.is_set():
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version == last_version:
-                    time.sleep(self._store.poll_interval_s)
-                    continue
-                conn.execute("BEGIN")
                 try:
-                    compacted = conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
-                    if self._after < compacted:
-                        raise HistoryGone(self._after + 1, compacted)
-                    rows = conn.execute(
-                        "SELECT rev, type, key, value FROM log WHERE rev > ? AND key >= ? AND key < ? "
-                        "ORDER BY rev LIMIT 1000",
-                        (self._after, self._lo, self._hi),
-                    ).fetchall()
-                    head = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
-                finally:
-                    conn.execute("COMMIT")
+                    now = time.monotonic()
+                    stale = read_only_since is not None and now - read_only_since >= 1.0
+                    if stale and _read_only_fs(path):
+                        read_only_since, stale = now, False
+                    if stale or generation != self._store.generation:  # the store dropped its connection
+                        generation = self._store.generation
+                        conn.close()
+                        conn = _connect(path, self._store.busy_timeout_s)
+                        read_only_since = now if _read_only_fs(path) else None
+                        last_version = None
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if version == last_version:
+                        time.sleep(self._store.poll_interval_s)
+                        continue
+                    conn.execute("BEGIN")
+                    try:
+                        compacted = conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
+                        if self._after < compacted:
+                            raise HistoryGone(self._after + 1, compacted)
+                        rows = conn.execute(
+                            "SELECT rev, type, key, value FROM log WHERE rev > ? AND key >= ? AND key < ? "
+                            "ORDER BY rev LIMIT 1000",
+                            (self._after, self._lo, self._hi),
+                        ).fetchall()
+                        head = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        _rollback(conn)
+                        raise
+                except (sqlite3.Error, OSError) as e:
+                    raise fault(path, e) from e
                 if len(rows) < 1000:
                     last_version = version  # drained up to head; wait for the next commit
                 for rev, typ, key, value in rows:
@@ -217,4 +442,5 @@ class SqliteWatch:
                 if len(rows) < 1000:
                     self._after = max(self._after, head)
         finally:
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()

@@ -1,0 +1,53 @@
+"""Pure: what the agent derives from the fabric's records, apart from the loop that holds them.
+
+``bird_inputs`` turns the Store's Hosts, pools, peers and block affinities into this host's BIRD
+inputs; ``endpoint_status`` turns what the reconcilers know about one endpoint into the state
+and reason its status record says. No I/O; the agent calls these with what it has folded in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tabby.dataplane.bird_config import BirdInputs
+from tabby.model import ConfigSpec
+from tabby.model.resources import DEFAULT_ASN
+
+
+def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], config: ConfigSpec
+                ) -> BirdInputs | None:
+    """None while this host has no Host record, or is refused for a conflict: no BGP then."""
+    kinds: dict[str, list[Any]] = {}
+    for r in records:
+        kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
+    hosts = [h for h in kinds.get("Host", []) if h.metadata.name not in refused]
+    me = next((h for h in hosts if h.metadata.name == host), None)
+    if me is None:
+        return None
+    blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == host and a.state == "confirmed")
+    return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
+                      pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=bool(config.node_to_node_mesh),
+                      default_asn=config.default_asn or DEFAULT_ASN)
+
+
+def endpoint_status(*, conflict: str | None, interface: str, present: bool, policy_error: str | None,
+                    policy_covers: bool, failures: list[str], corrupt: str | None, pending: bool) -> tuple[str, str]:
+    """(state, reason): conflict > down (no interface, or waiting for policy) > error > down
+    (programming) > up."""
+    if conflict:
+        return "conflict", conflict
+    if not present:
+        return "down", f"interface {interface} not present"
+    if policy_error and not policy_covers:
+        return "down", f"waiting for policy (no route until it is in the kernel): {policy_error}"
+    reasons = list(failures)
+    if corrupt:
+        reasons.append(f"newest record is corrupt, last good version kept: {corrupt}")
+    if policy_error:
+        reasons.append(f"policy not programmed: {policy_error}")
+    if reasons:
+        return "error", "; ".join(reasons)
+    if pending:
+        return "down", "programming"
+    return "up", ""

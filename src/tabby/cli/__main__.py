@@ -1,0 +1,3 @@
+from tabby.cli import main
+
+main()

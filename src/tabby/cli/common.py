@@ -1,0 +1,82 @@
+"""What every command group shares: the app, the Store option, errors, and one output helper."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+from tabby.client import ResourceClient
+from tabby.store import StoreError, open_store, store_url
+
+app = typer.Typer(help="tabby: a pure layer-3 fabric for VMs and containers, IPv6 first.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+class Output(StrEnum):
+    table = "table"
+    yaml = "yaml"
+    json = "json"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class State:
+    store_url: str = ""
+
+    def client(self) -> ResourceClient:
+        try:
+            return ResourceClient(open_store(self.store_url))
+        except (ValueError, StoreError, OSError) as e:
+            fail(f"cannot open store {self.store_url}: {e}")
+
+
+STATE = State()
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def warn_corrupt(key: str, problem: str) -> None:
+    """One line per corrupt record: its key and what is wrong (text from the Store is escaped,
+    so a record cannot restyle or forge the terminal's output)."""
+    err.print(f"[yellow]warning:[/] corrupt record {escape(key)} skipped: {escape(problem)}",
+              highlight=False, soft_wrap=True)
+
+
+
+def emit(doc: Any, output: Output) -> bool:
+    """Print doc as JSON or YAML for machines; False for a table (the command draws its own)."""
+    if output is Output.json:
+        print(json.dumps(doc, indent=2))
+    elif output is Output.yaml:
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        return False
+    return True
+
+
+Strict = Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")]
+
+
+@app.callback()
+def _main(
+    store: Annotated[str | None, typer.Option(
+        "--store", help="sqlite:///PATH or etcd://HOST:PORT (default: $TABBY_STORE, else "
+        "sqlite:///var/lib/tabby/tabby.db)")] = None,
+) -> None:
+    STATE.store_url = store_url(store)
+

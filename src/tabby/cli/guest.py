@@ -1,0 +1,76 @@
+"""`tabby guest render` and `check`: what a VM image needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tabby.cli.common import (
+    app,
+    err,
+    fail,
+    out,
+)
+
+guest_app = typer.Typer(help="What a VM image needs for tabby: render it, or check a running guest.",
+                        no_args_is_help=True)
+app.add_typer(guest_app, name="guest")
+
+
+@guest_app.command("render")
+def guest_render(
+    distro: Annotated[str, typer.Option(help="ubuntu | debian | centos")],
+    root: Annotated[Path | None, typer.Option(help="write into this mounted image root instead of printing")] = None,
+    interface: Annotated[list[str] | None, typer.Option(help="guest interfaces (repeat); default eth0")] = None,
+    ipv4: Annotated[bool, typer.Option(help="also DHCPv4 (dual-stack)")] = True,
+    cloud_init: Annotated[bool, typer.Option("--cloud-init", help="print cloud-init user-data instead")] = False,
+    rs_delay: Annotated[int, typer.Option(help="router_solicitation_delay in seconds (the seed: 10; it also "
+                                          "delays the first DAD probe, so boot is slower)", min=0, max=60)] = 1,
+) -> None:
+    """DHCPv6 on each interface with accept_ra 1, the dhclient /128 fix, the RS-delay sysctl."""
+    from tabby.guest import render as R
+
+    ifaces = tuple(interface or ["eth0"])
+    try:
+        from tabby.model.names import check_interface_name
+
+        for i in ifaces:
+            check_interface_name(i)
+        files = R.render(distro, ifaces, ipv4, rs_delay)
+    except ValueError as e:
+        fail(str(e))
+    if cloud_init:
+        print(R.cloud_init(distro, ifaces, ipv4, rs_delay), end="")
+        return
+    for f in files:
+        if root is None:
+            print(f"# {f.path}" + (" (insert after the first line)" if f.mode != "replace" else ""))
+            print(f.text)
+            continue
+        target = root / f.path.lstrip("/")
+        if f.mode == "replace":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(f.text)
+        elif target.exists():
+            target.write_text(R.patch_script(target.read_text()))
+        else:
+            err.print(f"[yellow]warning:[/] {f.path} not in the image: no ISC dhclient to fix")
+            continue
+        out.print(f"wrote {target}", highlight=False)
+
+
+@guest_app.command("check")
+def guest_check(interface: Annotated[list[str] | None, typer.Option(help="interfaces (repeat)")] = None,
+                root: Annotated[Path, typer.Option(help="where the guest's files are (default /)")] = Path("/"),
+                ) -> None:
+    """Run inside a guest: each requirement met or not, with the fix. Exit 1 if any is not met."""
+    from tabby.guest.check import check
+
+    findings = check(tuple(interface or ["eth0"]), root)
+    for f in findings:
+        mark = "[green]ok[/]  " if f.ok else "[red]FAIL[/]"
+        out.print(f"{mark} {f.requirement}: {f.detail}" + ("" if f.ok else f"\n      fix: {f.fix}"), highlight=False)
+    if not all(f.ok for f in findings):
+        raise typer.Exit(1)

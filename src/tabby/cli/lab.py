@@ -1,0 +1,165 @@
+"""`tabby lab ...`: a many-host fabric on this machine."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tabby.cli.common import (
+    Output,
+    app,
+    emit,
+    err,
+    fail,
+    out,
+)
+
+lab_app = typer.Typer(help="A many-host tabby fabric on this machine, in network namespaces.", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+
+def _lab_prefix(value: str) -> str:
+    """Every lab command's --prefix, checked before anything is built from it (topology.check_prefix)."""
+    from tabby.lab.topology import check_prefix
+
+    try:
+        return check_prefix(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespaces (several labs can coexist): "
+                                        "3..8 of [a-z0-9], starting with a letter", callback=_lab_prefix)]
+
+
+class LabStore(StrEnum):
+    sqlite = "sqlite"
+    etcd = "etcd"
+
+
+@lab_app.command("up")
+def lab_up(
+    hosts: Annotated[int, typer.Option(help="compute hosts")] = 3,
+    containers: Annotated[int, typer.Option(help="containers per host")] = 2,
+    vms: Annotated[int, typer.Option(help="VMs per host (DHCPv6 clients: dhclient, dhcpcd, alternating)")] = 2,
+    ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
+    wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
+    route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
+    store: Annotated[LabStore, typer.Option("--store", help="the embedded SQLite file, or a real etcd on the fabric")
+                     ] = LabStore.sqlite,
+    prefix: PrefixOpt = "tbl",
+) -> None:
+    """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from tabby.lab import lab as L
+    from tabby.lab.topology import topology
+
+    try:
+        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms)
+        L.down(prefix)
+        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value)
+    except ValueError as e:
+        fail(str(e))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
+        task = progress.add_task("building", total=None)
+        try:
+            lab.up(lambda step: progress.update(task, description=f"building: {step}"))
+        except Exception as e:
+            progress.stop()
+            L.down(prefix)
+            fail(f"lab up failed, everything removed again: {e}")
+        progress.update(task, description="waiting for BGP to spread every route")
+        fams = ("v6",) if ipv6_only else ("v6", "v4")
+        ok = L.wait_until(lambda: all(r["ok"] for r in lab.matrix(fams)), wait_s) if lab.members() else True
+    out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, {len(topo.vms)} VMs, "
+              f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {lab.store_url}", highlight=False)
+    if not ok:
+        err.print("[yellow]not every pair connects yet; see tabby lab check[/]")
+
+
+@lab_app.command("check")
+def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+              prefix: PrefixOpt = "tbl") -> None:
+    """The connectivity matrix: every container to every other, IPv6 (and IPv4 where dual-stack)."""
+    from tabby.lab import lab as L
+
+    try:
+        lab = L.load(prefix)
+    except OSError:
+        fail("no lab is up (tabby lab up)")
+    except ValueError as e:
+        fail(str(e))
+    fams = ("v6",) if lab.topo.ipv6_only else ("v6", "v4")
+    rows = lab.matrix(fams)
+    if not emit(rows, output):
+        names = [name for name, _ in lab.members()] + ["outside"]
+        # wide enough for every column even when not on a terminal (rich would fold it to 80)
+        need = (max(map(len, names)) + 3) * (len(names) + 1) + 20
+        table_out = out if out.is_terminal else Console(width=max(out.width, need))
+        for fam in fams:
+            t = Table(title=f"ping and TCP over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
+            t.add_column("from \\ to", min_width=max(map(len, names)), no_wrap=True)
+            for n in names:
+                t.add_column(n, min_width=len(n), no_wrap=True)
+            for src in names:
+                cells = []
+                for dst in names:
+                    hit = [r for r in rows if r["src"] == src and r["dst"] == dst and r["family"] == fam]
+                    bad = sorted({r["check"] for r in hit if not r["ok"]})
+                    blocked = bool(hit) and all(r["expect"] == "blocked" for r in hit)
+                    good = "[green]blocked (policy)[/]" if blocked else "[green]ok[/]"
+                    fail_text = "[red]NOT BLOCKED[/]" if blocked else f"[red]FAIL {'+'.join(bad)}[/]"
+                    cells.append("-" if src == dst else (good if hit and not bad else fail_text))
+                t.add_row(src, *cells)
+            table_out.print(t)
+        if lab.topo.blocked_pair:
+            out.print(f"policy {L.BLOCK_POLICY} denies {lab.topo.blocked_pair[0]} -> {lab.topo.blocked_pair[1]} "
+                      f"(the reverse stays open); every other pair is allowed by profile {L.OPEN_PROFILE}",
+                      highlight=False)
+    if not all(r["ok"] for r in rows):
+        raise typer.Exit(1)
+
+
+@lab_app.command("status")
+def lab_status(prefix: PrefixOpt = "tbl", output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+               ) -> None:
+    """The lab's namespaces and the processes in each (agents, bird, dnsmasq, DHCP clients)."""
+    from tabby.lab import lab as L
+    from tabby.lab import netns
+
+    try:
+        lab = L.load(prefix)
+    except OSError:
+        fail(f"no lab with prefix {prefix} is up (tabby lab up)")
+    except ValueError as e:
+        fail(str(e))
+    rows = [{"namespace": n, "processes": procs} for n, procs in netns.processes(prefix).items()]
+    if output is not Output.table:
+        doc = {"prefix": prefix, "store": lab.store_url, "namespaces": rows}
+        emit(doc, output)
+        return
+    out.print(f"lab {prefix}: store {lab.store_url}", highlight=False)
+    t = Table(box=None, header_style="bold")
+    t.add_column("NAMESPACE", no_wrap=True)
+    t.add_column("PROCESSES")
+    for r in rows:
+        t.add_row(escape(r["namespace"]), escape(" ".join(r["processes"])) or "-")
+    out.print(t)
+
+
+@lab_app.command("down")
+def lab_down(prefix: PrefixOpt = "tbl") -> None:
+    """Remove every lab namespace, link, process and file (also after a crash)."""
+    from tabby.lab import lab as L
+
+    try:
+        gone = L.down(prefix)
+    except ValueError as e:
+        fail(str(e))
+    out.print(f"removed {len(gone)} namespaces" + (f": {' '.join(gone)}" if gone else ""), highlight=False)

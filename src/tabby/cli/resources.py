@@ -1,0 +1,128 @@
+"""`tabby apply`, `get`, `delete`: resources in and out of the Store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.markup import escape
+from rich.table import Table
+
+from tabby.cli.common import (
+    STATE,
+    Output,
+    Strict,
+    app,
+    emit,
+    fail,
+    out,
+    warn_corrupt,
+)
+from tabby.model import InvalidResource, parse_documents, to_plain
+from tabby.model.keys import KIND_DIRS, resolve_kind
+from tabby.store import StoreError
+
+
+@app.command()
+def apply(
+    file: Annotated[str, typer.Option("-f", "--file", help="YAML or JSON file, many documents; - for stdin")],
+) -> None:
+    """Create or update resources. Every document is validated first; if one is bad, nothing is written."""
+    text = sys.stdin.read() if file == "-" else _read(file)
+    try:
+        resources = parse_documents(text, source=file)
+    except InvalidResource as e:
+        fail("nothing written:\n  " + "\n  ".join(e.errors))
+    client = STATE.client()
+    for res in resources:
+        try:
+            what, rev = client.apply(res)
+        except StoreError as e:
+            fail(f"{res.kind}/{res.metadata.name}: {e}")
+        out.print(f"{res.kind.lower()}/{res.metadata.name} {what} (revision {rev})", highlight=False)
+
+
+def _read(file: str) -> str:
+    try:
+        return Path(file).read_text()
+    except OSError as e:
+        fail(f"cannot read {file}: {e.strerror}")
+
+
+def _summary(res: Any) -> str:
+    spec = res.spec
+    match res.kind:
+        case "Host":
+            return " ".join(str(a) for a in (spec.ipv6_address, spec.ipv4_address) if a) + \
+                f" as{spec.asn or 'default'} rid {res.effective_router_id()}"
+        case "IPPool":
+            flags = [f"/{spec.block_size} blocks"] + (["nat"] if spec.nat_outgoing else []) + \
+                (["disabled"] if spec.disabled else [])
+            return f"{spec.cidr} " + " ".join(flags)
+        case "Endpoint":
+            addrs = [str(a.ip) for a in (*spec.ipv6_addresses, *spec.ipv4_addresses)]
+            return f"{spec.host} {spec.orchestrator} {spec.interface} {spec.mac} " + ",".join(addrs)
+        case "Policy":
+            return f"order {spec.order} {spec.selector} in:{len(spec.ingress)} out:{len(spec.egress)}"
+        case "Profile":
+            return f"in:{len(spec.ingress)} out:{len(spec.egress)}"
+        case "BGPPeer":
+            return f"{spec.peer_ip} as{spec.asn}" + (f" host {spec.host}" if spec.host else " global")
+        case _:
+            return json.dumps({k: v for k, v in to_plain(res)["spec"].items() if v is not None})
+
+
+@app.command()
+def get(
+    kind: Annotated[str, typer.Argument(help=f"one of {', '.join(KIND_DIRS)} (or a plural)")],
+    name: Annotated[str | None, typer.Argument()] = None,
+    output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
+    strict: Strict = False,
+) -> None:
+    """Show resources. Corrupt records are named on stderr, one line each, and skipped."""
+    try:
+        kind = resolve_kind(kind)
+    except ValueError as e:
+        fail(str(e))
+    client = STATE.client()
+    try:
+        if name is not None:
+            res = client.get(kind, name)
+            if res is None:
+                fail(f"{kind}/{name} not found")
+            items, bad = [res], []
+        else:
+            items, bad = client.list(kind)
+    except (StoreError, InvalidResource) as e:
+        fail(str(e))
+    for key, problem in bad:
+        warn_corrupt(key, problem)
+    plain = [to_plain(r) for r in items]
+    if output is Output.yaml and not name:  # YAML: one document per resource, as apply reads them
+        print(yaml.safe_dump_all(plain, sort_keys=False), end="")
+    elif not emit(plain[0] if name else plain, output):
+        table = Table(box=None, header_style="bold")
+        table.add_column("NAME")
+        table.add_column("LABELS")
+        table.add_column("SPEC")
+        for r in items:
+            labels = ",".join(f"{k}={v}" for k, v in r.metadata.labels.items())
+            table.add_row(r.metadata.name, labels or "-", escape(_summary(r)))
+        out.print(table)
+    if strict and bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def delete(kind: str, name: str) -> None:
+    """Delete one resource."""
+    try:
+        kind = resolve_kind(kind)
+        rev = STATE.client().delete(kind, name)
+    except (ValueError, StoreError) as e:
+        fail(str(e))
+    out.print(f"{kind.lower()}/{name} deleted (revision {rev})", highlight=False)

@@ -1,0 +1,113 @@
+"""Every Config field the agent accepts changes what it does, live, without a restart."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentlib import apply, namespace
+
+from tabby.agent.agent import Agent
+from tabby.dataplane.bird_config import BirdInputs, render
+from tabby.lab import netns
+from tabby.lab.etcd import free_port
+from tabby.model import validate
+from tabby.store import open_store
+
+
+def host(name: str, v6: str, asn: int | None = None) -> object:
+    spec: dict[str, object] = {"ipv6_address": v6}
+    if asn is not None:
+        spec["asn"] = asn
+    return validate({"kind": "Host", "metadata": {"name": name}, "spec": spec})
+
+
+def test_hosts_without_an_asn_take_the_configured_default() -> None:
+    me, other, own = host("h1", "2001:db8::1"), host("h2", "2001:db8::2"), host("h3", "2001:db8::3", asn=65003)
+    text = render(BirdInputs(host=me, hosts=(me, other, own), default_asn=65010))
+    assert "local 2001:db8::1 as 65010;" in text
+    assert re.search(r"neighbor 2001:db8::2 as 65010;", text)
+    assert re.search(r"neighbor 2001:db8::3 as 65003;", text)
+
+
+def config(**spec: object) -> object:
+    return validate({"kind": "Config", "metadata": {"name": "global"}, "spec": spec})
+
+
+@pytest.fixture
+def agent_ns() -> Iterator[str]:
+    with namespace("cfg") as ns:
+        yield ns
+
+
+def _metrics(ns: str, port: int) -> str | None:
+    r = netns.nsexec(ns, [sys.executable, "-c", "import urllib.request,sys\n"
+                          f"print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics',timeout=1).read().decode())"])
+    return r.stdout if r.returncode == 0 else None
+
+
+def _resyncs(text: str | None) -> float:
+    m = re.search(r"^tabby_resyncs_total (\S+)$", text or "", re.M)
+    return float(m.group(1)) if m else -1.0
+
+
+def test_log_level_resync_interval_and_metrics_port_follow_config(agent_ns: str, tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/store.db"
+    store = open_store(url)
+    log = tmp_path / "agent.log"
+    # no --log-level, --resync-s or --metrics-port: the Store's Config decides
+    proc = netns.spawn(agent_ns, [sys.executable, "-m", "tabby.cli", "--store", url, "agent", "--host", "h1",
+                                  "--no-bgp", "--run-dir", str(tmp_path / "run")], log)
+    try:
+        netns.wait_for(lambda: _metrics(agent_ns, 9091), 20, 0.1, "metrics on the default port")
+        netns.wait_for(lambda: "in sync with the store" in log.read_text(), 20, 0.1, "in sync")
+        time.sleep(1.0)
+        assert " DEBUG " not in log.read_text()
+        first = _resyncs(_metrics(agent_ns, 9091))
+        port = free_port()
+        apply(store, config(log_level="debug", resync_interval_s=0.5, metrics_port=port))
+        netns.wait_for(lambda: _metrics(agent_ns, port), 10, 0.1, "metrics on the configured port")
+        assert _metrics(agent_ns, 9091) is None  # the old port is closed
+        netns.wait_for(lambda: " DEBUG " in log.read_text(), 10, 0.1, "debug lines after the change")
+        netns.wait_for(lambda: _resyncs(_metrics(agent_ns, port)) >= first + 3, 10, 0.2, "resyncs every 0.5 s")
+        apply(store, config(log_level="warning", resync_interval_s=600, metrics_port=port))
+        netns.wait_for(lambda: "log level warning (Config)" in log.read_text(), 10, 0.1, "log level warning")
+        time.sleep(1.0)
+        quiet = log.read_text()
+        count = _resyncs(_metrics(agent_ns, port))
+        time.sleep(2.0)
+        assert _resyncs(_metrics(agent_ns, port)) <= count + 1  # at most the one already due
+        tail = log.read_text()[len(quiet):]
+        assert " DEBUG " not in tail and " INFO " not in tail
+    finally:
+        netns.stop(proc)
+        print(log.read_text()[-3000:])
+
+
+def test_a_command_line_flag_wins_over_config(tmp_path: Path) -> None:
+    store = open_store(f"sqlite://{tmp_path}/store.db")
+    a = Agent(store, "h1", resync_s=42.0, metrics_port=None, bgp=False, policy=False, run_dir=tmp_path / "run",
+              overrides=frozenset({"resync_interval_s"}))
+    try:
+        a.fabric["/tabby/v1/config/global"] = config(resync_interval_s=1.0, default_asn=65020)
+        a._configure()
+        assert a.resync_s == 42.0  # the flag
+        assert a.config.default_asn == 65020 and a.bgp_dirty  # the rest follows Config
+    finally:
+        a.netlink.close()
+        a.monitor.close()
+
+
+def test_node_to_node_mesh_off_leaves_only_the_explicit_peers() -> None:
+    from tabby.agent.fabric import bird_inputs
+    from tabby.model import effective_config
+
+    me, other = host("h1", "2001:db8::1"), host("h2", "2001:db8::2")
+    on = bird_inputs("h1", [me, other], {}, effective_config(None, None))
+    off = bird_inputs("h1", [me, other], {}, effective_config(config(node_to_node_mesh=False).spec, None))
+    assert on is not None and off is not None and on.mesh and not off.mesh
+    assert "neighbor 2001:db8::2" in render(on) and "neighbor 2001:db8::2" not in render(off)

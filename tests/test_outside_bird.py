@@ -1,0 +1,34 @@
+"""The lab's outside router config: a golden text with documentation prefixes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tabby.lab.outside_bird import Neighbour, render
+
+GOLDEN = """router id 192.0.2.254;
+protocol device {}
+protocol direct lo6 { ipv6; interface "lo"; }
+protocol kernel k6 { ipv6 { import none; export where source = RTS_BGP; }; }
+protocol direct lo4 { ipv4; interface "lo"; }
+protocol kernel k4 { ipv4 { import none; export where source = RTS_BGP; }; }
+protocol bgp h1v6 { local 2001:db8::fe as 65100; neighbor 2001:db8::1 as 64512; connect delay time 1; \
+ipv6 { import all; export where proto = "lo6"; }; }
+protocol bgp h1v4 { local 192.0.2.254 as 65100; neighbor 192.0.2.1 as 64512; connect delay time 1; \
+ipv4 { import all; export where proto = "lo4"; }; }
+"""
+
+
+def test_dual_stack_golden() -> None:
+    assert render("192.0.2.254", 65100, "2001:db8::fe", "192.0.2.254", [Neighbour(1, "2001:db8::1", "192.0.2.1")]) \
+        == GOLDEN
+
+
+def test_ipv6_only_has_no_ipv4_at_all() -> None:
+    text = render("192.0.2.254", 65100, "2001:db8::fe", None, [Neighbour(1, "2001:db8::1", None)])
+    assert "ipv4" not in text and "h1v6" in text
+
+
+def test_only_addresses_reach_the_config() -> None:
+    with pytest.raises(ValueError):
+        render("192.0.2.254", 65100, "2001:db8::fe; }", None, [])
