@@ -284,3 +284,18 @@ def test_every_spec_version_capability_args_and_prev_result(env: tuple[str, str,
         for cid, ifname in (("caps01", "eth9"), ("prev01", "eth7")):
             assert cni(host_ns, "DEL", conf(url), c1, cid=cid, ifname=ifname)[0] == 0
     assert IPAM(store).handles() == [] and IPAM(store).check() == []
+
+
+def test_the_pools_a_network_names_are_the_ones_it_gets(env: tuple[str, str, Any]) -> None:
+    host_ns, url, store = env
+    apply(store, validate({"kind": "IPPool", "metadata": {"name": "v6b"}, "spec": {"cidr": "fd00:b::/112"}}),
+          validate({"kind": "IPPool", "metadata": {"name": "v4b"}, "spec": {"cidr": "10.66.0.0/16"}}))
+    with namespace("c") as c1:
+        code, res = cni(host_ns, "ADD", conf(url, ipv6_pool="v6b", ipv4_pool="v4b"), c1, cid="pool0001")
+        assert code == 0, res
+        got = [ip["address"].split("/")[0] for ip in res["ips"]]
+        assert got[0].startswith("fd00:b::") and got[1].startswith("10.66."), got
+        assert cni(host_ns, "DEL", conf(url, ipv6_pool="v6b", ipv4_pool="v4b"), "", cid="pool0001")[0] == 0
+        code, res = cni(host_ns, "ADD", conf(url, ipv6_pool="nope"), c1, cid="pool0002")
+        assert code == 1 and res is not None and res["code"] == 7 and "ipv6_pool" in res["msg"], res
+        assert IPAM(store).handle("net1.pool0002/eth0") is None

@@ -205,7 +205,7 @@ def add(conf: NetConf, env: Env, ctx: Context | None = None, phases: Phases | No
 
 def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lock: AttachmentLock, ns_fd: int,
                 ph: Phases) -> dict[str, Any]:
-    from tabby.ipam import Contention, CorruptRecord, IpamError, PoolExhausted
+    from tabby.ipam import Contention, CorruptRecord, IpamError, NoPool, PoolExhausted
     from tabby.ipam.allocator import HandleExists
     from tabby.store import StoreError
 
@@ -239,7 +239,8 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
         want6 = int(conf.ipv6 and not any(ip.version == 6 for ip in req.ips))
         want4 = int(conf.ipv4 and not any(ip.version == 4 for ip in req.ips))
         got = ipam.assign_attachment(handle, host_name(conf), attachment, ipv6=want6, ipv4=want4,
-                                     addresses=req.ips, endpoint=endpoint_name(conf, env))
+                                     addresses=req.ips, endpoint=endpoint_name(conf, env),
+                                     pools={6: conf.ipv6_pool, 4: conf.ipv4_pool})
     except HandleExists as e:  # another host's ADD of the same attachment, this instant
         lock.remove()
         raise CniError(TRY_AGAIN, "attachment is being added elsewhere", str(e)) from None
@@ -249,6 +250,9 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
     except Contention as e:
         lock.remove()
         raise CniError(TRY_AGAIN, "address allocation failed", str(e)) from None
+    except NoPool as e:  # a pool the config names (ipv6_pool / ipv4_pool) is absent or disabled
+        lock.remove()
+        raise CniError(INVALID_CONF, "ipv6_pool/ipv4_pool: no such enabled pool", str(e)) from None
     except (IpamError, ValueError) as e:
         lock.remove()
         raise CniError(INVALID_CONF if req.ips else TRY_AGAIN, "address allocation failed", str(e)) from None

@@ -36,7 +36,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -673,7 +673,8 @@ class IPAM:
     @one_call
     def assign_attachment(self, handle: str, host: str, attachment: str, *, ipv6: int = 0, ipv4: int = 0,
                           addresses: Iterable[str | IPAddr] = (), pool: str | None = None,
-                          endpoint: str | None = None) -> list[Assigned]:
+                          endpoint: str | None = None, pools: Mapping[int, str | None] | None = None
+                          ) -> list[Assigned]:
         """Addresses for a handle that must not exist yet (the CNI plugin's ADD): the handle
         record, naming its attachment, is created first (with ``created`` now), so a second
         caller for the same handle gets ``HandleExists`` before anything is allocated; then the
@@ -700,8 +701,9 @@ class IPAM:
             pool_family = self._pool_family(pool) if pool is not None else None
             for family, n in ((6, ipv6), (4, ipv4)):
                 if n:
-                    pools = self._select_pools(family, pool if pool_family == family else None)
-                    self._assign_family(handle, host, pools, n, got)
+                    # pools: a pool per family (the CNI config's ipv6_pool / ipv4_pool), over pool
+                    chosen = (pools or {}).get(family) or (pool if pool_family == family else None)
+                    self._assign_family(handle, host, self._select_pools(family, chosen), n, got)
             rec = Handle(handle=handle, endpoint=endpoint, attachment=attachment, created=created,
                          addresses=[HandleAddress(ip=str(a.ip), block=a.block, seq=a.seq) for a in got])
             self.store.update(key, rec.model_dump_json().encode(), rev)
