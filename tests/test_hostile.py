@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lablib import agent_pid as _agent_pid
 from lablib import lab
 
 from tabby.client import ResourceClient
@@ -105,17 +106,6 @@ class Valid:
                                   "interface": iface, "mac": f"52:54:00:00:7e:{index:02x}", "profiles": ["lab-open"],
                                   "ipv6_addresses": [a for a in self.addrs[name] if ":" in a],
                                   "ipv4_addresses": [a for a in self.addrs[name] if ":" not in a]}})
-
-
-def _agent_pid(host_ns: str) -> int:
-    for pid in subprocess.run(["ip", "netns", "pids", host_ns], capture_output=True, text=True).stdout.split():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"tabby.cli" in cmd and b"agent" in cmd:
-            return int(pid)
-    raise AssertionError(f"no agent in {host_ns}")
 
 
 def _rss_mb(pid: int) -> float:
@@ -275,5 +265,5 @@ def _agent_pids_alive(host_ns: str) -> bool:
     try:
         _agent_pid(host_ns)
         return True
-    except AssertionError:
+    except LookupError:
         return False

@@ -318,39 +318,13 @@ class IPAM:
         block that vanishes again after each claim (released in a race) ends in ``Contention``
         after MAX_FRUITLESS_ROUNDS; a corrupt block, or a corrupt affinity of this host for it, in
         ``CorruptRecord``."""
-        addr = ipaddress.ip_address(ip)
-        pool = self._pool_of(addr)
-        assert pool.spec.block_size is not None
-        cidr = B.block_of(addr, pool.spec.block_size)
-        fruitless = 0
-        while True:
-            cur = self._get_block(str(cidr))
-            if cur is None:
-                if fruitless >= MAX_FRUITLESS_ROUNDS:
-                    raise Contention(f"{addr}: block {cidr} was released {fruitless} times while it was being "
-                                     "claimed; try again")
-                fruitless += 1
-                clash = [str(n) for n in self._held() if n != cidr and n.version == cidr.version
-                         and (n.subnet_of(cidr) or cidr.subnet_of(n))]  # type: ignore[arg-type]
-                if clash:
-                    raise AddressInUse(f"{addr}: its block {cidr} overlaps block record(s) {', '.join(clash)}")
-                self._claim(host, cidr, pool.spec.cidr)
-                continue  # read again: ours now, another host's, or gone again
-            block, rev = cur
-            if block.host != host and self.strict_for(host):
-                raise AddressInUse(f"{addr}: its block {cidr} belongs to {block.host} and strict affinity is on")
-            new, seq = B.take_specific(block, B.ordinal(block, addr), handle)
-            try:
-                self._put_block(new, rev)
-            except RevisionMismatch:
-                continue
-            got = [Assigned(addr, block.cidr, seq)]
-            try:
-                self._record_handle(handle, got, endpoint)
-            except BaseException:
-                self._rollback(got, handle)
-                raise
-            return got[0]
+        got = [self._take_specific(handle, host, ipaddress.ip_address(ip))]
+        try:
+            self._record_handle(handle, got, endpoint)
+        except BaseException:
+            self._rollback(got, handle)
+            raise
+        return got[0]
 
     def _assign_family(self, handle: str, host: str, pools: list[IPPool], n: int, into: list[Assigned]) -> None:
         """Append n addresses to ``into`` as they are taken, so that the caller can roll back a partial
