@@ -645,3 +645,13 @@ def test_cni_del_with_a_corrupt_handle_record_is_a_clear_error_and_keeps_it(stor
     assert code == 1 and doc["code"] == 5 and doc["msg"] == "address release failed"
     assert key in doc["details"] and "NaN" in doc["details"]
     assert store.get(key).value == b'{"handle": "net1.dead0001", "addresses": [], "seq": NaN}'
+
+
+def test_allocation_keys_that_alias_one_ordinal_are_refused() -> None:
+    from tabby.model.codec import InvalidResource
+    from tabby.model.ipam import decode_ipam
+
+    raw = (b'{"cidr": "fd00:e::/122", "host": "h1", "seq": 2, "allocations": {"1": {"handle": "a", "seq": 1},'
+           b' "01": {"handle": "b", "seq": 2}}, "free": [2, 3], "reserved": []}')
+    with pytest.raises(InvalidResource, match="canonical ordinal"):
+        decode_ipam("/tabby/v1/ipam/blocks/fd00:e::-122", raw)

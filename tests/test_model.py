@@ -254,3 +254,21 @@ def test_escape_free_json_is_still_held_to_the_depth_limit() -> None:
     tricky = '{"kind": "Host", "metadata": {"name": "a", "labels": {"x": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}}'
     with pytest.raises(InvalidResource, match="label value"):  # brackets inside a string are text
         decode("/tabby/v1/hosts/a", tricky.encode())
+
+
+@pytest.mark.parametrize("field,value", [("ipv6_address", "fd00::2%x as 64512; } include \"etc\""),
+                                         ("ipv6_address", "fe80::1%eth0")])
+def test_scoped_addresses_never_reach_a_config(field: str, value: str) -> None:
+    with pytest.raises(InvalidResource, match="scoped address"):
+        validate({"kind": "Host", "metadata": {"name": "a"}, "spec": {field: value}})
+    with pytest.raises(InvalidResource, match="scoped address"):
+        validate({"kind": "BGPPeer", "metadata": {"name": "p"}, "spec": {"peer_ip": value, "asn": 65001}})
+
+
+def test_hostile_keys_in_an_error_are_escaped_and_bounded() -> None:
+    with pytest.raises(InvalidResource) as e:
+        decode("/tabby/v1/hosts/a", b'{"kind": "Host", "metadata": {"name": "a", "x\\nFORGED": 1}, "spec": {}}')
+    assert "\n" not in str(e.value) and "\n" not in e.value.field and "x\\x0aFORGED" in e.value.field
+    with pytest.raises(InvalidResource) as e:
+        decode("/tabby/v1/hosts/" + "k" * 5000, b"{")
+    assert len(e.value.where) <= 1000

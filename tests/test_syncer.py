@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,3 +95,50 @@ def test_history_gone_relists_and_emits_only_the_difference(store: Store, prefix
     updates = {u.key: u.resource for u in items if isinstance(u, Update)}
     assert updates == {key_of(changed): changed, key_of(drop): None, key_of(new): new}
     assert isinstance(items[-1], InSync)
+
+
+def test_a_record_recreated_corrupt_while_away_is_deleted_first(store: Store, prefix: str) -> None:
+    p = f"/tabby/v1/hosts/{prefix.strip('/').replace('/', '-')}"
+    a = host(f"{p.rsplit('/', 1)[1]}-a", "fd00::1")
+    store.put(key_of(a), encode(a))
+    syncer = ResourceSyncer(store, p)
+    first = take(iter(syncer), InSync)
+    assert [u.resource for u in first if isinstance(u, Update)] == [a]
+    store.delete(key_of(a))
+    store.put(key_of(a), b"{not json")  # a new incarnation, corrupt
+    again = take(syncer._resync(), InSync)  # a relist (after HistoryGone or an error)
+    assert [(u.key, u.resource) for u in again if isinstance(u, Update)] == [(key_of(a), None)]
+
+
+def test_last_good_versions_survive_two_restarts(store: Store, prefix: str, tmp_path: Path) -> None:
+    from tabby.agent.last_good import LastGood
+    from tabby.model import decode
+
+    p = f"/tabby/v1/hosts/{prefix.strip('/').replace('/', '-')}"
+    a = host(f"{p.rsplit('/', 1)[1]}-a", "fd00::1")
+    store.put(key_of(a), encode(a))
+    path = tmp_path / "last-good.json"
+
+    def agent_run() -> Any:
+        lg = LastGood(path)
+        syncer: ResourceSyncer
+
+        def corrupt(key: str, err: Exception | None) -> None:
+            if err is None:
+                lg.forget(key)
+            elif (kept := syncer.known.get(key)) is not None:
+                lg.set(key, syncer.created.get(key, 0), kept)
+
+        syncer = ResourceSyncer(store, p, on_corrupt=corrupt, seed=lg.load(decode))
+        return syncer, take(iter(syncer), InSync)
+
+    syncer, _ = agent_run()
+    store.put(key_of(a), b'{"kind": "Host"}')  # corrupt over the good one: reported with it known
+    syncer._decode(key_of(a), b'{"kind": "Host"}', store.get(key_of(a)).mod_revision)  # as the watch would
+    for _ in range(2):  # restart, restart: the good version is served both times
+        syncer, items = agent_run()
+        assert [u.resource for u in items if isinstance(u, Update)] == [a]
+    store.delete(key_of(a))
+    store.put(key_of(a), b'{"kind": "Host"}')  # a different incarnation: its predecessor's version is not used
+    _, items = agent_run()
+    assert [u for u in items if isinstance(u, Update)] == []

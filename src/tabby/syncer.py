@@ -65,7 +65,7 @@ class ResourceSyncer:
         retry_s: float = 1.0,
         max_retry_s: float = 10.0,
         decoder: Callable[[str, bytes], Any] = decode,
-        seed: dict[str, Any] | None = None,
+        seed: dict[str, tuple[int, Any]] | None = None,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -165,12 +165,15 @@ class ResourceSyncer:
             seen.add(kv.key)
             if self.created.get(kv.key) != kv.create_revision:
                 self.created[kv.key] = kv.create_revision
-                self.known.pop(kv.key, None)  # re-created while we were away: a new record
+                if self.known.pop(kv.key, None) is not None:  # re-created while we were away: the old
+                    yield Update(kv.key, None, rev)            # one is gone, whatever the new one holds
             update = self._put(kv.key, kv.value, kv.mod_revision, kv.create_revision)
-            if update is None and kv.key in self.corrupt and kv.key not in self.known and kv.key in self.seed:
+            seed = self.seed.get(kv.key)
+            if update is None and kv.key in self.corrupt and kv.key not in self.known and seed is not None \
+                    and seed[0] == kv.create_revision:  # the same incarnation of the record, not a new one
                 log.warning("%s: using its last good version from before the restart", kv.key)
-                self.known[kv.key] = self.seed[kv.key]
-                update = Update(kv.key, self.seed[kv.key], kv.mod_revision, kv.create_revision)
+                self.known[kv.key] = seed[1]
+                update = Update(kv.key, seed[1], kv.mod_revision, kv.create_revision)
             if update is not None:
                 yield update
         self.seed.clear()  # only the first listing after a start falls back to it

@@ -148,8 +148,10 @@ class Agent:
         The last good version goes to disk, so that a restarted agent keeps it too."""
         if error is not None:
             self.metrics.corrupt.inc()
-        kept = self.syncer.known.get(key) if error is not None else None
-        self.last_good.set(key, kept)
+        if error is None:
+            self.last_good.forget(key)
+        elif (kept := self.syncer.known.get(key)) is not None:  # (none yet: a seed may still serve it)
+            self.last_good.set(key, self.syncer.created.get(key, 0), kept)
         self.q.put(("corrupt", (key, error)))
 
     def _feed_store(self) -> None:
@@ -239,23 +241,43 @@ class Agent:
                         return
                     if kind == "fatal":
                         raise RuntimeError(item)
-                    self._fold(kind, item)
+                    try:
+                        self._fold(kind, item)
+                    except Exception:  # one item folded wrongly must not end the loop; a full check follows
+                        log.exception("folding a %s change failed; it is skipped", kind)
+                        self.metrics.errors.inc()
+                        self.full_check_due = True
                 now = time.monotonic()
                 if now >= self.next_resync:
                     self.full_check_due = True
                     self.next_resync = now + self._jitter()
                 if retry_at is not None and now >= retry_at:
                     retry_at = None
-                if self.in_sync and not self._apply():
-                    retry_at = time.monotonic() + RETRY_S
-                if self.in_sync and self.bird is not None:
-                    self._bgp(now)
-                if self.in_sync and self.dhcp_dirty:
-                    self._dhcp()
+                if not self.in_sync:
+                    continue
+                # an unexpected failure in one step (a bug, a record no validator foresaw) is logged
+                # and retried: it never ends the loop, and what is programmed stays as it is
+                for step in (self._apply, self._bgp_step, self._dhcp_step):
+                    try:
+                        if step() is False:
+                            retry_at = time.monotonic() + RETRY_S
+                    except Exception:
+                        log.exception("agent step %s failed; retrying in %.0f s", step.__name__, RETRY_S)
+                        self.metrics.errors.inc()
+                        self.full_check_due = True
+                        retry_at = time.monotonic() + RETRY_S
         finally:
             self.stopping.set()
             if self.policy is not None:
                 self.policy.close()
+
+    def _bgp_step(self) -> None:
+        if self.bird is not None:
+            self._bgp(time.monotonic())
+
+    def _dhcp_step(self) -> None:
+        if self.dhcp_dirty:
+            self._dhcp()
 
     def _bgp(self, now: float) -> None:
         assert self.bird is not None
@@ -265,6 +287,15 @@ class Agent:
         self.next_bgp_check = now + BGP_CHECK_S
         inputs = bird_inputs(self.host, self.fabric.values(), self.refused_hosts, self.config)
         if inputs is None:
+            # no Host record (deleted), or this host is refused: no BGP at all, not the last config
+            why = self.refused_hosts.get(self.host, "no Host record for this host")
+            if self.bird.pid() is not None:
+                log.warning("stopping BIRD: %s", why)
+                self.bird.stop()
+            doc = {"host": self.host, "sessions": [], "error": one_line(f"no BGP: {why}")}
+            if doc != self.bgp_written:
+                self.bgp_written = doc
+                self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
             return
         try:
             self.bird.set_config(render(inputs))

@@ -28,10 +28,10 @@ MAX_FILE_BYTES = 64 * MAX_RECORD_BYTES  # room for many large records; a larger 
 class LastGood:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, str] = {}  # key -> the good record's JSON text
+        self.entries: dict[str, list[Any]] = {}  # key -> [create revision, the good record's JSON text]
 
-    def load(self, decoder: Callable[[str, bytes], Any]) -> dict[str, Any]:
-        """key -> decoded last good version; anything unreadable is dropped with a warning."""
+    def load(self, decoder: Callable[[str, bytes], Any]) -> dict[str, tuple[int, Any]]:
+        """key -> (create revision, decoded last good version); anything unreadable is dropped."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -47,27 +47,31 @@ class LastGood:
         except InvalidResource as e:
             log.warning("ignoring %s: %s", self.path, e)
             return {}
-        out: dict[str, Any] = {}
-        for key, text in doc.items() if isinstance(doc, dict) else ():
-            if not isinstance(text, str):
+        out: dict[str, tuple[int, Any]] = {}
+        for key, entry in doc.items() if isinstance(doc, dict) else ():
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                    and isinstance(entry[1], str)):
                 continue
+            created, text = entry
             try:
-                out[key] = decoder(key, text.encode())
-                self.entries[key] = text
+                out[key] = (created, decoder(key, text.encode()))
+                self.entries[key] = [created, text]
             except InvalidResource as e:
                 log.warning("ignoring the remembered version of %s: %s", key, e)
         return out
 
-    def set(self, key: str, good: Any | None) -> None:
-        """Remember good (a model) for key, or forget key (None: cured, deleted, never good)."""
-        text = good.model_dump_json() if good is not None else None
-        if self.entries.get(key) == text or (text is None and key not in self.entries):
+    def set(self, key: str, created: int, good: Any) -> None:
+        """Remember good (a model) as key's last good version (this incarnation: created)."""
+        entry = [created, good.model_dump_json()]
+        if self.entries.get(key) == entry or (key not in self.entries and len(self.entries) >= MAX_ENTRIES):
             return
-        if text is None:
-            del self.entries[key]
-        elif len(self.entries) < MAX_ENTRIES:
-            self.entries[key] = text
+        self.entries[key] = entry
         self._write()
+
+    def forget(self, key: str) -> None:
+        """The record is good again, or gone."""
+        if self.entries.pop(key, None) is not None:
+            self._write()
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")

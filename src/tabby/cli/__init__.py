@@ -6,8 +6,18 @@ One module per command group; importing them registers their commands on ``app``
 from __future__ import annotations
 
 from tabby.cli import daemons, guest, ipam, lab, openstack, resources, status  # noqa: F401 - registers commands
-from tabby.cli.common import app
+from tabby.cli.common import app, err
+from tabby.store import StoreError
 
 
 def main() -> None:
-    app()
+    """A Store failure a command did not handle itself is still one clear line, never a traceback."""
+    import sys
+
+    from rich.markup import escape
+
+    try:
+        app()
+    except StoreError as e:
+        err.print(f"[bold red]error:[/] store: {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)

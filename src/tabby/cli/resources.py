@@ -51,6 +51,8 @@ def _read(file: str) -> str:
         return Path(file).read_text()
     except OSError as e:
         fail(f"cannot read {file}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        fail(f"cannot read {file}: not UTF-8 (byte {e.start})")
 
 
 def _summary(res: Any) -> str:

@@ -112,6 +112,12 @@ class BirdReconciler:
             time.sleep(0.02)
         log.info("BIRD started (pid %s%s)", self.pid(), ", graceful-restart recovery" if recovering else "")
 
+    def stop(self) -> None:
+        """End the bird we run (by its pid file), e.g. when this host is refused or deleted."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, 15)
+
     def sessions(self) -> list[dict[str, Any]]:
         """BGP sessions as bird sees them: name, peer description, state, since, routes in/out."""
         try:

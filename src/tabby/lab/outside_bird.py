@@ -25,8 +25,8 @@ def render(router_id: str, asn: int, local_v6: str, local_v4: str | None, hosts:
            host_asn: int = DEFAULT_ASN) -> str:
     """local_v4 None: an IPv6-only fabric (no IPv4 sessions at all)."""
     for addr in (router_id, local_v6, local_v4, *(a for h in hosts for a in (h.v6, h.v4))):
-        if addr is not None:
-            ipaddress.ip_address(addr)  # every address is one: nothing else reaches the config
+        if addr is not None and (ipaddress.ip_address(addr) is None or "%" in addr):
+            raise ValueError(f"{addr!r}: a scoped address cannot be rendered")  # only plain addresses
     fams = [(6, local_v6)] + ([] if local_v4 is None else [(4, local_v4)])
     conf = [f"router id {router_id};", "protocol device {}"]
     for f, _ in fams:

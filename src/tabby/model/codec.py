@@ -44,10 +44,19 @@ class InvalidResource(ValueError):
     first bad field ("(document)" when the whole thing is unreadable)."""
 
     def __init__(self, where: str, errors: list[str]) -> None:
-        self.where = where
-        self.errors = errors
-        self.field = errors[0].split(":", 1)[0] if errors else "(document)"
-        super().__init__(f"{where}: " + "; ".join(errors))
+        # hostile text (a key, a field name) must not forge a log line or a status record
+        self.where = _printable(where, 1000)
+        self.errors = [_printable(e, 1000) for e in errors[:20]]
+        self.field = self.errors[0].split(":", 1)[0][:200] if self.errors else "(document)"
+        super().__init__(f"{self.where}: " + "; ".join(self.errors))
+
+
+def _printable(text: str, limit: int) -> str:
+    """Non-printable characters (controls, bidi marks, lone surrogates) as escapes; cut to limit."""
+    if not text.isprintable() or any(c in _FORBIDDEN_CHARS or 0xD800 <= ord(c) <= 0xDFFF for c in text):
+        text = "".join(c if c.isprintable() and c not in _FORBIDDEN_CHARS and not 0xD800 <= ord(c) <= 0xDFFF
+                       else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Reject(ValueError):
@@ -225,11 +234,14 @@ def parse_documents(text: str, source: str = "input") -> list[Any]:
         raise InvalidResource(source, [f"(document): cannot parse: {e}"]) from None
     out, errors = [], []
     for i, doc in enumerate(docs):
-        meta = doc.get("metadata") if isinstance(doc, dict) else None
-        name = meta.get("name") if isinstance(meta, dict) else None
-        where = f"{source} document {i + 1}" + (f" ({doc.get('kind')}/{name})" if isinstance(name, str) else "")
+        where = f"{source} document {i + 1}"
         try:
-            _check_tree(doc)
+            _check_tree(doc)  # first: nothing of the document is formatted before it is bounded
+            meta = doc.get("metadata") if isinstance(doc, dict) else None
+            name = meta.get("name") if isinstance(meta, dict) else None
+            kind = doc.get("kind") if isinstance(doc, dict) else None
+            if isinstance(name, str) and isinstance(kind, str):
+                where += f" ({_printable(kind, 40)}/{_printable(name, 100)})"
             out.append(validate(doc, where))
         except InvalidResource as e:
             errors.append(f"{where}: " + "; ".join(e.errors) if not e.where else str(e))

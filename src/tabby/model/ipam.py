@@ -84,6 +84,17 @@ class Block(_Record):
     free: list[int]
     reserved: list[int] = Field(default_factory=list)  # never handed out (the pool's first address)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_keys(cls, data: Any) -> Any:
+        """JSON keys are text: "1" and "01" would both become ordinal 1, one allocation lost."""
+        allocs = data.get("allocations") if isinstance(data, dict) else None
+        if isinstance(allocs, dict):
+            for k in allocs:
+                if isinstance(k, str) and not (k.isascii() and k.isdigit() and str(int(k)) == k):
+                    raise ValueError(f"allocations: key {k!r} is not a canonical ordinal")
+        return data
+
     @model_validator(mode="after")
     def _ordinals(self) -> Block:
         size = ipaddress.ip_network(self.cidr).num_addresses

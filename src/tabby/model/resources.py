@@ -32,6 +32,15 @@ from tabby.model.names import (
 )
 from tabby.model.selector import check_selector
 
+
+def _unscoped(v: IPv6Address) -> IPv6Address:
+    """ipaddress keeps a "%zone" suffix verbatim: it would reach BIRD's config and the kernel."""
+    if v.scope_id is not None:
+        raise ValueError(f"{v}: a scoped address (%zone) is not accepted here; name the interface instead")
+    return v
+
+
+V6Addr = Annotated[IPv6Address, AfterValidator(_unscoped)]
 Name = Annotated[str, AfterValidator(check_name)]
 InterfaceName = Annotated[str, AfterValidator(check_interface_name)]
 Mac = Annotated[str, AfterValidator(canonical_mac)]
@@ -84,7 +93,7 @@ def derive_router_id(name: str) -> IPv4Address:
 
 
 class HostSpec(_Frozen):
-    ipv6_address: IPv6Address | None = None
+    ipv6_address: V6Addr | None = None
     ipv4_address: IPv4Address | None = None
     asn: ASN | None = None  # None: the fabric's Config default_asn (64512 unless set)
     router_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
@@ -205,7 +214,7 @@ class EndpointSpec(_Frozen):
     mac: Mac
     ipv6_addresses: Annotated[tuple[V6Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
     ipv4_addresses: Annotated[tuple[V4Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
-    ipv6_gateway: IPv6Address | None = None
+    ipv6_gateway: V6Addr | None = None
     ipv4_gateway: IPv4Address | None = None
     profiles: tuple[Name, ...] = ()
 
@@ -295,7 +304,7 @@ class Policy(_Frozen):
 
 
 class BGPPeerSpec(_Frozen):
-    peer_ip: IPv6Address | IPv4Address
+    peer_ip: V6Addr | IPv4Address
     asn: ASN
     interface: InterfaceName | None = None
     host: Name | None = None  # None: every host peers with it; a name: only that host
@@ -337,7 +346,9 @@ class ConfigSpec(_Frozen):
     default_asn: ASN | None = None
     # Interfaces named so are workloads' even when no Endpoint names them yet: their traffic is
     # dropped until their Endpoint's policy is in (fail closed).
-    workload_interface_prefixes: Annotated[tuple[InterfacePrefix, ...], Field(max_length=16)] | None = None
+    # (at least one: an empty list would turn fail-closed off; leaving out a prefix does so for it)
+    workload_interface_prefixes: Annotated[tuple[InterfacePrefix, ...], Field(min_length=1, max_length=16)] | None \
+        = None
 
 
 class Config(_Frozen):
