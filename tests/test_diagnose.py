@@ -27,6 +27,9 @@ def test_diagnose_names_the_first_failing_step() -> None:
         # b -> a is open: all green (the BGP status record is refreshed every 5 s)
         assert L.wait_until(lambda: diagnose(the_lab, b_ep, a_ep)[0] == 0, 15), diagnose(the_lab, b_ep, a_ep)
         # a -> b: every layer up to the policy is fine, and the policy is what blocks it
+        # (BGP status is written when sessions change: wait for it as for the green run above)
+        assert L.wait_until(lambda: diagnose(the_lab, a_ep, b_ep)[1]["first_failing"] == "policy verdict (IPv6 ping)",
+                            15), diagnose(the_lab, a_ep, b_ep)
         code, doc = diagnose(the_lab, a_ep, b_ep)
         assert code == 1 and doc["first_failing"] == "policy verdict (IPv6 ping)", doc
         verdict = next(st for st in doc["steps"] if st["name"] == "policy verdict (IPv6 ping)")

@@ -195,7 +195,7 @@ def test_a_policy_delivered_again_keeps_pending_endpoint_changes() -> None:
 
 
 BIG_PATCH_SCRIPT = r"""
-import json, sys
+import json, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 from test_policy import ep, policy
 from tabby.agent.policy_calc import PolicyIndex
@@ -207,7 +207,11 @@ r = PolicyReconciler()
 first = r.apply(idx), r.replaces, r.patches
 for i in range(2, 3002):  # one delta of ~21,000 elements: a batch far past the default send buffer
     idx.set_endpoint(f"e{i}", ep(f"e{i}", i, {"role": "web"}), True)
-print(json.dumps({"first": first, "big": (r.apply(idx), r.replaces, r.patches), "diff": r.differences(idx)}))
+big = r.apply(idx), r.replaces, r.patches
+listed = json.loads(subprocess.run(["nft", "-j", "list", "set", "inet", "tabby", "wl_if"], capture_output=True,
+                                   text=True, check=True).stdout)
+elems = next(i["set"] for i in listed["nftables"] if "set" in i).get("elem", [])
+print(json.dumps({"first": first, "big": big, "wl_if": len(elems)}))
 """
 
 
@@ -220,7 +224,7 @@ def test_a_large_element_patch_is_one_batch_not_a_replace() -> None:
         out = json.loads(r.stdout.strip().splitlines()[-1])
         assert out["first"] == [True, 1, 0]
         assert out["big"] == [True, 1, 1], r.stderr[-2000:]  # patched, no fallback to a replace
-        assert out["diff"] is None
+        assert out["wl_if"] == 3001  # every element in the kernel (read by nft itself)
 
 
 def test_workload_interface_prefixes_from_config_shape_the_fail_closed_rules() -> None:

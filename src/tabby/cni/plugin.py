@@ -250,9 +250,11 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
     except Contention as e:
         lock.remove()
         raise CniError(TRY_AGAIN, "address allocation failed", str(e)) from None
-    except NoPool as e:  # a pool the config names (ipv6_pool / ipv4_pool) is absent or disabled
+    except NoPool as e:
         lock.remove()
-        raise CniError(INVALID_CONF, "ipv6_pool/ipv4_pool: no such enabled pool", str(e)) from None
+        if conf.ipv6_pool or conf.ipv4_pool:  # a pool the config names is absent or disabled
+            raise CniError(INVALID_CONF, "ipv6_pool/ipv4_pool: no such enabled pool", str(e)) from None
+        raise CniError(TRY_AGAIN, "address allocation failed", str(e)) from None  # none yet: may come
     except (IpamError, ValueError) as e:
         lock.remove()
         raise CniError(INVALID_CONF if req.ips else TRY_AGAIN, "address allocation failed", str(e)) from None
