@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -169,9 +170,21 @@ def _serve(host_ns: str, url: str, sock: Path, log: Path) -> subprocess.Popen[by
     code = ("import sys\nfrom pathlib import Path\nfrom tabby.cni.server import serve\n"
             "s = serve(Path(sys.argv[1]), {'TABBY_STORE': sys.argv[2], 'TABBY_HOST': 'h1'})\ns.serve_forever()\n")
     penv = {"PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)}
+    sock.unlink(missing_ok=True)  # a killed server leaves its socket file: wait for the new one
     proc = netns.spawn(host_ns, [sys.executable, "-c", code, str(sock), url], log, penv)
-    wait_for(sock.exists, 30, 0.02, "cni server socket")
+    wait_for(lambda: _listening(sock), 30, 0.02, "cni server socket")
     return proc
+
+
+def _listening(sock: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(sock))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def test_add_racing_del_of_one_attachment(env: tuple[str, str, Any], tmp_path: Path) -> None:  # noqa: F811
@@ -221,7 +234,9 @@ def test_server_sigkilled_mid_add_leaves_nothing_behind(env: tuple[str, str, Any
                 wait_for(lambda tasks=tasks, idle=idle: len(os.listdir(tasks)) == idle, 10, 0.001, "the server idle")
                 add = _popen(host_ns, "ADD", url, victim, cid, str(sock))
                 # the call has reached the server when a handler thread appears; kill it a little later
-                wait_for(lambda tasks=tasks, idle=idle: len(os.listdir(tasks)) > idle, 10, 0.0005, "the call")
+                # (or the ADD is over already: a round whose kill lands after it)
+                wait_for(lambda tasks=tasks, idle=idle, add=add: len(os.listdir(tasks)) > idle or
+                         add.poll() is not None, 10, 0.0005, "the call")
                 time.sleep(random.uniform(0, 0.012))
                 server.kill()
                 server.wait()
