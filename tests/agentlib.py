@@ -121,7 +121,7 @@ def sysctl(ns: str, path: str) -> str:
 
 
 def status(store: Store, host: str, name: str) -> dict[str, Any] | None:
-    kv = store.get(f"/tabby/v1/status/endpoints/{host}/{name}")
+    kv = store.get(f"/tabby/status/endpoints/{host}/{name}")
     return json.loads(kv.value) if kv else None
 
 

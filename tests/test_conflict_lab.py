@@ -61,7 +61,7 @@ def echo_requests_seen(ns: str) -> int:
 
 
 def endpoint_state(the_lab: L.Lab, host: str, name: str) -> Any:
-    kv = open_store(the_lab.store_url).get(f"/tabby/v1/status/endpoints/{host}/{name}")
+    kv = open_store(the_lab.store_url).get(f"/tabby/status/endpoints/{host}/{name}")
     return decode_status(kv.key, kv.value) if kv else None
 
 

@@ -458,7 +458,7 @@ def test_status_writer_retries_with_back_off_and_recovers(tmp_path: Path, caplog
         released = time.time()
         wait_for(lambda: (status(reader, "h1", "ep") or {}).get("state") == "down", 5, what="queued status written")
         wait_for(lambda: writer.failing is None, 5, what="failing cleared")
-        wait_for(lambda: json.loads(reader.get("/tabby/v1/status/hosts/h1").value)["heartbeat"] > released, 5,
+        wait_for(lambda: json.loads(reader.get("/tabby/status/hosts/h1").value)["heartbeat"] > released, 5,
                  what="heartbeat after the lock")
         assert "work again" in caplog.text
     finally:
@@ -474,15 +474,15 @@ def test_status_writer_drops_a_record_that_can_never_be_written(tmp_path: Path,
     writer = StatusWriter(store, "h1", retry_s=0.05, max_retry_s=0.2)
     try:
         writer.start()
-        writer.set_doc("/tabby/v1/status/bgp/h1", {"sessions": object()})  # a bug: not JSON
+        writer.set_doc("/tabby/status/bgp/h1", {"sessions": object()})  # a bug: not JSON
         writer.set("ep", "up")
-        wait_for(lambda: "/tabby/v1/status/bgp/h1 dropped" in caplog.text, 5, what="the bad record dropped")
+        wait_for(lambda: "/tabby/status/bgp/h1 dropped" in caplog.text, 5, what="the bad record dropped")
         writer.set("ep", "down", "later")
         wait_for(lambda: (status(store, "h1", "ep") or {}).get("state") == "down", 5,
                  what="records after it written all the same")
         wait_for(lambda: writer.failing is None, 5, what="not failing")
         assert writer.alive()
-        assert store.get("/tabby/v1/status/bgp/h1") is None
+        assert store.get("/tabby/status/bgp/h1") is None
     finally:
         writer.stop()
         store.close()

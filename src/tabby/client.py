@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tabby.model import InvalidResource, decode, encode, key_of
-from tabby.model.keys import PREFIX, kind_prefix, resource_key
+from tabby.model.keys import ROOT, kind_prefix, resource_key
 from tabby.model.records import decode_record
 from tabby.store import AlreadyExists, NotFound, RevisionMismatch, Store, StoreError
 
@@ -28,7 +28,7 @@ class ResourceClient:
         kv = self.store.get(resource_key(kind, name))
         return decode(kv.key, kv.value) if kv else None
 
-    def corrupt_records(self, prefix: str = PREFIX) -> list[InvalidResource]:
+    def corrupt_records(self, prefix: str = ROOT) -> list[InvalidResource]:
         """Every record under prefix that does not decode (resources, IPAM and status alike)."""
         kvs, _ = self.store.list(prefix)
         bad = []

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tabby.model import decode
-from tabby.model.keys import IPAM_PREFIX, PREFIX, STATUS_PREFIX
+from tabby.model.keys import IPAM_PREFIX, PREFIX
 from tabby.store import HistoryGone, Store, StoreError, Unavailable, Watch
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class ResourceSyncer:
         store: Store,
         prefix: str = PREFIX,
         *,
-        exclude: tuple[str, ...] = (STATUS_PREFIX, IPAM_PREFIX),
+        exclude: tuple[str, ...] = (IPAM_PREFIX,),
         on_corrupt: Callable[[str, Exception | None], None] | None = None,
         retry_s: float = 1.0,
         max_retry_s: float = 10.0,

@@ -53,7 +53,6 @@ from tabby.model.keys import (
     IPAM_GC_KEY,
     IPAM_HANDLES_PREFIX,
     PREFIX,
-    STATUS_PREFIX,
     bgp_status_key,
     kind_prefix,
     parse_key,
@@ -109,7 +108,7 @@ class Agent:
         self.last_good = LastGood(run_dir / "last-good.json")
         self.syncer = ResourceSyncer(
             store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record, seed=self.last_good.load(decode_record),
-            exclude=(STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
+            exclude=(IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
         self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why
@@ -283,22 +282,28 @@ class Agent:
         assert self.bird is not None
         if not self.bgp_dirty and now < self.next_bgp_check:
             return
-        self.bgp_dirty = False
+        dirty, self.bgp_dirty = self.bgp_dirty, False
         self.next_bgp_check = now + BGP_CHECK_S
-        inputs = bird_inputs(self.host, self.fabric.values(), self.refused_hosts, self.config)
-        if inputs is None:
-            # no Host record (deleted), or this host is refused: no BGP at all, not the last config
-            why = self.refused_hosts.get(self.host, "no Host record for this host")
-            if self.bird.pid() is not None:
-                log.warning("stopping BIRD: %s", why)
-                self.bird.stop()
-            doc = {"host": self.host, "sessions": [], "error": one_line(f"no BGP: {why}")}
-            if doc != self.bgp_written:
-                self.bgp_written = doc
-                self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
-            return
-        try:
+        # the config is rendered when the fabric changed, not at every check: its inputs grow
+        # with the number of hosts, and an idle agent must not
+        if dirty:
+            inputs = bird_inputs(self.host, self.fabric.values(), self.refused_hosts, self.config)
+            if inputs is None:
+                # no Host record (deleted), or this host is refused: no BGP at all, not the last config
+                why = self.refused_hosts.get(self.host, "no Host record for this host")
+                self.bird.set_config(None)
+                if self.bird.pid() is not None:
+                    log.warning("stopping BIRD: %s", why)
+                    self.bird.stop()
+                doc = {"host": self.host, "sessions": [], "error": one_line(f"no BGP: {why}")}
+                if doc != self.bgp_written:
+                    self.bgp_written = doc
+                    self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
+                return
             self.bird.set_config(render(inputs))
+        elif self.bird.desired is None:
+            return  # no BGP here (see above) until the fabric changes
+        try:
             self.bird.apply()
         except (BirdError, OSError, subprocess.TimeoutExpired) as e:
             log.error("BIRD: %s", e)

@@ -9,17 +9,22 @@
     /tabby/v1/policies/<name>                   Policy
     /tabby/v1/bgppeers/<name>                   BGPPeer
     /tabby/v1/config/<global|host.NAME>         Config
-    /tabby/v1/status/endpoints/<host>/<name>    endpoint status, written by that host's agent
-    /tabby/v1/status/hosts/<host>               host liveness, written by its agent
-    /tabby/v1/status/bgp/<host>                 BGP sessions as that host's bird sees them
     /tabby/v1/ipam/...                          IPAM's own records (blocks, affinities, handles)
+    /tabby/status/endpoints/<host>/<name>       endpoint status, written by that host's agent
+    /tabby/status/hosts/<host>                  host liveness, written by its agent
+    /tabby/status/bgp/<host>                    BGP sessions as that host's bird sees them
 
-Writers put whole JSON documents; the agent watches ``/tabby/v1/`` minus ``status/``.
+Writers put whole JSON documents. Agents watch ``/tabby/v1/`` (skipping IPAM's blocks, handles
+and collector state by key, before any decoding). Why status is not under ``/tabby/v1/``: every
+agent writes it and no agent reads it, and a watch is one key range, so status inside the
+watched range would reach every agent of the fabric (the cost of each agent growing with the
+number of hosts, the fabric's with its square).
 """
 
 from __future__ import annotations
 
-PREFIX = "/tabby/v1/"
+ROOT = "/tabby/"  # everything tabby keeps: what whole-Store readers (``tabby status``) list
+PREFIX = "/tabby/v1/"  # resources and IPAM: what agents watch
 
 KIND_DIRS: dict[str, str] = {
     "Host": "hosts",
@@ -40,7 +45,7 @@ for _kind, _dir in KIND_DIRS.items():
 KIND_ALIASES.update({"pool": "IPPool", "pools": "IPPool", "ep": "Endpoint", "eps": "Endpoint",
                      "policy": "Policy", "peer": "BGPPeer", "peers": "BGPPeer"})
 
-STATUS_PREFIX = PREFIX + "status/"
+STATUS_PREFIX = ROOT + "status/"
 IPAM_PREFIX = PREFIX + "ipam/"
 
 

@@ -1,4 +1,4 @@
-"""Any record under tabby's prefix -> its typed value, by where its key lives. No I/O.
+"""Any record under tabby's root -> its typed value, by where its key lives. No I/O.
 
 The one dispatch every reader that walks the whole Store uses (``tabby status``, the hostile-input
 tests), so that a key outside the layout is reported the same way everywhere.
@@ -10,7 +10,7 @@ from typing import Any
 
 from tabby.model.codec import InvalidResource, decode
 from tabby.model.ipam import decode_ipam
-from tabby.model.keys import IPAM_PREFIX, PREFIX, STATUS_PREFIX
+from tabby.model.keys import IPAM_PREFIX, PREFIX, ROOT, STATUS_PREFIX
 from tabby.model.status import decode_status
 
 
@@ -22,4 +22,6 @@ def decode_record(key: str, value: bytes) -> Any:
         return decode_ipam(key, value)
     if key.startswith(PREFIX):
         return decode(key, value)
-    raise InvalidResource(key, ["(key): outside tabby's prefix " + PREFIX])
+    if key.startswith(ROOT):
+        raise InvalidResource(key, [f"(key): neither under {PREFIX} nor under {STATUS_PREFIX}"])
+    raise InvalidResource(key, ["(key): outside tabby's prefix " + ROOT])

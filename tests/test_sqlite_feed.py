@@ -1,0 +1,81 @@
+"""The SQLite store's change feed: watches wake on commits from any process, not on a timer,
+and still work where inotify is refused (they poll at a bounded rate)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tabby.store import Event
+from tabby.store import sqlite as sq
+from tabby.store.sqlite import SqliteStore
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _follow(store: SqliteStore, prefix: str) -> tuple[list[Event], threading.Thread, object]:
+    seen: list[Event] = []
+    watch = store.watch(prefix, store.revision())
+    t = threading.Thread(target=lambda: [seen.append(ev) for ev in watch], daemon=True)
+    t.start()
+    return seen, t, watch
+
+
+def _write_elsewhere(path: Path, key: str) -> None:
+    code = f"from tabby.store.sqlite import SqliteStore\nSqliteStore({str(path)!r}).put({key!r}, b'x')"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": SRC})
+
+
+def _wait(cond: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_commit_from_another_process_wakes_the_watch(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    seen, t, watch = _follow(store, "/a/")
+    try:
+        assert store.feed() is not None  # inotify works here
+        time.sleep(0.3)  # the watch is asleep in the feed now (its own fallback look is 30 s away)
+        _write_elsewhere(tmp_path / "s.db", "/b/outside")
+        _write_elsewhere(tmp_path / "s.db", "/a/inside")
+        # well inside the watch's 30 s fallback: it was woken by the commit
+        assert _wait(lambda: [e.key for e in seen] == ["/a/inside"], 5), seen
+        store.put("/a/mine", b"y")  # the process's own write wakes it without the feed
+        assert _wait(lambda: [e.key for e in seen] == ["/a/inside", "/a/mine"], 5), seen
+    finally:
+        watch.close()  # type: ignore[attr-defined]
+        t.join(5)
+        store.close()
+    assert not t.is_alive()
+
+
+def test_without_inotify_watches_poll(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    def refused() -> None:
+        raise OSError(24, "Too many open files")  # what inotify_init says at max_user_instances
+
+    monkeypatch.setattr(sq, "INotify", refused)
+    store = SqliteStore(tmp_path / "s.db", idle_poll_interval_s=0.05)
+    seen, t, watch = _follow(store, "/a/")
+    try:
+        assert store.feed() is None
+        assert "no inotify" in caplog.text
+        time.sleep(0.3)
+        _write_elsewhere(tmp_path / "s.db", "/a/polled")
+        assert _wait(lambda: [e.key for e in seen] == ["/a/polled"], 5), seen
+    finally:
+        watch.close()  # type: ignore[attr-defined]
+        t.join(5)
+        store.close()
+    assert not t.is_alive()
