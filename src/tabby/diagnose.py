@@ -139,12 +139,12 @@ def diagnose(store: Store, src: str, dst: str, routes: RouteReader | None, tcp_p
     alive_hosts: set[str] = set()
     for role, ep in (("source", s_ep), ("destination", d_ep)):
         hb, why = _status(store, host_status_key(ep.spec.host))
-        alive = hb is not None and hb.expires > now
+        alive = hb is not None and hb.alive(now)
         if alive:
             alive_hosts.add(ep.spec.host)
-        steps.append(_step(f"{role} host agent alive", alive,
-                           f"{ep.spec.host}: " + (f"heartbeat {now - hb.heartbeat:.0f}s ago" if hb
-                                                  else f"heartbeat: {why}")))
+        seen = (f"heartbeat: {why}" if hb is None else "kept alive by a store lease" if hb.expires is None
+                else f"heartbeat {now - hb.heartbeat:.0f}s ago")
+        steps.append(_step(f"{role} host agent alive", alive, f"{ep.spec.host}: {seen}"))
         st, why = _status(store, endpoint_status_key(ep.spec.host, ep.metadata.name))
         name = f"{role} endpoint programmed"
         if ep.spec.host not in alive_hosts:

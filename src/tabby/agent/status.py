@@ -2,8 +2,12 @@
 
 The agent's loop only records the latest status per endpoint (cheap, no I/O); this thread
 writes what changed, coalescing bursts, and keeps what it could not write for the next try when
-the Store is unreachable. Liveness is a heartbeat record carrying its own expiry (``expires``),
-so it works the same on SQLite and etcd: a reader treats a host whose record has expired as down.
+the Store is unreachable. Liveness: where the Store has leases (etcd) the host record is put
+once with a lease of ``ttl_s`` and the lease renewed every ``ttl_s / 3`` (no write, so no watch
+event anywhere; the record is written again only when what it says changes, and etcd deletes it
+when renewals stop); where it has not (SQLite), the record carries its own expiry
+(``expires``) and is rewritten every ``ttl_s / 3``, under ``/tabby/status/`` where no agent
+watches. A reader treats an expired or missing record as down.
 
 Failure: a write that fails (the Store unreachable, locked, full, read-only, corrupt) ends the
 pass; what was not written stays queued (a newer status for the same endpoint replaces it) and
@@ -23,7 +27,7 @@ import time
 from typing import Any
 
 from tabby.model.keys import endpoint_status_key, host_status_key
-from tabby.store import NotFound, Store, StoreError, StoreFault, Unavailable
+from tabby.store import Lease, NotFound, Store, StoreError, StoreFault, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,9 @@ class StatusWriter:
         self._stop = False
         self._failing: str | None = None
         self.host_info: dict[str, Any] = {}
+        self._lease: Lease | None = None
+        self._lease_doc: dict[str, Any] | None = None  # what the leased record says
+        self._leases = True  # until the Store says it has none
         self._thread = threading.Thread(target=self._run, name="status-writer", daemon=True)
 
     @property
@@ -64,9 +71,11 @@ class StatusWriter:
             self._cond.notify()
         self._thread.join(5)
         now = time.time()
-        try:
+        try:  # written without the lease, so revoking it does not take this record along
             self.store.put(host_status_key(self.host), json.dumps(
                 {"host": self.host, "heartbeat": now, "expires": now, **self.host_info}).encode())
+            if self._lease is not None:
+                self._lease.revoke()
         except StoreError as e:
             log.warning("last heartbeat (stopped) not written: %s", e)
 
@@ -133,9 +142,7 @@ class StatusWriter:
         try:
             if beat:  # liveness first: a reader takes a host whose heartbeat expired for down
                 what = "host heartbeat"
-                now = time.time()
-                self.store.put(host_status_key(self.host), json.dumps(
-                    {"host": self.host, "heartbeat": now, "expires": now + self.ttl_s, **self.host_info}).encode())
+                self._beat()
             for name in list(batch):
                 what, queue, item = f"status of {name}", batch, name
                 status = batch[name]
@@ -160,6 +167,28 @@ class StatusWriter:
             self._requeue(batch, docs)
             return what, e
         return None
+
+    def _beat(self) -> None:
+        doc = {"host": self.host, **self.host_info}
+        key = host_status_key(self.host)
+        if self._leases:
+            if self._lease is not None and self._lease_doc == doc:
+                if self._lease.keep_alive():
+                    return
+                log.warning("status writer: the liveness lease expired (the Store was out of reach for longer "
+                            "than %g s); taking a new one", self.ttl_s)
+                self._lease = None
+            if self._lease is None:
+                self._lease = self.store.grant_lease(self.ttl_s)
+                self._leases = self._lease is not None
+            if self._lease is not None:
+                self._lease_doc = None
+                self.store.put(key, json.dumps({**doc, "heartbeat": time.time(), "expires": None}).encode(),
+                               lease=self._lease)
+                self._lease_doc = doc
+                return
+        now = time.time()
+        self.store.put(key, json.dumps({**doc, "heartbeat": now, "expires": now + self.ttl_s}).encode())
 
     def _requeue(self, batch: dict[str, dict[str, Any] | None], docs: dict[str, dict[str, Any]]) -> None:
         """Put back what was not written; anything set meanwhile is newer and wins."""

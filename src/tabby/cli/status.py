@@ -54,8 +54,8 @@ def status(
         except InvalidResource:
             continue  # listed with the corrupt records below
         if host is None or h.host == host:
-            host_rows.append({"host": h.host, "alive": h.expires > now,
-                              "heartbeat_age_s": round(now - h.heartbeat, 1), "refused": refused.get(h.host, ""),
+            host_rows.append({"host": h.host, "alive": h.alive(now),
+                              "heartbeat_age_s": h.age(now), "refused": refused.get(h.host, ""),
                               "degraded": h.degraded or "", "corrupt_seen": len(h.corrupt)})
     for kv in eps:
         try:
@@ -75,7 +75,7 @@ def status(
             notes = "; ".join(x for x in (r["refused"] and f"refused: {r['refused']}",
                                           r["degraded"] and f"degraded: {r['degraded']}") if x)
             t.add_row(escape(str(r["host"])), "[green]yes[/]" if r["alive"] else "[red]no[/]",
-                      f"{r['heartbeat_age_s']}s", escape(notes))
+                      "lease" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']}s", escape(notes))
         out.print(t)
         t = Table(box=None, header_style="bold")
         for col in ("ENDPOINT", "HOST", "STATE", "REASON"):

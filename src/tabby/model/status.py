@@ -49,12 +49,22 @@ class CorruptReport(_Record):
 
 class HostStatus(_Record):
     host: str
-    heartbeat: Timestamp
-    expires: Timestamp
+    heartbeat: Timestamp  # when this record was written
+    # None: the record is held by a store lease (etcd), which the agent renews without writing,
+    # and the store deletes it when renewals stop; else the time after which the host is down
+    expires: Timestamp | None
     started: Timestamp | None = None
     degraded: Text | None = None  # why the agent cannot do all it should (the Store, nftables, ...)
     corrupt: Annotated[list[CorruptReport], Field(max_length=1000)] = Field(default_factory=list)
     refused: Annotated[list[Text], Field(max_length=1000)] = Field(default_factory=list)
+
+
+    def alive(self, now: float) -> bool:
+        return self.expires is None or self.expires > now
+
+    def age(self, now: float) -> float | None:
+        """Seconds since the agent last showed it is alive; None while a lease vouches for it."""
+        return None if self.expires is None else round(now - self.heartbeat, 1)
 
 
 class BgpSession(_Record):

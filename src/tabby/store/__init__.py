@@ -11,6 +11,7 @@ from tabby.store.base import (
     BadResponse,
     Event,
     HistoryGone,
+    Lease,
     NotFound,
     RevisionMismatch,
     Store,
@@ -28,7 +29,7 @@ from tabby.store.base import (
 DEFAULT_STORE_URL = "sqlite:///var/lib/tabby/tabby.db"
 
 __all__ = [
-    "DEFAULT_STORE_URL", "KV", "AlreadyExists", "BadResponse", "Event", "HistoryGone", "NotFound",
+    "DEFAULT_STORE_URL", "KV", "AlreadyExists", "BadResponse", "Event", "HistoryGone", "Lease", "NotFound",
     "RevisionMismatch", "Store", "StoreCorrupt", "StoreError", "StoreFault", "StoreFull", "StoreIOError",
     "StoreLocked", "StoreReadOnly", "Unavailable", "Watch", "open_store", "store_url",
 ]

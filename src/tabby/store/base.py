@@ -131,6 +131,16 @@ class Watch(Protocol):
     def close(self) -> None: ...
 
 
+class Lease(Protocol):
+    """A time-to-live the backend keeps: the keys put with it vanish when it is not renewed."""
+
+    def keep_alive(self) -> bool:
+        """Renew it (no write: no revision, no watch event); False once it has expired."""
+        ...
+
+    def revoke(self) -> None: ...
+
+
 class Store(Protocol):
     def get(self, key: str) -> KV | None: ...
 
@@ -148,8 +158,14 @@ class Store(Protocol):
         """Compare-and-swap on mod_revision; RevisionMismatch or NotFound otherwise."""
         ...
 
-    def put(self, key: str, value: bytes) -> int:
-        """Unconditional write, for records only one writer owns (status)."""
+    def put(self, key: str, value: bytes, lease: Lease | None = None) -> int:
+        """Unconditional write, for records only one writer owns (status); with a lease from
+        ``grant_lease`` the key lives only as long as the lease."""
+        ...
+
+    def grant_lease(self, ttl_s: float) -> Lease | None:
+        """A lease, where the backend has them (etcd); None where it has not (SQLite: liveness
+        is then a record rewritten with its own expiry)."""
         ...
 
     def delete(self, key: str, expected_revision: int | None = None) -> int:

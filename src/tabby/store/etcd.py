@@ -39,6 +39,7 @@ from tabby.store.base import (
     BadResponse,
     Event,
     HistoryGone,
+    Lease,
     NotFound,
     RevisionMismatch,
     StoreError,
@@ -175,10 +176,20 @@ class EtcdStore:
             raise RevisionMismatch(key, expected_revision, current.mod_revision)
         return rev
 
-    def put(self, key: str, value: bytes) -> int:
-        resp = self._post("/kv/put", {"key": _b64(key), "value": _b64(value)})
+    def put(self, key: str, value: bytes, lease: Lease | None = None) -> int:
+        payload = {"key": _b64(key), "value": _b64(value)}
+        if lease is not None:
+            if not isinstance(lease, EtcdLease):
+                raise StoreError(f"store {self.url}: not a lease of this store: {lease!r}")
+            payload["lease"] = str(lease.id)
+        resp = self._post("/kv/put", payload)
         with self._reading("put"):
             return int(resp["header"]["revision"])
+
+    def grant_lease(self, ttl_s: float) -> EtcdLease:
+        resp = self._post("/lease/grant", {"TTL": max(1, round(ttl_s))})
+        with self._reading("lease grant"):
+            return EtcdLease(self, int(resp["ID"]))
 
     def delete(self, key: str, expected_revision: int | None = None) -> int:
         if expected_revision is None:
@@ -204,6 +215,30 @@ class EtcdStore:
 
     def close(self) -> None:
         self._client.session.close()
+
+
+class EtcdLease:
+    """An etcd lease: renewed with keep-alive requests, which are not writes (no revision, no
+    watch event), so liveness on etcd costs the watchers nothing."""
+
+    def __init__(self, store: EtcdStore, lease_id: int) -> None:
+        self.store, self.id = store, lease_id
+
+    def __repr__(self) -> str:
+        return f"EtcdLease({self.id:x})"
+
+    def keep_alive(self) -> bool:
+        resp = self.store._post("/lease/keepalive", {"ID": str(self.id)})
+        with self.store._reading("lease keepalive"):
+            result = resp.get("result", resp)  # the gateway streams {"result": {...}}
+            return int(result.get("TTL", 0)) > 0
+
+    def revoke(self) -> None:
+        try:
+            self.store._post("/lease/revoke", {"ID": str(self.id)})
+        except StoreError as e:
+            if "not found" not in str(e):  # expired already: nothing to revoke
+                raise
 
 
 class EtcdWatch:

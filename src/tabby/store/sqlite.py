@@ -51,6 +51,7 @@ from tabby.store.base import (
     AlreadyExists,
     Event,
     HistoryGone,
+    Lease,
     NotFound,
     RevisionMismatch,
     StoreCorrupt,
@@ -354,8 +355,13 @@ class SqliteStore:
     def update(self, key: str, value: bytes, expected_revision: int) -> int:
         return self._write(key, bytes(value), must_exist=True, expected=expected_revision)
 
-    def put(self, key: str, value: bytes) -> int:
+    def put(self, key: str, value: bytes, lease: Lease | None = None) -> int:
+        if lease is not None:
+            raise StoreError(f"store {self.path}: has no leases (grant_lease gives none)")
         return self._write(key, bytes(value), must_exist=None, expected=None)
+
+    def grant_lease(self, ttl_s: float) -> Lease | None:
+        return None  # no expiring keys in SQLite: a liveness record carries its own expiry instead
 
     def delete(self, key: str, expected_revision: int | None = None) -> int:
         return self._write(key, None, must_exist=True, expected=expected_revision)
