@@ -78,12 +78,14 @@ from tabby.dataplane.nft_encode import replace_messages
 from tabby.dataplane.nft_netlink import NftSocket
 from tabby.dataplane.nft_rules import render, replace_text
 import nftables
+nft = nftables.Nftables()
+nft.set_json_output(True)  # which also makes it read JSON
 idx = varied_index()
 s = idx.structure()
 cmds, _ = render(s)
 for _ in range(2):  # the second time over an existing table: the delete half of the replace
     if sys.argv[2] == "json":
-        rc, _, err = nftables.Nftables().cmd(replace_text(cmds, idx.desired_elements()))
+        rc, _, err = nft.cmd(replace_text(cmds, idx.desired_elements()))
         assert rc == 0, err
     else:
         NftSocket().transaction(replace_messages("tabby", cmds, s.set_names(), idx.desired_elements()))
