@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from tabby.dataplane.nft_netlink import NLA_F_NESTED, NftError, key_bytes, nla
+from tabby.dataplane.nft_netlink import NLA_F_NESTED, NftError, nla
 
 # nf_tables message types (linux/netfilter/nf_tables.h) and the flags nft sends with each
 NEWTABLE, DELTABLE, NEWCHAIN, NEWRULE, NEWSET, NEWSETELEM = 0, 2, 3, 6, 9, 12
@@ -288,6 +288,25 @@ class _Rule:
             raise Unsupported(f"{f.needs} field without a matching meta l4proto")
 
     def match(self, op: str, left: Any, right: Any) -> None:
+        """A match on a plain value (most of a table's) is encoded once per batch and context."""
+        if type(right) in (str, int) and len(left) == 1:
+            (kind, arg), = left.items()
+            if kind == "meta" or kind == "payload":
+                key = (op, kind, *arg.values(), right, self.nfproto, self.l4proto)
+                hit = self.batch.matches.get(key)
+                if hit is None:
+                    scratch = _Rule(self.batch)
+                    scratch.nfproto, scratch.l4proto = self.nfproto, self.l4proto
+                    scratch.encode_match(op, left, right)
+                    hit = self.batch.matches[key] = (scratch.out, scratch.pending, scratch.nfproto, scratch.l4proto)
+                out, pending, self.nfproto, self.l4proto = hit
+                if out:
+                    self.emit(*out)
+                self.pending.extend(pending)
+                return None
+        return self.encode_match(op, left, right)
+
+    def encode_match(self, op: str, left: Any, right: Any) -> None:
         if "concat" in left:
             return self.concat(op, left["concat"], right)
         if "ct" in left:
@@ -461,6 +480,7 @@ class Batch:
         self._t = _str(1, table)
         self._ids: dict[str, int] = {}
         self._memo: dict[tuple[Any, ...], bytes] = {}
+        self.matches: dict[tuple[Any, ...], tuple[list[bytes], list[tuple[int, int, bytes]], Any, Any]] = {}
 
     def encoded(self, fn: Any, *args: Any) -> bytes:
         """fn(*args), once per batch: a table repeats few distinct expressions thousands of times
@@ -563,21 +583,21 @@ class Batch:
         """Elements of a named set added in this batch."""
         sid = self.set_id(name)
         head = self._t + _str(ELEM_LIST_SET, name) + _u32(ELEM_LIST_SET_ID, sid)
-        enc = _ELEMENT_KEYS.get(typ if isinstance(typ, str) else tuple(typ))
-        keys = [enc(e) for e in elems] if enc is not None else [key_bytes(typ, e) for e in elems]
-        if not keys:
+        elems = list(elems)
+        if not elems:
             return
-        klen = len(keys[0])
+        klen, enc = _ELEMENT_KEYS[typ if isinstance(typ, str) else tuple(typ)]
+        if "ifname" in typ and max(len(e[0]) for e in elems) > 15:
+            raise Unsupported(f"an interface name in set {name} is longer than 15 bytes")
         # every element has the same shape: its nests' headers are one constant prefix
-        prefix = struct.pack("=HHHHHH", 4 + 4 + 4 + klen, LIST_ELEM | NLA_F_NESTED, 4 + 4 + klen,
+        header = struct.pack("=HHHHHH", 4 + 4 + 4 + klen, LIST_ELEM | NLA_F_NESTED, 4 + 4 + klen,
                              ELEM_KEY | NLA_F_NESTED, 4 + klen, DATA_VALUE)
-        pad = b"\0" * ((4 - klen % 4) % 4)
-        for i in range(0, len(keys), ELEMENTS_PER_MESSAGE):
-            nest = b"".join([prefix + k + pad for k in keys[i:i + ELEMENTS_PER_MESSAGE]])
+        for i in range(0, len(elems), ELEMENTS_PER_MESSAGE):
+            chunk = elems[i:i + ELEMENTS_PER_MESSAGE]
+            nest = b"".join(enc(header, chunk))
+            if len(nest) != len(chunk) * (len(header) + klen):  # a non-ASCII name, say
+                raise Unsupported(f"an element of set {name} does not encode to {klen} bytes")
             self.msgs.append((NEWSETELEM, F_REQUEST | F_CREATE, head + _nest(ELEM_LIST_ELEMENTS, nest)))
-
-
-_V6, _V4 = _addr(6), _addr(4)
 
 
 def _mac(v: str) -> bytes:
@@ -587,14 +607,21 @@ def _mac(v: str) -> bytes:
     return raw + b"\0\0"  # 4-byte aligned in a concatenation
 
 
-# the named sets' element keys, without key_bytes' generality: 70,000 of them in a cold start
-_ELEMENT_KEYS: dict[Any, Any] = {
-    "ifname": lambda e: _ifname(e[0]),
-    "ipv6_addr": lambda e: _V6(e[0]),
-    "ipv4_addr": lambda e: _V4(e[0]),
-    ("ifname", "ipv6_addr"): lambda e: _ifname(e[0]) + _V6(e[1]),
-    ("ifname", "ipv4_addr"): lambda e: _ifname(e[0]) + _V4(e[1]),
-    ("ifname", "ether_addr"): lambda e: _ifname(e[0]) + _mac(e[1]),
+def _name(n: str) -> bytes:
+    return n.encode().ljust(16, b"\0")
+
+
+_P6, _P4, _IN6, _IN4 = socket.inet_pton, socket.inet_pton, socket.AF_INET6, socket.AF_INET
+
+# the named sets' element keys, each behind its nests' constant headers (70,000 of them at a cold
+# start: key_bytes' generality cost 0.1 s): (key length, [header, elements] -> encoded elements)
+_ELEMENT_KEYS: dict[Any, tuple[int, Any]] = {
+    "ifname": (16, lambda h, es: [h + _name(n) for n, in es]),
+    "ipv6_addr": (16, lambda h, es: [h + _P6(_IN6, a) for a, in es]),
+    "ipv4_addr": (4, lambda h, es: [h + _P4(_IN4, a) for a, in es]),
+    ("ifname", "ipv6_addr"): (32, lambda h, es: [h + _name(n) + _P6(_IN6, a) for n, a in es]),
+    ("ifname", "ipv4_addr"): (20, lambda h, es: [h + _name(n) + _P4(_IN4, a) for n, a in es]),
+    ("ifname", "ether_addr"): (24, lambda h, es: [h + _name(n) + _mac(m) for n, m in es]),
 }
 
 
@@ -611,6 +638,6 @@ def replace_messages(table: str, cmds: list[dict[str, Any]], set_types: dict[str
         for name, elems in elements.items():
             if elems:
                 b.elements(name, set_types[name], elems)
-    except (KeyError, ValueError, TypeError, AttributeError, NftError) as e:  # a shape we misread
+    except (KeyError, ValueError, TypeError, AttributeError, OSError, NftError) as e:  # a shape we misread
         raise Unsupported(f"{type(e).__name__}: {e}") from e
     return b.msgs

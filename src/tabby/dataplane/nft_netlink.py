@@ -1,11 +1,11 @@
-"""nf_tables set elements over raw nfnetlink: the policy's incremental path.
+"""nf_tables over raw nfnetlink: set-element patches (the policy's incremental path), whole
+transactions (the replace that ``nft_encode`` builds), and the ruleset generation id.
 
 Why not libnftables here: every libnftables command first reads the ruleset into its cache, which
 with 10,000 endpoints and 1,000 rules costs ~30 ms per command and grows with the table. An
 endpoint's arrival changes only set elements, and one NEWSETELEM/DELSETELEM batch does that in
-well under a millisecond whatever the table holds. Structure (tables, chains, rules, sets) is
-always written through libnftables; this module only adds and removes elements of sets that
-exist, and reads the ruleset generation id so the drift check knows when anyone else wrote.
+well under a millisecond whatever the table holds. The generation id tells the drift check when
+anyone else wrote. This module sends; what a table's messages hold is ``nft_encode``'s business.
 
 A batch is one nf_tables transaction: if any element fails (say, deleting one that is not there)
 the kernel applies none of it, and the caller falls back to replacing the table.
