@@ -1,11 +1,11 @@
-"""nf_tables set elements over raw nfnetlink: the policy's incremental path.
+"""nf_tables over raw nfnetlink: set-element patches (the policy's incremental path), whole
+transactions (the replace that ``nft_encode`` builds), and the ruleset generation id.
 
 Why not libnftables here: every libnftables command first reads the ruleset into its cache, which
 with 10,000 endpoints and 1,000 rules costs ~30 ms per command and grows with the table. An
 endpoint's arrival changes only set elements, and one NEWSETELEM/DELSETELEM batch does that in
-well under a millisecond whatever the table holds. Structure (tables, chains, rules, sets) is
-always written through libnftables; this module only adds and removes elements of sets that
-exist, and reads the ruleset generation id so the drift check knows when anyone else wrote.
+well under a millisecond whatever the table holds. The generation id tells the drift check when
+anyone else wrote. This module sends; what a table's messages hold is ``nft_encode``'s business.
 
 A batch is one nf_tables transaction: if any element fails (say, deleting one that is not there)
 the kernel applies none of it, and the caller falls back to replacing the table.
@@ -40,7 +40,7 @@ class NftError(Exception):
     pass
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
+def nla(kind: int, payload: bytes) -> bytes:
     n = _NLA.size + len(payload)
     return _NLA.pack(n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
 
@@ -104,18 +104,18 @@ class NftSocket:
         _, begin = self._msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, AF_UNSPEC,
                              socket.htons(NFNL_SUBSYS_NFTABLES), b"")
         parts.append(begin)
-        tname = _nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        tname = nla(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
         for add, set_name, typ, elems in changes:
             mtype = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if add else NFT_MSG_DELSETELEM)
             flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0)
-            sname = _nla(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+            sname = nla(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
             for i in range(0, len(elems), ELEMENTS_PER_MESSAGE):
                 nest = b"".join(
-                    _nla(NFTA_LIST_ELEM | NLA_F_NESTED,
-                         _nla(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _nla(NFTA_DATA_VALUE, key_bytes(typ, e))))
+                    nla(NFTA_LIST_ELEM | NLA_F_NESTED,
+                         nla(NFTA_SET_ELEM_KEY | NLA_F_NESTED, nla(NFTA_DATA_VALUE, key_bytes(typ, e))))
                     for e in elems[i:i + ELEMENTS_PER_MESSAGE])
                 seq, msg = self._msg(mtype, flags, NFPROTO_INET, 0,
-                                     tname + sname + _nla(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, nest))
+                                     tname + sname + nla(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, nest))
                 parts.append(msg)
                 seqs.append(seq)
         if not seqs:
@@ -129,7 +129,34 @@ class NftSocket:
         if errors:
             raise NftError("; ".join(sorted({os.strerror(e) for e in errors})))
 
-    def _acks(self, waiting: set[int]) -> list[int]:
+    def transaction(self, msgs: list[tuple[int, int, bytes]]) -> None:
+        """One batch of (nf_tables message type, flags, attributes), all in table family inet:
+        applied whole or not at all. Raises NftError with the kernel's reasons.
+
+        Only the last message asks for an ack: the kernel runs the batch inside sendmsg and
+        reports every failing message anyway, so thousands of acks would only fill the receive
+        buffer. A failed commit is reported against the batch-begin message instead."""
+        if not msgs:
+            return
+        begin_seq, begin = self._msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, AF_UNSPEC,
+                                     socket.htons(NFNL_SUBSYS_NFTABLES), b"")
+        parts = [begin]
+        last = len(msgs) - 1
+        seq = 0
+        for i, (mtype, flags, attrs) in enumerate(msgs):
+            seq, msg = self._msg((NFNL_SUBSYS_NFTABLES << 8) | mtype, flags | (NLM_F_ACK if i == last else 0),
+                                 NFPROTO_INET, 0, attrs)
+            parts.append(msg)
+        _, end = self._msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, AF_UNSPEC, socket.htons(NFNL_SUBSYS_NFTABLES), b"")
+        parts.append(end)
+        batch = b"".join(parts)
+        self._room_for(len(batch))
+        self.sock.sendall(batch)
+        errors = self._acks({seq}, also=begin_seq)
+        if errors:
+            raise NftError("; ".join(sorted({os.strerror(e) for e in errors})))
+
+    def _acks(self, waiting: set[int], also: int | None = None) -> list[int]:
         errors: list[int] = []
         while waiting:
             try:
@@ -143,6 +170,8 @@ class NftSocket:
                     (code,) = struct.unpack_from("=i", data, off + _HDR.size)
                     if code:
                         errors.append(-code)
+                        if seq == also:  # the commit failed: the kernel dropped the other acks
+                            waiting.clear()
                     waiting.discard(seq)
                 off += (n + 3) & ~3
         return errors

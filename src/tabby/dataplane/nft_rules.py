@@ -280,12 +280,10 @@ def element_commands_text(op: str, elements: dict[str, set[Element]]) -> list[st
             for name, elems in elements.items() if elems]
 
 
-def replace_transaction(s: Structure, elements: dict[str, set[Element]]
-                        ) -> tuple[str, list[dict[str, Any]], dict[str, list[str]]]:
-    """One atomic transaction that swaps whatever table is there for the desired one:
-    (its libnftables JSON text, the structure's commands, chain -> rule comments)."""
-    cmds, chains = render(s)
+def replace_text(cmds: list[dict[str, Any]], elements: dict[str, set[Element]]) -> str:
+    """One atomic transaction that swaps whatever table is there for the desired one, as
+    libnftables JSON text (``cmds`` from ``render``): the fallback to ``nft_encode``'s netlink."""
     head = [{"metainfo": {"json_schema_version": 1}}, {"add": {"table": {"family": FAMILY, "name": TABLE}}},
             {"delete": {"table": {"family": FAMILY, "name": TABLE}}}, *cmds]
     parts = [json.dumps(c, separators=(",", ":")) for c in head] + element_commands_text("add", elements)
-    return '{"nftables":[' + ",".join(parts) + "]}", cmds, chains
+    return '{"nftables":[' + ",".join(parts) + "]}"
