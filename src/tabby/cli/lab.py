@@ -76,12 +76,17 @@ def lab_up(
             fail(f"lab up failed, everything removed again: {e}")
         # the cheap signal (a route dump and /healthz per host), not the O(N²) matrix, in the wait loop
         progress.update(task, description="waiting for every agent in sync and every route on every host")
-        state = lab.wait_routed(wait_s)
         fams = ("v6",) if ipv6_only else ("v6", "v4")
         rows = []
-        if state["ok"] and lab.members():
-            progress.update(task, description="checking connectivity (once)")
-            rows = lab.matrix(fams, sample=L.default_sample(hosts))
+        try:
+            state = lab.wait_routed(wait_s)
+            if state["ok"] and lab.members():
+                progress.update(task, description="checking connectivity (once)")
+                rows = lab.matrix(fams, sample=L.default_sample(hosts))
+        except Exception as e:
+            progress.stop()
+            L.down(prefix)
+            fail(f"lab up failed while checking it, everything removed again: {e}")
     out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, {len(topo.vms)} VMs, "
               f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {lab.store_url}", highlight=False)
     if not state["ok"]:

@@ -407,7 +407,8 @@ class Lab:
         owned: dict[str, list[str]] = {h.ns: [] for h in self.topo.hosts}
         for ep in eps:
             if ep.spec.host in hosts:
-                owned[hosts[ep.spec.host]] += [str(a) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
+                owned[hosts[ep.spec.host]] += [str(a).partition("/")[0]
+                                               for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
         owned[self.topo.outside_ns] = [OUTSIDE_V6] + ([] if self.topo.ipv6_only else [OUTSIDE_V4])
         not_in_sync = {}
         routes = {}
