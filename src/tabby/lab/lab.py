@@ -410,21 +410,26 @@ class Lab:
                 owned[hosts[ep.spec.host]] += [str(a).partition("/")[0]
                                                for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
         owned[self.topo.outside_ns] = [OUTSIDE_V6] + ([] if self.topo.ipv6_only else [OUTSIDE_V4])
-        not_in_sync = {}
-        routes = {}
-        for ns in owned:
+        def look(ns: str) -> tuple[str | None, list[str] | None]:
             # made and closed per look: an open socket would keep the namespace alive past `down`
             p = probe.NsProbe(ns, health=ns != self.topo.outside_ns)
             try:
+                why = None
                 if p.health:
                     h = p.healthz()
                     if h.get("status") != 200 or h.get("in_sync") is not True:
-                        not_in_sync[ns] = str(h.get("error") or h)
-                routes[ns] = p.routes()
+                        why = str(h.get("error") or h)
+                return why, p.routes()
             except OSError as e:
-                not_in_sync[ns] = f"netlink: {e}"
+                return f"netlink: {e}", None
             finally:
                 p.close()
+
+        # in a pool: a loaded agent may take a while to answer, and 100 of them one by one add up
+        with ThreadPoolExecutor(MATRIX_WORKERS) as ex:
+            looks = dict(zip(owned, ex.map(look, owned), strict=True))
+        not_in_sync = {ns: why for ns, (why, _) in looks.items() if why}
+        routes = {ns: r for ns, (_, r) in looks.items() if r is not None}
         return {"not_in_sync": not_in_sync, "missing": probe.missing_routes(routes, owned),
                 "endpoints": len(eps)}
 

@@ -74,6 +74,7 @@ class NsProbe:
     ns: str
     health: bool = True
     nl: Netlink | None = field(default=None, repr=False)
+    last_status: int = 0
 
     def _in(self, fn: Callable[[], T]) -> T:
         return in_ns(self.ns, fn)
@@ -84,23 +85,26 @@ class NsProbe:
             self.nl = self._in(Netlink)
         return [r.dst for r in self.nl.routes(proto=None)]
 
-    def healthz(self, timeout: float = 2.0) -> dict[str, object]:
-        """The agent's /healthz body (with "status": the HTTP code), or {"error": ...}."""
-        try:
-            sock = self._in(lambda: socket.create_connection(("127.0.0.1", HEALTH_PORT), timeout=timeout))
-        except OSError as e:
-            return {"error": f"{self.ns}: /healthz: {e}"}
+    def get(self, path: str, timeout: float = 2.0) -> str:
+        """GET path from the agent's health server (HTTP/1.0: read to the end); the body. OSError
+        when nothing answers."""
+        sock = self._in(lambda: socket.create_connection(("127.0.0.1", HEALTH_PORT), timeout=timeout))
         with sock:
-            sock.sendall(b"GET /healthz HTTP/1.0\r\nHost: agent\r\n\r\n")
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n".encode())
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
+        self.last_status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+        return data.partition(b"\r\n\r\n")[2].decode(errors="replace")
+
+    def healthz(self, timeout: float = 2.0) -> dict[str, object]:
+        """The agent's /healthz body (with "status": the HTTP code), or {"error": ...}."""
         try:
+            body = self.get("/healthz", timeout)
             doc = json.loads(body)
-            return {"status": int(head.split()[1]), **(doc if isinstance(doc, dict) else {})}
-        except (ValueError, IndexError):
-            return {"error": f"{self.ns}: /healthz answered {data[:200]!r}"}
+        except (OSError, ValueError) as e:
+            return {"error": f"{self.ns}: /healthz: {e}"}
+        return {"status": self.last_status, **(doc if isinstance(doc, dict) else {})}
 
     def close(self) -> None:
         if self.nl is not None:
