@@ -155,7 +155,9 @@ class Lab:
         for h in with_workloads:
             netns.wait_for(self.cni_socket(h).exists, 60, 0.05, f"cni-server on {h.name}")
         say(f"containers ({len(self.topo.workloads)})")
-        _parallel(self._container, self.topo.workloads)
+        # in parallel across hosts, in order on each: two ADDs at once on one host would each claim
+        # a block of their own (neither sees the other's yet), and the lab's layout would vary
+        _parallel(lambda h: [self._container(w) for w in self.topo.workloads if w.host == h], with_workloads)
         for v in self.topo.vms:
             say(f"VM {v.name} ({v.client})")
             self.add_vm(v)
