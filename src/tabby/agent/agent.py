@@ -41,7 +41,7 @@ from tabby.dataplane.bird_config import render
 from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
 from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
-from tabby.dataplane.links import LinkIndex, SysctlReconciler, set_host_sysctls
+from tabby.dataplane.links import LinkIndex, NeighbourTables, SysctlReconciler, set_host_sysctls
 from tabby.dataplane.policy import PolicyReconciler
 from tabby.dataplane.routes import RoutesReconciler
 from tabby.model import ConfigSpec, decode, effective_config, refused_hosts
@@ -117,6 +117,7 @@ class Agent:
         self.policy_interfaces: set[str] = set()  # interfaces whose policy the kernel had at the last good apply
         self.bird = BirdReconciler(run_dir) if bgp else None
         self.dnsmasq = DnsmasqReconciler(run_dir)
+        self.neighbour_tables = NeighbourTables()
         self.dhcp_dirty = True
         self.bgp_dirty = True
         self.next_bgp_check = 0.0
@@ -193,8 +194,8 @@ class Agent:
         return ok, info
 
     def start(self) -> None:
-        for note in set_host_sysctls(endpoints=0):
-            log.info("%s", note)
+        set_host_sysctls()
+        self.neighbour_tables.size(0)  # issue 16 item 2: says once (log, host status) when it cannot
         self.links.refresh()
         self._links_read_at_start = True
         threading.Thread(target=self._feed_netlink, name="netlink-monitor", daemon=True).start()
@@ -347,8 +348,8 @@ class Agent:
                              item.revision, len(self.index.plans))
                 self.in_sync = True
                 self.full_check_due = True
-                for note in set_host_sysctls(endpoints=len(self.index.plans)):
-                    log.debug("%s", note)
+                if self.neighbour_tables.size(len(self.index.plans)):
+                    self._publish_host_info()
                 return
             assert isinstance(item, Update)
             self.metrics.store_events.inc()
@@ -380,6 +381,8 @@ class Agent:
             was_local = name in self.index.plans
             touched = self.index.update(name, item.resource, item.created)
             self._push(touched)
+            if self.in_sync and self.neighbour_tables.size(len(self.index.plans)):  # cheap: steps of 1024
+                self._publish_host_info()
             if item.resource is None:
                 self.endpoint_records.pop(name, None)
             else:
@@ -468,7 +471,8 @@ class Agent:
                    for k, (f, e) in sorted(self.corrupt.items())[:MAX_CORRUPT_REPORTED]]
         # one assignment: the status thread reads it whole at the next heartbeat
         self.status.host_info = {"started": self.started_wall, "corrupt": corrupt, "refused": [
-            f"host {n}: {why}" for n, why in sorted(self.refused_hosts.items())]}
+            f"host {n}: {why}" for n, why in sorted(self.refused_hosts.items())],
+            "neighbour_table": self.neighbour_tables.status() or None}
 
     def _on_netlink(self, change: nl.Change) -> None:
         if change.kind == "overflow":

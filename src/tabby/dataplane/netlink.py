@@ -31,6 +31,8 @@ NLM_F_DUMP = 0x300
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_GETNEIGHTBL = 66
+NDTA_NAME, NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3, NDTA_CONFIG, NDTA_STATS = 1, 2, 3, 4, 5, 7
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 NDA_DST, NDA_LLADDR, NDA_PROTOCOL = 1, 2, 12
 IFLA_IFNAME = 3
@@ -51,6 +53,7 @@ _NDMSG = struct.Struct("=BBHiHBB")
 _IFINFOMSG = struct.Struct("=BBHiII")
 _RTA = struct.Struct("=HH")
 _NLMSGERR = struct.Struct("=i")
+_NDTMSG = struct.Struct("=BBH")
 
 # Why 77: unassigned in iproute2's rt_protos (kernel 2, boot 3, static 4, bird 12, zebra 11 and
 # 186..192 for routing daemons are taken). A number of our own marks every route and neighbour
@@ -94,6 +97,21 @@ class Neigh:
     proxy: bool
     proto: int
     state: int
+
+
+@dataclass(frozen=True, slots=True)
+class NeighTable:
+    """One of the kernel's neighbour tables (arp_cache, ndisc_cache) as RTM_GETNEIGHTBL reports it:
+    its thresholds, how many entries it holds and how often it was full (dmesg's "neighbor table
+    overflow!"). On this kernel the tables are machine-wide, and any namespace may read them."""
+
+    name: str
+    family: int
+    gc_thresh1: int
+    gc_thresh2: int
+    gc_thresh3: int
+    entries: int
+    table_fulls: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +294,23 @@ class Netlink:
                 n = parse_neigh(msg)
                 if n is not None and n.proxy == proxy:
                     out.append(n)
+        return out
+
+
+    def neigh_tables(self) -> list[NeighTable]:
+        """The neighbour tables (not their per-device parameter messages, which carry no thresholds)."""
+        out = []
+        for _, msg in self._dump(RTM_GETNEIGHTBL, _NDTMSG.pack(socket.AF_UNSPEC, 0, 0)):
+            family = msg[0]
+            got: dict[int, bytes] = dict(_attrs(msg, _NDTMSG.size))
+            if NDTA_THRESH3 not in got or NDTA_NAME not in got:
+                continue
+            u32 = {k: struct.unpack_from("=I", got[k])[0] for k in (NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3)}
+            cfg, stats = got.get(NDTA_CONFIG, b""), got.get(NDTA_STATS, b"")
+            out.append(NeighTable(
+                got[NDTA_NAME].rstrip(b"\0").decode(), family, u32[NDTA_THRESH1], u32[NDTA_THRESH2],
+                u32[NDTA_THRESH3], struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
+                struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0))  # ndts_table_fulls
         return out
 
 

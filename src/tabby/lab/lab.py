@@ -8,21 +8,31 @@ render``, gets their address from the host's dnsmasq. The agents do the rest.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabby.client import ResourceClient
+from tabby.dataplane.links import (
+    neigh_thresholds,
+    raise_neigh_thresholds,
+    read_neigh_thresholds,
+    write_neigh_thresholds,
+)
 from tabby.guest.render import patch_script
 from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
-from tabby.lab import netns, outside_bird
+from tabby.lab import netns, outside_bird, probe
 from tabby.lab.topology import (
     ETCD_V6,
     OUTSIDE_ASN,
@@ -74,6 +84,10 @@ def default_store(prefix: str = PREFIX) -> str:
     return f"sqlite://{lab_dir(prefix)}/store.db"
 
 Say = Callable[[str], None]
+FULL_MATRIX_HOSTS = 20  # up to this many hosts `lab check` checks every pair; above, a sample
+DEFAULT_SAMPLE = 500  # pairs per family when sampled (plus every member once each way)
+MATRIX_WORKERS = 16  # matrix checks at once: each is a thread that mostly waits on the network
+BUILD_WORKERS = 4  # hosts and containers built at once: `ip` and the CNI ADD are processes (2 cores here)
 
 
 def _quiet(_: str) -> None:
@@ -114,6 +128,9 @@ class Lab:
     def up(self, say: Say = _quiet) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._save_state()
+        say("neighbour tables")
+        for note in size_neighbour_tables(self.topo.prefix, lab_neigh_entries(self.topo)):
+            say(note)
         say("fabric")
         fab = self.topo.fabric_ns
         netns.add_netns(fab)
@@ -123,21 +140,27 @@ class Lab:
             say("etcd on the fabric")
             self._etcd()
             self._save_state()
-        for h in self.topo.hosts:
-            say(f"host {h.name}")
-            self._host(h)
+        say(f"hosts ({len(self.topo.hosts)})")
+        _parallel(self._host, self.topo.hosts)
         say("outside router")
         self._outside()
         say("store: hosts, pools, the outside peer")
         self._resources()
+        say("agents")
+        with_workloads = [h for h in self.topo.hosts if any(w.host == h for w in self.topo.workloads)]
         for h in self.topo.hosts:
-            say(f"agent on {h.name}")
             self._agent(h)
-            if any(w.host == h for w in self.topo.workloads):
-                self._cni_server(h)
-        for w in self.topo.workloads:
-            say(f"container {w.name}")
-            self._container(w)
+        for h in with_workloads:  # the CNI server only where containers are made
+            self._start_cni_server(h)
+        # all start at once; on 2 cores 100 of them beside 100 agents took ~110 s to listen
+        deadline = time.monotonic() + 30 + 1.5 * len(self.topo.hosts)
+        for h in with_workloads:
+            netns.wait_for(self.cni_socket(h).exists, max(1.0, deadline - time.monotonic()), 0.05,
+                           f"cni-server on {h.name}")
+        say(f"containers ({len(self.topo.workloads)})")
+        # in parallel across hosts, in order on each: two ADDs at once on one host would each claim
+        # a block of their own (neither sees the other's yet), and the lab's layout would vary
+        _parallel(lambda h: [self._container(w) for w in self.topo.workloads if w.host == h], with_workloads)
         for v in self.topo.vms:
             say(f"VM {v.name} ({v.client})")
             self.add_vm(v)
@@ -170,11 +193,12 @@ class Lab:
         netns.wait_for(lambda: _etcd_answers(self.store_url), 20, 0.1, "etcd through the forwarder")
 
     def _plug(self, ns: str, port: str) -> None:
-        """A new namespace with an eth0 on the fabric bridge (the other end, `port`, in br0)."""
+        """A new namespace with an eth0 on the fabric bridge (the other end, `port`, in br0). The peer
+        is made in its namespace at once: no "eth0" ever exists in the fabric namespace, so hosts
+        can be plugged in parallel."""
         fab = self.topo.fabric_ns
         netns.add_netns(ns)
-        netns.ip("link", "add", port, "type", "veth", "peer", "name", "eth0", ns=fab)
-        netns.ip("link", "set", "eth0", "netns", ns, ns=fab)
+        netns.ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=fab)
         netns.ip("link", "set", port, "master", "br0", "up", ns=fab)
 
     def _host(self, h: LabHost) -> None:
@@ -246,12 +270,11 @@ class Lab:
     def cni_socket(self, h: LabHost) -> Path:
         return self.run_dir / h.name / "cni" / "cni.sock"
 
-    def _cni_server(self, h: LabHost) -> None:
+    def _start_cni_server(self, h: LabHost) -> None:
         """The warm CNI helper, as a node runs it: tabby-cni hands its calls to it."""
-        sock = self.cni_socket(h)
         netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.agent_store_url, "cni-server",
-                           "--host", h.name, "--socket", str(sock)], self.dir / f"cni-server-{h.name}.log")
-        netns.wait_for(sock.exists, 20, 0.05, f"cni-server on {h.name}")
+                           "--host", h.name, "--socket", str(self.cni_socket(h))],
+                    self.dir / f"cni-server-{h.name}.log")
 
     CNI_NETWORK = "lab"
 
@@ -370,50 +393,104 @@ class Lab:
         return [(w.name, w.ns) for w in self.topo.workloads] + [(v.name, v.ns) for v in self.topo.vms]
 
     def addresses(self) -> dict[str, dict[str, list[str]]]:
-        out: dict[str, dict[str, list[str]]] = {}
-        for name, ns in self.members():
+        """Each workload's addresses, as its own eth0 has them."""
+        def one(ns: str) -> dict[str, list[str]]:
             addrs = json.loads(netns.ip("-j", "addr", "show", "dev", "eth0", ns=ns))[0].get("addr_info", [])
-            out[name] = {"v6": [a["local"] for a in addrs if a["family"] == "inet6" and a["scope"] == "global"],
-                         "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
-        return out
+            return {"v6": [a["local"] for a in addrs if a["family"] == "inet6" and a["scope"] == "global"],
+                    "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
 
-    def matrix(self, families: tuple[str, ...] = ("v6", "v4"), tcp: bool = True) -> list[dict[str, Any]]:
-        """Every workload to every other and to/from the outside router, per family: ping, and TCP.
+        members = self.members()
+        with ThreadPoolExecutor(BUILD_WORKERS) as ex:
+            return dict(zip([m for m, _ in members], ex.map(one, [ns for _, ns in members]), strict=True))
 
-        Each row says what was expected ("reach", or "blocked" for the pair the lab's policy
-        blocks), whether it reached, and ok when the two agree."""
+    def routing_state(self) -> dict[str, Any]:
+        """The cheap signal: agents not in sync (from /healthz), and per namespace the addresses of
+        other hosts' workloads (from the Store's Endpoints) that its kernel has no route for.
+        Costs one netlink dump and one HTTP request per host, however many pairs there are."""
+        eps, _ = ResourceClient(open_store(self.store_url)).list("Endpoint")
+        hosts = {h.name: h.ns for h in self.topo.hosts}
+        owned: dict[str, list[str]] = {h.ns: [] for h in self.topo.hosts}
+        for ep in eps:
+            if ep.spec.host in hosts:
+                owned[hosts[ep.spec.host]] += [str(a).partition("/")[0]
+                                               for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
+        owned[self.topo.outside_ns] = [OUTSIDE_V6] + ([] if self.topo.ipv6_only else [OUTSIDE_V4])
+        def look(ns: str) -> tuple[str | None, list[str] | None]:
+            # made and closed per look: an open socket would keep the namespace alive past `down`
+            p = probe.NsProbe(ns, health=ns != self.topo.outside_ns)
+            try:
+                why = None
+                if p.health:
+                    h = p.healthz()
+                    if h.get("status") != 200 or h.get("in_sync") is not True:
+                        why = str(h.get("error") or h)
+                return why, p.routes()
+            except OSError as e:
+                return f"netlink: {e}", None
+            finally:
+                p.close()
+
+        # in a pool: a loaded agent may take a while to answer, and 100 of them one by one add up
+        with ThreadPoolExecutor(MATRIX_WORKERS) as ex:
+            looks = dict(zip(owned, ex.map(look, owned), strict=True))
+        not_in_sync = {ns: why for ns, (why, _) in looks.items() if why}
+        routes = {ns: r for ns, (_, r) in looks.items() if r is not None}
+        return {"not_in_sync": not_in_sync, "missing": probe.missing_routes(routes, owned),
+                "endpoints": len(eps)}
+
+    def wait_routed(self, timeout: float, interval: float = 1.0) -> dict[str, Any]:
+        """Poll ``routing_state`` until every agent is in sync and every route is everywhere (or the
+        timeout); returns the last state, with "ok"."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.routing_state()
+            state["ok"] = not state["not_in_sync"] and not state["missing"]
+            if state["ok"] or time.monotonic() > deadline:
+                return state
+            time.sleep(interval)
+
+    def matrix(self, families: tuple[str, ...] = ("v6", "v4"), tcp: bool = True, sample: int | None = None,
+               seed: int | None = None, workers: int = MATRIX_WORKERS) -> list[dict[str, Any]]:
+        """Workloads and the outside router to each other, per family: ping, and TCP.
+
+        sample None: every ordered pair; else ``sample`` random pairs per family plus every member
+        at least once as source and as destination, plus the blocked pair (``probe.pick_pairs``).
+        Checks run in a bounded pool, in-process (``probe.ping``, ``probe.tcp``). Each row says
+        what was expected ("reach", or "blocked" for the pair the lab's policy blocks), whether it
+        reached, and ok when the two agree."""
         addrs = self.addresses()
         blocked_host = next((w.host.ns for w in self.topo.workloads if self.topo.blocked_pair
                              and w.name == self.topo.blocked_pair[1]), None)
         drops_before = self.policy_drops(blocked_host) if blocked_host else 0
         outside = {"v6": [OUTSIDE_V6], "v4": [] if self.topo.ipv6_only else [OUTSIDE_V4]}
         members = [*self.members(), ("outside", self.topo.outside_ns)]
+        ns_of = dict(members)
         addrs["outside"] = outside
-        rows = []
-        for src, src_ns in members:
-            procs = []
-            for dst, _ in members:
-                if dst == src:
-                    continue
-                for fam in families:
-                    for a in addrs[dst][fam] or ["(none)"]:  # a workload without its address yet fails
-                        checks = [("ping", ["ping", "-6" if fam == "v6" else "-4", "-c", "2", "-i", "0.2", "-W", "1",
-                                            a])]
-                        if tcp:
-                            target = f"[{a}]" if fam == "v6" else a
-                            checks.append(("tcp", ["socat", "-T", "2", "-u",
-                                                   f"TCP:{target}:{TCP_PORT},connect-timeout=2", "-"]))
-                        for kind, argv in checks:
-                            p = subprocess.Popen(["ip", "netns", "exec", src_ns, *argv], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.STDOUT, text=True)
-                            procs.append((dst, fam, a, kind, p))
-            for dst_name, fam, a, kind, p in procs:
-                out, _ = p.communicate(timeout=30)
-                reached = p.returncode == 0 and (kind != "tcp" or bool(out.strip()))
-                expect = "blocked" if (src, dst_name) == self.topo.blocked_pair else "reach"
-                rows.append({"src": src, "dst": dst_name, "family": fam, "address": a, "check": kind,
-                             "expect": expect, "reached": reached, "ok": reached == (expect == "reach"),
-                             "detail": out.strip().splitlines()[-1] if out.strip() else ""})
+        rng = random.Random(seed)
+        always = [self.topo.blocked_pair] if self.topo.blocked_pair else []
+        tasks = []
+        for fam in families:
+            for src, dst in probe.pick_pairs([m for m, _ in members], sample, rng, always):
+                for a in addrs[dst][fam] or ["(none)"]:  # a workload without its address yet fails
+                    tasks.append((src, dst, fam, a, "ping"))
+                    if tcp:
+                        tasks.append((src, dst, fam, a, "tcp"))
+
+        def run(task: tuple[str, str, str, str, str]) -> dict[str, Any]:
+            src, dst, fam, a, kind = task
+            if a == "(none)":
+                reached, out = False, f"{dst} has no {fam} address"
+            elif kind == "ping":
+                reached, out = probe.in_ns(ns_of[src], lambda: probe.ping(a))
+            else:
+                reached, out = probe.in_ns(ns_of[src], lambda: probe.tcp(a, TCP_PORT))
+            expect = "blocked" if (src, dst) == self.topo.blocked_pair else "reach"
+            return {"src": src, "dst": dst, "family": fam, "address": a, "check": kind, "expect": expect,
+                    "reached": reached, "ok": reached == (expect == "reach"),
+                    "detail": out}
+
+        with ThreadPoolExecutor(workers) as ex:
+            rows = list(ex.map(run, tasks))
         if blocked_host is not None:
             # blocked counts only as the policy's doing: its deny rule must have dropped packets
             dropped = self.policy_drops(blocked_host) - drops_before
@@ -438,6 +515,11 @@ class Lab:
         return total
 
 
+def default_sample(hosts: int) -> int | None:
+    """The matrix `lab up` and `lab check` run without --sample: all pairs while that is cheap."""
+    return None if hosts <= FULL_MATRIX_HOSTS else DEFAULT_SAMPLE
+
+
 def load(prefix: str = PREFIX) -> Lab:
     """The lab that is up under prefix. ValueError for a refused prefix or a state file that is not
     this lab's; OSError when there is none."""
@@ -455,10 +537,12 @@ def load(prefix: str = PREFIX) -> Lab:
 
 
 def down(prefix: str = PREFIX) -> list[str]:
-    """Remove every namespace of this lab (ending the processes inside, by pid), and its files.
+    """Remove every namespace of this lab (ending the processes inside, by pid), and its files, and
+    give the machine its neighbour table thresholds back (once no other lab needs them raised).
     The prefix is checked (``check_prefix``) before anything is touched: ValueError if refused."""
     dirs = (lab_dir(prefix), run_dir(prefix))
     gone = netns.sweep(prefix + "-")
+    restore_neighbour_tables(prefix)
     pid_file = lab_dir(prefix) / "forwarder.pid"
     if pid_file.exists():  # the etcd forwarder, the one lab process outside the lab's namespaces
         with contextlib.suppress(ValueError, OSError):
@@ -471,6 +555,110 @@ def down(prefix: str = PREFIX) -> list[str]:
         with contextlib.suppress(OSError):
             root.rmdir()
     return gone
+
+
+# -- the machine's neighbour tables ------------------------------------------------------------
+#
+# Every lab namespace's neighbour entries count against the root namespace's gc_thresh3 (see
+# dataplane/links.py): the agents inside cannot raise it, so the lab does, for all it builds, and
+# gives the old values back at `down`. Several labs may be up at once, so the record is one per
+# machine, under LAB_ROOT: the values found before the first lab raised them, what was set, and
+# each lab's share; changed under a lock (flock on LAB_ROOT), restored when the last lab goes.
+
+NEIGH_RECORD = "neighbour-tables.json"
+
+
+def lab_neigh_entries(topo: Topology) -> int:
+    """Dynamic neighbour entries per family the lab can make once every pair has talked: each host
+    resolves every other host and the outside router (and etcd) on the fabric, the outside router
+    every host; each workload its gateway, and its host the workload's link-local address."""
+    n = len(topo.hosts)
+    return n * (n + 2) + n + 2 * (len(topo.workloads) + len(topo.vms)) + 64
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LAB_ROOT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_record() -> dict[str, Any] | None:
+    try:
+        rec = json.loads((LAB_ROOT / NEIGH_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("labs"), dict) else None
+
+
+def _write_record(rec: dict[str, Any]) -> None:
+    tmp = LAB_ROOT / (NEIGH_RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec, sort_keys=True))
+    tmp.replace(LAB_ROOT / NEIGH_RECORD)
+
+
+def size_neighbour_tables(prefix: str, entries: int) -> list[str]:
+    """Raise the root namespace's thresholds for this lab and the others up; returns notes."""
+    current = read_neigh_thresholds()
+    if current is None:
+        return ["neighbour table thresholds: not in this namespace; run the lab from the root namespace "
+                "or size them there (see docs/architecture.md)"]
+    with _machine_lock():
+        rec = _read_record() or {"original": current, "labs": {}}
+        rec["labs"][prefix] = entries
+        want = neigh_thresholds(sum(rec["labs"].values()))
+        written = raise_neigh_thresholds(want)
+        rec["set"] = read_neigh_thresholds()
+        _write_record(rec)
+    return [f"neighbour tables raised for {entries} entries: {written}"] if written else []
+
+
+def restore_neighbour_tables(prefix: str) -> list[str]:
+    """Undo this lab's share: the values found before any lab once the last lab is down, else what
+    the remaining labs need. A value someone changed since the lab set it is theirs and kept."""
+    if not (LAB_ROOT / NEIGH_RECORD).exists():
+        return []
+    notes = []
+    with _machine_lock():
+        rec = _read_record()
+        if rec is None or prefix not in rec["labs"]:
+            return []
+        del rec["labs"][prefix]
+        original, was_set, current = rec.get("original") or {}, rec.get("set") or {}, read_neigh_thresholds() or {}
+        want = neigh_thresholds(sum(rec["labs"].values())) if rec["labs"] else None
+        target: dict[str, dict[str, int]] = {}
+        for fam, vals in original.items():
+            for k, old in vals.items():
+                now = current.get(fam, {}).get(k)
+                if now is None:
+                    continue
+                if now != was_set.get(fam, {}).get(k):
+                    notes.append(f"{fam} {k} is {now}, not the {was_set.get(fam, {}).get(k)} the lab set: left")
+                    continue
+                target.setdefault(fam, {})[k] = max(old, want[k]) if want else old
+        write_neigh_thresholds(target)
+        if rec["labs"]:
+            rec["set"] = read_neigh_thresholds()
+            _write_record(rec)
+        else:
+            (LAB_ROOT / NEIGH_RECORD).unlink()
+    return notes
+
+
+def _parallel(fn: Callable[[Any], None], items: Iterable[Any], workers: int = BUILD_WORKERS) -> None:
+    """fn over items in a few threads; the first failure is raised once all have finished.
+
+    Measured here (100 hosts, 5 `ip` calls each): serially 2.2 s, 4 threads 1.25 s, 8 threads 1.16 s:
+    namespace and veth creation serialise on the kernel's rtnl lock, so more threads gain nothing;
+    the CPU-bound part (process start-up) gains what the 2 cores give."""
+    with ThreadPoolExecutor(workers) as ex:
+        futures = [ex.submit(fn, item) for item in items]
+    for f in futures:
+        f.result()
 
 
 def _etcd_answers(url: str) -> bool:

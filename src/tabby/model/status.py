@@ -47,6 +47,18 @@ class CorruptReport(_Record):
     error: Text
 
 
+class NeighbourTableStatus(_Record):
+    """Whether the kernel's (machine-wide) neighbour tables fit this host's endpoints: sized_here
+    when the agent could raise them (the root namespace), else note says who must."""
+
+    sized_here: bool
+    fits: bool
+    wanted_gc_thresh3: Annotated[int, Field(ge=0)]
+    gc_thresh3: Annotated[dict[Literal["ipv6", "ipv4"], Annotated[int, Field(ge=0)]], Field(max_length=2)] = \
+        Field(default_factory=dict)
+    note: Text = ""
+
+
 class HostStatus(_Record):
     host: str
     heartbeat: Timestamp  # when this record was written
@@ -57,6 +69,7 @@ class HostStatus(_Record):
     degraded: Text | None = None  # why the agent cannot do all it should (the Store, nftables, ...)
     corrupt: Annotated[list[CorruptReport], Field(max_length=1000)] = Field(default_factory=list)
     refused: Annotated[list[Text], Field(max_length=1000)] = Field(default_factory=list)
+    neighbour_table: NeighbourTableStatus | None = None  # agent/links.NeighbourTables
 
 
     def alive(self, now: float) -> bool:
