@@ -81,6 +81,7 @@ class ResourceSyncer:
         self.corrupt: dict[str, tuple[int, str]] = {}  # key -> (revision, error) reported
         self.seed = dict(seed or {})
         self.revision = 0
+        self.events = 0  # every event the watch carried, wanted or not: what the fabric costs this agent
         self._stop = threading.Event()
         self._watch: Watch | None = None
         self._failing: str | None = None
@@ -198,6 +199,7 @@ class ResourceSyncer:
                     return
                 for ev in self._watch:
                     failures = 0
+                    self.events += 1
                     self.revision = ev.revision
                     if not self._wanted(ev.key):
                         continue

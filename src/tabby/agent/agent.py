@@ -109,6 +109,7 @@ class Agent:
         self.syncer = ResourceSyncer(
             store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record, seed=self.last_good.load(decode_record),
             exclude=(IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
+        self.metrics.count_watch_events(lambda: self.syncer.events)
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
         self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 
 class Metrics:
@@ -36,6 +37,18 @@ class Metrics:
                                     registry=self.registry)
         self.corrupt = Counter("tabby_corrupt_records_total", "Store records skipped as corrupt",
                                registry=self.registry)
+
+    def count_watch_events(self, read: Callable[[], int]) -> None:
+        """``tabby_store_watch_events_total``: every event the Store watch carried to this agent,
+        wanted or dropped by key (``tabby_store_events_total`` counts only the updates used): what
+        the rest of the fabric costs this agent. Read from the syncer when scraped."""
+
+        class _Collector:
+            def collect(self) -> Iterator[CounterMetricFamily]:
+                yield CounterMetricFamily("tabby_store_watch_events", "Store watch events received, any key",
+                                          value=read())
+
+        self.registry.register(_Collector())  # type: ignore[arg-type]
 
 
 class HealthServer:
