@@ -53,8 +53,9 @@ def endpoint_info(ep: Any, local: bool) -> EndpointInfo:
     than ipaddress's pure-Python formatting."""
     s = ep.spec
     return EndpointInfo(labels=dict(ep.metadata.labels),
-                        v6=tuple(inet_ntop(AF_INET6, a.ip.packed) for a in s.ipv6_addresses),
-                        v4=tuple(inet_ntop(AF_INET, a.ip.packed) for a in s.ipv4_addresses), interface=s.interface,
+                        # an ip_interface is an ip_address subclass: .packed without building .ip
+                        v6=tuple(inet_ntop(AF_INET6, a.packed) for a in s.ipv6_addresses),
+                        v4=tuple(inet_ntop(AF_INET, a.packed) for a in s.ipv4_addresses), interface=s.interface,
                         mac=s.mac.lower(), profiles=tuple(s.profiles), local=local)
 
 
