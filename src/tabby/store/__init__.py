@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlparse
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 from tabby.store.base import (
     KV,
@@ -13,6 +15,7 @@ from tabby.store.base import (
     HistoryGone,
     Lease,
     NotFound,
+    PermissionDenied,
     RevisionMismatch,
     Store,
     StoreCorrupt,
@@ -29,9 +32,10 @@ from tabby.store.base import (
 DEFAULT_STORE_URL = "sqlite:///var/lib/tabby/tabby.db"
 
 __all__ = [
-    "DEFAULT_STORE_URL", "KV", "AlreadyExists", "BadResponse", "Event", "HistoryGone", "Lease", "NotFound",
-    "RevisionMismatch", "Store", "StoreCorrupt", "StoreError", "StoreFault", "StoreFull", "StoreIOError",
-    "StoreLocked", "StoreReadOnly", "Unavailable", "Watch", "open_store", "store_url",
+    "DEFAULT_STORE_URL", "ETCD_OPTIONS", "KV", "AlreadyExists", "BadResponse", "Event", "HistoryGone", "Lease",
+    "NotFound", "PermissionDenied", "RevisionMismatch", "Store", "StoreCorrupt", "StoreError", "StoreFault",
+    "StoreFull", "StoreIOError", "StoreLocked", "StoreReadOnly", "Unavailable", "Watch", "open_store", "store_url",
+    "with_etcd_options",
 ]
 
 
@@ -39,8 +43,90 @@ def store_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("TABBY_STORE") or DEFAULT_STORE_URL
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:///abs/path.db`` or ``etcd://host:port``."""
+# What an etcd URL's query may say, and the variable that says it when the URL does not. The
+# password is never in the URL (URLs are logged and sit in argv): a file holds it.
+ETCD_OPTIONS: dict[str, str] = {
+    "ca": "TABBY_ETCD_CA",  # the CA that signed the members' certificates (etcds://)
+    "cert": "TABBY_ETCD_CERT",  # this client's certificate (etcds://)
+    "key": "TABBY_ETCD_KEY",  # and its key
+    "user": "TABBY_ETCD_USER",  # etcd's auth: the user
+    "password_file": "TABBY_ETCD_PASSWORD_FILE",  # and a file holding its password (one line)
+}
+_TLS_OPTIONS = ("ca", "cert", "key")
+
+
+def with_etcd_options(url: str, **options: str | None) -> str:
+    """url with these etcd options (ETCD_OPTIONS' names) added to its query, e.g. from CLI flags;
+    an option the URL names already is replaced. A sqlite URL refuses them (ValueError)."""
+    given = {k: v for k, v in options.items() if v}
+    if not given:
+        return url
+    parsed = urlparse(url)
+    if parsed.scheme not in ("etcd", "etcds"):
+        raise ValueError(f"store URL {url!r}: {', '.join(given)} apply only to etcd:// and etcds:// URLs")
+    unknown = set(given) - set(ETCD_OPTIONS)
+    if unknown:
+        raise ValueError(f"etcd options {sorted(unknown)}: known are {', '.join(ETCD_OPTIONS)}")
+    query = {**dict(parse_qsl(parsed.query)), **given}
+    return parsed._replace(query=urlencode(query, safe="/")).geturl()
+
+
+def _etcd_members(url: str, netloc: str) -> list[tuple[str, int]]:
+    members = []
+    for part in netloc.split(","):
+        host, _, port = part.rpartition(":") if not part.endswith("]") else (part, "", "")
+        if not host:  # no port
+            host, port = part, ""
+        host = host.strip("[]")
+        if not host or (port and not port.isdigit()) or not 0 < int(port or 2379) < 65536:
+            raise ValueError(f"store URL {url!r}: member {part!r} is not host:port "
+                             "(e.g. etcd://10.0.0.1:2379,10.0.0.2:2379 or etcds://[fd00::1]:2379)")
+        members.append((host, int(port or 2379)))
+    return members
+
+
+def _open_etcd(url: str, environ: Mapping[str, str]) -> Store:
+    from tabby.store.etcd import EtcdStore
+
+    parsed = urlparse(url)
+    if not parsed.netloc or "@" in parsed.netloc:
+        raise ValueError(f"store URL {url!r}: etcd needs host:port[,host:port...], e.g. etcd://127.0.0.1:2379 "
+                         "(a user goes in ?user=, its password in a password_file)")
+    members = _etcd_members(url, parsed.netloc)
+    pairs = parse_qsl(parsed.query, keep_blank_values=True)
+    opts = dict(pairs)
+    unknown = [k for k, _ in pairs if k not in ETCD_OPTIONS]
+    if unknown or len(opts) != len(pairs):
+        raise ValueError(f"store URL {url!r}: query may name each of {', '.join(ETCD_OPTIONS)} once; "
+                         f"got {', '.join(k for k, _ in pairs)}")
+    tls = parsed.scheme == "etcds"
+    for name, var in ETCD_OPTIONS.items():
+        if name not in opts and environ.get(var) and (tls or name not in _TLS_OPTIONS):
+            opts[name] = environ[var]
+    if not tls and any(opts.get(k) for k in _TLS_OPTIONS):
+        raise ValueError(f"store URL {url!r}: ca, cert and key need etcds:// (TLS)")
+    if bool(opts.get("cert")) != bool(opts.get("key")):
+        raise ValueError(f"store URL {url!r}: a client certificate needs both cert and key")
+    for k in (*_TLS_OPTIONS, "password_file"):
+        if opts.get(k) and not Path(opts[k]).is_file():
+            raise ValueError(f"store URL {url!r}: {k} {opts[k]}: no such file")
+    password = None
+    if opts.get("password_file"):
+        if not opts.get("user"):
+            raise ValueError(f"store URL {url!r}: password_file without user")
+        try:
+            password = Path(opts["password_file"]).read_text().rstrip("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"store URL {url!r}: password_file {opts['password_file']}: {e}") from None
+    elif opts.get("user"):
+        raise ValueError(f"store URL {url!r}: user {opts['user']} needs a password_file")
+    return EtcdStore(members=members, tls=tls, ca=opts.get("ca") or None, cert=opts.get("cert") or None,
+                     key=opts.get("key") or None, user=opts.get("user") or None, password=password)
+
+
+def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
+    """``sqlite:///abs/path.db``, ``etcd://host:port[,host:port...]`` or ``etcds://...`` (TLS), the
+    etcd ones with ETCD_OPTIONS in the query or, where it says nothing, in environ (os.environ)."""
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         from tabby.store.sqlite import SqliteStore
@@ -49,10 +135,6 @@ def open_store(url: str) -> Store:
         if not path or path == "/":
             raise ValueError(f"store URL {url!r}: sqlite needs a file path, e.g. sqlite:///var/lib/tabby/tabby.db")
         return SqliteStore(path)
-    if parsed.scheme == "etcd":
-        from tabby.store.etcd import EtcdStore
-
-        if not parsed.hostname:
-            raise ValueError(f"store URL {url!r}: etcd needs host:port, e.g. etcd://127.0.0.1:2379")
-        return EtcdStore(parsed.hostname, parsed.port or 2379)
-    raise ValueError(f"store URL {url!r}: scheme must be sqlite:// or etcd://")
+    if parsed.scheme in ("etcd", "etcds"):
+        return _open_etcd(url, os.environ if environ is None else environ)
+    raise ValueError(f"store URL {url!r}: scheme must be sqlite://, etcd:// or etcds://")

@@ -107,6 +107,13 @@ class BadResponse(StoreFault):
     what = "bad response"
 
 
+class PermissionDenied(StoreFault):
+    """etcd's auth refused the request: this user's roles do not allow it on that key. Not
+    ``Unavailable``: an operator grants the permission, or the writer is wrong to ask."""
+
+    what = "permission denied"
+
+
 @dataclass(frozen=True, slots=True)
 class KV:
     key: str

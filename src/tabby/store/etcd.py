@@ -1,16 +1,38 @@
-"""The etcd v3 Store, for fabrics of many hosts.
+"""The etcd v3 Store, for fabrics of many hosts: one member or a cluster, plain or TLS, with users.
 
-Talks to etcd's JSON gateway through etcd3gw's client (session, API-path discovery; plain HTTP:
-TLS and several members are not wired yet), but
-issues ``range``, ``txn``, ``compaction`` and ``watch`` requests itself: the Store contract
-needs the header revision of a listing, compare-and-swap on ``mod_revision``, and the watch's
-``compact_revision`` signal, which etcd3gw's helpers drop. Every write is one transaction, so
-a lost compare-and-swap writes nothing.
+Talks to etcd's JSON gateway with etcd3gw's client, one per member (the session with its CA and
+client certificate, the base URL, API-path discovery), but issues ``range``, ``txn``,
+``compaction`` and ``watch`` requests itself: the Store contract needs the header revision of a
+listing, compare-and-swap on ``mod_revision``, and the watch's ``compact_revision`` signal, which
+etcd3gw's helpers drop. Every write is one transaction, so a lost compare-and-swap writes nothing.
+
+Members and failover: requests go to the member that answered last; when it cannot be reached
+the next is tried, round after round for up to ``RIDE_OUT_S`` (an election takes 1-3 s), before
+the call fails with ``Unavailable`` naming every member. Every request carries etcd's
+"require leader" flag, so a member cut off from the others refuses at once ("no leader")
+instead of serving stale reads or hanging a write until etcd's own timeout. A read, and any
+request etcd certainly did not apply (the connection was never made, "no leader", "too many
+requests", an expired token), is simply sent to the next member. A write whose outcome is unknown
+(the member died or timed out after it had the request: etcd may still commit it) is never sent
+again behind the caller's back: it fails with ``Unavailable`` saying so, and the caller, who knows
+what it meant, reads and decides (a compare-and-swap retried blindly could apply twice).
+
+Watches resume on another member from the revision after the last event delivered (revisions
+are the cluster's, so nothing is lost or repeated); compaction past it is ``HistoryGone`` (the
+syncer lists again). A stream silent for ``WATCH_IDLE_S`` is opened again: a member that vanished
+without a FIN (a host cut off by a firewall) is noticed that way.
+
+Auth: with a user, a token from ``auth/authenticate`` rides on every request and is fetched again
+when etcd says it expired (tokens live in a member's memory). etcd refuses gateway requests from a
+client certificate that carries a CN once auth is on, so the certificate authenticates the host to
+the cluster (TLS) and the password names the user.
 
 Errors name the URL and are typed: no ``requests``, etcd3gw, ``KeyError`` or ``ValueError``
-leaves this module. Unreachable, timed out, or an HTTP 5xx (etcd without a leader, shutting
-down, overloaded) is ``Unavailable``; a reply that is not the v3 API's JSON is ``BadResponse``;
-any other refusal (HTTP 4xx) is a plain ``StoreError`` carrying etcd's own message.
+leaves this module. Unreachable, timed out, or an HTTP 5xx (no leader, shutting down,
+overloaded) is ``Unavailable``; a reply that is not the v3 API's JSON is ``BadResponse``; a
+refused permission is ``PermissionDenied``; a TLS handshake that fails (a wrong CA or client
+certificate) and any other refusal (HTTP 4xx) are a plain ``StoreError`` carrying etcd's or the
+TLS library's own words.
 """
 
 from __future__ import annotations
@@ -18,20 +40,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import random
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import requests
+import urllib3.exceptions
 from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import (
-    ApiVersionDiscoveryFailedError,
-    ConnectionFailedError,
-    ConnectionTimeoutError,
-    Etcd3Exception,
-    InternalServerError,
-)
 
 from tabby.store.base import (
     KV,
@@ -41,10 +59,19 @@ from tabby.store.base import (
     HistoryGone,
     Lease,
     NotFound,
+    PermissionDenied,
     RevisionMismatch,
     StoreError,
     Unavailable,
 )
+
+CONNECT_S = 2.0  # a member that does not accept a connection in 2 s is down or cut off: try the next
+RIDE_OUT_S = 3.0  # how long a call keeps trying members: an election after a leader dies is 1-3 s
+WATCH_RIDE_OUT_S = 10.0  # a watch has no caller waiting on it: it rides out longer before it fails
+WATCH_IDLE_S = 30.0  # a silent watch stream is opened again (a dead path sends no FIN); one request per 30 s idle
+RETRY_PAUSE_S = 0.2  # between rounds over every member
+# etcd's words for a request it refused before doing anything (gRPC Unavailable): safe to send elsewhere
+_NOT_APPLIED = ("no leader", "too many requests", "not capable", "server is not ready", "not enough started members")
 
 
 def _b64(data: bytes | str) -> str:
@@ -79,37 +106,184 @@ def _short(text: object) -> str:
     return t if len(t) <= _DETAIL_MAX else t[:_DETAIL_MAX] + "..."
 
 
-def _etcd_error(url: str, e: Exception) -> StoreError:
-    """The typed Store error for what etcd3gw or requests raised talking to url."""
-    if isinstance(e, requests.exceptions.JSONDecodeError):  # a RequestException too: test it first
-        return BadResponse(url, f"not JSON: {_short(e)}")
-    if isinstance(e, requests.RequestException):
-        return Unavailable(f"store {url}: unreachable ({_short(e)})")
-    if isinstance(e, ApiVersionDiscoveryFailedError):
-        return BadResponse(url, _short(e))
-    detail = _short(" ".join(str(x) for x in (getattr(e, "detail_text", None), e) if x))  # the body, then the reason
-    if isinstance(e, (ConnectionFailedError, ConnectionTimeoutError, InternalServerError)):
-        return Unavailable(f"store {url}: unavailable ({detail})")
-    return StoreError(f"store {url}: {detail}")
+class _Failed(Exception):
+    """One member failed one request. sent: etcd may have acted on it; transient: trying again
+    (there or elsewhere) can succeed; final: etcd's own refusal, which every member would repeat;
+    error: what the caller gets if nothing else works."""
+
+    def __init__(self, error: StoreError, *, sent: bool, transient: bool, final: bool = False) -> None:
+        super().__init__(str(error))
+        self.error, self.sent, self.transient, self.final = error, sent, transient, final
+
+
+class _TokenExpired(Exception):
+    """etcd no longer knows the token (a member restarted, the TTL passed, permissions changed)."""
+
+
+def _transport_failure(url: str, e: Exception) -> _Failed:
+    """A requests/urllib3 failure talking to one member, typed."""
+    if isinstance(e, requests.exceptions.SSLError):
+        return _Failed(StoreError(f"store {url}: TLS handshake failed, check the CA, client certificate and key "
+                                  f"({_short(e)})"), sent=False, transient=False)
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    never_sent = isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
+        reason, urllib3.exceptions.NewConnectionError)
+    return _Failed(Unavailable(f"store {url}: unreachable ({_short(e)})"), sent=not never_sent, transient=True)
+
+
+def _http_failure(url: str, status: int, text: str) -> _Failed | _TokenExpired:
+    """A reply other than 200 from one member, typed (etcd's own message kept)."""
+    try:
+        body = json.loads(text)
+        msg = str(body.get("error") or body.get("message") or text) if isinstance(body, dict) else text
+        code = int(body.get("code", 0)) if isinstance(body, dict) else 0
+    except ValueError:
+        msg, code = text, 0
+    detail = _short(msg)
+    if code == 16 or "invalid auth token" in msg or "revision of auth store is old" in msg:
+        return _TokenExpired(detail)
+    if code == 7 or status == 403:
+        return _Failed(PermissionDenied(url, detail), sent=False, transient=False, final=True)
+    if "user name is empty" in msg:
+        return _Failed(PermissionDenied(url, f"{detail}: etcd has auth on; give the store URL a user and "
+                                              "password_file"), sent=False, transient=False, final=True)
+    if status >= 500 or code == 14:
+        return _Failed(Unavailable(f"store {url}: unavailable, HTTP {status} ({detail})"),
+                       sent=not any(w in msg for w in _NOT_APPLIED), transient=True)
+    return _Failed(StoreError(f"store {url}: HTTP {status}: {detail}"), sent=False, transient=False, final=True)
+
+
+class _Member:
+    """One member: its etcd3gw client (session with TLS, base URL, API path)."""
+
+    def __init__(self, host: str, port: int, *, tls: bool, ca: str | None, cert: str | None, key: str | None,
+                 timeout: float) -> None:
+        # the API path is fixed: /v3/ is etcd 3.4's and later's (discovery would be one more request
+        # per member, and its failures lose the difference between a refused TLS handshake and a
+        # member that is down)
+        self.client = Etcd3Client(host=host, port=port, protocol="https" if tls else "http", ca_cert=ca,
+                                  cert_cert=cert, cert_key=key, timeout=(CONNECT_S, timeout), api_path="/v3/")
+        # the environment's CA bundle (REQUESTS_CA_BUNDLE) would replace the store's CA in requests,
+        # and an HTTP proxy from the environment has no business carrying the fabric's state
+        self.client.session.trust_env = False
+        self.url = self.client.base_url
 
 
 class EtcdStore:
-    def __init__(self, host: str = "127.0.0.1", port: int = 2379, *, timeout: float = 10.0) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
-        self._client = Etcd3Client(host=host, port=port, timeout=timeout)  # it brackets an IPv6 host itself
-        self.url = self._client.base_url
+    def __init__(self, host: str = "127.0.0.1", port: int = 2379, *, members: Sequence[tuple[str, int]] = (),
+                 tls: bool = False, ca: str | None = None, cert: str | None = None, key: str | None = None,
+                 user: str | None = None, password: str | None = None, timeout: float = 10.0) -> None:
+        """members: every member's (host, port); default the one host:port."""
+        self.timeout = timeout
+        self.ride_out_s = min(RIDE_OUT_S, timeout)
+        self._members = [_Member(h, p, tls=tls, ca=ca, cert=cert, key=key, timeout=timeout)
+                         for h, p in (members or [(host, port)])]
+        self._tls = (ca, (cert, key) if cert and key else None)
+        self._current = random.randrange(len(self._members))  # agents spread over the members
+        self._user, self._password = user, password
+        self._token: str | None = None
+        self._auth_lock = threading.Lock()
+        eps = ",".join(m.url.split("://", 1)[1] for m in self._members)
+        self.url = f"{'etcds' if tls else 'etcd'}://{eps}" + (f" (user {user})" if user else "")
 
     def __repr__(self) -> str:
-        return f"EtcdStore({self.host}:{self.port})"
+        return f"EtcdStore({self.url})"
 
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _rotation(self) -> list[_Member]:
+        """Every member, the one that answered last first."""
+        i = self._current
+        return self._members[i:] + self._members[:i]
+
+    def _answered(self, m: _Member) -> None:
+        self._current = self._members.index(m)
+
+    def session(self) -> requests.Session:
+        """A new session configured like the members' (for a watch's own connection)."""
+        s = requests.Session()
+        s.trust_env = False
+        s.verify = self._tls[0] or True
+        if self._tls[1]:
+            s.cert = self._tls[1]
+        return s
+
+    def headers(self, m: _Member) -> dict[str, str]:
+        """Every request's: require a leader (a member without one refuses at once), and the token."""
+        h = {"Grpc-Metadata-hasleader": "true"}
+        if self._user:
+            h["Authorization"] = self._token or self._authenticate(m)
+        return h
+
+    def _authenticate(self, m: _Member, stale: str | None = None) -> str:
+        """A token for our user from member m (one per store: etcd replicates it to every member)."""
+        with self._auth_lock:
+            if self._token is not None and self._token != stale:
+                return self._token  # another thread got a new one meanwhile
+            resp = self._send(m, "/auth/authenticate", {"name": self._user, "password": self._password or ""},
+                              auth=False)
+            if isinstance(resp, _TokenExpired):
+                raise _Failed(PermissionDenied(m.url, str(resp)), sent=False, transient=False)
+            token = resp.get("token")
+            if not isinstance(token, str) or not token:
+                raise _Failed(BadResponse(m.url, f"auth/authenticate: no token in {_short(resp)}"), sent=False,
+                              transient=False)
+            self._token = token
+            return token
+
+    def _send(self, m: _Member, path: str, payload: dict[str, Any], *,
+              auth: bool = True) -> dict[str, Any] | _TokenExpired:
+        """One request to one member: its JSON object, _TokenExpired, or _Failed raised."""
         try:
-            resp = self._client.post(self._client.get_url(path), json=payload)
-        except (requests.RequestException, Etcd3Exception) as e:
-            raise _etcd_error(self.url, e) from e
-        if not isinstance(resp, dict):
-            raise BadResponse(self.url, f"{path}: expected a JSON object, got {_short(resp)}")
-        return resp
+            headers = self.headers(m) if auth else {"Grpc-Metadata-hasleader": "true"}
+            resp = m.client.session.post(m.client.get_url(path), json=payload, headers=headers,
+                                         timeout=(CONNECT_S, self.timeout))
+        except requests.exceptions.RequestException as e:
+            raise _transport_failure(m.url, e) from e
+        if resp.status_code != 200:
+            failure = _http_failure(m.url, resp.status_code, resp.text)
+            if isinstance(failure, _TokenExpired):
+                return failure
+            raise failure
+        try:
+            body = resp.json()
+        except ValueError as e:
+            raise _Failed(BadResponse(m.url, f"not JSON: {_short(resp.text)}"), sent=True, transient=False) from e
+        if not isinstance(body, dict):
+            raise _Failed(BadResponse(m.url, f"{path}: expected a JSON object, got {_short(body)}"), sent=True,
+                          transient=False)
+        return body
+
+    def _post(self, path: str, payload: dict[str, Any], *, write: bool = False) -> dict[str, Any]:
+        """The request on the first member that does it, trying each in turn for up to ride_out_s.
+        write: its outcome matters (not idempotent), so it is never sent twice once a member may
+        have acted on it."""
+        deadline = time.monotonic() + self.ride_out_s
+        failures: dict[str, _Failed] = {}
+        while True:
+            for m in self._rotation():
+                try:
+                    resp = self._send(m, path, payload)
+                    if isinstance(resp, _TokenExpired):  # a second time, with a new token
+                        self._authenticate(m, stale=self._token)
+                        resp = self._send(m, path, payload)
+                        if isinstance(resp, _TokenExpired):
+                            raise _Failed(PermissionDenied(m.url, f"a new token was refused too: {resp}"),
+                                          sent=False, transient=False, final=True)
+                except _Failed as f:
+                    if f.final:
+                        raise f.error from None
+                    if f.sent and write and f.transient:
+                        self._current = (self._members.index(m) + 1) % len(self._members)
+                        raise Unavailable(f"{f.error}; the write may or may not have been applied") from None
+                    failures[m.url] = f
+                    continue
+                self._answered(m)
+                return resp
+            if not any(f.transient for f in failures.values()):  # TLS refused, not etcd's answers: waiting won't help
+                raise next(iter(failures.values())).error
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"store {self.url}: no member answered: "
+                                  + "; ".join(str(f.error) for f in failures.values()))
+            time.sleep(RETRY_PAUSE_S)
 
     @contextlib.contextmanager
     def _reading(self, what: str) -> Iterator[None]:
@@ -117,7 +291,7 @@ class EtcdStore:
         try:
             yield
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise BadResponse(self.url, f"{what}: {type(e).__name__}: {_short(e)}") from e
+            raise BadResponse(self._members[self._current].url, f"{what}: {type(e).__name__}: {_short(e)}") from e
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -134,8 +308,10 @@ class EtcdStore:
             return [_kv(d) for d in resp.get("kvs") or []], int(resp["header"]["revision"])
 
     def revision(self) -> int:
-        resp = self._post("/kv/range", {"key": _b64("\0"), "count_only": True})
-        with self._reading("range"):
+        # an empty transaction: a linearizable read of the revision that needs no permission on any
+        # key (a user that may read only its own prefix can still ask)
+        resp = self._post("/kv/txn", {})
+        with self._reading("txn"):
             return int(resp["header"]["revision"])
 
     # -- writes --------------------------------------------------------------------------
@@ -145,7 +321,7 @@ class EtcdStore:
             "compare": compare,
             "success": [op],
             "failure": [{"request_range": {"key": _b64(key)}}],
-        })
+        }, write=True)
         with self._reading("txn"):
             rev = int(resp["header"]["revision"])
             if resp.get("succeeded"):
@@ -182,12 +358,13 @@ class EtcdStore:
             if not isinstance(lease, EtcdLease):
                 raise StoreError(f"store {self.url}: not a lease of this store: {lease!r}")
             payload["lease"] = str(lease.id)
+        # a put is idempotent (the same value again): sent to the next member whatever happened
         resp = self._post("/kv/put", payload)
         with self._reading("put"):
             return int(resp["header"]["revision"])
 
     def grant_lease(self, ttl_s: float) -> EtcdLease:
-        resp = self._post("/lease/grant", {"TTL": max(1, round(ttl_s))})
+        resp = self._post("/lease/grant", {"TTL": max(1, round(ttl_s))})  # a lease granted twice expires unused
         with self._reading("lease grant"):
             return EtcdLease(self, int(resp["ID"]))
 
@@ -214,7 +391,8 @@ class EtcdStore:
         return EtcdWatch(self, prefix, after_revision)
 
     def close(self) -> None:
-        self._client.session.close()
+        for m in self._members:
+            m.client.session.close()
 
 
 class EtcdLease:
@@ -241,8 +419,13 @@ class EtcdLease:
                 raise
 
 
+class _StreamEnded(Exception):
+    """The watch stream stopped without an error of etcd's (silent for WATCH_IDLE_S, or closed)."""
+
+
 class EtcdWatch:
-    """One streaming watch request. ``close`` shuts the socket down so a blocked read returns."""
+    """One watch, one streaming request at a time; on another member from the last revision
+    delivered when its member fails. ``close`` shuts the socket down so a blocked read returns."""
 
     def __init__(self, store: EtcdStore, prefix: str, after_revision: int) -> None:
         self._store = store
@@ -250,10 +433,14 @@ class EtcdWatch:
         self._after = after_revision
         self._closed = threading.Event()
         self._resp: requests.Response | None = None
-        self._session = requests.Session()
+        self._session = store.session()
 
     def close(self) -> None:
         self._closed.set()
+        self._shut()
+        self._session.close()
+
+    def _shut(self) -> None:
         resp = self._resp
         if resp is not None:
             try:
@@ -262,40 +449,84 @@ class EtcdWatch:
             except (AttributeError, OSError, ValueError):
                 pass
             resp.close()
-        self._session.close()
 
     def __iter__(self) -> Iterator[Event]:
+        store = self._store
+        deadline = time.monotonic() + WATCH_RIDE_OUT_S
+        failures: dict[str, _Failed] = {}
+        while not self._closed.is_set():
+            for m in store._rotation():
+                try:
+                    for ev in self._stream(m):
+                        if ev is None:  # the stream is open: this member serves us
+                            store._answered(m)
+                            failures.clear()
+                            deadline = time.monotonic() + WATCH_RIDE_OUT_S
+                            continue
+                        yield ev
+                except _StreamEnded:
+                    break  # open it again, on the member that answered last first
+                except _Failed as f:
+                    if self._closed.is_set():
+                        return
+                    if f.final:
+                        raise f.error from None
+                    failures[m.url] = f
+                    continue
+                if self._closed.is_set():
+                    return
+            else:
+                if not any(f.transient for f in failures.values()):
+                    raise next(iter(failures.values())).error
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"store {store.url}: watch: no member answered: "
+                                      + "; ".join(str(f.error) for f in failures.values()))
+                self._closed.wait(RETRY_PAUSE_S)
+
+    def _stream(self, m: _Member) -> Iterator[Event | None]:
+        """The events from one member (None first, once the watch is created); _Failed or _StreamEnded."""
         create = {
             "key": _b64(self._prefix or b"\0"),
             "range_end": _b64(_prefix_end(self._prefix)),
             "start_revision": self._after + 1,
         }
         store = self._store
-        url = store.url
-        try:
-            self._resp = self._session.post(store._client.get_url("/watch"), json={"create_request": create},
-                                            stream=True, timeout=(store.timeout, None))
+        for _ in range(2):  # a second time only with a new token
+            try:
+                self._resp = self._session.post(m.client.get_url("/watch"), json={"create_request": create},
+                                                headers=store.headers(m), stream=True,
+                                                timeout=(CONNECT_S, WATCH_IDLE_S))
+            except requests.exceptions.RequestException as e:
+                raise _transport_failure(m.url, e) from e
             if self._closed.is_set():
                 return
-            if self._resp.status_code != 200:
-                text = _short(self._resp.text)
-                if self._resp.status_code >= 500:
-                    raise Unavailable(f"store {url}: watch refused, HTTP {self._resp.status_code} ({text})")
-                raise StoreError(f"store {url}: watch refused, HTTP {self._resp.status_code} ({text})")
+            if self._resp.status_code == 200:
+                break
+            failure = _http_failure(m.url, self._resp.status_code, _short(self._resp.text))
+            if not isinstance(failure, _TokenExpired):
+                raise failure
+            store._authenticate(m, stale=store._token)
+        try:
             for line in self._resp.iter_lines(chunk_size=None):
                 if self._closed.is_set():
                     return
-                if not line.strip():
-                    continue
-                yield from self._events(url, line)
-        except (requests.RequestException, Etcd3Exception, OSError, AttributeError) as e:
+                if line.strip():
+                    yield from self._events(m.url, line)
+        except requests.exceptions.ConnectionError as e:
             if self._closed.is_set():
                 return
-            if isinstance(e, (requests.RequestException, Etcd3Exception)):
-                raise _etcd_error(url, e) from e
-            raise Unavailable(f"store {url}: watch: {_short(e)}") from e
+            if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
+                raise _StreamEnded() from e
+            raise _transport_failure(m.url, e) from e
+        except (requests.exceptions.RequestException, OSError, AttributeError) as e:
+            if self._closed.is_set():
+                return
+            raise _Failed(Unavailable(f"store {m.url}: watch: {_short(e)}"), sent=True, transient=True) from e
+        finally:
+            self._shut()
+        raise _StreamEnded()
 
-    def _events(self, url: str, line: bytes) -> Iterator[Event]:
+    def _events(self, url: str, line: bytes) -> Iterator[Event | None]:
         """The events of one line of the watch stream; a line that is not etcd's is BadResponse."""
         try:
             msg = json.loads(line)
@@ -304,15 +535,20 @@ class EtcdWatch:
             if "error" in msg:
                 err = msg["error"]
                 if isinstance(err, dict) and (err.get("grpc_code") == 14 or err.get("http_code") == 503):
-                    # shutting down / restarting
-                    raise Unavailable(f"store {url}: watch: {_short(err.get('message', err))}")
-                raise StoreError(f"store {url}: watch: {_short(err)}")
+                    # no leader (this member is cut off from the others), shutting down, restarting
+                    raise _Failed(Unavailable(f"store {url}: watch: {_short(err.get('message', err))}"), sent=True,
+                                  transient=True)
+                raise _Failed(StoreError(f"store {url}: watch: {_short(err)}"), sent=True, transient=False, final=True)
             result = msg.get("result", {})
             compact = int(result.get("compact_revision", 0) or 0)
             if compact:
                 raise HistoryGone(self._after + 1, compact)
             if result.get("canceled"):
-                raise StoreError(f"store {url}: etcd cancelled the watch: {_short(result.get('cancel_reason', ''))}")
+                raise _Failed(StoreError(f"store {url}: etcd cancelled the watch: "
+                                         f"{_short(result.get('cancel_reason', ''))}"), sent=True, transient=False,
+                              final=True)
+            if result.get("created"):
+                yield None
             events = []
             for ev in result.get("events") or []:
                 kv = ev["kv"]
@@ -320,7 +556,8 @@ class EtcdWatch:
                 value = None if typ == "delete" else _unb64(kv.get("value"))
                 events.append(Event(typ, _unb64(kv["key"]).decode(), value, int(kv.get("mod_revision", 0))))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise BadResponse(url, f"watch: {type(e).__name__}: {_short(e)}") from e
+            raise _Failed(BadResponse(url, f"watch: {type(e).__name__}: {_short(e)}"), sent=True,
+                          transient=False) from e
         for event in events:
             self._after = event.revision
             yield event
