@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from tabby.lab.etcd import EtcdServer
+from tabby.lab.etcd import EtcdCluster, EtcdServer
 from tabby.store import Store, open_store
 
 # No per-example deadline: it is a timing assertion (speed is measured in bench/), and on a
@@ -22,6 +22,16 @@ settings.load_profile("tabby")
 def etcd_server() -> Iterator[EtcdServer]:
     with EtcdServer(name=f"tbyt-{uuid.uuid4().hex[:6]}") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """Three etcd members on loopback with TLS (certificates made for this module), auth off; one
+    per module (tests that kill members leave every member running again)."""
+    cluster = EtcdCluster.create(3, tls=True, name=f"tbyc-{uuid.uuid4().hex[:6]}",
+                                 directory=tmp_path_factory.mktemp("etcd-cluster"))
+    with cluster:
+        yield cluster
 
 
 @pytest.fixture(params=["sqlite", "etcd"])

@@ -15,6 +15,7 @@ from tabby.store.base import (
     HistoryGone,
     Lease,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RevisionMismatch,
     Store,
@@ -33,9 +34,9 @@ DEFAULT_STORE_URL = "sqlite:///var/lib/tabby/tabby.db"
 
 __all__ = [
     "DEFAULT_STORE_URL", "ETCD_OPTIONS", "KV", "AlreadyExists", "BadResponse", "Event", "HistoryGone", "Lease",
-    "NotFound", "PermissionDenied", "RevisionMismatch", "Store", "StoreCorrupt", "StoreError", "StoreFault",
-    "StoreFull", "StoreIOError", "StoreLocked", "StoreReadOnly", "Unavailable", "Watch", "open_store", "store_url",
-    "with_etcd_options",
+    "NotFound", "OutcomeUnknown", "PermissionDenied", "RevisionMismatch", "Store", "StoreCorrupt", "StoreError",
+    "StoreFault", "StoreFull", "StoreIOError", "StoreLocked", "StoreReadOnly", "Unavailable", "Watch", "open_store",
+    "store_url", "with_etcd_options",
 ]
 
 

@@ -50,6 +50,16 @@ class Unavailable(StoreError):
     """The backend cannot serve requests now; callers retry later (a loop backs off and goes on)."""
 
 
+class OutcomeUnknown(Unavailable):
+    """A write that may or may not have been applied: the etcd member that had it died or timed out
+    before answering, and the cluster may still commit it. The Store does not send it again (a
+    compare-and-swap sent twice could apply twice); the caller reads and decides."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{detail}; the write of {key} may or may not have been applied")
+        self.key = key
+
+
 class StoreFault(StoreError):
     """A failure of the backend itself (its file, disk or server), not of the request.
 

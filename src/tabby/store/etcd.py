@@ -14,8 +14,8 @@ instead of serving stale reads or hanging a write until etcd's own timeout. A re
 request etcd certainly did not apply (the connection was never made, "no leader", "too many
 requests", an expired token), is simply sent to the next member. A write whose outcome is unknown
 (the member died or timed out after it had the request: etcd may still commit it) is never sent
-again behind the caller's back: it fails with ``Unavailable`` saying so, and the caller, who knows
-what it meant, reads and decides (a compare-and-swap retried blindly could apply twice).
+again behind the caller's back: it fails with ``OutcomeUnknown`` (an ``Unavailable``), and the
+caller, who knows what it meant, reads and decides (a compare-and-swap retried blindly could apply twice).
 
 Watches resume on another member from the revision after the last event delivered (revisions
 are the cluster's, so nothing is lost or repeated); compaction past it is ``HistoryGone`` (the
@@ -59,6 +59,7 @@ from tabby.store.base import (
     HistoryGone,
     Lease,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RevisionMismatch,
     StoreError,
@@ -70,11 +71,17 @@ RIDE_OUT_S = 3.0  # how long a call keeps trying members: an election after a le
 WATCH_RIDE_OUT_S = 10.0  # a watch has no caller waiting on it: it rides out longer before it fails
 WATCH_IDLE_S = 30.0  # a silent watch stream is opened again (a dead path sends no FIN); one request per 30 s idle
 RETRY_PAUSE_S = 0.2  # between rounds over every member
+# A write waits this long for its answer, a read the store's timeout. A follower forwards a write to
+# the leader it knows; if that leader has just died the proposal is lost and etcd itself answers only
+# after its own request timeout (7 s with the default election timeout): 3 s, then the next member,
+# is far more than a healthy cluster ever takes to commit, and bounds the stall after a leader dies.
+WRITE_TIMEOUT_S = 3.0
 # etcd's words for a request it refused before doing anything (gRPC Unavailable): safe to send elsewhere
-_NOT_APPLIED = ("no leader", "too many requests", "not capable", "server is not ready", "not enough started members")
+_NOT_APPLIED = ("no leader", "too many requests", "not capable", "server is not ready", "not enough started members",
+                "proposal dropped")
 
 
-def _b64(data: bytes | str) -> str:
+def b64(data: bytes | str) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
@@ -82,7 +89,7 @@ def _unb64(data: str | None) -> bytes:
     return base64.b64decode(data) if data else b""
 
 
-def _prefix_end(prefix: str) -> bytes:
+def prefix_end(prefix: str) -> bytes:
     """etcd's range end for a prefix: the prefix with its last byte incremented."""
     raw = bytearray(prefix.encode())
     while raw:
@@ -229,13 +236,14 @@ class EtcdStore:
             self._token = token
             return token
 
-    def _send(self, m: _Member, path: str, payload: dict[str, Any], *,
-              auth: bool = True) -> dict[str, Any] | _TokenExpired:
+    def _send(self, m: _Member, path: str, payload: dict[str, Any], *, auth: bool = True,
+              write: bool = False) -> dict[str, Any] | _TokenExpired:
         """One request to one member: its JSON object, _TokenExpired, or _Failed raised."""
         try:
             headers = self.headers(m) if auth else {"Grpc-Metadata-hasleader": "true"}
             resp = m.client.session.post(m.client.get_url(path), json=payload, headers=headers,
-                                         timeout=(CONNECT_S, self.timeout))
+                                         timeout=(CONNECT_S, min(self.timeout, WRITE_TIMEOUT_S) if write
+                                                  else self.timeout))
         except requests.exceptions.RequestException as e:
             raise _transport_failure(m.url, e) from e
         if resp.status_code != 200:
@@ -252,19 +260,20 @@ class EtcdStore:
                           transient=False)
         return body
 
-    def _post(self, path: str, payload: dict[str, Any], *, write: bool = False) -> dict[str, Any]:
+    def _post(self, path: str, payload: dict[str, Any], *, write: str = "", mutates: bool = False) -> dict[str, Any]:
         """The request on the first member that does it, trying each in turn for up to ride_out_s.
-        write: its outcome matters (not idempotent), so it is never sent twice once a member may
-        have acted on it."""
+        write: the key of a write whose outcome matters (not idempotent): it is never sent twice
+        once a member may have acted on it (OutcomeUnknown). mutates: any other write (put, lease):
+        sent again if need be, but with a write's timeout."""
         deadline = time.monotonic() + self.ride_out_s
         failures: dict[str, _Failed] = {}
         while True:
             for m in self._rotation():
                 try:
-                    resp = self._send(m, path, payload)
+                    resp = self._send(m, path, payload, write=bool(write) or mutates)
                     if isinstance(resp, _TokenExpired):  # a second time, with a new token
                         self._authenticate(m, stale=self._token)
-                        resp = self._send(m, path, payload)
+                        resp = self._send(m, path, payload, write=bool(write) or mutates)
                         if isinstance(resp, _TokenExpired):
                             raise _Failed(PermissionDenied(m.url, f"a new token was refused too: {resp}"),
                                           sent=False, transient=False, final=True)
@@ -273,7 +282,7 @@ class EtcdStore:
                         raise f.error from None
                     if f.sent and write and f.transient:
                         self._current = (self._members.index(m) + 1) % len(self._members)
-                        raise Unavailable(f"{f.error}; the write may or may not have been applied") from None
+                        raise OutcomeUnknown(write, str(f.error)) from None
                     failures[m.url] = f
                     continue
                 self._answered(m)
@@ -296,13 +305,13 @@ class EtcdStore:
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> KV | None:
-        resp = self._post("/kv/range", {"key": _b64(key)})
+        resp = self._post("/kv/range", {"key": b64(key)})
         with self._reading("range"):
             kvs = resp.get("kvs") or []
             return _kv(kvs[0]) if kvs else None
 
     def list(self, prefix: str) -> tuple[list[KV], int]:
-        resp = self._post("/kv/range", {"key": _b64(prefix or b"\0"), "range_end": _b64(_prefix_end(prefix)),
+        resp = self._post("/kv/range", {"key": b64(prefix or b"\0"), "range_end": b64(prefix_end(prefix)),
                                         "sort_order": "ASCEND", "sort_target": "KEY"})
         with self._reading("range"):
             return [_kv(d) for d in resp.get("kvs") or []], int(resp["header"]["revision"])
@@ -320,8 +329,8 @@ class EtcdStore:
         resp = self._post("/kv/txn", {
             "compare": compare,
             "success": [op],
-            "failure": [{"request_range": {"key": _b64(key)}}],
-        }, write=True)
+            "failure": [{"request_range": {"key": b64(key)}}],
+        }, write=key)
         with self._reading("txn"):
             rev = int(resp["header"]["revision"])
             if resp.get("succeeded"):
@@ -333,8 +342,8 @@ class EtcdStore:
     def create(self, key: str, value: bytes) -> int:
         ok, rev, _ = self._txn(
             key,
-            [{"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-            {"request_put": {"key": _b64(key), "value": _b64(value)}},
+            [{"key": b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            {"request_put": {"key": b64(key), "value": b64(value)}},
         )
         if not ok:
             raise AlreadyExists(key)
@@ -343,8 +352,8 @@ class EtcdStore:
     def update(self, key: str, value: bytes, expected_revision: int) -> int:
         ok, rev, current = self._txn(
             key,
-            [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}],
-            {"request_put": {"key": _b64(key), "value": _b64(value)}},
+            [{"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}],
+            {"request_put": {"key": b64(key), "value": b64(value)}},
         )
         if not ok:
             if current is None:
@@ -353,27 +362,28 @@ class EtcdStore:
         return rev
 
     def put(self, key: str, value: bytes, lease: Lease | None = None) -> int:
-        payload = {"key": _b64(key), "value": _b64(value)}
+        payload = {"key": b64(key), "value": b64(value)}
         if lease is not None:
             if not isinstance(lease, EtcdLease):
                 raise StoreError(f"store {self.url}: not a lease of this store: {lease!r}")
             payload["lease"] = str(lease.id)
         # a put is idempotent (the same value again): sent to the next member whatever happened
-        resp = self._post("/kv/put", payload)
+        resp = self._post("/kv/put", payload, mutates=True)
         with self._reading("put"):
             return int(resp["header"]["revision"])
 
     def grant_lease(self, ttl_s: float) -> EtcdLease:
-        resp = self._post("/lease/grant", {"TTL": max(1, round(ttl_s))})  # a lease granted twice expires unused
+        # a lease granted twice expires unused: sent again like a put
+        resp = self._post("/lease/grant", {"TTL": max(1, round(ttl_s))}, mutates=True)
         with self._reading("lease grant"):
             return EtcdLease(self, int(resp["ID"]))
 
     def delete(self, key: str, expected_revision: int | None = None) -> int:
         if expected_revision is None:
-            compare = [{"key": _b64(key), "result": "GREATER", "target": "CREATE", "create_revision": 0}]
+            compare = [{"key": b64(key), "result": "GREATER", "target": "CREATE", "create_revision": 0}]
         else:
-            compare = [{"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
-        ok, rev, current = self._txn(key, compare, {"request_delete_range": {"key": _b64(key)}})
+            compare = [{"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": expected_revision}]
+        ok, rev, current = self._txn(key, compare, {"request_delete_range": {"key": b64(key)}})
         if not ok:
             if current is None:
                 raise NotFound(key)
@@ -389,6 +399,11 @@ class EtcdStore:
 
     def watch(self, prefix: str, after_revision: int) -> EtcdWatch:
         return EtcdWatch(self, prefix, after_revision)
+
+    def admin(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """An etcd API call the Store contract has no verb for (``/auth/...``: users, roles,
+        enable), as this store's user, with the same failover and typed errors."""
+        return self._post(path, payload, write=path)
 
     def close(self) -> None:
         for m in self._members:
@@ -486,8 +501,8 @@ class EtcdWatch:
     def _stream(self, m: _Member) -> Iterator[Event | None]:
         """The events from one member (None first, once the watch is created); _Failed or _StreamEnded."""
         create = {
-            "key": _b64(self._prefix or b"\0"),
-            "range_end": _b64(_prefix_end(self._prefix)),
+            "key": b64(self._prefix or b"\0"),
+            "range_end": b64(prefix_end(self._prefix)),
             "start_revision": self._after + 1,
         }
         store = self._store
