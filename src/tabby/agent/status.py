@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from tabby.model.keys import endpoint_status_key, host_status_key
-from tabby.store import Lease, NotFound, Store, StoreError, StoreFault, Unavailable
+from tabby.store import Lease, NotFound, PermissionDenied, Store, StoreError, StoreFault, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class StatusWriter:
         next_beat = 0.0  # monotonic time the heartbeat is due
         retry_at: float | None = None  # while failing: nothing is tried before this
         attempt = 0
+        denied = ""  # the permission refusal logged last
         while True:
             with self._cond:
                 while not self._stop:
@@ -118,7 +119,7 @@ class StatusWriter:
                     next_beat = time.monotonic() + self.ttl_s / 3
                 if attempt:
                     log.info("status writer: writes to the store work again after %d failed attempt(s)", attempt)
-                attempt, retry_at, self._failing = 0, None, None
+                attempt, retry_at, self._failing, denied = 0, None, None, ""
                 continue
             what, error = failed
             attempt += 1
@@ -127,8 +128,12 @@ class StatusWriter:
             self._failing = f"status writes: {what} not written: {error} (attempt {attempt}, next try in {delay:g}s)"
             with self._cond:
                 queued = len(self._pending) + len(self._docs)
-            log.warning("status writer: %s not written, attempt %d: %s; retrying in %gs (%d record(s) queued)",
-                        what, attempt, error, delay, queued)
+            # a refused permission stays refused until an operator grants it: said once, not per retry
+            again = isinstance(error, PermissionDenied) and str(error) == denied
+            denied = str(error) if isinstance(error, PermissionDenied) else denied
+            log.log(logging.DEBUG if again else logging.WARNING,
+                    "status writer: %s not written, attempt %d: %s; retrying in %gs (%d record(s) queued)",
+                    what, attempt, error, delay, queued)
 
     def _write(self, batch: dict[str, dict[str, Any] | None], docs: dict[str, dict[str, Any]],
                beat: bool) -> tuple[str, Exception] | None:

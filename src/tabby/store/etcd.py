@@ -129,10 +129,10 @@ class _TokenExpired(Exception):
 
 def _transport_failure(url: str, e: Exception) -> _Failed:
     """A requests/urllib3 failure talking to one member, typed."""
+    reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's own, without its wrapping
     if isinstance(e, requests.exceptions.SSLError):
         return _Failed(StoreError(f"store {url}: TLS handshake failed, check the CA, client certificate and key "
-                                  f"({_short(e)})"), sent=False, transient=False)
-    reason = getattr(e.args[0], "reason", None) if e.args else None
+                                  f"({_short(reason or e)})"), sent=False, transient=False)
     never_sent = isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
         reason, urllib3.exceptions.NewConnectionError)
     return _Failed(Unavailable(f"store {url}: unreachable ({_short(e)})"), sent=not never_sent, transient=True)
@@ -149,7 +149,7 @@ def _http_failure(url: str, status: int, text: str) -> _Failed | _TokenExpired:
     detail = _short(msg)
     if code == 16 or "invalid auth token" in msg or "revision of auth store is old" in msg:
         return _TokenExpired(detail)
-    if code == 7 or status == 403:
+    if code == 7 or status == 403 or "authentication failed" in msg:
         return _Failed(PermissionDenied(url, detail), sent=False, transient=False, final=True)
     if "user name is empty" in msg:
         return _Failed(PermissionDenied(url, f"{detail}: etcd has auth on; give the store URL a user and "
@@ -278,6 +278,8 @@ class EtcdStore:
                             raise _Failed(PermissionDenied(m.url, f"a new token was refused too: {resp}"),
                                           sent=False, transient=False, final=True)
                 except _Failed as f:
+                    if isinstance(f.error, PermissionDenied):
+                        raise self._denied(m, f.error, path, payload) from None
                     if f.final:
                         raise f.error from None
                     if f.sent and write and f.transient:
@@ -288,11 +290,26 @@ class EtcdStore:
                 self._answered(m)
                 return resp
             if not any(f.transient for f in failures.values()):  # TLS refused, not etcd's answers: waiting won't help
-                raise next(iter(failures.values())).error
+                raise self._refused(failures)
             if time.monotonic() >= deadline:
                 raise Unavailable(f"store {self.url}: no member answered: "
                                   + "; ".join(str(f.error) for f in failures.values()))
             time.sleep(RETRY_PAUSE_S)
+
+    def _refused(self, failures: dict[str, _Failed]) -> StoreError:
+        """Every member refused for a reason waiting does not mend (TLS, a bad reply): that error
+        for one member, all of them for several."""
+        errors = [f.error for f in failures.values()]
+        if len(errors) == 1:
+            return errors[0]
+        return StoreError(f"store {self.url}: every member refused: " + "; ".join(str(e) for e in errors))
+
+    def _denied(self, m: _Member, e: PermissionDenied, path: str, payload: dict[str, Any]) -> PermissionDenied:
+        """The refusal, naming the member, the user and what was asked."""
+        key = payload.get("key") or next((op.get("request_put", op.get("request_delete_range", {})).get("key")
+                                          for op in payload.get("success") or []), None)
+        asked = path + (f" {_unb64(key).decode(errors='replace')}" if isinstance(key, str) else "")
+        return PermissionDenied(f"{m.url} (user {self._user or 'none'})", f"{e.detail}; {asked}")
 
     @contextlib.contextmanager
     def _reading(self, what: str) -> Iterator[None]:
@@ -492,7 +509,7 @@ class EtcdWatch:
                     return
             else:
                 if not any(f.transient for f in failures.values()):
-                    raise next(iter(failures.values())).error
+                    raise store._refused(failures)
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"store {store.url}: watch: no member answered: "
                                       + "; ".join(str(f.error) for f in failures.values()))
