@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tabby.client import ResourceClient
-from tabby.store import StoreError, open_store, store_url
+from tabby.store import ETCD_OPTIONS, StoreError, open_store, store_url, with_etcd_options
 
 app = typer.Typer(help="tabby: a pure layer-3 fabric for VMs and containers, IPv6 first.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -72,11 +72,26 @@ def emit(doc: Any, output: Output) -> bool:
 Strict = Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")]
 
 
+def _etcd_opt(flag: str, what: str) -> Any:
+    """One of the etcd options as a flag (--etcd-ca: the URL's ca=, default $TABBY_ETCD_CA)."""
+    var = ETCD_OPTIONS[flag.removeprefix("--etcd-").replace("-", "_")]
+    return typer.Option(flag, help=f"etcd: {what} (or in the URL's query; default ${var})")
+
+
 @app.callback()
 def _main(
     store: Annotated[str | None, typer.Option(
-        "--store", help="sqlite:///PATH or etcd://HOST:PORT (default: $TABBY_STORE, else "
-        "sqlite:///var/lib/tabby/tabby.db)")] = None,
+        "--store", help="sqlite:///PATH, etcd://HOST:PORT[,HOST:PORT...] or etcds://... (TLS) (default: $TABBY_STORE, "
+        "else sqlite:///var/lib/tabby/tabby.db)")] = None,
+    etcd_ca: Annotated[str | None, _etcd_opt("--etcd-ca", "the CA file of the members' certificates")] = None,
+    etcd_cert: Annotated[str | None, _etcd_opt("--etcd-cert", "this client's certificate file")] = None,
+    etcd_key: Annotated[str | None, _etcd_opt("--etcd-key", "its key file")] = None,
+    etcd_user: Annotated[str | None, _etcd_opt("--etcd-user", "the user")] = None,
+    etcd_password_file: Annotated[str | None, _etcd_opt("--etcd-password-file", "a file holding its password")] = None,
 ) -> None:
-    STATE.store_url = store_url(store)
+    try:
+        STATE.store_url = with_etcd_options(store_url(store), ca=etcd_ca, cert=etcd_cert, key=etcd_key,
+                                            user=etcd_user, password_file=etcd_password_file)
+    except ValueError as e:
+        fail(str(e))
 

@@ -16,6 +16,7 @@ from tabby.cni.shim import SUPPORTED_VERSIONS as _SHIM_VERSIONS
 from tabby.model.codec import InvalidResource, load_json
 from tabby.model.names import canonical_mac, check_name
 from tabby.model.resources import Metadata
+from tabby.store import ETCD_OPTIONS, with_etcd_options
 
 # Every spec version whose result format tabby writes (result.py): 0.3.x and 0.4.0 ips carry
 # "version", 1.0.0 drops it, 1.1.0 adds interface and route mtu (and the GC and STATUS verbs).
@@ -39,7 +40,13 @@ class NetConf(BaseModel):
     cni_version: str = Field(alias="cniVersion")
     name: str
     type: str
-    store: str | None = None  # sqlite:///... or etcd://...; default $TABBY_STORE
+    store: str | None = None  # sqlite:///..., etcd://... or etcds://...; default $TABBY_STORE
+    # etcd's TLS files and user, folded into store's query by parse (or there already; or $TABBY_ETCD_*)
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password_file: str | None = None
     host: str | None = None  # the Host this node is; default $TABBY_HOST, else the hostname
     server_socket: str | None = None
     ipv6: bool = True
@@ -104,6 +111,14 @@ def parse(raw: bytes | dict[str, Any]) -> NetConf:
         raise ConfError("; ".join(f"labels: {err['msg']}" for err in e.errors())) from None
     if not conf.ipv6 and not conf.ipv4:
         raise ConfError("ipv6/ipv4: at least one family must be on")
+    etcd = {k: getattr(conf, f"etcd_{k}") for k in ETCD_OPTIONS}
+    if any(etcd.values()):
+        if not conf.store:
+            raise ConfError(f"store: {', '.join(f'etcd_{k}' for k, v in etcd.items() if v)} need the store URL too")
+        try:
+            conf.store = with_etcd_options(conf.store, **etcd)
+        except ValueError as e:
+            raise ConfError(f"store: {e}") from None
     return conf
 
 

@@ -38,19 +38,23 @@ from tabby.model.keys import STATUS_PREFIX, endpoint_status_key
 from tabby.model.status import decode_status
 from tabby.openstack import translate
 from tabby.openstack.sync import reconcile
-from tabby.store import NotFound, StoreError, open_store, store_url
+from tabby.store import ETCD_OPTIONS, NotFound, StoreError, open_store, store_url, with_etcd_options
 
 log = logging.getLogger(__name__)
 _REPORTED: set[tuple[str, int]] = set()  # corrupt status records already logged (key, revision)
 
 STATUS_S = 2.0
-OPTS = [cfg.StrOpt("store_url", help="tabby Store URL (sqlite:///... or etcd://host:port); default $TABBY_STORE")]
+OPTS = [cfg.StrOpt("store_url", help="tabby Store URL (sqlite:///..., etcd://host:port[,host:port...] or "
+                   "etcds://... with TLS); default $TABBY_STORE"),
+        *(cfg.StrOpt(f"etcd_{k}", help=f"etcd: the URL's {k}= (default ${var})") for k, var in ETCD_OPTIONS.items())]
 cfg.CONF.register_opts(OPTS, "tabby")
 
 
 class TabbyMechanismDriver(api.MechanismDriver):
     def initialize(self) -> None:
-        self.client = ResourceClient(open_store(store_url(cfg.CONF.tabby.store_url)))
+        url = with_etcd_options(store_url(cfg.CONF.tabby.store_url),
+                                **{k: getattr(cfg.CONF.tabby, f"etcd_{k}") for k in ETCD_OPTIONS})
+        self.client = ResourceClient(open_store(url))
         self.bound: dict[str, tuple[str, str]] = {}  # port id -> (host, last status we set)
         self.lock = threading.Lock()
         for resource in (resources.SECURITY_GROUP, resources.SECURITY_GROUP_RULE):

@@ -135,7 +135,8 @@ def _transport_failure(url: str, e: Exception) -> _Failed:
                                   f"({_short(reason or e)})"), sent=False, transient=False)
     never_sent = isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
         reason, urllib3.exceptions.NewConnectionError)
-    return _Failed(Unavailable(f"store {url}: unreachable ({_short(e)})"), sent=not never_sent, transient=True)
+    return _Failed(Unavailable(f"store {url}: unreachable ({_short(reason or e)})"), sent=not never_sent,
+                   transient=True)
 
 
 def _http_failure(url: str, status: int, text: str) -> _Failed | _TokenExpired:
