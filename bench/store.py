@@ -1,8 +1,10 @@
-"""Store throughput and watch latency, SQLite and a real etcd.
+"""Store throughput and watch latency, SQLite and real etcd: one member, three, three over TLS.
 
-    python bench/store.py [--quick] [--backend sqlite|etcd]
+    python bench/store.py [--quick] [--backend sqlite|etcd|etcd-cluster|etcd-tls]...
 
-One JSON object per line, each labelled with its backend:
+Backends: ``etcd`` one member over plain HTTP; ``etcd-cluster`` three members on loopback, plain
+HTTP; ``etcd-tls`` three members with TLS for clients and peers and client certificates (the
+production set-up, less auth). One JSON object per line, each labelled with its backend:
 
 - put_per_s: one writer, unconditional puts.
 - cas_own_key_per_s: 8 writer processes, each compare-and-swap incrementing a key of its own with
@@ -33,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tabby.lab.etcd import EtcdServer
+from tabby.lab.etcd import EtcdCluster, EtcdServer
 from tabby.store import RevisionMismatch, open_store
 
 METRICS = ("put_per_s", "cas_own_key_per_s", "cas_per_s", "cas_conflicts_per_s", "watch_p50_ms", "watch_p99_ms")
@@ -100,23 +102,27 @@ def _run_writers(target: Any, args_for: Any) -> list[Any]:
     return results
 
 
+BACKENDS = ("sqlite", "etcd", "etcd-cluster", "etcd-tls")
+
+
 def bench(url: str, backend: str, quick: bool) -> None:
     store = open_store(url)
     run = f"/bench/{time.time_ns()}/"
-    n_put = 500 if quick else 5000
+    cluster = backend in ("etcd-cluster", "etcd-tls")  # a commit is a quorum's fsync: fewer ops in --quick
+    n_put = (150 if cluster else 500) if quick else 5000
     t0 = time.perf_counter()
     for i in range(n_put):
         store.put(f"{run}put/{i % 100}", b"x" * 200)
     emit("put_per_s", n_put / (time.perf_counter() - t0), "ops/s", backend, writers=1)
 
-    n_cas = 100 if quick else 1000
+    n_cas = (25 if cluster else 100) if quick else 1000
     spans = _run_writers(_own_key_worker, lambda w: (url, f"{run}cas-own/{w}", n_cas))
     elapsed = max(e for _, e in spans) - min(s for s, _ in spans)
     emit("cas_own_key_per_s", WRITERS * n_cas / elapsed, "ops/s", backend, writers=WRITERS, keys=WRITERS)
 
     key = f"{run}cas-shared"
     store.create(key, b"0")
-    duration = 2.0 if quick else 10.0
+    duration = (1.0 if cluster else 2.0) if quick else 10.0
     res = _run_writers(_contended_worker, lambda w: (url, key, duration))
     elapsed = max(r[1] for r in res) - min(r[0] for r in res)
     wins, losses = sum(r[2] for r in res), sum(r[3] for r in res)
@@ -128,7 +134,7 @@ def bench(url: str, backend: str, quick: bool) -> None:
     emit("cas_conflicts_per_s", losses / elapsed, "conflicts/s", backend, writers=WRITERS, keys=1,
          conflicts=losses, conflict_ratio=round(losses / max(1, wins + losses), 3))
 
-    n_watch = 100 if quick else 1000
+    n_watch = (50 if cluster else 100) if quick else 1000
     latencies: list[float] = []
     w = store.watch(run + "watch/", store.revision())
     ready = threading.Event()
@@ -157,15 +163,17 @@ def bench(url: str, backend: str, quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backend", choices=["sqlite", "etcd"], action="append")
+    ap.add_argument("--backend", choices=BACKENDS, action="append")
     args = ap.parse_args()
-    for backend in args.backend or ["sqlite", "etcd"]:
+    for backend in args.backend or BACKENDS:
         with ExitStack() as stack:
             if backend == "sqlite":
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tabby-bench-"))
                 url = f"sqlite://{tmp}/bench.db"
-            else:
+            elif backend == "etcd":
                 url = stack.enter_context(EtcdServer(name="tby-bench")).url
+            else:
+                url = stack.enter_context(EtcdCluster.create(3, tls=backend == "etcd-tls", name="tby-bench")).url()
             bench(url, backend, args.quick)
 
 
