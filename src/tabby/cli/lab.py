@@ -52,6 +52,8 @@ def lab_up(
     route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
     store: Annotated[LabStore, typer.Option("--store", help="the embedded SQLite file, or a real etcd on the fabric")
                      ] = LabStore.sqlite,
+    etcd_members: Annotated[int, typer.Option(help="with --store etcd: 1 member over plain HTTP, or a cluster of "
+                                              "this many with TLS, each in a namespace of its own", min=1, max=7)] = 1,
     prefix: PrefixOpt = "tbl",
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
@@ -63,7 +65,9 @@ def lab_up(
     try:
         topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms)
         L.down(prefix)
-        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value)
+        if etcd_members > 1 and store is not LabStore.etcd:
+            raise ValueError("--etcd-members needs --store etcd")
+        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members)
     except ValueError as e:
         fail(str(e))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import random
@@ -18,9 +19,10 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from tabby.client import ResourceClient
 from tabby.dataplane.links import (
@@ -33,6 +35,7 @@ from tabby.guest.render import patch_script
 from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
 from tabby.lab import netns, outside_bird, probe
+from tabby.lab.etcd import EtcdCluster, Pki
 from tabby.lab.topology import (
     ETCD_V6,
     OUTSIDE_ASN,
@@ -52,7 +55,7 @@ from tabby.lab.topology import (
     topology,
 )
 from tabby.model import validate
-from tabby.store import open_store
+from tabby.store import open_store, with_etcd_options
 
 OPEN_PROFILE = "lab-open"
 BLOCK_POLICY = "lab-block"
@@ -103,9 +106,21 @@ class Lab:
     store_url: str
     agent_store_url: str = ""
     store_kind: str = "sqlite"
+    etcd_members: int = 1  # with store_kind etcd: one member over plain HTTP, or a TLS cluster of this many
+    # the cluster's members, in the process that built the lab (tests kill and restart them)
+    etcd: EtcdCluster | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.agent_store_url = self.agent_store_url or self.store_url
+
+    def store_url_for(self, h: LabHost) -> str:
+        """The Store as host h's agent and CNI server see it: on a TLS cluster, with h's own client
+        certificate (a host authenticates as itself)."""
+        if self.etcd_members == 1:
+            return self.agent_store_url
+        pki = Pki(self.dir / "etcd" / "pki")
+        client = f"host-{h.name}"
+        return with_etcd_options(self.agent_store_url, cert=str(pki.cert(client)), key=str(pki.key(client)))
 
     @property
     def dir(self) -> Path:
@@ -120,7 +135,7 @@ class Lab:
     def _save_state(self) -> None:
         (self.dir / "state.json").write_text(json.dumps({
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
-            "agent_store": self.agent_store_url, "store_kind": self.store_kind,
+            "agent_store": self.agent_store_url, "store_kind": self.store_kind, "etcd_members": self.etcd_members,
             "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors),
             "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)),
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
@@ -137,8 +152,8 @@ class Lab:
         netns.ip("link", "add", "br0", "type", "bridge", ns=fab)
         netns.ip("link", "set", "br0", "up", ns=fab)
         if self.store_kind == "etcd":
-            say("etcd on the fabric")
-            self._etcd()
+            say("etcd on the fabric" + (f" ({self.etcd_members} members, TLS)" if self.etcd_members > 1 else ""))
+            self._etcd() if self.etcd_members == 1 else self._etcd_cluster()
             self._save_state()
         say(f"hosts ({len(self.topo.hosts)})")
         _parallel(self._host, self.topo.hosts)
@@ -191,6 +206,39 @@ class Lab:
         self.agent_store_url = etcd.url
         self.store_url = f"etcd://127.0.0.1:{port}"
         netns.wait_for(lambda: _etcd_answers(self.store_url), 20, 0.1, "etcd through the forwarder")
+
+    def _etcd_cluster(self) -> None:
+        """etcd_members members, each in a namespace of its own on the fabric (fd00:f::fd, ::fc, ...),
+        TLS for clients and peers with certificates made here (one client certificate per host, and
+        root's for the lab itself), and a loopback forwarder per member, as for one member."""
+        from tabby.lab.etcd import EtcdCluster, free_port
+
+        members = []
+        for i in range(self.etcd_members):
+            ns, addr = f"{self.topo.etcd_ns}{i}", str(ipaddress.IPv6Address(ETCD_V6) - i)
+            self._plug(ns, f"{self.topo.prefix}pe{i}")
+            netns.ip("addr", "add", f"{addr}/64", "dev", "eth0", "nodad", ns=ns)
+            netns.ip("link", "set", "eth0", "up", ns=ns)
+            members.append((ns, addr))
+        self.etcd = EtcdCluster.create(self.etcd_members, tls=True, name=f"{self.topo.prefix}-etcd",
+                                       directory=self.dir / "etcd", hosts=members,
+                                       clients=tuple(f"host-{h.name}" for h in self.topo.hosts))
+        self.etcd.start()  # members end with their namespaces at `down`
+        pids, ports = [], []
+        for i, m in enumerate(self.etcd.members):
+            port = free_port()
+            script = self.dir / f"etcd-forward-{i}.sh"  # a script: socat would split an address inside EXEC at ':'
+            script.write_text(f"#!/bin/sh\nexec ip netns exec {m.netns} socat STDIO 'TCP6:[{m.host}]:{m.port}'\n")
+            script.chmod(0o755)
+            fwd = netns.spawn_here(["socat", f"TCP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{script}"],
+                                   self.dir / f"etcd-forwarder-{i}.log", {FORWARDER_MARK: self.topo.prefix})
+            pids.append(fwd.pid)
+            ports.append(port)
+        (self.dir / "forwarder.pid").write_text("\n".join(map(str, pids)))
+        self.agent_store_url = self.etcd.url()
+        self.store_url = "etcds://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "?" + urlencode(
+            self.etcd.members[0].pki_query("root"), safe="/")
+        netns.wait_for(lambda: _etcd_answers(self.store_url), 20, 0.1, "etcd through the forwarders")
 
     def _plug(self, ns: str, port: str) -> None:
         """A new namespace with an eth0 on the fabric bridge (the other end, `port`, in br0). The peer
@@ -264,7 +312,7 @@ class Lab:
 
     def _agent(self, h: LabHost) -> None:
         log = self.dir / f"agent-{h.name}.log"
-        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.agent_store_url, "agent",
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url_for(h), "agent",
                            "--host", h.name, "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
 
     def cni_socket(self, h: LabHost) -> Path:
@@ -272,7 +320,7 @@ class Lab:
 
     def _start_cni_server(self, h: LabHost) -> None:
         """The warm CNI helper, as a node runs it: tabby-cni hands its calls to it."""
-        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.agent_store_url, "cni-server",
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url_for(h), "cni-server",
                            "--host", h.name, "--socket", str(self.cni_socket(h))],
                     self.dir / f"cni-server-{h.name}.log")
 
@@ -290,7 +338,7 @@ class Lab:
         """A container made the way a runtime makes one: an empty namespace, then tabby-cni ADD."""
         netns.add_netns(w.ns)
         conf = json.dumps({"cniVersion": "1.1.0", "name": self.CNI_NETWORK, "type": "tabby-cni",
-                           "store": self.agent_store_url, "host": w.host.name, "ipv4": not self.topo.ipv6_only,
+                           "store": self.store_url_for(w.host), "host": w.host.name, "ipv4": not self.topo.ipv6_only,
                            "profiles": [OPEN_PROFILE], "labels": {WORKLOAD_LABEL: w.name},
                            "server_socket": str(self.cni_socket(w.host))})
         env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": w.name, "CNI_NETNS": f"/run/netns/{w.ns}",
@@ -531,7 +579,8 @@ def load(prefix: str = PREFIX) -> Lab:
             raise ValueError(f"it is the state of lab {state.get('prefix')!r}")
         topo = topology(state["hosts"], state["containers"], state["ipv6_only"], prefix,
                         tuple(state.get("route_reflectors", ())), state.get("vms", 0))
-        return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"))
+        return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"),
+                   int(state.get("etcd_members", 1)))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a usable lab state file ({type(e).__name__}: {e})") from None
 
@@ -544,11 +593,12 @@ def down(prefix: str = PREFIX) -> list[str]:
     gone = netns.sweep(prefix + "-")
     restore_neighbour_tables(prefix)
     pid_file = lab_dir(prefix) / "forwarder.pid"
-    if pid_file.exists():  # the etcd forwarder, the one lab process outside the lab's namespaces
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text())
-            if f"{FORWARDER_MARK}={prefix}\0" in Path(f"/proc/{pid}/environ").read_text():
-                netns.kill_pid(pid)
+    if pid_file.exists():  # the etcd forwarders (one per member), the lab's only processes outside its namespaces
+        for line in pid_file.read_text().split():
+            with contextlib.suppress(ValueError, OSError):
+                pid = int(line)
+                if f"{FORWARDER_MARK}={prefix}\0" in Path(f"/proc/{pid}/environ").read_text():
+                    netns.kill_pid(pid)
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
     for root in (LAB_ROOT, RUN_ROOT):  # the parents too, once no lab is left in them
