@@ -130,7 +130,9 @@ class _TokenExpired(Exception):
 def _transport_failure(url: str, e: Exception) -> _Failed:
     """A requests/urllib3 failure talking to one member, typed."""
     reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's own, without its wrapping
-    if isinstance(e, requests.exceptions.SSLError):
+    if isinstance(e, requests.exceptions.SSLError) and "UNEXPECTED_EOF_WHILE_READING" not in str(e):
+        # refused: a certificate the member would not take, or one we would not (an EOF in the
+        # middle of the handshake is not that: nothing answers behind a proxy or forwarder)
         return _Failed(StoreError(f"store {url}: TLS handshake failed, check the CA, client certificate and key "
                                   f"({_short(reason or e)})"), sent=False, transient=False)
     never_sent = isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
@@ -290,7 +292,7 @@ class EtcdStore:
                     continue
                 self._answered(m)
                 return resp
-            if not any(f.transient for f in failures.values()):  # TLS refused, not etcd's answers: waiting won't help
+            if not all(f.transient for f in failures.values()):  # TLS refused, a bad reply: waiting won't help
                 raise self._refused(failures)
             if time.monotonic() >= deadline:
                 raise Unavailable(f"store {self.url}: no member answered: "
@@ -298,8 +300,8 @@ class EtcdStore:
             time.sleep(RETRY_PAUSE_S)
 
     def _refused(self, failures: dict[str, _Failed]) -> StoreError:
-        """Every member refused for a reason waiting does not mend (TLS, a bad reply): that error
-        for one member, all of them for several."""
+        """A member refused for a reason waiting does not mend (TLS, a bad reply) and none answered:
+        that error for one member, every member's for several."""
         errors = [f.error for f in failures.values()]
         if len(errors) == 1:
             return errors[0]
@@ -509,7 +511,7 @@ class EtcdWatch:
                 if self._closed.is_set():
                     return
             else:
-                if not any(f.transient for f in failures.values()):
+                if not all(f.transient for f in failures.values()):
                     raise store._refused(failures)
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"store {store.url}: watch: no member answered: "
