@@ -136,12 +136,17 @@ def test_leader_killed_and_restarted(flab: L.Lab) -> None:
     leader = flab.etcd.leader()
     leader.kill()
     t_kill = time.monotonic()
-    addr = add_endpoint(flab, flab.topo.hosts[0], 1)  # taken once the survivors have elected
+    written: list[str] = []
+    writer = threading.Thread(target=lambda: written.append(add_endpoint(flab, flab.topo.hosts[0], 1)), daemon=True)
+    writer.start()  # retried until the survivors have elected
     flab.etcd.leader()
     t_elected = time.monotonic()  # at most this late: members are polled one by one
-    wait(lambda: programmed_everywhere(flab, addr), 60, "the endpoint written during the kill")
-    print(f"leader killed; new leader seen {t_elected - t_kill:.2f} s later; the endpoint written meanwhile was "
-          f"routed on every host {time.monotonic() - t_elected:.2f} s after that (the figure: bench/etcd_failover.py)")
+    writer.join(60)
+    wait(lambda: programmed_everywhere(flab, written[0]), 60, "the endpoint written during the kill")
+    t_routed = time.monotonic()
+    print(f"leader killed; a new leader seen after {t_elected - t_kill:.2f} s; the endpoint written meanwhile "
+          f"routed on every host {t_routed - t_kill:.2f} s after the kill ({t_routed - t_elected:.2f} s after the "
+          "election was seen; the figure is bench/etcd_failover.py's)")
     leader.start()
     addr2 = add_endpoint(flab, flab.topo.hosts[1], 2)
     wait(lambda: programmed_everywhere(flab, addr2), 60, "an endpoint written after the restart")

@@ -59,7 +59,7 @@ def test_tls_and_user_from_url_or_environment(files: dict[str, str]) -> None:
     ("etcds://a:1?colour=red", "query may name each of"),
     ("etcd://a:1?user=u", "needs a password_file"),
     ("etcd://a:1?user=u&user=v", "query may name each of"),
-    ("http://a:1", "scheme must be"),
+    ("http://a:1", "scheme must be sqlite:// or etcd://"),
 ])
 def test_mistakes_refused_naming_the_url(url: str, says: str) -> None:
     with pytest.raises(ValueError, match=says) as e:

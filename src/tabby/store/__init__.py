@@ -138,4 +138,4 @@ def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
         return SqliteStore(path)
     if parsed.scheme in ("etcd", "etcds"):
         return _open_etcd(url, os.environ if environ is None else environ)
-    raise ValueError(f"store URL {url!r}: scheme must be sqlite://, etcd:// or etcds://")
+    raise ValueError(f"store URL {url!r}: scheme must be sqlite:// or etcd:// (etcds:// with TLS)")

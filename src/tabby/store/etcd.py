@@ -7,9 +7,9 @@ listing, compare-and-swap on ``mod_revision``, and the watch's ``compact_revisio
 etcd3gw's helpers drop. Every write is one transaction, so a lost compare-and-swap writes nothing.
 
 Members and failover: requests go to the member that answered last; when it cannot be reached
-the next is tried, round after round for up to ``RIDE_OUT_S`` (an election takes 1-3 s), before
-the call fails with ``Unavailable`` naming every member. Every request carries etcd's
-"require leader" flag, so a member cut off from the others refuses at once ("no leader")
+the next is tried, round after round for up to ``RIDE_OUT_S`` (an election takes 1-3 s; one
+member alone is tried once), before the call fails with ``Unavailable`` naming every member.
+Every request carries etcd's "require leader" flag, so a member cut off from the others refuses at once ("no leader")
 instead of serving stale reads or hanging a write until etcd's own timeout. A read, and any
 request etcd certainly did not apply (the connection was never made, "no leader", "too many
 requests", an expired token), is simply sent to the next member. A write whose outcome is unknown
@@ -185,9 +185,11 @@ class EtcdStore:
                  user: str | None = None, password: str | None = None, timeout: float = 10.0) -> None:
         """members: every member's (host, port); default the one host:port."""
         self.timeout = timeout
-        self.ride_out_s = min(RIDE_OUT_S, timeout)
         self._members = [_Member(h, p, tls=tls, ca=ca, cert=cert, key=key, timeout=timeout)
                          for h, p in (members or [(host, port)])]
+        # riding out is for a cluster's election; one member has none, and fails at once as it always did
+        self.ride_out_s = min(RIDE_OUT_S, timeout) if len(self._members) > 1 else 0.0
+        self.watch_ride_out_s = WATCH_RIDE_OUT_S if len(self._members) > 1 else 0.0
         self._tls = (ca, (cert, key) if cert and key else None)
         self._current = random.randrange(len(self._members))  # agents spread over the members
         self._user, self._password = user, password
@@ -224,7 +226,8 @@ class EtcdStore:
         return h
 
     def _authenticate(self, m: _Member, stale: str | None = None) -> str:
-        """A token for our user from member m (one per store: etcd replicates it to every member)."""
+        """A token for our user from member m, one per store (a member that does not know it says so:
+        then a new one)."""
         with self._auth_lock:
             if self._token is not None and self._token != stale:
                 return self._token  # another thread got a new one meanwhile
@@ -487,7 +490,7 @@ class EtcdWatch:
 
     def __iter__(self) -> Iterator[Event]:
         store = self._store
-        deadline = time.monotonic() + WATCH_RIDE_OUT_S
+        deadline = time.monotonic() + store.watch_ride_out_s
         failures: dict[str, _Failed] = {}
         while not self._closed.is_set():
             for m in store._rotation():
@@ -496,7 +499,7 @@ class EtcdWatch:
                         if ev is None:  # the stream is open: this member serves us
                             store._answered(m)
                             failures.clear()
-                            deadline = time.monotonic() + WATCH_RIDE_OUT_S
+                            deadline = time.monotonic() + store.watch_ride_out_s
                             continue
                         yield ev
                 except _StreamEnded:
