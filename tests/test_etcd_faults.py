@@ -1,19 +1,22 @@
-"""Faults the fabric survives on a lab whose Store is a 3-member TLS etcd cluster: the leader killed
-(and restarted), the history compacted past an agent's revision, one host cut off from every member
-for 60 s, the whole cluster down for 60 s. Each time: no route or permanent neighbour withdrawn on
-any host (``ip monitor`` runs throughout, and the route dumps before and after are compared), the
-agents are the same processes (they resynced without a restart), writes work again, and an
-Endpoint written during the fault (or, with the whole cluster down, tried then and refused) is
-programmed on every host after it. One lab for the module; the tests run in file order."""
+"""Faults the fabric survives on a lab whose Store is a 3-member TLS etcd cluster with users and
+roles: the leader killed (and restarted), the history compacted past an agent's revision, one host
+cut off from every member for 60 s, the whole cluster down for 60 s. Each time: no route or
+permanent neighbour withdrawn on any host (``ip monitor`` runs throughout, and the route dumps
+before and after are compared), the agents are the same processes (they resynced without a
+restart), writes work again, and an Endpoint written during the fault (or, with the whole cluster
+down, tried then and refused) is programmed on every host after it. One lab for the module; the
+tests run in file order."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from lablib import agent_pid, all_ok
@@ -128,6 +131,33 @@ def wait(cond: object, timeout: float, what: str) -> float:
     t0 = time.monotonic()
     netns.wait_for(cond, timeout, 0.05, what)  # type: ignore[arg-type]
     return time.monotonic() - t0
+
+
+def test_agent_credentials_cannot_write_an_endpoint(flab: L.Lab) -> None:
+    """The lab's agents run as their own etcd users: with h1's agent URL (its certificate, its user)
+    an Endpoint write is refused naming the URL and the user, and the agent serves on."""
+    h1 = flab.topo.hosts[0]
+    pids, dp = agents(flab), Dataplane(flab)
+    url = flab.store_url_for(h1)
+    assert "user=tabby-agent-h1" in url and any(url in c for c in _cmdlines(h1.ns))
+    ep = ("kind: Endpoint\nmetadata: {name: not-yours}\nspec: {host: h1, orchestrator: vm, workload_id: x, "
+          "interface: tbyx0, mac: '52:54:00:00:0e:01', ipv6_addresses: ['fd00:e::fe01']}\n")
+    r = netns.nsexec(h1.ns, [sys.executable, "-m", "tabby.cli", "--store", url, "apply", "-f", "-"], input=ep)
+    assert r.returncode != 0 and "permission denied" in r.stderr and "(user tabby-agent-h1)" in r.stderr, r.stderr
+    assert "https://[fd00:f::f" in r.stderr, r.stderr
+    addr = add_endpoint(flab, h1, 0)  # the agent still programs what root writes
+    wait(lambda: programmed_everywhere(flab, addr), 60, "an endpoint after the refusal")
+    dp.check_untouched()
+    assert agents(flab) == pids
+
+
+def _cmdlines(ns: str) -> list[str]:
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    out = []
+    for p in pids:
+        with contextlib.suppress(OSError):
+            out.append(Path(f"/proc/{p}/cmdline").read_text().replace("\0", " "))
+    return out
 
 
 def test_leader_killed_and_restarted(flab: L.Lab) -> None:

@@ -113,14 +113,18 @@ class Lab:
     def __post_init__(self) -> None:
         self.agent_store_url = self.agent_store_url or self.store_url
 
-    def store_url_for(self, h: LabHost) -> str:
-        """The Store as host h's agent and CNI server see it: on a TLS cluster, with h's own client
-        certificate (a host authenticates as itself)."""
+    def store_url_for(self, h: LabHost, writer: str = "agent") -> str:
+        """The Store as host h's agent (writer "agent") or CNI server ("cni") sees it: on a TLS
+        cluster, with h's own client certificate and that writer's etcd user for h."""
         if self.etcd_members == 1:
             return self.agent_store_url
+        from tabby.etcd_auth import agent_user, cni_user
+
         pki = Pki(self.dir / "etcd" / "pki")
-        client = f"host-{h.name}"
-        return with_etcd_options(self.agent_store_url, cert=str(pki.cert(client)), key=str(pki.key(client)))
+        user = agent_user(h.name) if writer == "agent" else cni_user(h.name)
+        return with_etcd_options(self.agent_store_url, cert=str(pki.cert(f"host-{h.name}")),
+                                 key=str(pki.key(f"host-{h.name}")), user=user,
+                                 password_file=str(self.dir / "etcd" / "passwords" / user))
 
     @property
     def dir(self) -> Path:
@@ -210,7 +214,8 @@ class Lab:
     def _etcd_cluster(self) -> None:
         """etcd_members members, each in a namespace of its own on the fabric (fd00:f::fd, ::fc, ...),
         TLS for clients and peers with certificates made here (one client certificate per host, and
-        root's for the lab itself), and a loopback forwarder per member, as for one member."""
+        root's for the lab itself), users and roles per writer, and a loopback forwarder per
+        member, as for one member."""
         from tabby.lab.etcd import EtcdCluster, free_port
 
         members = []
@@ -236,9 +241,32 @@ class Lab:
             ports.append(port)
         (self.dir / "forwarder.pid").write_text("\n".join(map(str, pids)))
         self.agent_store_url = self.etcd.url()
-        self.store_url = "etcds://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "?" + urlencode(
+        admin = "etcds://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "?" + urlencode(
             self.etcd.members[0].pki_query("root"), safe="/")
-        netns.wait_for(lambda: _etcd_answers(self.store_url), 20, 0.1, "etcd through the forwarders")
+        netns.wait_for(lambda: _etcd_answers(admin), 20, 0.1, "etcd through the forwarders")
+        self.store_url = self._etcd_users(admin)
+
+    def _etcd_users(self, admin: str) -> str:
+        """etcd's users and roles (etcd_auth): an agent and a CNI user per host, each with a password
+        of its own in a 0600 file; auth on. The lab's own URL after that: as root."""
+        import secrets
+
+        from tabby.etcd_auth import ROOT_USER, provision, roles
+        from tabby.store.etcd import EtcdStore
+
+        grants = roles([h.name for h in self.topo.hosts])
+        pw_dir = self.dir / "etcd" / "passwords"
+        pw_dir.mkdir(mode=0o700, exist_ok=True)
+        passwords = {u: secrets.token_urlsafe(16) for u in (ROOT_USER, *grants)}
+        for user, pw in passwords.items():
+            f = pw_dir / user
+            f.touch(mode=0o600)
+            f.write_text(pw + "\n")
+        store = open_store(admin)
+        assert isinstance(store, EtcdStore)
+        provision(store, passwords, grants)
+        store.close()
+        return with_etcd_options(admin, user=ROOT_USER, password_file=str(pw_dir / ROOT_USER))
 
     def _plug(self, ns: str, port: str) -> None:
         """A new namespace with an eth0 on the fabric bridge (the other end, `port`, in br0). The peer
@@ -320,7 +348,7 @@ class Lab:
 
     def _start_cni_server(self, h: LabHost) -> None:
         """The warm CNI helper, as a node runs it: tabby-cni hands its calls to it."""
-        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url_for(h), "cni-server",
+        netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url_for(h, "cni"), "cni-server",
                            "--host", h.name, "--socket", str(self.cni_socket(h))],
                     self.dir / f"cni-server-{h.name}.log")
 
@@ -338,7 +366,8 @@ class Lab:
         """A container made the way a runtime makes one: an empty namespace, then tabby-cni ADD."""
         netns.add_netns(w.ns)
         conf = json.dumps({"cniVersion": "1.1.0", "name": self.CNI_NETWORK, "type": "tabby-cni",
-                           "store": self.store_url_for(w.host), "host": w.host.name, "ipv4": not self.topo.ipv6_only,
+                           "store": self.store_url_for(w.host, "cni"), "host": w.host.name,
+                           "ipv4": not self.topo.ipv6_only,
                            "profiles": [OPEN_PROFILE], "labels": {WORKLOAD_LABEL: w.name},
                            "server_socket": str(self.cni_socket(w.host))})
         env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": w.name, "CNI_NETNS": f"/run/netns/{w.ns}",
