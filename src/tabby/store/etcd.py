@@ -472,6 +472,7 @@ class EtcdWatch:
         self._closed = threading.Event()
         self._resp: requests.Response | None = None
         self._session = store.session()
+        self._reauth = False  # etcd cancelled the watch for a token it no longer knows
 
     def close(self) -> None:
         self._closed.set()
@@ -529,6 +530,9 @@ class EtcdWatch:
             "start_revision": self._after + 1,
         }
         store = self._store
+        if self._reauth:
+            self._reauth = False
+            store._authenticate(m, stale=store._token)
         for _ in range(2):  # a second time only with a new token
             try:
                 self._resp = self._session.post(m.client.get_url("/watch"), json={"create_request": create},
@@ -582,6 +586,10 @@ class EtcdWatch:
             if compact:
                 raise HistoryGone(self._after + 1, compact)
             if result.get("canceled"):
+                reason = str(result.get("cancel_reason", ""))
+                if "invalid auth token" in reason or "auth store is old" in reason:
+                    self._reauth = True  # the member forgot our token (it restarted): a new one, then again
+                    raise _Failed(Unavailable(f"store {url}: watch: {_short(reason)}"), sent=True, transient=True)
                 raise _Failed(StoreError(f"store {url}: etcd cancelled the watch: "
                                          f"{_short(result.get('cancel_reason', ''))}"), sent=True, transient=False,
                               final=True)
