@@ -137,7 +137,10 @@ class PolicyIndex:
     _policy_sel: SelectorIndex = field(default_factory=SelectorIndex)  # policies' own selectors
     _rule_sel: SelectorIndex = field(default_factory=SelectorIndex)  # selectors inside rules
     _by_sel: dict[str, list[str]] = field(default_factory=dict)  # policy selector -> policy names
-    _stale: bool = False  # a policy or profile changed: every contribution is recomputed, once, when read
+    # a policy or profile changed: every contribution is recomputed, once, when read. A new index
+    # starts so: at start the Store lists every endpoint before the policies and profiles (key
+    # order), and computing each endpoint alone first would be thrown away at their arrival
+    _stale: bool = True
 
     # -- inputs ----------------------------------------------------------------------------
 
