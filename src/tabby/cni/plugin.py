@@ -371,7 +371,8 @@ def _unplumb(hostif: str) -> None:
 
 def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: str, p: Plumbed, gw6: str) -> None:
     """Create the Endpoint; one already there is replaced only if it is this attachment's."""
-    from tabby.model import decode, encode, key_of, validate
+    from tabby.model import light
+    from tabby.model.keys import resource_key
     from tabby.store import AlreadyExists, NotFound, RevisionMismatch
 
     spec: dict[str, Any] = {"host": host_name(conf), "orchestrator": "container", "workload_id": handle,
@@ -383,9 +384,9 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
     if conf.profiles:
         spec["profiles"] = conf.profiles
     labels = {**conf.labels, **req.labels, "cni.network": conf.name}
-    ep = validate({"kind": "Endpoint", "metadata": {"name": endpoint_name(conf, env), "labels": labels},
-                   "spec": spec})
-    key, value = key_of(ep), encode(ep)
+    name = endpoint_name(conf, env)
+    key = resource_key("Endpoint", name)
+    value = light.endpoint_record({"kind": "Endpoint", "metadata": {"name": name, "labels": labels}, "spec": spec})
     for _ in range(5):
         try:
             store.create(key, value)
@@ -396,7 +397,7 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
         if kv is None:
             continue
         try:
-            mine = decode(kv.key, kv.value).spec.workload_id == handle
+            mine = light.read(kv.key, kv.value, "Endpoint").spec.workload_id == handle
         except ValueError:
             mine = False
         if not mine:
@@ -413,14 +414,14 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
 def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: int) -> Plumbed | None:
     """The attachment as it is, if everything is there: Endpoint, host end, container end paired
     with it, all addresses. None if anything is missing or different."""
-    from tabby.model import decode
+    from tabby.model import light
     from tabby.model.keys import resource_key
 
     kv = store.get(resource_key("Endpoint", endpoint_name(conf, env)))
     if kv is None:
         return None
     try:
-        ep = decode(kv.key, kv.value)
+        ep = light.read(kv.key, kv.value, "Endpoint")
     except ValueError:
         return None
     want = {a.ip for a in rec.addresses}
@@ -475,7 +476,7 @@ def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hosti
 
 def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any) -> None:
     """The attachment's Endpoint (under its name, and the one its handle names), if it is its."""
-    from tabby.model import decode
+    from tabby.model import light
     from tabby.model.keys import resource_key
     from tabby.store import NotFound, RevisionMismatch
 
@@ -485,7 +486,7 @@ def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any
         if kv is None:
             continue
         try:
-            mine = decode(kv.key, kv.value).spec.workload_id == handle
+            mine = light.read(kv.key, kv.value, "Endpoint").spec.workload_id == handle
         except ValueError:
             mine = True  # a corrupt record under this attachment's name: ours to remove
         if mine:

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from tabby.ipam import blocks as B
 from tabby.ipam.blocks import (
@@ -51,8 +51,9 @@ from tabby.ipam.blocks import (
     PoolExhausted,
     StaleRelease,
 )
-from tabby.model import InvalidResource, IPPool, decode, effective_config
+from tabby.model import light
 from tabby.model.ipam import Affinity, Block, GcState, Handle, HandleAddress, IPNetwork, decode_ipam, encode_ipam
+from tabby.model.jsontext import InvalidResource
 from tabby.model.keys import (
     IPAM_BLOCKS_PREFIX,
     IPAM_HANDLES_PREFIX,
@@ -64,6 +65,9 @@ from tabby.model.keys import (
     kind_prefix,
 )
 from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store
+
+if TYPE_CHECKING:  # pools are read by tabby.model.light: a light Pool or, off its fast path, the model's
+    from tabby.model import IPPool
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +162,18 @@ class IPAM:
         if self._configs is None or now - self._configs[0] >= self.POOL_CACHE_S:
             self._configs = (now, self._read_configs())
         specs = self._configs[1]
-        return bool(effective_config(specs.get("global"), specs.get(f"host.{host}")).strict_affinity)
+        for scope in (f"host.{host}", "global"):  # field by field, the host's over global over the default
+            spec = specs.get(scope)
+            if spec is not None and spec.strict_affinity is not None:
+                return bool(spec.strict_affinity)
+        return False
 
     def _read_configs(self) -> dict[str, Any]:
         kvs, _ = self.store.list(kind_prefix("Config"))
         out = {}
         for kv in kvs:
             try:
-                cfg = decode(kv.key, kv.value)
+                cfg = light.read(kv.key, kv.value, "Config")
             except InvalidResource as e:
                 log.error("IPAM ignores corrupt config record %s (field %s): %s", kv.key, e.field, e)
                 continue
@@ -191,7 +199,7 @@ class IPAM:
         out = []
         for kv in kvs:
             try:
-                out.append(decode(kv.key, kv.value))
+                out.append(light.read(kv.key, kv.value, "IPPool"))
             except InvalidResource as e:
                 log.error("IPAM ignores corrupt pool record %s (field %s): %s", kv.key, e.field, e)
         return out
