@@ -377,8 +377,9 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
 
     spec: dict[str, Any] = {"host": host_name(conf), "orchestrator": "container", "workload_id": handle,
                             "interface": p.host_if, "mac": p.mac,
-                            "ipv6_addresses": [a.split("/")[0] for a, _ in p.ips if ":" in a],
-                            "ipv4_addresses": [a.split("/")[0] for a, _ in p.ips if ":" not in a]}
+                            # "addr/128": the form the model writes, so light.endpoint_record's fast path takes it
+                            "ipv6_addresses": [a for a, _ in p.ips if ":" in a],
+                            "ipv4_addresses": [a for a, _ in p.ips if ":" not in a]}
     if gw6 and gw6 != HOST_LL:
         spec["ipv6_gateway"] = gw6
     if conf.profiles:
