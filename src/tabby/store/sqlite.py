@@ -41,10 +41,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
-
-from inotify_simple import INotify
-from inotify_simple import flags as iflags
 
 from tabby.store.base import (
     KV,
@@ -418,7 +416,7 @@ class ChangeFeed:
     is no feed, and each watch polls: every ``poll_interval_s`` (2 ms) after a change, doubling
     up to ``idle_poll_interval_s`` (50 ms) while none come."""
 
-    def __init__(self, store: SqliteStore, ino: INotify) -> None:
+    def __init__(self, store: SqliteStore, ino: Any) -> None:
         self._ino = ino
         self._cond = threading.Condition()
         self._stopped = False
@@ -429,6 +427,11 @@ class ChangeFeed:
 
     @classmethod
     def open(cls, store: SqliteStore) -> ChangeFeed | None:
+        # imported here, not at the top: it loads ctypes.util (~15 ms), which only watches need, and
+        # a CNI plugin process opens the Store without watching it
+        from inotify_simple import INotify
+        from inotify_simple import flags as iflags
+
         try:
             ino = INotify()
         except OSError as e:
