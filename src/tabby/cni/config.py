@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from tabby.cni.inputs import MAX_STDIN_BYTES
 from tabby.cni.shim import SUPPORTED_VERSIONS as _SHIM_VERSIONS
 from tabby.model.jsontext import InvalidResource, load_json
 from tabby.model.names import canonical_mac, check_label_key, check_label_value, check_name
+from tabby.model.plain import Plain
 
 # Every spec version whose result format tabby writes (result.py): 0.3.x and 0.4.0 ips carry
 # "version", 1.0.0 drops it, 1.1.0 adds interface and route mtu (and the GC and STATUS verbs).
@@ -28,50 +28,58 @@ class ConfError(ValueError):
     pass
 
 
-@dataclass
-class RuntimeConfig:
+class RuntimeConfig(Plain):
     """The capability arguments a runtime injects for what the plugin's "capabilities" ask for
     (other keys are the runtime's and are ignored)."""
 
-    mac: str | None = None
-    ips: list[str] = field(default_factory=list)
+    __slots__ = ("ips", "mac")
+
+    def __init__(self, mac: str | None = None, ips: list[str] | None = None) -> None:
+        self.mac = mac
+        self.ips = [] if ips is None else ips
 
 
-@dataclass
-class NetConf:
+class NetConf(Plain):
     """The network configuration. Why plain Python, not a pydantic model: the plugin process is
     started per call, and pydantic's import alone costs several times a whole ADD. Types are
     JSON's, strictly (as Go's encoding/json reads them for the reference plugins): "mtu": "1500"
     or "ipv6": "true" are refused, naming the field. Keys tabby does not know are kept by the
     runtime's document (``gc`` reads its own from there), not here."""
 
-    cni_version: str
-    name: str
-    type: str
-    store: str | None = None  # sqlite:///... or etcd://...; default $TABBY_STORE
-    host: str | None = None  # the Host this node is; default $TABBY_HOST, else the hostname
-    server_socket: str | None = None
-    ipv6: bool = True
-    ipv4: bool = True
-    ipv6_pool: str | None = None
-    ipv4_pool: str | None = None
-    ipv6_gateway: str = "link-local"  # one of IPV6_GATEWAYS
-    mtu: int | None = None  # both veth ends; IPv6 needs 1280
-    profiles: list[str] = field(default_factory=list)  # policy Profiles every container here gets
-    labels: dict[str, str] = field(default_factory=dict)  # labels for policy selectors
-    capabilities: dict[str, bool] = field(default_factory=dict)
-    runtime_config: RuntimeConfig = field(default_factory=RuntimeConfig)
-    args: dict[str, Any] = field(default_factory=dict)
-    prev_result: dict[str, Any] | None = None
+    __slots__ = ("args", "capabilities", "cni_version", "host", "ipv4", "ipv4_pool", "ipv6", "ipv6_gateway",
+                 "ipv6_pool", "labels", "mtu", "name", "prev_result", "profiles", "runtime_config", "server_socket",
+                 "store", "type")
+
+    def __init__(self, cni_version: str, name: str, type: str, *, store: str | None = None, host: str | None = None,
+                 server_socket: str | None = None, ipv6: bool = True, ipv4: bool = True, ipv6_pool: str | None = None,
+                 ipv4_pool: str | None = None, ipv6_gateway: str = "link-local", mtu: int | None = None,
+                 profiles: list[str] | None = None, labels: dict[str, str] | None = None,
+                 capabilities: dict[str, bool] | None = None, runtime_config: RuntimeConfig | None = None,
+                 args: dict[str, Any] | None = None, prev_result: dict[str, Any] | None = None) -> None:
+        self.cni_version, self.name, self.type = cni_version, name, type
+        self.store = store  # sqlite:///... or etcd://...; default $TABBY_STORE
+        self.host = host  # the Host this node is; default $TABBY_HOST, else the hostname
+        self.server_socket = server_socket
+        self.ipv6, self.ipv4, self.ipv6_pool, self.ipv4_pool = ipv6, ipv4, ipv6_pool, ipv4_pool
+        self.ipv6_gateway = ipv6_gateway  # one of IPV6_GATEWAYS
+        self.mtu = mtu  # both veth ends; IPv6 needs 1280
+        self.profiles = [] if profiles is None else profiles  # policy Profiles every container here gets
+        self.labels = {} if labels is None else labels  # labels for policy selectors
+        self.capabilities = {} if capabilities is None else capabilities
+        self.runtime_config = RuntimeConfig() if runtime_config is None else runtime_config
+        self.args = {} if args is None else args
+        self.prev_result = prev_result
 
 
-@dataclass
-class Request:
+class Request(Plain):
     """What parse() derived from the configuration: the runtime's requests, checked."""
 
-    mac: str | None = None
-    ips: tuple[ipaddress.IPv6Address | ipaddress.IPv4Address, ...] = ()
-    labels: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("ips", "labels", "mac")
+
+    def __init__(self, mac: str | None = None, ips: tuple[ipaddress.IPv6Address | ipaddress.IPv4Address, ...] = (),
+                 labels: dict[str, str] | None = None) -> None:
+        self.mac, self.ips = mac, ips
+        self.labels = {} if labels is None else labels
 
 
 # -- one check per kind of field: the value, or ValueError saying what it must be -------------------

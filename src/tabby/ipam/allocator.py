@@ -37,7 +37,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from tabby.ipam import blocks as B
@@ -64,6 +63,7 @@ from tabby.model.keys import (
     ipam_handle_key,
     kind_prefix,
 )
+from tabby.model.plain import Frozen, Plain, replace
 from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store
 
 if TYPE_CHECKING:  # pools are read by tabby.model.light: a light Pool or, off its fast path, the model's
@@ -119,23 +119,28 @@ def fits(net: IPNetwork, pools: Iterable[IPPool]) -> bool:
                and net.subnet_of(p.spec.cidr) for p in pools)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class Assigned:
+class Assigned(Frozen):
+    __slots__ = ("block", "ip", "seq")
     ip: IPAddr
     block: str
     seq: int
 
+    def __init__(self, ip: IPAddr, block: str, seq: int) -> None:
+        self._set(ip=ip, block=block, seq=seq)
 
-@dataclass
-class Snapshot:
+
+class Snapshot(Plain):
     """Every IPAM record at one revision, decoded; what does not decode is in ``corrupt``."""
 
-    revision: int
-    blocks: list[tuple[Block, KV]] = field(default_factory=list)
-    affinities: list[tuple[Affinity, KV]] = field(default_factory=list)
-    handles: list[tuple[Handle, KV]] = field(default_factory=list)
-    gc: tuple[GcState, KV] | None = None
-    corrupt: list[CorruptRecord] = field(default_factory=list)
+    __slots__ = ("affinities", "blocks", "corrupt", "gc", "handles", "revision")
+
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+        self.blocks: list[tuple[Block, KV]] = []
+        self.affinities: list[tuple[Affinity, KV]] = []
+        self.handles: list[tuple[Handle, KV]] = []
+        self.gc: tuple[GcState, KV] | None = None
+        self.corrupt: list[CorruptRecord] = []
 
     @property
     def corrupt_keys(self) -> set[str]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 
 from tabby.model.ipam import Allocation, Block, IPNetwork
 from tabby.model.jsontext import InvalidResource
+from tabby.model.plain import replace
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -9,7 +9,7 @@ from going straight to a new workload while stale state about it may still exist
 so a release that names an old ``seq`` (the address was freed and handed out again meanwhile)
 fails instead of freeing someone else's address.
 
-Why plain dataclasses and a hand-written decoder, not pydantic like the resources: these records
+Why plain classes (``plain.Plain``) and a hand-written decoder, not pydantic like the resources: these records
 are read and written several times by every CNI ADD and DEL, and a plugin process started per
 call cannot afford pydantic's import (~140 ms here). Only tabby writes them, so the decoder is
 strict (JSON types as written: an integer field takes no "5", 5.0 or true) and total: any bytes
@@ -23,7 +23,6 @@ import ipaddress
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +36,7 @@ from tabby.model.keys import (
     ipam_block_key,
 )
 from tabby.model.names import check_name
+from tabby.model.plain import Plain
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -194,10 +194,11 @@ def _each(check: Callable[[Any], Any], errors: list[str]) -> Callable[[Any, str]
 
 # -- the records -----------------------------------------------------------------------------------
 
-@dataclass
-class Allocation:
-    handle: str
-    seq: int
+class Allocation(Plain):
+    __slots__ = ("handle", "seq")
+
+    def __init__(self, *, handle: str, seq: int) -> None:
+        self.handle, self.seq = handle, seq
 
     @classmethod
     def read(cls, doc: Any, loc: str, errors: list[str]) -> Allocation:
@@ -210,16 +211,17 @@ class Allocation:
         return {"handle": self.handle, "seq": self.seq}
 
 
-@dataclass
-class Block:
-    cidr: str
-    host: str | None  # the affine host; None once it has lost its affinity
-    free: list[int]
-    seq: int = 0
-    allocations: dict[int, Allocation] = field(default_factory=dict)
-    reserved: list[int] = field(default_factory=list)  # never handed out (the pool's first address)
+class Block(Plain):
+    __slots__ = FIELDS = ("cidr", "host", "seq", "allocations", "free", "reserved")
 
-    FIELDS = ("cidr", "host", "seq", "allocations", "free", "reserved")
+    def __init__(self, *, cidr: str, host: str | None, free: list[int], seq: int = 0,
+                 allocations: dict[int, Allocation] | None = None, reserved: list[int] | None = None) -> None:
+        self.cidr = cidr
+        self.host = host  # the affine host; None once it has lost its affinity
+        self.seq = seq
+        self.allocations = {} if allocations is None else allocations
+        self.free = free
+        self.reserved = [] if reserved is None else reserved  # never handed out (the pool's first address)
 
     @classmethod
     def read(cls, doc: Any, errors: list[str]) -> Block:
@@ -274,14 +276,12 @@ class Block:
         return ipaddress.ip_network(self.cidr)
 
 
-@dataclass
-class Affinity:
-    host: str
-    cidr: str
-    state: str  # "pending" or "confirmed"
-    since: float
+class Affinity(Plain):
+    __slots__ = FIELDS = ("host", "cidr", "state", "since")
 
-    FIELDS = ("host", "cidr", "state", "since")
+    def __init__(self, *, host: str, cidr: str, state: str, since: float) -> None:
+        self.host, self.cidr, self.since = host, cidr, since
+        self.state = state  # "pending" or "confirmed"
 
     @classmethod
     def read(cls, doc: Any, errors: list[str]) -> Affinity:
@@ -301,18 +301,18 @@ def _state(v: Any) -> str:
     return v
 
 
-@dataclass
-class HandleAddress:
-    ip: str
-    block: str
-    seq: int
+class HandleAddress(Plain):
+    __slots__ = FIELDS = ("ip", "block", "seq")
+
+    def __init__(self, *, ip: str, block: str, seq: int) -> None:
+        self.ip, self.block, self.seq = ip, block, seq
 
     @classmethod
     def read(cls, doc: Any, loc: str, errors: list[str]) -> HandleAddress:
         r = _Reader(doc, loc, errors)
         n = len(errors)
         rec = cls(ip=r.get("ip", _ip), block=r.get("block", _cidr), seq=r.get("seq", _integer))
-        if r.done(("ip", "block", "seq")) and len(errors) == n \
+        if r.done(cls.FIELDS) and len(errors) == n \
                 and ipaddress.ip_address(rec.ip) not in ipaddress.ip_network(rec.block):
             r.fail("ip", f"{rec.ip} is not inside its block {rec.block}")
         return rec
@@ -321,18 +321,19 @@ class HandleAddress:
         return {"ip": self.ip, "block": self.block, "seq": self.seq}
 
 
-@dataclass
-class Handle:
-    handle: str
-    addresses: list[HandleAddress] = field(default_factory=list)
-    endpoint: str | None = None  # the Endpoint these addresses are for, when the writer knows it
-    # when the handle was first written (seconds since the epoch), so that a check can give a CNI ADD
-    # time to write its Endpoint; records from before this field have none and count as old
-    created: float | None = None
-    # the CNI attachment these addresses are for, "<host>/<container id>/<ifname>" (CNI writes it)
-    attachment: str | None = None
+class Handle(Plain):
+    __slots__ = FIELDS = ("handle", "addresses", "endpoint", "created", "attachment")
 
-    FIELDS = ("handle", "addresses", "endpoint", "created", "attachment")
+    def __init__(self, *, handle: str, addresses: list[HandleAddress] | None = None, endpoint: str | None = None,
+                 created: float | None = None, attachment: str | None = None) -> None:
+        self.handle = handle
+        self.addresses = [] if addresses is None else addresses
+        self.endpoint = endpoint  # the Endpoint these addresses are for, when the writer knows it
+        # when the handle was first written (seconds since the epoch), so that a check can give a CNI
+        # ADD time to write its Endpoint; records from before this field have none and count as old
+        self.created = created
+        # the CNI attachment these addresses are for, "<host>/<container id>/<ifname>" (CNI writes it)
+        self.attachment = attachment
 
     @classmethod
     def read(cls, doc: Any, errors: list[str]) -> Handle:
@@ -352,15 +353,16 @@ class Handle:
                 "created": self.created, "attachment": self.attachment}
 
 
-@dataclass
-class GcState:
+class GcState(Plain):
     """What the leak collector saw last time: handles seen leaked and blocks seen empty, with
     when each was first seen, so that nothing is freed on a single sighting."""
 
-    leaked_handles: dict[str, float] = field(default_factory=dict)
-    empty_blocks: dict[str, float] = field(default_factory=dict)
+    __slots__ = FIELDS = ("leaked_handles", "empty_blocks")
 
-    FIELDS = ("leaked_handles", "empty_blocks")
+    def __init__(self, *, leaked_handles: dict[str, float] | None = None,
+                 empty_blocks: dict[str, float] | None = None) -> None:
+        self.leaked_handles = {} if leaked_handles is None else leaked_handles
+        self.empty_blocks = {} if empty_blocks is None else empty_blocks
 
     @classmethod
     def read(cls, doc: Any, errors: list[str]) -> GcState:

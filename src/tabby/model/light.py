@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from tabby.model.jsontext import InvalidResource, load_json
 from tabby.model.keys import parse_key
 from tabby.model.names import canonical_mac, check_interface_name, check_label_key, check_label_value, check_name
+from tabby.model.plain import Plain
 
 # the model's bounds (resources.py), repeated because importing it is what this module avoids
 V6_BLOCK_DEFAULT, V6_BLOCK_MIN = 122, 116
@@ -37,64 +37,86 @@ class _Slow(Exception):
     """Not in the fast path's form: the full model decides."""
 
 
-@dataclass(frozen=True)
-class Meta:
-    name: str
-    labels: dict[str, str] = field(default_factory=dict)
+class Meta(Plain):
+    __slots__ = ("labels", "name")
+
+    def __init__(self, name: str, labels: dict[str, str]) -> None:
+        self.name, self.labels = name, labels
 
 
-@dataclass(frozen=True)
-class PoolSpec:
-    cidr: ipaddress.IPv6Network | ipaddress.IPv4Network
-    block_size: int
-    nat_outgoing: bool = False
-    disabled: bool = False
+class PoolSpec(Plain):
+    __slots__ = ("block_size", "cidr", "disabled", "nat_outgoing")
+
+    def __init__(self, cidr: ipaddress.IPv6Network | ipaddress.IPv4Network, block_size: int, nat_outgoing: bool,
+                 disabled: bool) -> None:
+        self.cidr, self.block_size, self.nat_outgoing, self.disabled = cidr, block_size, nat_outgoing, disabled
 
 
-@dataclass(frozen=True)
-class Pool:
-    metadata: Meta
-    spec: PoolSpec
-    kind: str = "IPPool"
+class Pool(Plain):
+    __slots__ = ("metadata", "spec")
+    kind = "IPPool"
+
+    def __init__(self, metadata: Meta, spec: PoolSpec) -> None:
+        self.metadata, self.spec = metadata, spec
 
 
-@dataclass(frozen=True)
-class ConfSpec:
-    log_level: str | None = None
-    resync_interval_s: float | None = None
-    metrics_port: int | None = None
-    node_to_node_mesh: bool | None = None
-    strict_affinity: bool | None = None
-    default_asn: int | None = None
-    workload_interface_prefixes: tuple[str, ...] | None = None
+class ConfSpec(Plain):
+    __slots__ = (
+        "default_asn",
+        "log_level",
+        "metrics_port",
+        "node_to_node_mesh",
+        "resync_interval_s",
+        "strict_affinity",
+        "workload_interface_prefixes",
+    )
+
+    def __init__(self, log_level: str | None, resync_interval_s: float | None, metrics_port: int | None,
+                 node_to_node_mesh: bool | None, strict_affinity: bool | None, default_asn: int | None,
+                 workload_interface_prefixes: tuple[str, ...] | None) -> None:
+        self.log_level, self.resync_interval_s, self.metrics_port = log_level, resync_interval_s, metrics_port
+        self.node_to_node_mesh, self.strict_affinity, self.default_asn = node_to_node_mesh, strict_affinity, default_asn
+        self.workload_interface_prefixes = workload_interface_prefixes
 
 
-@dataclass(frozen=True)
-class Conf:
-    metadata: Meta
-    spec: ConfSpec
-    kind: str = "Config"
+class Conf(Plain):
+    __slots__ = ("metadata", "spec")
+    kind = "Config"
+
+    def __init__(self, metadata: Meta, spec: ConfSpec) -> None:
+        self.metadata, self.spec = metadata, spec
 
 
-@dataclass(frozen=True)
-class EndpointSpec:
-    host: str
-    orchestrator: str
-    workload_id: str
-    interface: str
-    mac: str
-    ipv6_addresses: tuple[ipaddress.IPv6Interface, ...] = ()
-    ipv4_addresses: tuple[ipaddress.IPv4Interface, ...] = ()
-    ipv6_gateway: ipaddress.IPv6Address | None = None
-    ipv4_gateway: ipaddress.IPv4Address | None = None
-    profiles: tuple[str, ...] = ()
+class EndpointSpec(Plain):
+    __slots__ = (
+        "host",
+        "interface",
+        "ipv4_addresses",
+        "ipv4_gateway",
+        "ipv6_addresses",
+        "ipv6_gateway",
+        "mac",
+        "orchestrator",
+        "profiles",
+        "workload_id",
+    )
+
+    def __init__(self, host: str, orchestrator: str, workload_id: str, interface: str, mac: str,
+                 ipv6_addresses: tuple[ipaddress.IPv6Interface, ...],
+                 ipv4_addresses: tuple[ipaddress.IPv4Interface, ...],
+                 ipv6_gateway: ipaddress.IPv6Address | None, ipv4_gateway: ipaddress.IPv4Address | None,
+                 profiles: tuple[str, ...]) -> None:
+        self.host, self.orchestrator, self.workload_id, self.interface = host, orchestrator, workload_id, interface
+        self.mac, self.ipv6_addresses, self.ipv4_addresses = mac, ipv6_addresses, ipv4_addresses
+        self.ipv6_gateway, self.ipv4_gateway, self.profiles = ipv6_gateway, ipv4_gateway, profiles
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    metadata: Meta
-    spec: EndpointSpec
-    kind: str = "Endpoint"
+class Endpoint(Plain):
+    __slots__ = ("metadata", "spec")
+    kind = "Endpoint"
+
+    def __init__(self, metadata: Meta, spec: EndpointSpec) -> None:
+        self.metadata, self.spec = metadata, spec
 
 
 # -- strict readers of one value: the value, or _Slow --------------------------------------------
@@ -171,7 +193,8 @@ def _pool(spec: Any, meta: Meta) -> Pool:
     lo, default, hi = (V6_BLOCK_MIN, V6_BLOCK_DEFAULT, 128) if v6 else (V4_BLOCK_MIN, V4_BLOCK_DEFAULT, 32)
     bs = d.get("block_size")
     bs = max(default, cidr.prefixlen) if bs is None else _int(bs, max(lo, cidr.prefixlen), hi)
-    return Pool(meta, PoolSpec(cidr, bs, _bool(d.get("nat_outgoing", False)), _bool(d.get("disabled", False))))
+    nat, disabled = _bool(d.get("nat_outgoing", False)), _bool(d.get("disabled", False))
+    return Pool(meta, PoolSpec(cidr, bs, bool(nat), bool(disabled)))
 
 
 def _interface_prefix(v: str) -> str:
@@ -184,7 +207,7 @@ def _interface_prefix(v: str) -> str:
 def _conf(spec: Any, meta: Meta) -> Conf:
     if meta.name != "global" and not meta.name.startswith("host."):
         raise _Slow
-    d = _fields(spec, tuple(ConfSpec.__dataclass_fields__))
+    d = _fields(spec, ConfSpec.__slots__)
     level = d.get("log_level")
     if level is not None and (not isinstance(level, str) or level not in LOG_LEVELS):
         raise _Slow
@@ -231,7 +254,7 @@ def _host_addresses(v: Any, parse: Any, bits: int) -> tuple[Any, ...]:
 
 
 def _endpoint(spec: Any, meta: Meta) -> Endpoint:
-    d = _fields(spec, tuple(EndpointSpec.__dataclass_fields__), ("host", "orchestrator", "workload_id", "interface",
+    d = _fields(spec, EndpointSpec.__slots__, ("host", "orchestrator", "workload_id", "interface",
                                                                   "mac"))
     if d["orchestrator"] not in ("vm", "container") or not isinstance(d["orchestrator"], str):
         raise _Slow
