@@ -23,11 +23,10 @@ Attachments (SPEC.md: network name, container id, ifname) and their invariants:
 
 from __future__ import annotations
 
+import _socket  # socket.py would import selectors for nothing: only gethostname is used
 import contextlib
 import errno
-import hashlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from tabby.cni.errors import (
     CniError,
 )
 from tabby.cni.inputs import Env
-from tabby.cni.lock import AttachmentLock, LockTimeout
+from tabby.cni.lock import AttachmentLock, LockTimeout, sha256
 from tabby.cni.result import Plumbed, at_least, build
 
 __all__ = ["HOST_LL", "HOST_MAC", "INVALID_CONF", "INVALID_ENV", "IO_FAILURE", "TRY_AGAIN", "V4_GATEWAY",
@@ -135,7 +134,7 @@ class Context:
 
 def host_ifname(container_id: str, ifname: str) -> str:
     """Deterministic, at most 15 characters, from what DEL is also given."""
-    return "tby" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+    return "tby" + sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
 def handle_of(conf: NetConf, env: Env) -> str:
@@ -150,12 +149,12 @@ def _legacy_handle(conf: NetConf, env: Env) -> str:
 def endpoint_name(conf: NetConf, env: Env) -> str:
     cid = env.container_id
     if len(cid) > 40:  # keep names short, and unique: a 64-character id is shortened with its hash
-        cid = f"{cid[:31]}-{hashlib.sha256(cid.encode()).hexdigest()[:8]}"
+        cid = f"{cid[:31]}-{sha256(cid.encode()).hexdigest()[:8]}"
     return f"{conf.name}.{cid}.{env.ifname}"
 
 
 def host_name(conf: NetConf) -> str:
-    return conf.host or os.environ.get("TABBY_HOST") or socket.gethostname()
+    return conf.host or os.environ.get("TABBY_HOST") or _socket.gethostname()
 
 
 def _attachment(conf: NetConf, env: Env) -> str:

@@ -115,6 +115,22 @@ def via_server(path: str, environ: dict[str, str], raw: bytes) -> tuple[int, str
     return int(code), out.decode("utf-8", "replace")
 
 
+class _SiteOnDemand:
+    """Last on ``sys.meta_path`` of a shim started lean (``-S``, install.py) that runs a call
+    itself: the normal ADD and DEL need nothing from site-packages, so ``site`` (~5 ms: every
+    .pth file) is loaded only when an import finds nothing without it (pydantic for a record off
+    the fast path, the etcd client), and that import is tried again."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> object:
+        sys.meta_path.remove(_SiteOnDemand)  # type: ignore[arg-type]
+        import site
+        from importlib.machinery import PathFinder
+
+        site.main()
+        return PathFinder.find_spec(name, path)  # type: ignore[arg-type]
+
+
 def _try_again(why: str) -> tuple[int, str]:
     why = why.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
     return 1, f'{{"cniVersion": "1.1.0", "code": {TRY_AGAIN}, "msg": "try again later", "details": "{why}"}}'
@@ -135,9 +151,7 @@ def main() -> None:
         result = via_server(path, environ, raw) if path else None
     if result is None:
         if sys.flags.no_site and "site" not in sys.modules:
-            import site  # started lean (install.py): what is installed is found now
-
-            site.main()
+            sys.meta_path.append(_SiteOnDemand)  # type: ignore[arg-type]
         from tabby.cni.main import run
 
         result = run(environ, raw)

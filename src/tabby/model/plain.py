@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-T = TypeVar("T", bound="Plain")
-
 
 class Plain:
     __slots__: tuple[str, ...] = ()
@@ -28,6 +26,9 @@ class Plain:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self.__slots__)})"
+
+
+T = TypeVar("T", bound=Plain)  # the class itself, not its name: a string bound is compiled (~2 ms)
 
 
 def replace(obj: T, **changes: Any) -> T:
