@@ -82,9 +82,13 @@ def _text(v: Any) -> str:
     return v
 
 
+def _good_handle(s: str) -> bool:
+    return 0 < len(s) <= MAX_HANDLE_CHARS and s.isascii() and s.isprintable() and " " not in s
+
+
 def _handle(v: Any) -> str:
     s = _text(v)
-    if not 0 < len(s) <= MAX_HANDLE_CHARS or not (s.isascii() and s.isprintable()) or " " in s:
+    if not _good_handle(s):
         raise ValueError(f"must be 1..{MAX_HANDLE_CHARS} printable ASCII characters without spaces")
     return s
 
@@ -181,6 +185,11 @@ class _Reader:
         return self.ok
 
 
+def _ordinals(v: Any) -> bool:
+    """Is v a list of integers 0 or more (the common case, checked in one pass)?"""
+    return type(v) is list and all(type(o) is int and o >= 0 for o in v)
+
+
 def _each(check: Callable[[Any], Any], errors: list[str]) -> Callable[[Any, str], Any]:
     """An item check for ``_Reader.items`` that reports under the item's location."""
     def one(v: Any, where: str) -> Any:
@@ -202,6 +211,12 @@ class Allocation(Plain):
 
     @classmethod
     def read(cls, doc: Any, loc: str, errors: list[str]) -> Allocation:
+        if type(doc) is dict and len(doc) == 2:  # a block holds up to thousands: the good ones go quickly
+            handle, seq = doc.get("handle"), doc.get("seq")
+            if type(seq) is int and seq >= 0 and type(handle) is str and _good_handle(handle):
+                rec = object.__new__(cls)
+                rec.handle, rec.seq = handle, seq
+                return rec
         r = _Reader(doc, loc, errors)
         rec = cls(handle=r.get("handle", _handle), seq=r.get("seq", _integer))
         r.done(("handle", "seq"))
@@ -230,9 +245,12 @@ class Block(Plain):
         cidr = r.get("cidr", _cidr)
         host = r.get("host", _optional(_name))
         seq = r.get("seq", _integer, 0)
-        raw = r.items("allocations", lambda v, where: (v, where), dict)
+        raw = r.doc.get("allocations", {})
+        if not isinstance(raw, dict):
+            r.fail("allocations", f"must be an object, not {_kind(raw)}")
+            raw = {}
         allocations: dict[int, Allocation] = {}
-        for k, (v, where) in raw.items():
+        for k, v in raw.items():
             # JSON keys are text: "1" and "01" would both become ordinal 1, one allocation lost
             if not (k.isascii() and k.isdigit() and (k == "0" or k[0] != "0")):
                 r.fail("allocations", f"key {k!r} is not a canonical ordinal")
@@ -240,9 +258,12 @@ class Block(Plain):
             if len(k) > 6:  # past any block (and int() of thousands of digits is refused)
                 r.fail("allocations", f"ordinal {k[:20]}... is outside any block")
                 continue
-            allocations[int(k)] = Allocation.read(v, where, errors)
-        free = r.items("free", _each(_integer, errors), required=True)
-        reserved = r.items("reserved", _each(_integer, errors))
+            allocations[int(k)] = Allocation.read(v, f"allocations.{k}", errors)
+        free, reserved = r.doc.get("free"), r.doc.get("reserved", [])
+        if not _ordinals(free):
+            free = r.items("free", _each(_integer, errors), required=True)
+        if not _ordinals(reserved):
+            reserved = r.items("reserved", _each(_integer, errors))
         rec = cls(cidr=cidr, host=host, seq=seq, allocations=allocations, free=free, reserved=reserved)
         if r.done(cls.FIELDS) and len(errors) == n:
             rec._check_ordinals(errors)
