@@ -1,10 +1,11 @@
 """``tabby-cni``: hand the call to this host's warm ``tabby cni-server``, or run it here.
 
-Why a shim: a runtime starts one plugin process per call, and importing tabby's model (pydantic)
-alone costs ~100 ms. This file imports nothing but built-in modules (``posix``, ``_socket``, ``_json``:
+Why a shim: a runtime starts one plugin process per call, and a Python process's start-up is
+most of a warm call. This file imports nothing but built-in modules (``posix``, ``_socket``, ``_json``:
 not even ``os``, ``socket`` and ``json``, whose Python layers cost ~15 ms of start-up between
-them; no ``from __future__`` either); the
-server has everything loaded already. The call goes in-process instead when no server answers
+them; no ``from __future__`` either); the server has everything loaded already. Run in-process,
+the call imports no pydantic and no yaml either (``tabby.model.light``), and ``site`` only if an
+import needs it (``_SiteOnDemand``). The call goes in-process instead when no server answers
 on the socket, or when the server sits in another network namespace than the caller (it would
 make the veth in its own), or does not see the caller's CNI_NETNS path as the same namespace
 file. Once the server has the request, its answer is final: a server that dies mid-call yields
