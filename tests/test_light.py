@@ -10,8 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tabby.model import InvalidResource, decode, encode, validate
-from tabby.model import light
+from tabby.model import InvalidResource, decode, encode, light, validate
 from tabby.model.keys import resource_key
 
 FIELDS = {
