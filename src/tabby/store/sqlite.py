@@ -62,6 +62,9 @@ from tabby.store.base import (
 )
 
 log = logging.getLogger(__name__)
+# inotify_simple's class, imported by the first ChangeFeed: it loads ctypes.util (~15 ms), which
+# only watches need, and a CNI plugin process opens the Store without watching it
+INotify: Any = None
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -447,9 +450,9 @@ class ChangeFeed:
 
     @classmethod
     def open(cls, store: SqliteStore) -> ChangeFeed | None:
-        # imported here, not at the top: it loads ctypes.util (~15 ms), which only watches need, and
-        # a CNI plugin process opens the Store without watching it
-        from inotify_simple import INotify
+        global INotify
+        if INotify is None:
+            from inotify_simple import INotify
         from inotify_simple import flags as iflags
 
         try:
