@@ -84,24 +84,46 @@ class Context:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[Any, Any]] = {}
         self._pending: set[threading.Thread] = set()
+        self._local = threading.local()
 
     def later(self, fn: Any) -> None:
-        """Run fn after the call has answered (a thread the interpreter waits for at exit)."""
-        def body() -> None:
-            try:
-                fn()
-            except Exception:
-                import logging
-
-                logging.getLogger(__name__).exception("CNI background work failed")
-            finally:
-                with self._lock:
-                    self._pending.discard(threading.current_thread())
-
-        t = threading.Thread(target=body, name="tabby-cni-later")
+        """Run fn after the call has answered: queued for the caller when it ``deferred()``
+        (the server runs it itself once the answer is out: no thread to start and switch to while
+        the answer waits), else in a thread the interpreter waits for at exit."""
+        queue = getattr(self._local, "queue", None)
+        if queue is not None:
+            queue.append(fn)
+            return
+        t = threading.Thread(target=self.run_later, args=([fn],), name="tabby-cni-later")
         with self._lock:
             self._pending.add(t)
         t.start()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[list[Any]]:
+        """While active, ``later`` in this thread queues its work in the list yielded."""
+        self._local.queue = queue = []
+        try:
+            yield queue
+        finally:
+            self._local.queue = None
+
+    def run_later(self, work: list[Any]) -> None:
+        """Run queued work in this thread (``drain`` waits for it), logging what fails."""
+        me = threading.current_thread()
+        with self._lock:
+            self._pending.add(me)
+        try:
+            for fn in work:
+                try:
+                    fn()
+                except Exception:
+                    import logging
+
+                    logging.getLogger(__name__).exception("CNI background work failed")
+        finally:
+            with self._lock:
+                self._pending.discard(me)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for background work (tests, shutdown)."""
