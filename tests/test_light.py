@@ -131,8 +131,9 @@ def test_the_fast_path_accepts_only_what_the_model_accepts_with_the_same_values(
         assert isinstance(answer, InvalidResource) and str(answer) == str(model)
     elif model.kind == kind:
         assert values(answer, kind) == values(model, kind)
-    # what the model writes, the fast path reads
-    if not isinstance(model, InvalidResource) and model.kind == kind:
+    # what the model writes, the fast path reads; except a scoped address ("%zone"), which the
+    # IPPool model takes in a cidr and the fast path leaves to the model on purpose
+    if not isinstance(model, InvalidResource) and model.kind == kind and b"%" not in encode(model):
         assert light.fast(key, encode(model), kind) is not None, encode(model)
 
 
