@@ -55,6 +55,7 @@ def decode_request(data: bytes) -> tuple[int, str, dict[str, str], bytes]:
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         t0 = time.perf_counter()
+        phases = Phases()  # the log line's timers: request, the verb's own phases, answer
         try:
             peer_ns, peer_path, env, raw = decode_request(self.rfile.read(MAX_REQUEST + 1))
         except ValueError as e:
@@ -67,7 +68,7 @@ class _Handler(socketserver.StreamRequestHandler):
             return
         for key, value in self.server.defaults.items():  # type: ignore[attr-defined]
             env.setdefault(key, value)
-        phases = Phases()
+        phases.mark("request")
         ctx: Context = self.server.ctx  # type: ignore[attr-defined]
         with ctx.deferred() as later:
             try:
@@ -80,6 +81,7 @@ class _Handler(socketserver.StreamRequestHandler):
         if later:  # the shim reads to the end: end the answer, then finish the call's work here
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_WR)
+        phases.mark("answer")
         cid = env.get("CNI_CONTAINERID", "")
         shown = cid[:16] if cid.isascii() and cid.isprintable() else "(unprintable)"
         ifname = env.get("CNI_IFNAME", "")
