@@ -41,10 +41,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
-
-from inotify_simple import INotify
-from inotify_simple import flags as iflags
 
 from tabby.store.base import (
     KV,
@@ -64,6 +62,9 @@ from tabby.store.base import (
 )
 
 log = logging.getLogger(__name__)
+# inotify_simple's class, imported by the first ChangeFeed: it loads ctypes.util (~15 ms), which
+# only watches need, and a CNI plugin process opens the Store without watching it
+INotify: Any = None
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -438,7 +439,7 @@ class ChangeFeed:
     ``poll_interval_s`` (2 ms) after a change, doubling up to ``idle_poll_interval_s`` (50 ms)
     while none come."""
 
-    def __init__(self, store: SqliteStore, ino: INotify) -> None:
+    def __init__(self, store: SqliteStore, ino: Any) -> None:
         self._ino = ino
         self._cond = threading.Condition()
         self._stopped = False
@@ -449,6 +450,11 @@ class ChangeFeed:
 
     @classmethod
     def open(cls, store: SqliteStore) -> ChangeFeed | None:
+        global INotify
+        if INotify is None:
+            from inotify_simple import INotify
+        from inotify_simple import flags as iflags
+
         try:
             ino = INotify()
         except OSError as e:
