@@ -3,7 +3,7 @@ host's network namespace (as containerd or podman would), for a fresh container 
 time; tabby-cni and the reference plugins (ptp + host-local, Debian containernetworking-plugins)
 side by side.
 
-    python bench/cni.py [--quick]
+    python bench/cni.py [--quick] [--only server|in-process|ptp]
 
 Prints add_p50_ms, add_p99_ms, del_p50_ms, del_p99_ms with labels plugin (tabby, ptp), family
 (dual, v4), parallel (1, 8) and mode ("server": the shim hands the call to a warm `tabby
@@ -88,6 +88,7 @@ def server_phases(log: Path, pos: int, **labels: object) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=("server", "in-process", "ptp"), help="just these runs (and the start-up floor)")
     args = ap.parse_args()
     tag = uuid.uuid4().hex[:4]
     host_ns = netns.add_netns(f"tbyc{tag}")
@@ -136,6 +137,9 @@ def main() -> None:
             ]
             if not args.quick:
                 runs.append(("ptp", "dual", "in-process", 1, 8))
+            if args.only:
+                runs = [r for r in runs if (r[0] if args.only == "ptp" else r[2]) == args.only and
+                        (args.only == "ptp" or r[0] == "tabby")]
             log_pos = 0
             for plugin, family, mode, parallel, calls in runs:
                 names = [f"tbyc{tag}{plugin[0]}{family[0]}{mode[0]}{parallel}x{i}" for i in range(calls)]

@@ -11,7 +11,7 @@ largest sets a host can have). Metrics:
   Policies and Endpoints fed to the index, the structure built and every endpoint's set
   membership computed (the rebuild ``take_delta()`` runs), so the desired state is ready
 - full_apply_s: the kernel write that follows: one replacement transaction of the whole table
-  (render to libnftables JSON + libnftables commit)
+  (rendered, encoded to nf_tables messages, and committed over nfnetlink)
 - total_s: calc_s + full_apply_s, timed as one interval (cold start to the table in the kernel)
 - incremental_ms p50/p99: one endpoint added, or removed, and the kernel patched (calculation
   included), at 1,000 and at 10,000 endpoints (label ``endpoints``) to show it does not grow

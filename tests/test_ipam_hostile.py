@@ -657,3 +657,28 @@ def test_allocation_keys_that_alias_one_ordinal_are_refused() -> None:
            b' "01": {"handle": "b", "seq": 2}}, "free": [2, 3], "reserved": []}')
     with pytest.raises(InvalidResource, match="canonical ordinal"):
         decode_ipam("/tabby/v1/ipam/blocks/fd00:e::-122", raw)
+
+
+def test_record_fields_take_only_the_json_type_tabby_writes() -> None:
+    from tabby.model.codec import InvalidResource
+    from tabby.model.ipam import Affinity, Handle, HandleAddress, decode_ipam, encode_ipam
+
+    key = "/tabby/v1/ipam/blocks/fd00:e::-122"
+    good = {"cidr": "fd00:e::/122", "host": "h1", "seq": 1, "allocations": {"1": {"handle": "a", "seq": 1}},
+            "free": [2, 3], "reserved": [0]}
+    assert decode_ipam(key, json.dumps(good).encode()).allocations[1].handle == "a"
+    for field, value, named in (("seq", "1", "seq"), ("seq", True, "seq"), ("seq", 1.0, "seq"),
+                                ("free", [2, "3"], "free.1"), ("free", [2, False], "free.1"),
+                                ("allocations", {"1": {"handle": "a", "seq": "1"}}, "allocations.1.seq"),
+                                ("host", 7, "host")):
+        with pytest.raises(InvalidResource) as e:
+            decode_ipam(key, json.dumps({**good, field: value}).encode())
+        assert e.value.field == named and key in str(e.value), (field, value, e.value)
+    # what would not decode is never written
+    for record, named in ((Handle(handle="a b"), "handle"),
+                          (Handle(handle="a", addresses=[HandleAddress(ip="fd00:e::99", block="fd00:e::/122",
+                                                                       seq=1)]), "addresses.0.ip"),
+                          (Affinity(host="h1", cidr="fd00:e::/122", state="maybe", since=1.0), "state")):
+        with pytest.raises(InvalidResource) as e:
+            encode_ipam(record)
+        assert e.value.field == named, e.value

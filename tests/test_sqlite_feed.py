@@ -79,3 +79,53 @@ def test_without_inotify_watches_poll(tmp_path: Path, monkeypatch: pytest.Monkey
         t.join(5)
         store.close()
     assert not t.is_alive()
+
+
+_PING_PONG = """
+import select, sys
+from tabby.store.sqlite import SqliteStore
+store = SqliteStore(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    store.put(f"/a/{i}", b"x")
+    # the watcher answers each write; 5 s is well inside its 30 s fallback look
+    if not select.select([sys.stdin], [], [], 5.0)[0] or not sys.stdin.readline():
+        sys.exit(f"write {i} was not seen within 5 s: the watch slept through its commit")
+"""
+
+
+def test_no_commit_from_another_process_is_slept_through(tmp_path: Path) -> None:
+    """One write at a time, each waiting for the watch to see it: a wake-up that came before the
+    commit was visible (SQLite writes the -wal first) and none after would leave it unseen."""
+    store = SqliteStore(tmp_path / "s.db")
+    rounds = 1000
+    watch = store.watch("/a/", store.revision())
+    writer = subprocess.Popen([sys.executable, "-c", _PING_PONG, str(tmp_path / "s.db"), str(rounds)],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    seen = 0
+
+    def answer() -> None:
+        nonlocal seen
+        assert writer.stdin is not None
+        for _ev in watch:
+            seen += 1
+            writer.stdin.write("seen\n")
+            writer.stdin.flush()
+            if seen == rounds:
+                return
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        writer.wait(timeout=120)  # not communicate(): it would close the writer's stdin
+        assert writer.stderr is not None
+        assert writer.returncode == 0, writer.stderr.read()
+        t.join(5)
+        assert seen == rounds
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        watch.close()  # type: ignore[attr-defined]
+        t.join(5)
+        store.close()

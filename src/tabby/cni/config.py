@@ -7,15 +7,14 @@ no control characters in any string), then checked field by field here.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from collections.abc import Callable
+from typing import Any
 
 from tabby.cni.inputs import MAX_STDIN_BYTES
 from tabby.cni.shim import SUPPORTED_VERSIONS as _SHIM_VERSIONS
-from tabby.model.codec import InvalidResource, load_json
-from tabby.model.names import canonical_mac, check_name
-from tabby.model.resources import Metadata
+from tabby.model.jsontext import InvalidResource, load_json
+from tabby.model.names import canonical_mac, check_label_key, check_label_value, check_name
+from tabby.model.plain import Plain
 from tabby.store import ETCD_OPTIONS, with_etcd_options
 
 # Every spec version whose result format tabby writes (result.py): 0.3.x and 0.4.0 ips carry
@@ -23,57 +22,169 @@ from tabby.store import ETCD_OPTIONS, with_etcd_options
 # The list lives in the shim, which answers VERSION without loading anything.
 SUPPORTED_VERSIONS = _SHIM_VERSIONS
 MAX_REQUESTED_IPS = 8
-
-
-class RuntimeConfig(BaseModel):
-    """The capability arguments a runtime injects for what the plugin's "capabilities" ask for."""
-
-    model_config = ConfigDict(extra="allow")
-
-    mac: str | None = None
-    ips: Annotated[list[str], Field(max_length=MAX_REQUESTED_IPS)] = Field(default_factory=list)
-
-
-class NetConf(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    cni_version: str = Field(alias="cniVersion")
-    name: str
-    type: str
-    store: str | None = None  # sqlite:///..., etcd://... or etcds://...; default $TABBY_STORE
-    # etcd's TLS files and user, folded into store's query by parse (or there already; or $TABBY_ETCD_*)
-    etcd_ca: str | None = None
-    etcd_cert: str | None = None
-    etcd_key: str | None = None
-    etcd_user: str | None = None
-    etcd_password_file: str | None = None
-    host: str | None = None  # the Host this node is; default $TABBY_HOST, else the hostname
-    server_socket: str | None = None
-    ipv6: bool = True
-    ipv4: bool = True
-    ipv6_pool: str | None = None
-    ipv4_pool: str | None = None
-    ipv6_gateway: Literal["link-local", "proxy-ndp"] = "link-local"
-    mtu: Annotated[int, Field(ge=1280, le=65535)] | None = None  # both veth ends; IPv6 needs 1280
-    profiles: list[str] = Field(default_factory=list)  # policy Profiles every container here gets
-    labels: dict[str, str] = Field(default_factory=dict)  # labels for policy selectors
-    capabilities: dict[str, bool] = Field(default_factory=dict)
-    runtime_config: RuntimeConfig = Field(default_factory=RuntimeConfig, alias="runtimeConfig")
-    args: dict[str, Any] = Field(default_factory=dict)
-    prev_result: dict[str, Any] | None = Field(default=None, alias="prevResult")
-
+IPV6_GATEWAYS = ("link-local", "proxy-ndp")
 
 
 class ConfError(ValueError):
     pass
 
 
-class Request(BaseModel):
+class RuntimeConfig(Plain):
+    """The capability arguments a runtime injects for what the plugin's "capabilities" ask for
+    (other keys are the runtime's and are ignored)."""
+
+    __slots__ = ("ips", "mac")
+
+    def __init__(self, mac: str | None = None, ips: list[str] | None = None) -> None:
+        self.mac = mac
+        self.ips = [] if ips is None else ips
+
+
+class NetConf(Plain):
+    """The network configuration. Why plain Python, not a pydantic model: the plugin process is
+    started per call, and pydantic's import alone costs several times a whole ADD. Types are
+    JSON's, strictly (as Go's encoding/json reads them for the reference plugins): "mtu": "1500"
+    or "ipv6": "true" are refused, naming the field. Keys tabby does not know are kept by the
+    runtime's document (``gc`` reads its own from there), not here."""
+
+    __slots__ = ("args", "capabilities", "cni_version", "etcd_ca", "etcd_cert", "etcd_key", "etcd_password_file",
+                 "etcd_user", "host", "ipv4", "ipv4_pool", "ipv6", "ipv6_gateway", "ipv6_pool", "labels", "mtu",
+                 "name", "prev_result", "profiles", "runtime_config", "server_socket", "store", "type")
+
+    def __init__(self, cni_version: str, name: str, type: str, *, store: str | None = None, host: str | None = None,
+                 server_socket: str | None = None, ipv6: bool = True, ipv4: bool = True, ipv6_pool: str | None = None,
+                 ipv4_pool: str | None = None, ipv6_gateway: str = "link-local", mtu: int | None = None,
+                 profiles: list[str] | None = None, labels: dict[str, str] | None = None,
+                 capabilities: dict[str, bool] | None = None, runtime_config: RuntimeConfig | None = None,
+                 args: dict[str, Any] | None = None, prev_result: dict[str, Any] | None = None,
+                 etcd_ca: str | None = None, etcd_cert: str | None = None, etcd_key: str | None = None,
+                 etcd_user: str | None = None, etcd_password_file: str | None = None) -> None:
+        self.cni_version, self.name, self.type = cni_version, name, type
+        self.store = store  # sqlite:///..., etcd://... or etcds://...; default $TABBY_STORE
+        # etcd's TLS files and user, folded into store's query by parse (or there already; or $TABBY_ETCD_*)
+        self.etcd_ca, self.etcd_cert, self.etcd_key = etcd_ca, etcd_cert, etcd_key
+        self.etcd_user, self.etcd_password_file = etcd_user, etcd_password_file
+        self.host = host  # the Host this node is; default $TABBY_HOST, else the hostname
+        self.server_socket = server_socket
+        self.ipv6, self.ipv4, self.ipv6_pool, self.ipv4_pool = ipv6, ipv4, ipv6_pool, ipv4_pool
+        self.ipv6_gateway = ipv6_gateway  # one of IPV6_GATEWAYS
+        self.mtu = mtu  # both veth ends; IPv6 needs 1280
+        self.profiles = [] if profiles is None else profiles  # policy Profiles every container here gets
+        self.labels = {} if labels is None else labels  # labels for policy selectors
+        self.capabilities = {} if capabilities is None else capabilities
+        self.runtime_config = RuntimeConfig() if runtime_config is None else runtime_config
+        self.args = {} if args is None else args
+        self.prev_result = prev_result
+
+
+class Request(Plain):
     """What parse() derived from the configuration: the runtime's requests, checked."""
 
-    mac: str | None = None
-    ips: tuple[ipaddress.IPv6Address | ipaddress.IPv4Address, ...] = ()
-    labels: dict[str, str] = Field(default_factory=dict)
+    __slots__ = ("ips", "labels", "mac")
+
+    def __init__(self, mac: str | None = None, ips: tuple[ipaddress.IPv6Address | ipaddress.IPv4Address, ...] = (),
+                 labels: dict[str, str] | None = None) -> None:
+        self.mac, self.ips = mac, ips
+        self.labels = {} if labels is None else labels
+
+
+# -- one check per kind of field: the value, or ValueError saying what it must be -------------------
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    return v
+
+
+def _optional_string(v: Any) -> str | None:
+    return None if v is None else _string(v)
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _mtu(v: Any) -> int | None:
+    if v is None:
+        return None
+    if type(v) is not int or not 1280 <= v <= 65535:
+        raise ValueError("must be an integer from 1280 (IPv6's minimum) to 65535")
+    return v
+
+
+def _gateway(v: Any) -> str:
+    if not isinstance(v, str) or v not in IPV6_GATEWAYS:
+        raise ValueError(f"must be one of {', '.join(IPV6_GATEWAYS)}")
+    return v
+
+
+def _strings(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError("must be a list of strings")
+    return v
+
+
+def _object(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError("must be an object")
+    return v
+
+
+def _optional_object(v: Any) -> dict[str, Any] | None:
+    return None if v is None else _object(v)
+
+
+def _string_map(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise ValueError("must be an object of strings")
+    return v
+
+
+def _flag_map(v: Any) -> dict[str, bool]:
+    if not isinstance(v, dict) or not all(isinstance(x, bool) for x in v.values()):
+        raise ValueError("must be an object of true/false")
+    return v
+
+
+def _runtime_config(v: Any) -> RuntimeConfig:
+    """(An error inside names its key from a leading ".": "runtimeConfig.mac: ...".)"""
+    d = _object(v)
+    mac = d.get("mac")
+    if mac is not None and not isinstance(mac, str):
+        raise ValueError(".mac: must be a string")
+    ips = d.get("ips", [])
+    if not isinstance(ips, list) or len(ips) > MAX_REQUESTED_IPS:
+        raise ValueError(f".ips: a list of at most {MAX_REQUESTED_IPS} addresses")
+    for i, ip in enumerate(ips):
+        if not isinstance(ip, str):
+            raise ValueError(f".ips.{i}: must be a string")
+    return RuntimeConfig(mac=mac, ips=ips)
+
+
+# JSON key -> (NetConf field, check); a key that is absent keeps the field's default
+_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "cniVersion": ("cni_version", _string), "name": ("name", _string), "type": ("type", _string),
+    "store": ("store", _optional_string), "host": ("host", _optional_string),
+    "server_socket": ("server_socket", _optional_string), "ipv6": ("ipv6", _boolean), "ipv4": ("ipv4", _boolean),
+    "ipv6_pool": ("ipv6_pool", _optional_string), "ipv4_pool": ("ipv4_pool", _optional_string),
+    "ipv6_gateway": ("ipv6_gateway", _gateway), "mtu": ("mtu", _mtu), "profiles": ("profiles", _strings),
+    "labels": ("labels", _string_map), "capabilities": ("capabilities", _flag_map),
+    "runtimeConfig": ("runtime_config", _runtime_config), "args": ("args", _object),
+    "prevResult": ("prev_result", _optional_object),
+    **{f"etcd_{k}": (f"etcd_{k}", _optional_string) for k in ETCD_OPTIONS},
+}
+_REQUIRED = ("cniVersion", "name", "type")
+
+
+def _check_labels(labels: dict[str, str], where: str) -> None:
+    for key, value in labels.items():
+        try:
+            check_label_key(key)
+            check_label_value(value)
+        except ValueError as e:
+            raise ConfError(f"{where}: {e}") from None
 
 
 def load(raw: bytes) -> dict[str, Any]:
@@ -88,12 +199,19 @@ def load(raw: bytes) -> dict[str, Any]:
 
 
 def parse(raw: bytes | dict[str, Any]) -> NetConf:
+    """The configuration, checked; ConfError names every bad field (the JSON key)."""
     doc = load(raw) if isinstance(raw, bytes) else raw
-    try:
-        conf = NetConf.model_validate(doc)
-    except ValidationError as e:
-        msgs = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfError("; ".join(msgs)) from None
+    values: dict[str, Any] = {}
+    errors = [f"{key}: required" for key in _REQUIRED if key not in doc]
+    for key, (attr, check) in _FIELDS.items():
+        if key in doc:
+            try:
+                values[attr] = check(doc[key])
+            except ValueError as e:
+                errors.append(f"{key}{e}" if str(e).startswith(".") else f"{key}: {e}")
+    if errors:
+        raise ConfError("; ".join(errors))
+    conf = NetConf(**values)
     if conf.cni_version not in SUPPORTED_VERSIONS:
         raise ConfError(f"cniVersion: {conf.cni_version} not supported ({', '.join(SUPPORTED_VERSIONS)})")
     try:
@@ -105,10 +223,7 @@ def parse(raw: bytes | dict[str, Any]) -> NetConf:
             check_name(profile)
         except ValueError as e:
             raise ConfError(f"profiles.{i}: {e}") from None
-    try:
-        Metadata(name="x", labels=conf.labels)
-    except ValidationError as e:
-        raise ConfError("; ".join(f"labels: {err['msg']}" for err in e.errors())) from None
+    _check_labels(conf.labels, "labels")
     if not conf.ipv6 and not conf.ipv4:
         raise ConfError("ipv6/ipv4: at least one family must be on")
     etcd = {k: getattr(conf, f"etcd_{k}") for k in ETCD_OPTIONS}
@@ -163,9 +278,5 @@ def request(conf: NetConf) -> Request:
                                                                                              str):
             raise ConfError(f"args.cni.labels.{i}: must be {{\"key\": string, \"value\": string}}")
         labels[item["key"]] = item["value"]
-    if labels:
-        try:
-            Metadata(name="x", labels=labels)
-        except ValidationError as e:
-            raise ConfError("; ".join(f"args.cni.labels: {err['msg']}" for err in e.errors())) from None
+    _check_labels(labels, "args.cni.labels")
     return Request(mac=mac, ips=tuple(ips), labels=labels)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from tabby.cni.errors import INVALID_ENV, CniError
 from tabby.model.names import check_interface_name
+from tabby.model.plain import Frozen
 
 # The spec's rule for a container id (libcni's ValidateContainerID): alphanumeric first, then
 # alphanumerics, '_', '.', '-'. ASCII only: [0-9A-Za-z], not \w, which matches every script.
@@ -26,14 +26,24 @@ MAX_STDIN_BYTES = 256 * 1024  # a conflist entry with a prevResult of many inter
 VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 
 
-@dataclass(frozen=True)
-class Env:
+class Env(Frozen):
+    """An attachment verb's checked environment."""
+
+    __slots__ = ("args", "command", "container_id", "ifname", "netns", "parsed_args")
     command: str
     container_id: str
     netns: str
     ifname: str
-    args: str = ""
-    parsed_args: dict[str, str] = field(default_factory=dict, compare=False)
+    args: str
+    parsed_args: dict[str, str]
+
+    def __init__(self, command: str, container_id: str, netns: str, ifname: str, args: str = "",
+                 parsed_args: dict[str, str] | None = None) -> None:
+        self._set(command=command, container_id=container_id, netns=netns, ifname=ifname, args=args,
+                  parsed_args={} if parsed_args is None else parsed_args)
+
+    def values(self) -> tuple[str, ...]:  # what makes two equal: the parsed arguments follow from args
+        return self.command, self.container_id, self.netns, self.ifname, self.args
 
 
 def command(environ: Mapping[str, str]) -> str:

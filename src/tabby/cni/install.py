@@ -7,7 +7,8 @@ loads ``site`` (every .pth file) before the shim runs, ~3 ms of the ~15 ms a Pyt
 process costs on every call. This one runs the same interpreter with ``-SE`` (no site, no
 PYTHON* variables), puts the directory holding the ``tabby`` package first on ``sys.path`` and
 calls the shim, which imports only built-in modules. When the shim has to run the call itself
-(no server), it loads ``site`` first (``shim.main``), so everything installed is found then.
+(no server), ``site`` is loaded the first time an import needs it (``shim._SiteOnDemand``), so
+everything installed is still found.
 The file is written to a temporary name and renamed: a runtime never sees half of it.
 """
 

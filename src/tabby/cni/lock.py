@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import time
 from typing import Any
+
+try:  # the built-in module: hashlib loads OpenSSL's libcrypto (~4 ms) for what is one digest here
+    from _sha256 import sha256
+except ImportError:  # Python 3.12 renamed it
+    from hashlib import sha256
 
 LOCK_DIR = "/run/tabby/cni/locks"
 WAIT_S = 120.0
@@ -31,7 +35,7 @@ class LockTimeout(Exception):
 
 class AttachmentLock:
     def __init__(self, key: str, directory: str = LOCK_DIR, wait_s: float = WAIT_S) -> None:
-        self.path = os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:32])
+        self.path = os.path.join(directory, sha256(key.encode()).hexdigest()[:32])
         self.directory, self.wait_s = directory, wait_s
         self.fd = -1
 
@@ -91,7 +95,7 @@ class AttachmentLock:
 def wait_idle(key: str, directory: str = LOCK_DIR, wait_s: float = WAIT_S) -> None:
     """Return once nobody holds the attachment's lock (creates no file): for callers that want
     to see an attachment after background work on it, such as the server's DEL, has finished."""
-    path = os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:32])
+    path = os.path.join(directory, sha256(key.encode()).hexdigest()[:32])
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -23,11 +23,10 @@ Attachments (SPEC.md: network name, container id, ifname) and their invariants:
 
 from __future__ import annotations
 
+import _socket  # socket.py would import selectors for nothing: only gethostname is used
 import contextlib
 import errno
-import hashlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from tabby.cni.errors import (
     CniError,
 )
 from tabby.cni.inputs import Env
-from tabby.cni.lock import AttachmentLock, LockTimeout
+from tabby.cni.lock import AttachmentLock, LockTimeout, sha256
 from tabby.cni.result import Plumbed, at_least, build
 
 __all__ = ["HOST_LL", "HOST_MAC", "INVALID_CONF", "INVALID_ENV", "IO_FAILURE", "TRY_AGAIN", "V4_GATEWAY",
@@ -85,24 +84,46 @@ class Context:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[Any, Any]] = {}
         self._pending: set[threading.Thread] = set()
+        self._local = threading.local()
 
     def later(self, fn: Any) -> None:
-        """Run fn after the call has answered (a thread the interpreter waits for at exit)."""
-        def body() -> None:
-            try:
-                fn()
-            except Exception:
-                import logging
-
-                logging.getLogger(__name__).exception("CNI background work failed")
-            finally:
-                with self._lock:
-                    self._pending.discard(threading.current_thread())
-
-        t = threading.Thread(target=body, name="tabby-cni-later")
+        """Run fn after the call has answered: queued for the caller when it ``deferred()``
+        (the server runs it itself once the answer is out: no thread to start and switch to while
+        the answer waits), else in a thread the interpreter waits for at exit."""
+        queue = getattr(self._local, "queue", None)
+        if queue is not None:
+            queue.append(fn)
+            return
+        t = threading.Thread(target=self.run_later, args=([fn],), name="tabby-cni-later")
         with self._lock:
             self._pending.add(t)
         t.start()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[list[Any]]:
+        """While active, ``later`` in this thread queues its work in the list yielded."""
+        self._local.queue = queue = []
+        try:
+            yield queue
+        finally:
+            self._local.queue = None
+
+    def run_later(self, work: list[Any]) -> None:
+        """Run queued work in this thread (``drain`` waits for it), logging what fails."""
+        me = threading.current_thread()
+        with self._lock:
+            self._pending.add(me)
+        try:
+            for fn in work:
+                try:
+                    fn()
+                except Exception:
+                    import logging
+
+                    logging.getLogger(__name__).exception("CNI background work failed")
+        finally:
+            with self._lock:
+                self._pending.discard(me)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for background work (tests, shutdown)."""
@@ -135,7 +156,7 @@ class Context:
 
 def host_ifname(container_id: str, ifname: str) -> str:
     """Deterministic, at most 15 characters, from what DEL is also given."""
-    return "tby" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+    return "tby" + sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
 def handle_of(conf: NetConf, env: Env) -> str:
@@ -150,12 +171,12 @@ def _legacy_handle(conf: NetConf, env: Env) -> str:
 def endpoint_name(conf: NetConf, env: Env) -> str:
     cid = env.container_id
     if len(cid) > 40:  # keep names short, and unique: a 64-character id is shortened with its hash
-        cid = f"{cid[:31]}-{hashlib.sha256(cid.encode()).hexdigest()[:8]}"
+        cid = f"{cid[:31]}-{sha256(cid.encode()).hexdigest()[:8]}"
     return f"{conf.name}.{cid}.{env.ifname}"
 
 
 def host_name(conf: NetConf) -> str:
-    return conf.host or os.environ.get("TABBY_HOST") or socket.gethostname()
+    return conf.host or os.environ.get("TABBY_HOST") or _socket.gethostname()
 
 
 def _attachment(conf: NetConf, env: Env) -> str:
@@ -371,21 +392,23 @@ def _unplumb(hostif: str) -> None:
 
 def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: str, p: Plumbed, gw6: str) -> None:
     """Create the Endpoint; one already there is replaced only if it is this attachment's."""
-    from tabby.model import decode, encode, key_of, validate
+    from tabby.model import light
+    from tabby.model.keys import resource_key
     from tabby.store import AlreadyExists, NotFound, RevisionMismatch
 
     spec: dict[str, Any] = {"host": host_name(conf), "orchestrator": "container", "workload_id": handle,
                             "interface": p.host_if, "mac": p.mac,
-                            "ipv6_addresses": [a.split("/")[0] for a, _ in p.ips if ":" in a],
-                            "ipv4_addresses": [a.split("/")[0] for a, _ in p.ips if ":" not in a]}
+                            # "addr/128": the form the model writes, so light.endpoint_record's fast path takes it
+                            "ipv6_addresses": [a for a, _ in p.ips if ":" in a],
+                            "ipv4_addresses": [a for a, _ in p.ips if ":" not in a]}
     if gw6 and gw6 != HOST_LL:
         spec["ipv6_gateway"] = gw6
     if conf.profiles:
         spec["profiles"] = conf.profiles
     labels = {**conf.labels, **req.labels, "cni.network": conf.name}
-    ep = validate({"kind": "Endpoint", "metadata": {"name": endpoint_name(conf, env), "labels": labels},
-                   "spec": spec})
-    key, value = key_of(ep), encode(ep)
+    name = endpoint_name(conf, env)
+    key = resource_key("Endpoint", name)
+    value = light.endpoint_record({"kind": "Endpoint", "metadata": {"name": name, "labels": labels}, "spec": spec})
     for _ in range(5):
         try:
             store.create(key, value)
@@ -396,7 +419,7 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
         if kv is None:
             continue
         try:
-            mine = decode(kv.key, kv.value).spec.workload_id == handle
+            mine = light.read(kv.key, kv.value, "Endpoint").spec.workload_id == handle
         except ValueError:
             mine = False
         if not mine:
@@ -413,14 +436,14 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
 def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: int) -> Plumbed | None:
     """The attachment as it is, if everything is there: Endpoint, host end, container end paired
     with it, all addresses. None if anything is missing or different."""
-    from tabby.model import decode
+    from tabby.model import light
     from tabby.model.keys import resource_key
 
     kv = store.get(resource_key("Endpoint", endpoint_name(conf, env)))
     if kv is None:
         return None
     try:
-        ep = decode(kv.key, kv.value)
+        ep = light.read(kv.key, kv.value, "Endpoint")
     except ValueError:
         return None
     want = {a.ip for a in rec.addresses}
@@ -475,7 +498,7 @@ def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hosti
 
 def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any) -> None:
     """The attachment's Endpoint (under its name, and the one its handle names), if it is its."""
-    from tabby.model import decode
+    from tabby.model import light
     from tabby.model.keys import resource_key
     from tabby.store import NotFound, RevisionMismatch
 
@@ -485,7 +508,7 @@ def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any
         if kv is None:
             continue
         try:
-            mine = decode(kv.key, kv.value).spec.workload_id == handle
+            mine = light.read(kv.key, kv.value, "Endpoint").spec.workload_id == handle
         except ValueError:
             mine = True  # a corrupt record under this attachment's name: ours to remove
         if mine:

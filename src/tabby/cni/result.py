@@ -7,14 +7,15 @@ kept: its interfaces, ips, routes and dns come first, and tabby's ips point past
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from tabby.model.plain import Frozen
 
-@dataclass(frozen=True)
-class Plumbed:
+
+class Plumbed(Frozen):
     """What ADD made: the host end, the container end, the addresses and the routes."""
 
+    __slots__ = ("host_if", "host_mac", "ifname", "ips", "mac", "mtu", "routes", "sandbox")
     host_if: str
     host_mac: str
     ifname: str
@@ -23,6 +24,11 @@ class Plumbed:
     mtu: int
     ips: tuple[tuple[str, str], ...]  # ("addr/len", gateway)
     routes: tuple[tuple[str, str], ...]  # ("dst/len", gateway)
+
+    def __init__(self, host_if: str, host_mac: str, ifname: str, mac: str, sandbox: str, mtu: int,
+                 ips: tuple[tuple[str, str], ...], routes: tuple[tuple[str, str], ...]) -> None:
+        self._set(host_if=host_if, host_mac=host_mac, ifname=ifname, mac=mac, sandbox=sandbox, mtu=mtu, ips=ips,
+                  routes=routes)
 
 
 def at_least(version: str, floor: str) -> bool:

@@ -1,10 +1,11 @@
 """``tabby-cni``: hand the call to this host's warm ``tabby cni-server``, or run it here.
 
-Why a shim: a runtime starts one plugin process per call, and importing tabby's model (pydantic)
-alone costs ~100 ms. This file imports nothing but built-in modules (``posix``, ``_socket``, ``_json``:
+Why a shim: a runtime starts one plugin process per call, and a Python process's start-up is
+most of a warm call. This file imports nothing but built-in modules (``posix``, ``_socket``, ``_json``:
 not even ``os``, ``socket`` and ``json``, whose Python layers cost ~15 ms of start-up between
-them; no ``from __future__`` either); the
-server has everything loaded already. The call goes in-process instead when no server answers
+them; no ``from __future__`` either); the server has everything loaded already. Run in-process,
+the call imports no pydantic and no yaml either (``tabby.model.light``), and ``site`` only if an
+import needs it (``_SiteOnDemand``). The call goes in-process instead when no server answers
 on the socket, or when the server sits in another network namespace than the caller (it would
 make the veth in its own), or does not see the caller's CNI_NETNS path as the same namespace
 file. Once the server has the request, its answer is final: a server that dies mid-call yields
@@ -115,6 +116,22 @@ def via_server(path: str, environ: dict[str, str], raw: bytes) -> tuple[int, str
     return int(code), out.decode("utf-8", "replace")
 
 
+class _SiteOnDemand:
+    """Last on ``sys.meta_path`` of a shim started lean (``-S``, install.py) that runs a call
+    itself: the normal ADD and DEL need nothing from site-packages, so ``site`` (~5 ms: every
+    .pth file) is loaded only when an import finds nothing without it (pydantic for a record off
+    the fast path, the etcd client), and that import is tried again."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> object:
+        sys.meta_path.remove(_SiteOnDemand)  # type: ignore[arg-type]
+        import site
+        from importlib.machinery import PathFinder
+
+        site.main()
+        return PathFinder.find_spec(name, path)  # type: ignore[arg-type]
+
+
 def _try_again(why: str) -> tuple[int, str]:
     why = why.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
     return 1, f'{{"cniVersion": "1.1.0", "code": {TRY_AGAIN}, "msg": "try again later", "details": "{why}"}}'
@@ -135,9 +152,7 @@ def main() -> None:
         result = via_server(path, environ, raw) if path else None
     if result is None:
         if sys.flags.no_site and "site" not in sys.modules:
-            import site  # started lean (install.py): what is installed is found now
-
-            site.main()
+            sys.meta_path.append(_SiteOnDemand)  # type: ignore[arg-type]
         from tabby.cni.main import run
 
         result = run(environ, raw)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from tabby.dataplane.nft_netlink import NLA_F_NESTED, NftError, nla
@@ -480,6 +481,7 @@ class Batch:
         self._t = _str(1, table)
         self._ids: dict[str, int] = {}
         self._memo: dict[tuple[Any, ...], bytes] = {}
+        self._ifnames: dict[str, bytes] = {}
         self.matches: dict[tuple[Any, ...], tuple[list[bytes], list[tuple[int, int, bytes]], Any, Any]] = {}
 
     def encoded(self, fn: Any, *args: Any) -> bytes:
@@ -583,21 +585,30 @@ class Batch:
         """Elements of a named set added in this batch."""
         sid = self.set_id(name)
         head = self._t + _str(ELEM_LIST_SET, name) + _u32(ELEM_LIST_SET_ID, sid)
-        elems = list(elems)
-        if not elems:
-            return
         klen, enc = _ELEMENT_KEYS[typ if isinstance(typ, str) else tuple(typ)]
-        if "ifname" in typ and max(len(e[0]) for e in elems) > 15:
-            raise Unsupported(f"an interface name in set {name} is longer than 15 bytes")
-        # every element has the same shape: its nests' headers are one constant prefix
+        keys = enc(self, elems)
+        if not keys:
+            return
+        # every element has the same shape: its nests' headers are one constant prefix, so a
+        # message's elements are that header joined with their keys
         header = struct.pack("=HHHHHH", 4 + 4 + 4 + klen, LIST_ELEM | NLA_F_NESTED, 4 + 4 + klen,
                              ELEM_KEY | NLA_F_NESTED, 4 + klen, DATA_VALUE)
-        for i in range(0, len(elems), ELEMENTS_PER_MESSAGE):
-            chunk = elems[i:i + ELEMENTS_PER_MESSAGE]
-            nest = b"".join(enc(header, chunk))
-            if len(nest) != len(chunk) * (len(header) + klen):  # a non-ASCII name, say
+        for i in range(0, len(keys), ELEMENTS_PER_MESSAGE):
+            chunk = keys[i:i + ELEMENTS_PER_MESSAGE]
+            nest = header + header.join(chunk)
+            if len(nest) != len(chunk) * (len(header) + klen):  # an address that is no address, say
                 raise Unsupported(f"an element of set {name} does not encode to {klen} bytes")
             self.msgs.append((NEWSETELEM, F_REQUEST | F_CREATE, head + _nest(ELEM_LIST_ELEMENTS, nest)))
+
+    def ifname(self, n: str) -> bytes:
+        """An interface name as a set key, once per batch (each name is in five sets or more)."""
+        got = self._ifnames.get(n)
+        if got is None:
+            raw = n.encode()
+            if len(raw) > 15:
+                raise Unsupported(f"interface name {n!r} is longer than 15 bytes")
+            got = self._ifnames[n] = raw.ljust(16, b"\0")
+        return got
 
 
 def _mac(v: str) -> bytes:
@@ -607,26 +618,22 @@ def _mac(v: str) -> bytes:
     return raw + b"\0\0"  # 4-byte aligned in a concatenation
 
 
-def _name(n: str) -> bytes:
-    return n.encode().ljust(16, b"\0")
-
-
 _P6, _P4, _IN6, _IN4 = socket.inet_pton, socket.inet_pton, socket.AF_INET6, socket.AF_INET
 
-# the named sets' element keys, each behind its nests' constant headers (70,000 of them at a cold
-# start: key_bytes' generality cost 0.1 s): (key length, [header, elements] -> encoded elements)
+# the named sets' element keys (70,000 of them at a cold start: key_bytes' generality cost
+# 0.1 s): (key length, [batch, elements] -> each element's key)
 _ELEMENT_KEYS: dict[Any, tuple[int, Any]] = {
-    "ifname": (16, lambda h, es: [h + _name(n) for n, in es]),
-    "ipv6_addr": (16, lambda h, es: [h + _P6(_IN6, a) for a, in es]),
-    "ipv4_addr": (4, lambda h, es: [h + _P4(_IN4, a) for a, in es]),
-    ("ifname", "ipv6_addr"): (32, lambda h, es: [h + _name(n) + _P6(_IN6, a) for n, a in es]),
-    ("ifname", "ipv4_addr"): (20, lambda h, es: [h + _name(n) + _P4(_IN4, a) for n, a in es]),
-    ("ifname", "ether_addr"): (24, lambda h, es: [h + _name(n) + _mac(m) for n, m in es]),
+    "ifname": (16, lambda b, es: [b.ifname(n) for n, in es]),
+    "ipv6_addr": (16, lambda b, es: [_P6(_IN6, a) for a, in es]),
+    "ipv4_addr": (4, lambda b, es: [_P4(_IN4, a) for a, in es]),
+    ("ifname", "ipv6_addr"): (32, lambda b, es: [b.ifname(n) + _P6(_IN6, a) for n, a in es]),
+    ("ifname", "ipv4_addr"): (20, lambda b, es: [b.ifname(n) + _P4(_IN4, a) for n, a in es]),
+    ("ifname", "ether_addr"): (24, lambda b, es: [b.ifname(n) + _mac(m) for n, m in es]),
 }
 
 
 def replace_messages(table: str, cmds: list[dict[str, Any]], set_types: dict[str, str | list[str]],
-                     elements: dict[str, set[tuple[str, ...]]]) -> list[Message]:
+                     elements: Mapping[str, AbstractSet[tuple[str, ...]]]) -> list[Message]:
     """The whole replacement: whatever table is there deleted (added first, so the delete cannot
     fail), the new one added with its sets, chains, rules and elements. Raises Unsupported."""
     b = Batch(table)

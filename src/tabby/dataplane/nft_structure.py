@@ -9,6 +9,7 @@ reads from the calculation, as a protocol, for the same reason.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any, Protocol
@@ -84,6 +85,6 @@ class DesiredPolicy(Protocol):
 
     def structure(self) -> Structure: ...
 
-    def desired_elements(self) -> dict[str, set[Element]]: ...
+    def desired_elements(self) -> dict[str, AbstractSet[Element]]: ...
 
     def take_delta(self) -> dict[str, dict[Element, bool]]: ...

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import nftables
@@ -105,7 +106,7 @@ class PolicyReconciler:
             self.gen = None
         return True
 
-    def _write(self, cmds: list[dict[str, Any]], types: dict[str, Any], elements: dict[str, set[Element]]
+    def _write(self, cmds: list[dict[str, Any]], types: dict[str, Any], elements: dict[str, AbstractSet[Element]]
                ) -> tuple[int, str]:
         """The replace transaction over nfnetlink; through libnftables if that cannot be done."""
         try:

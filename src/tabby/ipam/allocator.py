@@ -37,8 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from tabby.ipam import blocks as B
 from tabby.ipam.blocks import (
@@ -51,8 +50,9 @@ from tabby.ipam.blocks import (
     PoolExhausted,
     StaleRelease,
 )
-from tabby.model import InvalidResource, IPPool, decode, effective_config
-from tabby.model.ipam import Affinity, Block, GcState, Handle, HandleAddress, IPNetwork, decode_ipam
+from tabby.model import light
+from tabby.model.ipam import Affinity, Block, GcState, Handle, HandleAddress, IPNetwork, decode_ipam, encode_ipam
+from tabby.model.jsontext import InvalidResource
 from tabby.model.keys import (
     IPAM_BLOCKS_PREFIX,
     IPAM_HANDLES_PREFIX,
@@ -63,7 +63,11 @@ from tabby.model.keys import (
     ipam_handle_key,
     kind_prefix,
 )
+from tabby.model.plain import Frozen, Plain, replace
 from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store
+
+if TYPE_CHECKING:  # pools are read by tabby.model.light: a light Pool or, off its fast path, the model's
+    from tabby.model import IPPool
 
 log = logging.getLogger(__name__)
 
@@ -115,23 +119,28 @@ def fits(net: IPNetwork, pools: Iterable[IPPool]) -> bool:
                and net.subnet_of(p.spec.cidr) for p in pools)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
-class Assigned:
+class Assigned(Frozen):
+    __slots__ = ("block", "ip", "seq")
     ip: IPAddr
     block: str
     seq: int
 
+    def __init__(self, ip: IPAddr, block: str, seq: int) -> None:
+        self._set(ip=ip, block=block, seq=seq)
 
-@dataclass
-class Snapshot:
+
+class Snapshot(Plain):
     """Every IPAM record at one revision, decoded; what does not decode is in ``corrupt``."""
 
-    revision: int
-    blocks: list[tuple[Block, KV]] = field(default_factory=list)
-    affinities: list[tuple[Affinity, KV]] = field(default_factory=list)
-    handles: list[tuple[Handle, KV]] = field(default_factory=list)
-    gc: tuple[GcState, KV] | None = None
-    corrupt: list[CorruptRecord] = field(default_factory=list)
+    __slots__ = ("affinities", "blocks", "corrupt", "gc", "handles", "revision")
+
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+        self.blocks: list[tuple[Block, KV]] = []
+        self.affinities: list[tuple[Affinity, KV]] = []
+        self.handles: list[tuple[Handle, KV]] = []
+        self.gc: tuple[GcState, KV] | None = None
+        self.corrupt: list[CorruptRecord] = []
 
     @property
     def corrupt_keys(self) -> set[str]:
@@ -158,14 +167,18 @@ class IPAM:
         if self._configs is None or now - self._configs[0] >= self.POOL_CACHE_S:
             self._configs = (now, self._read_configs())
         specs = self._configs[1]
-        return bool(effective_config(specs.get("global"), specs.get(f"host.{host}")).strict_affinity)
+        for scope in (f"host.{host}", "global"):  # field by field, the host's over global over the default
+            spec = specs.get(scope)
+            if spec is not None and spec.strict_affinity is not None:
+                return bool(spec.strict_affinity)
+        return False
 
     def _read_configs(self) -> dict[str, Any]:
         kvs, _ = self.store.list(kind_prefix("Config"))
         out = {}
         for kv in kvs:
             try:
-                cfg = decode(kv.key, kv.value)
+                cfg = light.read(kv.key, kv.value, "Config")
             except InvalidResource as e:
                 log.error("IPAM ignores corrupt config record %s (field %s): %s", kv.key, e.field, e)
                 continue
@@ -191,7 +204,7 @@ class IPAM:
         out = []
         for kv in kvs:
             try:
-                out.append(decode(kv.key, kv.value))
+                out.append(light.read(kv.key, kv.value, "IPPool"))
             except InvalidResource as e:
                 log.error("IPAM ignores corrupt pool record %s (field %s): %s", kv.key, e.field, e)
         return out
@@ -230,7 +243,7 @@ class IPAM:
             raise corrupt(e) from None
 
     def _put_block(self, block: Block, rev: int) -> None:
-        self.store.update(ipam_block_key(block.cidr), block.model_dump_json().encode(), rev)
+        self.store.update(ipam_block_key(block.cidr), encode_ipam(block), rev)
 
     def _all_blocks(self) -> list[tuple[Block, KV]]:
         """Every block that decodes (corrupt ones are logged and left out)."""
@@ -420,7 +433,7 @@ class IPAM:
         aff_key = ipam_affinity_key(host, cidr)
         pending = Affinity(host=host, cidr=str(cidr), state="pending", since=self.clock())
         try:
-            aff_rev = self.store.create(aff_key, pending.model_dump_json().encode())
+            aff_rev = self.store.create(aff_key, encode_ipam(pending))
         except AlreadyExists:
             kv = self.store.get(aff_key)
             if kv is None:
@@ -431,7 +444,7 @@ class IPAM:
                 raise corrupt(e) from None
             aff_rev = kv.mod_revision
         try:
-            self.store.create(ipam_block_key(cidr), B.new_block(cidr, host, pool).model_dump_json().encode())
+            self.store.create(ipam_block_key(cidr), encode_ipam(B.new_block(cidr, host, pool)))
         except AlreadyExists:
             try:
                 cur = self._get_block(str(cidr))
@@ -441,10 +454,10 @@ class IPAM:
                 with contextlib.suppress(NotFound, RevisionMismatch):
                     self.store.delete(aff_key, expected_revision=aff_rev)
                 return False
-        confirmed = pending.model_copy(update={"state": "confirmed"})
+        confirmed = replace(pending, state="confirmed")
         # someone else may have confirmed or removed it meanwhile: the block record is what counts
         with contextlib.suppress(RevisionMismatch, NotFound):
-            self.store.update(aff_key, confirmed.model_dump_json().encode(), aff_rev)
+            self.store.update(aff_key, encode_ipam(confirmed), aff_rev)
         log.info("host %s claimed block %s", host, cidr)
         return True
 
@@ -457,8 +470,7 @@ class IPAM:
         add = [HandleAddress(ip=str(a.ip), block=a.block, seq=a.seq) for a in got]
 
         def fresh() -> bytes:
-            return Handle(handle=handle, addresses=add, endpoint=endpoint, created=self.clock()
-                          ).model_dump_json().encode()
+            return encode_ipam(Handle(handle=handle, addresses=add, endpoint=endpoint, created=self.clock()))
 
         try:  # the common case, a new handle, in one write
             self.store.create(key, fresh())
@@ -475,10 +487,9 @@ class IPAM:
                         rec = decode_ipam(key, kv.value)
                     except InvalidResource as e:
                         raise corrupt(e) from None
-                    rec = rec.model_copy(update={"addresses": [*rec.addresses, *add],
-                                                 "endpoint": endpoint or rec.endpoint})
-                    rec = Handle.model_validate(rec.model_dump())  # the address limit still holds
-                    self.store.update(key, rec.model_dump_json().encode(), kv.mod_revision)
+                    rec = replace(rec, addresses=[*rec.addresses, *add], endpoint=endpoint or rec.endpoint)
+                    # encode_ipam checks the record again: the address limit still holds
+                    self.store.update(key, encode_ipam(rec), kv.mod_revision)
                 return
             except (AlreadyExists, RevisionMismatch, NotFound):
                 continue
@@ -585,7 +596,7 @@ class IPAM:
             rest = [a for a in rec.addresses if a.ip != str(addr)]
             try:
                 if rest:
-                    self.store.update(key, rec.model_copy(update={"addresses": rest}).model_dump_json().encode(),
+                    self.store.update(key, encode_ipam(replace(rec, addresses=rest)),
                                       kv.mod_revision)
                 else:
                     self.store.delete(key, expected_revision=kv.mod_revision)
@@ -664,8 +675,8 @@ class IPAM:
         key = ipam_handle_key(handle)
         created = self.clock()
         try:
-            rev = self.store.create(key, Handle(handle=handle, endpoint=endpoint, attachment=attachment,
-                                                created=created).model_dump_json().encode())
+            rev = self.store.create(key, encode_ipam(Handle(handle=handle, endpoint=endpoint, attachment=attachment,
+                                                            created=created)))
         except AlreadyExists:
             raise HandleExists(f"handle {handle} exists already") from None
         got: list[Assigned] = []
@@ -680,7 +691,7 @@ class IPAM:
                     self._assign_family(handle, host, self._select_pools(family, chosen), n, got)
             rec = Handle(handle=handle, endpoint=endpoint, attachment=attachment, created=created,
                          addresses=[HandleAddress(ip=str(a.ip), block=a.block, seq=a.seq) for a in got])
-            self.store.update(key, rec.model_dump_json().encode(), rev)
+            self.store.update(key, encode_ipam(rec), rev)
             return got
         except BaseException:
             self._rollback(got, handle)

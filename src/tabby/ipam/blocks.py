@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 
-from tabby.model.codec import InvalidResource
 from tabby.model.ipam import Allocation, Block, IPNetwork
+from tabby.model.jsontext import InvalidResource
+from tabby.model.plain import replace
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -146,7 +147,7 @@ def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]
         seq += 1
         allocations[o] = Allocation(handle=handle, seq=seq)
         out.append((o, seq))
-    return block.model_copy(update={"free": block.free[k:], "allocations": allocations, "seq": seq}), out
+    return replace(block, free=block.free[k:], allocations=allocations, seq=seq), out
 
 
 def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
@@ -157,7 +158,7 @@ def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
     seq = block.seq + 1
     free = [x for x in block.free if x != o]
     allocations = {**block.allocations, o: Allocation(handle=handle, seq=seq)}
-    return block.model_copy(update={"free": free, "allocations": allocations, "seq": seq}), seq
+    return replace(block, free=free, allocations=allocations, seq=seq), seq
 
 
 def give_back(block: Block, o: int, seq: int | None, handle: str | None = None) -> tuple[Block, Allocation]:
@@ -174,4 +175,4 @@ def give_back(block: Block, o: int, seq: int | None, handle: str | None = None) 
             f"{address(block, o)} was reassigned (sequence {alloc.seq}, release named {seq}): not released"
         )
     allocations = {k: v for k, v in block.allocations.items() if k != o}
-    return block.model_copy(update={"free": [*block.free, o], "allocations": allocations}), alloc
+    return replace(block, free=[*block.free, o], allocations=allocations), alloc

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from tabby.ipam.allocator import IPAM, corrupt, one_call
 from tabby.ipam.blocks import IpamError, address
 from tabby.model import Endpoint, InvalidResource, decode
-from tabby.model.ipam import GcState, Handle, decode_ipam
+from tabby.model.ipam import GcState, Handle, decode_ipam, encode_ipam
 from tabby.model.keys import IPAM_GC_KEY, ipam_affinity_key, ipam_block_key, ipam_handle_key, kind_prefix, parse_key
 from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store
 
@@ -190,7 +190,7 @@ def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fal
                     ipam.store.delete(kv.key, expected_revision=kv.mod_revision)
 
     if writes:
-        new = GcState(leaked_handles=seen_leaked, empty_blocks=seen_empty).model_dump_json().encode()
+        new = encode_ipam(GcState(leaked_handles=seen_leaked, empty_blocks=seen_empty))
         try:  # compare-and-swap: a collector running at the same time wins, and we do not clobber it
             if snap.gc is None:
                 ipam.store.create(IPAM_GC_KEY, new)

@@ -359,7 +359,7 @@ class Lab:
         from tabby.cni.config import NetConf
         from tabby.cni.plugin import Env, endpoint_name
 
-        conf = NetConf(cniVersion="1.1.0", name=self.CNI_NETWORK, type="tabby-cni")
+        conf = NetConf(cni_version="1.1.0", name=self.CNI_NETWORK, type="tabby-cni")
         return endpoint_name(conf, Env("ADD", w.name, f"/run/netns/{w.ns}", "eth0"))
 
     def _container(self, w: LabWorkload) -> None:

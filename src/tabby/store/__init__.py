@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 from tabby.store.base import (
@@ -109,14 +108,15 @@ def _open_etcd(url: str, environ: Mapping[str, str]) -> Store:
     if bool(opts.get("cert")) != bool(opts.get("key")):
         raise ValueError(f"store URL {url!r}: a client certificate needs both cert and key")
     for k in (*_TLS_OPTIONS, "password_file"):
-        if opts.get(k) and not Path(opts[k]).is_file():
+        if opts.get(k) and not os.path.isfile(opts[k]):  # os.path, not pathlib: the CNI plugin imports this
             raise ValueError(f"store URL {url!r}: {k} {opts[k]}: no such file")
     password = None
     if opts.get("password_file"):
         if not opts.get("user"):
             raise ValueError(f"store URL {url!r}: password_file without user")
         try:
-            password = Path(opts["password_file"]).read_text().rstrip("\n")
+            with open(opts["password_file"], encoding="utf-8") as f:
+                password = f.read().rstrip("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"store URL {url!r}: password_file {opts['password_file']}: {e}") from None
     elif opts.get("user"):

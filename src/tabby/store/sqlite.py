@@ -41,10 +41,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
-
-from inotify_simple import INotify
-from inotify_simple import flags as iflags
 
 from tabby.store.base import (
     KV,
@@ -64,6 +62,9 @@ from tabby.store.base import (
 )
 
 log = logging.getLogger(__name__)
+# inotify_simple's class, imported by the first ChangeFeed: it loads ctypes.util (~15 ms), which
+# only watches need, and a CNI plugin process opens the Store without watching it
+INotify: Any = None
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -85,6 +86,7 @@ def _range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+CHANGED_SUFFIX = "-changed"  # touched after every commit: what other processes' change feeds wake on
 FILE_MODE = 0o600  # the database holds every workload's addresses: root's business only
 DIR_MODE = 0o700
 
@@ -216,6 +218,7 @@ class SqliteStore:
                  busy_timeout_s: float = 30.0, poll_interval_s: float = 0.002,
                  idle_poll_interval_s: float = 0.05) -> None:
         self.path = str(path)
+        self.changed_path = self.path + CHANGED_SUFFIX
         self.retain = retain
         self.busy_timeout_s = busy_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -338,9 +341,23 @@ class SqliteStore:
             except BaseException:
                 _rollback(c)
                 raise
+        self._announce()
+        return rev
+
+    def _announce(self) -> None:
+        """Tell every process's feed that a commit is visible now. The WAL write that inotify
+        sees comes before the commit is visible (SQLite then updates the ``-shm`` index, which
+        is memory-mapped and makes no event): a watch woken by it can find nothing new and sleep
+        through the commit. So each commit touches ``<file>-changed`` once it returned."""
+        try:
+            os.utime(self.changed_path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.changed_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        except OSError as e:  # the commit stands; other processes see it at their next wake-up
+            log.debug("store %s: cannot touch %s: %s", self.path, self.changed_path, e)
         if self._feed is not None:  # this process's own watches need not wait for the feed
             self._feed.changed()
-        return rev
 
     @staticmethod
     def _trim(c: sqlite3.Connection, upto: int) -> None:
@@ -409,26 +426,35 @@ class ChangeFeed:
     Why: a watch that polled ``PRAGMA data_version`` every 2 ms cost 2.7% of a core while
     nothing happened, and on this machine even a bare 20 Hz timer costs ~0.2% (each wake-up is
     ~100 us of a virtual CPU; measured 2026-12-01), in every agent. So one thread per process
-    and file sleeps in inotify on the file's directory: every commit, from any process, writes
-    the ``-wal`` (and a checkpoint the file), and one wake-up takes all the writes of a commit.
-    The watches then ask their own connection's ``data_version`` whether anything is new and
-    read only their key range. Writes through the store object wake them directly. The feed
-    holds no connection of its own: one could keep the ``-shm`` mapped read-only after a remount
-    (see the module docstring). Without inotify (``fs.inotify.max_user_instances`` reached) there
-    is no feed, and each watch polls: every ``poll_interval_s`` (2 ms) after a change, doubling
-    up to ``idle_poll_interval_s`` (50 ms) while none come."""
+    and file sleeps in inotify on the file's directory, and wakes on ``<file>-changed``, which
+    every commit touches once it is visible (``SqliteStore._announce``), and on the file itself
+    (checkpoints). Not on ``-wal``: SQLite writes it before the commit is visible, and a watch
+    woken then found nothing new and slept through the commit (a lost wake-up, seen as a 30 s
+    delay in 1 of ~300 writes). A commit by a program other than tabby is seen at the next
+    tabby commit, or within the watches' 30 s. The watches then ask their own connection's
+    ``data_version`` whether anything is new and read only their key range. Writes through the
+    store object wake them directly. The feed holds no connection of its own: one could keep
+    the ``-shm`` mapped read-only after a remount (see the module docstring). Without inotify
+    (``fs.inotify.max_user_instances`` reached) there is no feed, and each watch polls: every
+    ``poll_interval_s`` (2 ms) after a change, doubling up to ``idle_poll_interval_s`` (50 ms)
+    while none come."""
 
-    def __init__(self, store: SqliteStore, ino: INotify) -> None:
+    def __init__(self, store: SqliteStore, ino: Any) -> None:
         self._ino = ino
         self._cond = threading.Condition()
         self._stopped = False
         self.seq = 0  # moves on at every wake-up
-        self._names = {os.path.basename(store.path) + tail for tail in ("", "-wal")}
+        self._names = {os.path.basename(store.path) + tail for tail in ("", CHANGED_SUFFIX)}
         self._thread = threading.Thread(target=self._run, name="sqlite-feed", daemon=True)
         self._thread.start()
 
     @classmethod
     def open(cls, store: SqliteStore) -> ChangeFeed | None:
+        global INotify
+        if INotify is None:
+            from inotify_simple import INotify
+        from inotify_simple import flags as iflags
+
         try:
             ino = INotify()
         except OSError as e:
@@ -436,7 +462,8 @@ class ChangeFeed:
                         store.poll_interval_s, store.idle_poll_interval_s)
             return None
         try:
-            ino.add_watch(os.path.dirname(os.path.abspath(store.path)), iflags.MODIFY | iflags.CREATE | iflags.MOVED_TO)
+            ino.add_watch(os.path.dirname(os.path.abspath(store.path)), iflags.MODIFY | iflags.ATTRIB | iflags.CREATE
+                          | iflags.MOVED_TO)
         except OSError as e:
             ino.close()
             log.warning("store %s: cannot watch its directory (%s); watches poll instead", store.path, e)

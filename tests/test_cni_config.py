@@ -1,0 +1,78 @@
+"""The CNI network configuration's checks (cni/config.py), without a kernel: every field's JSON
+type strictly, errors naming the key, and the runtime's requests."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import pytest
+
+from tabby.cni.config import ConfError, parse, request
+
+BASE = {"cniVersion": "1.1.0", "name": "net1", "type": "tabby-cni"}
+
+
+def refused(doc: dict[str, Any]) -> str:
+    with pytest.raises(ConfError) as e:
+        request(parse(json.dumps(doc).encode()))
+    return str(e.value)
+
+
+def test_a_minimal_config_takes_the_defaults() -> None:
+    conf = parse(json.dumps(BASE).encode())
+    assert (conf.cni_version, conf.name, conf.type) == ("1.1.0", "net1", "tabby-cni")
+    assert conf.ipv6 and conf.ipv4 and conf.ipv6_gateway == "link-local" and conf.mtu is None
+    assert conf.profiles == [] and conf.labels == {} and conf.runtime_config.ips == [] and conf.prev_result is None
+
+
+def test_every_field_is_read_with_its_json_type() -> None:
+    doc = {**BASE, "store": "sqlite:///x.db", "host": "h1", "server_socket": "/run/x.sock", "ipv6": False,
+           "ipv6_pool": "v6", "ipv4_pool": "v4", "ipv6_gateway": "proxy-ndp", "mtu": 1500, "profiles": ["open"],
+           "labels": {"app": "web"}, "capabilities": {"mac": True}, "args": {"x": 1},
+           "runtimeConfig": {"mac": "52:54:00:12:34:56", "ips": ["10.0.0.5/32"], "other": 1},
+           "prevResult": {"ips": []}, "unknown": [1]}
+    conf = parse(json.dumps(doc).encode())
+    assert (conf.store, conf.host, conf.server_socket, conf.ipv6, conf.ipv4) == ("sqlite:///x.db", "h1",
+                                                                                 "/run/x.sock", False, True)
+    assert (conf.ipv6_pool, conf.ipv4_pool, conf.ipv6_gateway, conf.mtu) == ("v6", "v4", "proxy-ndp", 1500)
+    assert conf.capabilities == {"mac": True} and conf.args == {"x": 1} and conf.prev_result == {"ips": []}
+    req = request(conf)
+    assert req.mac == "52:54:00:12:34:56" and req.ips == (ipaddress.ip_address("10.0.0.5"),)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("cniVersion", 1.1), ("name", 5), ("type", None), ("store", 1), ("host", ["h1"]), ("ipv6", "true"),
+    ("ipv4", 1), ("mtu", "1500"), ("mtu", 1500.0), ("mtu", True), ("mtu", 1279), ("mtu", 65536),
+    ("ipv6_gateway", "router"), ("ipv6_gateway", ["link-local"]), ("profiles", "open"), ("profiles", [1]),
+    ("labels", {"app": 1}), ("labels", []), ("capabilities", {"mac": "yes"}), ("args", []),
+    ("prevResult", "x"), ("runtimeConfig", []),
+])
+def test_a_wrong_type_or_value_is_refused_naming_its_key(field: str, value: Any) -> None:
+    assert refused({**BASE, field: value}).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(("doc", "named"), [
+    ({"runtimeConfig": {"mac": 5}}, "runtimeConfig.mac"),
+    ({"runtimeConfig": {"ips": "10.0.0.1"}}, "runtimeConfig.ips"),
+    ({"runtimeConfig": {"ips": ["10.0.0.1", 7]}}, "runtimeConfig.ips.1"),
+    ({"runtimeConfig": {"ips": [f"10.0.0.{i}" for i in range(9)]}}, "runtimeConfig.ips"),
+    ({"runtimeConfig": {"mac": "01:00:00:00:00:01"}}, "runtimeConfig.mac"),
+    ({"runtimeConfig": {"ips": ["fd00::1; x"]}}, "runtimeConfig.ips.0"),
+    ({"args": {"cni": {"ips": ["10.0.0.1", "10.0.0.2"]}}}, "args.cni.ips.1"),
+    ({"args": {"cni": {"labels": [{"key": "a b", "value": "v"}]}}}, "args.cni.labels"),
+    ({"labels": {"a b": "v"}}, "labels"),
+    ({"profiles": ["ok", "-bad"]}, "profiles.1"),
+    ({"name": "net/1"}, "name"),
+    ({"cniVersion": "0.2.0"}, "cniVersion"),
+    ({"ipv6": False, "ipv4": False}, "ipv6/ipv4"),
+])
+def test_a_bad_request_or_name_is_refused_naming_where(doc: dict[str, Any], named: str) -> None:
+    assert refused({**BASE, **doc}).startswith(f"{named}: ")
+
+
+def test_missing_fields_are_all_named() -> None:
+    with pytest.raises(ConfError) as e:
+        parse(b'{"type": "tabby-cni"}')
+    assert str(e.value) == "cniVersion: required; name: required"
