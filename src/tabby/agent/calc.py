@@ -4,6 +4,13 @@ No I/O. ``HostIndex`` is updated one endpoint at a time and reports which keys i
 change costs work in proportion to itself, not to the number of endpoints; ``host_state`` is
 the same thing from scratch, and tests hold the two equal under any order of updates.
 
+Allowed sources (Neutron's allowed address pairs) are weaker claims: they never refuse an endpoint,
+and an address that is some endpoint's own is routed to that one. Otherwise it goes to the first
+endpoint (fabric-wide, same ranking) that lists it and is served: Calico routes such an address to
+every port that lists it, which for a VIP two ports list means two hosts advertising one /32 and
+traffic split between the holder and the backup; one route is what Neutron's L2 gives (one MAC
+learned at a time).
+
 Conflicts are refused, not obeyed, and every agent decides them alike: an address belongs to
 the endpoint that claimed it first in the whole fabric (the lowest Store create revision, then
 the name), an interface to the first of this host's endpoints that names it. An endpoint that
@@ -31,6 +38,8 @@ class EndpointPlan:
     has_v6: bool
     has_v4: bool
     orchestrator: str = "container"
+    port_security: bool = True
+    pairs: tuple[tuple[str, str], ...] = ()  # allowed sources: (address, MAC)
 
 
 def addresses_text(ep: Any) -> tuple[str, ...]:
@@ -53,6 +62,8 @@ def plan_endpoint(ep: Any) -> EndpointPlan:
         has_v6=bool(s.ipv6_addresses),
         has_v4=bool(s.ipv4_addresses),
         orchestrator=s.orchestrator,
+        port_security=s.port_security,
+        pairs=tuple((str(a.address.ip), a.mac or s.mac) for a in s.allowed_sources),
     )
 
 
@@ -65,7 +76,8 @@ def interface_sysctls(plan: EndpointPlan) -> dict[str, str]:
 
     IPv6: no RAs accepted from the workload, forwarding on, proxy NDP where a gateway address is
     answered for, and no random proxy delay (up to 0.8 s otherwise). IPv4: proxy ARP (a container's
-    default route points at 169.254.1.1, which nothing owns), strict reverse-path filtering.
+    default route points at 169.254.1.1, which nothing owns), strict reverse-path filtering, except
+    with port security off, where the workload may send from any source (Neutron's meaning).
     """
     i = plan.interface
     out: dict[str, str] = {}
@@ -77,7 +89,7 @@ def interface_sysctls(plan: EndpointPlan) -> dict[str, str]:
             out[f"ipv6/conf/{i}/proxy_ndp"] = "1"
     if plan.has_v4:
         out[f"ipv4/conf/{i}/proxy_arp"] = "1"
-        out[f"ipv4/conf/{i}/rp_filter"] = "1"
+        out[f"ipv4/conf/{i}/rp_filter"] = "1" if plan.port_security else "0"
         out[f"ipv4/neigh/{i}/proxy_delay"] = "0"
     return out
 
@@ -108,6 +120,8 @@ class HostIndex:
         self.if_owners: dict[str, set[str]] = {}
         self.addr_owners: dict[str, set[str]] = {}  # every host's claims: address -> endpoint names
         self.remote: dict[str, tuple[str, ...]] = {}  # other hosts' endpoints -> their addresses
+        self.pair_owners: dict[str, set[str]] = {}  # every host's allowed sources: address -> endpoints
+        self.remote_pairs: dict[str, tuple[str, ...]] = {}  # other hosts' endpoints -> their allowed sources
         self.created: dict[str, int] = {}  # endpoint -> Store create revision (age decides conflicts)
         self.state = HostState()
 
@@ -122,6 +136,8 @@ class HostIndex:
             self._unindex(old, t)
         for a in self.remote.pop(name, ()):
             self._unclaim(name, a, t)
+        for a in self.remote_pairs.pop(name, ()):
+            self._unclaim_pair(name, a, t)
         if endpoint is None:
             self.created.pop(name, None)
         elif endpoint.spec.host == self.host:
@@ -140,6 +156,12 @@ class HostIndex:
             for a in addrs:
                 self.addr_owners.setdefault(a, set()).add(name)
                 t.routes.add(host_prefix(a))
+            if endpoint.spec.allowed_sources:
+                pairs = tuple(str(p.address.ip) for p in endpoint.spec.allowed_sources)
+                self.remote_pairs[name] = pairs
+                for a in pairs:
+                    self.pair_owners.setdefault(a, set()).add(name)
+                    t.routes.add(host_prefix(a))
         t.endpoints.add(name)
         self._recompute(t)
         return t
@@ -151,11 +173,21 @@ class HostIndex:
             self.addr_owners.pop(addr, None)
         t.routes.add(host_prefix(addr))
 
+    def _unclaim_pair(self, name: str, addr: str, t: Touched) -> None:
+        owners = self.pair_owners.get(addr, set())
+        owners.discard(name)
+        if not owners:
+            self.pair_owners.pop(addr, None)
+        t.routes.add(host_prefix(addr))
+
     def _index(self, plan: EndpointPlan, t: Touched) -> None:
         self.if_owners.setdefault(plan.interface, set()).add(plan.name)
         t.interfaces.add(plan.interface)
         for a in plan.addresses:
             self.addr_owners.setdefault(a, set()).add(plan.name)
+            t.routes.add(host_prefix(a))
+        for a, _ in plan.pairs:
+            self.pair_owners.setdefault(a, set()).add(plan.name)
             t.routes.add(host_prefix(a))
 
     def _unindex(self, plan: EndpointPlan, t: Touched) -> None:
@@ -166,6 +198,9 @@ class HostIndex:
         t.interfaces.add(plan.interface)
         for a in plan.addresses:
             self._unclaim(plan.name, a, t)
+            t.neighbours.add((plan.interface, a))
+        for a, _ in plan.pairs:
+            self._unclaim_pair(plan.name, a, t)
             t.neighbours.add((plan.interface, a))
         if plan.ipv6_gateway is not None:
             t.proxies.add((plan.interface, plan.ipv6_gateway))
@@ -186,6 +221,18 @@ class HostIndex:
             for only in owners:
                 return only
         return min(owners, key=self._rank)
+
+    def pair_holder(self, addr: str) -> str | None:
+        """The endpoint an allowed source is routed to: none if it is some endpoint's own address,
+        else the first that lists it among those not refused."""
+        if addr in self.addr_owners:
+            return None
+        owners = [n for n in self.pair_owners.get(addr, ()) if self.refused(n) is None]
+        return min(owners, key=self._rank) if owners else None
+
+    def _pair_mac(self, name: str, addr: str) -> str:
+        plan = self.plans[name]
+        return next(m for a, m in plan.pairs if a == addr)
 
     def refused(self, name: str) -> str | None:
         """Why an endpoint (of any host) is refused, or None: an address held by an older one,
@@ -211,6 +258,7 @@ class HostIndex:
             for n in self.if_owners.get(iface, ()):
                 t.endpoints.add(n)
                 t.routes.update(host_prefix(a) for a in self.plans[n].addresses)
+                t.routes.update(host_prefix(a) for a, _ in self.plans[n].pairs)
                 if self.plans[n].ipv6_gateway is not None:
                     t.proxies.add((iface, self.plans[n].ipv6_gateway))
             winner = self._if_winner(iface)
@@ -232,6 +280,9 @@ class HostIndex:
             plan = self.plans.get(n)
             for a in plan.addresses if plan is not None else self.remote.get(n, ()):
                 t.routes.add(host_prefix(a))
+            # its refusal decides where the allowed sources it lists go
+            for a in (a for a, _ in plan.pairs) if plan is not None else self.remote_pairs.get(n, ()):
+                t.routes.add(host_prefix(a))
             if plan is not None and plan.ipv6_gateway is not None:
                 t.proxies.add((plan.interface, plan.ipv6_gateway))
         for prefix in list(t.routes):
@@ -242,6 +293,11 @@ class HostIndex:
                 plan = self.plans[h]
                 st.routes[prefix] = plan.interface
                 st.neighbours[(plan.interface, addr)] = plan.mac
+                t.neighbours.add((plan.interface, addr))
+            elif h is None and (p := self.pair_holder(addr)) is not None and self._serves(p):
+                plan = self.plans[p]
+                st.routes[prefix] = plan.interface
+                st.neighbours[(plan.interface, addr)] = self._pair_mac(p, addr)
                 t.neighbours.add((plan.interface, addr))
             else:
                 st.routes.pop(prefix, None)
@@ -269,8 +325,9 @@ class HostIndex:
         if plan is None or self.state.interfaces.get(plan.interface) != name:
             return [], [], []
         st = self.state
-        routes = [host_prefix(a) for a in plan.addresses if st.routes.get(host_prefix(a)) == plan.interface]
-        neighs = [(plan.interface, a) for a in plan.addresses if (plan.interface, a) in st.neighbours]
+        addrs = (*plan.addresses, *(a for a, _ in plan.pairs))
+        routes = [host_prefix(a) for a in addrs if st.routes.get(host_prefix(a)) == plan.interface]
+        neighs = [(plan.interface, a) for a in addrs if (plan.interface, a) in st.neighbours]
         proxies = [(plan.interface, plan.ipv6_gateway)] if plan.ipv6_gateway and \
             (plan.interface, plan.ipv6_gateway) in st.proxies else []
         return routes, neighs, proxies

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from tabby.dataplane.nft_structure import (  # the shapes the dataplane renders; pure, below the agent
     WL_IF,
     WL_MAC,
+    WL_OPEN,
     WL_SRC4,
     WL_SRC6,
     Element,
@@ -43,25 +44,36 @@ class EndpointInfo(NamedTuple):
 
     labels: Mapping[str, str]
     label_key: tuple[tuple[str, str], ...]  # the labels sorted: what a rebuild memoizes on
-    v6: tuple[Element, ...]  # each address as a one-field element, the kernel's text
+    v6: tuple[Element, ...]  # each address as a one-field element, the kernel's text (allowed sources too)
     v4: tuple[Element, ...]
     interface: str
     mac: str
     profiles: tuple[str, ...]
     local: bool  # on this host and the owner of its interface
+    pair_macs: tuple[str, ...]  # allowed sources' MACs other than its own (usually none)
+    open: bool  # port security off: its interface skips the guards
 
 
 def endpoint_info(ep: Any, local: bool) -> EndpointInfo:
     """Addresses as the kernel's own text (inet_ntop): what nft lists back, so the drift check
     compares like with like (ipaddress writes ::ffff:1.2.3.4 as ::ffff:102:304), and 5x faster
-    than ipaddress's pure-Python formatting."""
+    than ipaddress's pure-Python formatting.
+
+    Allowed sources count as the endpoint's addresses here, both for its anti-spoofing sets and
+    for the selectors that match it (Neutron's remote-group rules include allowed address pairs)."""
     s = ep.spec
     labels = ep.metadata.labels  # a frozen model's: nobody changes it
-    return EndpointInfo(labels, tuple(sorted(labels.items())),
-                        # an ip_interface is an ip_address subclass: .packed without building .ip
-                        tuple((inet_ntop(AF_INET6, a.packed),) for a in s.ipv6_addresses),
-                        tuple((inet_ntop(AF_INET, a.packed),) for a in s.ipv4_addresses),
-                        s.interface, s.mac.lower(), tuple(s.profiles), local)
+    v6 = tuple((inet_ntop(AF_INET6, a.packed),) for a in s.ipv6_addresses)
+    v4 = tuple((inet_ntop(AF_INET, a.packed),) for a in s.ipv4_addresses)
+    mac = s.mac.lower()
+    pair_macs: tuple[str, ...] = ()
+    if s.allowed_sources:
+        v6 += tuple((inet_ntop(AF_INET6, a.address.packed),) for a in s.allowed_sources if a.address.version == 6)
+        v4 += tuple((inet_ntop(AF_INET, a.address.packed),) for a in s.allowed_sources if a.address.version == 4)
+        pair_macs = tuple(sorted({a.mac for a in s.allowed_sources if a.mac is not None and a.mac != mac}))
+    # an ip_interface is an ip_address subclass: .packed without building .ip
+    return EndpointInfo(labels, tuple(sorted(labels.items())), v6, v4, s.interface, mac, tuple(s.profiles), local,
+                        pair_macs, not s.port_security)
 
 
 _Matched = tuple[list[str], list[str], list[str]]
@@ -258,6 +270,9 @@ class PolicyIndex:
             out.extend((WL_SRC6, (i, a)) for a, in info.v6)
             out.extend((WL_SRC4, (i, a)) for a, in info.v4)
             out.append((WL_MAC, (i, info.mac)))
+            out.extend((WL_MAC, (i, m)) for m in info.pair_macs)
+            if info.open:
+                out.append((WL_OPEN, ie))
             out.extend((name, ie) for name in applies)
             out.extend((applies_set("pr", p), ie) for p in info.profiles if p in self.profiles)
         for name in sel6:
@@ -322,6 +337,7 @@ class PolicyIndex:
         wl_src6: list[Element] = []
         wl_src4: list[Element] = []
         wl_mac: list[Element] = []
+        wl_open: list[Element] = []
         memo: dict[Any, _Matched] = {}
         profile_sets = {n: applies_set("pr", n) for n in self.profiles}
         for info in self.endpoints.values():
@@ -333,6 +349,10 @@ class PolicyIndex:
                 wl_src6.extend([(i, a) for a, in info.v6])
                 wl_src4.extend([(i, a) for a, in info.v4])
                 wl_mac.append((i, info.mac))
+                if info.pair_macs:
+                    wl_mac.extend([(i, m) for m in info.pair_macs])
+                if info.open:
+                    wl_open.append(ie)
                 for name in applies:
                     by_set[name].append(ie)
                 for p in info.profiles:
@@ -344,7 +364,8 @@ class PolicyIndex:
             if info.v4:
                 for name in sel4:
                     by_set[name].extend(info.v4)
-        for name, elems in ((WL_IF, wl_if), (WL_SRC6, wl_src6), (WL_SRC4, wl_src4), (WL_MAC, wl_mac)):
+        for name, elems in ((WL_IF, wl_if), (WL_SRC6, wl_src6), (WL_SRC4, wl_src4), (WL_MAC, wl_mac),
+                            (WL_OPEN, wl_open)):
             if elems:
                 by_set[name] = elems
         self.elements = {name: Counter(elems) for name, elems in by_set.items()}

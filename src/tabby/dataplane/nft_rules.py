@@ -3,7 +3,8 @@
 Layout (base chains accept what is not a workload's business: the fabric, BGP, the host itself):
 
     prerouting  (priority raw, before conntrack and routing) from a workload interface -> guard;
-                from an unknown workload-named interface (Config: tap*, tby*, vnet*) -> drop.
+                from an unknown workload-named interface (Config: tap*, tby*, vnet*) -> drop;
+                from one with port security off -> accept (no guards: Neutron's meaning).
                 Covers traffic to the host (input) and through it (forward) alike; the host's own
                 looped-back multicast is let be.
     forward  from a workload -> from_wl; to a workload -> to_wl; to an unknown workload-named one -> drop
@@ -29,7 +30,17 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER
-from tabby.dataplane.nft_structure import WL_IF, WL_MAC, WL_SRC4, WL_SRC6, Element, PolicyPlan, Structure, selector_set
+from tabby.dataplane.nft_structure import (
+    WL_IF,
+    WL_MAC,
+    WL_OPEN,
+    WL_SRC4,
+    WL_SRC6,
+    Element,
+    PolicyPlan,
+    Structure,
+    selector_set,
+)
 
 TABLE = "tabby"
 FAMILY = "inet"
@@ -248,6 +259,9 @@ def render(s: Structure) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     # interface; it is not the workload's, so the guards must not count or drop it
     t.rule("prerouting", "own multicast looped back", [_m(_meta("pkttype"), PACKET_LOOPBACK), {"accept": None}])
     _unknown_workloads(t, s, "prerouting", "iifname")
+    # port security off (Neutron's meaning): no guards; forward's policy still applies, and an RA
+    # or DHCP reply from it never leaves its tap, which is a link of its own
+    t.rule("prerouting", "port security off", [_m(_meta("iifname"), "@" + WL_OPEN), {"accept": None}])
     t.rule("prerouting", "from workload", [_m(_meta("iifname"), "@" + WL_IF), {"jump": {"target": "guard"}}])
     t.chain("forward", type="filter", hook="forward", prio=0, policy="accept")
     _unknown_workloads(t, s, "forward", "oifname")

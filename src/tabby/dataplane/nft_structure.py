@@ -18,6 +18,7 @@ Element = tuple[str, ...]
 
 # the sets every table has; the rest are named after what they stand for
 WL_IF, WL_SRC6, WL_SRC4, WL_MAC = "wl_if", "wl_src6", "wl_src4", "wl_mac"
+WL_OPEN = "wl_open"  # workload interfaces with port security off: no guards
 
 
 def _h(text: str) -> str:
@@ -70,7 +71,7 @@ class Structure:
     def _set_names(self) -> dict[str, str | list[str]]:
         sets: dict[str, str | list[str]] = {
             WL_IF: "ifname", WL_SRC6: ["ifname", "ipv6_addr"], WL_SRC4: ["ifname", "ipv4_addr"],
-            WL_MAC: ["ifname", "ether_addr"]}
+            WL_MAC: ["ifname", "ether_addr"], WL_OPEN: "ifname"}
         for p in (*self.policies, *self.profiles):
             sets[p.applies] = "ifname"
         for s in self.selectors:

@@ -206,6 +206,22 @@ MAX_ADDRESSES_PER_FAMILY = 64
 _WORKLOAD_ID = r"^[!-~]{1,253}$"
 
 
+class AllowedSource(_Frozen):
+    """An extra address (and MAC) a workload may send from and is routed, besides its own: a
+    VRRP/keepalived virtual address, a load balancer's VIP (Neutron's allowed address pairs)."""
+
+    address: V6Host | V4Host  # one address, as for the endpoint's own (tabby routes each alone)
+    mac: Mac | None = None  # None: the endpoint's own MAC
+
+    @field_validator("address")
+    @classmethod
+    def _routable(cls, v: IPv6Interface | IPv4Interface) -> IPv6Interface | IPv4Interface:
+        ip = v.ip
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local:
+            raise ValueError(f"{ip} cannot be a workload address")
+        return v
+
+
 class EndpointSpec(_Frozen):
     host: Name
     orchestrator: Literal["vm", "container"]
@@ -217,6 +233,13 @@ class EndpointSpec(_Frozen):
     ipv6_gateway: V6Addr | None = None
     ipv4_gateway: IPv4Address | None = None
     profiles: tuple[Name, ...] = ()
+    # Neutron's allowed address pairs: sources allowed besides the endpoint's own, and routed to
+    # it unless a workload has the address as its own (see agent/calc.py)
+    allowed_sources: Annotated[tuple[AllowedSource, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
+    # False (Neutron's port_security_enabled false): no guards on this interface, neither the
+    # anti-spoofing checks (source address, source MAC) nor the RA and DHCP-server drops; the
+    # policy (profiles, policies) still applies
+    port_security: bool = True
 
     @model_validator(mode="after")
     def _some_address(self) -> EndpointSpec:
@@ -230,6 +253,9 @@ class EndpointSpec(_Frozen):
                 ip = a.ip
                 if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local:
                     raise ValueError(f"{field}: {ip} cannot be a workload address")
+        pairs = [(a.address, a.mac or self.mac) for a in self.allowed_sources]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("allowed_sources: duplicate address and MAC")
         return self
 
 

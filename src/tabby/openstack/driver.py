@@ -6,7 +6,8 @@ Runs inside neutron-server, so it imports neutron-lib; everything it decides is 
 - binds ports on hosts that run tabby (a Host record in the Store) with VIF type ``tap``;
 - writes an Endpoint for each bound port after every commit that touches it (new fixed IPs, a new
   host after live migration), deletes it on unbind or delete;
-- subnets -> IPPools; IPv6 subnets that are not DHCPv6-stateful are refused before commit;
+- subnets -> IPPools; IPv6 subnets that are not DHCPv6-stateful are refused before commit, and so
+  are allowed address pairs that are networks, not single addresses;
 - security groups -> Profiles, re-read from Neutron after any change to a group or a rule;
 - port status ACTIVE/DOWN from the agents' endpoint status, polled every STATUS_S seconds;
 - a resync of Neutron into the Store at start (and ``tabby openstack resync`` on demand).
@@ -102,6 +103,18 @@ class TabbyMechanismDriver(api.MechanismDriver):
                 context.set_binding(segment[api.ID], portbindings.VIF_TYPE_TAP,
                                     {portbindings.CAP_PORT_FILTER: True})
                 return
+
+    def create_port_precommit(self, context: Any) -> None:
+        self._check_port(context.current)
+
+    def update_port_precommit(self, context: Any) -> None:
+        self._check_port(context.current)
+
+    def _check_port(self, port: dict[str, Any]) -> None:
+        try:
+            translate.check_port(port)
+        except translate.Unsupported as e:
+            raise n_exc.InvalidInput(error_message=str(e)) from None
 
     def create_port_postcommit(self, context: Any) -> None:
         self._port(context.current)
