@@ -4,6 +4,7 @@ a SQLite database, no authentication, the fake (in-process) RPC transport. It ru
 
 from __future__ import annotations
 
+import os
 import subprocess
 import textwrap
 import time
@@ -78,7 +79,10 @@ def neutron_server(d: Path, store_url: str) -> Iterator[str]:
                    check=True, capture_output=True)
     port = free_port()
     log = open(d / "neutron-server.log", "wb")  # noqa: SIM115 - lives with the process
-    proc = subprocess.Popen([str(PY), "-c", SERVE, str(d), str(port)], stdout=log, stderr=subprocess.STDOUT)
+    # the driver from this tree (the venv's editable install may point at another checkout)
+    paths = [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.Popen([str(PY), "-c", SERVE, str(d), str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     url = f"http://127.0.0.1:{port}"
     try:
