@@ -1,7 +1,7 @@
 """Allowed sources (Neutron's allowed address pairs) and port security off, in the pure parts: the
-model refuses what it cannot route, the host calculation routes a pair to one port (never refusing
-anyone), and the policy calculation lets a port send from its pairs and skips the guards of a
-port with port security off; incremental always equals from scratch."""
+model refuses what it cannot route, the host calculation routes a pair to the port whose guest
+answers for it (never refusing anyone), and the policy calculation lets a port send from its
+pairs and skips the guards of a port with port security off; incremental equals from scratch."""
 
 from __future__ import annotations
 
@@ -42,22 +42,28 @@ def test_the_model_refuses_what_cannot_be_routed_and_names_the_field() -> None:
             "ipv6_addresses": ["fd00::1"], "port_security": "maybe"}})
 
 
-def test_a_vip_goes_to_its_first_claimant_and_never_over_a_workloads_own_address() -> None:
+def test_a_vip_goes_to_the_port_whose_guest_answers_and_never_over_a_workloads_own_address() -> None:
     a = ep("a", iface="tapa", v6=("fd00::a",), pairs=(("fd00::99", None), ("10.0.0.99", "52:54:00:00:00:99")))
     b = ep("b", iface="tapb", v6=("fd00::b",), pairs=(("fd00::99", None), ("10.0.0.99", None)),
            mac="52:54:00:00:00:02")
-    st_ = host_state([a, b], "h1", {"a": 1, "b": 2})
-    assert st_.routes["fd00::99/128"] == "tapa" and st_.routes["10.0.0.99/32"] == "tapa"
-    assert st_.neighbours[("tapa", "10.0.0.99")] == "52:54:00:00:00:99"
-    assert st_.errors == {}  # a shared pair refuses neither port
     index = HostIndex("h1")
     index.update("a", a, 1)
     index.update("b", b, 2)
-    index.update("a", None)  # the first claimant goes: the next one gets the VIP
+    assert index.probes() == {("tapa", "fd00::99"), ("tapa", "10.0.0.99"), ("tapb", "fd00::99"), ("tapb", "10.0.0.99")}
+    assert "fd00::99/128" not in index.state.routes  # nobody answers yet
+    assert index.state.errors == {}  # a shared pair refuses neither port
+    t = index.set_answered("tapb", "fd00::99", True)
+    assert index.state.routes["fd00::99/128"] == "tapb" and "fd00::99/128" in t.routes
+    assert ("tapb", "fd00::99") not in index.state.neighbours  # the kernel's own entry, the one probed
+    index.set_answered("tapa", "fd00::99", True)  # both answer (VRRP split brain): the first by rank
+    assert index.state.routes["fd00::99/128"] == "tapa"
+    index.set_answered("tapa", "fd00::99", False)  # the VIP moved: the route follows
     assert index.state.routes["fd00::99/128"] == "tapb"
+    assert index.state.sysctls["tapb"]["ipv6/neigh/tapb/retrans_time_ms"] == "200"
     c = ep("c", iface="tapc", v6=("fd00::99",), mac="52:54:00:00:00:03")
     index.update("c", c, 3)  # someone's own address always wins over a pair
     assert index.state.routes["fd00::99/128"] == "tapc" and index.state.errors == {}
+    assert ("tapb", "fd00::99") not in index.probes()
 
 
 def test_port_security_off_relaxes_reverse_path_filtering() -> None:
@@ -76,7 +82,9 @@ versions = st.builds(
                              st.sampled_from([None, "52:54:00:00:00:09"])),
                    max_size=2, unique_by=lambda p: p[0]).map(tuple),
     secure=st.booleans())
-steps = st.lists(st.one_of(st.tuples(versions, st.integers(0, 3)), st.sampled_from(NAMES)), max_size=20)
+answers = st.tuples(st.sampled_from(["tap1", "tap2"]), st.sampled_from(["fd00::9", "fd00::8", "10.0.0.9"]),
+                    st.booleans())
+steps = st.lists(st.one_of(st.tuples(versions, st.integers(0, 3)), st.sampled_from(NAMES), answers), max_size=20)
 
 
 @settings(max_examples=300, deadline=None)
@@ -85,21 +93,26 @@ def test_host_calculation_incremental_equals_from_scratch_and_touched_covers_cha
     index = HostIndex("h1")
     current: dict[str, Any] = {}
     created: dict[str, int] = {}
+    answered: set[tuple[str, str]] = set()
     for item in seq:
         before = (dict(index.state.routes), dict(index.state.neighbours))
         if isinstance(item, str):
             current.pop(item, None)
             created.pop(item, None)
             t = index.update(item, None)
+        elif len(item) == 3:
+            iface, addr, yes = item
+            (answered.add if yes else answered.discard)((iface, addr))
+            t = index.set_answered(iface, addr, yes)
         else:
             e, rev = item
             current[e.metadata.name], created[e.metadata.name] = e, rev
             t = index.update(e.metadata.name, e, rev)
-        assert index.state == host_state(current.values(), "h1", created)
+        assert index.state == host_state(current.values(), "h1", created, answered)
         for old, new, touched in ((before[0], index.state.routes, t.routes),
                                   (before[1], index.state.neighbours, t.neighbours)):
             assert all(k in touched for k in set(old) | set(new) if old.get(k) != new.get(k))
-    assert host_state(reversed(list(current.values())), "h1", created) == index.state
+    assert host_state(reversed(list(current.values())), "h1", created, answered) == index.state
 
 
 def test_policy_sets_hold_the_pairs_and_the_open_interfaces() -> None:

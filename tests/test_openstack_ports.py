@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from neutronlib import neutron_server
 from test_openstack import Neutron, ping, vm_addresses
 
 from tabby.lab import lab as L
-from tabby.lab import netns
+from tabby.lab import netns, probe
 from tabby.lab.topology import LabVm
 
 UDP_PORT = 9999
@@ -133,18 +134,22 @@ def test_port_security_off_sends_from_any_source_and_its_neighbours_still_cannot
         assert fake2 not in received(log)
 
 
-def test_allowed_address_pairs_let_the_holder_send_from_and_receive_on_a_vip(cloud: Cloud) -> None:
+def vip_on(v: LabVm, addr: str, present: bool) -> None:
+    """What keepalived does on becoming master (add) or backup (delete)."""
+    netns.ip("addr", "add" if present else "del", addr + ("/128" if ":" in addr else "/32"), "dev", "eth0",
+             *(("nodad",) if ":" in addr and present else ()), ns=v.ns)
+
+
+def test_allowed_address_pairs_route_a_vip_to_its_holder_and_follow_a_keepalived_move(cloud: Cloud) -> None:
     h1, h2 = cloud.lab.topo.hosts
     vips = {6: "fd00:7::100", 4: "10.67.0.200"}
     pairs = [{"ip_address": a} for a in vips.values()]
-    pa, a = cloud.vm(h1, allowed_address_pairs=pairs)  # listed first: the VIP is routed to it
+    pa, a = cloud.vm(h1, allowed_address_pairs=pairs)
     pb, b = cloud.vm(h2, allowed_address_pairs=pairs)
     _, c = cloud.vm(h2)  # no pair
     assert {p["ip_address"] for p in cloud.n.get("port", pb["id"])["allowed_address_pairs"]} == set(vips.values())
-    for v in (a, b):  # both hold the VIP on their interface, as keepalived's master and backup may briefly
-        for addr in vips.values():
-            netns.ip("addr", "add", addr + ("/128" if ":" in addr else "/32"), "dev", "eth0",
-                     *(("nodad",) if ":" in addr else ()), ns=v.ns)
+    for addr in vips.values():
+        vip_on(a, addr, True)  # a is keepalived's master
     log_c, log_a = cloud.receiver(c), cloud.receiver(a)
     for version, vip in vips.items():
         assert arrives(a, vip, own(c, version), log_c)  # the holder sends from the VIP, across hosts
@@ -156,11 +161,15 @@ def test_allowed_address_pairs_let_the_holder_send_from_and_receive_on_a_vip(clo
             assert send(c, vip, own(a, version))  # the third port cannot send from the VIP
         assert L.wait_until(lambda w=what, n=before: guard_counter(h2.ns, w) >= n + 3, 10)
         assert vip not in received(log_a)
-    # the holder's port loses the pair (an operator's failover): the VIP goes to the other port
-    for addr in vips.values():
-        netns.ip("addr", "del", addr + ("/128" if ":" in addr else "/32"), "dev", "eth0", ns=a.ns)
-    cloud.n.put("port", pa["id"], {"allowed_address_pairs": []})
-    for vip in vips.values():
-        assert L.wait_until(lambda vip=vip: ping(c.ns, vip), 10)
-    routes = netns.ip("-6", "route", "show", "fd00:7::100", ns=h2.ns)
-    assert "tap" + pb["id"][:11] in routes, routes
+    # keepalived moves the VIP to b and back: reachability follows within 2 s each time, with no
+    # Neutron call (only the guests know who holds it)
+    for old, new in ((a, b), (b, a)):
+        for vip in vips.values():
+            vip_on(old, vip, False)
+            vip_on(new, vip, True)
+            moved = time.monotonic()
+            assert L.wait_until(lambda vip=vip: probe.in_ns(c.ns, lambda: probe.ping(vip, 0.3, 0.1))[0], 2), \
+                (vip, time.monotonic() - moved)
+    tap_a = "tap" + pa["id"][:11]
+    assert tap_a in netns.ip("-6", "route", "show", vips[6], ns=h1.ns)
+    assert tap_a in netns.ip("route", "show", vips[4], ns=h1.ns)

@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 2.0  # how soon a failed kernel write is tried again
 BGP_CHECK_S = 5.0  # how often bird's liveness and sessions are checked
+# how often the guests' answers for their allowed sources (VIPs) are read and nudged: with the
+# neighbour timing calc.PAIR_NEIGH_TIMING, a VIP that moves is followed within ~1.2 s (keepalived's
+# failover budget is 2 s); one netlink send for every pair, and only while this host has pairs
+PAIR_PROBE_S = 0.3
 POLICY_CHECK_S = 5.0  # how often the nftables generation is compared (a full compare only if it moved)
 
 
@@ -122,6 +126,7 @@ class Agent:
         self.dhcp_dirty = True
         self.bgp_dirty = True
         self.next_bgp_check = 0.0
+        self.next_pair_probe = 0.0
         self.bgp_written: dict[str, Any] | None = None
         self.monitor = nl.Monitor()
         self.in_sync = False
@@ -229,7 +234,8 @@ class Agent:
                 next_resync = self.next_resync
                 deadline = min(next_resync, retry_at or next_resync,
                                self.next_bgp_check if self.bird is not None and self.in_sync else next_resync,
-                               self.next_policy_check if self.policy is not None and self.in_sync else next_resync)
+                               self.next_policy_check if self.policy is not None and self.in_sync else next_resync,
+                               self.next_pair_probe if self.index.pair_owners and self.in_sync else next_resync)
                 items = []
                 try:
                     items.append(self.q.get(timeout=max(0.0, deadline - now)))
@@ -258,7 +264,7 @@ class Agent:
                     continue
                 # an unexpected failure in one step (a bug, a record no validator foresaw) is logged
                 # and retried: it never ends the loop, and what is programmed stays as it is
-                for step in (self._apply, self._bgp_step, self._dhcp_step):
+                for step in (self._pair_step, self._apply, self._bgp_step, self._dhcp_step):
                     try:
                         if step() is False:
                             retry_at = time.monotonic() + RETRY_S
@@ -271,6 +277,22 @@ class Agent:
             self.stopping.set()
             if self.policy is not None:
                 self.policy.close()
+
+    def _pair_step(self) -> None:
+        """Which local guests answer for their allowed sources now (see calc.py: a VIP is routed
+        to the port whose guest holds it), folded in before the apply of the same turn."""
+        now = time.monotonic()
+        if now < self.next_pair_probe or not (self.index.pair_owners or self.index.answered):
+            return
+        self.next_pair_probe = now + PAIR_PROBE_S
+        wanted = self.index.probes()
+        items = {(addr, idx): (iface, addr) for iface, addr in wanted
+                 if (idx := self.links.by_name.get(iface)) is not None}
+        answers = {items[k]: yes for k, yes in self.netlink.probe_neighbours(list(items)).items()}
+        for key in self.index.answered - wanted:  # no longer probed: forget the answer
+            answers[key] = False
+        for (iface, addr), yes in answers.items():
+            self._push(self.index.set_answered(iface, addr, yes))
 
     def _bgp_step(self) -> None:
         if self.bird is not None:

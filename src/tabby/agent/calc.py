@@ -5,11 +5,16 @@ change costs work in proportion to itself, not to the number of endpoints; ``hos
 the same thing from scratch, and tests hold the two equal under any order of updates.
 
 Allowed sources (Neutron's allowed address pairs) are weaker claims: they never refuse an endpoint,
-and an address that is some endpoint's own is routed to that one. Otherwise it goes to the first
-endpoint (fabric-wide, same ranking) that lists it and is served: Calico routes such an address to
-every port that lists it, which for a VIP two ports list means two hosts advertising one /32 and
-traffic split between the holder and the backup; one route is what Neutron's L2 gives (one MAC
-learned at a time).
+and an address that is some endpoint's own is routed to that one. Otherwise it is routed to a local
+endpoint that lists it *and whose guest answers for it* (the kernel's ARP/ND entry for the address on
+its interface is alive; the agent probes those entries and feeds ``set_answered``), the first by
+rank if several do. Why: a VIP that two ports list (keepalived, VRRP) is held by one of them at a
+time, and only the guests know which; Neutron's L2 follows the holder by MAC learning, and this is
+the L3 equivalent: when the VIP moves, the old holder stops answering and its host withdraws the
+route, the new one answers and its host installs (and BGP advertises) it. Calico instead routes
+such an address to every port that lists it, which for a VIP means two hosts advertising one /32
+and traffic sent to the backup, which drops it. Pair addresses get no permanent neighbour: the
+kernel's own entry is what is probed.
 
 Conflicts are refused, not obeyed, and every agent decides them alike: an address belongs to
 the endpoint that claimed it first in the whole fabric (the lowest Store create revision, then
@@ -67,6 +72,14 @@ def plan_endpoint(ep: Any) -> EndpointPlan:
     )
 
 
+# On an interface with allowed sources, how fast the kernel notices that a guest stopped answering
+# for one (a VIP moved away): an entry is trusted for 150-450 ms after an answer, then checked with
+# two unicast probes 200 ms apart, at once (no 5 s delay); with the agent's probe every 0.3 s a
+# VIP's departure is seen within ~1.2 s, which leaves time for BGP inside keepalived's 2 s.
+PAIR_NEIGH_TIMING = {"base_reachable_time_ms": "300", "retrans_time_ms": "200", "delay_first_probe_time": "0",
+                     "ucast_solicit": "2", "mcast_solicit": "2"}
+
+
 def host_prefix(addr: str) -> str:
     return f"{addr}/128" if ":" in addr else f"{addr}/32"
 
@@ -91,6 +104,8 @@ def interface_sysctls(plan: EndpointPlan) -> dict[str, str]:
         out[f"ipv4/conf/{i}/proxy_arp"] = "1"
         out[f"ipv4/conf/{i}/rp_filter"] = "1" if plan.port_security else "0"
         out[f"ipv4/neigh/{i}/proxy_delay"] = "0"
+    for family in sorted({"ipv6" if ":" in a else "ipv4" for a, _ in plan.pairs}):
+        out.update({f"{family}/neigh/{i}/{k}": v for k, v in PAIR_NEIGH_TIMING.items()})
     return out
 
 
@@ -120,8 +135,8 @@ class HostIndex:
         self.if_owners: dict[str, set[str]] = {}
         self.addr_owners: dict[str, set[str]] = {}  # every host's claims: address -> endpoint names
         self.remote: dict[str, tuple[str, ...]] = {}  # other hosts' endpoints -> their addresses
-        self.pair_owners: dict[str, set[str]] = {}  # every host's allowed sources: address -> endpoints
-        self.remote_pairs: dict[str, tuple[str, ...]] = {}  # other hosts' endpoints -> their allowed sources
+        self.pair_owners: dict[str, set[str]] = {}  # this host's allowed sources: address -> endpoints
+        self.answered: set[tuple[str, str]] = set()  # (interface, pair address) whose guest answers
         self.created: dict[str, int] = {}  # endpoint -> Store create revision (age decides conflicts)
         self.state = HostState()
 
@@ -136,8 +151,6 @@ class HostIndex:
             self._unindex(old, t)
         for a in self.remote.pop(name, ()):
             self._unclaim(name, a, t)
-        for a in self.remote_pairs.pop(name, ()):
-            self._unclaim_pair(name, a, t)
         if endpoint is None:
             self.created.pop(name, None)
         elif endpoint.spec.host == self.host:
@@ -156,12 +169,6 @@ class HostIndex:
             for a in addrs:
                 self.addr_owners.setdefault(a, set()).add(name)
                 t.routes.add(host_prefix(a))
-            if endpoint.spec.allowed_sources:
-                pairs = tuple(str(p.address.ip) for p in endpoint.spec.allowed_sources)
-                self.remote_pairs[name] = pairs
-                for a in pairs:
-                    self.pair_owners.setdefault(a, set()).add(name)
-                    t.routes.add(host_prefix(a))
         t.endpoints.add(name)
         self._recompute(t)
         return t
@@ -222,17 +229,30 @@ class HostIndex:
                 return only
         return min(owners, key=self._rank)
 
+    def set_answered(self, iface: str, addr: str, answers: bool) -> Touched:
+        """The guest on ``iface`` answers for the allowed source ``addr`` now (or no longer)."""
+        t = Touched()
+        if ((iface, addr) in self.answered) == answers:
+            return t
+        (self.answered.add if answers else self.answered.discard)((iface, addr))
+        t.routes.add(host_prefix(addr))
+        self._recompute(t)
+        return t
+
+    def probes(self) -> set[tuple[str, str]]:
+        """(interface, address) of every allowed source a local, served endpoint may be routed:
+        what the agent asks the kernel about. Bounded by the pairs, not the endpoints."""
+        return {(self.plans[n].interface, a) for a, names in self.pair_owners.items() if a not in self.addr_owners
+                for n in names if self._serves(n)}
+
     def pair_holder(self, addr: str) -> str | None:
-        """The endpoint an allowed source is routed to: none if it is some endpoint's own address,
-        else the first that lists it among those not refused."""
+        """The local endpoint an allowed source is routed to: none if it is some endpoint's own
+        address, else the first that lists it, is served, and whose guest answers for it."""
         if addr in self.addr_owners:
             return None
-        owners = [n for n in self.pair_owners.get(addr, ()) if self.refused(n) is None]
+        owners = [n for n in self.pair_owners.get(addr, ())
+                  if (self.plans[n].interface, addr) in self.answered and self._serves(n)]
         return min(owners, key=self._rank) if owners else None
-
-    def _pair_mac(self, name: str, addr: str) -> str:
-        plan = self.plans[name]
-        return next(m for a, m in plan.pairs if a == addr)
 
     def refused(self, name: str) -> str | None:
         """Why an endpoint (of any host) is refused, or None: an address held by an older one,
@@ -281,7 +301,7 @@ class HostIndex:
             for a in plan.addresses if plan is not None else self.remote.get(n, ()):
                 t.routes.add(host_prefix(a))
             # its refusal decides where the allowed sources it lists go
-            for a in (a for a, _ in plan.pairs) if plan is not None else self.remote_pairs.get(n, ()):
+            for a, _ in plan.pairs if plan is not None else ():
                 t.routes.add(host_prefix(a))
             if plan is not None and plan.ipv6_gateway is not None:
                 t.proxies.add((plan.interface, plan.ipv6_gateway))
@@ -294,18 +314,15 @@ class HostIndex:
                 st.routes[prefix] = plan.interface
                 st.neighbours[(plan.interface, addr)] = plan.mac
                 t.neighbours.add((plan.interface, addr))
-            elif h is None and (p := self.pair_holder(addr)) is not None and self._serves(p):
-                plan = self.plans[p]
-                st.routes[prefix] = plan.interface
-                st.neighbours[(plan.interface, addr)] = self._pair_mac(p, addr)
-                t.neighbours.add((plan.interface, addr))
+            elif h is None and (p := self.pair_holder(addr)) is not None:
+                st.routes[prefix] = self.plans[p].interface  # the kernel resolves it: no permanent neighbour
             else:
                 st.routes.pop(prefix, None)
             if old_iface is not None and old_iface != st.routes.get(prefix):
                 st.neighbours.pop((old_iface, addr), None)
                 t.neighbours.add((old_iface, addr))
         for iface, addr in list(t.neighbours):
-            if st.routes.get(host_prefix(addr)) != iface:
+            if st.routes.get(host_prefix(addr)) != iface or self.holder(addr) is None:
                 st.neighbours.pop((iface, addr), None)
         for key in list(t.proxies):
             iface, gw = key
@@ -333,10 +350,13 @@ class HostIndex:
         return routes, neighs, proxies
 
 
-def host_state(endpoints: Iterable[Any], host: str, created: Mapping[str, int] | None = None) -> HostState:
-    """This host's desired state from a full set of endpoints (and their create revisions):
-    the reference for HostIndex."""
+def host_state(endpoints: Iterable[Any], host: str, created: Mapping[str, int] | None = None,
+               answered: Iterable[tuple[str, str]] = ()) -> HostState:
+    """This host's desired state from a full set of endpoints (and their create revisions, and the
+    allowed sources whose guests answer): the reference for HostIndex."""
     index = HostIndex(host)
     for ep in sorted(endpoints, key=lambda e: e.metadata.name):
         index.update(ep.metadata.name, ep, (created or {}).get(ep.metadata.name, 0))
+    for iface, addr in sorted(answered):
+        index.set_answered(iface, addr, True)
     return index.state

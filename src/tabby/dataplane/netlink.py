@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 NETLINK_ROUTE = 0
@@ -39,7 +39,10 @@ RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RTN_UNICAST = 1
 NUD_PERMANENT = 0x80
-NTF_PROXY = 0x08
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE = 0x02, 0x04, 0x08, 0x10
+# an entry in these states has had an answer and has not been found unanswered since
+NUD_ANSWERED = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE
+NTF_USE, NTF_PROXY = 0x01, 0x08
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_GET_STRICT_CHK = 12
@@ -295,6 +298,42 @@ class Netlink:
                     out.append(n)
         return out
 
+
+    def probe_neighbours(self, items: Collection[tuple[str, int]]) -> dict[tuple[str, int], bool]:
+        """(address, ifindex) -> whether the device's neighbour answers for the address, and for
+        each a nudge (NTF_USE, as a packet to it would give) so the kernel confirms it again or
+        starts resolving it: the next call sees the outcome. One send for all; what failed to
+        answer (no such device) counts as not answering."""
+        seqs: dict[int, tuple[str, int]] = {}
+        buf = bytearray()
+        for ip, ifindex in items:
+            family, packed = _pton(ip)
+            dst = _attr(NDA_DST, packed)
+            for mtype, flags, ndm_flags in ((RTM_GETNEIGH, NLM_F_REQUEST, 0),
+                                            (RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
+                                             NTF_USE)):
+                body = _NDMSG.pack(family, 0, 0, ifindex, 0, ndm_flags, 0) + dst
+                seq = self.seq
+                self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
+                if mtype == RTM_GETNEIGH:
+                    seqs[seq] = (ip, ifindex)
+                buf += _NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
+        out = dict.fromkeys(seqs.values(), False)
+        if not buf:
+            return out
+        last = self.seq - 1 or 0x7FFFFFFF
+        self.sock.send(buf)
+        while True:
+            data = self.sock.recv(1 << 20)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, off)
+                if mtype == RTM_NEWNEIGH and seq in seqs:
+                    n = parse_neigh(data[off + 16: off + length])
+                    out[seqs[seq]] = n is not None and bool(n.state & NUD_ANSWERED)
+                off += (length + 3) & ~3
+                if seq == last and mtype == NLMSG_ERROR:
+                    return out
 
     def neigh_tables(self) -> list[NeighTable]:
         """The neighbour tables (not their per-device parameter messages, which carry no thresholds)."""
