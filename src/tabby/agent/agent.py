@@ -352,7 +352,7 @@ class Agent:
                 continue
             vms.append(Vm(plan.interface, plan.mac, tuple(a for a in plan.addresses if ":" in a),
                           tuple(a for a in plan.addresses if ":" not in a)))
-        pools = [r.spec.cidr for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
+        pools = [r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
         try:
             self.dnsmasq.set_desired(render_dnsmasq(vms, pools, self.dnsmasq.run_dir) if vms else None, vms)
             self.dnsmasq.apply()

@@ -28,8 +28,11 @@ def guest_render(
     cloud_init: Annotated[bool, typer.Option("--cloud-init", help="print cloud-init user-data instead")] = False,
     rs_delay: Annotated[int, typer.Option(help="router_solicitation_delay in seconds (the seed: 10; it also "
                                           "delays the first DAD probe, so boot is slower)", min=0, max=60)] = 1,
+    ipv6: Annotated[str, typer.Option(help="the subnet's IPv6 mode: dhcpv6-stateful | dhcpv6-stateless | slaac "
+                                      "(SLAAC modes: EUI-64 only, privacy addresses off)")] = "dhcpv6-stateful",
 ) -> None:
-    """DHCPv6 on each interface with accept_ra 1, the dhclient /128 fix, the RS-delay sysctl."""
+    """DHCPv6 (or, on SLAAC subnets, the RA's EUI-64 address) on each interface with accept_ra 1,
+    the dhclient /128 fix, the RS-delay sysctl."""
     from tabby.guest import render as R
 
     ifaces = tuple(interface or ["eth0"])
@@ -38,11 +41,11 @@ def guest_render(
 
         for i in ifaces:
             check_interface_name(i)
-        files = R.render(distro, ifaces, ipv4, rs_delay)
+        files = R.render(distro, ifaces, ipv4, rs_delay, ipv6)
     except ValueError as e:
         fail(str(e))
     if cloud_init:
-        print(R.cloud_init(distro, ifaces, ipv4, rs_delay), end="")
+        print(R.cloud_init(distro, ifaces, ipv4, rs_delay, ipv6), end="")
         return
     for f in files:
         if root is None:

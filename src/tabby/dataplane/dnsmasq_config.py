@@ -4,9 +4,12 @@ One dnsmasq per host serves every VM tap on it (one process and one lease file p
 of a process per network: a VM's address is fixed by the orchestrator, so networks need no
 separate state, and the host's taps all route through the host anyway).
 
-- Router Advertisements with the managed flag (M=1) and the pool's prefix with neither the
-  on-link nor the autonomous flag (``off-link``, ``static``): a VM makes no SLAAC address and no
-  on-link route, only a default route to the link-local address of its tap.
+- Router Advertisements whose prefix never has the on-link flag (``off-link``): a VM makes no
+  on-link route, only a default route to the link-local address of its tap. By the pool's
+  ``ipv6_mode``: dhcpv6-stateful (``static``): M=1 and the prefix not autonomous, so no SLAAC
+  address; slaac (``ra-only``): M=0, O=0, the prefix autonomous, so the VM forms its EUI-64 address
+  (which the orchestrator computed from the MAC and wrote in the Endpoint); dhcpv6-stateless
+  (``ra-stateless``): the same with O=1, and DHCPv6 answers information requests (DNS servers).
 - Stateful DHCPv6 and DHCPv4 that hand each VM exactly its Endpoint's addresses (by MAC), nothing
   to anyone else (``static``); IPv4 VMs get 169.254.1.1 as their router, which the host answers
   for by proxy ARP.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ANCHOR = "tbyra0"  # one end of a veth: this kernel has no dummy link type
 ANCHOR_PEER = "tbyra1"
@@ -41,18 +45,23 @@ class Rendered:
     anchors: tuple[str, ...]  # "addr/len" for the anchor interface
 
 
-def pools_of(vms: list[Vm], pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list[
-        ipaddress.IPv4Network | ipaddress.IPv6Network]:
+# dhcp-range mode words per IPPool ipv6_mode (the prefix is off-link in every mode)
+_V6_MODE = {"dhcpv6-stateful": "static", "slaac": "ra-only", "dhcpv6-stateless": "ra-stateless"}
+
+
+def pools_of(vms: list[Vm], pools: list[Any]) -> list[Any]:
+    """The pools (IPPool specs) that hold an address of these VMs, IPv4 first."""
     used = []
     for p in pools:
-        if any(ipaddress.ip_address(a) in p for vm in vms for a in (*vm.v6, *vm.v4)):
+        if any(ipaddress.ip_address(a) in p.cidr for vm in vms for a in (*vm.v6, *vm.v4)):
             used.append(p)
-    return sorted(used, key=lambda n: (n.version, n.network_address))
+    return sorted(used, key=lambda p: (p.cidr.version, p.cidr.network_address))
 
 
-def render(vms: list[Vm], pools: list[ipaddress.IPv4Network | ipaddress.IPv6Network], run_dir: Path,
-           lease_time: str = "1h") -> Rendered:
-    used = pools_of(vms, pools)
+def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h") -> Rendered:
+    """``specs``: every IPPool's spec (cidr, ipv6_mode, dns_servers)."""
+    used_specs = pools_of(vms, specs)
+    used = [p.cidr for p in used_specs]
     # only what a served range covers: dnsmasq has nothing to say about addresses outside the pools
     vms = sorted((Vm(vm.interface, vm.mac, tuple(a for a in vm.v6 if any(ipaddress.ip_address(a) in p for p in used)),
                      tuple(a for a in vm.v4 if any(ipaddress.ip_address(a) in p for p in used))) for vm in vms),
@@ -75,11 +84,17 @@ def render(vms: list[Vm], pools: list[ipaddress.IPv4Network | ipaddress.IPv6Netw
         lines.append("enable-ra")
         for vm in vms:
             lines.append(f"ra-param={vm.interface},high,10,1800")  # router lifetime 30 min, RAs every 10 s
-    for p in used:
+    for k, spec in enumerate(used_specs):
+        p, tag = spec.cidr, f"pool{k}"
         if p.version == 6:
-            lines.append(f"dhcp-range={p.network_address},static,off-link,{p.prefixlen},{lease_time}")
+            lines.append(f"dhcp-range=set:{tag},{p.network_address},{_V6_MODE[spec.ipv6_mode]},off-link,{p.prefixlen},"
+                         f"{lease_time}")
         else:
-            lines.append(f"dhcp-range={p.network_address},static,{p.netmask},{lease_time}")
+            lines.append(f"dhcp-range=set:{tag},{p.network_address},static,{p.netmask},{lease_time}")
+        dns = [str(a) for a in spec.dns_servers if a.version == p.version]
+        if dns:  # also in the RAs (RDNSS), for guests that take DNS from there
+            lines.append(f"dhcp-option=tag:{tag},option6:dns-server," + ",".join(f"[{a}]" for a in dns)
+                         if p.version == 6 else f"dhcp-option=tag:{tag},option:dns-server," + ",".join(dns))
     if any(p.version == 4 for p in used):
         lines.append(f"dhcp-option=option:router,{V4_GATEWAY}")
         lines.append(f"dhcp-option=option:classless-static-route,{V4_GATEWAY}/32,0.0.0.0,0.0.0.0/0,{V4_GATEWAY}")

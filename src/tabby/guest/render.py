@@ -9,7 +9,13 @@
    (the kernel's default) unless asked: Linux also delays an interface's first DAD probe by a random
    time up to this value, and DHCPv6 clients wait for the link-local address to pass DAD, so 10 s
    made a VM's boot take 5-12 s here. dnsmasq's periodic RAs (every 10 s) cover a lost early RS.
-5. For guests that run dhcpcd instead of ISC dhclient: /etc/dhcpcd.conf asking for an address
+5. On SLAAC and DHCPv6-stateless subnets (``ipv6``): the address the guest forms must be exactly
+   the orchestrator's, EUI-64 from the MAC (Neutron computes it so, and the host's anti-spoofing
+   allows only it): no privacy extensions (``use_tempaddr = 0``, ifupdown ``privext 0``, dhcpcd
+   ``slaac hwaddr``) and no stable-privacy or random interface ids (``addr_gen_mode = 0``). The
+   address comes from the RA (ifupdown ``inet6 auto``; ``dhcp 1`` for the stateless DHCPv6 that
+   gives DNS servers), not from a DHCPv6 lease.
+6. For guests that run dhcpcd instead of ISC dhclient: /etc/dhcpcd.conf asking for an address
    (``ia_na``) on each interface, a DUID from the MAC (``duid ll``: stable across reinstalls of the
    image, so the host's DHCPv6 server keeps handing out the orchestrator's address), no IPv4
    link-local, and no IPv4 at all on an IPv6-only network.
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 
 DHCLIENT_FIX = "new_ip6_prefixlen=128  # tabby: a DHCPv6 address is a /128, never an on-link /64"
 DISTROS = ("ubuntu", "debian", "centos")
+IPV6_MODES = ("dhcpv6-stateful", "dhcpv6-stateless", "slaac")  # as IPPool.ipv6_mode, Neutron's address modes
 
 
 @dataclass(frozen=True)
@@ -35,34 +42,48 @@ DEFAULT_RS_DELAY = 1
 
 
 def render(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = True,
-           rs_delay: int = DEFAULT_RS_DELAY) -> list[GuestFile]:
+           rs_delay: int = DEFAULT_RS_DELAY, ipv6: str = "dhcpv6-stateful") -> list[GuestFile]:
     if distro not in DISTROS:
         raise ValueError(f"unknown distro {distro!r}: one of {', '.join(DISTROS)}")
+    if ipv6 not in IPV6_MODES:
+        raise ValueError(f"unknown IPv6 mode {ipv6!r}: one of {', '.join(IPV6_MODES)}")
+    slaac = ipv6 != "dhcpv6-stateful"
     files: list[GuestFile] = []
     for i in interfaces:
         if distro in ("ubuntu", "debian"):
-            text = f"auto {i}\n" + (f"iface {i} inet dhcp\n" if ipv4 else "") + \
-                f"iface {i} inet6 dhcp\n        accept_ra 1\n"
+            v6 = f"iface {i} inet6 dhcp\n        accept_ra 1\n" if not slaac else \
+                f"iface {i} inet6 auto\n        accept_ra 1\n        privext 0\n" + \
+                ("        dhcp 1\n" if ipv6 == "dhcpv6-stateless" else "")
+            text = f"auto {i}\n" + (f"iface {i} inet dhcp\n" if ipv4 else "") + v6
             files.append(GuestFile(f"/etc/network/interfaces.d/{i}.cfg", text))
         else:
-            text = (f"DEVICE={i}\nONBOOT=yes\nTYPE=Ethernet\n" + ("BOOTPROTO=dhcp\n" if ipv4 else "BOOTPROTO=none\n")
-                    + "IPV6INIT=yes\nDHCPV6C=yes\nIPV6_AUTOCONF=yes\n")
+            v6 = "IPV6INIT=yes\nDHCPV6C=yes\nIPV6_AUTOCONF=yes\n" if not slaac else \
+                "IPV6INIT=yes\nIPV6_AUTOCONF=yes\nIPV6_PRIVACY=no\n" + \
+                ("DHCPV6C=yes\nDHCPV6C_OPTIONS=-S\n" if ipv6 == "dhcpv6-stateless" else "DHCPV6C=no\n")
+            proto = "BOOTPROTO=dhcp\n" if ipv4 else "BOOTPROTO=none\n"
+            text = f"DEVICE={i}\nONBOOT=yes\nTYPE=Ethernet\n" + proto + v6
             files.append(GuestFile(f"/etc/sysconfig/network-scripts/ifcfg-{i}", text))
-        files.append(GuestFile(f"/etc/sysctl.d/30-{i}-rs-delay.conf",
-                               f"net.ipv6.conf.{i}.router_solicitation_delay = {rs_delay}\n"
-                               f"net.ipv6.conf.{i}.accept_ra = 1\n"))
+        sysctls = (f"net.ipv6.conf.{i}.router_solicitation_delay = {rs_delay}\n"
+                   f"net.ipv6.conf.{i}.accept_ra = 1\n")
+        if slaac:  # exactly the EUI-64 address the orchestrator computed
+            sysctls += (f"net.ipv6.conf.{i}.autoconf = 1\nnet.ipv6.conf.{i}.use_tempaddr = 0\n"
+                        f"net.ipv6.conf.{i}.addr_gen_mode = 0\n")
+        files.append(GuestFile(f"/etc/sysctl.d/30-{i}-rs-delay.conf", sysctls))
     files.append(GuestFile("/sbin/dhclient-script", DHCLIENT_FIX + "\n", mode="prepend-after-shebang"))
-    files.append(GuestFile("/etc/dhcpcd.conf", dhcpcd_conf(interfaces, ipv4)))
+    files.append(GuestFile("/etc/dhcpcd.conf", dhcpcd_conf(interfaces, ipv4, slaac)))
     return files
 
 
-def dhcpcd_conf(interfaces: tuple[str, ...], ipv4: bool) -> str:
-    lines = ["# tabby: a DHCPv6 address per interface, the default route from the host's RAs",
+def dhcpcd_conf(interfaces: tuple[str, ...], ipv4: bool, slaac: bool = False) -> str:
+    lines = ["# tabby: " + ("the address from the host's RAs (EUI-64, no privacy address)" if slaac else
+                            "a DHCPv6 address per interface, the default route from the host's RAs"),
              "duid ll", "noipv4ll", "option rapid_commit", f"allowinterfaces {' '.join(interfaces)}"]
+    if slaac:
+        lines.append("slaac hwaddr")
     if not ipv4:
         lines.append("ipv6only")
     for i in interfaces:
-        lines += [f"interface {i}", "  ia_na"]
+        lines += [f"interface {i}"] + ([] if slaac else ["  ia_na"])
     return "\n".join(lines) + "\n"
 
 
@@ -77,12 +98,12 @@ def patch_script(text: str) -> str:
 
 
 def cloud_init(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = True,
-               rs_delay: int = DEFAULT_RS_DELAY) -> str:
+               rs_delay: int = DEFAULT_RS_DELAY, ipv6: str = "dhcpv6-stateful") -> str:
     """The same as cloud-init user-data, for images booted with it instead of being edited."""
     import yaml
 
     write_files, runcmd = [], []
-    for f in render(distro, interfaces, ipv4, rs_delay):
+    for f in render(distro, interfaces, ipv4, rs_delay, ipv6):
         if f.mode == "replace":
             write_files.append({"path": f.path, "content": f.text, "permissions": "0644"})
         else:

@@ -144,11 +144,21 @@ def refused_hosts(hosts: Iterable[tuple[Host, int]]) -> dict[str, str]:
     return refused
 
 
+# How VMs on an IPv6 pool get their addresses (Neutron's ipv6_address_mode): stateful DHCPv6
+# (RA M=1, no autonomous prefix), SLAAC (RA with the prefix autonomous, M=0, O=0), or SLAAC plus
+# stateless DHCPv6 for other settings (M=0, O=1). The prefix is never on-link: every VM routes all
+# traffic via its tap. SLAAC forms the address from the MAC (EUI-64), which needs a /64.
+Ipv6Mode = Literal["dhcpv6-stateful", "dhcpv6-stateless", "slaac"]
+MAX_DNS_SERVERS = 3  # what DHCPv4 clients and resolv.conf use; Neutron's default limit is 5
+
+
 class IPPoolSpec(_Frozen):
     cidr: IPv6Network | IPv4Network
     block_size: int | None = None
     nat_outgoing: bool = False
     disabled: bool = False
+    ipv6_mode: Ipv6Mode = "dhcpv6-stateful"
+    dns_servers: Annotated[tuple[V6Addr | IPv4Address, ...], Field(max_length=MAX_DNS_SERVERS)] = ()
 
     @field_validator("cidr", mode="before")
     @classmethod
@@ -163,6 +173,9 @@ class IPPoolSpec(_Frozen):
     @model_validator(mode="after")
     def _block(self) -> IPPoolSpec:
         v6 = self.cidr.version == 6
+        if self.ipv6_mode != "dhcpv6-stateful" and not (v6 and self.cidr.prefixlen == 64):
+            raise ValueError(f"ipv6_mode {self.ipv6_mode} needs an IPv6 /64 (SLAAC forms addresses from the MAC), "
+                             f"not {self.cidr}")
         lo, default = (V6_BLOCK_MIN, V6_BLOCK_DEFAULT) if v6 else (V4_BLOCK_MIN, V4_BLOCK_DEFAULT)
         hi = 128 if v6 else 32
         if self.block_size is None:

@@ -4,8 +4,9 @@ No Neutron import here: the ML2 driver (inside neutron-server) and ``tabby opens
 (over Neutron's HTTP API) both use these functions, and the tests call them directly.
 
 - a subnet -> a disabled IPPool ``subnet-<id>`` (BGP exports and imports, and dnsmasq's ranges
-  follow pools; disabled: Neutron allocates its addresses, tabby's IPAM must not);
-  IPv6 subnets must be DHCPv6-stateful: that is what tabby serves (RA M=1 + DHCPv6 from dnsmasq)
+  follow pools; disabled: Neutron allocates its addresses, tabby's IPAM must not), with its IPv6
+  mode (DHCPv6-stateful, DHCPv6-stateless, SLAAC) and DNS servers, which tabby's RAs and
+  dnsmasq serve; for SLAAC Neutron computes each port's EUI-64 address and lists it in fixed_ips
 - a bound port -> an Endpoint ``os-<port id>`` on its binding host, tap ``tap`` + 11 characters of
   the id (what Nova names it), its fixed IPs, its allowed address pairs as allowed sources (single
   addresses only: a CIDR pair is refused before commit), and one Profile per security group;
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from ipaddress import ip_address, ip_network
 from typing import Any
+
+from tabby.model.resources import MAX_DNS_SERVERS
 
 OWNER_LABEL = "openstack"  # on everything this module makes: resync deletes only what carries it
 SG_LABEL = "sg.openstack/"  # + security group id: a port's membership, for remote-group rules
@@ -46,17 +49,23 @@ def profile_name(sg_id: str) -> str:
     return f"sg-{sg_id}"
 
 
+IPV6_MODES = ("dhcpv6-stateful", "dhcpv6-stateless", "slaac")  # all of Neutron's, served as IPPool.ipv6_mode
+
+
 def check_subnet(subnet: Mapping[str, Any]) -> None:
     """Raise Unsupported for what tabby cannot serve (checked before Neutron commits the subnet)."""
     if subnet.get("ip_version") == 6:
         mode, ra = subnet.get("ipv6_address_mode"), subnet.get("ipv6_ra_mode")
-        if mode != "dhcpv6-stateful":
-            raise Unsupported(f"tabby serves IPv6 subnets with ipv6_address_mode dhcpv6-stateful only, not {mode}: "
-                              "VMs get their address by DHCPv6 and their default route from tabby's RAs")
-        if ra not in (None, "dhcpv6-stateful"):
-            raise Unsupported(f"ipv6_ra_mode {ra} is not served by tabby; leave it unset or dhcpv6-stateful")
+        if mode not in IPV6_MODES:
+            raise Unsupported(f"tabby serves IPv6 subnets with ipv6_address_mode {', '.join(IPV6_MODES)}, not {mode}: "
+                              "its RAs say how VMs get their addresses, so the mode must be set")
+        if ra not in (None, mode):
+            raise Unsupported(f"ipv6_ra_mode {ra} differs from ipv6_address_mode {mode}: tabby sends the RAs, "
+                              "and they follow the address mode; leave ipv6_ra_mode unset or the same")
+        if mode != "dhcpv6-stateful" and ip_network(subnet["cidr"]).prefixlen != 64:
+            raise Unsupported(f"ipv6_address_mode {mode} needs a /64: SLAAC forms addresses from the MAC (EUI-64)")
     if not subnet.get("enable_dhcp", True):
-        raise Unsupported("tabby assigns fixed IPs to VMs by DHCP: enable_dhcp must be true")
+        raise Unsupported("tabby assigns fixed IPs to VMs by DHCP and RA: enable_dhcp must be true")
 
 
 def check_port(port: Mapping[str, Any]) -> None:
@@ -69,8 +78,13 @@ def check_port(port: Mapping[str, Any]) -> None:
 
 
 def pool_doc(subnet: Mapping[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"cidr": str(ip_network(subnet["cidr"])), "disabled": True}  # Neutron allocates, not tabby
+    if subnet.get("ip_version") == 6 and subnet.get("ipv6_address_mode") in IPV6_MODES:
+        spec["ipv6_mode"] = subnet["ipv6_address_mode"]
+    if subnet.get("dns_nameservers"):
+        spec["dns_servers"] = [str(ip_address(a)) for a in subnet["dns_nameservers"]][:MAX_DNS_SERVERS]
     return {"kind": "IPPool", "metadata": {"name": pool_name(subnet["id"]), "labels": {OWNER_LABEL: "subnet"}},
-            "spec": {"cidr": str(ip_network(subnet["cidr"])), "disabled": True}}  # Neutron allocates, not tabby
+            "spec": spec}
 
 
 def endpoint_doc(port: Mapping[str, Any]) -> dict[str, Any] | None:
