@@ -64,10 +64,10 @@ def test_neutron_networks_ports_and_security_groups_reach_real_vms(tmp_path: Pat
         h1, h2 = the_lab.topo.hosts
         net = n.post("network", {"name": "dual", "provider:network_type": "flat",
                                  "provider:physical_network": "tabby"})
-        # modes tabby does not serve are refused, with a reason the user can act on
-        err = n.post("subnet", {"network_id": net["id"], "ip_version": 6, "cidr": "fd00:5::/64",
-                                "ipv6_address_mode": "slaac", "ipv6_ra_mode": "slaac"}, expect=400)
-        assert "dhcpv6-stateful" in json.dumps(err)
+        # what tabby does not serve is refused, with a reason the user can act on
+        err = n.post("subnet", {"network_id": net["id"], "ip_version": 4, "cidr": "10.65.0.0/24",
+                                "enable_dhcp": False}, expect=400)
+        assert "enable_dhcp must be true" in json.dumps(err)
         s6 = n.post("subnet", {"network_id": net["id"], "ip_version": 6, "cidr": "fd00:5::/64",
                                "ipv6_address_mode": "dhcpv6-stateful", "ipv6_ra_mode": "dhcpv6-stateful"})
         s4 = n.post("subnet", {"network_id": net["id"], "ip_version": 4, "cidr": "10.66.0.0/24"})

@@ -8,6 +8,7 @@ from tabby.model import validate
 from tabby.openstack.translate import (
     NO_PORT_SECURITY,
     Unsupported,
+    check_port,
     check_subnet,
     desired,
     endpoint_doc,
@@ -34,16 +35,37 @@ def test_a_bound_port_becomes_an_endpoint_and_an_unbound_one_nothing() -> None:
 
 
 def test_subnet_modes() -> None:
-    check_subnet({"ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful", "ipv6_ra_mode": None})
-    check_subnet({"ip_version": 4, "enable_dhcp": True})
-    for bad in ({"ip_version": 6, "ipv6_address_mode": "slaac"},
-                {"ip_version": 6, "ipv6_address_mode": "dhcpv6-stateless"},
-                {"ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful", "ipv6_ra_mode": "slaac"},
-                {"ip_version": 4, "enable_dhcp": False}):
-        with pytest.raises(Unsupported):
+    for mode in ("dhcpv6-stateful", "dhcpv6-stateless", "slaac"):
+        for ra in (None, mode):
+            sub = {"id": "s6", "ip_version": 6, "cidr": "fd00:5::/64", "ipv6_address_mode": mode, "ipv6_ra_mode": ra,
+                   "dns_nameservers": ["fd00:5::53", "10.0.0.53"]}
+            check_subnet(sub)
+            pool = validate(pool_doc(sub))
+            assert pool.spec.ipv6_mode == mode
+            assert [str(a) for a in pool.spec.dns_servers] == ["fd00:5::53", "10.0.0.53"]
+    check_subnet({"ip_version": 4, "cidr": "10.0.0.0/24", "enable_dhcp": True})
+    for bad, why in (({"ip_version": 6, "cidr": "fd00:5::/64", "ipv6_address_mode": None}, "must be set"),
+                     ({"ip_version": 6, "cidr": "fd00:5::/64", "ipv6_address_mode": "dhcpv6-stateful",
+                       "ipv6_ra_mode": "slaac"}, "differs"),
+                     ({"ip_version": 6, "cidr": "fd00:5::/80", "ipv6_address_mode": "slaac"}, "needs a /64"),
+                     ({"ip_version": 4, "cidr": "10.0.0.0/24", "enable_dhcp": False}, "enable_dhcp")):
+        with pytest.raises(Unsupported, match=why):
             check_subnet(bad)
-    pool = validate(pool_doc({"id": "s6", "cidr": "fd00:5::/64"}))
+    pool = validate(pool_doc({"id": "s6", "cidr": "fd00:5::/64", "ip_version": 6}))
     assert pool.spec.disabled and str(pool.spec.cidr) == "fd00:5::/64"  # Neutron allocates, not tabby
+    assert pool.spec.ipv6_mode == "dhcpv6-stateful"
+
+
+def test_allowed_address_pairs_and_port_security() -> None:
+    pairs = [{"ip_address": "fd00:5::100"}, {"ip_address": "10.66.0.200/32", "mac_address": "fa:16:3e:00:00:99"}]
+    ep = validate(endpoint_doc({**PORT, "allowed_address_pairs": pairs}))
+    assert [(str(a.address.ip), a.mac) for a in ep.spec.allowed_sources] == [
+        ("fd00:5::100", "fa:16:3e:00:00:01"), ("10.66.0.200", "fa:16:3e:00:00:99")]
+    assert ep.spec.port_security
+    check_port({"allowed_address_pairs": pairs})
+    with pytest.raises(Unsupported, match="single addresses"):
+        check_port({"allowed_address_pairs": [{"ip_address": "10.66.0.0/24"}]})
+    assert not validate(endpoint_doc({**PORT, "port_security_enabled": False})).spec.port_security
 
 
 def test_security_group_rules() -> None:
@@ -68,7 +90,7 @@ def test_security_group_rules() -> None:
 
 
 def test_desired_skips_subnets_tabby_does_not_serve() -> None:
-    docs = desired([{"id": "a", "cidr": "fd00:7::/64", "ip_version": 6, "ipv6_address_mode": "slaac"},
+    docs = desired([{"id": "a", "cidr": "fd00:7::/64", "ip_version": 6, "ipv6_address_mode": None},
                     {"id": "b", "cidr": "fd00:8::/64", "ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful"}],
                    [PORT], [{"id": "sg-a", "security_group_rules": []}])
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
