@@ -1,11 +1,14 @@
-"""Port security and allowed address pairs through a real neutron-server and a real lab: VM
-namespaces on Neutron's ports send from addresses that are not theirs, and the real nftables guards
-on their hosts let that through only where Neutron says so. One neutron-server and lab for the
-module."""
+"""Ports and subnets through a real neutron-server and a real lab. Port security and allowed
+address pairs: VM namespaces on Neutron's ports send from addresses that are not theirs, and the
+real nftables guards on their hosts let that through only where Neutron says so; a VIP follows its
+holder. SLAAC and DHCPv6-stateless subnets: VM namespaces form Neutron's EUI-64 address with the
+kernel's own SLAAC from tabby's RAs. One neutron-server and lab for the module."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -44,6 +47,38 @@ s.bind((src, 0))
 s.sendto(b"x", (dst, {UDP_PORT}))
 """
 
+# in a VM: a router solicitation on eth0, then the first RA's flags, prefixes and DNS servers (JSON)
+RA = """
+import json, socket, struct, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.settimeout(1)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    s.sendto(bytes([133, 0, 0, 0, 0, 0, 0, 0]), ("ff02::2", 0, 0, socket.if_nametoindex("eth0")))
+    try:
+        data, src = s.recvfrom(2000)
+    except TimeoutError:
+        continue
+    if data[0] != 134:
+        continue
+    out = {"router": src[0].split("%")[0], "m": bool(data[5] & 0x80), "o": bool(data[5] & 0x40),
+           "prefixes": [], "dns": []}
+    off = 16
+    while off + 2 <= len(data) and data[off + 1]:
+        kind, size = data[off], data[off + 1] * 8
+        if kind == 3:
+            out["prefixes"].append({"prefix": socket.inet_ntop(socket.AF_INET6, data[off + 16: off + 32]),
+                                    "len": data[off + 2], "l": bool(data[off + 3] & 0x80),
+                                    "a": bool(data[off + 3] & 0x40)})
+        elif kind == 25:
+            out["dns"] += [socket.inet_ntop(socket.AF_INET6, data[i: i + 16]) for i in range(off + 8, off + size, 16)]
+        off += size
+    print(json.dumps(out))
+    break
+"""
+
 
 class Cloud:
     """The module's lab, neutron-server and one dual-stack network with an open security group."""
@@ -62,18 +97,29 @@ class Cloud:
                                                     "ethertype": eth})
         self.vms = 0
 
-    def vm(self, host: Any, **port: Any) -> tuple[dict[str, Any], LabVm]:
-        """A port on the host and a VM namespace on it that has its Neutron addresses by DHCP."""
+    def vm(self, host: Any, network: dict[str, Any] | None = None, slaac: bool = False,
+           **port: Any) -> tuple[dict[str, Any], LabVm]:
+        """A port on the host and a VM namespace on it that has its Neutron addresses: by DHCP, or
+        (slaac: an IPv6-only SLAAC network) by the kernel's own SLAAC from the RAs."""
         self.vms += 1
-        body = {"network_id": self.net["id"], "binding:host_id": host.name, "device_owner": "compute:nova",
-                "device_id": f"vm{self.vms}", "security_groups": [self.sg["id"]], **port}
+        body = {"network_id": (network or self.net)["id"], "binding:host_id": host.name,
+                "device_owner": "compute:nova", "device_id": f"vm{self.vms}", "security_groups": [self.sg["id"]],
+                **port}
         p = self.n.post("port", body)
-        v = LabVm(host, self.vms, "dhclient", tap_name="tap" + p["id"][:11], mac_address=p["mac_address"])
-        self.lab.add_vm(v, orchestrate=False)
+        v = LabVm(host, self.vms, "dhclient", tap_name="tap" + p["id"][:11], mac_address=p["mac_address"],
+                  ipv4=not slaac)
+        self.lab.add_vm(v, orchestrate=False, start_client=not slaac)
         want = sorted(f["ip_address"] for f in p["fixed_ips"])
         assert L.wait_until(lambda: sorted(a for fam in vm_addresses(v.ns) for a in fam) == want, 60), \
             (vm_addresses(v.ns), want)
         return p, v
+
+    def network(self, name: str, cidr: str, mode: str, dns: str) -> dict[str, Any]:
+        """An IPv6-only network with one subnet in the given mode (RA mode unset: tabby's RAs)."""
+        net = self.n.post("network", {"name": name, "provider:network_type": "flat", "provider:physical_network": name})
+        self.n.post("subnet", {"network_id": net["id"], "ip_version": 6, "cidr": cidr, "ipv6_address_mode": mode,
+                               "dns_nameservers": [dns]})
+        return net
 
     def receiver(self, v: LabVm) -> Path:
         log = self.dir / f"udp-{v.name}.log"
@@ -173,3 +219,66 @@ def test_allowed_address_pairs_route_a_vip_to_its_holder_and_follow_a_keepalived
     tap_a = "tap" + pa["id"][:11]
     assert tap_a in netns.ip("-6", "route", "show", vips[6], ns=h1.ns)
     assert tap_a in netns.ip("route", "show", vips[4], ns=h1.ns)
+
+
+def eui64(prefix: str, mac: str) -> str:
+    b = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([b[0] ^ 2, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    return str(ipaddress.IPv6Address(ipaddress.IPv6Network(prefix).network_address.packed[:8] + iid))
+
+
+def settled(v: LabVm) -> bool:
+    """The guest's addresses are past DAD and it has its default route from an RA again."""
+    return not netns.ip("-6", "addr", "show", "dev", "eth0", "tentative", ns=v.ns).strip() and \
+        "default" in netns.ip("-6", "route", "show", "default", ns=v.ns)
+
+
+def test_slaac_and_dhcpv6_stateless_subnets_give_vms_exactly_neutrons_eui64_address(cloud: Cloud) -> None:
+    h1, h2 = cloud.lab.topo.hosts
+    nets = {"slaac": (cloud.network("slaac", "fd00:8::/64", "slaac", "fd00:8::53"), "fd00:8::/64", "fd00:8::53"),
+            "dhcpv6-stateless": (cloud.network("stateless", "fd00:9::/64", "dhcpv6-stateless", "fd00:9::53"),
+                                 "fd00:9::/64", "fd00:9::53")}
+    vms = {}
+    for (mode, (net, cidr, dns)), host in zip(nets.items(), (h1, h2), strict=True):
+        p, v = cloud.vm(host, net, slaac=True)  # waits for the kernel's SLAAC address to be Neutron's
+        (fixed,) = [f["ip_address"] for f in p["fixed_ips"]]
+        assert fixed == eui64(cidr, p["mac_address"])  # Neutron's EUI-64, formed by the guest itself
+        ra = json.loads(netns.nsexec(v.ns, [sys.executable, "-c", RA]).stdout)
+        assert (ra["m"], ra["o"]) == (False, mode == "dhcpv6-stateless")
+        assert ra["prefixes"] == [{"prefix": cidr.split("/")[0], "len": 64, "l": False, "a": True}]
+        tap_ll = json.loads(netns.ip("-j", "-6", "addr", "show", "dev", v.tap, "scope", "link",
+                                     ns=host.ns))[0]["addr_info"][0]["local"]
+        assert ra["router"] == tap_ll
+        routes = json.loads(netns.ip("-j", "-6", "route", "show", ns=v.ns))
+        assert not [r for r in routes if r["dst"] == cidr]  # no on-link prefix route
+        assert [(r.get("gateway"), r["dev"]) for r in routes if r["dst"] == "default"] == [(tap_ll, "eth0")]
+        if mode == "dhcpv6-stateless":
+            assert dns in ra["dns"]
+        vms[mode] = (p, v)
+    a, b = vms["slaac"][1], vms["dhcpv6-stateless"][1]
+    for src, dst in ((a, b), (b, a)):  # across hosts, and to the outside
+        assert L.wait_until(lambda s=src, d=dst: ping(s.ns, vm_addresses(d.ns)[0][0]), 20)
+        assert L.wait_until(lambda s=src: ping(s.ns, "fd00:99::1"), 20)
+
+    # a guest with privacy extensions and random interface ids forms other addresses: anti-spoofing
+    # drops what it sends from them, until `tabby guest render` for the subnet has turned them off
+    p, c = cloud.vm(h1, nets["slaac"][0], slaac=True)
+    netns.nsexec(c.ns, ["sysctl", "-qw", "net.ipv6.conf.eth0.use_tempaddr=2", "net.ipv6.conf.eth0.addr_gen_mode=3"],
+                 check=True)
+    netns.ip("link", "set", "eth0", "down", ns=c.ns)
+    netns.ip("link", "set", "eth0", "up", ns=c.ns)
+    (fixed,) = [f["ip_address"] for f in p["fixed_ips"]]
+    assert L.wait_until(lambda: len(vm_addresses(c.ns)[0]) >= 2 and fixed not in vm_addresses(c.ns)[0]
+                        and settled(c), 30), vm_addresses(c.ns)
+    before = guard_counter(h1.ns, "spoofed IPv6 source")
+    assert not ping(c.ns, vm_addresses(b.ns)[0][0])
+    assert guard_counter(h1.ns, "spoofed IPv6 source") > before
+    root = cloud.dir / "guest-root"
+    r = subprocess.run([sys.executable, "-m", "tabby.cli", "guest", "render", "--distro", "debian", "--ipv6", "slaac",
+                        "--no-ipv4", "--root", str(root)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    netns.nsexec(c.ns, ["sysctl", "-q", "-p", str(root / "etc/sysctl.d/30-eth0-rs-delay.conf")], check=True)
+    netns.ip("link", "set", "eth0", "down", ns=c.ns)
+    netns.ip("link", "set", "eth0", "up", ns=c.ns)
+    assert L.wait_until(lambda: vm_addresses(c.ns)[0] == [fixed] and settled(c), 30), vm_addresses(c.ns)
+    assert L.wait_until(lambda: ping(c.ns, vm_addresses(b.ns)[0][0]), 20)
