@@ -45,7 +45,8 @@ make_server("127.0.0.1", port, application, handler_class=Quiet).serve_forever()
 
 
 @contextmanager
-def neutron_server(d: Path, store_url: str) -> Iterator[str]:
+def neutron_server(d: Path, store_url: str, page_size: int | None = None) -> Iterator[str]:
+    """page_size: Neutron's pagination_max_limit (it pages every list at that size)."""
     d.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{d}/neutron.db"
     paste = ROOT / ".venv-neutron" / "etc" / "neutron" / "api-paste.ini"
@@ -57,6 +58,7 @@ def neutron_server(d: Path, store_url: str) -> Iterator[str]:
         transport_url = fake:/
         state_path = {d}/state
         api_paste_config = {paste}
+        {f"pagination_max_limit = {page_size}" if page_size else ""}
         [database]
         connection = {db}
         [oslo_concurrency]
@@ -107,3 +109,11 @@ def neutron_server(d: Path, store_url: str) -> Iterator[str]:
             proc.kill()
             proc.wait()
         print("--- neutron-server log (tail)\n" + (d / "neutron-server.log").read_text()[-3000:])
+
+
+def resync(store_url: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``tabby openstack resync`` as an operator runs it where neutron-server runs (openstacksdk and
+    keystoneauth1 are there), with credentials only in ``env`` (OS_*), never in argv."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    return subprocess.run([str(PY), "-m", "tabby.cli", "--store", store_url, "openstack", "resync", *args],
+                          capture_output=True, text=True, env={**clean, **env, "PYTHONPATH": str(ROOT / "src")})

@@ -6,25 +6,33 @@ kernel's own SLAAC from tabby's RAs. One neutron-server and lab for the module."
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
 import json
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from lablib import lab
-from neutronlib import neutron_server
+from neutronlib import neutron_server, resync
 from test_openstack import Neutron, ping, vm_addresses
 
+from tabby.client import ResourceClient
 from tabby.lab import lab as L
 from tabby.lab import netns, probe
 from tabby.lab.topology import LabVm
+from tabby.openstack.translate import endpoint_name
+from tabby.store import open_store
 
 UDP_PORT = 9999
+PAGE_SIZE = 3  # Neutron's pagination_max_limit here: a resync must follow its pages
 # prints the source address of every UDP datagram it gets, one a line
 RECEIVE = f"""
 import socket
@@ -84,7 +92,7 @@ class Cloud:
     """The module's lab, neutron-server and one dual-stack network with an open security group."""
 
     def __init__(self, the_lab: L.Lab, url: str, d: Path) -> None:
-        self.lab, self.n, self.dir = the_lab, Neutron(url), d
+        self.lab, self.n, self.dir, self.url = the_lab, Neutron(url), d, url
         self.net = self.n.post("network", {"name": "ports", "provider:network_type": "flat",
                                            "provider:physical_network": "ports"})
         self.n.post("subnet", {"network_id": self.net["id"], "ip_version": 6, "cidr": "fd00:7::/64",
@@ -130,7 +138,7 @@ class Cloud:
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     d = tmp_path_factory.mktemp("neutron-ports")
-    with lab(2, 0) as the_lab, neutron_server(d / "neutron", the_lab.store_url) as url:
+    with lab(2, 0) as the_lab, neutron_server(d / "neutron", the_lab.store_url, PAGE_SIZE) as url:
         yield Cloud(the_lab, url, d)
 
 
@@ -282,3 +290,64 @@ def test_slaac_and_dhcpv6_stateless_subnets_give_vms_exactly_neutrons_eui64_addr
     netns.ip("link", "set", "eth0", "up", ns=c.ns)
     assert L.wait_until(lambda: vm_addresses(c.ns)[0] == [fixed] and settled(c), 30), vm_addresses(c.ns)
     assert L.wait_until(lambda: ping(c.ns, vm_addresses(b.ns)[0][0]), 20)
+
+
+class TokenGate:
+    """In front of neutron-server (which runs noauth here): answers 401 unless X-Auth-Token is the
+    token, else forwards; records each request's path. Stands in for keystonemiddleware."""
+
+    def __init__(self, upstream: str, token: str) -> None:
+        gate = self
+        self.paths: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.headers.get("X-Auth-Token") != token:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                gate.paths.append(self.path)
+                r = requests.get(upstream + self.path, timeout=30)
+                body = r.content.replace(upstream.encode(), gate.url.encode())  # next links point here
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_resync_reads_every_page_with_a_token_from_the_environment(cloud: Cloud) -> None:
+    h1, _ = cloud.lab.topo.hosts
+    client = ResourceClient(open_store(cloud.lab.store_url))
+    ports = [cloud.n.post("port", {"network_id": cloud.net["id"], "binding:host_id": h1.name,
+                                   "device_owner": "compute:nova", "device_id": f"paged{k}",
+                                   "security_groups": [cloud.sg["id"]]}) for k in range(2 * PAGE_SIZE + 1)]
+    for p in ports:  # lost from the Store (a wiped Store, a driver that was down)
+        client.delete("Endpoint", endpoint_name(p["id"]))
+    token = uuid.uuid4().hex
+    gate = TokenGate(cloud.url, token)
+    try:
+        env = {"OS_AUTH_TYPE": "admin_token", "OS_ENDPOINT": gate.url}
+        denied = resync(cloud.lab.store_url, {**env, "OS_TOKEN": "wrong"})
+        assert denied.returncode == 1 and "cannot read Neutron" in denied.stderr + denied.stdout, denied
+        assert resync(cloud.lab.store_url, env, "--token", token).returncode == 2  # no such option: never argv
+        r = resync(cloud.lab.store_url, {**env, "OS_TOKEN": token})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"created {len(ports)}" in r.stdout, r.stdout
+    finally:
+        gate.close()
+    assert all(client.get("Endpoint", endpoint_name(p["id"])) is not None for p in ports)
+    # Neutron paged the ports (pagination_max_limit): the resync followed its next links
+    assert sum(1 for path in gate.paths if path.startswith("/v2.0/ports") and "marker=" in path) >= 2

@@ -20,18 +20,28 @@ app.add_typer(openstack_app, name="openstack")
 
 @openstack_app.command("resync")
 def openstack_resync(
-    neutron_url: Annotated[str, typer.Option(help="Neutron's API, e.g. http://controller:9696")],
-    token: Annotated[str | None, typer.Option(help="a Keystone token (X-Auth-Token), if Neutron wants one")] = None,
+    cloud: Annotated[str | None, typer.Option(help="the clouds.yaml entry; default: $OS_CLOUD, else the OS_* "
+                                              "environment (OS_AUTH_URL, OS_USERNAME, ... or OS_AUTH_TYPE, OS_TOKEN)")]
+    = None,
+    neutron_url: Annotated[str | None, typer.Option(help="Neutron's API (e.g. http://controller:9696) instead of "
+                                                    "the catalog's")] = None,
+    page_size: Annotated[int | None, typer.Option(help="items per page asked of Neutron", min=1)] = None,
 ) -> None:
-    """Make the Store hold exactly what Neutron says: subnets, bound ports, security groups."""
-    import requests
-
-    from tabby.openstack.sync import from_neutron_api, reconcile
-
+    """Make the Store hold exactly what Neutron says: subnets, bound ports, security groups.
+    Credentials only from clouds.yaml or the environment: never on the command line (ps shows it)."""
     try:
-        subnets, ports, groups = from_neutron_api(neutron_url, token)
-    except (requests.RequestException, ValueError, KeyError) as e:
-        fail(f"cannot read Neutron at {neutron_url}: {e}")
+        from keystoneauth1.exceptions import ClientException
+        from openstack.exceptions import SDKException
+
+        from tabby.openstack.sync import from_neutron_api, neutron_adapter, reconcile
+    except ImportError as e:
+        fail(f"tabby openstack resync needs openstacksdk and keystoneauth1 (neutron-server's environment has them; "
+             f"pip install 'tabby[openstack]'): {e}")
+    try:
+        adapter = neutron_adapter(cloud, neutron_url)
+        subnets, ports, groups = from_neutron_api(adapter, page_size)
+    except (ClientException, SDKException, ValueError, KeyError) as e:  # SDKException: clouds.yaml, OS_* errors
+        fail(f"cannot read Neutron: {e}")
     try:
         counts = reconcile(STATE.client(), subnets, ports, groups)
     except StoreError as e:

@@ -8,8 +8,6 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import requests
-
 from tabby.client import ResourceClient
 from tabby.model import validate
 from tabby.openstack.translate import OWNER_LABEL, desired
@@ -44,13 +42,40 @@ def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], port
     return counts
 
 
-def from_neutron_api(url: str, token: str | None = None, timeout: float = 30.0
+def neutron_adapter(cloud: str | None = None, endpoint: str | None = None) -> Any:
+    """A keystoneauth1 Adapter for Neutron's API. The session comes from openstacksdk's loader: a
+    clouds.yaml entry (``cloud``) or the usual OS_* environment (password, application credential,
+    a token with ``OS_AUTH_TYPE=admin_token``...), so no secret is ever on a command line. Why an
+    Adapter and not openstacksdk's resources: those rename Neutron's fields (``binding:host_id``
+    becomes ``binding_host_id``), and translate.py reads Neutron's own dicts, as the driver gets them.
+    Connection failures and 5xx answers are retried (3 times, keystoneauth's back-off)."""
+    import openstack.config
+    from keystoneauth1.adapter import Adapter
+
+    region = openstack.config.get_cloud_region(cloud=cloud)
+    return Adapter(region.get_session(), service_type="network", interface=region.get_interface("network"),
+                   region_name=region.get_region_name("network"),
+                   endpoint_override=endpoint or region.get_endpoint("network"),
+                   connect_retries=3, status_code_retries=3, retriable_status_codes=[500, 502, 503, 504])
+
+
+def list_all(adapter: Any, path: str, key: str, page_size: int | None = None) -> list[dict[str, Any]]:
+    """Every item of a Neutron collection, following its ``<key>_links`` "next" pages (Neutron
+    pages at ``pagination_max_limit`` whether asked or not; a cloud with more ports than one page
+    would otherwise lose the rest)."""
+    out: list[dict[str, Any]] = []
+    url: str | None = f"/v2.0/{path}" + (f"?limit={page_size}" if page_size else "")
+    seen: set[str] = set()
+    while url is not None and url not in seen:  # a server that links a page to itself ends here
+        seen.add(url)
+        body = adapter.get(url).json()
+        out.extend(body[key])
+        url = next((link["href"] for link in body.get(f"{key}_links", []) if link.get("rel") == "next"), None)
+    return out
+
+
+def from_neutron_api(adapter: Any, page_size: int | None = None
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(subnets, ports, security groups) from Neutron's HTTP API (v2.0)."""
-    headers = {"X-Auth-Token": token} if token else {}
-    out = []
-    for path, key in (("subnets", "subnets"), ("ports", "ports"), ("security-groups", "security_groups")):
-        r = requests.get(f"{url.rstrip('/')}/v2.0/{path}", headers=headers, timeout=timeout)
-        r.raise_for_status()
-        out.append(r.json()[key])
-    return out[0], out[1], out[2]
+    """(subnets, ports, security groups) from Neutron's HTTP API (v2.0), every page."""
+    return (list_all(adapter, "subnets", "subnets", page_size), list_all(adapter, "ports", "ports", page_size),
+            list_all(adapter, "security-groups", "security_groups", page_size))
