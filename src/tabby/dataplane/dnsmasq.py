@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, V4_GATEWAY, Rendered, Vm
+from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, GROUP_ANCHOR, V4_GATEWAY, Rendered, Vm
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class DnsmasqReconciler:
         self.desired: Rendered | None = None
         self.vms: dict[str, Vm] = {}  # address -> the VM it belongs to now
         self.last_error: str | None = None
-        self._anchored: tuple[str, ...] | None = None  # what _anchor last set up, to skip repeating it
+        self._anchored: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # what _anchors last set up
 
     def set_desired(self, rendered: Rendered | None, vms: list[Vm]) -> None:
         self.desired = rendered
@@ -61,26 +61,36 @@ class DnsmasqReconciler:
                     break
                 time.sleep(0.01)
 
-    def _anchor(self, addrs: tuple[str, ...]) -> None:
-        """The anchor veth end carrying each served pool's first address (no prefix route, no DAD)."""
-        if self._anchored == addrs and Path(f"/sys/class/net/{ANCHOR}").exists():
+    def _anchors(self, anchors: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+        """The main anchor and the group anchors, and no other group anchor."""
+        if self._anchored == anchors and all(Path(f"/sys/class/net/{a}").exists() for a, _ in anchors):
             return
         ip = shutil.which("ip") or "ip"
-        if not Path(f"/sys/class/net/{ANCHOR}").exists():
-            subprocess.run([ip, "link", "add", ANCHOR, "type", "veth", "peer", "name", ANCHOR_PEER], check=True)
-            subprocess.run([ip, "link", "set", ANCHOR_PEER, "up"], check=True)
-            subprocess.run([ip, "link", "set", ANCHOR, "up"], check=True)
+        wanted = {a for a, _ in anchors}
+        for dev in Path("/sys/class/net").iterdir():
+            if dev.name.startswith(GROUP_ANCHOR) and not dev.name.endswith("p") and dev.name not in wanted:
+                subprocess.run([ip, "link", "del", dev.name], capture_output=True)  # its peer goes with it
+        for name, addrs in anchors:
+            self._anchor(ip, name, ANCHOR_PEER if name == ANCHOR else name + "p", addrs)
+        self._anchored = anchors
+
+    def _anchor(self, ip: str, name: str, peer: str, addrs: tuple[str, ...]) -> None:
+        """An anchor veth end carrying each of its pools' first address (no prefix route, no DAD)."""
+        if not Path(f"/sys/class/net/{name}").exists():
+            subprocess.run([ip, "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
+            subprocess.run([ip, "link", "set", peer, "up"], check=True)
+            subprocess.run([ip, "link", "set", name, "up"], check=True)
         for a in addrs:
             extra = ["nodad"] if ":" in a else []
-            r = subprocess.run([ip, "addr", "replace", a, "dev", ANCHOR, "noprefixroute", *extra],
+            r = subprocess.run([ip, "addr", "replace", a, "dev", name, "noprefixroute", *extra],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise DnsmasqError(f"anchor address {a}: {r.stderr.strip()}")
         if any(":" not in a for a in addrs):
-            # proxy ARP on a tap answers for 169.254.1.1 only if the host routes it elsewhere
-            subprocess.run([ip, "route", "replace", f"{V4_GATEWAY}/32", "dev", ANCHOR, "proto", "77"],
+            # proxy ARP on a tap answers for 169.254.1.1 only if the host routes it elsewhere (any
+            # anchor will do; every change of anchors puts it on one that exists)
+            subprocess.run([ip, "route", "replace", f"{V4_GATEWAY}/32", "dev", name, "proto", "77"],
                            capture_output=True)
-        self._anchored = addrs
 
     def _prune_leases(self) -> None:
         if not self.leases.exists():
@@ -108,7 +118,7 @@ class DnsmasqReconciler:
                 return True
             return False
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._anchor(r.anchors)
+        self._anchors(r.anchors)
         conf_changed = not self.conf.exists() or self.conf.read_text() != r.conf
         hosts_changed = not self.hosts.exists() or self.hosts.read_text() != r.hosts
         if hosts_changed:

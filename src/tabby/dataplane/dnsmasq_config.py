@@ -15,7 +15,10 @@ separate state, and the host's taps all route through the host anyway).
   for by proxy ARP.
 - dnsmasq only serves an interface that (or whose ``bridge-interface`` group's main interface)
   has an address in the range's prefix: the taps are grouped under an anchor interface that
-  carries each pool's first address, which IPAM never hands out.
+  carries each pool's first address, which IPAM never hands out. A tap's RA carries every prefix
+  of its group's anchor, and M/O are per RA: so a VM on a SLAAC or stateless pool gets an anchor
+  (group) of its own pools only (``tbys<k>``), shared with the VMs on exactly the same pools; VMs on
+  stateful pools only share the main anchor, whose prefixes are none of them autonomous.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 ANCHOR = "tbyra0"  # one end of a veth: this kernel has no dummy link type
 ANCHOR_PEER = "tbyra1"
+GROUP_ANCHOR = "tbys"  # + k: the anchors of VMs on SLAAC/stateless pools; + k + "p": their peers
+# (never a CNI veth: those are "tby" + hex digits)
 V4_GATEWAY = "169.254.1.1"
 
 
@@ -42,7 +47,7 @@ class Vm:
 class Rendered:
     conf: str
     hosts: str
-    anchors: tuple[str, ...]  # "addr/len" for the anchor interface
+    anchors: tuple[tuple[str, tuple[str, ...]], ...]  # (anchor interface, its "addr/len"s), main first
 
 
 # dhcp-range mode words per IPPool ipv6_mode (the prefix is off-link in every mode)
@@ -74,12 +79,26 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
              f"dhcp-hostsfile={run_dir / 'dnsmasq.hosts'}",
              f"log-facility={run_dir / 'dnsmasq.log'}",
              "log-dhcp"]
+    # the VMs by anchor: the main one for VMs on stateful pools only, one per set of pools otherwise
+    groups: dict[str, list[Vm]] = {}
+    group_pools: dict[str, list[Any]] = {}
+    by_pools: dict[tuple[str, ...], str] = {}
+    for vm in vms:
+        mine = [sp for sp in used_specs if any(ipaddress.ip_address(a) in sp.cidr for a in (*vm.v6, *vm.v4))]
+        if all(sp.ipv6_mode == "dhcpv6-stateful" for sp in mine):
+            anchor = ANCHOR
+        else:
+            key = tuple(str(sp.cidr) for sp in mine)
+            anchor = by_pools.setdefault(key, f"{GROUP_ANCHOR}{len(by_pools)}")
+        groups.setdefault(anchor, []).append(vm)
+        group_pools.setdefault(anchor, [])
+        group_pools[anchor] += [sp for sp in mine if sp not in group_pools[anchor]]
     for vm in vms:
         lines.append(f"interface={vm.interface}")
-    if vms:
+    for anchor, members in groups.items():
         # DHCPv4 requests are looked up under the group's main interface, which must be served too
-        lines.append(f"interface={ANCHOR}")
-        lines.append(f"bridge-interface={ANCHOR}," + ",".join(vm.interface for vm in vms))
+        lines.append(f"interface={anchor}")
+        lines.append(f"bridge-interface={anchor}," + ",".join(vm.interface for vm in members))
     if any(p.version == 6 for p in used):
         lines.append("enable-ra")
         for vm in vms:
@@ -102,5 +121,7 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
     for vm in vms:
         parts = [vm.mac, *vm.v4[:1], *(f"[{a}]" for a in vm.v6)]
         hosts.append(",".join(parts))
-    anchors = tuple(f"{p.network_address}/{p.prefixlen}" for p in used)
+    anchors = tuple((a, tuple(f"{sp.cidr.network_address}/{sp.cidr.prefixlen}" for sp in
+                              sorted(group_pools[a], key=lambda sp: (sp.cidr.version, sp.cidr.network_address))))
+                    for a in sorted(groups, key=lambda a: (a != ANCHOR, a)))
     return Rendered("\n".join(lines) + "\n", "\n".join(hosts) + ("\n" if hosts else ""), anchors)

@@ -29,7 +29,7 @@ import json
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER
+from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, GROUP_ANCHOR
 from tabby.dataplane.nft_structure import (
     WL_IF,
     WL_MAC,
@@ -223,7 +223,12 @@ def _unknown_workloads(t: _Table, s: Structure, chain: str, key: str) -> None:
     for prefix in s.workload_prefixes:
         t.rule(chain, f"unknown {prefix}* {key}", [
             _m(_meta(key), prefix + "*"), _m(_meta(key), "@" + WL_IF, "!="),
-            _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER]}, "!="), *_COUNT_DROP])
+            _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER]}, "!="), *_group_anchor(prefix, key), *_COUNT_DROP])
+
+
+def _group_anchor(prefix: str, key: str) -> list[Expr]:
+    """dnsmasq's group anchors (tbys*) are named like workloads when a prefix covers them."""
+    return [_m(_meta(key), GROUP_ANCHOR + "*", "!=")] if GROUP_ANCHOR.startswith(prefix) else []
 
 
 def _nat(t: _Table, s: Structure) -> None:

@@ -1,0 +1,38 @@
+"""dnsmasq's config for VMs on pools of each IPv6 mode (pure): the RA modes, the prefix always
+off-link, DNS servers per pool, and one anchor per set of SLAAC/stateless pools, so a tap's RA
+carries only its own network's prefixes and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tabby.dataplane.dnsmasq_config import ANCHOR, Vm, render
+from tabby.model import validate
+
+
+def pool(cidr: str, mode: str = "dhcpv6-stateful", dns: tuple[str, ...] = ()) -> object:
+    spec: dict[str, object] = {"cidr": cidr, "dns_servers": list(dns)}
+    if ":" in cidr:
+        spec["ipv6_mode"] = mode
+    return validate({"kind": "IPPool", "metadata": {"name": cidr.replace("/", "-").replace(":", "-").replace(".", "-")},
+                     "spec": spec}).spec
+
+
+def test_each_mode_gets_its_ra_and_its_own_anchor() -> None:
+    pools = [pool("2001:db8:7::/64"), pool("192.0.2.0/24", dns=("192.0.2.53",)),
+             pool("2001:db8:8::/64", "slaac"), pool("2001:db8:9::/64", "dhcpv6-stateless", ("2001:db8:9::53",))]
+    vms = [Vm("tapa", "52:54:00:00:00:0a", ("2001:db8:7::a",), ("192.0.2.10",)),
+           Vm("tapb", "52:54:00:00:00:0b", ("2001:db8:8::5054:ff:fe00:b",), ()),
+           Vm("tapc", "52:54:00:00:00:0c", ("2001:db8:9::5054:ff:fe00:c",), ()),
+           Vm("tapd", "52:54:00:00:00:0d", ("2001:db8:8::5054:ff:fe00:d",), ())]
+    r = render(vms, pools, Path("/run/x"))
+    lines = r.conf.splitlines()
+    assert "dhcp-range=set:pool1,2001:db8:7::,static,off-link,64,1h" in lines
+    assert "dhcp-range=set:pool2,2001:db8:8::,ra-only,off-link,64,1h" in lines
+    assert "dhcp-range=set:pool3,2001:db8:9::,ra-stateless,off-link,64,1h" in lines
+    assert "dhcp-option=tag:pool3,option6:dns-server,[2001:db8:9::53]" in lines
+    assert "dhcp-option=tag:pool0,option:dns-server,192.0.2.53" in lines
+    assert r.anchors == ((ANCHOR, ("192.0.2.0/24", "2001:db8:7::/64")), ("tbys0", ("2001:db8:8::/64",)),
+                         ("tbys1", ("2001:db8:9::/64",)))
+    assert f"bridge-interface={ANCHOR},tapa" in lines
+    assert "bridge-interface=tbys0,tapb,tapd" in lines and "bridge-interface=tbys1,tapc" in lines
