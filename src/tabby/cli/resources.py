@@ -63,11 +63,15 @@ def _summary(res: Any) -> str:
                 f" as{spec.asn or 'default'} rid {res.effective_router_id()}"
         case "IPPool":
             flags = [f"/{spec.block_size} blocks"] + (["nat"] if spec.nat_outgoing else []) + \
-                (["disabled"] if spec.disabled else [])
+                (["disabled"] if spec.disabled else []) + \
+                ([spec.ipv6_mode] if spec.ipv6_mode != "dhcpv6-stateful" else [])
             return f"{spec.cidr} " + " ".join(flags)
         case "Endpoint":
             addrs = [str(a.ip) for a in (*spec.ipv6_addresses, *spec.ipv4_addresses)]
-            return f"{spec.host} {spec.orchestrator} {spec.interface} {spec.mac} " + ",".join(addrs)
+            extra = ([f"allowed {','.join(str(a.address.ip) for a in spec.allowed_sources)}"]
+                     if spec.allowed_sources else []) + ([] if spec.port_security else ["port-security off"])
+            return " ".join([f"{spec.host} {spec.orchestrator} {spec.interface} {spec.mac} " + ",".join(addrs),
+                             *extra])
         case "Policy":
             return f"order {spec.order} {spec.selector} in:{len(spec.ingress)} out:{len(spec.egress)}"
         case "Profile":
