@@ -68,7 +68,8 @@ def plan_endpoint(ep: Any) -> EndpointPlan:
         has_v4=bool(s.ipv4_addresses),
         orchestrator=s.orchestrator,
         port_security=s.port_security,
-        pairs=tuple((str(a.address.ip), a.mac or s.mac) for a in s.allowed_sources),
+        pairs=tuple((inet_ntop(AF_INET6 if a.address.version == 6 else AF_INET, a.address.packed), a.mac or s.mac)
+                    for a in s.allowed_sources),
     )
 
 
