@@ -187,7 +187,10 @@ def _resource(key: str, value: bytes, kind: str) -> tuple[dict[str, Any], Meta]:
 
 
 def _pool(spec: Any, meta: Meta) -> Pool:
-    d = _fields(spec, ("cidr", "block_size", "nat_outgoing", "disabled"), ("cidr",))
+    d = _fields(spec, ("cidr", "block_size", "nat_outgoing", "disabled", "ipv6_mode", "dns_servers"), ("cidr",))
+    # SLAAC modes and DNS servers (OpenStack's pools, which CNI never allocates from) are the model's
+    if d.get("ipv6_mode", "dhcpv6-stateful") != "dhcpv6-stateful" or d.get("dns_servers", []) != []:
+        raise _Slow
     cidr = _text_form(d["cidr"], lambda s: ipaddress.ip_network(s, strict=True))
     v6 = cidr.version == 6
     lo, default, hi = (V6_BLOCK_MIN, V6_BLOCK_DEFAULT, 128) if v6 else (V4_BLOCK_MIN, V4_BLOCK_DEFAULT, 32)
@@ -254,8 +257,11 @@ def _host_addresses(v: Any, parse: Any, bits: int) -> tuple[Any, ...]:
 
 
 def _endpoint(spec: Any, meta: Meta) -> Endpoint:
-    d = _fields(spec, EndpointSpec.__slots__, ("host", "orchestrator", "workload_id", "interface",
-                                                                  "mac"))
+    d = _fields(spec, (*EndpointSpec.__slots__, "allowed_sources", "port_security"),
+                ("host", "orchestrator", "workload_id", "interface", "mac"))
+    # allowed sources and port security off (OpenStack's ports, never CNI's) are the model's
+    if d.get("allowed_sources", []) != [] or d.get("port_security", True) is not True:
+        raise _Slow
     if d["orchestrator"] not in ("vm", "container") or not isinstance(d["orchestrator"], str):
         raise _Slow
     v6 = _host_addresses(d.get("ipv6_addresses", []), ipaddress.IPv6Interface, 128)
@@ -324,5 +330,5 @@ def endpoint_record(doc: dict[str, Any]) -> bytes:
                     "ipv4_addresses": [str(a) for a in s.ipv4_addresses],
                     "ipv6_gateway": None if s.ipv6_gateway is None else str(s.ipv6_gateway),
                     "ipv4_gateway": None if s.ipv4_gateway is None else str(s.ipv4_gateway),
-                    "profiles": list(s.profiles)}}
+                    "profiles": list(s.profiles), "allowed_sources": [], "port_security": True}}  # the fast path's
     return json.dumps(out, separators=(",", ":")).encode()
