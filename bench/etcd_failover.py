@@ -99,7 +99,7 @@ def main() -> None:
                 netns.stop(agent)
             if cluster is not None:
                 cluster.stop()
-            netns.del_netns(ns)
+            netns.sweep(ns)  # and what the agent started there (its BIRD), by pid: a deleted namespace keeps them
 
     def med(name: str) -> float:
         vals = [float(r[name]) for r in results]  # type: ignore[arg-type]
