@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # beside it, with iptables for portmap)
 APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
               isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
-              podman runc busybox-static containerd containernetworking-plugins iptables)
+              podman runc busybox-static containerd containernetworking-plugins iptables gobgpd)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

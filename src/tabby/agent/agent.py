@@ -19,6 +19,7 @@ outage leaves the dataplane as it is while the syncer reconnects.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
-from tabby.agent.fabric import bird_inputs, endpoint_status
+from tabby.agent.fabric import bird_inputs, endpoint_status, password_files
 from tabby.agent.health import HealthServer, Metrics
 from tabby.agent.last_good import LastGood
 from tabby.agent.policy_calc import PolicyIndex
@@ -83,6 +84,31 @@ def decode_record(key: str, value: bytes) -> Any:
     return decode(key, value)
 
 
+
+def read_passwords(paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Each BGP password file's password (one line; the trailing newline dropped), and an error per
+    file that could not be read or holds no usable password. The errors name the file, never its
+    contents: they go to the log and the status. A session whose password is missing is rendered
+    disabled, never without its password."""
+    from tabby.model.resources import check_password
+
+    got: dict[str, str] = {}
+    errors: list[str] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(256)
+            text = raw.decode("ascii").rstrip("\r\n")
+            got[path] = check_password(text, f"password file {path}")
+        except (OSError, UnicodeDecodeError) as e:
+            errors.append(f"password file {path}: {type(e).__name__}: {getattr(e, 'strerror', None) or 'not ASCII'}"
+                          "; its sessions are disabled")
+        except ValueError as e:
+            errors.append(f"{e}; its sessions are disabled")
+    for e in errors:
+        log.error("BGP: %s", e)
+    return got, errors
+
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
                  metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
@@ -128,6 +154,7 @@ class Agent:
         self.next_bgp_check = 0.0
         self.next_pair_probe = 0.0
         self.bgp_written: dict[str, Any] | None = None
+        self.password_errors: list[str] = []  # BGP password files that could not be read (path only)
         self.monitor = nl.Monitor()
         self.in_sync = False
         self.stopping = threading.Event()
@@ -324,6 +351,9 @@ class Agent:
                     self.bgp_written = doc
                     self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
                 return
+            passwords, pw_errors = read_passwords(password_files(inputs))
+            self.password_errors = pw_errors
+            inputs = dataclasses.replace(inputs, passwords=passwords)
             self.bird.set_config(render(inputs))
         elif self.bird.desired is None:
             return  # no BGP here (see above) until the fabric changes
@@ -335,7 +365,7 @@ class Agent:
         sessions = self.bird.sessions() if self.bird.pid() else []
         doc = {"host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
                                                for x in sessions[:MAX_SESSIONS]],
-               "error": one_line(self.bird.last_error) if self.bird.last_error else None}
+               "error": one_line("; ".join(e for e in (self.bird.last_error, *self.password_errors) if e)) or None}
         if doc != self.bgp_written:  # status is written when it changes, not every check ("at": when)
             self.bgp_written = doc
             self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})

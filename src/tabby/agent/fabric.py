@@ -15,9 +15,18 @@ from tabby.model import ConfigSpec
 from tabby.model.resources import DEFAULT_ASN
 
 
-def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], config: ConfigSpec
-                ) -> BirdInputs | None:
-    """None while this host has no Host record, or is refused for a conflict: no BGP then."""
+def password_files(inputs: BirdInputs) -> list[str]:
+    """The password files this host's sessions name (the agent reads them: I/O stays out of here)."""
+    me = inputs.host.metadata.name
+    files = {p.spec.password_file for p in inputs.peers if p.spec.host in (None, me)}
+    files.add(inputs.mesh_password_file)
+    return sorted(f for f in files if f is not None)
+
+
+def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], config: ConfigSpec,
+                passwords: Mapping[str, str] | None = None) -> BirdInputs | None:
+    """None while this host has no Host record, or is refused for a conflict: no BGP then.
+    passwords: password file -> password, as the agent read them (see ``password_files``)."""
     kinds: dict[str, list[Any]] = {}
     for r in records:
         kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
@@ -28,7 +37,8 @@ def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], c
     blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == host and a.state == "confirmed")
     return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
                       pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=bool(config.node_to_node_mesh),
-                      default_asn=config.default_asn or DEFAULT_ASN)
+                      default_asn=config.default_asn or DEFAULT_ASN, mesh_bfd=bool(config.mesh_bfd),
+                      mesh_password_file=config.mesh_password_file, passwords=dict(passwords or {}))
 
 
 def endpoint_status(*, conflict: str | None, interface: str, present: bool, policy_error: str | None,

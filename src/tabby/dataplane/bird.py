@@ -107,7 +107,11 @@ class BirdReconciler:
         changed = current != self.desired
         if changed:
             tmp = self.conf.with_suffix(".new")
-            tmp.write_text(self.desired)
+            # 0600: the config may hold TCP MD5 passwords
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.desired)
+            os.chmod(tmp, 0o600)  # a leftover .new of another mode
             try:
                 self._check(tmp)
             except BirdError as e:

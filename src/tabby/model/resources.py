@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable
 from ipaddress import (
     IPv4Address,
@@ -342,18 +343,69 @@ class Policy(_Frozen):
     spec: PolicySpec
 
 
+# A TCP MD5 key is at most 80 bytes (TCP_MD5SIG_MAXKEYLEN); printable ASCII without '"' and '\\' so
+# that it can sit inside a quoted BIRD string unchanged (BIRD has no escapes we would trust with it)
+_PASSWORD = re.compile(r'[!#-\[\]-~ ]{1,80}')
+
+
+def check_password(value: str, where: str = "password") -> str:
+    """A TCP MD5 password as read from its file, or ValueError naming where it came from (never the
+    password itself: the message may reach a log)."""
+    if not _PASSWORD.fullmatch(value):
+        raise ValueError(f"{where}: a BGP password must be 1..80 printable ASCII characters without '\"' or '\\'")
+    return value
+
+
+def _secret_path(value: str) -> str:
+    """A password file: an absolute, normalised path of plain characters (it is read by the agent,
+    as root: no relative path that depends on its working directory, no '..')."""
+    if not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", value) or any(p in (".", "..") for p in value.split("/")):
+        raise ValueError(f"{value[:80]!r}: an absolute path of letters, digits and ._+- without '.' or '..' parts")
+    if len(value) > 255:
+        raise ValueError("path longer than 255 characters")
+    return value
+
+
+SecretPath = Annotated[str, AfterValidator(_secret_path)]
+BFD_DEFAULT_MS, BFD_DEFAULT_MULT = 100, 3  # detection in 300 ms: under the 1 s the fabric promises
+
+
 class BGPPeerSpec(_Frozen):
-    peer_ip: V6Addr | IPv4Address
+    """An external BGP peer (a top-of-rack router, a reflector outside the fabric).
+
+    peer_ip None with an interface: unnumbered, the host peers with whatever router speaks BGP on
+    that link from its IPv6 link-local address (BIRD's dynamic ``neighbor range fe80::/10``,
+    passive: the router connects). A link-local peer_ip names the router's address on that link."""
+
+    peer_ip: V6Addr | IPv4Address | None = None
     asn: ASN
     interface: InterfaceName | None = None
     host: Name | None = None  # None: every host peers with it; a name: only that host
+    # this session also carries IPv4 routes with IPv6 next hops (RFC 8950): an IPv6 session only
+    extended_next_hop: bool = False
+    bfd: bool = False  # BFD (100 ms x 3) on this session; the peer must run BFD too
+    password_file: SecretPath | None = None  # TCP MD5 password, read by the agent; never in the Store
+    # the peer carries the fabric's own routes between hosts (a ToR of a routed fabric, usually with
+    # the node mesh off): routes inside the pools are accepted from it, except this host's own blocks
+    fabric: bool = False
+    multihop: Annotated[int, Field(ge=2, le=255)] | None = None  # TTL; None: a directly connected peer
 
     @model_validator(mode="after")
     def _link_local(self) -> BGPPeerSpec:
+        if self.peer_ip is None:
+            if self.interface is None:
+                raise ValueError("peer_ip: needed unless interface names the link of an unnumbered peer")
+            if self.multihop is not None:
+                raise ValueError("multihop: an unnumbered peer is on the link itself")
+            return self
         if self.peer_ip.is_link_local and self.peer_ip.version == 6 and self.interface is None:
             raise ValueError(f"peer_ip {self.peer_ip} is link-local: interface is required")
         if self.peer_ip.is_unspecified or self.peer_ip.is_multicast:
             raise ValueError(f"peer_ip {self.peer_ip} cannot be a BGP peer")
+        if self.extended_next_hop and self.peer_ip.version == 4:
+            raise ValueError("extended_next_hop: only an IPv6 session carries IPv4 with IPv6 next hops")
+        if self.multihop is not None and (self.interface is not None or self.peer_ip.is_link_local):
+            raise ValueError("multihop: a peer reached over several hops is not on one interface")
         return self
 
 
@@ -383,6 +435,9 @@ class ConfigSpec(_Frozen):
     node_to_node_mesh: bool | None = None
     strict_affinity: bool | None = None
     default_asn: ASN | None = None
+    # BFD (100 ms x 3) on the host mesh and reflector sessions; peers withdraw a dead host in < 1 s
+    mesh_bfd: bool | None = None
+    mesh_password_file: SecretPath | None = None  # TCP MD5 password of every mesh/reflector session
     # Interfaces named so are workloads' even when no Endpoint names them yet: their traffic is
     # dropped until their Endpoint's policy is in (fail closed).
     # (at least one: an empty list would turn fail-closed off; leaving out a prefix does so for it)
@@ -410,6 +465,7 @@ CONFIG_DEFAULTS = ConfigSpec(
     node_to_node_mesh=True,
     strict_affinity=False,
     default_asn=DEFAULT_ASN,
+    mesh_bfd=True,
     workload_interface_prefixes=DEFAULT_WORKLOAD_PREFIXES,
 )
 

@@ -1,0 +1,123 @@
+"""The BIRD config of unnumbered, extended-next-hop, BFD and password sessions: what the text says,
+and that a real ``bird -p`` accepts it (documentation prefixes only)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tabby.agent.agent import read_passwords
+from tabby.agent.fabric import bird_inputs, password_files
+from tabby.dataplane.bird_config import BirdInputs, families, render
+from tabby.model import effective_config, validate
+from tabby.model.resources import ConfigSpec
+
+
+def host(name: str, v6: str, asn: int | None = None, v4: str | None = None) -> object:
+    spec: dict[str, object] = {"ipv6_address": v6}
+    if asn:
+        spec["asn"] = asn
+    if v4:
+        spec["ipv4_address"] = v4
+    return validate({"kind": "Host", "metadata": {"name": name}, "spec": spec})
+
+
+def peer(name: str, **spec: object) -> object:
+    return validate({"kind": "BGPPeer", "metadata": {"name": name}, "spec": spec})
+
+
+POOLS = (validate({"kind": "IPPool", "metadata": {"name": "p6"}, "spec": {"cidr": "2001:db8:e::/112"}}),
+         validate({"kind": "IPPool", "metadata": {"name": "p4"}, "spec": {"cidr": "192.0.2.0/24"}}))
+
+
+def bird_accepts(text: str, tmp_path: Path) -> None:
+    conf = tmp_path / "bird.conf"
+    conf.write_text(text)
+    r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + text
+
+
+def test_unnumbered_extended_next_hop_bfd_and_password(tmp_path: Path) -> None:
+    me = host("h1", "2001:db8:f::1", asn=65001)
+    pw = tmp_path / "tor2.pw"
+    pw.write_text("s3cret pass\n")
+    peers = (peer("tor1", interface="up1", asn=65101, extended_next_hop=True, fabric=True),
+             peer("tor2", peer_ip="fe80::2", interface="up2", asn=65102, extended_next_hop=True, bfd=True,
+                  fabric=True, password_file=str(pw)))
+    inp = BirdInputs(host=me, hosts=(me,), peers=peers, pools=POOLS, blocks=("2001:db8:e::/122", "192.0.2.0/26"),
+                     mesh=False)
+    assert families(inp) == [6, 4]  # IPv4 routed though the host has no IPv4 address at all
+    passwords, errors = read_passwords(password_files(inp))
+    assert errors == [] and passwords == {str(pw): "s3cret pass"}
+    text = render(BirdInputs(**{**inp.__dict__, "passwords": passwords}))
+    tor1 = text[text.index('description "peer tor1"'):text.index('description "peer tor2"')]
+    assert "neighbor range fe80::/10 as 65101;" in tor1 and 'interface "up1";' in tor1
+    assert "local as 65001;" in tor1  # no address: the link-local of the link is the source
+    assert "ipv4 { import filter fabric_in4; export filter bgp_out4; next hop self; gateway direct; " \
+           "extended next hop on; };" in tor1
+    tor2 = text[text.index('description "peer tor2"'):]
+    assert "neighbor fe80::2%up2 as 65102;" in tor2 and "bfd on;" in tor2 and 'password "s3cret pass";' in tor2
+    assert "protocol bfd {" in text and "min rx interval 100 ms" in text and "multiplier 3" in text
+    assert "route 192.0.2.0/26 blackhole;" in text
+    bird_accepts(text, tmp_path)
+
+
+def test_unreadable_password_disables_the_session_and_says_which_file(tmp_path: Path) -> None:
+    me = host("h1", "2001:db8:f::1")
+    missing = str(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.write_text('quote"inside')
+    p = (peer("a", peer_ip="2001:db8:f::fe", asn=65100, password_file=missing),
+         peer("b", peer_ip="2001:db8:f::fd", asn=65100, password_file=str(bad)))
+    inp = BirdInputs(host=me, hosts=(me,), peers=p, pools=POOLS[:1])
+    got, errors = read_passwords(password_files(inp))
+    assert got == {} and len(errors) == 2
+    assert any(missing in e for e in errors) and any(str(bad) in e and "quote" not in e.replace(str(bad), "")
+                                                      for e in errors)
+    text = render(inp)
+    assert text.count("disabled;") == 2 and "  password " not in text
+    bird_accepts(text, tmp_path)
+
+
+def test_mesh_bfd_and_password_by_config(tmp_path: Path) -> None:
+    me, other = host("h1", "2001:db8:f::1"), host("h2", "2001:db8:f::2")
+    pw = tmp_path / "mesh.pw"
+    pw.write_text("meshpw")
+    cfg = effective_config(ConfigSpec(mesh_password_file=str(pw)), None)
+    assert cfg.mesh_bfd is True  # on by default
+    inp = bird_inputs("h1", [me, other], {}, cfg)
+    assert inp is not None
+    passwords, _ = read_passwords(password_files(inp))
+    text = render(BirdInputs(**{**inp.__dict__, "passwords": passwords}))
+    mesh = text[text.index('description "host h2 v6"'):]
+    assert "bfd on;" in mesh and 'password "meshpw";' in mesh and "neighbor 2001:db8:f::2 as 64512;" in mesh
+    bird_accepts(text, tmp_path)
+    off = bird_inputs("h1", [me, other], {}, effective_config(ConfigSpec(mesh_bfd=False), None))
+    assert off is not None and "bfd" not in render(off)
+
+
+def test_multihop_peer(tmp_path: Path) -> None:
+    me = host("h1", "2001:db8:f::1")
+    inp = BirdInputs(host=me, hosts=(me,), peers=(peer("rr", peer_ip="2001:db8:99::1", asn=65100, multihop=2,
+                                                       bfd=True),), pools=POOLS[:1])
+    text = render(inp)
+    assert "multihop 2;" in text and "gateway recursive;" in text and "direct;" not in text
+    bird_accepts(text, tmp_path)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"asn": 65100}, "peer_ip"),
+    ({"interface": "up1", "asn": 65100, "multihop": 2}, "multihop"),
+    ({"peer_ip": "192.0.2.1", "asn": 65100, "extended_next_hop": True}, "extended_next_hop"),
+    ({"peer_ip": "2001:db8::1", "asn": 65100, "password_file": "relative/pw"}, "password_file"),
+    ({"peer_ip": "2001:db8::1", "asn": 65100, "password_file": "/etc/../shadow"}, "password_file"),
+    ({"peer_ip": "2001:db8::1", "asn": 65100, "password_file": '/x"; }'}, "password_file"),
+    ({"interface": 'up1"; }', "asn": 65100}, "interface"),
+    ({"peer_ip": "2001:db8::1", "asn": 65100, "multihop": 1}, "multihop"),
+])
+def test_bad_peers_are_refused_naming_the_field(spec: dict[str, object], field: str) -> None:
+    with pytest.raises(Exception) as e:
+        peer("p", **spec)
+    assert field in str(e.value)
