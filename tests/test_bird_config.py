@@ -85,8 +85,8 @@ def test_mesh_bfd_and_password_by_config(tmp_path: Path) -> None:
     me, other = host("h1", "2001:db8:f::1"), host("h2", "2001:db8:f::2")
     pw = tmp_path / "mesh.pw"
     pw.write_text("meshpw")
-    cfg = effective_config(ConfigSpec(mesh_password_file=str(pw)), None)
-    assert cfg.mesh_bfd is True  # on by default
+    assert effective_config(None, None).mesh_bfd is False  # off by default: see ConfigSpec
+    cfg = effective_config(ConfigSpec(mesh_password_file=str(pw), mesh_bfd=True), None)
     inp = bird_inputs("h1", [me, other], {}, cfg)
     assert inp is not None
     passwords, _ = read_passwords(password_files(inp))
