@@ -15,9 +15,9 @@ from tabby.lab.topology import topology
 
 @contextmanager
 def lab(hosts: int = 3, containers: int = 2, ipv6_only: bool = False,
-        route_reflectors: tuple[int, ...] = (), vms: int = 0, store: str = "sqlite") -> Iterator[L.Lab]:
+        route_reflectors: tuple[int, ...] = (), vms: int = 0, store: str = "sqlite", tors: int = 0) -> Iterator[L.Lab]:
     prefix = "t" + uuid.uuid4().hex[:5]
-    topo = topology(hosts, containers, ipv6_only, prefix, route_reflectors, vms)
+    topo = topology(hosts, containers, ipv6_only, prefix, route_reflectors, vms, tors=tors)
     the_lab = L.Lab(topo, L.default_store(prefix), store_kind=store)
     try:
         the_lab.up()

@@ -55,6 +55,10 @@ def lab_up(
     etcd_members: Annotated[int, typer.Option(help="with --store etcd: 1 member over plain HTTP, or a cluster of "
                                               "this many with TLS, each in a namespace of its own", min=1, max=7)] = 1,
     prefix: PrefixOpt = "tbl",
+    tors: Annotated[int, typer.Option(help="2: a routed fabric, every host on a GoBGP and a BIRD top-of-rack router "
+                                      "(needs --unnumbered)", min=0, max=2)] = 0,
+    unnumbered: Annotated[bool, typer.Option("--unnumbered", help="with --tors: host uplinks carry IPv6 link-local "
+                                             "only; IPv4 rides the IPv6 sessions (extended next hop)")] = False,
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -63,7 +67,9 @@ def lab_up(
     from tabby.lab.topology import topology
 
     try:
-        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms)
+        if bool(tors) != unnumbered:
+            raise ValueError("--tors and --unnumbered go together (numbered uplinks are not built)")
+        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms, tors=tors)
         L.down(prefix)
         if etcd_members > 1 and store is not LabStore.etcd:
             raise ValueError("--etcd-members needs --store etcd")

@@ -34,7 +34,7 @@ from tabby.dataplane.links import (
 from tabby.guest.render import patch_script
 from tabby.guest.render import render as guest_render
 from tabby.ipam import IPAM
-from tabby.lab import netns, outside_bird, probe
+from tabby.lab import netns, outside_bird, probe, tor
 from tabby.lab.etcd import EtcdCluster, Pki
 from tabby.lab.topology import (
     ETCD_V6,
@@ -141,10 +141,12 @@ class Lab:
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
             "agent_store": self.agent_store_url, "store_kind": self.store_kind, "etcd_members": self.etcd_members,
             "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors),
-            "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)),
+            "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)), "tors": self.topo.tors,
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
 
     def up(self, say: Say = _quiet) -> None:
+        if self.topo.tors and self.store_kind != "sqlite":
+            raise ValueError("--tors: the hosts have no shared fabric link to reach etcd on; use the SQLite store")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._save_state()
         say("neighbour tables")
@@ -160,9 +162,9 @@ class Lab:
             self._etcd() if self.etcd_members == 1 else self._etcd_cluster()
             self._save_state()
         say(f"hosts ({len(self.topo.hosts)})")
-        _parallel(self._host, self.topo.hosts)
-        say("outside router")
-        self._outside()
+        tor.hosts(self, _parallel) if self.topo.tors else _parallel(self._host, self.topo.hosts)
+        say("top-of-rack routers" if self.topo.tors else "outside router")
+        tor.routers(self) if self.topo.tors else self._outside()
         say("store: hosts, pools, the outside peer")
         self._resources()
         say("agents")
@@ -313,7 +315,9 @@ class Lab:
 
     def _resources(self) -> None:
         client = ResourceClient(open_store(self.store_url))
-        for h in self.topo.hosts:
+        if self.topo.tors:
+            tor.resources(self, client.apply)
+        for h in () if self.topo.tors else self.topo.hosts:
             spec: dict[str, Any] = {"ipv6_address": h.v6}
             if h.index in self.topo.route_reflectors:
                 spec["route_reflector_cluster_id"] = "10.255.255.1"  # 32 bits; no IPv4 needed on the fabric
@@ -321,9 +325,10 @@ class Lab:
                 spec["ipv4_address"] = h.v4
             client.apply(validate({"kind": "Host", "metadata": {"name": h.name}, "spec": spec}))
         client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v6"}, "spec": {"cidr": V6_POOL}}))
-        client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside"},
-                               "spec": {"peer_ip": OUTSIDE_FABRIC_V6, "asn": OUTSIDE_ASN}}))
-        if not self.topo.ipv6_only:
+        if not self.topo.tors:
+            client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside"},
+                                   "spec": {"peer_ip": OUTSIDE_FABRIC_V6, "asn": OUTSIDE_ASN}}))
+        if not self.topo.ipv6_only and not self.topo.tors:
             client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside-v4"},
                                    "spec": {"peer_ip": OUTSIDE_FABRIC_V4, "asn": OUTSIDE_ASN}}))
         if not self.topo.ipv6_only:
@@ -607,7 +612,7 @@ def load(prefix: str = PREFIX) -> Lab:
         if state.get("prefix", prefix) != prefix:
             raise ValueError(f"it is the state of lab {state.get('prefix')!r}")
         topo = topology(state["hosts"], state["containers"], state["ipv6_only"], prefix,
-                        tuple(state.get("route_reflectors", ())), state.get("vms", 0))
+                        tuple(state.get("route_reflectors", ())), state.get("vms", 0), int(state.get("tors", 0)))
         return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"),
                    int(state.get("etcd_members", 1)))
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -7,6 +7,7 @@
                        route via the host end's link-local; the plugin names the host end tby<hash>
     tbl-h<N>-v<M>      VM M on host N: eth0 gets its address from its own DHCP client; tap<N>v<M>
     tbl-out            the outside router: fd00:f::fe on the fabric, fd00:99::1 (10.99.0.1) on lo
+    tbl-t1, tbl-t2     with --tors 2 --unnumbered: the ToRs instead of the bridge and tbl-out (lab/tor.py)
 Pools: fd00:e::/112 (IPv6, /122 blocks) and 10.65.0.0/16 (IPv4, /26 blocks, unless IPv6-only).
 Every name starts with ``tbl`` so that ``tabby lab down`` can find leftovers after a crash.
 """
@@ -137,6 +138,7 @@ class Topology:
     route_reflectors: tuple[int, ...] = ()  # host indexes that reflect; empty: full mesh
     vms: tuple[LabVm, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    tors: int = 0  # 2: a routed fabric, every host on two ToRs over link-local only (lab/tor.py)
 
     @property
     def fabric_ns(self) -> str:
@@ -156,7 +158,7 @@ class Topology:
 
     @property
     def outside_ns(self) -> str:
-        return f"{self.prefix}-out"
+        return f"{self.prefix}-t2" if self.tors else f"{self.prefix}-out"  # ToR 2 plays it (lab/tor.py)
 
     @property
     def etcd_ns(self) -> str:
@@ -164,7 +166,7 @@ class Topology:
 
 
 def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX,
-             route_reflectors: tuple[int, ...] = (), vms: int = 0) -> Topology:
+             route_reflectors: tuple[int, ...] = (), vms: int = 0, tors: int = 0) -> Topology:
     if not 1 <= hosts <= 200:
         raise ValueError("--hosts must be 1..200")
     if not 0 <= containers <= 50:
@@ -178,4 +180,8 @@ def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str =
         raise ValueError("--vms must be 0..20 per host")
     # VMs alternate between the two DHCP clients the seed's images use
     vs = tuple(LabVm(h, j, "dhclient" if j % 2 else "dhcpcd") for h in hs for j in range(1, vms + 1))
-    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors), vs)
+    if tors not in (0, 2):
+        raise ValueError("--tors must be 2 (a GoBGP and a BIRD top-of-rack router), or none")
+    if tors and route_reflectors:
+        raise ValueError("--tors: hosts peer with the ToRs only; no route reflector")
+    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors), vs, tors=tors)
