@@ -147,8 +147,10 @@ def render(inp: BirdInputs) -> str:
                 f"  interface \"*\" {{ {timers} }};",
                 f"  multihop {{ {timers} }};",
                 "}", ""]
+    # error wait time: after a session error (a link that went down) BIRD waits 60 s before trying
+    # again by default, and a ToR's dynamic session sits idle meanwhile: a fabric wants it back in 1 s
     out += ["template bgp tabby_peer {",
-            "  hold time 9; keepalive time 3; connect retry time 1; connect delay time 1;",
+            "  hold time 9; keepalive time 3; connect retry time 1; connect delay time 1; error wait time 1, 10;",
             "  graceful restart on; graceful restart time 120;",
             "}", ""]
 

@@ -71,7 +71,7 @@ def render_bird(asn: int, hosts: Sequence[tuple[str, int]], v4: bool) -> str:
                          f"next hop self;{enh} }};")
         conf.append(f"protocol bgp {dev} {{ local as {int(asn)}; neighbor range fe80::/10 as {int(peer_as)}; "
                     f'interface "{dev}"; dynamic name "{dev}_"; direct; bfd on; hold time 9; keepalive time 3; '
-                    f"connect delay time 1; graceful restart on; {' '.join(chans)} }}")
+                    f"connect delay time 1; error wait time 1, 10; graceful restart on; {' '.join(chans)} }}")
     return "\n".join(conf) + "\n"
 
 
