@@ -10,7 +10,7 @@ import pytest
 
 from tabby.agent.agent import read_passwords
 from tabby.agent.fabric import bird_inputs, password_files
-from tabby.dataplane.bird_config import BirdInputs, families, render
+from tabby.dataplane.bird_config import BirdInputs, bfd_targets, families, render, render_bfd
 from tabby.model import effective_config, validate
 from tabby.model.resources import ConfigSpec
 
@@ -58,10 +58,15 @@ def test_unnumbered_extended_next_hop_bfd_and_password(tmp_path: Path) -> None:
     assert "ipv4 { import filter fabric_in4; export filter bgp_out4; next hop self; gateway direct; " \
            "extended next hop on; };" in tor1
     tor2 = text[text.index('description "peer tor2"'):]
-    assert "neighbor fe80::2%up2 as 65102;" in tor2 and "bfd on;" in tor2 and 'password "s3cret pass";' in tor2
-    assert "protocol bfd {" in text and "min rx interval 100 ms" in text and "multiplier 3" in text
+    assert "neighbor fe80::2%up2 as 65102;" in tor2 and 'password "s3cret pass";' in tor2
+    assert "bfd" not in text  # BFD is the liveness BIRD's, apart from the BGP speaker
     assert "route 192.0.2.0/26 blackhole;" in text
     bird_accepts(text, tmp_path)
+    assert bfd_targets(inp) == {"fe80::2%up2": ("peer_tor2_" + text.split("protocol bgp peer_tor2_")[1][:6],)}
+    live = render_bfd(inp)
+    assert live is not None and "route fe80::2/128 via fe80::2%up2 bfd;" in live
+    assert "min rx interval 100 ms" in live and "multiplier 3" in live and "protocol bgp" not in live
+    bird_accepts(live, tmp_path)
 
 
 def test_unreadable_password_disables_the_session_and_says_which_file(tmp_path: Path) -> None:
@@ -92,16 +97,20 @@ def test_mesh_bfd_and_password_by_config(tmp_path: Path) -> None:
     passwords, _ = read_passwords(password_files(inp))
     text = render(BirdInputs(**{**inp.__dict__, "passwords": passwords}))
     mesh = text[text.index('description "host h2 v6"'):]
-    assert "bfd on;" in mesh and 'password "meshpw";' in mesh and "neighbor 2001:db8:f::2 as 64512;" in mesh
+    assert 'password "meshpw";' in mesh and "neighbor 2001:db8:f::2 as 64512;" in mesh
     bird_accepts(text, tmp_path)
+    assert list(bfd_targets(inp)) == ["2001:db8:f::2"]
+    live = render_bfd(inp)
+    assert live is not None and "route 2001:db8:f::2/128 via 2001:db8:f::2 bfd;" in live
+    bird_accepts(live, tmp_path)
     off = bird_inputs("h1", [me, other], {}, effective_config(ConfigSpec(mesh_bfd=False), None))
-    assert off is not None and "bfd" not in render(off)
+    assert off is not None and render_bfd(off) is None
 
 
 def test_multihop_peer(tmp_path: Path) -> None:
     me = host("h1", "2001:db8:f::1")
-    inp = BirdInputs(host=me, hosts=(me,), peers=(peer("rr", peer_ip="2001:db8:99::1", asn=65100, multihop=2,
-                                                       bfd=True),), pools=POOLS[:1])
+    inp = BirdInputs(host=me, hosts=(me,), peers=(peer("rr", peer_ip="2001:db8:99::1", asn=65100, multihop=2),),
+                     pools=POOLS[:1])
     text = render(inp)
     assert "multihop 2;" in text and "gateway recursive;" in text and "direct;" not in text
     bird_accepts(text, tmp_path)
@@ -116,6 +125,8 @@ def test_multihop_peer(tmp_path: Path) -> None:
     ({"peer_ip": "2001:db8::1", "asn": 65100, "password_file": '/x"; }'}, "password_file"),
     ({"interface": 'up1"; }', "asn": 65100}, "interface"),
     ({"peer_ip": "2001:db8::1", "asn": 65100, "multihop": 1}, "multihop"),
+    ({"peer_ip": "2001:db8::1", "asn": 65100, "multihop": 2, "bfd": True}, "bfd"),
+    ({"interface": "up1", "asn": 65100, "bfd": True}, "bfd"),
 ])
 def test_bad_peers_are_refused_naming_the_field(spec: dict[str, object], field: str) -> None:
     with pytest.raises(Exception) as e:

@@ -61,3 +61,23 @@ def endpoint_status(*, conflict: str | None, interface: str, present: bool, poli
     if pending:
         return "down", "programming"
     return "up", ""
+
+
+def bfd_actions(targets: Mapping[str, tuple[str, ...]], states: Mapping[str, str], was_up: set[str],
+                disabled: set[str]) -> tuple[set[str], set[str]]:
+    """(protocols to disable, protocols to enable) for BFD's current view, and updates was_up.
+
+    A session is disabled (its routes withdrawn at once) when BFD to its peer has been Up and is not
+    any more; enabled again when BFD is back Up. A BFD session that never came up (the peer runs no
+    BFD, or not yet) disables nothing: BFD can only take away what it once vouched for."""
+    want_off: set[str] = set()
+    for peer, protos in targets.items():
+        state = states.get(peer)
+        if state == "Up":
+            was_up.add(peer)
+        elif peer in was_up:
+            want_off.update(protos)
+    for gone in set(was_up) - set(targets):
+        was_up.discard(gone)
+    return want_off - disabled, disabled - want_off
+

@@ -10,6 +10,7 @@ recovery), and the peers, which kept its routes as stale meanwhile, get them ref
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -181,3 +182,19 @@ class BirdReconciler:
                 cur["imported"] += int(r.group(1))
                 cur["exported"] += int(r.group(2))
         return out
+
+    def bfd_sessions(self) -> dict[str, str]:
+        """BFD peer -> state ("Up", "Down", "Init", "AdminDown") of this BIRD's BFD sessions; a
+        link-local peer is keyed "fe80::..%iface", as ``bird_config.bfd_targets`` keys it."""
+        out: dict[str, str] = {}
+        for line in self.control("show bfd sessions").splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            try:
+                ip = ipaddress.ip_address(parts[0])
+            except ValueError:
+                continue  # the protocol's name, the heading
+            out[f"{ip}%{parts[1]}" if ip.is_link_local else str(ip)] = parts[2]
+        return out
+

@@ -395,6 +395,8 @@ class BGPPeerSpec(_Frozen):
         if self.peer_ip is None:
             if self.interface is None:
                 raise ValueError("peer_ip: needed unless interface names the link of an unnumbered peer")
+            if self.bfd:
+                raise ValueError("bfd: needs peer_ip (an unnumbered peer's address is learnt; BFD needs it first)")
             if self.multihop is not None:
                 raise ValueError("multihop: an unnumbered peer is on the link itself")
             return self
@@ -406,6 +408,8 @@ class BGPPeerSpec(_Frozen):
             raise ValueError("extended_next_hop: only an IPv6 session carries IPv4 with IPv6 next hops")
         if self.multihop is not None and (self.interface is not None or self.peer_ip.is_link_local):
             raise ValueError("multihop: a peer reached over several hops is not on one interface")
+        if self.multihop is not None and self.bfd:
+            raise ValueError("bfd: single-hop only (multihop BFD is not built)")
         return self
 
 
