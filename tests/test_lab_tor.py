@@ -21,7 +21,20 @@ from tabby.lab.netns import wait_for
 def the_lab() -> Iterator[L.Lab]:
     with lab(2, 1, tors=2) as built:
         assert L.wait_until(lambda: all_ok(built), 60), [r for r in built.matrix() if not r["ok"]]
+        # traffic flows over the first ToR up; ECMP once the second one's session is up too
+        assert L.wait_until(lambda: ecmp_everywhere(built), 30), [kernel_routes(h.ns) for h in built.topo.hosts]
         yield built
+
+
+def ecmp_everywhere(the_lab: L.Lab) -> bool:
+    for h in the_lab.topo.hosts:
+        for fam in ("-6", "-4"):
+            learnt = [r for r in kernel_routes(h.ns, fam)
+                      if r.get("protocol") == "bird" and r.get("type") != "blackhole"
+                      and not str(r["dst"]).startswith(("fd00:99:", "10.99."))]  # the outside: ToR 2 only
+            if not learnt or any(len(r.get("nexthops", [])) != 2 for r in learnt):  # type: ignore[arg-type]
+                return False
+    return True
 
 
 def blocks(the_lab: L.Lab) -> set[str]:
@@ -88,7 +101,7 @@ def test_host_sessions_both_tors_established_bfd_up_with_the_bird_tor(the_lab: L
         protos = birdc(the_lab, h.name, "show", "protocols")
         est = [line.split()[0] for line in protos.splitlines() if "Established" in line]
         assert any(n.startswith("peer_tor1") for n in est) and any(n.startswith("peer_tor2") for n in est), protos
-        bfd = birdc(the_lab, h.name, "show", "bfd", "sessions")
+        bfd = birdc(the_lab, f"{h.name}/bfd", "show", "bfd", "sessions")  # the liveness BIRD's
         assert "fe80::2" in bfd and " Up " in bfd, bfd
 
 
