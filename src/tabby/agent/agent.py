@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
-from tabby.agent.fabric import bfd_actions, bird_inputs, endpoint_status, password_files
+from tabby.agent.fabric import bfd_actions, bird_inputs, endpoint_status, password_files, password_why
 from tabby.agent.health import HealthServer, Metrics
 from tabby.agent.last_good import LastGood
 from tabby.agent.policy_calc import PolicyIndex
 from tabby.agent.status import StatusWriter
 from tabby.dataplane import netlink as nl
-from tabby.dataplane.bird import BirdError, BirdReconciler
-from tabby.dataplane.bird_config import bfd_targets, render, render_bfd
+from tabby.dataplane.bird import BirdError, BirdReconciler, tcp_md5_failures
+from tabby.dataplane.bird_config import bfd_targets, password_sessions, render, render_bfd
 from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
 from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
@@ -88,7 +88,7 @@ def decode_record(key: str, value: bytes) -> Any:
 BFD_POLL_S = 0.05  # the BFD watcher's period: small beside BFD's own 300 ms detection
 
 
-def read_passwords(paths: list[str]) -> tuple[dict[str, str], list[str]]:
+def read_passwords(paths: list[str], quiet: bool = False) -> tuple[dict[str, str], list[str]]:
     """Each BGP password file's password (one line; the trailing newline dropped), and an error per
     file that could not be read or holds no usable password. The errors name the file, never its
     contents: they go to the log and the status. A session whose password is missing is rendered
@@ -108,7 +108,7 @@ def read_passwords(paths: list[str]) -> tuple[dict[str, str], list[str]]:
                           "; its sessions are disabled")
         except ValueError as e:
             errors.append(f"{e}; its sessions are disabled")
-    for e in errors:
+    for e in [] if quiet else errors:
         log.error("BGP: %s", e)
     return got, errors
 
@@ -161,6 +161,10 @@ class Agent:
         self.next_pair_probe = 0.0
         self.bgp_written: dict[str, Any] | None = None
         self.password_errors: list[str] = []  # BGP password files that could not be read (path only)
+        self.password_paths: list[str] = []
+        self.passwords_seen: dict[str, str] = {}
+        self.with_password: frozenset[str] = frozenset()  # BGP protocols with a TCP MD5 password
+        self.md5_baseline: int | None = None  # the kernel's MD5 drop count when the config was rendered
         self.monitor = nl.Monitor()
         self.in_sync = False
         self.stopping = threading.Event()
@@ -343,6 +347,9 @@ class Agent:
             return
         dirty, self.bgp_dirty = self.bgp_dirty, False
         self.next_bgp_check = now + BGP_CHECK_S
+        if not dirty and self.password_paths:
+            # a password file changed (rotated, fixed): no Store event says so, so look at every check
+            dirty = read_passwords(self.password_paths, quiet=True)[0] != self.passwords_seen
         # the config is rendered when the fabric changed, not at every check: its inputs grow
         # with the number of hosts, and an idle agent must not
         if dirty:
@@ -360,10 +367,13 @@ class Agent:
                     self.bgp_written = doc
                     self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
                 return
-            passwords, pw_errors = read_passwords(password_files(inputs))
-            self.password_errors = pw_errors
+            self.password_paths = password_files(inputs)
+            passwords, pw_errors = read_passwords(self.password_paths)
+            self.password_errors, self.passwords_seen = pw_errors, passwords
             inputs = dataclasses.replace(inputs, passwords=passwords)
             self.bird.set_config(render(inputs))
+            self.with_password = password_sessions(inputs)
+            self.md5_baseline = self._md5_failures()
             self._set_bfd(render_bfd(inputs), bfd_targets(inputs))
         elif self.bird.desired is None:
             return  # no BGP here (see above) until the fabric changes
@@ -379,12 +389,23 @@ class Agent:
                 log.error("BFD BIRD: %s", e)
                 self.bfd_bird.last_error = str(e)
         sessions = self.bird.sessions() if self.bird.pid() else []
+        if self.with_password:
+            now_md5 = self._md5_failures()
+            password_why(sessions, self.with_password, now_md5 is not None and self.md5_baseline is not None
+                         and now_md5 > self.md5_baseline)
         doc = {"host": self.host, "sessions": [{k: one_line(v) if isinstance(v, str) else v for k, v in x.items()}
                                                for x in sessions[:MAX_SESSIONS]],
                "error": one_line("; ".join(e for e in (self.bird.last_error, *self.password_errors) if e)) or None}
         if doc != self.bgp_written:  # status is written when it changes, not every check ("at": when)
             self.bgp_written = doc
             self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
+
+    @staticmethod
+    def _md5_failures() -> int | None:
+        try:
+            return tcp_md5_failures()
+        except (OSError, ValueError):
+            return None
 
     def _set_bfd(self, text: str | None, targets: dict[str, tuple[str, ...]]) -> None:
         assert self.bfd_bird is not None

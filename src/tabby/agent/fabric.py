@@ -81,3 +81,16 @@ def bfd_actions(targets: Mapping[str, tuple[str, ...]], states: Mapping[str, str
         was_up.discard(gone)
     return want_off - disabled, disabled - want_off
 
+
+def password_why(sessions: list[dict[str, Any]], with_password: frozenset[str], md5_rising: bool) -> None:
+    """Add a "why" to each session that carries a TCP MD5 password and is not Established: a wrong
+    or missing password is never answered, so BIRD itself shows only a session that does not come
+    up. md5_rising: the kernel's MD5 drop counters went up since the last look."""
+    for s in sessions:
+        name = str(s.get("name", ""))
+        base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+        if (name in with_password or base in with_password) and s.get("state") != "Established":
+            s["why"] = ("TCP MD5: the kernel drops this host's segments for a wrong signature: the password "
+                        "differs from the peer's" if md5_rising else
+                        "TCP MD5 password set: a peer with another password, or none, never answers")
+

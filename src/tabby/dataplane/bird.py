@@ -198,3 +198,15 @@ class BirdReconciler:
             out[f"{ip}%{parts[1]}" if ip.is_link_local else str(ip)] = parts[2]
         return out
 
+
+def tcp_md5_failures(netstat: Path = Path("/proc/net/netstat")) -> int:
+    """This namespace's count of TCP segments the kernel dropped for a wrong or missing MD5
+    signature (TcpExt TCPMD5Failure + TCPMD5NotFound + TCPMD5Unexpected): the only trace a wrong
+    password leaves, since such segments are never answered."""
+    lines = netstat.read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return sum(int(row.get(k, 0)) for k in ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected"))
+    return 0
+

@@ -96,6 +96,12 @@ def bfd_targets(inp: BirdInputs) -> dict[str, tuple[str, ...]]:
     return _render(inp)[1]
 
 
+def password_sessions(inp: BirdInputs) -> frozenset[str]:
+    """Names of the BGP protocols that carry a TCP MD5 password (a dynamic one's instances are
+    named after it: ``<name>_1``...), so that a status can say why one of them stays down."""
+    return _render(inp)[2]
+
+
 def render_bfd(inp: BirdInputs) -> str | None:
     """The liveness BIRD: BFD only, beside the BGP speaker, so that BFD follows the host (its kernel,
     its links) and not the BGP speaker's process. Why apart: BIRD's own BFD dies with BIRD, so a
@@ -124,8 +130,9 @@ def render_bfd(inp: BirdInputs) -> str | None:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]]]:
+def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset[str]]:
     targets: dict[str, list[str]] = {}
+    with_password: set[str] = set()
     h = inp.host
     me = h.metadata.name
     spec = h.spec
@@ -198,6 +205,8 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]]]:
                 imports: str = "bgp_in", bfd: bool = False, enh: bool = False, multihop: int | None = None,
                 password_file: str | None = None) -> list[str]:
         pw, usable = password(password_file)
+        if pw:
+            with_password.add(_ident(name))
         lines = [f"protocol bgp {_ident(name)} from tabby_peer {{",
                  f"  description \"{name}\";"]
         if not usable:
@@ -270,4 +279,4 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]]]:
                        imports="fabric_in" if ps.fabric else "ext_in", bfd=ps.bfd, enh=ps.extended_next_hop,
                        multihop=ps.multihop, password_file=ps.password_file)
         out.append("")
-    return "\n".join(out).rstrip() + "\n", {k: tuple(v) for k, v in targets.items()}
+    return "\n".join(out).rstrip() + "\n", {k: tuple(v) for k, v in targets.items()}, frozenset(with_password)
