@@ -170,6 +170,8 @@ def bgp_status(
             t.add_row(escape(d["host"]), "-", f"[red]{escape(d['error'])}[/]", "", "", "")
         for sess in d["sessions"]:
             st = sess["error"] or sess["state"] or "?"
+            if sess.get("why"):
+                st = f"{st}: {sess['why']}"
             c = "green" if st == "Established" else "red"
             t.add_row(escape(d["host"]), escape(sess["description"] or sess["name"] or "?"), f"[{c}]{escape(st)}[/]",
                       escape(sess["since"]), str(sess["imported"]), str(sess["exported"]))

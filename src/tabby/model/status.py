@@ -89,6 +89,7 @@ class BgpSession(_Record):
     exported: Annotated[int, Field(ge=0)] = 0
     description: Text = ""
     error: Text | None = None
+    why: Text | None = None  # why a session that should be up is not (a TCP MD5 password mismatch)
 
 
 class BgpStatus(_Record):
