@@ -3,7 +3,7 @@ restart alone withdraws nothing.
 
     python bench/bfd.py [--quick]
 
-A 3-host IPv6-only lab (its own prefix, torn down at the end) with BFD on the mesh (Config
+A 3-host IPv6-only lab, a container each (its own prefix, torn down at the end), BFD on the mesh (Config
 mesh_bfd). Host h1 is cut off 10 times per cause (3 with --quick): ``link-down`` (its bridge port
 down) and ``blackhole`` (an nft table dropping everything in its namespace); each time, the ms
 from the cut until the slowest of h2 and h3 deleted h1's block from its kernel (``ip monitor``).
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     cuts = 3 if ap.parse_args().quick else 10
     prefix = "b" + uuid.uuid4().hex[:5]
-    the_lab = L.Lab(topology(3, 0, True, prefix), L.default_store(prefix))
+    the_lab = L.Lab(topology(3, 1, True, prefix), L.default_store(prefix))  # a container: a block
     try:
         the_lab.up()
         ResourceClient(open_store(the_lab.store_url)).apply(validate(
