@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 from lablib import all_ok, birdc, kernel_routes, lab
 
+from tabby.lab import failover, netns, tor
 from tabby.lab import lab as L
-from tabby.lab import netns, tor
 from tabby.lab.netns import wait_for
 
 
@@ -137,3 +137,25 @@ def test_uplink_cut_keeps_traffic_flowing(the_lab: L.Lab) -> None:
         # back as it was: both next hops again (the BIRD ToR session re-established)
         wait_for(lambda: any(len(r.get("nexthops", [])) == 2 for r in kernel_routes(h2.ns)), 30, 0.2,
                  "ECMP back after the uplink is up again")
+
+
+def test_bird_kill_on_a_host_changes_no_route_elsewhere(the_lab: L.Lab) -> None:
+    # graceful restart at both ToRs: GoBGP as helper, and BIRD's BFD to the host is its liveness
+    # BIRD's, which the kill leaves running
+    h1, h2 = the_lab.topo.hosts
+    block = next(str(r["dst"]) for r in kernel_routes(h1.ns) if r.get("type") == "blackhole")
+    pidfile = the_lab.run_dir / h1.name / "bird.pid"
+    old = int(pidfile.read_text())
+    watch = failover.RouteWatch(h2.ns)
+    try:
+        time.sleep(0.1)
+        netns.kill_pid(old, 9)
+        wait_for(lambda: pidfile.exists() and int(pidfile.read_text() or 0) != old, 20, 0.1, "BIRD restarted")
+        wait_for(lambda: birdc(the_lab, h1.name, "show", "protocols").count("Established") == 2, 30, 0.2,
+                 "h1's sessions to both ToRs back")
+        time.sleep(2)
+    finally:
+        watch.close()
+    changes = [line for _, line in watch.lines if block in line]
+    assert changes == [], changes
+    assert ecmp_everywhere(the_lab)
