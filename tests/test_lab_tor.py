@@ -12,9 +12,14 @@ from collections.abc import Iterator
 import pytest
 from lablib import all_ok, birdc, kernel_routes, lab
 
+from tabby.client import ResourceClient
+from tabby.dataplane import bird_config
 from tabby.lab import failover, netns, tor
 from tabby.lab import lab as L
 from tabby.lab.netns import wait_for
+from tabby.lab.topology import OUTSIDE_V6
+from tabby.model import validate
+from tabby.store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +143,29 @@ def test_uplink_cut_keeps_traffic_flowing(the_lab: L.Lab) -> None:
         wait_for(lambda: any(len(r.get("nexthops", [])) == 2 for r in kernel_routes(h2.ns)), 30, 0.2,
                  "ECMP back after the uplink is up again")
 
+
+def test_multihop_peer_one_hop_away(the_lab: L.Lab) -> None:
+    # ToR 2 listens on its loopback (fd00:99::1) for multihop sessions from the hosts' fabric
+    # addresses: h1 reaches it over up2, one hop away, its next hop resolved recursively
+    h1 = the_lab.topo.hosts[0]
+    client = ResourceClient(open_store(the_lab.store_url))
+    client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "mh-tor2"}, "spec": {
+        "peer_ip": OUTSIDE_V6, "asn": tor.TOR_ASNS[1], "multihop": 2, "host": h1.name}}))
+    name = bird_config._ident("peer mh-tor2")
+    try:
+        wait_for(lambda: any(line.startswith(name) and "Established" in line
+                             for line in birdc(the_lab, h1.name, "show", "protocols").splitlines()), 30, 0.2,
+                 "h1's multihop session to ToR 2's loopback")
+        sock = str(the_lab.run_dir / "tors" / "bird.ctl")
+        block = next(str(r["dst"]) for r in kernel_routes(h1.ns) if r.get("type") == "blackhole")
+        wait_for(lambda: block in subprocess.run(["birdc", "-s", sock, "show", "route", "protocol", "mh_1"],
+                                                 capture_output=True, text=True).stdout, 10, 0.2,
+                 "ToR 2 learns h1's block over the multihop session")
+        conf = (the_lab.run_dir / h1.name / "bird.conf").read_text()
+        assert "multihop 2;" in conf and f"local {h1.v6} as" in conf
+    finally:
+        client.delete("BGPPeer", "mh-tor2")
+        wait_for(lambda: name not in birdc(the_lab, h1.name, "show", "protocols"), 30, 0.2, "session removed")
 
 def test_bird_kill_on_a_host_changes_no_route_elsewhere(the_lab: L.Lab) -> None:
     # graceful restart at both ToRs: GoBGP as helper, and BIRD's BFD to the host is its liveness

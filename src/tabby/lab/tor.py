@@ -16,6 +16,8 @@ link has IPv4 at all. The BIRD config of ToR 2 is ``render_bird`` (pure).
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tabby.lab import gobgp, netns
-from tabby.lab.topology import OUTSIDE_V4, OUTSIDE_V6, LabHost
+from tabby.lab.topology import OUTSIDE_V4, OUTSIDE_V6, V6_FABRIC, LabHost
 from tabby.model import validate
 from tabby.model.names import check_interface_name
 from tabby.model.resources import BFD_DEFAULT_MS, BFD_DEFAULT_MULT
@@ -50,16 +52,28 @@ def tor_ns(prefix: str, i: int) -> str:
     return f"{prefix}-t{i}"
 
 
-def render_bird(asn: int, hosts: Sequence[tuple[str, int]], v4: bool) -> str:
+def render_bird(asn: int, hosts: Sequence[tuple[str, int]], v4: bool,
+                loopbacks: Sequence[tuple[str, str, str]] = ()) -> str:
     """ToR 2's BIRD: per downlink a dynamic neighbour range (the host connects from its link-local),
     BFD, IPv4 over the IPv6 session, everything learnt passed on (it is the hosts' transit) plus its
-    loopback (the outside addresses); routes into the kernel, ECMP merged."""
+    loopback (the outside addresses); routes into the kernel, ECMP merged. And a multihop listener
+    on its loopback (fd00:99::1) for hosts' fabric addresses, which it reaches by the static routes
+    in ``loopbacks`` (address, the host's link-local, downlink): a peer one hop away, for a BGPPeer
+    with ``multihop``."""
     fams = [6, 4] if v4 else [6]
     conf = ["router id 10.255.255.2;", "log stderr all;", "protocol device { scan time 10; }"]
     for f in fams:
         conf += [f'protocol direct lo{f} {{ ipv{f}; interface "lo"; }}',
-                 f"protocol kernel k{f} {{ ipv{f} {{ import none; export where source = RTS_BGP; }}; "
-                 "merge paths on; }"]
+                 f"protocol kernel k{f} {{ ipv{f} {{ import none; export where source = RTS_BGP || "
+                 f'proto = "loops{f}"; }}; merge paths on; }}']
+    # via the host's link-local: a host answers neighbour solicitations only for addresses on the
+    # interface they came in on, and its fabric address is on lo
+    conf.append("protocol static loops6 { ipv6; " + " ".join(
+        f"route {ipaddress.IPv6Address(a)}/128 via {ipaddress.IPv6Address(ll)}%{check_interface_name(d)};"
+        for a, ll, d in loopbacks) + " }")
+    conf.append(f"protocol bgp mh {{ local {OUTSIDE_V6} as {int(asn)}; neighbor range {V6_FABRIC} external; "
+                'multihop 2; dynamic name "mh_"; hold time 9; keepalive time 3; error wait time 1, 10; '
+                'ipv6 { import all; export where proto = "lo6"; next hop self; }; }')
     conf.append(f'protocol bfd {{ interface "d*" {{ min rx interval {BFD_DEFAULT_MS} ms; '
                 f"min tx interval {BFD_DEFAULT_MS} ms; multiplier {BFD_DEFAULT_MULT}; }}; }}")
     for dev, peer_as in hosts:
@@ -131,6 +145,11 @@ def _learn_neighbours(ns: str, devs: Sequence[str]) -> None:
         list(ex.map(one, devs))
 
 
+def _link_local(ns: str, dev: str) -> str:
+    addrs = json.loads(netns.ip("-j", "-6", "addr", "show", "dev", dev, "scope", "link", ns=ns))[0]["addr_info"]
+    return str(addrs[0]["local"])
+
+
 def routers(lab: Lab) -> None:
     """Start ToR 1 (gobgpd and its FIB syncer) and ToR 2 (BIRD, with the outside addresses)."""
     prefix, v4 = lab.topo.prefix, not lab.topo.ipv6_only
@@ -147,7 +166,8 @@ def routers(lab: Lab) -> None:
     if v4:
         netns.ip("addr", "add", f"{OUTSIDE_V4}/32", "dev", "lo", ns=t2)
     (run / "bird.conf").write_text(render_bird(TOR_ASNS[1], [(downlink(h), host_asn(h)) for h in lab.topo.hosts],
-                                               v4))
+                                               v4, [(h.v6, _link_local(h.ns, UPLINKS[1]), downlink(h))
+                                                    for h in lab.topo.hosts]))
     subprocess.run(["ip", "netns", "exec", t2, "bird", "-c", str(run / "bird.conf"), "-s", str(run / "bird.ctl"),
                     "-P", str(run / "bird.pid")], check=True, capture_output=True)
     lab._tcp_server(t2)  # it answers the matrix as the outside router
