@@ -18,7 +18,7 @@ from tabby.lab import lab as L
 from tabby.model import validate
 from tabby.store import open_store
 
-RIGHT, WRONG = "right-Pw#1 x", "wrong-Pw#2 y"
+RIGHT, WRONG, SECRET = "right-Pw#1 x", "wrong-Pw#2 y", "from-Config#3 z"
 SESSION = bird_config._ident("host h2 v6")
 
 
@@ -63,11 +63,20 @@ def test_wrong_password_never_established_says_why_and_leaks_nowhere() -> None:
         assert L.wait_until(lambda: "Established" in h1_state(the_lab), 30), h1_state(the_lab)
         assert L.wait_until(lambda: not why(), 15), why()
 
+        # the same from a Config secret: in the Store, shown as <redacted>
+        client.apply(validate({"kind": "Config", "metadata": {"name": "global"},
+                               "spec": {"mesh_password_secret": "mesh", "bgp_secrets": {"mesh": SECRET}}}))
+        client.delete("Config", "host.h2")
+        assert L.wait_until(lambda: all(f'password "{SECRET}";' in (the_lab.run_dir / h / "bird.conf").read_text()
+                                        for h in ("h1", "h2")), 30)
+        assert L.wait_until(lambda: "Established" in h1_state(the_lab), 30), h1_state(the_lab)
+        assert "<redacted>" in cli(the_lab, "get", "config", "global", "-o", "yaml")
+
         shown = cli(the_lab, "get", "config", "-o", "yaml") + cli(the_lab, "get", "config", "-o", "json") + \
             cli(the_lab, "bgp", "status", "-o", "json") + cli(the_lab, "bgp", "status") + \
             cli(the_lab, "status", "-o", "json")
-        assert str(right) in shown  # the path is what the Store holds
+        assert "<redacted>" in shown
         logs = [p.read_text(errors="replace") for p in the_lab.dir.glob("*.log")]
         logs += [p.read_text(errors="replace") for p in Path(the_lab.run_dir).rglob("*.log")]
         for text in [shown, *logs]:
-            assert RIGHT not in text and WRONG not in text
+            assert RIGHT not in text and WRONG not in text and SECRET not in text

@@ -132,3 +132,41 @@ def test_bad_peers_are_refused_naming_the_field(spec: dict[str, object], field: 
     with pytest.raises(Exception) as e:
         peer("p", **spec)
     assert field in str(e.value)
+
+
+def test_config_secret_is_kept_by_the_store_and_redacted_everywhere_else(tmp_path: Path) -> None:
+    from tabby.agent.fabric import missing_secrets
+    from tabby.model.codec import decode, encode, to_plain
+    from tabby.model.keys import resource_key
+
+    cfg = validate({"kind": "Config", "metadata": {"name": "global"},
+                    "spec": {"mesh_password_secret": "mesh", "bgp_secrets": {"mesh": "Top-secret 1", "tor": "t0r"}}})
+    assert "Top-secret 1" not in str(to_plain(cfg)) and to_plain(cfg)["spec"]["bgp_secrets"]["mesh"] == "<redacted>"
+    assert "Top-secret 1" not in repr(cfg) and "Top-secret 1" not in str(cfg)
+    again = decode(resource_key("Config", "global"), encode(cfg))
+    assert again == cfg and again.spec.bgp_secrets["mesh"].get_secret_value() == "Top-secret 1"
+    eff = effective_config(cfg.spec, None)
+    assert eff.bgp_secrets is not None and eff.bgp_secrets["tor"].get_secret_value() == "t0r"
+    me, other = host("h1", "2001:db8:f::1"), host("h2", "2001:db8:f::2")
+    p = peer("tor", peer_ip="2001:db8:f::fe", asn=65100, password_secret="tor")
+    gone = peer("gone", peer_ip="2001:db8:f::fd", asn=65100, password_secret="nope")
+    inp = bird_inputs("h1", [me, other, p, gone], {}, eff)
+    assert inp is not None
+    text = render(inp)
+    assert 'password "Top-secret 1";' in text and 'password "t0r";' in text
+    assert text[text.index('description "peer gone"'):].splitlines()[1].strip().startswith("disabled;")
+    assert missing_secrets(inp) == ["Config bgp_secrets has no 'nope'; its sessions are disabled"]
+    bird_accepts(text, tmp_path)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"bgp_secrets": {"a": "<redacted>"}}, "bgp_secrets"),
+    ({"bgp_secrets": {"a": 'x"y'}}, "bgp_secrets"),
+    ({"bgp_secrets": {"a": ""}}, "bgp_secrets"),
+    ({"bgp_secrets": {"Bad Name": "x"}}, "bgp_secrets"),
+    ({"mesh_password_secret": "a", "mesh_password_file": "/etc/pw"}, "mesh_password_secret"),
+])
+def test_bad_secrets_refused_naming_the_field_never_the_value(spec: dict[str, object], field: str) -> None:
+    with pytest.raises(Exception) as e:
+        validate({"kind": "Config", "metadata": {"name": "global"}, "spec": spec})
+    assert field in str(e.value) and 'x"y' not in str(e.value)

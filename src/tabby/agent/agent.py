@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from tabby.agent.calc import HostIndex, Touched
-from tabby.agent.fabric import bfd_actions, bird_inputs, endpoint_status, password_files, password_why
+from tabby.agent.fabric import (
+    bfd_actions,
+    bird_inputs,
+    endpoint_status,
+    missing_secrets,
+    password_files,
+    password_why,
+)
 from tabby.agent.health import HealthServer, Metrics
 from tabby.agent.last_good import LastGood
 from tabby.agent.policy_calc import PolicyIndex
@@ -370,7 +377,8 @@ class Agent:
             self.password_paths = password_files(inputs)
             passwords, pw_errors = read_passwords(self.password_paths)
             self.password_errors, self.passwords_seen = pw_errors, passwords
-            inputs = dataclasses.replace(inputs, passwords=passwords)
+            inputs = dataclasses.replace(inputs, passwords={**inputs.passwords, **passwords})
+            self.password_errors += missing_secrets(inputs)
             self.bird.set_config(render(inputs))
             self.with_password = password_sessions(inputs)
             self.md5_baseline = self._md5_failures()

@@ -10,23 +10,36 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tabby.dataplane.bird_config import BirdInputs
+from tabby.dataplane.bird_config import BirdInputs, password_key
 from tabby.model import ConfigSpec
 from tabby.model.resources import DEFAULT_ASN
 
 
-def password_files(inputs: BirdInputs) -> list[str]:
-    """The password files this host's sessions name (the agent reads them: I/O stays out of here)."""
+def password_sources(inputs: BirdInputs) -> list[str]:
+    """Every password source this host's sessions name (``password_key``)."""
     me = inputs.host.metadata.name
-    files = {p.spec.password_file for p in inputs.peers if p.spec.host in (None, me)}
-    files.add(inputs.mesh_password_file)
-    return sorted(f for f in files if f is not None)
+    keys = {password_key(p.spec.password_file, p.spec.password_secret) for p in inputs.peers
+            if p.spec.host in (None, me)}
+    keys.add(inputs.mesh_password)
+    return sorted(k for k in keys if k is not None)
+
+
+def password_files(inputs: BirdInputs) -> list[str]:
+    """The password files among them (the agent reads them: I/O stays out of here)."""
+    return [k for k in password_sources(inputs) if k.startswith("/")]
+
+
+def missing_secrets(inputs: BirdInputs) -> list[str]:
+    """Config secrets a session names that Config bgp_secrets does not have (its sessions are disabled)."""
+    return [f"Config bgp_secrets has no {k.removeprefix('secret:')!r}; its sessions are disabled"
+            for k in password_sources(inputs) if k.startswith("secret:") and k not in inputs.passwords]
 
 
 def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], config: ConfigSpec,
                 passwords: Mapping[str, str] | None = None) -> BirdInputs | None:
     """None while this host has no Host record, or is refused for a conflict: no BGP then.
-    passwords: password file -> password, as the agent read them (see ``password_files``)."""
+    passwords: password file -> password, as the agent read them (see ``password_files``); the
+    Config's bgp_secrets are added here."""
     kinds: dict[str, list[Any]] = {}
     for r in records:
         kinds.setdefault(getattr(r, "kind", "Affinity"), []).append(r)
@@ -38,7 +51,9 @@ def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], c
     return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
                       pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=bool(config.node_to_node_mesh),
                       default_asn=config.default_asn or DEFAULT_ASN, mesh_bfd=bool(config.mesh_bfd),
-                      mesh_password_file=config.mesh_password_file, passwords=dict(passwords or {}))
+                      mesh_password=password_key(config.mesh_password_file, config.mesh_password_secret),
+                      passwords={**(passwords or {}), **{f"secret:{k}": v.get_secret_value()
+                                                         for k, v in (config.bgp_secrets or {}).items()}})
 
 
 def endpoint_status(*, conflict: str | None, interface: str, present: bool, policy_error: str | None,

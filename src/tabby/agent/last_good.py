@@ -62,7 +62,7 @@ class LastGood:
 
     def set(self, key: str, created: int, good: Any) -> None:
         """Remember good (a model) as key's last good version (this incarnation: created)."""
-        entry = [created, good.model_dump_json()]
+        entry = [created, good.model_dump_json(context={"reveal_secrets": True})]  # as the Store has it
         if self.entries.get(key) == entry or (key not in self.entries and len(self.entries) >= MAX_ENTRIES):
             return
         self.entries[key] = entry

@@ -37,9 +37,10 @@ class BirdInputs:
     mesh: bool = True
     default_asn: int = 64512  # for Hosts that name no AS of their own (Config default_asn)
     mesh_bfd: bool = False  # BFD on mesh and reflector sessions (Config mesh_bfd)
-    mesh_password_file: str | None = None  # Config mesh_password_file
-    # password file -> its password, as the agent read it (checked with check_password); a file
-    # named by a peer but missing here could not be read: that session is rendered disabled
+    mesh_password: str | None = None  # the mesh's password source (``password_key``)
+    # password source (a file's path, or "secret:<name>") -> its password, as the agent read it or
+    # Config bgp_secrets has it (checked with check_password); a source named by a session but
+    # missing here could not be read: that session is rendered disabled
     passwords: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -53,6 +54,12 @@ def _set(prefixes: list[str], family: int) -> str:
     if not prefixes:
         return "[ ::/128 ]" if family == 6 else "[ 0.0.0.0/32 ]"  # BIRD has no empty prefix set
     return "[ " + ", ".join(prefixes) + " ]"
+
+
+def password_key(password_file: str | None, password_secret: str | None) -> str | None:
+    """Where a session's password comes from: a file's (absolute) path, or "secret:<name>"."""
+    return password_file if password_file is not None else (
+        None if password_secret is None else f"secret:{password_secret}")
 
 
 def _peers_here(inp: BirdInputs) -> list[Any]:
@@ -266,7 +273,7 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
                 continue
             out += session(f"host {other.metadata.name} v{f}", mine, theirs, other.spec.asn or inp.default_asn, f,
                            rr_client=rr_client, export=export, bfd=inp.mesh_bfd,
-                           password_file=inp.mesh_password_file)
+                           password_file=inp.mesh_password)
             out.append("")
     for peer in peers:
         ps = peer.spec
@@ -277,6 +284,6 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
             continue  # no address of that family to speak from
         out += session(f"peer {peer.metadata.name}", mine, ps.peer_ip, ps.asn, f, interface=ps.interface,
                        imports="fabric_in" if ps.fabric else "ext_in", bfd=ps.bfd, enh=ps.extended_next_hop,
-                       multihop=ps.multihop, password_file=ps.password_file)
+                       multihop=ps.multihop, password_file=password_key(ps.password_file, ps.password_secret))
         out.append("")
     return "\n".join(out).rstrip() + "\n", {k: tuple(v) for k, v in targets.items()}, frozenset(with_password)

@@ -51,10 +51,12 @@ def validate(doc: Any, where: str = "document") -> Any:
 
 
 def encode(resource: Any) -> bytes:
-    return resource.model_dump_json(exclude_defaults=False).encode()
+    """The Store's bytes: the one encoding that carries secrets (Config bgp_secrets) in the clear."""
+    return resource.model_dump_json(exclude_defaults=False, context={"reveal_secrets": True}).encode()
 
 
 def to_plain(resource: Any) -> dict[str, Any]:
+    """For people and tools (`tabby get`): secrets shown as <redacted>."""
     return resource.model_dump(mode="json")
 
 

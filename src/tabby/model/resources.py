@@ -21,7 +21,16 @@ from ipaddress import (
 )
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    SerializationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.functional_validators import AfterValidator
 
 from tabby.model.names import (
@@ -367,6 +376,25 @@ def _secret_path(value: str) -> str:
 
 
 SecretPath = Annotated[str, AfterValidator(_secret_path)]
+REDACTED = "<redacted>"  # what every output but the Store's own encoding shows of a secret
+MAX_SECRETS = 64
+
+
+def _check_secret(v: SecretStr) -> SecretStr:
+    text = v.get_secret_value()
+    if text == REDACTED:
+        raise ValueError(f"a secret cannot be {REDACTED!r}: that is what `tabby get` shows, not the secret")
+    check_password(text, "secret")
+    return v
+
+
+def _show_secret(v: SecretStr, info: SerializationInfo) -> str:
+    """The secret only for the Store's encoding (codec.encode asks with context reveal_secrets);
+    every other dump (`tabby get`, logs, the agent's views) shows REDACTED."""
+    return v.get_secret_value() if (info.context or {}).get("reveal_secrets") else REDACTED
+
+
+BgpSecret = Annotated[SecretStr, AfterValidator(_check_secret), PlainSerializer(_show_secret, return_type=str)]
 BFD_DEFAULT_MS, BFD_DEFAULT_MULT = 100, 3  # detection in 300 ms: under the 1 s the fabric promises
 
 
@@ -385,6 +413,7 @@ class BGPPeerSpec(_Frozen):
     extended_next_hop: bool = False
     bfd: bool = False  # BFD (100 ms x 3) on this session; the peer must run BFD too
     password_file: SecretPath | None = None  # TCP MD5 password, read by the agent; never in the Store
+    password_secret: Name | None = None  # or: the TCP MD5 password is Config bgp_secrets[name]
     # the peer carries the fabric's own routes between hosts (a ToR of a routed fabric, usually with
     # the node mesh off): routes inside the pools are accepted from it, except this host's own blocks
     fabric: bool = False
@@ -392,6 +421,8 @@ class BGPPeerSpec(_Frozen):
 
     @model_validator(mode="after")
     def _link_local(self) -> BGPPeerSpec:
+        if self.password_file is not None and self.password_secret is not None:
+            raise ValueError("password_secret: one password source, not password_file as well")
         if self.peer_ip is None:
             if self.interface is None:
                 raise ValueError("peer_ip: needed unless interface names the link of an unnumbered peer")
@@ -444,11 +475,21 @@ class ConfigSpec(_Frozen):
     # measured, 39 of 150 pings lost), which graceful restart exists to avoid
     mesh_bfd: bool | None = None
     mesh_password_file: SecretPath | None = None  # TCP MD5 password of every mesh/reflector session
+    mesh_password_secret: Name | None = None  # or: it is bgp_secrets[name]
+    # TCP MD5 passwords by name (BGPPeer password_secret, mesh_password_secret): kept in the Store,
+    # shown as <redacted> by `tabby get` and everywhere else
+    bgp_secrets: Annotated[dict[Name, BgpSecret], Field(max_length=MAX_SECRETS)] | None = None
     # Interfaces named so are workloads' even when no Endpoint names them yet: their traffic is
     # dropped until their Endpoint's policy is in (fail closed).
     # (at least one: an empty list would turn fail-closed off; leaving out a prefix does so for it)
     workload_interface_prefixes: Annotated[tuple[InterfacePrefix, ...], Field(min_length=1, max_length=16)] | None \
         = None
+
+    @model_validator(mode="after")
+    def _one_mesh_password(self) -> ConfigSpec:
+        if self.mesh_password_file is not None and self.mesh_password_secret is not None:
+            raise ValueError("mesh_password_secret: one password source, not mesh_password_file as well")
+        return self
 
 
 class Config(_Frozen):
@@ -481,7 +522,8 @@ def effective_config(global_cfg: ConfigSpec | None, host_cfg: ConfigSpec | None)
     merged = CONFIG_DEFAULTS.model_dump()
     for layer in (global_cfg, host_cfg):
         if layer is not None:
-            merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+            merged.update({k: v for k, v in layer.model_dump(context={"reveal_secrets": True}).items()
+                           if v is not None})
     return ConfigSpec(**merged)
 
 
