@@ -432,28 +432,39 @@ class Agent:
         disabled: set[str] = set()
         bird_pid: int | None = None
         while not self.stopping.wait(BFD_POLL_S):
-            targets = self.bfd_targets
-            if not targets or self.bfd_bird.desired is None:
-                disabled.clear()
+            # BFD turned off (or this host's BGP gone): what it disabled is enabled again below
+            targets = self.bfd_targets if self.bfd_bird.desired is not None else {}
+            if not targets and not disabled:
                 continue
             try:
-                states = self.bfd_bird.bfd_sessions()
+                states = self.bfd_bird.bfd_sessions() if targets else {}
                 pid = self.bird.pid()
                 if pid != bird_pid:
                     bird_pid, disabled = pid, set()
                 if pid is None:
                     continue
                 off, on = bfd_actions(targets, states, was_up, disabled)
-                for proto in sorted(off):
+            except (BirdError, OSError) as e:
+                log.debug("BFD watch: %s", e)
+                continue
+            for proto in sorted(off):
+                try:
                     self.bird.control(f"disable {proto}")
                     disabled.add(proto)
                     log.warning("BFD lost the peer of %s: session disabled (routes withdrawn)", proto)
-                for proto in sorted(on):
+                except (BirdError, OSError) as e:
+                    log.debug("BFD watch: disable %s: %s", proto, e)  # tried again next turn
+            for proto in sorted(on):
+                try:
                     self.bird.control(f"enable {proto}")
-                    disabled.discard(proto)
-                    log.info("BFD found the peer of %s again: session enabled", proto)
-            except (BirdError, OSError) as e:
-                log.debug("BFD watch: %s", e)
+                    log.info("BFD found the peer of %s again (or BFD is off): session enabled", proto)
+                except BirdError as e:
+                    if e.code < 8000:  # BIRD not reached: try again next turn
+                        continue
+                    log.debug("BFD watch: enable %s: %s", proto, e)  # gone from the config: nothing to enable
+                except OSError:
+                    continue
+                disabled.discard(proto)
 
     def _dhcp(self) -> None:
         """RA and DHCP for this host's VMs whose tap exists (dnsmasq only starts on existing taps)."""
