@@ -470,9 +470,10 @@ class ConfigSpec(_Frozen):
     node_to_node_mesh: bool | None = None
     strict_affinity: bool | None = None
     default_asn: ASN | None = None
-    # BFD (100 ms x 3) on the host mesh and reflector sessions; peers withdraw a dead host in < 1 s.
-    # Off by default: with BIRD's BFD, a BIRD restart alone is a withdrawal too (its BFD dies with it:
-    # measured, 39 of 150 pings lost), which graceful restart exists to avoid
+    # BFD (100 ms x 3) on the host mesh and reflector sessions; peers withdraw a dead host in < 1 s
+    # (~320 ms measured). Off by default: in a full mesh it is N-1 BFD sessions per host, 10 packets
+    # a second each way, an idle cost that grows with the fabric (DESIGN: it must stay flat), and
+    # the agent's BFD watcher costs ~1.4% of a core per host at idle (measured, 3 hosts)
     mesh_bfd: bool | None = None
     mesh_password_file: SecretPath | None = None  # TCP MD5 password of every mesh/reflector session
     mesh_password_secret: Name | None = None  # or: it is bgp_secrets[name]
