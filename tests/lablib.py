@@ -26,7 +26,7 @@ def lab(hosts: int = 3, containers: int = 2, ipv6_only: bool = False,
         for h in topo.hosts:
             log = the_lab.dir / f"agent-{h.name}.log"
             if log.exists():
-                print(f"--- {h.name} agent log (tail)\n" + log.read_text()[-2000:])
+                print(f"--- {h.name} agent log (tail)\n" + log.read_text()[-6000:])
         L.down(prefix)
 
 
