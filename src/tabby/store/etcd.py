@@ -479,8 +479,8 @@ class EtcdStore:
             if "compacted" not in str(e):  # already compacted that far: nothing to do
                 raise
 
-    def watch(self, prefix: str, after_revision: int) -> EtcdWatch:
-        return EtcdWatch(self, prefix, after_revision)
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> EtcdWatch:
+        return EtcdWatch(self, prefix, after_revision, exclude)
 
     def admin(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """An etcd API call the Store contract has no verb for (``/auth/...``: users, roles,
@@ -524,9 +524,10 @@ class EtcdWatch:
     """One watch, one streaming request at a time; on another member from the last revision
     delivered when its member fails. ``close`` shuts the socket down so a blocked read returns."""
 
-    def __init__(self, store: EtcdStore, prefix: str, after_revision: int) -> None:
+    def __init__(self, store: EtcdStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> None:
         self._store = store
         self._prefix = prefix
+        self._exclude = exclude  # etcd's watch is one key range: these are dropped here
         self._after = after_revision
         self._closed = threading.Event()
         self._resp: requests.Response | None = None
@@ -665,4 +666,5 @@ class EtcdWatch:
                           transient=False) from e
         for event in events:
             self._after = event.revision
-            yield event
+            if not event.key.startswith(self._exclude):
+                yield event

@@ -93,6 +93,10 @@ CHANGED_SUFFIX = "-changed"  # touched after every commit: what other processes'
 # every process on the machine (the store cannot import tabby.model: this is its STATUS_PREFIX,
 # and a test holds the two equal).
 QUIET_PREFIXES = ("/tabby/status/",)
+# IPAM's own records (blocks, handles, the collector's state; tabby.model.keys): every workload
+# add and delete writes two or three of them, and the agents' watch excludes them (it needs the
+# block affinities alone). Quiet too, so an add wakes the agents once, for its Endpoint.
+QUIET_PREFIXES += ("/tabby/v1/ipam/blocks/", "/tabby/v1/ipam/handles/", "/tabby/v1/ipam/gc")
 QUIET_SUFFIX = "-changed-quiet"
 FILE_MODE = 0o600  # the database holds every workload's addresses: root's business only
 DIR_MODE = 0o700
@@ -356,9 +360,11 @@ class SqliteStore:
         """The signal file a commit to key touches."""
         return self.quiet_path if key.startswith(QUIET_PREFIXES) else self.changed_path
 
-    def signals_for(self, prefix: str) -> tuple[str, ...]:
-        """The signal files a watch of prefix listens on: every one whose keys it can see."""
-        quiet = any(q.startswith(prefix) or prefix.startswith(q) for q in QUIET_PREFIXES)
+    def signals_for(self, prefix: str, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The signal files a watch of prefix (less exclude) listens on: every one whose keys it
+        can see."""
+        quiet = any((q.startswith(prefix) or prefix.startswith(q)) and not q.startswith(exclude)
+                    for q in QUIET_PREFIXES)
         loud = not any(prefix.startswith(q) for q in QUIET_PREFIXES)
         return (self.changed_path,) * loud + (self.quiet_path,) * quiet
 
@@ -413,8 +419,8 @@ class SqliteStore:
 
     # -- watch ---------------------------------------------------------------------------
 
-    def watch(self, prefix: str, after_revision: int) -> SqliteWatch:
-        return SqliteWatch(self, prefix, after_revision)
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> SqliteWatch:
+        return SqliteWatch(self, prefix, after_revision, exclude)
 
     def feed(self) -> ChangeFeed | None:
         """The one change feed this process's watches of this file share (started on first use;
@@ -569,9 +575,10 @@ class SqliteWatch:
     """Reads the revision log on its own connection whenever the store's change feed says
     something was committed; ``PRAGMA data_version`` tells it whether it was this file."""
 
-    def __init__(self, store: SqliteStore, prefix: str, after_revision: int) -> None:
+    def __init__(self, store: SqliteStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> None:
         self._store = store
         self._lo, self._hi = _range(prefix)
+        self._exclude = exclude
         self._after = after_revision
         self._closed = threading.Event()
 
@@ -593,7 +600,7 @@ class SqliteWatch:
         read_only_since = time.monotonic() if _read_only_fs(path) else None
         try:
             last_version = None
-            signals = self._store.signals_for(self._lo)
+            signals = self._store.signals_for(self._lo, self._exclude)
             feed = self._store.feed()
             if feed is not None:
                 try:
@@ -648,6 +655,8 @@ class SqliteWatch:
                     if self._closed.is_set():
                         return
                     self._after = rev
+                    if key.startswith(self._exclude):
+                        continue
                     yield Event(typ, key, bytes(value) if value is not None else None, rev)
                 if len(rows) < 1000:
                     self._after = max(self._after, head)
