@@ -502,8 +502,10 @@ class ChangeFeed:
                     self._add(path)
                     self._seqs[path] = 0
 
-    def _add(self, path: str) -> None:
-        if not os.path.exists(path):
+    def _add(self, path: str, create: bool = True) -> None:
+        """Watch path; create it first only for a new watch (a lost one is watched again once a
+        commit has made it again: its directory may be going away)."""
+        if create and not os.path.exists(path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
         self._wds[self._ino.add_watch(path, self._flags.ATTRIB)] = path
         self._lost.discard(path)
@@ -550,10 +552,10 @@ class ChangeFeed:
                         self.changed()
                     else:
                         self.changed(path)
-                for path in list(self._lost):
+                for path in list(self._lost) if not self._stopped else ():
                     with self._cond:
                         try:
-                            self._add(path)
+                            self._add(path, create=False)
                         except OSError as err:
                             log.debug("store change feed: cannot watch %s yet: %s", path, err)
                             continue
