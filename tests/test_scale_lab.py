@@ -5,17 +5,17 @@ The pair sampling and the route coverage behind `lab up`'s wait are pure and tes
 sampled matrix of at least 1,000 pairs in each family, and leave nothing behind at `down`: no
 namespace, no process, no file, and the machine's neighbour thresholds as they were.
 
-Measured here (2026-12-01): the 100-host lab took ~26 min end to end with agents that polled
-SQLite every 2 ms; with the inotify change feed a second try had built 100 hosts and ~85 of 100
-containers after 19 min (load ~160: every commit still wakes all 200 processes on the one SQLite
-file, and each container ADD is several commits) and was stopped. Issue 16 stays open on this:
-the test runs only with TABBY_SCALE_TESTS=1, because CI's whole budget is 40 minutes.
+Measured here (2026-12-01): ~26 min end to end with agents that polled SQLite every 2 ms; 19 min
+and unfinished with the first change feed (it watched the Store's directory, so every -wal write
+woke all ~200 processes, and every heartbeat was a commit every agent woke for); 4 min 42 s with
+the feed on the signal files and status commits on a quiet signal, while two other engineers'
+labs and qemu guests ran on the same two cores.
 """
 
 from __future__ import annotations
 
-import os
 import random
+import time
 import uuid
 from pathlib import Path
 
@@ -73,19 +73,23 @@ def _leftover_processes(prefix: str) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(3600)
-@pytest.mark.skipif(os.environ.get("TABBY_SCALE_TESTS") != "1",
-                    reason="issue 16 open: a 100-host lab takes > 20 min here; TABBY_SCALE_TESTS=1 runs it")
+@pytest.mark.timeout(1200)
 def test_a_100_host_lab_routes_and_leaves_nothing() -> None:
-    before = read_neigh_thresholds()
+    # the machine's values before any lab raised them (other labs may be up: they share the record)
+    record = L._read_record()
+    before = record["original"] if record and record["labs"] else read_neigh_thresholds()
     prefix = "ts" + uuid.uuid4().hex[:5]
     topo = topology(HOSTS, 1, False, prefix, (1,), 0)
     the_lab = L.Lab(topo, L.default_store(prefix))
     try:
+        t0 = time.monotonic()
         the_lab.up()
         state = the_lab.wait_routed(900, 1.0)
         assert state["ok"], {k: state[k] for k in ("not_in_sync", "missing")}
+        print(f"{HOSTS} hosts up and routed in {time.monotonic() - t0:.0f} s")
+        t1 = time.monotonic()
         rows = the_lab.matrix(("v6", "v4"), sample=SAMPLE, seed=16)
+        print(f"{len(rows)} checks in {time.monotonic() - t1:.0f} s")
         for fam in ("v6", "v4"):
             mine = [r for r in rows if r["family"] == fam]
             assert len({(r["src"], r["dst"]) for r in mine}) >= SAMPLE
@@ -99,4 +103,8 @@ def test_a_100_host_lab_routes_and_leaves_nothing() -> None:
                 if n.name.startswith(prefix + "-")]
     assert _leftover_processes(prefix) == []
     assert not L.lab_dir(prefix).exists() and not L.run_dir(prefix).exists()
-    assert read_neigh_thresholds() == before
+    record = L._read_record()
+    if record and record["labs"]:  # labs of others still up keep what they need; this one's share is gone
+        assert prefix not in record["labs"] and read_neigh_thresholds() == record["set"]
+    else:
+        assert read_neigh_thresholds() == before

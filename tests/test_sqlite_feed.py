@@ -19,9 +19,13 @@ from tabby.store.sqlite import SqliteStore
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _follow(store: SqliteStore, prefix: str) -> tuple[list[Event], threading.Thread, object]:
+IPAM_OWN = ("/tabby/v1/ipam/blocks/", "/tabby/v1/ipam/handles/", "/tabby/v1/ipam/gc")  # what agents exclude
+
+
+def _follow(store: SqliteStore, prefix: str, exclude: tuple[str, ...] = ()) -> tuple[list[Event], threading.Thread,
+                                                                                       object]:
     seen: list[Event] = []
-    watch = store.watch(prefix, store.revision())
+    watch = store.watch(prefix, store.revision(), exclude=exclude)
     t = threading.Thread(target=lambda: [seen.append(ev) for ev in watch], daemon=True)
     t.start()
     return seen, t, watch
@@ -128,4 +132,87 @@ def test_no_commit_from_another_process_is_slept_through(tmp_path: Path) -> None
             writer.wait()
         watch.close()  # type: ignore[attr-defined]
         t.join(5)
+        store.close()
+
+
+def test_status_commits_wake_only_watches_that_see_status(tmp_path: Path) -> None:
+    """Heartbeats and status (every agent, every few seconds) touch a signal of their own: a watch
+    of the resources is not woken by them at all, a watch that sees status is."""
+    store = SqliteStore(tmp_path / "s.db")
+    loud, lt, lw = _follow(store, "/tabby/v1/", IPAM_OWN)
+    quiet, qt, qw = _follow(store, "/tabby/status/")
+    everything, et, ew = _follow(store, "/tabby/")
+    try:
+        feed = store.feed()
+        assert feed is not None
+        time.sleep(0.3)
+        resources = store.signals_for("/tabby/v1/", IPAM_OWN)
+        before = feed.seq(resources)
+        _write_elsewhere(tmp_path / "s.db", "/tabby/status/hosts/h1")
+        assert _wait(lambda: [e.key for e in quiet] == ["/tabby/status/hosts/h1"], 5), quiet
+        assert _wait(lambda: [e.key for e in everything] == ["/tabby/status/hosts/h1"], 5), everything
+        time.sleep(0.3)
+        assert feed.seq(resources) == before and not loud  # not even woken
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/endpoints/e1")
+        assert _wait(lambda: [e.key for e in loud] == ["/tabby/v1/endpoints/e1"], 5), loud
+        assert _wait(lambda: len(everything) == 2, 5) and len(quiet) == 1
+    finally:
+        for w in (lw, qw, ew):
+            w.close()  # type: ignore[attr-defined]
+        for t in (lt, qt, et):
+            t.join(5)
+        store.close()
+
+
+def test_a_deleted_signal_file_is_watched_again(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    seen, t, watch = _follow(store, "/a/")
+    try:
+        time.sleep(0.3)
+        os.unlink(store.changed_path)  # an operator's cleanup, say: the watch is woken, and goes on
+        time.sleep(0.2)
+        _write_elsewhere(tmp_path / "s.db", "/a/one")
+        assert _wait(lambda: [e.key for e in seen] == ["/a/one"], 8), seen  # within the feed's 5 s re-watch
+        time.sleep(sq.ChangeFeed.READ_TIMEOUT_MS / 1000 + 0.5)
+        _write_elsewhere(tmp_path / "s.db", "/a/two")
+        assert _wait(lambda: [e.key for e in seen] == ["/a/one", "/a/two"], 3), seen
+    finally:
+        watch.close()  # type: ignore[attr-defined]
+        t.join(5)
+        store.close()
+
+
+def test_quiet_prefixes_are_the_models_status_and_ipam_prefixes() -> None:
+    from tabby.model.keys import IPAM_BLOCKS_PREFIX, IPAM_GC_KEY, IPAM_HANDLES_PREFIX, STATUS_PREFIX
+
+    assert sq.QUIET_PREFIXES == (STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY)
+
+
+def test_a_watch_that_excludes_ipam_records_is_not_woken_by_them(tmp_path: Path) -> None:
+    """The agents' watch: /tabby/v1/ without IPAM's blocks, handles and collector state (an add
+    writes two or three of those): not woken by them, and never given one; without the
+    exclusion the same watch gets them."""
+    store = SqliteStore(tmp_path / "s.db")
+    ipam = IPAM_OWN
+    agent_like, at, aw = _follow(store, "/tabby/v1/", ipam)
+    everything, et, ew = _follow(store, "/tabby/v1/")
+    try:
+        feed = store.feed()
+        assert feed is not None
+        time.sleep(0.3)
+        signals = store.signals_for("/tabby/v1/", ipam)
+        assert signals == (store.changed_path,)
+        before = feed.seq(signals)
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/ipam/handles/h1")
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/ipam/blocks/b1")
+        assert _wait(lambda: len(everything) == 2, 5), everything
+        time.sleep(0.3)
+        assert feed.seq(signals) == before and not agent_like
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/ipam/affinities/a1")  # the agents need these
+        assert _wait(lambda: [e.key for e in agent_like] == ["/tabby/v1/ipam/affinities/a1"], 5), agent_like
+    finally:
+        for w in (aw, ew):
+            w.close()  # type: ignore[attr-defined]
+        for t in (at, et):
+            t.join(5)
         store.close()

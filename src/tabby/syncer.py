@@ -194,7 +194,7 @@ class ResourceSyncer:
                 if need_list:
                     yield from self._resync()
                     need_list = False
-                self._watch = self.store.watch(self.prefix, self.revision)
+                self._watch = self.store.watch(self.prefix, self.revision, exclude=self.exclude)
                 if self._stop.is_set():
                     return
                 for ev in self._watch:

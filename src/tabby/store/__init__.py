@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 from tabby.store.base import (
@@ -55,20 +56,41 @@ ETCD_OPTIONS: dict[str, str] = {
 _TLS_OPTIONS = ("ca", "cert", "key")
 
 
+class _EtcdURL(NamedTuple):
+    scheme: str
+    netloc: str
+    path: str
+    query: str
+
+    def text(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.path}" + (f"?{self.query}" if self.query else "")
+
+
+def _split_etcd(url: str) -> _EtcdURL:
+    """An etcd URL's parts, split by hand: its netloc is a member list (``a:1,[fd00::2]:2``), not
+    one host, and urllib's bracket checks differ between 3.11 patch releases (Debian's 3.11.2
+    refuses that list as "Invalid IPv6 URL", 3.11.7 takes it)."""
+    scheme, _, rest = url.partition("://")
+    rest = rest.partition("#")[0]
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    return _EtcdURL(scheme.lower(), netloc, slash + path, query)
+
+
 def with_etcd_options(url: str, **options: str | None) -> str:
     """url with these etcd options (ETCD_OPTIONS' names) added to its query, e.g. from CLI flags;
     an option the URL names already is replaced. A sqlite URL refuses them (ValueError)."""
     given = {k: v for k, v in options.items() if v}
     if not given:
         return url
-    parsed = urlparse(url)
+    parsed = _split_etcd(url)
     if parsed.scheme not in ("etcd", "etcds"):
         raise ValueError(f"store URL {url!r}: {', '.join(given)} apply only to etcd:// and etcds:// URLs")
     unknown = set(given) - set(ETCD_OPTIONS)
     if unknown:
         raise ValueError(f"etcd options {sorted(unknown)}: known are {', '.join(ETCD_OPTIONS)}")
     query = {**dict(parse_qsl(parsed.query)), **given}
-    return parsed._replace(query=urlencode(query, safe="/")).geturl()
+    return parsed._replace(query=urlencode(query, safe="/")).text()
 
 
 def _etcd_members(url: str, netloc: str) -> list[tuple[str, int]]:
@@ -88,7 +110,7 @@ def _etcd_members(url: str, netloc: str) -> list[tuple[str, int]]:
 def _open_etcd(url: str, environ: Mapping[str, str]) -> Store:
     from tabby.store.etcd import EtcdStore
 
-    parsed = urlparse(url)
+    parsed = _split_etcd(url)
     if not parsed.netloc or "@" in parsed.netloc:
         raise ValueError(f"store URL {url!r}: etcd needs host:port[,host:port...], e.g. etcd://127.0.0.1:2379 "
                          "(a user goes in ?user=, its password in a password_file)")
@@ -128,6 +150,8 @@ def _open_etcd(url: str, environ: Mapping[str, str]) -> Store:
 def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
     """``sqlite:///abs/path.db``, ``etcd://host:port[,host:port...]`` or ``etcds://...`` (TLS), the
     etcd ones with ETCD_OPTIONS in the query or, where it says nothing, in environ (os.environ)."""
+    if _split_etcd(url).scheme in ("etcd", "etcds"):
+        return _open_etcd(url, os.environ if environ is None else environ)
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         from tabby.store.sqlite import SqliteStore
@@ -136,6 +160,4 @@ def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
         if not path or path == "/":
             raise ValueError(f"store URL {url!r}: sqlite needs a file path, e.g. sqlite:///var/lib/tabby/tabby.db")
         return SqliteStore(path)
-    if parsed.scheme in ("etcd", "etcds"):
-        return _open_etcd(url, os.environ if environ is None else environ)
     raise ValueError(f"store URL {url!r}: scheme must be sqlite:// or etcd:// (etcds:// with TLS)")

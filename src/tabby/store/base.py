@@ -188,8 +188,9 @@ class Store(Protocol):
         """Remove a key (only at that revision, if given); NotFound if absent."""
         ...
 
-    def watch(self, prefix: str, after_revision: int) -> Watch:
-        """Events under prefix with revision > after_revision, in order, then live ones."""
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> Watch:
+        """Events under prefix with revision > after_revision, in order, then live ones; none
+        under a prefix in exclude (a backend that can tells no one of them at all)."""
         ...
 
     def compact(self, revision: int) -> None:

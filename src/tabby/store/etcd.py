@@ -42,6 +42,7 @@ import contextlib
 import json
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -127,14 +128,71 @@ class _TokenExpired(Exception):
     """etcd no longer knows the token (a member restarted, the TTL passed, permissions changed)."""
 
 
-def _transport_failure(url: str, e: Exception) -> _Failed:
+PROBE_READ_S = 0.5  # how long a TLS probe waits for a member's alert after its handshake
+
+
+def _ssl_cause(e: BaseException) -> ssl.SSLError | None:
+    """The ssl module's own error under requests' and urllib3's wrappings, if there is one."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLError):
+            return x
+        todo += [x.__cause__, x.__context__, getattr(x, "reason", None),
+                 *(a for a in x.args if isinstance(a, BaseException))]
+    return None
+
+
+def _is_eof(e: ssl.SSLError) -> bool:
+    """The peer closed without a word. Which class and text that gets differs between builds of
+    one Python version (3.11.7: SSLEOFError "UNEXPECTED_EOF_WHILE_READING"; Debian's 3.11.2:
+    SSLZeroReturnError in a handshake, a bare SSLEOFError after one), so all are taken."""
+    return isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or "UNEXPECTED_EOF" in str(e)
+
+
+def _tls_probe(m: _Member) -> str | None:
+    """Why member m's TLS failed, asked on a connection of our own that sends nothing: the
+    member's refusal (its alert, or our verdict on its certificate) as text, or None when the
+    member never finished a handshake (nothing answers behind a forwarder) or took ours.
+
+    Needed because an EOF alone says neither: under TLS 1.3 a member refuses a client certificate
+    after the handshake has finished on our side, and the request we had written by then races
+    its alert (the alert is lost to a reset, and the EOF looks like a member that is down)."""
+    ctx = ssl.create_default_context(cafile=m.ca or requests.certs.where())
+    if m.cert and m.key:
+        ctx.load_cert_chain(m.cert, m.key)
+    try:
+        with socket.create_connection((m.host, m.port), timeout=CONNECT_S) as raw, \
+                ctx.wrap_socket(raw, server_hostname=m.host) as tls:
+            tls.settimeout(PROBE_READ_S)
+            try:
+                tls.recv(1)  # a member that took our certificate says nothing until asked
+            except TimeoutError:
+                return None
+            except ssl.SSLError as e:
+                return None if _is_eof(e) else str(e)
+            return None
+    except ssl.SSLError as e:
+        return None if _is_eof(e) else str(e)
+    except OSError:
+        return None
+
+
+def _transport_failure(m: _Member, e: Exception) -> _Failed:
     """A requests/urllib3 failure talking to one member, typed."""
+    url = m.url
     reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's own, without its wrapping
-    if isinstance(e, requests.exceptions.SSLError) and "UNEXPECTED_EOF_WHILE_READING" not in str(e):
-        # refused: a certificate the member would not take, or one we would not (an EOF in the
-        # middle of the handshake is not that: nothing answers behind a proxy or forwarder)
+    cause = _ssl_cause(e) if isinstance(e, requests.exceptions.SSLError) else None
+    refusal = (str(cause) if cause is not None and not _is_eof(cause) else
+               _tls_probe(m) if cause is not None else None)
+    if refusal is not None:
+        # refused: a certificate the member would not take, or one we would not
         return _Failed(StoreError(f"store {url}: TLS handshake failed, check the CA, client certificate and key "
-                                  f"({_short(reason or e)})"), sent=False, transient=False)
+                                  f"({_short(refusal)})"), sent=False, transient=False)
     never_sent = isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
         reason, urllib3.exceptions.NewConnectionError)
     return _Failed(Unavailable(f"store {url}: unreachable ({_short(reason or e)})"), sent=not never_sent,
@@ -177,6 +235,7 @@ class _Member:
         # and an HTTP proxy from the environment has no business carrying the fabric's state
         self.client.session.trust_env = False
         self.url = self.client.base_url
+        self.host, self.port, self.ca, self.cert, self.key = host, port, ca, cert, key
 
 
 class EtcdStore:
@@ -251,7 +310,7 @@ class EtcdStore:
                                          timeout=(CONNECT_S, min(self.timeout, WRITE_TIMEOUT_S) if write
                                                   else self.timeout))
         except requests.exceptions.RequestException as e:
-            raise _transport_failure(m.url, e) from e
+            raise _transport_failure(m, e) from e
         if resp.status_code != 200:
             failure = _http_failure(m.url, resp.status_code, resp.text)
             if isinstance(failure, _TokenExpired):
@@ -420,8 +479,8 @@ class EtcdStore:
             if "compacted" not in str(e):  # already compacted that far: nothing to do
                 raise
 
-    def watch(self, prefix: str, after_revision: int) -> EtcdWatch:
-        return EtcdWatch(self, prefix, after_revision)
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> EtcdWatch:
+        return EtcdWatch(self, prefix, after_revision, exclude)
 
     def admin(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """An etcd API call the Store contract has no verb for (``/auth/...``: users, roles,
@@ -465,9 +524,10 @@ class EtcdWatch:
     """One watch, one streaming request at a time; on another member from the last revision
     delivered when its member fails. ``close`` shuts the socket down so a blocked read returns."""
 
-    def __init__(self, store: EtcdStore, prefix: str, after_revision: int) -> None:
+    def __init__(self, store: EtcdStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> None:
         self._store = store
         self._prefix = prefix
+        self._exclude = exclude  # etcd's watch is one key range: these are dropped here
         self._after = after_revision
         self._closed = threading.Event()
         self._resp: requests.Response | None = None
@@ -539,7 +599,7 @@ class EtcdWatch:
                                                 headers=store.headers(m), stream=True,
                                                 timeout=(CONNECT_S, WATCH_IDLE_S))
             except requests.exceptions.RequestException as e:
-                raise _transport_failure(m.url, e) from e
+                raise _transport_failure(m, e) from e
             if self._closed.is_set():
                 return
             if self._resp.status_code == 200:
@@ -559,7 +619,7 @@ class EtcdWatch:
                 return
             if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
                 raise _StreamEnded() from e
-            raise _transport_failure(m.url, e) from e
+            raise _transport_failure(m, e) from e
         except (requests.exceptions.RequestException, OSError, AttributeError) as e:
             if self._closed.is_set():
                 return
@@ -606,4 +666,5 @@ class EtcdWatch:
                           transient=False) from e
         for event in events:
             self._after = event.revision
-            yield event
+            if not event.key.startswith(self._exclude):
+                yield event

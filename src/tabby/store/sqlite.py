@@ -87,6 +87,17 @@ def _range(prefix: str) -> tuple[str, str]:
 
 
 CHANGED_SUFFIX = "-changed"  # touched after every commit: what other processes' change feeds wake on
+# Keys whose commits touch a signal file of their own (``<file>-changed-quiet``), which only a
+# watch overlapping them listens on: status and liveness, rewritten by every agent every few
+# seconds and watched by none. On the shared signal every heartbeat of a 100-host fabric woke
+# every process on the machine (the store cannot import tabby.model: this is its STATUS_PREFIX,
+# and a test holds the two equal).
+QUIET_PREFIXES = ("/tabby/status/",)
+# IPAM's own records (blocks, handles, the collector's state; tabby.model.keys): every workload
+# add and delete writes two or three of them, and the agents' watch excludes them (it needs the
+# block affinities alone). Quiet too, so an add wakes the agents once, for its Endpoint.
+QUIET_PREFIXES += ("/tabby/v1/ipam/blocks/", "/tabby/v1/ipam/handles/", "/tabby/v1/ipam/gc")
+QUIET_SUFFIX = "-changed-quiet"
 FILE_MODE = 0o600  # the database holds every workload's addresses: root's business only
 DIR_MODE = 0o700
 
@@ -219,6 +230,7 @@ class SqliteStore:
                  idle_poll_interval_s: float = 0.05) -> None:
         self.path = str(path)
         self.changed_path = self.path + CHANGED_SUFFIX
+        self.quiet_path = self.path + QUIET_SUFFIX
         self.retain = retain
         self.busy_timeout_s = busy_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -341,23 +353,35 @@ class SqliteStore:
             except BaseException:
                 _rollback(c)
                 raise
-        self._announce()
+        self._announce(self.signal_for(key))
         return rev
 
-    def _announce(self) -> None:
+    def signal_for(self, key: str) -> str:
+        """The signal file a commit to key touches."""
+        return self.quiet_path if key.startswith(QUIET_PREFIXES) else self.changed_path
+
+    def signals_for(self, prefix: str, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The signal files a watch of prefix (less exclude) listens on: every one whose keys it
+        can see."""
+        quiet = any((q.startswith(prefix) or prefix.startswith(q)) and not q.startswith(exclude)
+                    for q in QUIET_PREFIXES)
+        loud = not any(prefix.startswith(q) for q in QUIET_PREFIXES)
+        return (self.changed_path,) * loud + (self.quiet_path,) * quiet
+
+    def _announce(self, signal: str) -> None:
         """Tell every process's feed that a commit is visible now. The WAL write that inotify
-        sees comes before the commit is visible (SQLite then updates the ``-shm`` index, which
-        is memory-mapped and makes no event): a watch woken by it can find nothing new and sleep
-        through the commit. So each commit touches ``<file>-changed`` once it returned."""
+        would see comes before the commit is visible (SQLite then updates the ``-shm`` index,
+        which is memory-mapped and makes no event): a watch woken by it can find nothing new and
+        sleep through the commit. So each commit touches its signal file once it returned."""
         try:
-            os.utime(self.changed_path)
+            os.utime(signal)
         except FileNotFoundError:
             with contextlib.suppress(OSError):
-                os.close(os.open(self.changed_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+                os.close(os.open(signal, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
         except OSError as e:  # the commit stands; other processes see it at their next wake-up
-            log.debug("store %s: cannot touch %s: %s", self.path, self.changed_path, e)
+            log.debug("store %s: cannot touch %s: %s", self.path, signal, e)
         if self._feed is not None:  # this process's own watches need not wait for the feed
-            self._feed.changed()
+            self._feed.changed(signal)
 
     @staticmethod
     def _trim(c: sqlite3.Connection, upto: int) -> None:
@@ -395,8 +419,8 @@ class SqliteStore:
 
     # -- watch ---------------------------------------------------------------------------
 
-    def watch(self, prefix: str, after_revision: int) -> SqliteWatch:
-        return SqliteWatch(self, prefix, after_revision)
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> SqliteWatch:
+        return SqliteWatch(self, prefix, after_revision, exclude)
 
     def feed(self) -> ChangeFeed | None:
         """The one change feed this process's watches of this file share (started on first use;
@@ -426,25 +450,32 @@ class ChangeFeed:
     Why: a watch that polled ``PRAGMA data_version`` every 2 ms cost 2.7% of a core while
     nothing happened, and on this machine even a bare 20 Hz timer costs ~0.2% (each wake-up is
     ~100 us of a virtual CPU; measured 2026-12-01), in every agent. So one thread per process
-    and file sleeps in inotify on the file's directory, and wakes on ``<file>-changed``, which
-    every commit touches once it is visible (``SqliteStore._announce``), and on the file itself
-    (checkpoints). Not on ``-wal``: SQLite writes it before the commit is visible, and a watch
-    woken then found nothing new and slept through the commit (a lost wake-up, seen as a 30 s
-    delay in 1 of ~300 writes). A commit by a program other than tabby is seen at the next
-    tabby commit, or within the watches' 30 s. The watches then ask their own connection's
+    and file sleeps in inotify on the signal files its watches need (``signals_for``), which
+    every commit touches once it is visible (``SqliteStore._announce``): ``<file>-changed``, or
+    ``-changed-quiet`` for status and liveness, which no agent listens on. Watched are the
+    signal files alone, not their directory: there every ``-wal`` write (several per commit)
+    woke every process on the machine, each to look at a name and drop it, and a watch woken by
+    a ``-wal`` write found nothing (SQLite writes it before the commit is visible) and slept
+    through the commit. A commit by a program other than tabby is seen at the next tabby
+    commit, or within the watches' 30 s. The watches then ask their own connection's
     ``data_version`` whether anything is new and read only their key range. Writes through the
     store object wake them directly. The feed holds no connection of its own: one could keep
     the ``-shm`` mapped read-only after a remount (see the module docstring). Without inotify
     (``fs.inotify.max_user_instances`` reached) there is no feed, and each watch polls: every
     ``poll_interval_s`` (2 ms) after a change, doubling up to ``idle_poll_interval_s`` (50 ms)
-    while none come."""
+    while none come. A signal file that cannot be watched (deleted, on a filesystem that went
+    away) is watched again at the next read timeout, and its watches are woken meanwhile."""
 
-    def __init__(self, store: SqliteStore, ino: Any) -> None:
-        self._ino = ino
+    READ_TIMEOUT_MS = 5000  # bounds how late stop() and a lost signal file are seen
+
+    def __init__(self, ino: Any, flags: Any) -> None:
+        self._ino, self._flags = ino, flags
         self._cond = threading.Condition()
         self._stopped = False
-        self.seq = 0  # moves on at every wake-up
-        self._names = {os.path.basename(store.path) + tail for tail in ("", CHANGED_SUFFIX)}
+        self._seqs: dict[str, int] = {}  # signal file -> wake-ups it caused
+        self._everyone = 0  # wake-ups of every watch (stop, a lost signal file)
+        self._wds: dict[int, str] = {}  # inotify watch descriptor -> signal file
+        self._lost: set[str] = set()  # signal files to watch again
         self._thread = threading.Thread(target=self._run, name="sqlite-feed", daemon=True)
         self._thread.start()
 
@@ -461,26 +492,46 @@ class ChangeFeed:
             log.warning("store %s: no inotify (%s); watches poll every %g..%g s instead", store.path, e,
                         store.poll_interval_s, store.idle_poll_interval_s)
             return None
-        try:
-            ino.add_watch(os.path.dirname(os.path.abspath(store.path)), iflags.MODIFY | iflags.ATTRIB | iflags.CREATE
-                          | iflags.MOVED_TO)
-        except OSError as e:
-            ino.close()
-            log.warning("store %s: cannot watch its directory (%s); watches poll instead", store.path, e)
-            return None
-        return cls(store, ino)
+        return cls(ino, iflags)
 
-    def changed(self) -> None:
+    def listen(self, signals: tuple[str, ...]) -> None:
+        """Watch these signal files from now on (created if missing); OSError if one cannot be."""
         with self._cond:
-            self.seq += 1
+            for path in signals:
+                if path not in self._seqs:
+                    self._add(path)
+                    self._seqs[path] = 0
+
+    def _add(self, path: str, create: bool = True) -> None:
+        """Watch path; create it first only for a new watch (a lost one is watched again once a
+        commit has made it again: its directory may be going away)."""
+        if create and not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        self._wds[self._ino.add_watch(path, self._flags.ATTRIB)] = path
+        self._lost.discard(path)
+
+    def seq(self, signals: tuple[str, ...]) -> int:
+        """Moves on at every wake-up of a watch listening on signals."""
+        with self._cond:
+            return self._everyone + sum(self._seqs.get(p, 0) for p in signals)
+
+    def changed(self, signal: str | None = None) -> None:
+        """Wake the watches listening on signal (None: every watch)."""
+        with self._cond:
+            if signal is None:
+                self._everyone += 1
+            elif signal in self._seqs:
+                self._seqs[signal] += 1
+            else:
+                return
             self._cond.notify_all()
 
-    def wait(self, seen: int, timeout: float) -> int:
-        """Block until ``seq`` moves past ``seen`` (or timeout); returns ``seq``."""
+    def wait(self, signals: tuple[str, ...], seen: int, timeout: float) -> int:
+        """Block until ``seq(signals)`` moves past ``seen`` (or timeout); returns it."""
         with self._cond:
-            if self.seq == seen and not self._stopped:
-                self._cond.wait(timeout)
-            return self.seq
+            if self.seq(signals) == seen and not self._stopped:
+                self._cond.wait_for(lambda: self._stopped or self.seq(signals) != seen, timeout)
+            return self.seq(signals)
 
     def stop(self) -> None:
         with self._cond:
@@ -489,8 +540,25 @@ class ChangeFeed:
 
     def _run(self) -> None:
         try:
-            while not self._stopped:  # the read's timeout only bounds how late stop() is seen
-                if any(e.name in self._names for e in self._ino.read(timeout=5000)):
+            while not self._stopped:
+                for e in self._ino.read(timeout=self.READ_TIMEOUT_MS):
+                    path = self._wds.get(e.wd)
+                    if path is None:
+                        continue
+                    if e.mask & self._flags.IGNORED:  # deleted or unmounted: watch it again later
+                        with self._cond:
+                            del self._wds[e.wd]
+                            self._lost.add(path)
+                        self.changed()
+                    else:
+                        self.changed(path)
+                for path in list(self._lost) if not self._stopped else ():
+                    with self._cond:
+                        try:
+                            self._add(path, create=False)
+                        except OSError as err:
+                            log.debug("store change feed: cannot watch %s yet: %s", path, err)
+                            continue
                     self.changed()
         except OSError as e:  # the descriptor failed: wake everyone, who then poll
             log.warning("store change feed ended: %s; watches poll instead", e)
@@ -509,9 +577,10 @@ class SqliteWatch:
     """Reads the revision log on its own connection whenever the store's change feed says
     something was committed; ``PRAGMA data_version`` tells it whether it was this file."""
 
-    def __init__(self, store: SqliteStore, prefix: str, after_revision: int) -> None:
+    def __init__(self, store: SqliteStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> None:
         self._store = store
         self._lo, self._hi = _range(prefix)
+        self._exclude = exclude
         self._after = after_revision
         self._closed = threading.Event()
 
@@ -533,8 +602,15 @@ class SqliteWatch:
         read_only_since = time.monotonic() if _read_only_fs(path) else None
         try:
             last_version = None
+            signals = self._store.signals_for(self._lo, self._exclude)
             feed = self._store.feed()
-            seen = feed.seq if feed is not None else 0
+            if feed is not None:
+                try:
+                    feed.listen(signals)
+                except OSError as e:  # a signal file on a read-only filesystem, say: poll
+                    log.warning("store %s: cannot watch %s (%s); this watch polls", path, signals, e)
+                    feed = None
+            seen = feed.seq(signals) if feed is not None else 0
             pause = self._store.poll_interval_s
             while not self._closed.is_set():
                 try:
@@ -552,7 +628,7 @@ class SqliteWatch:
                     if version == last_version:
                         if feed is not None and feed.alive:
                             # woken by the feed, by close(), or to look at a read-only filesystem again
-                            seen = feed.wait(seen, 1.0 if read_only_since is not None else 30.0)
+                            seen = feed.wait(signals, seen, 1.0 if read_only_since is not None else 30.0)
                         else:
                             time.sleep(pause)
                             pause = min(pause * 2, self._store.idle_poll_interval_s)
@@ -581,6 +657,8 @@ class SqliteWatch:
                     if self._closed.is_set():
                         return
                     self._after = rev
+                    if key.startswith(self._exclude):
+                        continue
                     yield Event(typ, key, bytes(value) if value is not None else None, rev)
                 if len(rows) < 1000:
                     self._after = max(self._after, head)
