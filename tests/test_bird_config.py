@@ -170,3 +170,12 @@ def test_bad_secrets_refused_naming_the_field_never_the_value(spec: dict[str, ob
     with pytest.raises(Exception) as e:
         validate({"kind": "Config", "metadata": {"name": "global"}, "spec": spec})
     assert field in str(e.value) and 'x"y' not in str(e.value)
+
+
+def test_a_host_password_source_replaces_the_global_one() -> None:
+    glob = ConfigSpec(mesh_password_secret="mesh", bgp_secrets={"mesh": "s1"})
+    host_cfg = ConfigSpec(mesh_password_file="/etc/tabby/h2.pw")
+    eff = effective_config(glob, host_cfg)  # a valid pair of records: never an exception
+    assert eff.mesh_password_file == "/etc/tabby/h2.pw" and eff.mesh_password_secret is None
+    back = effective_config(ConfigSpec(mesh_password_file="/etc/tabby/all.pw"), ConfigSpec(mesh_password_secret="m"))
+    assert back.mesh_password_secret == "m" and back.mesh_password_file is None

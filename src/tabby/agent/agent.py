@@ -580,7 +580,11 @@ class Agent:
     def _configure(self) -> None:
         """Config records (global, then this host's) -> the settings the agent applies."""
         specs = {r.metadata.name: r.spec for k, r in self.fabric.items() if k.startswith(kind_prefix("Config"))}
-        cfg = effective_config(specs.get("global"), specs.get(f"host.{self.host}"))
+        try:
+            cfg = effective_config(specs.get("global"), specs.get(f"host.{self.host}"))
+        except ValueError as e:  # two good records that make a bad pair: keep the settings in force
+            log.error("Config: global and host.%s do not combine, settings kept: %s", self.host, one_line(str(e)))
+            return
         if cfg == self.config:
             return
         old, self.config = self.config, cfg

@@ -518,13 +518,21 @@ CONFIG_DEFAULTS = ConfigSpec(
 )
 
 
+_MESH_PASSWORD_SOURCES = frozenset({"mesh_password_file", "mesh_password_secret"})
+
+
 def effective_config(global_cfg: ConfigSpec | None, host_cfg: ConfigSpec | None) -> ConfigSpec:
     """Per-host settings over global ones over defaults, field by field."""
     merged = CONFIG_DEFAULTS.model_dump()
     for layer in (global_cfg, host_cfg):
         if layer is not None:
-            merged.update({k: v for k, v in layer.model_dump(context={"reveal_secrets": True}).items()
-                           if v is not None})
+            mine = {k: v for k, v in layer.model_dump(context={"reveal_secrets": True}).items() if v is not None}
+            if mine.keys() & _MESH_PASSWORD_SOURCES:
+                # one source replaces the other: a host's file over the global secret (or the reverse)
+                # must not make a config with both, which ConfigSpec refuses
+                for k in _MESH_PASSWORD_SOURCES:
+                    merged.pop(k, None)
+            merged.update(mine)
     return ConfigSpec(**merged)
 
 
