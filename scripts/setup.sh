@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # containerd for `ctr run --cni`; the reference CNI plugins, chained after tabby-cni and benched
 # beside it, with iptables for portmap)
 APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
-              isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
+              isc-dhcp-client dhcpcd-base ndisc6 qemu-system-x86 qemu-utils mmdebstrap tcpdump iputils-ping socat python3-venv python3-pip
               podman runc busybox-static containerd containernetworking-plugins iptables)
 
 missing=()

@@ -21,7 +21,8 @@ app.add_typer(guest_app, name="guest")
 
 @guest_app.command("render")
 def guest_render(
-    distro: Annotated[str, typer.Option(help="ubuntu | debian | centos")],
+    distro: Annotated[str, typer.Option(
+        help="ubuntu | debian | centos (their own network scripts) | networkd (systemd-networkd)")],
     root: Annotated[Path | None, typer.Option(help="write into this mounted image root instead of printing")] = None,
     interface: Annotated[list[str] | None, typer.Option(help="guest interfaces (repeat); default eth0")] = None,
     ipv4: Annotated[bool, typer.Option(help="also DHCPv4 (dual-stack)")] = True,

@@ -55,6 +55,8 @@ def lab_up(
     etcd_members: Annotated[int, typer.Option(help="with --store etcd: 1 member over plain HTTP, or a cluster of "
                                               "this many with TLS, each in a namespace of its own", min=1, max=7)] = 1,
     prefix: PrefixOpt = "tbl",
+    vm_kind: Annotated[str, typer.Option(help="netns: VMs as namespaces running a DHCP client (fast); qemu: "
+                                         "real guests (Debian images, ifupdown and networkd alternating)")] = "netns",
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -67,7 +69,10 @@ def lab_up(
         L.down(prefix)
         if etcd_members > 1 and store is not LabStore.etcd:
             raise ValueError("--etcd-members needs --store etcd")
-        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members)
+        if vm_kind not in ("netns", "qemu"):
+            raise ValueError(f"--vm-kind: {vm_kind!r} is not netns or qemu")
+        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members,
+                    vm_kind=vm_kind)
     except ValueError as e:
         fail(str(e))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
@@ -84,6 +89,9 @@ def lab_up(
         rows = []
         try:
             state = lab.wait_routed(wait_s)
+            for g in lab.guests.values():  # qemu guests: booted as far as their agent
+                progress.update(task, description=f"waiting for guest {g.name} to boot")
+                g.wait_ready()
             if state["ok"] and lab.members():
                 progress.update(task, description="checking connectivity (once)")
                 rows = lab.matrix(fams, sample=L.default_sample(hosts))
