@@ -75,8 +75,8 @@ def test_two_guests_configured_only_by_render(qlab: L.Lab) -> None:
     for v in qlab.topo.vms:
         g = qlab.guests[v.name]
         ep = endpoint(qlab, v.name)
-        want6 = [str(a) for a in ep.spec.ipv6_addresses]  # type: ignore[attr-defined]
-        want4 = [str(a) for a in ep.spec.ipv4_addresses]  # type: ignore[attr-defined]
+        want6 = [str(a).partition("/")[0] for a in ep.spec.ipv6_addresses]  # type: ignore[attr-defined]
+        want4 = [str(a).partition("/")[0] for a in ep.spec.ipv4_addresses]  # type: ignore[attr-defined]
         print(f"{v.name} ({g.flavour}): address {wait_address(g, want6[0]):.1f} s after its agent answered")
         assert L.wait_until(lambda g=g, want4=want4: g.addresses()["v4"] == want4, 30, 0.5), g.addresses()
         addrs = g.ip_json("addr", "show", "dev", "eth0")[0]["addr_info"]
@@ -121,8 +121,8 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
     g1, g2 = qlab.guests[v1.name], qlab.guests[v2.name]
     for g in (g1, g2):
         g.wait_ready(BOOT_S)
-    addr1 = str(endpoint(qlab, v1.name).spec.ipv6_addresses[0])  # type: ignore[attr-defined]
-    addr2 = str(endpoint(qlab, v2.name).spec.ipv6_addresses[0])  # type: ignore[attr-defined]
+    addr1 = str(endpoint(qlab, v1.name).spec.ipv6_addresses[0]).partition("/")[0]  # type: ignore[attr-defined]
+    addr2 = str(endpoint(qlab, v2.name).spec.ipv6_addresses[0]).partition("/")[0]  # type: ignore[attr-defined]
     wait_address(g2, addr2)
     duids = lease_duids(qlab, v2, addr2)
     assert len(duids) == 1, duids
@@ -174,7 +174,7 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     six = qemu.add_vm(qlab, sv)
     ep6 = endpoint(qlab, sv.name)
     assert ep6.spec.ipv4_addresses == []  # type: ignore[attr-defined]
-    want = str(ep6.spec.ipv6_addresses[0])  # type: ignore[attr-defined]
+    want = str(ep6.spec.ipv6_addresses[0]).partition("/")[0]  # type: ignore[attr-defined]
     for g in (pristine, six):
         g.wait_ready(BOOT_S)
     wait_address(six, want)
