@@ -242,6 +242,13 @@ class Guest:
     def wait_ready(self, timeout: float = 180.0) -> None:
         netns.wait_for(lambda: self.ready(2.0), timeout, 0.5, f"guest agent of {self.name} (see {self.console})")
 
+    def wait_booted(self, timeout: float = 180.0) -> str:
+        """Until systemd says the boot is over (``is-system-running --wait``: running, or degraded
+        when a unit failed), which under ifupdown includes networking.service, that is the DHCP
+        clients' first leases; returns systemd's word."""
+        self.wait_ready(timeout)
+        return str(self.run(["systemctl", "is-system-running", "--wait"], timeout).get("out", "")).strip()
+
     def run(self, argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
         return self.call({"op": "run", "argv": argv, "timeout": timeout}, timeout + 5)
 
