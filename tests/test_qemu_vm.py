@@ -168,14 +168,17 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
 
 def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qlab: L.Lab) -> None:
     """Without the render, the ifupdown image asks nothing (no DHCPv6 address; `guest check` names
-    the fixes); a networkd guest rendered --no-ipv4 on an IPv6-only Endpoint gets IPv6 alone."""
+    the fixes); a networkd guest configured by network-config v2 (--cloud-init --no-ipv4, through
+    netplan) on an IPv6-only Endpoint gets its IPv6 /128 alone."""
     for g in list(qlab.guests.values()):
         g.stop()  # two guests at most at once
     h1, h2, _ = qlab.topo.hosts
     pv, sv = LabVm(h1, 2, "ifupdown"), LabVm(h2, 2, "networkd", ipv4=False)
     qlab._orchestrate_vm(pv, ())
-    pristine = qemu.add_vm(qlab, pv, orchestrate=False, render=False)
-    six = qemu.add_vm(qlab, sv)
+    pristine = qemu.add_vm(qlab, pv, orchestrate=False, render="none")
+    # configured by `tabby guest render --distro networkd --cloud-init --root`: network-config v2 for
+    # netplan, which renders it to networkd at boot
+    six = qemu.add_vm(qlab, sv, render="cloud-init")
     ep6 = endpoint(qlab, sv.name)
     assert not ep6.spec.ipv4_addresses  # type: ignore[attr-defined]
     want = str(ep6.spec.ipv6_addresses[0]).partition("/")[0]  # type: ignore[attr-defined]
@@ -184,7 +187,10 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     wait_address(six, want)
     time.sleep(5)  # the v4 a DHCPv4 client would have had by now
     assert six.addresses() == {"v6": [want], "v4": []}
+    assert six.ip_json("-6", "addr", "show", "dev", "eth0")[0]["addr_info"][0]["prefixlen"] == 128
+    assert "10-netplan-eth0.network" in six.run(["ls", "/run/systemd/network"])["out"]  # netplan's doing
     r = six.check()
+    print(f"--- guest check in the network-config v2 guest\n{r['out']}")
     assert r["rc"] == 0 and "FAIL" not in r["out"], r
     # the pristine guest: up as long as the other, and no address of any kind on eth0
     assert pristine.addresses() == {"v6": [], "v4": []}

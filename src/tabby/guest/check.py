@@ -49,9 +49,9 @@ def running(interface: str) -> list[Finding]:
     via a link-local address (the host's tap) learned from an RA."""
     addrs = _ip_json("-6", "addr", "show", "dev", interface)
     routes = _ip_json("-6", "route", "show", "dev", interface)
-    if not addrs or routes is None:
+    if addrs is None or routes is None:  # no ip here, or no such interface
         return []
-    glob = [a for a in addrs[0].get("addr_info", []) if a.get("scope") == "global"]  # type: ignore[union-attr]
+    glob = [a for a in (addrs[0].get("addr_info", []) if addrs else []) if a.get("scope") == "global"]  # type: ignore[union-attr]
     wide = [f"{a['local']}/{a['prefixlen']}" for a in glob if a.get("prefixlen") != 128]
     on_link = [r["dst"] for r in routes if r.get("dst") != "default" and "gateway" not in r
                and not str(r.get("dst", "")).startswith("fe80") and not str(r.get("dst", "")).endswith("/128")

@@ -122,6 +122,27 @@ def patch_script(text: str) -> str:
     return DHCLIENT_FIX + "\n" + text
 
 
+def network_config_v2(interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = True,
+                      ipv6: str = "dhcpv6-stateful") -> str:
+    """cloud-init network-config version 2 (netplan's YAML, under its ``network:`` key, which both
+    read): DHCPv6 (or, on SLAAC subnets, the RA's EUI-64 address) and RAs accepted per interface.
+    netplan renders it to systemd-networkd, which needs no dhclient fix (see networkd_unit)."""
+    import yaml
+
+    if ipv6 not in IPV6_MODES:
+        raise ValueError(f"unknown IPv6 mode {ipv6!r}: one of {', '.join(IPV6_MODES)}")
+    eths: dict[str, dict[str, object]] = {}
+    for i in interfaces:
+        e: dict[str, object] = {"dhcp4": ipv4, "dhcp6": ipv6 != "slaac", "accept-ra": True,
+                                "link-local": ["ipv6"]}
+        if ipv6 != "dhcpv6-stateful":
+            e["ipv6-privacy"] = False
+            e["ipv6-address-generation"] = "eui64"
+        eths[i] = e
+    head = "# tabby: a DHCPv6 address per interface, the default route from the host's RAs\n"
+    return head + yaml.safe_dump({"network": {"version": 2, "ethernets": eths}}, sort_keys=False)
+
+
 def cloud_init(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = True,
                rs_delay: int = DEFAULT_RS_DELAY, ipv6: str = "dhcpv6-stateful") -> str:
     """The same as cloud-init user-data, for images booted with it instead of being edited."""

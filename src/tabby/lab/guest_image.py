@@ -43,14 +43,16 @@ FLAVOURS = ("ifupdown", "networkd")
 COMMON_PACKAGES = ("systemd-sysv", "udev", "kmod", "iproute2", "iputils-ping", "python3", "linux-image-amd64")
 FLAVOUR_PACKAGES = {
     "ifupdown": ("ifupdown", "isc-dhcp-client"),  # as the seed's Ubuntu 14.04: ISC dhclient under ifupdown
-    "networkd": (),  # systemd-networkd is in the systemd package; enabled, with no .network file
+    # systemd-networkd is in the systemd package (enabled, with no .network file); netplan.io renders
+    # network-config v2 (cloud images' way to configure it) to networkd at boot, from /etc/netplan
+    "networkd": ("netplan.io",),
 }
 # Documentation and locales are never read by a guest that lives for a test: ~60 MB less to unpack.
 DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 DISK_SIZE = "1536M"  # the tree is ~650 MB; room for logs and leases
 AGENT_PORT = "org.tabby.agent"  # the virtio-serial port's name (guest: /dev/virtio-ports/<name>)
 AGENT_PATH = "/usr/local/sbin/tabby-guest-agent"
-RECIPE = "1"  # bump when pristine() builds differently (hooks, excludes): a new name, a new build
+RECIPE = "3"  # bump when pristine() builds differently (hooks, excludes): a new name, a new build
 CHECK_DIR = "/usr/local/lib/tabby"  # tabby.guest (render and check), for `python3 -m tabby.guest.check`
 
 
@@ -70,9 +72,11 @@ def packages(flavour: str) -> tuple[str, ...]:
 
 
 def pristine_key(flavour: str) -> str:
-    """What names a pristine image: its package list, its recipe (this file) and tabby's version."""
-    h = hashlib.sha256()
-    h.update(f"{SUITE}\0{','.join(packages(flavour))}\0{tabby.__version__}\0{RECIPE}\0{DISK_SIZE}".encode())
+    """What names a pristine image: the package lists of every flavour (one build makes them all),
+    the recipe's version and tabby's."""
+    packages(flavour)
+    every = ";".join(",".join(packages(f)) for f in FLAVOURS)
+    h = hashlib.sha256(f"{SUITE}\0{every}\0{tabby.__version__}\0{RECIPE}\0{DISK_SIZE}".encode())
     return f"{flavour}-{h.hexdigest()[:16]}"
 
 
@@ -95,43 +99,63 @@ def _image_in(d: Path) -> Image:
     return Image(d / "disk.raw", d / "vmlinuz", d / "initrd.img")
 
 
-def pristine(flavour: str, say: object = None) -> tuple[Image, float]:
-    """The pristine image of flavour, built if this machine has none; (image, seconds spent building:
-    0 when it was cached)."""
-    key = pristine_key(flavour)
-    d = CACHE_ROOT / key
-    with _locked(CACHE_ROOT / f".{key}.lock"):
-        if (d / "done").exists():
-            return _image_in(d), 0.0
+def pristine(flavour: str) -> tuple[Image, float]:
+    """The pristine image of flavour, built if this machine has none; (image, seconds spent building
+    it and the other flavours: 0 when it was cached).
+
+    One mmdebstrap run for all flavours (half the time of one per flavour: the download and the
+    initramfs are most of it): the tree with every flavour's packages is the ifupdown image; then
+    from a copy of it, netplan.io is purged: that is the ifupdown image; from the tree itself, ifupdown
+    and ISC dhclient are purged and systemd-networkd enabled (as cloud images ship it, with no
+    .network file to act on): the networkd image."""
+    packages(flavour)
+    keys = {f: pristine_key(f) for f in FLAVOURS}
+    with _locked(CACHE_ROOT / f".{keys[FLAVOURS[0]]}.lock"):
+        if all((CACHE_ROOT / k / "done").exists() for k in keys.values()):
+            return _image_in(CACHE_ROOT / keys[flavour]), 0.0
         t0 = time.monotonic()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=CACHE_ROOT))
+        tmp = Path(tempfile.mkdtemp(prefix=".build.", dir=CACHE_ROOT))
         try:
             tree = tmp / "tree"
-            hooks = []
-            if flavour == "networkd":  # enabled as in cloud images; it has no .network file to act on
-                hooks.append('--customize-hook=chroot "$1" systemctl enable systemd-networkd.service')
+            every = sorted({p for f in FLAVOURS for p in packages(f)})
             # no root password, no getty needed: the lab talks to the guest agent; a serial getty stays
-            _run(["mmdebstrap", "--variant=minbase", "--mode=root", f"--include={','.join(packages(flavour))}",
+            # (the tree as installed has every flavour's packages; each flavour's copy loses the others')
+            _run(["mmdebstrap", "--variant=minbase", "--mode=root", f"--include={','.join(every)}",
                   *(f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES),
                   # mmdebstrap writes the build host's resolv.conf and hostname; a guest has its own
                   '--customize-hook=rm -f "$1"/etc/resolv.conf; echo guest > "$1"/etc/hostname',
                   # an empty machine-id: systemd makes one at first boot, so each VM's is its own (and
                   # so is networkd's DUID, which is derived from it), kept across reboots in the overlay
                   '--customize-hook=: > "$1"/etc/machine-id; rm -f "$1"/var/lib/dbus/machine-id',
-                  *hooks, SUITE, str(tree)], timeout=900)
-            boot = tree / "boot"
-            shutil.copy(next(boot.glob("vmlinuz-*")), tmp / "vmlinuz")
-            shutil.copy(next(boot.glob("initrd.img-*")), tmp / "initrd.img")
-            _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree), str(tmp / "disk.raw"), DISK_SIZE])
-            shutil.rmtree(tree)
-            (tmp / "packages").write_text("\n".join(packages(flavour)) + "\n")
-            (tmp / "done").write_text(f"{time.monotonic() - t0:.1f}\n")
-            shutil.rmtree(d, ignore_errors=True)
-            tmp.rename(d)
-        except BaseException:
+                  SUITE, str(tree)], timeout=900)
+            for n, fl in enumerate(FLAVOURS):
+                out = tmp / keys[fl]
+                out.mkdir()
+                if n < len(FLAVOURS) - 1:  # a copy for each flavour but the last, which takes the tree
+                    _run(["cp", "-a", "--reflink=auto", str(tree), str(tmp / "flavour")])
+                    ftree = tmp / "flavour"
+                else:
+                    ftree = tree
+                others = [p for f in FLAVOURS if f != fl for p in FLAVOUR_PACKAGES[f] if p not in packages(fl)]
+                _run(["chroot", str(ftree), "dpkg", "--purge", *others])
+                if fl == "networkd":
+                    shutil.rmtree(ftree / "etc/network", ignore_errors=True)
+                    _run(["chroot", str(ftree), "systemctl", "enable", "systemd-networkd.service"])
+                boot = ftree / "boot"
+                shutil.copy(next(boot.glob("vmlinuz-*")), out / "vmlinuz")
+                shutil.copy(next(boot.glob("initrd.img-*")), out / "initrd.img")
+                _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(ftree), str(out / "disk.raw"), DISK_SIZE])
+                (out / "packages").write_text("\n".join(packages(fl)) + "\n")
+                if ftree != tree:
+                    shutil.rmtree(ftree)
+            took = time.monotonic() - t0
+            for k in keys.values():
+                (tmp / k / "done").write_text(f"{took:.1f}\n")
+                shutil.rmtree(CACHE_ROOT / k, ignore_errors=True)
+                (tmp / k).rename(CACHE_ROOT / k)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return _image_in(d), time.monotonic() - t0
+        return _image_in(CACHE_ROOT / keys[flavour]), took
 
 
 @contextlib.contextmanager
@@ -148,23 +172,38 @@ def mounted(disk: Path) -> Iterator[Path]:
         mnt.rmdir()
 
 
-def render_args(ipv4: bool = True, rs_delay: int = 1) -> list[str]:
-    return ["--ipv4" if ipv4 else "--no-ipv4", "--rs-delay", str(int(rs_delay))]
+# how a configured image is made from the pristine one: `tabby guest render --root` ("render"), the
+# same with --cloud-init (networkd: netplan's network-config v2 in /etc/netplan), or nothing ("none":
+# the pristine image as it is, to show the seed's problem)
+RENDERS = ("render", "cloud-init", "none")
 
 
-def configured(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: bool = True) -> Image:
-    """The pristine image with ``tabby guest render --root`` applied (render=False: nothing applied,
+def render_args(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: str = "render") -> list[str]:
+    """The `tabby guest render` arguments of a configured image."""
+    if render not in RENDERS:
+        raise ValueError(f"render: {render!r} is not one of {', '.join(RENDERS)}")
+    if render == "cloud-init" and flavour != "networkd":
+        raise ValueError("render: cloud-init (network-config v2) is for the networkd flavour")
+    distro = {"ifupdown": "debian", "networkd": "networkd"}[flavour]
+    if render == "none":
+        return []
+    delay = ["--rs-delay", str(int(rs_delay))] if flavour != "networkd" else []  # networkd: its own RS
+    return ["--distro", distro, "--ipv4" if ipv4 else "--no-ipv4", *delay,
+            *(["--cloud-init"] if render == "cloud-init" else [])]
+
+
+def configured(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: str = "render") -> Image:
+    """The pristine image with ``tabby guest render --root`` applied (render "none": nothing applied,
     the seed's problem), plus the lab's guest agent. Cached beside the pristine image, by the
     render's arguments and the hash of tabby's guest code."""
     base, _ = pristine(flavour)
-    distro = {"ifupdown": "debian", "networkd": "networkd"}[flavour]
-    args = ["--distro", distro, *render_args(ipv4, rs_delay)] if render else []
+    args = render_args(flavour, ipv4, rs_delay, render)
     src = Path(__file__).parent
     h = hashlib.sha256("\0".join(args).encode())
     for f in (src / "guest_agent.py", src.parent / "guest" / "render.py", src.parent / "guest" / "check.py",
               src.parent / "cli" / "guest.py"):
         h.update(f.read_bytes())
-    key = f"{base.disk.parent.name}-{'rendered' if render else 'pristine'}-{h.hexdigest()[:12]}"
+    key = f"{base.disk.parent.name}-{render}-{h.hexdigest()[:12]}"
     d = CACHE_ROOT / key
     with _locked(CACHE_ROOT / f".{key}.lock"):
         if (d / "done").exists():
@@ -173,7 +212,7 @@ def configured(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: bool 
         try:
             _run(["cp", "--sparse=always", str(base.disk), str(tmp / "disk.raw")])
             with mounted(tmp / "disk.raw") as root:
-                if render:
+                if args:
                     _run([sys.executable, "-m", "tabby.cli", "guest", "render", *args, "--root", str(root)],
                          env={**os.environ, "PYTHONPATH": str(src.parent.parent)})
                 install_agent(root)

@@ -67,13 +67,14 @@ class Guest:
     mac: str
     flavour: str
     dir: Path
-    render: bool = True
+    render: str = "render"  # guest_image.RENDERS: how its image was configured
     ipv4: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _sock: socket.socket | None = field(default=None, repr=False, compare=False)
     _buf: bytes = field(default=b"", repr=False, compare=False)
     _seq: int = field(default=0, repr=False, compare=False)
     _served_boot: str = field(default="", repr=False, compare=False)
+    started: float = field(default=0.0, repr=False, compare=False)  # time.monotonic() of the last qemu start
 
     def __post_init__(self) -> None:
         """Everything here reaches a command line or a path: refused, naming the field, unless plain."""
@@ -84,6 +85,7 @@ class Guest:
             raise ValueError(f"mac: {self.mac!r} is not a lower-case MAC address")
         if self.flavour not in guest_image.FLAVOURS:
             raise ValueError(f"flavour: {self.flavour!r} is not one of {', '.join(guest_image.FLAVOURS)}")
+        guest_image.render_args(self.flavour, self.ipv4, render=self.render)  # ValueError naming render
         if "," in str(self.dir):  # qemu's option syntax splits at commas
             raise ValueError(f"dir: {self.dir} has a comma")
 
@@ -117,7 +119,7 @@ class Guest:
     def load(cls, path: Path) -> Guest:
         r = json.loads(path.read_text())
         return cls(str(r["name"]), str(r["host_ns"]), str(r["tap"]), str(r["mac"]), str(r["flavour"]), path.parent,
-                   bool(r.get("render", True)), bool(r.get("ipv4", True)))
+                   str(r.get("render", "render")), bool(r.get("ipv4", True)))
 
     # life
     def argv(self, image: guest_image.Image) -> list[str]:
@@ -149,7 +151,7 @@ class Guest:
         self.agent_socket.unlink(missing_ok=True)
         self.pid_file.unlink(missing_ok=True)
         self.save()
-        t0 = time.monotonic()
+        t0 = self.started = time.monotonic()
         netns.spawn(self.host_ns, self.argv(img), self.dir / f"qemu-{self.name}.log")
         netns.wait_for(lambda: self.pid() is not None and self.agent_socket.exists(), 20, 0.05, f"qemu {self.name}")
         return t0
@@ -270,10 +272,12 @@ class Guest:
             return False, f"guest agent: {e}"
         return bool(r.get("ok")), str(r.get("out", ""))
 
-    def addresses(self) -> dict[str, list[str]]:
-        """The guest's global addresses on eth0, as the guest's own kernel has them."""
+    def addresses(self, timeout: float = 10.0) -> dict[str, list[str]]:
+        """The guest's global addresses on eth0, as the guest's own kernel has them (none while its
+        agent does not answer)."""
         try:
-            r = self.run(["ip", "-j", "addr", "show", "dev", "eth0"], 10)
+            r = self.call({"op": "run", "argv": ["ip", "-j", "addr", "show", "dev", "eth0"], "timeout": timeout},
+                          timeout)
             info = json.loads(r.get("out") or "[]")[0].get("addr_info", [])
         except (OSError, ValueError, IndexError):
             return {"v6": [], "v4": []}
@@ -290,12 +294,12 @@ class Guest:
                         30)
 
 
-def guest_for(lab: Lab, v: LabVm, render: bool = True) -> Guest:
+def guest_for(lab: Lab, v: LabVm, render: str = "render") -> Guest:
     return Guest(v.name, v.host.ns, v.tap, v.mac.lower(), flavour_of(v), lab.dir, render, lab._v4(v))
 
 
 def add_vm(lab: Lab, v: LabVm, addresses: tuple[str, ...] = (), orchestrate: bool = True,
-           render: bool = True) -> Guest:
+           render: str = "render") -> Guest:
     """A qemu VM in the lab: the orchestrator's allocation and Endpoint, the tap, and the guest booted
     (not waited for: ``Guest.wait_ready``)."""
     g = guest_for(lab, v, render)
