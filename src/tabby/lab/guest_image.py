@@ -95,6 +95,20 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
+def _remove(tmp: Path) -> None:
+    """A build directory gone, after unmounting anything still mounted under it (mmdebstrap mounts
+    /proc, /sys and /dev/pts in its tree while it runs: a build that failed half-way may leave them,
+    and rmtree must never walk into them)."""
+    base = str(tmp.resolve()) + "/"
+    with contextlib.suppress(OSError):
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for m in sorted((m for m in mounts if m.startswith(base)), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        if any(line.split()[1].startswith(base) for line in Path("/proc/self/mounts").read_text().splitlines()):
+            return  # still mounted: left for a human rather than removed through a mount
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _image_in(d: Path) -> Image:
     return Image(d / "disk.raw", d / "vmlinuz", d / "initrd.img")
 
@@ -154,7 +168,7 @@ def pristine(flavour: str) -> tuple[Image, float]:
                 shutil.rmtree(CACHE_ROOT / k, ignore_errors=True)
                 (tmp / k).rename(CACHE_ROOT / k)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         return _image_in(CACHE_ROOT / keys[flavour]), took
 
 
