@@ -42,19 +42,22 @@ if TYPE_CHECKING:
 ACCEL = os.environ.get("TABBY_QEMU_ACCEL", "tcg")
 MEMORY_MB = 384  # the budget is 512 per test guest; a minbase Debian boots in well under 256
 KINDS = ("netns", "qemu")
-# which image flavour a lab VM boots: topology's clients map onto the two distribution stacks
-FLAVOUR_OF_CLIENT = {"dhclient": "ifupdown", "dhcpcd": "networkd", "ifupdown": "ifupdown", "networkd": "networkd"}
+# which image flavour a lab VM boots: a VM made as LabVm(host, i, "ifupdown" | "networkd") says
+# so; one of topology's (client dhclient or dhcpcd) alternates by host and index, so that
+# `lab up --vm-kind qemu --vms 1` has both flavours on its first two hosts
+FLAVOUR_OF_CLIENT = {"ifupdown": "ifupdown", "networkd": "networkd"}
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1"
+APPEND = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1 quiet"  # quiet: every console byte costs under TCG
 
 
 def flavour_of(v: LabVm) -> str:
-    try:
+    if v.client in FLAVOUR_OF_CLIENT:
         return FLAVOUR_OF_CLIENT[v.client]
-    except KeyError:
-        raise ValueError(f"client: {v.client!r} has no qemu flavour (one of {', '.join(FLAVOUR_OF_CLIENT)})") \
-            from None
+    if v.client in ("dhclient", "dhcpcd"):
+        return guest_image.FLAVOURS[(v.host.index + v.index) % 2]
+    raise ValueError(f"client: {v.client!r} has no qemu flavour (ifupdown, networkd, or topology's dhclient, "
+                     "dhcpcd)")
 
 
 @dataclass
