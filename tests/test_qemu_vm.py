@@ -44,7 +44,7 @@ def qlab() -> Iterator[L.Lab]:
     finally:
         for name, g in the_lab.guests.items():
             if g.console.exists():
-                print(f"--- {name} console (tail)\n" + g.console.read_text(errors="replace")[-3000:])
+                print(f"--- {name} console\n" + g.console.read_text(errors="replace")[-20000:])
         gone = L.down(prefix)
         assert not [g for g in the_lab.guests.values() if g.pid() is not None], gone
 
