@@ -89,9 +89,9 @@ def lab_up(
         rows = []
         try:
             state = lab.wait_routed(wait_s)
-            for g in lab.guests.values():  # qemu guests: booted as far as their agent
+            for g in lab.guests.values():  # qemu guests: booted, and with their address
                 progress.update(task, description=f"waiting for guest {g.name} to boot")
-                g.wait_ready()
+                g.wait_up()
             if state["ok"] and lab.members():
                 progress.update(task, description="checking connectivity (once)")
                 rows = lab.matrix(fams, sample=L.default_sample(hosts))

@@ -256,6 +256,14 @@ class Guest:
         self.wait_ready(timeout)
         return str(self.run(["systemctl", "is-system-running", "--wait"], timeout).get("out", "")).strip()
 
+    def wait_up(self, timeout: float = 240.0) -> None:
+        """Until the boot is over and eth0 has a global IPv6 address: what `lab up` waits for before
+        its matrix (the agent answers well before the guest's DHCP clients are done)."""
+        deadline = time.monotonic() + timeout
+        self.wait_booted(timeout)
+        netns.wait_for(lambda: bool(self.addresses(2.0)["v6"]), max(1.0, deadline - time.monotonic()), 0.5,
+                       f"an IPv6 address in guest {self.name} (see {self.console})")
+
     def run(self, argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
         return self.call({"op": "run", "argv": argv, "timeout": timeout}, timeout + 5)
 
