@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 # containerd for `ctr run --cni`; the reference CNI plugins, chained after tabby-cni and benched
 # beside it, with iptables for portmap)
 APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
-              isc-dhcp-client dhcpcd-base ndisc6 qemu-system-x86 qemu-utils mmdebstrap tcpdump iputils-ping socat python3-venv python3-pip
-              podman runc busybox-static containerd containernetworking-plugins iptables)
+              isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
+              podman runc busybox-static containerd containernetworking-plugins iptables
+              qemu-system-x86 qemu-utils mmdebstrap)  # real guests: `lab up --vm-kind qemu`, test_qemu_vm
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

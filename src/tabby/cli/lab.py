@@ -69,8 +69,10 @@ def lab_up(
         L.down(prefix)
         if etcd_members > 1 and store is not LabStore.etcd:
             raise ValueError("--etcd-members needs --store etcd")
-        if vm_kind not in ("netns", "qemu"):
-            raise ValueError(f"--vm-kind: {vm_kind!r} is not netns or qemu")
+        from tabby.lab.qemu import KINDS
+
+        if vm_kind not in KINDS:
+            raise ValueError(f"--vm-kind: {vm_kind!r} is not one of {', '.join(KINDS)}")
         lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members,
                     vm_kind=vm_kind)
     except ValueError as e:

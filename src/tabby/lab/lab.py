@@ -644,8 +644,8 @@ def down(prefix: str = PREFIX) -> list[str]:
     dirs = (lab_dir(prefix), run_dir(prefix))
     from tabby.lab import qemu
 
-    gone = [f"qemu {name}" for name in qemu.stop_all(lab_dir(prefix))]  # by pid: not all in lab namespaces
-    gone += netns.sweep(prefix + "-")
+    qemu.stop_all(lab_dir(prefix))  # every qemu the lab started, by its pid, before the namespaces go
+    gone = netns.sweep(prefix + "-")
     restore_neighbour_tables(prefix)
     pid_file = lab_dir(prefix) / "forwarder.pid"
     if pid_file.exists():  # the etcd forwarders (one per member), the lab's only processes outside its namespaces

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 ACCEL = os.environ.get("TABBY_QEMU_ACCEL", "tcg")
 MEMORY_MB = 384  # the budget is 512 per test guest; a minbase Debian boots in well under 256
 KINDS = ("netns", "qemu")
+MAX_REPLY = 4 << 20  # bytes of one agent reply: the guest is not trusted to bound its own output
 # which image flavour a lab VM boots: a VM made as LabVm(host, i, "ifupdown" | "networkd") says
 # so; one of topology's (client dhclient or dhcpcd) alternates by host and index, so that
 # `lab up --vm-kind qemu --vms 1` has both flavours on its first two hosts
@@ -230,6 +231,8 @@ class Guest:
                 if not chunk:
                     raise ConnectionError(f"guest agent of {self.name}: qemu closed the socket")
                 self._buf += chunk
+                if len(self._buf) > MAX_REPLY:
+                    raise ConnectionError(f"guest agent of {self.name}: a reply over {MAX_REPLY} bytes")
         except OSError:
             self._close()  # a reply that comes late must not be read as the next one's
             raise
@@ -292,7 +295,7 @@ class Guest:
             r = self.call({"op": "run", "argv": ["ip", "-j", "addr", "show", "dev", "eth0"], "timeout": timeout},
                           timeout)
             info = json.loads(r.get("out") or "[]")[0].get("addr_info", [])
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError):  # what the guest said
             return {"v6": [], "v4": []}
         return {"v6": [a["local"] for a in info if a["family"] == "inet6" and a["scope"] == "global"],
                 "v4": [a["local"] for a in info if a["family"] == "inet"]}
