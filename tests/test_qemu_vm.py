@@ -168,8 +168,11 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
 
 def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qlab: L.Lab) -> None:
     """Without the render, the ifupdown image asks nothing (no DHCPv6 address; `guest check` names
-    the fixes); a networkd guest configured by network-config v2 (--cloud-init --no-ipv4, through
-    netplan) on an IPv6-only Endpoint gets its IPv6 /128 alone."""
+    the fixes); with the seed's interfaces stanza, the address (Debian's own dhclient-script makes
+    it a /128); with the upstream script's line and a /64 client, the seed's dhclient problem (an
+    on-link /64 through which the other guest is unreachable), undone by the fix. A networkd guest configured
+    by network-config v2 (--cloud-init --no-ipv4, through netplan) on an IPv6-only Endpoint gets
+    its IPv6 /128 alone."""
     for g in list(qlab.guests.values()):
         g.stop()  # two guests at most at once
     h1, h2, _ = qlab.topo.hosts
@@ -197,3 +200,85 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     r = pristine.check()
     print(f"--- guest check in the pristine guest\n{r['out']}")
     assert r["rc"] == 1 and "FAIL eth0 asks DHCPv6 for its address at boot" in r["out"] and "fix:" in r["out"]
+
+    # the seed's recipe by hand in the running pristine guest. First only the interfaces stanza
+    # (DHCPv6 with accept_ra), Debian's dhclient-script as it is: Debian 12's ISC dhclient (4.4)
+    # already hands the script a /128, unlike the seed's (Ubuntu 14.04, 4.2: a /64)
+    wantp = str(endpoint(qlab, pv.name).spec.ipv6_addresses[0]).partition("/")[0]  # type: ignore[attr-defined]
+    write = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    r = pristine.run(["python3", "-c", write, "/etc/network/interfaces.d/eth0.cfg",
+                      "auto eth0\niface eth0 inet6 dhcp\n        accept_ra 1\n"])
+    assert r["rc"] == 0, r
+    r = pristine.run(["ifup", "eth0"], 120)
+    assert r["rc"] == 0, r
+    wait_address(pristine, wantp)
+    assert global6(pristine) == [(wantp, 128)]
+    assert L.wait_until(lambda: pristine.ping(want, 2)[0], 20, 0.5)
+    r = pristine.run(["ifdown", "eth0"], 60)
+    assert r["rc"] == 0 and global6(pristine) == [], r
+
+    # Debian's script installs the bare address (a /128) whatever dhclient says: Debian fixed the
+    # seed's problem in its own script. The seed's problem comes back with the upstream ISC script's
+    # line (as Ubuntu 14.04's and RHEL's: address/${new_ip6_prefixlen}) and a client whose default
+    # prefix length is 64 (--address-prefix-len 64, 4.2's default): an on-link /64, through which
+    # the other guest, in the same prefix, is unreachable (nobody answers its neighbour
+    # solicitation); the outside router, beyond the default route, is reached
+    upstream = ("p = '/sbin/dhclient-script'; t = open(p).read(); a = 'ip -6 addr replace ${new_ip6_address} '; "
+                "assert t.count(a) == 1, t; open(p, 'w').write(t.replace(a, a[:-1] + '/${new_ip6_prefixlen} '))")
+    r = pristine.run(["python3", "-c", upstream])
+    assert r["rc"] == 0, r
+    seed_dhclient = ["dhclient", "-6", "-1", "--address-prefix-len", "64", "-sf", "/sbin/dhclient-script",
+                     "-lf", "/run/seed6.leases", "-pf", "/run/seed6.pid", "eth0"]
+    assert pristine.run(["ip", "link", "set", "eth0", "up"])["rc"] == 0
+    run_dhclient(pristine, seed_dhclient)
+    assert L.wait_until(lambda: global6(pristine) == [(wantp, 64)], 30, 0.5), global6(pristine)
+    routes = [r["dst"] for r in pristine.ip_json("-6", "route", "show", "dev", "eth0")]
+    on_link = [d for d in routes if d.endswith("/64") and not d.startswith("fe80")]
+    assert len(on_link) == 1 and ipaddress.ip_address(want) in ipaddress.ip_network(on_link[0]), routes
+    reached, out = pristine.ping(want, 3)
+    assert not reached, out
+    assert L.wait_until(lambda: pristine.ping(OUTSIDE_V6, 2)[0], 20, 0.5)
+    r = pristine.check()
+    assert r["rc"] == 1 and "FAIL eth0 has its address as a /128" in r["out"] and "FAIL ISC dhclient" in r["out"], r
+    # stopped, and the /64 taken away by hand (Debian's release would delete a /128)
+    stop = [*seed_dhclient[:2], "-x", *seed_dhclient[5:]]
+    pristine.run(stop, 60)
+    r = pristine.run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
+    assert r["rc"] == 0, r
+    for d in on_link:  # gone with the address, unless a renewal raced the flush
+        pristine.run(["ip", "-6", "route", "del", d, "dev", "eth0"])
+    assert global6(pristine) == [] and not [r for r in pristine.ip_json("-6", "route", "show", "dev", "eth0")
+                                            if r["dst"] in on_link], pristine.ip_json("-6", "route", "show")
+
+    # then the fix, as `tabby guest render` patches the script (its own code, in the guest): the same
+    # /64-minded client now installs a /128, no on-link route, and the other guest is reached
+    patch = ("from tabby.guest.render import patch_script; p = '/sbin/dhclient-script'; "
+             "t = patch_script(open(p).read()); open(p, 'w').write(t)")
+    r = pristine.run(["env", f"PYTHONPATH={guest_image.CHECK_DIR}", "python3", "-c", patch])
+    assert r["rc"] == 0, r
+    run_dhclient(pristine, seed_dhclient)
+    assert L.wait_until(lambda: global6(pristine) == [(wantp, 128)], 30, 0.5), global6(pristine)
+    routes = [r["dst"] for r in pristine.ip_json("-6", "route", "show", "dev", "eth0")]
+    assert not [d for d in routes if d.endswith("/64") and not d.startswith("fe80")], routes
+    assert L.wait_until(lambda: pristine.ping(want, 2)[0], 20, 0.5)
+
+
+def run_dhclient(g: qemu.Guest, argv: list[str]) -> None:
+    """dhclient -6 as a boot service runs it: once the link-local address has passed DAD (it exits
+    at once before), and again if it gave up."""
+    def link_local_ready() -> bool:
+        out = g.run(["ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"])["out"]
+        return "fe80" in out and "tentative" not in out
+
+    assert L.wait_until(link_local_ready, 30, 0.5)
+    for _ in range(5):
+        r = g.run(argv, 90)
+        if r["rc"] == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{' '.join(argv)}: {r}")
+
+
+def global6(g: qemu.Guest) -> list[tuple[str, int]]:
+    info = g.ip_json("-6", "addr", "show", "dev", "eth0")
+    return [(a["local"], a["prefixlen"]) for a in (info[0]["addr_info"] if info else []) if a["scope"] == "global"]

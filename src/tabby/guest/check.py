@@ -109,7 +109,11 @@ def check(interfaces: tuple[str, ...] = ("eth0",), root: Path = Path("/")) -> li
     dhclient = (root / "sbin/dhclient").exists() or (root == Path("/") and shutil.which("dhclient"))
     if dhclient or (script.exists() and not all(_networkd_files(root, i) for i in interfaces)):
         fixed = script.exists() and (DHCLIENT_FIX.split()[0] in script.read_text())
-        debian_128 = script.exists() and "/128" in script.read_text()
+        text = script.read_text() if script.exists() else ""
+        # Debian's own script (bookworm's too) installs the bare address, which ip takes as a /128;
+        # the upstream and RHEL ones install ${new_ip6_address}/${new_ip6_prefixlen}
+        debian_128 = "/128" in text or ("ip -6 addr replace ${new_ip6_address}" in text
+                                        and "${new_ip6_address}/${new_ip6_prefixlen}" not in text)
         out.append(Finding("ISC dhclient installs a /128, not a /64", fixed or debian_128,
                            "fixed" if fixed else ("the script installs /128 itself" if debian_128 else "not fixed"),
                            f"add '{DHCLIENT_FIX.split()[0]}' at the start of /sbin/dhclient-script"))
