@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # beside it, with iptables for portmap)
 APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
               isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
-              podman runc busybox-static containerd containernetworking-plugins iptables gobgpd)
+              podman runc busybox-static containerd containernetworking-plugins iptables gobgpd
+              qemu-system-x86 qemu-utils mmdebstrap)  # real guests: `lab up --vm-kind qemu`, test_qemu_vm
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

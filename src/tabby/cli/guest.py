@@ -21,11 +21,13 @@ app.add_typer(guest_app, name="guest")
 
 @guest_app.command("render")
 def guest_render(
-    distro: Annotated[str, typer.Option(help="ubuntu | debian | centos")],
+    distro: Annotated[str, typer.Option(
+        help="ubuntu | debian | centos (their own network scripts) | networkd (systemd-networkd)")],
     root: Annotated[Path | None, typer.Option(help="write into this mounted image root instead of printing")] = None,
     interface: Annotated[list[str] | None, typer.Option(help="guest interfaces (repeat); default eth0")] = None,
     ipv4: Annotated[bool, typer.Option(help="also DHCPv4 (dual-stack)")] = True,
-    cloud_init: Annotated[bool, typer.Option("--cloud-init", help="print cloud-init user-data instead")] = False,
+    cloud_init: Annotated[bool, typer.Option("--cloud-init", help="cloud-init user-data instead (networkd: "
+                                             "network-config v2, into /etc/netplan with --root)")] = False,
     rs_delay: Annotated[int, typer.Option(help="router_solicitation_delay in seconds (the seed: 10; it also "
                                           "delays the first DAD probe, so boot is slower)", min=0, max=60)] = 1,
     ipv6: Annotated[str, typer.Option(help="the subnet's IPv6 mode: dhcpv6-stateful | dhcpv6-stateless | slaac "
@@ -35,6 +37,8 @@ def guest_render(
     the dhclient /128 fix, the RS-delay sysctl."""
     from tabby.guest import render as R
 
+    if distro == "networkd" and rs_delay != R.DEFAULT_RS_DELAY:
+        fail("--rs-delay: systemd-networkd sends its own router solicitations; the sysctl does not apply to it")
     ifaces = tuple(interface or ["eth0"])
     try:
         from tabby.model.names import check_interface_name
@@ -44,7 +48,20 @@ def guest_render(
         files = R.render(distro, ifaces, ipv4, rs_delay, ipv6)
     except ValueError as e:
         fail(str(e))
+    if cloud_init and distro == "networkd":  # cloud images with netplan: network-config v2
+        text = R.network_config_v2(ifaces, ipv4, ipv6)
+        if root is None:
+            print(text, end="")
+            return
+        target = root / "etc/netplan/50-tabby.yaml"  # where netplan reads it at boot (its generator)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o600)  # netplan warns about world-readable files
+        out.print(f"wrote {target}", highlight=False)
+        return
     if cloud_init:
+        if root is not None:
+            fail("--cloud-init with --root: only for --distro networkd (netplan's network-config v2)")
         print(R.cloud_init(distro, ifaces, ipv4, rs_delay, ipv6), end="")
         return
     for f in files:

@@ -59,6 +59,8 @@ def lab_up(
                                       "(needs --unnumbered)", min=0, max=2)] = 0,
     unnumbered: Annotated[bool, typer.Option("--unnumbered", help="with --tors: host uplinks carry IPv6 link-local "
                                              "only; IPv4 rides the IPv6 sessions (extended next hop)")] = False,
+    vm_kind: Annotated[str, typer.Option(help="netns: VMs as namespaces running a DHCP client (fast); qemu: "
+                                         "real guests (Debian images, ifupdown and networkd alternating)")] = "netns",
 ) -> None:
     """Build the lab (namespaces, fabric, Store, agents with BIRD, containers) and wait until it routes."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -73,7 +75,14 @@ def lab_up(
         L.down(prefix)
         if etcd_members > 1 and store is not LabStore.etcd:
             raise ValueError("--etcd-members needs --store etcd")
-        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members)
+        from tabby.lab.qemu import KINDS
+
+        if vm_kind not in KINDS:
+            raise ValueError(f"--vm-kind: {vm_kind!r} is not one of {', '.join(KINDS)}")
+        if tors and vm_kind != "netns":
+            raise ValueError("--tors with --vm-kind qemu is not built (the ToR lab was tested with namespace VMs)")
+        lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members,
+                    vm_kind=vm_kind)
     except ValueError as e:
         fail(str(e))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
@@ -90,6 +99,9 @@ def lab_up(
         rows = []
         try:
             state = lab.wait_routed(wait_s)
+            for g in lab.guests.values():  # qemu guests: booted, and with their address
+                progress.update(task, description=f"waiting for guest {g.name} to boot")
+                g.wait_up()
             if state["ok"] and lab.members():
                 progress.update(task, description="checking connectivity (once)")
                 rows = lab.matrix(fams, sample=L.default_sample(hosts))

@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DHCLIENT_FIX = "new_ip6_prefixlen=128  # tabby: a DHCPv6 address is a /128, never an on-link /64"
-DISTROS = ("ubuntu", "debian", "centos")
+# "networkd": systemd-networkd's own files (current cloud images, any distribution that runs it)
+DISTROS = ("ubuntu", "debian", "centos", "networkd")
 IPV6_MODES = ("dhcpv6-stateful", "dhcpv6-stateless", "slaac")  # as IPPool.ipv6_mode, Neutron's address modes
 
 
@@ -48,6 +49,9 @@ def render(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = Tr
     if ipv6 not in IPV6_MODES:
         raise ValueError(f"unknown IPv6 mode {ipv6!r}: one of {', '.join(IPV6_MODES)}")
     slaac = ipv6 != "dhcpv6-stateful"
+    if distro == "networkd":
+        return [GuestFile(f"/etc/systemd/network/10-tabby-{i}.network", networkd_unit(i, ipv4, ipv6))
+                for i in interfaces]
     files: list[GuestFile] = []
     for i in interfaces:
         if distro in ("ubuntu", "debian"):
@@ -74,6 +78,27 @@ def render(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = Tr
     return files
 
 
+def networkd_unit(interface: str, ipv4: bool, ipv6: str = "dhcpv6-stateful") -> str:
+    """A systemd-networkd .network file. networkd handles RAs itself (it sets the kernel's accept_ra
+    to 0 and runs its own RS/RA client, so the RS-delay sysctl does not apply); it installs a
+    DHCPv6 address as a /128 and makes no on-link route from an RA without the on-link flag, so
+    it needs no fix. ``WithoutRA=solicit``: the DHCPv6 request goes out at boot, not only once an
+    RA with the managed flag has arrived (an RA lost at boot would otherwise cost up to 10 s)."""
+    slaac = ipv6 != "dhcpv6-stateful"
+    dhcp = ("yes" if ipv4 else "ipv6") if not slaac else ("ipv4" if ipv4 else "no")
+    lines = ["# tabby: " + ("the address from the host's RAs (EUI-64, no privacy address)" if slaac else
+                            "a DHCPv6 address, the default route from the host's RAs"),
+             "[Match]", f"Name={interface}", "", "[Network]", f"DHCP={dhcp}", "IPv6AcceptRA=yes",
+             "LinkLocalAddressing=ipv6"]
+    if slaac:
+        lines += ["IPv6PrivacyExtensions=no", "IPv6LinkLocalAddressGenerationMode=eui64"]
+    else:
+        lines += ["", "[DHCPv6]", "WithoutRA=solicit"]
+    client = "yes" if ipv6 == "dhcpv6-stateless" else "no" if slaac else "always"
+    lines += ["", "[IPv6AcceptRA]", f"DHCPv6Client={client}"]
+    return "\n".join(lines) + "\n"
+
+
 def dhcpcd_conf(interfaces: tuple[str, ...], ipv4: bool, slaac: bool = False) -> str:
     lines = ["# tabby: " + ("the address from the host's RAs (EUI-64, no privacy address)" if slaac else
                             "a DHCPv6 address per interface, the default route from the host's RAs"),
@@ -95,6 +120,27 @@ def patch_script(text: str) -> str:
     if lines and lines[0].startswith("#!"):
         return lines[0] + DHCLIENT_FIX + "\n" + "".join(lines[1:])
     return DHCLIENT_FIX + "\n" + text
+
+
+def network_config_v2(interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = True,
+                      ipv6: str = "dhcpv6-stateful") -> str:
+    """cloud-init network-config version 2 (netplan's YAML, under its ``network:`` key, which both
+    read): DHCPv6 (or, on SLAAC subnets, the RA's EUI-64 address) and RAs accepted per interface.
+    netplan renders it to systemd-networkd, which needs no dhclient fix (see networkd_unit)."""
+    import yaml
+
+    if ipv6 not in IPV6_MODES:
+        raise ValueError(f"unknown IPv6 mode {ipv6!r}: one of {', '.join(IPV6_MODES)}")
+    eths: dict[str, dict[str, object]] = {}
+    for i in interfaces:
+        e: dict[str, object] = {"dhcp4": ipv4, "dhcp6": ipv6 != "slaac", "accept-ra": True,
+                                "link-local": ["ipv6"]}
+        if ipv6 != "dhcpv6-stateful":
+            e["ipv6-privacy"] = False
+            e["ipv6-address-generation"] = "eui64"
+        eths[i] = e
+    head = "# tabby: a DHCPv6 address per interface, the default route from the host's RAs\n"
+    return head + yaml.safe_dump({"network": {"version": 2, "ethernets": eths}}, sort_keys=False)
 
 
 def cloud_init(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = True,

@@ -109,6 +109,8 @@ class Lab:
     etcd_members: int = 1  # with store_kind etcd: one member over plain HTTP, or a TLS cluster of this many
     # the cluster's members, in the process that built the lab (tests kill and restart them)
     etcd: EtcdCluster | None = field(default=None, repr=False, compare=False)
+    vm_kind: str = "netns"  # "qemu": VMs are real guests (lab/qemu.py)
+    guests: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # qemu.Guest by VM name
 
     def __post_init__(self) -> None:
         self.agent_store_url = self.agent_store_url or self.store_url
@@ -140,7 +142,7 @@ class Lab:
         (self.dir / "state.json").write_text(json.dumps({
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
             "agent_store": self.agent_store_url, "store_kind": self.store_kind, "etcd_members": self.etcd_members,
-            "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors),
+            "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors), "vm_kind": self.vm_kind,
             "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)), "tors": self.topo.tors,
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
 
@@ -185,8 +187,9 @@ class Lab:
         for v in self.topo.vms:
             say(f"VM {v.name} ({v.client})")
             self.add_vm(v)
-        for _, ns in self.members():
-            self._tcp_server(ns)
+        for name, ns in self.members():
+            if name not in self.guests:  # a qemu guest's listener is its agent's (qemu.Guest.ready)
+                self._tcp_server(ns)
 
     def _etcd(self) -> None:
         """etcd in a namespace of its own on the fabric, where every host reaches it, and a loopback
@@ -387,7 +390,12 @@ class Lab:
                orchestrate: bool = True) -> None:
         """The tap and the VM namespace, the orchestrator's allocation and Endpoint (unless another
         orchestrator, such as Neutron, writes them: orchestrate=False), and the guest's own DHCP
-        client, configured only by ``tabby guest render``."""
+        client, configured only by ``tabby guest render``. With vm_kind qemu: a real guest (lab/qemu.py)."""
+        if self.vm_kind == "qemu":
+            from tabby.lab import qemu
+
+            qemu.add_vm(self, v, addresses, orchestrate)
+            return
         ns, host_ns = v.ns, v.host.ns
         netns.add_netns(ns)
         netns.ip("link", "add", "eth0", "address", v.mac, "type", "veth", "peer", "name", v.tap, ns=ns)
@@ -465,6 +473,10 @@ class Lab:
         """Delete a VM as an orchestrator does: its Endpoint and allocation, then its tap and namespace."""
         ResourceClient(open_store(self.store_url)).delete("Endpoint", v.name)
         IPAM(open_store(self.store_url)).release_handle(v.handle)
+        if v.name in self.guests:
+            from tabby.lab import qemu
+
+            qemu.remove_vm(self, v)
         netns.sweep(v.ns)
         shutil.rmtree(self.dir / f"guest-{v.name}", ignore_errors=True)
 
@@ -477,11 +489,14 @@ class Lab:
     def addresses(self) -> dict[str, dict[str, list[str]]]:
         """Each workload's addresses, as its own eth0 has them."""
         def one(ns: str) -> dict[str, list[str]]:
+            if ns in guests:
+                return guests[ns].addresses()  # type: ignore[no-any-return]
             addrs = json.loads(netns.ip("-j", "addr", "show", "dev", "eth0", ns=ns))[0].get("addr_info", [])
             return {"v6": [a["local"] for a in addrs if a["family"] == "inet6" and a["scope"] == "global"],
                     "v4": [a["local"] for a in addrs if a["family"] == "inet"]}
 
         members = self.members()
+        guests = {v.ns: self.guests[v.name] for v in self.topo.vms if v.name in self.guests}
         with ThreadPoolExecutor(BUILD_WORKERS) as ex:
             return dict(zip([m for m, _ in members], ex.map(one, [ns for _, ns in members]), strict=True))
 
@@ -562,6 +577,9 @@ class Lab:
             src, dst, fam, a, kind = task
             if a == "(none)":
                 reached, out = False, f"{dst} has no {fam} address"
+            elif src in self.guests:  # from inside a qemu guest, through its agent
+                g = self.guests[src]
+                reached, out = g.ping(a) if kind == "ping" else g.tcp(a, TCP_PORT)
             elif kind == "ping":
                 reached, out = probe.in_ns(ns_of[src], lambda: probe.ping(a))
             else:
@@ -613,8 +631,13 @@ def load(prefix: str = PREFIX) -> Lab:
             raise ValueError(f"it is the state of lab {state.get('prefix')!r}")
         topo = topology(state["hosts"], state["containers"], state["ipv6_only"], prefix,
                         tuple(state.get("route_reflectors", ())), state.get("vms", 0), int(state.get("tors", 0)))
-        return Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"),
-                   int(state.get("etcd_members", 1)))
+        the_lab = Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"),
+                      int(state.get("etcd_members", 1)), vm_kind=str(state.get("vm_kind", "netns")))
+        if the_lab.vm_kind == "qemu":
+            from tabby.lab import qemu
+
+            the_lab.guests = qemu.load_guests(the_lab.dir)
+        return the_lab
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a usable lab state file ({type(e).__name__}: {e})") from None
 
@@ -624,6 +647,9 @@ def down(prefix: str = PREFIX) -> list[str]:
     give the machine its neighbour table thresholds back (once no other lab needs them raised).
     The prefix is checked (``check_prefix``) before anything is touched: ValueError if refused."""
     dirs = (lab_dir(prefix), run_dir(prefix))
+    from tabby.lab import qemu
+
+    qemu.stop_all(lab_dir(prefix))  # every qemu the lab started, by its pid, before the namespaces go
     gone = netns.sweep(prefix + "-")
     restore_neighbour_tables(prefix)
     pid_file = lab_dir(prefix) / "forwarder.pid"

@@ -1,0 +1,304 @@
+"""Guest images for qemu VMs in the lab: Debian from packages (mmdebstrap), the seed's recipe.
+
+The seed's recipe is "launch an image, change its configuration files, snapshot it, use the
+snapshot". Here, in three layers, each a file under CACHE_ROOT:
+
+1. the *pristine* image of a flavour: Debian packages only, no network configuration at all (the
+   flavour's network stack is installed and enabled, nothing tells it what to do). Built once per
+   machine, named by a hash of its package list, recipe and tabby's version: a raw ext4 disk plus
+   the kernel and initrd taken out of it (qemu boots them directly: no boot loader to install).
+2. a *configured* image per configuration (flavour, IPv4 or not, render options): a copy of the
+   pristine disk, loop-mounted, written to by ``tabby guest render --root`` and nothing else
+   network-related; the lab's guest agent (guest_agent.py, not network configuration: it is how
+   the lab runs ping and TCP inside) and tabby's guest checker are installed beside it.
+3. per VM, a qcow2 overlay on the configured image: the "snapshot" a VM boots and writes to.
+
+Concurrency: a build takes a lock file per image (flock), so two tests or labs building the same
+image wait for one another and then share it; an image is made under a temporary name and renamed
+into place, so a crash never leaves a half-built image behind a valid name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tabby
+
+CACHE_ROOT = Path(os.environ.get("TABBY_GUEST_CACHE", "/var/cache/tabby/guest"))
+SUITE = "bookworm"
+FLAVOURS = ("ifupdown", "networkd")
+# What every flavour has: a kernel, systemd with udev (module autoload, /dev/virtio-ports), the
+# tools the matrix runs inside (ping, ip) and python3 for the guest agent and `tabby guest check`.
+# Debian's cloud kernel: made for virtual machines (virtio, no hardware drivers), a quarter of the
+# modules of linux-image-amd64, so a smaller tree, initramfs and disk, and fewer modules for udev to load.
+COMMON_PACKAGES = ("systemd-sysv", "udev", "kmod", "iproute2", "iputils-ping", "python3", "linux-image-cloud-amd64")
+FLAVOUR_PACKAGES = {
+    "ifupdown": ("ifupdown", "isc-dhcp-client"),  # as the seed's Ubuntu 14.04: ISC dhclient under ifupdown
+    # systemd-networkd is in the systemd package (enabled, with no .network file); netplan.io renders
+    # network-config v2 (cloud images' way to configure it) to networkd at boot, from /etc/netplan
+    "networkd": ("netplan.io",),
+}
+# Documentation and locales are never read by a guest that lives for a test: ~60 MB less to unpack.
+DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
+DISK_SIZE = "1536M"  # the tree is ~650 MB; room for logs and leases
+AGENT_PORT = "org.tabby.agent"  # the virtio-serial port's name (guest: /dev/virtio-ports/<name>)
+AGENT_PATH = "/usr/local/sbin/tabby-guest-agent"
+RECIPE = "3"  # bump when pristine() builds differently (hooks, excludes): a new name, a new build
+CHECK_DIR = "/usr/local/lib/tabby"  # tabby.guest (render and check), for `python3 -m tabby.guest.check`
+
+
+@dataclass(frozen=True)
+class Image:
+    """A bootable image: its disk (raw ext4, the root file system) and the kernel and initrd in it."""
+
+    disk: Path
+    kernel: Path
+    initrd: Path
+
+
+def packages(flavour: str) -> tuple[str, ...]:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour: {flavour!r} is not one of {', '.join(FLAVOURS)}")
+    return COMMON_PACKAGES + FLAVOUR_PACKAGES[flavour]
+
+
+def pristine_key(flavour: str) -> str:
+    """What names a pristine image: the package lists of every flavour (one build makes them all),
+    the recipe's version and tabby's."""
+    packages(flavour)
+    every = ";".join(",".join(packages(f)) for f in FLAVOURS)
+    h = hashlib.sha256(f"{SUITE}\0{every}\0{tabby.__version__}\0{RECIPE}\0{DISK_SIZE}".encode())
+    return f"{flavour}-{h.hexdigest()[:16]}"
+
+
+def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if r.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({r.returncode}): {' '.join(argv)}\n{r.stderr[-3000:]}")
+    return r
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _remove(tmp: Path) -> None:
+    """A build directory gone, after unmounting anything still mounted under it (mmdebstrap mounts
+    /proc, /sys and /dev/pts in its tree while it runs: a build that failed half-way may leave them,
+    and rmtree must never walk into them)."""
+    base = str(tmp.resolve()) + "/"
+    with contextlib.suppress(OSError):
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for m in sorted((m for m in mounts if m.startswith(base)), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        if any(line.split()[1].startswith(base) for line in Path("/proc/self/mounts").read_text().splitlines()):
+            return  # still mounted: left for a human rather than removed through a mount
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(keep: str, pattern: str) -> None:
+    """Older builds of the same kind (another tabby, recipe or guest code) removed: the cache holds
+    one pristine image per flavour and one configured image per flavour and render."""
+    for old in CACHE_ROOT.glob(pattern):
+        if old.name != keep and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+            (CACHE_ROOT / f".{old.name}.lock").unlink(missing_ok=True)
+
+
+def _image_in(d: Path) -> Image:
+    return Image(d / "disk.raw", d / "vmlinuz", d / "initrd.img")
+
+
+def pristine(flavour: str) -> tuple[Image, float]:
+    """The pristine image of flavour, built if this machine has none; (image, seconds spent building
+    it and the other flavours: 0 when it was cached).
+
+    One mmdebstrap run for all flavours (half the time of one per flavour: the download and the
+    initramfs are most of it): the tree with every flavour's packages is the ifupdown image; then
+    from a copy of it, netplan.io is purged: that is the ifupdown image; from the tree itself, ifupdown
+    and ISC dhclient are purged and systemd-networkd enabled (as cloud images ship it, with no
+    .network file to act on): the networkd image."""
+    packages(flavour)
+    keys = {f: pristine_key(f) for f in FLAVOURS}
+    with _locked(CACHE_ROOT / f".{keys[FLAVOURS[0]]}.lock"):
+        if all((CACHE_ROOT / k / "done").exists() for k in keys.values()):
+            return _image_in(CACHE_ROOT / keys[flavour]), 0.0
+        t0 = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=".build.", dir=CACHE_ROOT))
+        try:
+            tree = tmp / "tree"
+            every = sorted({p for f in FLAVOURS for p in packages(f)})
+            # no root password, no getty needed: the lab talks to the guest agent; a serial getty stays
+            # (the tree as installed has every flavour's packages; each flavour's copy loses the others')
+            _run(["mmdebstrap", "--variant=minbase", "--mode=root", f"--include={','.join(every)}",
+                  *(f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES),
+                  # mmdebstrap writes the build host's resolv.conf and hostname; a guest has its own
+                  '--customize-hook=rm -f "$1"/etc/resolv.conf; echo guest > "$1"/etc/hostname',
+                  # an empty machine-id: systemd makes one at first boot, so each VM's is its own (and
+                  # so is networkd's DUID, which is derived from it), kept across reboots in the overlay
+                  '--customize-hook=: > "$1"/etc/machine-id; rm -f "$1"/var/lib/dbus/machine-id',
+                  SUITE, str(tree)], timeout=900)
+            for n, fl in enumerate(FLAVOURS):
+                out = tmp / keys[fl]
+                out.mkdir()
+                if n < len(FLAVOURS) - 1:  # a copy for each flavour but the last, which takes the tree
+                    _run(["cp", "-a", "--reflink=auto", str(tree), str(tmp / "flavour")])
+                    ftree = tmp / "flavour"
+                else:
+                    ftree = tree
+                others = [p for f in FLAVOURS if f != fl for p in FLAVOUR_PACKAGES[f] if p not in packages(fl)]
+                _run(["chroot", str(ftree), "dpkg", "--purge", *others])
+                if fl == "networkd":
+                    shutil.rmtree(ftree / "etc/network", ignore_errors=True)
+                    _run(["chroot", str(ftree), "systemctl", "enable", "systemd-networkd.service"])
+                boot = ftree / "boot"
+                shutil.copy(next(boot.glob("vmlinuz-*")), out / "vmlinuz")
+                shutil.copy(next(boot.glob("initrd.img-*")), out / "initrd.img")
+                _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(ftree), str(out / "disk.raw"), DISK_SIZE])
+                (out / "packages").write_text("\n".join(packages(fl)) + "\n")
+                if ftree != tree:
+                    shutil.rmtree(ftree)
+            took = time.monotonic() - t0
+            for fl, k in keys.items():
+                _prune(k, f"{fl}-*")  # older pristine images, and the configured ones made from them
+                (tmp / k / "done").write_text(f"{took:.1f}\n")
+                shutil.rmtree(CACHE_ROOT / k, ignore_errors=True)
+                (tmp / k).rename(CACHE_ROOT / k)
+        finally:
+            _remove(tmp)
+        return _image_in(CACHE_ROOT / keys[flavour]), took
+
+
+@contextlib.contextmanager
+def mounted(disk: Path) -> Iterator[Path]:
+    """disk (raw ext4) loop-mounted on a fresh directory; unmounted and removed after, even on failure."""
+    mnt = Path(tempfile.mkdtemp(prefix="tabby-guest-mnt-"))
+    try:
+        _run(["mount", "-o", "loop", str(disk), str(mnt)])
+        try:
+            yield mnt
+        finally:
+            _run(["umount", str(mnt)])
+    finally:
+        mnt.rmdir()
+
+
+# how a configured image is made from the pristine one: `tabby guest render --root` ("render"), the
+# same with --cloud-init (networkd: netplan's network-config v2 in /etc/netplan), or nothing ("none":
+# the pristine image as it is, to show the seed's problem)
+RENDERS = ("render", "cloud-init", "none")
+
+
+def render_args(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: str = "render") -> list[str]:
+    """The `tabby guest render` arguments of a configured image."""
+    if render not in RENDERS:
+        raise ValueError(f"render: {render!r} is not one of {', '.join(RENDERS)}")
+    if render == "cloud-init" and flavour != "networkd":
+        raise ValueError("render: cloud-init (network-config v2) is for the networkd flavour")
+    distro = {"ifupdown": "debian", "networkd": "networkd"}[flavour]
+    if render == "none":
+        return []
+    delay = ["--rs-delay", str(int(rs_delay))] if flavour != "networkd" else []  # networkd: its own RS
+    return ["--distro", distro, "--ipv4" if ipv4 else "--no-ipv4", *delay,
+            *(["--cloud-init"] if render == "cloud-init" else [])]
+
+
+def configured(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: str = "render") -> Image:
+    """The pristine image with ``tabby guest render --root`` applied (render "none": nothing applied,
+    the seed's problem), plus the lab's guest agent. Cached beside the pristine image, by the
+    render's arguments and the hash of tabby's guest code."""
+    base, _ = pristine(flavour)
+    args = render_args(flavour, ipv4, rs_delay, render)
+    src = Path(__file__).parent
+    h = hashlib.sha256("\0".join(args).encode())
+    for f in (src / "guest_agent.py", src.parent / "guest" / "render.py", src.parent / "guest" / "check.py",
+              src.parent / "cli" / "guest.py"):
+        h.update(f.read_bytes())
+    key = f"{base.disk.parent.name}-{render}-{h.hexdigest()[:12]}"
+    d = CACHE_ROOT / key
+    with _locked(CACHE_ROOT / f".{key}.lock"):
+        if (d / "done").exists():
+            return Image(d / "disk.raw", base.kernel, base.initrd)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=CACHE_ROOT))
+        try:
+            _run(["cp", "--sparse=always", str(base.disk), str(tmp / "disk.raw")])
+            with mounted(tmp / "disk.raw") as root:
+                if args:
+                    _run([sys.executable, "-m", "tabby.cli", "guest", "render", *args, "--root", str(root)],
+                         env={**os.environ, "PYTHONPATH": str(src.parent.parent)})
+                install_agent(root)
+            (tmp / "render").write_text(" ".join(args) + "\n")
+            _prune(key, f"{base.disk.parent.name}-{render}-*")
+            (tmp / "done").write_text("")
+            shutil.rmtree(d, ignore_errors=True)
+            tmp.rename(d)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Image(d / "disk.raw", base.kernel, base.initrd)
+
+
+AGENT_UNIT = f"""[Unit]
+Description=tabby lab guest agent (commands from the host over virtio-serial)
+
+[Service]
+Environment=PYTHONPATH={CHECK_DIR}
+ExecStart=/usr/bin/python3 {AGENT_PATH} /dev/virtio-ports/{AGENT_PORT}
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def install_agent(root: Path) -> None:
+    """The guest agent and its unit, and tabby's guest package (render, check) for `guest check`."""
+    src = Path(__file__).parent
+    agent = root / AGENT_PATH.lstrip("/")
+    agent.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "guest_agent.py", agent)
+    agent.chmod(0o755)
+    pkg = root / CHECK_DIR.lstrip("/") / "tabby"
+    (pkg / "guest").mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(f'__version__ = "{tabby.__version__}"\n')
+    for f in ("__init__.py", "render.py", "check.py"):
+        shutil.copy(src.parent / "guest" / f, pkg / "guest" / f)
+    # e2scrub_reap checks ext4 snapshots a VM never has; it held boot up for ~20 s under TCG
+    mask = root / "etc/systemd/system/e2scrub_reap.service"
+    if not mask.is_symlink():
+        mask.symlink_to("/dev/null")
+    unit = root / "etc/systemd/system/tabby-guest-agent.service"
+    unit.write_text(AGENT_UNIT)
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "tabby-guest-agent.service"
+    if not link.is_symlink():
+        link.symlink_to("/etc/systemd/system/tabby-guest-agent.service")
+
+
+def overlay(image: Image, path: Path) -> Path:
+    """A qcow2 overlay on the configured image at path: the VM's own disk (the seed's snapshot)."""
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw", str(path)])
+    return path
+
+
+if __name__ == "__main__":  # python -m tabby.lab.guest_image FLAVOUR...: build (or find) the pristine images
+    for fl in sys.argv[1:] or list(FLAVOURS):
+        img, took = pristine(fl)
+        print(f"{fl}: {img.disk} ({f'built in {took:.0f} s' if took else 'cached'})")

@@ -1,0 +1,63 @@
+"""`tabby guest render --distro networkd` (and --cloud-init's network-config v2) and `guest check`
+reading networkd files: as text here; proven in booted guests in test_qemu_vm.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tabby.guest import check as C
+from tabby.guest import render as R
+
+
+def tabby(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tabby.cli", *args], capture_output=True, text=True)
+
+
+def test_networkd_unit_asks_dhcpv6_at_boot_and_accepts_ras() -> None:
+    dual = R.networkd_unit("eth0", True)
+    assert "Name=eth0\n" in dual and "DHCP=yes\n" in dual and "IPv6AcceptRA=yes\n" in dual
+    assert "WithoutRA=solicit\n" in dual and "LinkLocalAddressing=ipv6\n" in dual
+    assert "DHCP=ipv6\n" in R.networkd_unit("eth1", False)
+    slaac = R.networkd_unit("eth0", False, "slaac")
+    assert "DHCP=no\n" in slaac and "IPv6PrivacyExtensions=no\n" in slaac and "WithoutRA" not in slaac
+    files = R.render("networkd", ("eth0", "eth1"))
+    assert [f.path for f in files] == ["/etc/systemd/network/10-tabby-eth0.network",
+                                       "/etc/systemd/network/10-tabby-eth1.network"]  # no dhclient fix to make
+
+
+def test_network_config_v2() -> None:
+    doc = yaml.safe_load(R.network_config_v2(("eth0",), ipv4=False))
+    assert doc == {"network": {"version": 2, "ethernets": {"eth0": {
+        "dhcp4": False, "dhcp6": True, "accept-ra": True, "link-local": ["ipv6"]}}}}
+    r = tabby("guest", "render", "--distro", "networkd", "--cloud-init")
+    assert r.returncode == 0 and yaml.safe_load(r.stdout)["network"]["ethernets"]["eth0"]["dhcp4"] is True
+
+
+def test_cli_writes_networkd_and_netplan_files_and_refuses_what_it_would_ignore(tmp_path: Path) -> None:
+    r = tabby("guest", "render", "--distro", "networkd", "--root", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "DHCP=yes" in (tmp_path / "etc/systemd/network/10-tabby-eth0.network").read_text()
+    r = tabby("guest", "render", "--distro", "networkd", "--cloud-init", "--root", str(tmp_path))
+    assert r.returncode == 0 and (tmp_path / "etc/netplan/50-tabby.yaml").stat().st_mode & 0o077 == 0
+    r = tabby("guest", "render", "--distro", "networkd", "--rs-delay", "10")
+    assert r.returncode == 1 and "--rs-delay" in r.stderr
+    r = tabby("guest", "render", "--distro", "debian", "--cloud-init", "--root", str(tmp_path))
+    assert r.returncode == 1 and "--cloud-init with --root" in r.stderr
+
+
+def test_check_reads_networkd_files(tmp_path: Path) -> None:
+    (tmp_path / "etc/systemd/network").mkdir(parents=True)
+    (tmp_path / "etc/systemd/network/10-tabby-eth0.network").write_text(R.networkd_unit("eth0", True))
+    found = {f.requirement: f for f in C.check(("eth0",), tmp_path)}
+    assert found["eth0 accepts Router Advertisements"].ok
+    assert found["eth0 asks DHCPv6 for its address at boot"].ok
+    assert not any("dhclient" in k for k in found)  # no ISC dhclient in a networkd guest: nothing to fix
+    (tmp_path / "etc/systemd/network/10-tabby-eth0.network").write_text("[Match]\nName=eth0\n[Network]\nDHCP=no\n")
+    found = {f.requirement: f for f in C.check(("eth0",), tmp_path)}
+    assert not found["eth0 accepts Router Advertisements"].ok and "IPv6AcceptRA=yes" in \
+        found["eth0 accepts Router Advertisements"].fix
+    assert not found["eth0 asks DHCPv6 for its address at boot"].ok
