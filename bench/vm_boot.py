@@ -14,9 +14,10 @@ Then label ``guest`` (a two-host IPv6-only lab): ``netns`` (a namespace VM with 
 ``tabby guest render``; lab/qemu.py). boot_to_address: qemu start (for netns: eth0 up and the
 client started) -> the Endpoint's address on the guest's eth0, as the guest's own ``ip`` shows it;
 address_to_reachable: -> the first ping from host 2's namespace answered (BGP, routes, the guest's
-default route from the RA). p50 and p99 over 5 boots per kind (1 with --quick: then p99 is that
-one boot); a boot is a new VM each time (new Endpoint, new overlay, first boot of its machine-id).
-The two qemu kinds boot side by side (two at once at most: 2 cores).
+default route from the RA). p50 and p99 over 5 boots per kind; a boot is a new VM each time (new
+Endpoint, new overlay, first boot of its machine-id). The two qemu kinds boot side by side (two at
+once at most: 2 cores). --quick boots the netns kind once and no qemu guest: a TCG boot alone takes
+80-110 s here, past the 60 s a quick run may take (tests/test_qemu_vm.py boots them in every test run).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main() -> None:
                                   "client": client, "boots": len(ts)}), flush=True)
     finally:
         L.down(prefix)
-    guest_boots(1 if args.quick else GUEST_BOOTS)
+    guest_boots(1 if args.quick else GUEST_BOOTS, with_qemu=not args.quick)
 
 
 def p99(ts: list[float]) -> float:
@@ -84,7 +85,7 @@ def p99(ts: list[float]) -> float:
     return s[min(len(s) - 1, max(0, -(-99 * len(s) // 100) - 1))]
 
 
-def guest_boots(n: int) -> None:
+def guest_boots(n: int, with_qemu: bool = True) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from tabby.lab import probe, qemu
@@ -92,7 +93,8 @@ def guest_boots(n: int) -> None:
     prefix = "g" + uuid.uuid4().hex[:5]
     the_lab = L.Lab(topology(2, 0, True, prefix), L.default_store(prefix))
     times: dict[str, dict[str, list[float]]] = {k: {"boot_to_address": [], "address_to_reachable": []}
-                                                for k in ("netns", "qemu-ifupdown", "qemu-networkd")}
+                                                for k in ("netns", *(("qemu-ifupdown", "qemu-networkd") if with_qemu
+                                                                     else ()))}
     try:
         the_lab.up()
         h1, h2 = the_lab.topo.hosts
@@ -136,7 +138,7 @@ def guest_boots(n: int) -> None:
             times["netns"]["address_to_reachable"].append(reachable_from_h2(a) - t_addr)
             the_lab.remove_vm(v)
         with ThreadPoolExecutor(2) as ex:
-            for i in range(n):
+            for i in range(n if with_qemu else 0):
                 pair = [LabVm(h1, 20 + i, "ifupdown"), LabVm(h1, 40 + i, "networkd")]
                 for kind, (b, r) in zip(("qemu-ifupdown", "qemu-networkd"), ex.map(one_qemu, pair), strict=True):
                     times[kind]["boot_to_address"].append(b)

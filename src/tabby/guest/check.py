@@ -133,18 +133,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python3 -m tabby.guest.check [IFACE...]`: the check without the CLI's dependencies, for a
-    guest that has only python3 (the lab's qemu guests); the same lines as `tabby guest check`."""
-    import sys
-
-    findings = check(tuple((argv if argv is not None else sys.argv[1:]) or ["eth0"]))
-    for f in findings:
-        print(f"{'ok  ' if f.ok else 'FAIL'} {f.requirement}: {f.detail}" + ("" if f.ok else f"\n      fix: {f.fix}"))
-    return 0 if all(f.ok for f in findings) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

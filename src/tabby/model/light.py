@@ -207,10 +207,17 @@ def _interface_prefix(v: str) -> str:
     return v
 
 
+# Config's BGP fields: nothing on this path reads them, and tabby's encoder writes them null when
+# unset; set, the full model decides (it knows their rules: passwords, secret names, paths)
+_CONF_MODEL_ONLY = ("mesh_bfd", "mesh_password_file", "mesh_password_secret", "bgp_secrets")
+
+
 def _conf(spec: Any, meta: Meta) -> Conf:
     if meta.name != "global" and not meta.name.startswith("host."):
         raise _Slow
-    d = _fields(spec, ConfSpec.__slots__)
+    d = _fields(spec, (*ConfSpec.__slots__, *_CONF_MODEL_ONLY))
+    if any(d.get(k) is not None for k in _CONF_MODEL_ONLY):
+        raise _Slow
     level = d.get("log_level")
     if level is not None and (not isinstance(level, str) or level not in LOG_LEVELS):
         raise _Slow
