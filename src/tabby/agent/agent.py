@@ -20,6 +20,7 @@ outage leaves the dataplane as it is while the syncer reconnects.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import queue
 import random
@@ -50,6 +51,10 @@ from tabby.dataplane.dnsmasq import DnsmasqError, DnsmasqReconciler
 from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
 from tabby.dataplane.links import LinkIndex, NeighbourTables, SysctlReconciler, set_host_sysctls
+from tabby.dataplane.nat64 import ExitWatch, Nat64Error, Nat64Reconciler
+from tabby.dataplane.nat64_config import dns_servers as nat64_dns_servers
+from tabby.dataplane.nat64_config import inputs as nat64_inputs
+from tabby.dataplane.nat64_config import render as render_nat64
 from tabby.dataplane.policy import PolicyReconciler
 from tabby.dataplane.routes import RoutesReconciler
 from tabby.model import ConfigSpec, decode, effective_config, refused_hosts
@@ -162,6 +167,9 @@ class Agent:
         self.bfd_targets: dict[str, tuple[str, ...]] = {}
         self.bfd_wake = threading.Event()  # set when BFD targets come (or at stop): the watcher sleeps on it till then
         self.dnsmasq = DnsmasqReconciler(run_dir)
+        self.nat64 = Nat64Reconciler(run_dir / "nat64")
+        self.nat64_dirty = True
+        self.exit_watch: ExitWatch | None = None  # tayga and unbound: their exit wakes the loop
         self.neighbour_tables = NeighbourTables()
         self.dhcp_dirty = True
         self.bgp_dirty = True
@@ -237,6 +245,9 @@ class Agent:
         info: dict[str, Any] = {
             "host": self.host, "in_sync": self.in_sync, "last_apply_ok": self.last_apply_ok,
             "endpoints": len(self.index.plans), "pending_kernel_writes": self.routes.waiting()}
+        nat64 = self.nat64.status()
+        if nat64 is not None:
+            info["nat64"] = nat64
         failing = [f for f in (self.syncer.failing, self.status.failing) if f]
         if not self.status.alive() and not self.stopping.is_set():
             failing.append("status writer thread not running")
@@ -253,6 +264,7 @@ class Agent:
         threading.Thread(target=self._feed_store, name="store-syncer", daemon=True).start()
         if self.bfd_bird is not None:
             threading.Thread(target=self._watch_bfd, name="bfd-watcher", daemon=True).start()
+        self.exit_watch = ExitWatch(lambda name: self.q.put(("exited", name)))
         self.started_wall = time.time()
         self._publish_host_info()
         self.status.start()
@@ -264,6 +276,8 @@ class Agent:
     def stop(self) -> None:
         self.stopping.set()
         self.bfd_wake.set()
+        if self.exit_watch is not None:
+            self.exit_watch.close()
         self.syncer.stop()
         self.monitor.close()
         self.q.put(("stop", None))
@@ -312,7 +326,7 @@ class Agent:
                     continue
                 # an unexpected failure in one step (a bug, a record no validator foresaw) is logged
                 # and retried: it never ends the loop, and what is programmed stays as it is
-                for step in (self._pair_step, self._apply, self._bgp_step, self._dhcp_step):
+                for step in (self._pair_step, self._nat64_step, self._apply, self._bgp_step, self._dhcp_step):
                     try:
                         if step() is False:
                             retry_at = time.monotonic() + RETRY_S
@@ -485,13 +499,45 @@ class Agent:
                 continue
             vms.append(Vm(plan.interface, plan.mac, tuple(a for a in plan.addresses if ":" in a),
                           tuple(a for a in plan.addresses if ":" not in a)))
-        pools = [r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
+        # a nat64 pool's VMs get the DNS64 resolver (DHCPv6 option 23 and RA RDNSS)
+        pools = [r.spec.model_copy(update={"dns_servers": nat64_dns_servers(r.spec, self.config)})
+                 if r.spec.nat64 else r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
         try:
             self.dnsmasq.set_desired(render_dnsmasq(vms, pools, self.dnsmasq.run_dir) if vms else None, vms)
             self.dnsmasq.apply()
         except (DnsmasqError, OSError, subprocess.SubprocessError) as e:
             log.error("dnsmasq: %s", e)
             self.dhcp_dirty = True  # try again on the next turn that has anything to do
+
+    def _nat64_step(self) -> None:
+        """NAT64 and DNS64 run here while a local workload has an address in a nat64 pool (each
+        host translates its own workloads); a failure is logged, kept in the status, and tried
+        again on the next turn that has anything to do."""
+        if not self.nat64_dirty:
+            return
+        self.nat64_dirty = False
+        pools = [r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
+        nat_pools = [p.cidr for p in pools if p.nat64 and not p.disabled]
+        st = self.index.state
+        wanted = any(ipaddress.ip_address(a) in net for name, plan in self.index.plans.items()
+                     if st.interfaces.get(plan.interface) == name for a in plan.addresses if ":" in a
+                     for net in nat_pools)
+        host = self.fabric.get(f"{kind_prefix('Host')}{self.host}")
+        host_v6 = None if host is None or host.spec.ipv6_address is None else str(host.spec.ipv6_address)
+        inp = nat64_inputs(pools, self.config, host_v6) if wanted else None
+        rendered = render_nat64(inp, self.nat64.run_dir) if inp is not None else None
+        self.policy_index.set_nat64_pool4(inp.pool4 if inp is not None else None)
+        before = self.nat64.status()
+        self.nat64.set_desired(rendered)
+        try:
+            self.nat64.apply()
+        except Nat64Error as e:
+            log.error("NAT64: %s", e)
+            self.nat64_dirty = True
+        if self.exit_watch is not None:
+            self.exit_watch.watch(self.nat64.pids())
+        if self.nat64.status() != before:
+            self._publish_host_info()
 
     def _jitter(self) -> float:
         return self.resync_s * random.uniform(0.9, 1.1)
@@ -522,6 +568,7 @@ class Agent:
                     self.fabric[item.key] = item.resource
                     self.created[item.key] = item.created
                 self.bgp_dirty = True
+                self.nat64_dirty = True  # pools, Config and this host's fabric address steer NAT64
                 if item.key.startswith(kind_prefix("IPPool")):
                     self.dhcp_dirty = True  # dnsmasq's ranges follow the pools
                 if parsed is not None and parsed[0] == "Host":
@@ -536,6 +583,8 @@ class Agent:
                 self.dhcp_dirty = True
             was_local = name in self.index.plans
             touched = self.index.update(name, item.resource, item.created)
+            if was_local or name in self.index.plans:
+                self.nat64_dirty = True  # a local workload on (or off) a nat64 pool
             self._push(touched)
             if self.in_sync and self.neighbour_tables.size(len(self.index.plans)):  # cheap: steps of 1024
                 self._publish_host_info()
@@ -552,6 +601,9 @@ class Agent:
         elif kind == "netlink":
             for change in item:
                 self._on_netlink(change)
+        elif kind == "exited":  # tayga or unbound ended: started again by _nat64_step
+            log.warning("NAT64: %s is not running; starting it again", item)
+            self.nat64_dirty = True
         elif kind == "corrupt":
             key, error = item
             if error is None:
@@ -610,6 +662,8 @@ class Agent:
             self._serve_metrics(cfg.metrics_port)
         if (cfg.default_asn, cfg.node_to_node_mesh) != (old.default_asn, old.node_to_node_mesh):
             self.bgp_dirty = True
+        if cfg.dns64_server != old.dns64_server:
+            self.dhcp_dirty = True  # the resolver VMs on nat64 pools are given
 
     def _serve_metrics(self, port: int | None) -> None:
         """Move /healthz and /metrics to another port: the new one listens before the old one stops."""
@@ -632,7 +686,7 @@ class Agent:
         # one assignment: the status thread reads it whole at the next heartbeat
         self.status.host_info = {"started": self.started_wall, "corrupt": corrupt, "refused": [
             f"host {n}: {why}" for n, why in sorted(self.refused_hosts.items())],
-            "neighbour_table": self.neighbour_tables.status() or None}
+            "neighbour_table": self.neighbour_tables.status() or None, "nat64": self.nat64.status()}
 
     def _on_netlink(self, change: nl.Change) -> None:
         if change.kind == "overflow":

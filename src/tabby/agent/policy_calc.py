@@ -143,6 +143,7 @@ class PolicyIndex:
     profiles: dict[str, Any] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")
+    nat64_pool4: str | None = None  # this host runs NAT64 (agent): masquerade its pool
     elements: dict[str, Counter[Element]] = field(default_factory=dict)  # set -> element -> refcount
     delta: dict[str, dict[Element, bool]] = field(default_factory=dict)  # since take_delta()
     _structure: Structure | None = None
@@ -192,6 +193,11 @@ class PolicyIndex:
             self.workload_prefixes = prefixes
             self._structure = None
 
+    def set_nat64_pool4(self, pool4: str | None) -> None:
+        if pool4 != self.nat64_pool4:
+            self.nat64_pool4 = pool4
+            self._structure = None
+
     def set_pool(self, name: str, pool: Any | None) -> None:
         if pool is None:
             self.pools.pop(name, None)
@@ -215,7 +221,7 @@ class PolicyIndex:
                 pools4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4)),
                 nat6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6 and p.nat_outgoing)),
                 nat4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4 and p.nat_outgoing)),
-                workload_prefixes=self.workload_prefixes)
+                workload_prefixes=self.workload_prefixes, nat64_pool4=self.nat64_pool4)
         return self._structure
 
     def desired_elements(self) -> dict[str, AbstractSet[Element]]:

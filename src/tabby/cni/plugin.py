@@ -253,7 +253,7 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
             _unplumb(hostif)
             existing = _plumb_and_record(conf, env, req, store, ns_fd, hostif, handle, v6, v4, ph)
         lock.remove()
-        return build(conf.cni_version, existing, conf.prev_result, conf.mtu)
+        return build(conf.cni_version, existing, conf.prev_result, conf.mtu, _nameservers(conf, ipam, existing))
     if rec is not None or state:
         _teardown(conf, env, store, ipam, handle, hostif, deep=True)  # what an ADD that died left
     lock.write({"state": "adding", "handle": handle})
@@ -294,7 +294,28 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
             lock.remove()
         raise
     lock.remove()  # done: nothing is in flight for this attachment
-    return build(conf.cni_version, plumbed, conf.prev_result, conf.mtu)
+    return build(conf.cni_version, plumbed, conf.prev_result, conf.mtu, _nameservers(conf, ipam, plumbed))
+
+
+def _nameservers(conf: NetConf, ipam: Any, p: Plumbed) -> tuple[str, ...]:
+    """The DNS64 resolver (Config dns64_server) for an attachment with an address in a nat64
+    pool: the runtime writes it into the container's resolv.conf. A Store that fails here costs
+    the result its resolver, never the ADD (the container has its addresses already)."""
+    import ipaddress
+
+    from tabby.store import StoreError
+
+    try:
+        nat = [pl.spec.cidr for pl in ipam.pools() if getattr(pl.spec, "nat64", False)]
+        if not any(ipaddress.ip_address(a.partition("/")[0]) in net for a, _ in p.ips if ":" in a for net in nat):
+            return ()
+        server = ipam.config_value(host_name(conf), "dns64_server")
+    except (StoreError, ValueError) as e:
+        import logging
+
+        logging.getLogger(__name__).warning("no DNS64 resolver in the result: %s", e)
+        return ()
+    return () if server is None else (str(server),)
 
 
 def _gateway6(conf: NetConf, store: Any) -> str:

@@ -35,8 +35,10 @@ def at_least(version: str, floor: str) -> bool:
     return tuple(int(x) for x in version.split(".")) >= tuple(int(x) for x in floor.split("."))
 
 
-def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mtu: int | None = None
-          ) -> dict[str, Any]:
+def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mtu: int | None = None,
+          nameservers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """nameservers: resolvers tabby gives this attachment (DNS64 on a nat64 pool), after a
+    prevResult's own."""
     v11 = at_least(version, "1.1.0")
     prev = prev or {}
     interfaces = [i for i in prev.get("interfaces", []) if isinstance(i, dict)]
@@ -59,6 +61,10 @@ def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mt
             route["mtu"] = route_mtu
         routes.append(route)
     out: dict[str, Any] = {"cniVersion": version, "interfaces": interfaces, "ips": ips, "routes": routes}
-    if isinstance(prev.get("dns"), dict) and prev["dns"]:
-        out["dns"] = prev["dns"]
+    dns = dict(prev["dns"]) if isinstance(prev.get("dns"), dict) and prev["dns"] else {}
+    if nameservers:
+        theirs = [a for a in dns.get("nameservers", []) if isinstance(a, str)]
+        dns["nameservers"] = theirs + [a for a in nameservers if a not in theirs]
+    if dns:
+        out["dns"] = dns
     return out

@@ -30,6 +30,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, GROUP_ANCHOR
+from tabby.dataplane.nat64_config import TUN as NAT64_TUN
 from tabby.dataplane.nft_structure import (
     WL_IF,
     WL_MAC,
@@ -223,7 +224,8 @@ def _unknown_workloads(t: _Table, s: Structure, chain: str, key: str) -> None:
     for prefix in s.workload_prefixes:
         t.rule(chain, f"unknown {prefix}* {key}", [
             _m(_meta(key), prefix + "*"), _m(_meta(key), "@" + WL_IF, "!="),
-            _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER]}, "!="), *_group_anchor(prefix, key), *_COUNT_DROP])
+            _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER, NAT64_TUN]}, "!="), *_group_anchor(prefix, key),
+            *_COUNT_DROP])
 
 
 def _group_anchor(prefix: str, key: str) -> list[Expr]:
@@ -242,6 +244,11 @@ def _nat(t: _Table, s: Structure) -> None:
         t.rule("nat_out", f"NAT{'66' if v == 6 else '44'} outgoing", [
             _m(_meta("nfproto"), "ipv6" if v == 6 else "ipv4"), _m(_pl(ip, "saddr"), {"set": nets}),
             _m(_pl(ip, "daddr"), {"set": every}, "!="), {"counter": None}, {"masquerade": None}])
+    if s.nat64_pool4 is not None:
+        # what tayga translated leaves as the host: its pool is host-local (nat64_config)
+        t.rule("nat_out", "NAT64 pool outgoing", [
+            _m(_meta("nfproto"), "ipv4"), _m(_pl("ip", "saddr"), {"set": [_net(ipaddress.ip_network(s.nat64_pool4))]}),
+            {"counter": None}, {"masquerade": None}])
 
 
 def render(s: Structure) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:

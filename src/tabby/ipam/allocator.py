@@ -163,15 +163,20 @@ class IPAM:
         """Whether host may not borrow from other hosts' blocks (read like the pools: cached 1 s)."""
         if self._strict is not None:
             return self._strict
+        return bool(self.config_value(host, "strict_affinity", False))
+
+    def config_value(self, host: str, name: str, default: Any = None) -> Any:
+        """One Config field as it applies to host: the host's record, then global, then default
+        (read like the pools: cached 1 s)."""
         now = time.monotonic()
         if self._configs is None or now - self._configs[0] >= self.POOL_CACHE_S:
             self._configs = (now, self._read_configs())
         specs = self._configs[1]
         for scope in (f"host.{host}", "global"):  # field by field, the host's over global over the default
-            spec = specs.get(scope)
-            if spec is not None and spec.strict_affinity is not None:
-                return bool(spec.strict_affinity)
-        return False
+            value = getattr(specs.get(scope), name, None)
+            if value is not None:
+                return value
+        return default
 
     def _read_configs(self) -> dict[str, Any]:
         kvs, _ = self.store.list(kind_prefix("Config"))

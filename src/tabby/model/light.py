@@ -45,11 +45,12 @@ class Meta(Plain):
 
 
 class PoolSpec(Plain):
-    __slots__ = ("block_size", "cidr", "disabled", "nat_outgoing")
+    __slots__ = ("block_size", "cidr", "disabled", "nat64", "nat_outgoing")
 
     def __init__(self, cidr: ipaddress.IPv6Network | ipaddress.IPv4Network, block_size: int, nat_outgoing: bool,
-                 disabled: bool) -> None:
+                 disabled: bool, nat64: bool = False) -> None:
         self.cidr, self.block_size, self.nat_outgoing, self.disabled = cidr, block_size, nat_outgoing, disabled
+        self.nat64 = nat64
 
 
 class Pool(Plain):
@@ -63,6 +64,7 @@ class Pool(Plain):
 class ConfSpec(Plain):
     __slots__ = (
         "default_asn",
+        "dns64_server",
         "log_level",
         "metrics_port",
         "node_to_node_mesh",
@@ -77,6 +79,7 @@ class ConfSpec(Plain):
         self.log_level, self.resync_interval_s, self.metrics_port = log_level, resync_interval_s, metrics_port
         self.node_to_node_mesh, self.strict_affinity, self.default_asn = node_to_node_mesh, strict_affinity, default_asn
         self.workload_interface_prefixes = workload_interface_prefixes
+        self.dns64_server = None  # the fast path takes the NAT64 fields only unset (_CONF_MODEL_ONLY)
 
 
 class Conf(Plain):
@@ -187,7 +190,8 @@ def _resource(key: str, value: bytes, kind: str) -> tuple[dict[str, Any], Meta]:
 
 
 def _pool(spec: Any, meta: Meta) -> Pool:
-    d = _fields(spec, ("cidr", "block_size", "nat_outgoing", "disabled", "ipv6_mode", "dns_servers"), ("cidr",))
+    d = _fields(spec, ("cidr", "block_size", "nat_outgoing", "disabled", "ipv6_mode", "dns_servers", "nat64"),
+                ("cidr",))
     # SLAAC modes and DNS servers (OpenStack's pools, which CNI never allocates from) are the model's
     if d.get("ipv6_mode", "dhcpv6-stateful") != "dhcpv6-stateful" or d.get("dns_servers", []) != []:
         raise _Slow
@@ -197,7 +201,10 @@ def _pool(spec: Any, meta: Meta) -> Pool:
     bs = d.get("block_size")
     bs = max(default, cidr.prefixlen) if bs is None else _int(bs, max(lo, cidr.prefixlen), hi)
     nat, disabled = _bool(d.get("nat_outgoing", False)), _bool(d.get("disabled", False))
-    return Pool(meta, PoolSpec(cidr, bs, bool(nat), bool(disabled)))
+    nat64 = _bool(d.get("nat64", False))
+    if nat64 and not v6:
+        raise _Slow
+    return Pool(meta, PoolSpec(cidr, bs, bool(nat), bool(disabled), bool(nat64)))
 
 
 def _interface_prefix(v: str) -> str:
@@ -207,15 +214,18 @@ def _interface_prefix(v: str) -> str:
     return v
 
 
-# Config's BGP fields: nothing on this path reads them, and tabby's encoder writes them null when
-# unset; set, the full model decides (it knows their rules: passwords, secret names, paths)
-_CONF_MODEL_ONLY = ("mesh_bfd", "mesh_password_file", "mesh_password_secret", "bgp_secrets")
+# Config's BGP and NAT64 fields: tabby's encoder writes them null when unset; set, the full model
+# decides (it knows their rules: passwords, secret names, paths, NAT64 prefixes and pools). The CNI
+# plugin reads dns64_server, so on a NAT64 fabric its Config reads take the model's path (the warm
+# CNI server has it imported already)
+_CONF_MODEL_ONLY = ("mesh_bfd", "mesh_password_file", "mesh_password_secret", "bgp_secrets", "nat64_prefix",
+                    "nat64_pool4", "dns64_server", "dns64_upstreams")
 
 
 def _conf(spec: Any, meta: Meta) -> Conf:
     if meta.name != "global" and not meta.name.startswith("host."):
         raise _Slow
-    d = _fields(spec, (*ConfSpec.__slots__, *_CONF_MODEL_ONLY))
+    d = _fields(spec, (*ConfSpec.__slots__, *_CONF_MODEL_ONLY))  # (dns64_server is in both)
     if any(d.get(k) is not None for k in _CONF_MODEL_ONLY):
         raise _Slow
     level = d.get("log_level")

@@ -169,6 +169,9 @@ class IPPoolSpec(_Frozen):
     disabled: bool = False
     ipv6_mode: Ipv6Mode = "dhcpv6-stateful"
     dns_servers: Annotated[tuple[V6Addr | IPv4Address, ...], Field(max_length=MAX_DNS_SERVERS)] = ()
+    # IPv6 pools only: its workloads reach IPv4 through their own host's NAT64 (tayga) under the
+    # Config's nat64_prefix, and are given its DNS64 resolver (Config dns64_server)
+    nat64: bool = False
 
     @field_validator("cidr", mode="before")
     @classmethod
@@ -183,6 +186,8 @@ class IPPoolSpec(_Frozen):
     @model_validator(mode="after")
     def _block(self) -> IPPoolSpec:
         v6 = self.cidr.version == 6
+        if self.nat64 and not v6:
+            raise ValueError(f"nat64: only for IPv6 pools (NAT64 gives IPv6 workloads IPv4), not {self.cidr}")
         if self.ipv6_mode != "dhcpv6-stateful" and not (v6 and self.cidr.prefixlen == 64):
             raise ValueError(f"ipv6_mode {self.ipv6_mode} needs an IPv6 /64 (SLAAC forms addresses from the MAC), "
                              f"not {self.cidr}")
@@ -461,6 +466,34 @@ InterfacePrefix = Annotated[str, AfterValidator(_check_interface_prefix)]
 DEFAULT_WORKLOAD_PREFIXES = ("tap", "tby", "vnet")  # VM taps (Nova, tabby), tabby's veths, libvirt's
 
 
+NAT64_WKP = "64:ff9b::/96"
+NAT64_POOL4_DEFAULT = "192.168.255.0/24"  # tayga's example pool; host-local, masqueraded on the way out
+
+
+def _nat64_prefix(v: IPv6Network) -> IPv6Network:
+    if v.prefixlen != 96:
+        raise ValueError(f"{v}: a NAT64 prefix here is a /96 (the IPv4 address is its last 32 bits)")
+    if v.network_address.packed[0] == 0 and str(v) != NAT64_WKP:
+        # tayga (0.9.x) refuses any prefix in ::/8 but the well-known one
+        raise ValueError(f"{v}: in ::/8; use {NAT64_WKP} or a prefix of your own (ULA or global)")
+    if v.network_address.is_link_local or v.network_address.is_multicast:
+        raise ValueError(f"{v}: link-local or multicast, not a NAT64 prefix")
+    return v
+
+
+def _nat64_pool4(v: IPv4Network) -> IPv4Network:
+    if not 8 <= v.prefixlen <= 30:
+        raise ValueError(f"{v}: the NAT64 pool must be /8../30 (its first address is the translator's own)")
+    a = v.network_address
+    if a.is_loopback or a.is_link_local or a.is_multicast or a.is_reserved or int(a) >> 24 == 0:
+        raise ValueError(f"{v}: loopback, link-local, multicast or reserved, not a NAT64 pool")
+    return v
+
+
+Nat64Prefix = Annotated[IPv6Network, AfterValidator(_nat64_prefix)]
+Nat64Pool4 = Annotated[IPv4Network, AfterValidator(_nat64_pool4)]
+
+
 class ConfigSpec(_Frozen):
     """Settings; ``global`` applies everywhere, ``host.<name>`` overrides it for one host."""
 
@@ -485,6 +518,17 @@ class ConfigSpec(_Frozen):
     # (at least one: an empty list would turn fail-closed off; leaving out a prefix does so for it)
     workload_interface_prefixes: Annotated[tuple[InterfacePrefix, ...], Field(min_length=1, max_length=16)] | None \
         = None
+    # NAT64 for pools with nat64 (each host translates its own workloads: tayga, see
+    # docs/architecture.md). nat64_prefix: the /96 IPv4 addresses are written in (the well-known
+    # 64:ff9b::/96 translates only global IPv4, RFC 6052 3.1; an operator's prefix any);
+    # nat64_pool4: the host-local IPv4 addresses translated workloads get before the host
+    # masquerades them to its own IPv4 address (never leaves the host)
+    nat64_prefix: Nat64Prefix | None = None
+    nat64_pool4: Nat64Pool4 | None = None
+    # DNS64: the resolver address every host serves (unbound, on its loopback) for workloads on
+    # nat64 pools, synthesizing AAAA records in nat64_prefix; it forwards to dns64_upstreams
+    dns64_server: V6Addr | None = None
+    dns64_upstreams: Annotated[tuple[V6Addr | IPv4Address, ...], Field(max_length=MAX_DNS_SERVERS)] | None = None
 
     @model_validator(mode="after")
     def _one_mesh_password(self) -> ConfigSpec:
@@ -515,6 +559,9 @@ CONFIG_DEFAULTS = ConfigSpec(
     default_asn=DEFAULT_ASN,
     mesh_bfd=False,
     workload_interface_prefixes=DEFAULT_WORKLOAD_PREFIXES,
+    nat64_prefix=IPv6Network(NAT64_WKP),
+    nat64_pool4=IPv4Network(NAT64_POOL4_DEFAULT),
+    dns64_upstreams=(),
 )
 
 

@@ -1,0 +1,249 @@
+"""Runs this host's NAT64 translator (tayga) and DNS64 resolver (unbound), and keeps the tun
+device, its routes and the resolver's address in place.
+
+Both run detached with pid files, like dnsmasq and BIRD, so an agent restart adopts them; each is
+restarted when its config changes, and started again when it dies (``ExitWatch`` says so at once:
+a pidfd per process, no polling). The tun device is persistent (``tayga --mktun``): a dead tayga
+leaves it and its routes, so a restarted one carries on where it stopped; packets meanwhile are
+dropped by the kernel's tun queue, which only this host's workloads use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tabby.dataplane.nat64_config import TUN, Nat64Rendered
+
+log = logging.getLogger(__name__)
+
+
+class Nat64Error(Exception):
+    pass
+
+
+class _Daemon:
+    """One detached daemon: its config file and pid file, adopted when the pid file's process
+    has our config on its command line."""
+
+    def __init__(self, name: str, conf: Path, pidfile: Path, argv: Callable[[Path], list[str]]) -> None:
+        self.name, self.conf, self.pidfile, self.argv = name, conf, pidfile, argv
+        self.revived = 0  # started again with an unchanged config: it had died
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if str(self.conf).encode() in cmdline else None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            self.pidfile.unlink()
+
+    def ensure(self, text: str) -> bool:
+        """Running with this config: True if it was (re)started."""
+        same = self.conf.exists() and self.conf.read_text() == text
+        pid = self.pid()
+        if pid is not None and same:
+            return False
+        if pid is not None:
+            self.stop()
+        elif same:
+            self.revived += 1
+            log.warning("%s was not running (its config unchanged): starting it again", self.name)
+        self.conf.write_text(text)
+        with contextlib.suppress(OSError):
+            self.pidfile.unlink()
+        r = subprocess.run(self.argv(self.conf), capture_output=True, text=True, start_new_session=True,
+                           timeout=30)
+        if r.returncode != 0:
+            raise Nat64Error(f"{self.name} did not start: {(r.stderr or r.stdout).strip()[:500]}")
+        for _ in range(300):
+            if self.pid() is not None:
+                break
+            time.sleep(0.01)
+        else:
+            raise Nat64Error(f"{self.name} started but wrote no pid file {self.pidfile}")
+        log.info("%s %s (pid %s)", self.name, "restarted" if pid else "started", self.pid())
+        return True
+
+
+class Nat64Reconciler:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        tayga = shutil.which("tayga") or "/usr/sbin/tayga"
+        unbound = shutil.which("unbound") or "/usr/sbin/unbound"
+        self.tayga = _Daemon("tayga", run_dir / "tayga.conf", run_dir / "tayga.pid",
+                             lambda c: [tayga, "-c", str(c), "-p", str(run_dir / "tayga.pid")])
+        self.unbound = _Daemon("unbound", run_dir / "unbound.conf", run_dir / "unbound.pid",
+                               lambda c: [unbound, "-c", str(c)])
+        self.desired: Nat64Rendered | None = None
+        self.last_error: str | None = None
+        self._plumbed: tuple[tuple[str, ...], str | None] | None = None
+
+    def set_desired(self, rendered: Nat64Rendered | None) -> None:
+        self.desired = rendered
+
+    def pids(self) -> dict[str, int]:
+        return {d.name: pid for d in (self.tayga, self.unbound) if (pid := d.pid()) is not None}
+
+    def status(self) -> dict[str, object] | None:
+        if self.desired is None:
+            return None
+        pids = self.pids()
+        return {"tayga": "up" if "tayga" in pids else "down",
+                "unbound": None if self.desired.unbound is None else ("up" if "unbound" in pids else "down"),
+                "restarts": self.tayga.revived + self.unbound.revived, "error": self.last_error}
+
+    def apply(self) -> bool:
+        """Make it so; True if anything was started or stopped. Nat64Error says what failed."""
+        r = self.desired
+        if r is None:
+            return self._remove()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "tayga").mkdir(exist_ok=True)
+        changed = False
+        try:
+            self._tun(r)
+            changed |= self.tayga.ensure(r.tayga)
+            if r.unbound is not None:
+                changed |= self.unbound.ensure(r.unbound)
+            elif self.unbound.pid() is not None:
+                self.unbound.stop()
+                changed = True
+        except (Nat64Error, OSError, subprocess.SubprocessError) as e:
+            self.last_error = str(e)
+            raise Nat64Error(str(e)) from None
+        self.last_error = None
+        return changed
+
+    def _tun(self, r: Nat64Rendered) -> None:
+        """The persistent tun, up, with the /96 and the pool routed into it; the resolver's address on lo."""
+        want = (r.routes, r.dns64_address)
+        if self._plumbed == want and Path(f"/sys/class/net/{TUN}").exists():
+            return
+        ip = shutil.which("ip") or "ip"
+        if not Path(f"/sys/class/net/{TUN}").exists():
+            mk = self.run_dir / "tayga-mktun.conf"  # --mktun reads the device name from a config
+            mk.write_text(r.tayga)
+            res = subprocess.run([self.tayga.argv(mk)[0], "-c", str(mk), "--mktun"],
+                                 capture_output=True, text=True, timeout=30)
+            if res.returncode != 0:
+                raise Nat64Error(f"tayga --mktun: {(res.stderr or res.stdout).strip()[:500]}")
+        self._ip(ip, "link", "set", TUN, "up")
+        if self._plumbed is not None:  # what a previous config put in and this one does not want
+            for dst in set(self._plumbed[0]) - set(r.routes):
+                subprocess.run([ip, "route", "del", dst, "dev", TUN], capture_output=True, timeout=30)
+            if self._plumbed[1] not in (None, r.dns64_address):
+                subprocess.run([ip, "addr", "del", f"{self._plumbed[1]}/128", "dev", "lo"], capture_output=True,
+                               timeout=30)
+        for dst in r.routes:
+            self._ip(ip, "route", "replace", dst, "dev", TUN, "proto", "static")
+        if r.dns64_address is not None:
+            self._ip(ip, "addr", "replace", f"{r.dns64_address}/128", "dev", "lo", "nodad")
+        self._plumbed = want
+
+    @staticmethod
+    def _ip(*argv: str) -> None:
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise Nat64Error(f"{' '.join(argv[1:])}: {res.stderr.strip()[:300]}")
+
+    def _remove(self) -> bool:
+        """No nat64 pool (or workload) here any more: both stopped, the tun (and its routes) gone."""
+        had = bool(self.pids()) or Path(f"/sys/class/net/{TUN}").exists()
+        self.tayga.stop()
+        self.unbound.stop()
+        if Path(f"/sys/class/net/{TUN}").exists():
+            subprocess.run([shutil.which("ip") or "ip", "link", "del", TUN], capture_output=True, timeout=30)
+        if self._plumbed is not None and self._plumbed[1] is not None:
+            subprocess.run([shutil.which("ip") or "ip", "addr", "del", f"{self._plumbed[1]}/128", "dev", "lo"],
+                           capture_output=True, timeout=30)
+        self._plumbed = None
+        if had:
+            log.info("NAT64 stopped: no workload on a nat64 pool here")
+        return had
+
+
+class ExitWatch:
+    """Calls ``on_exit(name)`` from its own thread when a watched process ends: one pidfd per
+    process (works for processes that are not our children), and a pipe to change the set."""
+
+    def __init__(self, on_exit: Callable[[str], None]) -> None:
+        self.on_exit = on_exit
+        self._want: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="exit-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, pids: dict[str, int]) -> None:
+        with self._lock:
+            if pids == self._want:
+                return
+            self._want = dict(pids)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._w, b"x")
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._w, b"x")
+
+    def _run(self) -> None:
+        fds: dict[int, tuple[str, int]] = {}
+        try:
+            while not self._stop:
+                with self._lock:
+                    want = dict(self._want)
+                for fd, (name, pid) in list(fds.items()):
+                    if want.get(name) != pid:
+                        os.close(fd)
+                        del fds[fd]
+                have = {v for v in fds.values()}
+                for name, pid in want.items():
+                    if (name, pid) not in have:
+                        try:
+                            fds[os.pidfd_open(pid)] = (name, pid)
+                        except ProcessLookupError:
+                            self.on_exit(name)  # gone before we looked
+                poller = select.poll()
+                poller.register(self._r, select.POLLIN)
+                for fd in fds:
+                    poller.register(fd, select.POLLIN)
+                for fd, _ in poller.poll():
+                    if fd == self._r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._r, 4096)
+                        continue
+                    name, pid = fds.pop(fd)
+                    os.close(fd)
+                    with self._lock:
+                        if self._want.get(name) == pid:
+                            del self._want[name]  # reported once; the next watch() says what runs then
+                    log.warning("%s (pid %d) exited", name, pid)
+                    self.on_exit(name)
+        finally:
+            for fd in fds:
+                os.close(fd)
