@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(iproute2 procps bird2 dnsmasq dnsmasq-utils nftables etcd-server
               isc-dhcp-client dhcpcd-base ndisc6 tcpdump iputils-ping socat python3-venv python3-pip
               podman runc busybox-static containerd containernetworking-plugins iptables gobgpd
-              qemu-system-x86 qemu-utils mmdebstrap)  # real guests: `lab up --vm-kind qemu`, test_qemu_vm
+              qemu-system-x86 qemu-utils mmdebstrap  # real guests: `lab up --vm-kind qemu`, test_qemu_vm
+              tayga unbound)  # NAT64 and DNS64 (pools with nat64, `lab up --nat64`)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

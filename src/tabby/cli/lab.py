@@ -42,12 +42,20 @@ class LabStore(StrEnum):
     etcd = "etcd"
 
 
+def families(topo: Any) -> tuple[str, ...]:
+    """The matrix's columns: IPv6, IPv4 where workloads have it, NAT64 where the lab has it."""
+    return ("v6",) + (() if topo.ipv6_only else ("v4",)) + (("nat64",) if topo.nat64 else ())
+
+
 @lab_app.command("up")
 def lab_up(
     hosts: Annotated[int, typer.Option(help="compute hosts")] = 3,
     containers: Annotated[int, typer.Option(help="containers per host")] = 2,
     vms: Annotated[int, typer.Option(help="VMs per host (DHCPv6 clients: dhclient, dhcpcd, alternating)")] = 2,
-    ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere")] = False,
+    ipv6_only: Annotated[bool, typer.Option("--ipv6-only", help="no IPv4 anywhere (but see --nat64)")] = False,
+    nat64: Annotated[bool, typer.Option("--nat64", help="the IPv6 pool is a nat64 pool: every host translates its "
+                                        "workloads to the outside's IPv4 (tayga) and resolves with DNS64 (unbound); "
+                                        "hosts get IPv4 on the fabric")] = False,
     wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
     route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
     store: Annotated[LabStore, typer.Option("--store", help="the embedded SQLite file, or a real etcd on the fabric")
@@ -71,7 +79,8 @@ def lab_up(
     try:
         if bool(tors) != unnumbered:
             raise ValueError("--tors and --unnumbered go together (numbered uplinks are not built)")
-        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms, tors=tors)
+        topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms, tors=tors,
+                        nat64=nat64)
         L.down(prefix)
         if etcd_members > 1 and store is not LabStore.etcd:
             raise ValueError("--etcd-members needs --store etcd")
@@ -79,6 +88,8 @@ def lab_up(
 
         if vm_kind not in KINDS:
             raise ValueError(f"--vm-kind: {vm_kind!r} is not one of {', '.join(KINDS)}")
+        if nat64 and vm_kind != "netns":
+            raise ValueError("--nat64 with --vm-kind qemu is not built (NAT64 was tested with namespace VMs)")
         if tors and vm_kind != "netns":
             raise ValueError("--tors with --vm-kind qemu is not built (the ToR lab was tested with namespace VMs)")
         lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members,
@@ -95,10 +106,13 @@ def lab_up(
             fail(f"lab up failed, everything removed again: {e}")
         # the cheap signal (a route dump and /healthz per host), not the O(N²) matrix, in the wait loop
         progress.update(task, description="waiting for every agent in sync and every route on every host")
-        fams = ("v6",) if ipv6_only else ("v6", "v4")
+        fams = families(topo)
         rows = []
         try:
             state = lab.wait_routed(wait_s)
+            if state["ok"] and topo.vms:
+                progress.update(task, description="waiting for the VMs' DHCP clients")
+                lab.wait_vms_addressed(max(10.0, wait_s / 2))
             for g in lab.guests.values():  # qemu guests: booted, and with their address
                 progress.update(task, description=f"waiting for guest {g.name} to boot")
                 g.wait_up()
@@ -110,7 +124,8 @@ def lab_up(
             L.down(prefix)
             fail(f"lab up failed while checking it, everything removed again: {e}")
     out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, {len(topo.vms)} VMs, "
-              f"{'IPv6-only' if ipv6_only else 'dual-stack'}; store {lab.store_url}", highlight=False)
+              f"{'IPv6-only' if ipv6_only else 'dual-stack'}{' with NAT64' if nat64 else ''}; store {lab.store_url}",
+              highlight=False)
     if not state["ok"]:
         missing = sum(map(len, state["missing"].values()))
         err.print(f"[yellow]not routed after {wait_s:.0f} s: {len(state['not_in_sync'])} agents not in sync, "
@@ -138,7 +153,7 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
         fail("no lab is up (tabby lab up)")
     except ValueError as e:
         fail(str(e))
-    fams = ("v6",) if lab.topo.ipv6_only else ("v6", "v4")
+    fams = families(lab.topo)
     if sample is None:
         sample = L.default_sample(len(lab.topo.hosts))
     rows = lab.matrix(fams, sample=sample, seed=seed)
@@ -146,8 +161,9 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
         for fam in fams:
             mine = [r for r in rows if r["family"] == fam]
             pairs = {(r["src"], r["dst"]) for r in mine}
-            out.print(f"{'IPv6' if fam == 'v6' else 'IPv4'}: {sum(r['ok'] for r in mine)}/{len(mine)} checks ok "
-                      f"over {len(pairs)} sampled pairs", highlight=False)
+            label = {"v6": "IPv6", "v4": "IPv4", "nat64": "NAT64"}[fam]
+            out.print(f"{label}: {sum(r['ok'] for r in mine)}/{len(mine)} checks ok "
+                      f"over {len(pairs)} {'workloads' if fam == 'nat64' else 'sampled pairs'}", highlight=False)
         for r in rows:
             if not r["ok"]:
                 out.print(f"FAIL {escape(r['src'])} -> {escape(r['dst'])} {r['family']} {r['check']} "
@@ -160,22 +176,34 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
         by_pair: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for r in rows:
             by_pair.setdefault((r["src"], r["dst"], r["family"]), []).append(r)
-        for fam in fams:
+        def cell(hit: list[dict[str, Any]]) -> str:
+            bad = sorted({r["check"] for r in hit if not r["ok"]})
+            blocked = [r for r in hit if r["expect"] == "blocked"]
+            good = "[green]blocked (policy)[/]" if blocked and len(blocked) == len(hit) else \
+                "[green]ok, blocked (policy)[/]" if blocked else "[green]ok[/]"
+            fail_text = "[red]NOT BLOCKED[/]" if blocked and all(not r["ok"] for r in blocked) else \
+                f"[red]FAIL {'+'.join(bad)}[/]"
+            return good if hit and not bad else fail_text
+
+        for fam in (f for f in fams if f != "nat64"):
             t = Table(title=f"ping and TCP over {'IPv6' if fam == 'v6' else 'IPv4'}", box=None, header_style="bold")
             t.add_column("from \\ to", min_width=max(map(len, names)), no_wrap=True)
             for n in names:
                 t.add_column(n, min_width=len(n), no_wrap=True)
+            nat64 = fam == "v6" and "nat64" in fams  # the IPv4-only service by name, through NAT64 and DNS64
+            if nat64:
+                t.add_column("nat64", no_wrap=True)
             for src in names:
-                cells = []
-                for dst in names:
-                    hit = by_pair.get((src, dst, fam), [])
-                    bad = sorted({r["check"] for r in hit if not r["ok"]})
-                    blocked = bool(hit) and all(r["expect"] == "blocked" for r in hit)
-                    good = "[green]blocked (policy)[/]" if blocked else "[green]ok[/]"
-                    fail_text = "[red]NOT BLOCKED[/]" if blocked else f"[red]FAIL {'+'.join(bad)}[/]"
-                    cells.append("-" if src == dst else (good if hit and not bad else fail_text))
+                cells = ["-" if src == dst else cell(by_pair.get((src, dst, fam), [])) for dst in names]
+                if nat64:
+                    cells.append("-" if src == "outside" else cell(by_pair.get((src, "outside", "nat64"), [])))
                 t.add_row(src, *cells)
             table_out.print(t)
+        if "nat64" in fams:
+            out.print(f"nat64: {L.OUTSIDE_NAME} (IPv4-only) resolved by the workload's own resolver to an AAAA in "
+                      f"{L.NAT64_PREFIX}, pinged, and TCP whose far end saw the workload's host's IPv4 address"
+                      + (f"; policy {L.NAT64_BLOCK_POLICY} denies {lab.topo.nat64_blocked} egress to "
+                         f"{L.NAT64_PREFIX}" if lab.topo.nat64_blocked else ""), highlight=False)
         if lab.topo.blocked_pair:
             out.print(f"policy {L.BLOCK_POLICY} denies {lab.topo.blocked_pair[0]} -> {lab.topo.blocked_pair[1]} "
                       f"(the reverse stays open); every other pair is allowed by profile {L.OPEN_PROFILE}",

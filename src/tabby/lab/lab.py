@@ -37,12 +37,20 @@ from tabby.ipam import IPAM
 from tabby.lab import netns, outside_bird, probe, tor
 from tabby.lab.etcd import EtcdCluster, Pki
 from tabby.lab.topology import (
+    DNS64_SERVER,
     ETCD_V6,
+    NAT64_POOL4,
+    NAT64_PORT,
+    NAT64_PREFIX,
     OUTSIDE_ASN,
+    OUTSIDE_DNS,
     OUTSIDE_FABRIC_V4,
     OUTSIDE_FABRIC_V6,
+    OUTSIDE_NAME,
+    OUTSIDE_SERVICE_V4,
     OUTSIDE_V4,
     OUTSIDE_V6,
+    OUTSIDE_ZONE,
     PREFIX,
     TCP_PORT,
     V4_POOL,
@@ -59,6 +67,7 @@ from tabby.store import open_store, with_etcd_options
 
 OPEN_PROFILE = "lab-open"
 BLOCK_POLICY = "lab-block"
+NAT64_BLOCK_POLICY = "lab-block-nat64"  # one workload may not reach the NAT64 prefix (egress, as IPv6)
 WORKLOAD_LABEL = "lab.workload"
 FORWARDER_MARK = "TABBY_LAB_FORWARDER"  # in the forwarder's environment: `down` ends it only if it is ours
 LAB_ROOT = Path("/var/lib/tabby/lab")  # one directory per lab prefix: state, store, agent logs
@@ -143,7 +152,7 @@ class Lab:
             "hosts": len(self.topo.hosts), "ipv6_only": self.topo.ipv6_only, "store": self.store_url,
             "agent_store": self.agent_store_url, "store_kind": self.store_kind, "etcd_members": self.etcd_members,
             "prefix": self.topo.prefix, "route_reflectors": list(self.topo.route_reflectors), "vm_kind": self.vm_kind,
-            "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)), "tors": self.topo.tors,
+            "vms": len(self.topo.vms) // max(1, len(self.topo.hosts)), "tors": self.topo.tors, "nat64": self.topo.nat64,
             "containers": len(self.topo.workloads) // max(1, len(self.topo.hosts))}))
 
     def up(self, say: Say = _quiet) -> None:
@@ -296,20 +305,36 @@ class Lab:
         self._plug(ns, f"{self.topo.prefix}po")
         netns.ip("addr", "add", f"{OUTSIDE_FABRIC_V6}/64", "dev", "eth0", "nodad", ns=ns)
         netns.ip("addr", "add", f"{OUTSIDE_V6}/128", "dev", "lo", ns=ns)
-        if not self.topo.ipv6_only:
+        if self.topo.fabric_v4:
             netns.ip("addr", "add", f"{OUTSIDE_FABRIC_V4}/24", "dev", "eth0", ns=ns)
             netns.ip("addr", "add", f"{OUTSIDE_V4}/32", "dev", "lo", ns=ns)
+        if self.topo.nat64:
+            netns.ip("addr", "add", f"{OUTSIDE_DNS}/32", "dev", "lo", ns=ns)
+            netns.ip("addr", "add", f"{OUTSIDE_SERVICE_V4}/32", "dev", "lo", ns=ns)
         netns.ip("link", "set", "eth0", "up", ns=ns)
         netns.nsexec(ns, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         run = self.run_dir / "outside"
         run.mkdir(parents=True, exist_ok=True)
-        v4 = not self.topo.ipv6_only
+        v4 = self.topo.fabric_v4
         (run / "bird.conf").write_text(outside_bird.render(
             OUTSIDE_FABRIC_V4, OUTSIDE_ASN, OUTSIDE_FABRIC_V6, OUTSIDE_FABRIC_V4 if v4 else None,
             [outside_bird.Neighbour(h.index, h.v6, h.v4 if v4 else None) for h in self.topo.hosts]))
         subprocess.run(["ip", "netns", "exec", ns, "bird", "-c", str(run / "bird.conf"), "-s", str(run / "bird.ctl"),
                         "-P", str(run / "bird.pid")], check=True, capture_output=True)
         self._tcp_server(ns)
+        if self.topo.nat64:
+            self._outside_v4_service(ns)
+
+    def _outside_v4_service(self, ns: str) -> None:
+        """The outside world NAT64 reaches: a name server for the zone (A records only) and an
+        IPv4-only TCP service that answers with the address it saw the client come from."""
+        netns.spawn(ns, ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                         f"--listen-address={OUTSIDE_DNS}", "--bind-interfaces", "--port=53",
+                         f"--local=/{OUTSIDE_ZONE}/", f"--host-record={OUTSIDE_NAME},{OUTSIDE_SERVICE_V4}",
+                         f"--pid-file={self.dir / 'outside-dns.pid'}", "--log-queries",
+                         f"--log-facility={self.dir / 'outside-dns.log'}"], self.dir / "outside-dns.out")
+        netns.spawn(ns, ["socat", f"TCP4-LISTEN:{NAT64_PORT},bind={OUTSIDE_SERVICE_V4},fork,reuseaddr",
+                         "SYSTEM:echo $SOCAT_PEERADDR"], self.dir / "outside-v4-service.log")
 
     def _tcp_server(self, ns: str) -> None:
         """A TCP listener answering with its own name, both families, for the matrix's TCP checks."""
@@ -327,11 +352,16 @@ class Lab:
             if h.v4:
                 spec["ipv4_address"] = h.v4
             client.apply(validate({"kind": "Host", "metadata": {"name": h.name}, "spec": spec}))
-        client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v6"}, "spec": {"cidr": V6_POOL}}))
+        client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v6"},
+                               "spec": {"cidr": V6_POOL, "nat64": self.topo.nat64}}))
+        if self.topo.nat64:
+            client.apply(validate({"kind": "Config", "metadata": {"name": "global"}, "spec": {
+                "nat64_prefix": NAT64_PREFIX, "nat64_pool4": NAT64_POOL4, "dns64_server": DNS64_SERVER,
+                "dns64_upstreams": [OUTSIDE_DNS]}}))
         if not self.topo.tors:
             client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside"},
                                    "spec": {"peer_ip": OUTSIDE_FABRIC_V6, "asn": OUTSIDE_ASN}}))
-        if not self.topo.ipv6_only and not self.topo.tors:
+        if self.topo.fabric_v4 and not self.topo.tors:
             client.apply(validate({"kind": "BGPPeer", "metadata": {"name": "outside-v4"},
                                    "spec": {"peer_ip": OUTSIDE_FABRIC_V4, "asn": OUTSIDE_ASN}}))
         if not self.topo.ipv6_only:
@@ -345,6 +375,10 @@ class Lab:
             client.apply(validate({"kind": "Policy", "metadata": {"name": BLOCK_POLICY}, "spec": {
                 "order": 100, "selector": f'{WORKLOAD_LABEL} == "{dst}"',
                 "ingress": [{"action": "deny", "src_selector": f'{WORKLOAD_LABEL} == "{src}"'}]}}))
+        if self.topo.nat64_blocked:
+            client.apply(validate({"kind": "Policy", "metadata": {"name": NAT64_BLOCK_POLICY}, "spec": {
+                "order": 100, "selector": f'{WORKLOAD_LABEL} == "{self.topo.nat64_blocked}"',
+                "egress": [{"action": "deny", "dst_nets": [NAT64_PREFIX]}]}}))
 
     def _agent(self, h: LabHost) -> None:
         log = self.dir / f"agent-{h.name}.log"
@@ -385,6 +419,16 @@ class Lab:
                            env={**os.environ, **env})
         if r.returncode != 0:
             raise RuntimeError(f"tabby-cni ADD for {w.name}: {r.stdout.strip()} {r.stderr.strip()}")
+        # as a runtime does: the result's name servers become the container's resolv.conf
+        servers = json.loads(r.stdout).get("dns", {}).get("nameservers", [])
+        self.resolv_conf(w.name).write_text("".join(f"nameserver {a}\n" for a in servers))
+
+    def resolv_conf(self, member: str) -> Path:
+        """Where a workload's resolvers are written: a container's by the lab from the CNI result
+        (as a runtime does), a VM's by its own DHCP client (its resolvconf hook)."""
+        if any(v.name == member for v in self.topo.vms):
+            return self.dir / f"guest-{member}" / "resolv.conf"
+        return self.dir / f"resolv-{member}.conf"
 
     def add_vm(self, v: LabVm, *, start_client: bool = True, addresses: tuple[str, ...] = (),
                orchestrate: bool = True) -> None:
@@ -433,8 +477,12 @@ class Lab:
             else:
                 # the image's own dhclient-script, patched as `tabby guest render` patches it; the lab
                 # also makes it leave this machine's /etc/resolv.conf alone
+                # also makes it write the name servers it learned to the guest's own resolv.conf
+                # in the lab directory, not this machine's /etc/resolv.conf
                 script = patch_script(Path("/sbin/dhclient-script").read_text())
-                target.write_text(script.replace("make_resolv_conf() {", "make_resolv_conf() { return 0\n", 1))
+                own = (f'make_resolv_conf() {{ for ns in $new_dhcp6_name_servers $new_domain_name_servers; do '
+                       f'echo "nameserver $ns"; done > {guest / "resolv.conf"}; return 0\n')
+                target.write_text(script.replace("make_resolv_conf() {", own, 1))
                 target.chmod(0o755)
         netns.nsexec(ns, ["sysctl", "-q", "-p", str(guest / "etc/sysctl.d/30-eth0-rs-delay.conf")])
         netns.ip("link", "set", "eth0", "up", ns=ns)
@@ -465,8 +513,16 @@ class Lab:
             if "nohook resolv.conf" not in conf.read_text():
                 conf.write_text(conf.read_text() + "nohook resolv.conf\n")
             # dhcpcd keeps state in /run/dhcpcd and /var/lib/dhcpcd, which are not per network namespace
+            # its hook script writes the name servers it learned (DHCPv6, RA RDNSS, DHCPv4) to the
+            # guest's resolv.conf in the lab directory, as the image's resolvconf hook would to /etc
+            hook = guest / "dhcpcd-hook.sh"
+            hook.write_text("#!/bin/sh\n"
+                            'servers="$new_dhcp6_name_servers $nd1_rdnss1_servers $new_domain_name_servers"\n'
+                            'set -- $servers; [ $# -gt 0 ] || exit 0\n'
+                            f'for ns in $servers; do echo "nameserver $ns"; done > {guest / "resolv.conf"}\n')
+            hook.chmod(0o755)
             netns.spawn(v.ns, [sys.executable, "-m", "tabby.lab.launch", "--tmpfs", "/run/dhcpcd",
-                               "--tmpfs", "/var/lib/dhcpcd", "--", "dhcpcd", "-B", "-f", str(conf), "-c", "/bin/true",
+                               "--tmpfs", "/var/lib/dhcpcd", "--", "dhcpcd", "-B", "-f", str(conf), "-c", str(hook),
                                "eth0"], log)
 
     def remove_vm(self, v: LabVm) -> None:
@@ -511,7 +567,12 @@ class Lab:
             if ep.spec.host in hosts:
                 owned[hosts[ep.spec.host]] += [str(a).partition("/")[0]
                                                for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)]
-        owned[self.topo.outside_ns] = [OUTSIDE_V6] + ([] if self.topo.ipv6_only else [OUTSIDE_V4])
+        owned[self.topo.outside_ns] = [OUTSIDE_V6] + ([OUTSIDE_V4] if self.topo.fabric_v4 else []) + \
+            ([OUTSIDE_DNS, OUTSIDE_SERVICE_V4] if self.topo.nat64 else [])
+        # with NAT64: a host with workloads also needs its translator and resolver running
+        translating = {ns for ns, addrs in owned.items() if addrs and ns != self.topo.outside_ns} \
+            if self.topo.nat64 else set()
+
         def look(ns: str) -> tuple[str | None, list[str] | None]:
             # made and closed per look: an open socket would keep the namespace alive past `down`
             p = probe.NsProbe(ns, health=ns != self.topo.outside_ns)
@@ -521,6 +582,9 @@ class Lab:
                     h = p.healthz()
                     if h.get("status") != 200 or h.get("in_sync") is not True:
                         why = str(h.get("error") or h)
+                    elif ns in translating and not (isinstance(n := h.get("nat64"), dict) and n.get("tayga") == "up"
+                                                    and n.get("unbound") == "up"):
+                        why = f"NAT64 not up: {h.get('nat64')}"
                 return why, p.routes()
             except OSError as e:
                 return f"netlink: {e}", None
@@ -546,6 +610,27 @@ class Lab:
                 return state
             time.sleep(interval)
 
+    def wait_vms_addressed(self, timeout: float) -> list[str]:
+        """Until every namespace VM's DHCP client has put its Endpoint's addresses on eth0 (and,
+        with NAT64, written the resolver it was given): agents are in sync well before that.
+        Returns the VMs still without them at the timeout."""
+        want: dict[str, set[str]] = {}
+        for ep in ResourceClient(open_store(self.store_url)).list("Endpoint")[0]:
+            want[ep.metadata.name] = {str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)}
+        vms = [v for v in self.topo.vms if v.name not in self.guests]
+
+        def missing() -> list[str]:
+            out = []
+            for v in vms:
+                addrs = json.loads(netns.ip("-j", "addr", "show", "dev", "eth0", ns=v.ns))[0].get("addr_info", [])
+                have = {a["local"] for a in addrs}
+                if not want.get(v.name, {None}) <= have or (self.topo.nat64 and not self.resolv_conf(v.name).exists()):
+                    out.append(v.name)
+            return out
+
+        wait_until(lambda: not missing(), timeout, 0.3)
+        return missing()
+
     def matrix(self, families: tuple[str, ...] = ("v6", "v4"), tcp: bool = True, sample: int | None = None,
                seed: int | None = None, workers: int = MATRIX_WORKERS) -> list[dict[str, Any]]:
         """Workloads and the outside router to each other, per family: ping, and TCP.
@@ -554,7 +639,12 @@ class Lab:
         at least once as source and as destination, plus the blocked pair (``probe.pick_pairs``).
         Checks run in a bounded pool, in-process (``probe.ping``, ``probe.tcp``). Each row says
         what was expected ("reach", or "blocked" for the pair the lab's policy blocks), whether it
-        reached, and ok when the two agree."""
+        reached, and ok when the two agree.
+
+        Family "nat64": every workload to the outside's IPv4-only service by its name: "dns" (its
+        own resolver answers with the name's AAAA in the NAT64 prefix), "ping" and "tcp" (the
+        service must have seen the workload's host's IPv4 address); the workload the lab's
+        NAT64 policy blocks is expected blocked (ping and TCP; its DNS still answers)."""
         addrs = self.addresses()
         blocked_host = next((w.host.ns for w in self.topo.workloads if self.topo.blocked_pair
                              and w.name == self.topo.blocked_pair[1]), None)
@@ -566,7 +656,13 @@ class Lab:
         rng = random.Random(seed)
         always = [self.topo.blocked_pair] if self.topo.blocked_pair else []
         tasks = []
+        nat64_addr = str(ipaddress.IPv6Network(NAT64_PREFIX)[int(ipaddress.IPv4Address(OUTSIDE_SERVICE_V4))])
+        host_v4 = {**{w.name: w.host.v4 for w in self.topo.workloads}, **{v.name: v.host.v4 for v in self.topo.vms}}
         for fam in families:
+            if fam == "nat64":
+                for src, _ in self.members():
+                    tasks += [(src, "outside", fam, nat64_addr, kind) for kind in ("dns", "ping", *(("tcp",) * tcp))]
+                continue
             for src, dst in probe.pick_pairs([m for m, _ in members], sample, rng, always):
                 for a in addrs[dst][fam] or ["(none)"]:  # a workload without its address yet fails
                     tasks.append((src, dst, fam, a, "ping"))
@@ -575,6 +671,8 @@ class Lab:
 
         def run(task: tuple[str, str, str, str, str]) -> dict[str, Any]:
             src, dst, fam, a, kind = task
+            if fam == "nat64":
+                return self._nat64_check(src, ns_of[src], kind, a, host_v4.get(src))
             if a == "(none)":
                 reached, out = False, f"{dst} has no {fam} address"
             elif src in self.guests:  # from inside a qemu guest, through its agent
@@ -589,8 +687,18 @@ class Lab:
                     "reached": reached, "ok": reached == (expect == "reach"),
                     "detail": out}
 
+        nat64_host = next((h for m, h in [*((w.name, w.host.ns) for w in self.topo.workloads),
+                                          *((v.name, v.host.ns) for v in self.topo.vms)]
+                           if m == self.topo.nat64_blocked), None) if "nat64" in families else None
+        nat64_drops = self.policy_drops(nat64_host, NAT64_BLOCK_POLICY, "eg") if nat64_host else 0
         with ThreadPoolExecutor(workers) as ex:
             rows = list(ex.map(run, tasks))
+        if nat64_host is not None:
+            dropped = self.policy_drops(nat64_host, NAT64_BLOCK_POLICY, "eg") - nat64_drops
+            for r in rows:
+                if r["family"] == "nat64" and r["expect"] == "blocked" and r["ok"] and dropped <= 0:
+                    r["ok"] = False
+                    r["detail"] = f"not reached, but policy {NAT64_BLOCK_POLICY} dropped nothing (another fault)"
         if blocked_host is not None:
             # blocked counts only as the policy's doing: its deny rule must have dropped packets
             dropped = self.policy_drops(blocked_host) - drops_before
@@ -600,9 +708,33 @@ class Lab:
                     r["detail"] = f"not reached, but policy {BLOCK_POLICY} dropped nothing (another fault)"
         return rows
 
+    def _nat64_check(self, src: str, ns: str, kind: str, address: str, host_v4: str | None) -> dict[str, Any]:
+        """One nat64 row: src's own resolver (its resolv.conf) asked for the outside name's AAAA,
+        or a ping or TCP to its synthesized address through this host's translator."""
+        if kind == "dns":
+            servers = [line.split()[1] for line in self.resolv_conf(src).read_text().splitlines()
+                       if line.startswith("nameserver ")] if self.resolv_conf(src).exists() else []
+            if not servers:
+                reached, out = False, f"{src} was given no resolver"
+            else:
+                got = probe.in_ns(ns, lambda: probe.resolve(OUTSIDE_NAME, servers[0]))
+                reached = got[0] and got[1] == [address]
+                out = f"{OUTSIDE_NAME} AAAA {got[1]} from {servers[0]}" if got[0] else str(got[1])
+            expect = "reach"
+        else:
+            expect = "blocked" if src == self.topo.nat64_blocked else "reach"
+            if kind == "ping":
+                reached, out = probe.in_ns(ns, lambda: probe.ping(address))
+            else:
+                reached, out = probe.in_ns(ns, lambda: probe.tcp(address, NAT64_PORT))
+                if reached and out != host_v4:  # the service says whom it saw: the host, masqueraded
+                    reached, out = False, f"the service saw {out}, not {src}'s host address {host_v4}"
+        return {"src": src, "dst": "outside", "family": "nat64", "address": address, "check": kind,
+                "expect": expect, "reached": reached, "ok": reached == (expect == "reach"), "detail": out}
+
     @staticmethod
-    def policy_drops(host_ns: str) -> int:
-        """Packets the lab's blocking policy's deny rules have dropped on that host."""
+    def policy_drops(host_ns: str, policy: str = BLOCK_POLICY, direction: str = "in") -> int:
+        """Packets a lab policy's deny rules (of one direction) have dropped on that host."""
         r = subprocess.run(["ip", "netns", "exec", host_ns, "nft", "-j", "list", "table", "inet", "tabby"],
                            capture_output=True, text=True)
         if r.returncode != 0:
@@ -610,7 +742,7 @@ class Lab:
         total = 0
         for item in json.loads(r.stdout).get("nftables", []):
             rule = item.get("rule")
-            if rule and f"policy {BLOCK_POLICY} in" in rule.get("comment", ""):
+            if rule and f"policy {policy} {direction}" in rule.get("comment", ""):
                 total += sum(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
         return total
 
@@ -630,7 +762,8 @@ def load(prefix: str = PREFIX) -> Lab:
         if state.get("prefix", prefix) != prefix:
             raise ValueError(f"it is the state of lab {state.get('prefix')!r}")
         topo = topology(state["hosts"], state["containers"], state["ipv6_only"], prefix,
-                        tuple(state.get("route_reflectors", ())), state.get("vms", 0), int(state.get("tors", 0)))
+                        tuple(state.get("route_reflectors", ())), state.get("vms", 0), int(state.get("tors", 0)),
+                        bool(state.get("nat64", False)))
         the_lab = Lab(topo, state["store"], state.get("agent_store", ""), state.get("store_kind", "sqlite"),
                       int(state.get("etcd_members", 1)), vm_kind=str(state.get("vm_kind", "netns")))
         if the_lab.vm_kind == "qemu":

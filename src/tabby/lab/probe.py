@@ -201,6 +201,23 @@ def tcp(address: str, port: int, timeout: float = 2.0) -> tuple[bool, str]:
     return bool(text), text or f"tcp {address}:{port}: connected, nothing said"
 
 
+def resolve(name: str, server: str, rdtype: str = "AAAA", timeout: float = 3.0) -> tuple[bool, list[str] | str]:
+    """Ask one resolver (UDP, from the calling thread's namespace) for name's records of rdtype:
+    (True, the addresses) or (False, why). dnspython builds and parses the messages."""
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    try:
+        answer = dns.query.udp(dns.message.make_query(name, rdtype), server, timeout=timeout)
+    except (dns.exception.DNSException, OSError) as e:
+        return False, f"{rdtype} {name} from {server}: {type(e).__name__}: {e}"
+    if answer.rcode() != dns.rcode.NOERROR:
+        return False, f"{rdtype} {name} from {server}: {dns.rcode.to_text(answer.rcode())}"
+    return True, sorted(rd.address for rrset in answer.answer for rd in rrset if hasattr(rd, "address"))
+
+
 def in_ns(ns: str, fn: Callable[[], T]) -> T:
     """fn() in a thread that entered the named namespace (/run/netns/NS)."""
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)

@@ -9,6 +9,9 @@
     tbl-out            the outside router: fd00:f::fe on the fabric, fd00:99::1 (10.99.0.1) on lo
     tbl-t1, tbl-t2     with --tors 2 --unnumbered: the ToRs instead of the bridge and tbl-out (lab/tor.py)
 Pools: fd00:e::/112 (IPv6, /122 blocks) and 10.65.0.0/16 (IPv4, /26 blocks, unless IPv6-only).
+With --nat64: the IPv6 pool is a nat64 pool; hosts and the outside router have IPv4 on the fabric
+even when the workloads are IPv6-only; the outside router serves the zone outside.example
+(10.99.0.53) whose one name, v4only.outside.example, is an IPv4-only service (10.99.0.80:8064).
 Every name starts with ``tbl`` so that ``tabby lab down`` can find leftovers after a crash.
 """
 
@@ -29,6 +32,16 @@ OUTSIDE_FABRIC_V4 = "10.255.0.254"
 OUTSIDE_ASN = 65100
 ETCD_V6 = "fd00:f::fd"  # the lab's etcd (with --store etcd), in its own namespace on the fabric
 TCP_PORT = 8080  # every workload and the outside router answer TCP here, for the matrix
+# --nat64. Why not the well-known prefix 64:ff9b::/96: RFC 6052 (3.1) forbids it for private IPv4,
+# and tayga enforces that; the lab's outside world is 10.x (traffic stays inside the lab)
+NAT64_PREFIX = "fd00:64::/96"
+NAT64_POOL4 = "10.64.0.0/24"
+DNS64_SERVER = "fd00:53::1"  # every host's resolver, on its loopback
+OUTSIDE_DNS = "10.99.0.53"  # the outside router's name server (the zone below)
+OUTSIDE_ZONE = "outside.example"
+OUTSIDE_NAME = "v4only.outside.example"
+OUTSIDE_SERVICE_V4 = "10.99.0.80"  # an IPv4-only service: answers with the address it saw the client from
+NAT64_PORT = 8064
 
 _PREFIX_RULE = re.compile(r"[a-z][a-z0-9]{2,7}")
 # Prefixes other software gives its network namespaces ("<prefix>-<id>"), which `tabby lab down`
@@ -59,6 +72,7 @@ class LabHost:
     index: int
     ipv6_only: bool
     prefix: str = PREFIX
+    nat64: bool = False  # IPv4 on the fabric for the translator, even when the workloads are IPv6-only
 
     @property
     def name(self) -> str:
@@ -74,7 +88,7 @@ class LabHost:
 
     @property
     def v4(self) -> str | None:
-        return None if self.ipv6_only else f"10.255.0.{self.index}"
+        return None if self.ipv6_only and not self.nat64 else f"10.255.0.{self.index}"
 
     @property
     def bridge_port(self) -> str:
@@ -139,6 +153,21 @@ class Topology:
     vms: tuple[LabVm, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
     tors: int = 0  # 2: a routed fabric, every host on two ToRs over link-local only (lab/tor.py)
+    nat64: bool = False  # the IPv6 pool is a nat64 pool; the outside offers an IPv4-only named service
+
+    @property
+    def fabric_v4(self) -> bool:
+        """IPv4 between hosts and the outside router (workloads may still be IPv6-only)."""
+        return not self.ipv6_only or self.nat64
+
+    @property
+    def nat64_blocked(self) -> str | None:
+        """The workload whose egress to the NAT64 prefix the lab's policy denies (shown blocked):
+        the last container, else the last VM; None without NAT64 or with fewer than two."""
+        if not self.nat64:
+            return None
+        members = [w.name for w in self.workloads] or [v.name for v in self.vms]
+        return members[-1] if len(members) >= 2 else None
 
     @property
     def fabric_ns(self) -> str:
@@ -166,13 +195,13 @@ class Topology:
 
 
 def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str = PREFIX,
-             route_reflectors: tuple[int, ...] = (), vms: int = 0, tors: int = 0) -> Topology:
+             route_reflectors: tuple[int, ...] = (), vms: int = 0, tors: int = 0, nat64: bool = False) -> Topology:
     if not 1 <= hosts <= 200:
         raise ValueError("--hosts must be 1..200")
     if not 0 <= containers <= 50:
         raise ValueError("--containers must be 0..50 per host")
     check_prefix(prefix)
-    hs = tuple(LabHost(i, ipv6_only, prefix) for i in range(1, hosts + 1))
+    hs = tuple(LabHost(i, ipv6_only, prefix, nat64) for i in range(1, hosts + 1))
     ws = tuple(LabWorkload(h, j) for h in hs for j in range(1, containers + 1))
     if any(not 1 <= i <= hosts for i in route_reflectors):
         raise ValueError("route reflectors must be host indexes 1..hosts")
@@ -184,4 +213,6 @@ def topology(hosts: int, containers: int, ipv6_only: bool = False, prefix: str =
         raise ValueError("--tors must be 2 (a GoBGP and a BIRD top-of-rack router), or none")
     if tors and route_reflectors:
         raise ValueError("--tors: hosts peer with the ToRs only; no route reflector")
-    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors), vs, tors=tors)
+    if nat64 and tors:
+        raise ValueError("--nat64 with --tors is not built (the NAT64 lab has the bridge and the outside router)")
+    return Topology(hs, ws, ipv6_only, prefix, tuple(route_reflectors), vs, tors=tors, nat64=nat64)
