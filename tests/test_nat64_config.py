@@ -32,6 +32,7 @@ def config(**spec: object) -> object:
     ({"nat64_pool4": "127.0.0.0/24"}, "nat64_pool4: 127.0.0.0/24: loopback"),
     ({"nat64_pool4": "10.64.0.0/31"}, "/8../30"),
     ({"dns64_server": "10.0.0.1"}, "dns64_server"),
+    ({"dns64_server": "fe80::53"}, "dns64_server: fe80::53: a resolver every workload reaches"),
     ({"dns64_upstreams": ["10.0.0.1", "fd00::1", "10.0.0.2", "10.0.0.3"]}, "dns64_upstreams"),
 ])
 def test_config_refuses_what_tayga_or_unbound_could_not_take(spec: dict[str, object], words: str) -> None:

@@ -490,6 +490,13 @@ def _nat64_pool4(v: IPv4Network) -> IPv4Network:
     return v
 
 
+def _service_address(v: IPv6Address) -> IPv6Address:
+    if v.is_link_local or v.is_multicast or v.is_unspecified or v.is_loopback:
+        raise ValueError(f"{v}: a resolver every workload reaches through its host needs a routable address "
+                         "(not link-local, multicast, loopback or ::)")
+    return v
+
+
 Nat64Prefix = Annotated[IPv6Network, AfterValidator(_nat64_prefix)]
 Nat64Pool4 = Annotated[IPv4Network, AfterValidator(_nat64_pool4)]
 
@@ -527,7 +534,7 @@ class ConfigSpec(_Frozen):
     nat64_pool4: Nat64Pool4 | None = None
     # DNS64: the resolver address every host serves (unbound, on its loopback) for workloads on
     # nat64 pools, synthesizing AAAA records in nat64_prefix; it forwards to dns64_upstreams
-    dns64_server: V6Addr | None = None
+    dns64_server: Annotated[V6Addr, AfterValidator(_service_address)] | None = None
     dns64_upstreams: Annotated[tuple[V6Addr | IPv4Address, ...], Field(max_length=MAX_DNS_SERVERS)] | None = None
 
     @model_validator(mode="after")
