@@ -87,6 +87,11 @@ def test_every_ipv6_only_workload_reaches_the_ipv4_only_service_by_name(lab: L.L
         if src != blocked:  # the outside saw the host's IPv4 address (masqueraded), not the pool's
             assert nat[(src, "tcp")]["detail"] == host_v4[src]
     assert str(ipaddress.IPv6Network(NAT64_PREFIX)[int(ipaddress.IPv4Address(OUTSIDE_SERVICE_V4))]) == SERVICE6
+    # VMs were given the resolver both ways: DHCPv6 option 23 (dhclient's lease) and the RAs' RDNSS
+    v1 = next(v for v in lab.topo.vms if v.client == "dhclient")
+    assert "dhcp6.name-servers fd00:53::1;" in (lab.dir / f"guest-{v1.name}" / "lease6").read_text()
+    ra = subprocess.run(["ip", "netns", "exec", v1.ns, "rdisc6", "-1", "eth0"], capture_output=True, text=True)
+    assert "Recursive DNS server     : fd00:53::1" in ra.stdout, ra.stdout + ra.stderr
     # the table shows the nat64 column, the blocked workload as blocked
     table = tabby("lab", "check", "--prefix", lab.topo.prefix).stdout
     assert "nat64" in table and "blocked (policy)" in table
