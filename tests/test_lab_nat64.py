@@ -120,6 +120,15 @@ def test_a_killed_translator_is_started_again_and_a_hung_one_stops_only_its_host
         assert health.healthz()["nat64"]["restarts"] >= 1  # type: ignore[index]
     finally:
         health.close()
+
+    def h1_status() -> dict[str, object]:
+        doc = json.loads(tabby("--store", lab.store_url, "status", "-o", "json").stdout)
+        assert not doc["corrupt"], doc["corrupt"]
+        return next(h for h in doc["hosts"] if h["host"] == "h1")
+
+    # the host status says so too (written at the next heartbeat)
+    assert L.wait_until(lambda: (h1_status()["nat64"] or {}).get("restarts", 0) >= 1, 20, 1.0), h1_status()
+    assert h1_status()["nat64"]["tayga"] == "up"  # type: ignore[index]
     # h2's translator hangs (stopped, not dead: the agent sees a live process): only h2's workloads
     # lose the IPv4 world; h1's go on through their own host's translator
     hung = tayga_pid(lab, "h2")

@@ -56,7 +56,8 @@ def status(
         if host is None or h.host == host:
             host_rows.append({"host": h.host, "alive": h.alive(now),
                               "heartbeat_age_s": h.age(now), "refused": refused.get(h.host, ""),
-                              "degraded": h.degraded or "", "corrupt_seen": len(h.corrupt)})
+                              "degraded": h.degraded or "", "corrupt_seen": len(h.corrupt),
+                              "nat64": h.nat64.model_dump() if h.nat64 else None})
     for kv in eps:
         try:
             e = decode_status(kv.key, kv.value)
@@ -72,8 +73,12 @@ def status(
         for col in ("HOST", "ALIVE", "HEARTBEAT AGE", "NOTES"):
             t.add_column(col)
         for r in host_rows:
+            n = r["nat64"]
+            nat64 = n and (f"nat64: tayga {n['tayga']}" + (f", unbound {n['unbound']}" if n["unbound"] else "")
+                           + (f", {n['restarts']} restarts" if n["restarts"] else "")
+                           + (f", error: {n['error']}" if n["error"] else ""))
             notes = "; ".join(x for x in (r["refused"] and f"refused: {r['refused']}",
-                                          r["degraded"] and f"degraded: {r['degraded']}") if x)
+                                          r["degraded"] and f"degraded: {r['degraded']}", nat64) if x)
             t.add_row(escape(str(r["host"])), "[green]yes[/]" if r["alive"] else "[red]no[/]",
                       "lease" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']}s", escape(notes))
         out.print(t)

@@ -59,6 +59,16 @@ class NeighbourTableStatus(_Record):
     note: Text = ""
 
 
+class Nat64Status(_Record):
+    """This host's translator and resolver (dataplane/nat64.py): up or down, how often they were
+    started again after dying, the last error."""
+
+    tayga: Literal["up", "down"]
+    unbound: Literal["up", "down"] | None = None  # None: no DNS64 (Config dns64_server unset)
+    restarts: Annotated[int, Field(ge=0)] = 0
+    error: Text | None = None
+
+
 class HostStatus(_Record):
     host: str
     heartbeat: Timestamp  # when this record was written
@@ -70,6 +80,7 @@ class HostStatus(_Record):
     corrupt: Annotated[list[CorruptReport], Field(max_length=1000)] = Field(default_factory=list)
     refused: Annotated[list[Text], Field(max_length=1000)] = Field(default_factory=list)
     neighbour_table: NeighbourTableStatus | None = None  # agent/links.NeighbourTables
+    nat64: Nat64Status | None = None  # None: no workload on a nat64 pool here
 
 
     def alive(self, now: float) -> bool:
