@@ -155,12 +155,23 @@ def test_a_pool_without_nat64_stops_the_translator_and_turning_it_on_brings_it_b
     def has_tun(ns: str) -> bool:
         return "tabby64" in subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout
 
+    def resolver_up(h: object) -> bool:
+        pidfile = lab.run_dir / h.name / "nat64" / "unbound.pid"  # type: ignore[attr-defined]
+        try:
+            alive = Path(f"/proc/{int(pidfile.read_text())}").exists()
+        except (OSError, ValueError):
+            alive = False
+        on_lo = "fd00:53::1" in subprocess.run(["ip", "-n", h.ns, "-6", "addr", "show", "dev", "lo"],  # type: ignore[attr-defined]
+                                               capture_output=True, text=True).stdout
+        return alive or on_lo
+
     pool = client.get("IPPool", "lab-v6")
     assert pool is not None
     client.apply(validate({"kind": "IPPool", "metadata": {"name": "lab-v6"},
                            "spec": {**pool.spec.model_dump(mode="json"), "nat64": False}}))
     try:
-        assert L.wait_until(lambda: not any(running(h.name) or has_tun(h.ns) for h in lab.topo.hosts), 15)
+        assert L.wait_until(lambda: not any(running(h.name) or has_tun(h.ns) or resolver_up(h)
+                                            for h in lab.topo.hosts), 15)
         r = probe.in_ns(lab.topo.workloads[0].ns, lambda: probe.tcp(SERVICE6, NAT64_PORT, timeout=1.0))
         assert not r[0], r
     finally:
@@ -172,3 +183,53 @@ def test_a_pool_without_nat64_stops_the_translator_and_turning_it_on_brings_it_b
     assert L.wait_until(lambda: all(r["ok"] for r in nat64_rows(lab)), 20, 1.0)
     ok, got = probe.in_ns(lab.topo.workloads[0].ns, lambda: probe.resolve(OUTSIDE_NAME, "fd00:53::1"))
     assert ok and got == [SERVICE6]
+
+
+def test_a_live_prefix_change_moves_the_translator_and_the_resolver_with_it(lab: L.Lab) -> None:
+    client = ResourceClient(open_store(lab.store_url))
+    cfg = client.get("Config", "global")
+    assert cfg is not None
+    spec = cfg.spec.model_dump(mode="json", exclude_none=True)
+    new6 = "fd00:65::a63:50"
+
+    def tun_routes(ns: str) -> set[str]:
+        out = json.loads(subprocess.run(["ip", "-j", "-n", ns, "-6", "route", "show", "dev", "tabby64"],
+                                        capture_output=True, text=True).stdout or "[]")
+        return {r["dst"] for r in out if r.get("protocol") == "static"}
+
+    def moved() -> bool:
+        ok, got = probe.in_ns(lab.topo.workloads[0].ns, lambda: probe.resolve(OUTSIDE_NAME, "fd00:53::1"))
+        return ok and got == [new6] and all(tun_routes(h.ns) == {"fd00:65::/96"} for h in lab.topo.hosts)
+
+    client.apply(validate({"kind": "Config", "metadata": {"name": "global"},
+                           "spec": {**spec, "nat64_prefix": "fd00:65::/96"}}))
+    try:
+        assert L.wait_until(moved, 20, 0.5), {h.ns: tun_routes(h.ns) for h in lab.topo.hosts}
+        assert probe.in_ns(lab.topo.workloads[0].ns, lambda: probe.ping(new6))[0]
+        ok, seen = probe.in_ns(lab.topo.workloads[0].ns, lambda: probe.tcp(new6, NAT64_PORT))
+        assert ok and seen == lab.topo.workloads[0].host.v4
+    finally:
+        client.apply(validate({"kind": "Config", "metadata": {"name": "global"}, "spec": spec}))
+    assert L.wait_until(lambda: all(r["ok"] for r in nat64_rows(lab)), 30, 1.0)
+
+
+def test_the_translator_is_its_hosts_nat64_workloads_alone(lab: L.Lab) -> None:
+    """A sender on the fabric (the outside router, routed at h1 for the prefix) does not get
+    through h1's translator: counted and dropped before it."""
+    h1, out = lab.topo.hosts[0], lab.topo.outside_ns
+
+    def dropped() -> int:
+        chain = json.loads(subprocess.run(["ip", "netns", "exec", h1.ns, "nft", "-j", "list", "chain", "inet",
+                                           "tabby", "forward"], capture_output=True, text=True).stdout)
+        return sum(e["counter"]["packets"] for item in chain["nftables"] if "rule" in item
+                   and "NAT64 from outside" in item["rule"].get("comment", "")
+                   for e in item["rule"]["expr"] if "counter" in e)
+
+    before = dropped()
+    subprocess.run(["ip", "-n", out, "route", "add", NAT64_PREFIX, "via", h1.v6], check=True)
+    try:
+        reached, why = probe.in_ns(out, lambda: probe.ping(SERVICE6, timeout=1.0))
+    finally:
+        subprocess.run(["ip", "-n", out, "route", "del", NAT64_PREFIX, "via", h1.v6], check=True)
+    assert not reached, why
+    assert dropped() > before

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tabby.cni.result import Plumbed, build
-from tabby.dataplane.nat64_config import TUN, dns_servers, inputs, render
+from tabby.dataplane.nat64_config import TUN, clash, dns_servers, inputs, render
 from tabby.dataplane.nft_rules import render as render_nft
 from tabby.dataplane.nft_structure import Structure
 from tabby.model import InvalidResource, validate
@@ -33,6 +33,11 @@ def config(**spec: object) -> object:
     ({"nat64_pool4": "10.64.0.0/31"}, "/8../30"),
     ({"dns64_server": "10.0.0.1"}, "dns64_server"),
     ({"dns64_server": "fe80::53"}, "dns64_server: fe80::53: a resolver every workload reaches"),
+    ({"dns64_server": "::ffff:10.0.0.1"}, "IPv4-mapped"),
+    ({"nat64_prefix": "fd00:64::%x\n  access-control: ::0 allow\n#/96"}, "nat64_prefix"),
+    ({"dns64_server": "fd00:64::35", "nat64_prefix": "fd00:64::/96"}, "dns64_server: fd00:64::35 is inside"),
+    ({"dns64_server": "fd00:53::1", "dns64_upstreams": ["fd00:53::1"]}, "a forwarding loop"),
+    ({"dns64_upstreams": ["0.0.0.0"]}, "not a resolver's address"),
     ({"dns64_upstreams": ["10.0.0.1", "fd00::1", "10.0.0.2", "10.0.0.3"]}, "dns64_upstreams"),
 ])
 def test_config_refuses_what_tayga_or_unbound_could_not_take(spec: dict[str, object], words: str) -> None:
@@ -40,15 +45,33 @@ def test_config_refuses_what_tayga_or_unbound_could_not_take(spec: dict[str, obj
         validate({"kind": "Config", "metadata": {"name": "global"}, "spec": spec})
 
 
-def test_nat64_is_for_ipv6_pools_only() -> None:
+def test_nat64_is_for_ipv6_pools_only_and_no_pool_is_scoped() -> None:
     with pytest.raises(InvalidResource, match="nat64: only for IPv6 pools"):
         pool("10.0.0.0/24", nat64=True)
+    with pytest.raises(InvalidResource, match="no scoped"):  # its text would reach unbound's access-control
+        pool("fd00:1::%x\n  local-data: x/64", nat64=True)
     assert pool("fd00:e::/112", nat64=True).nat64  # type: ignore[attr-defined]
 
 
-def test_no_nat64_pool_no_translator() -> None:
+def test_no_nat64_pool_no_translator_and_a_disabled_one_keeps_its_workloads_translated() -> None:
     assert inputs([pool("fd00:e::/112"), pool("10.0.0.0/24")], CONFIG_DEFAULTS, "fd00:f::1") is None
-    assert inputs([pool("fd00:e::/112", nat64=True, disabled=True)], CONFIG_DEFAULTS, "fd00:f::1") is None
+    inp = inputs([pool("fd00:e::/112", nat64=True, disabled=True)], CONFIG_DEFAULTS, "fd00:f::1")
+    assert inp is not None and inp.clients == ("fd00:e::/112",)
+
+
+def test_nat64_that_would_take_another_resources_addresses_is_refused() -> None:
+    cfg = config(nat64_prefix="fd00:64::/96", nat64_pool4="10.64.0.0/24", dns64_server="fd00:e::53")
+    inp = inputs([pool("fd00:e::/112", nat64=True)], cfg, None)
+    assert inp is not None
+
+    def rec(kind: str, spec: dict[str, object]) -> object:
+        return validate({"kind": kind, "metadata": {"name": "x"}, "spec": spec})
+
+    assert "dns64_server fd00:e::53 is inside IPPool x" in str(clash(inp, [rec("IPPool", {"cidr": "fd00:e::/112"})]))
+    assert "overlaps IPPool x" in str(clash(inp, [rec("IPPool", {"cidr": "10.64.0.0/16"})]))
+    assert "overlaps IPPool x" in str(clash(inp, [rec("IPPool", {"cidr": "fd00:64::/64"})]))
+    assert "fabric address 10.64.0.9" in str(clash(inp, [rec("Host", {"ipv4_address": "10.64.0.9"})]))
+    assert clash(inp, [rec("IPPool", {"cidr": "fd00:d::/112"}), rec("Host", {"ipv6_address": "fd00:f::1"})]) is None
 
 
 def test_the_defaults_render_the_well_known_prefix_and_tayga_accepts_them(tmp_path: Path) -> None:
@@ -64,10 +87,12 @@ def test_the_defaults_render_the_well_known_prefix_and_tayga_accepts_them(tmp_pa
     assert "ipv6-addr fd00:f::1" in lines
     (tmp_path / "tayga").mkdir()
     conf = tmp_path / "tayga.conf"
-    conf.write_text(r.tayga.replace(f"tun-device {TUN}", "tun-device tbytest0"))
-    # tayga reads and checks the whole config before it needs the device: a config error would show
-    res = subprocess.run(["tayga", "-c", str(conf), "--rmtun"], capture_output=True, text=True)
-    assert "aborting" not in res.stderr and "Error" not in res.stderr, res.stderr
+    conf.write_text(r.tayga)
+    # tayga reads and checks the whole config, then makes the persistent tun: in a namespace of
+    # its own (unshare), gone with it
+    res = subprocess.run(["unshare", "-n", "tayga", "-c", str(conf), "--mktun"], capture_output=True, text=True)
+    assert res.returncode == 0 and f"Created persistent tun device {TUN}" in res.stdout + res.stderr, \
+        res.stdout + res.stderr
 
 
 def test_dns64_renders_unbound_for_the_nat64_pools_only(tmp_path: Path) -> None:
@@ -99,23 +124,29 @@ def test_a_nat64_pool_gives_the_dns64_resolver_first() -> None:
     assert dns_servers(pool("fd00:e::/112", nat64=True), CONFIG_DEFAULTS) == ()  # no dns64_server: none
 
 
-def test_the_nat64_pool_is_masqueraded_and_the_tun_is_no_unknown_workload() -> None:
-    cmds, _ = render_nft(Structure(nat64_pool4="10.64.0.0/24"))
+def test_the_nat64_pool_is_masqueraded_the_tun_is_its_pools_alone_and_no_unknown_workload() -> None:
+    cmds, _ = render_nft(Structure(nat64_pool4="10.64.0.0/24", nat64_pools=("fd00:e::/112",)))
     rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
     nat = [r for r in rules if r["chain"] == "nat_out"]
     assert len(nat) == 1 and {"masquerade": None} in nat[0]["expr"]
     assert "10.64.0.0" in str(nat[0]["expr"])
+    guards = {r["comment"].split(":", 1)[1]: r for r in rules if r["chain"] == "forward" and "NAT64" in r["comment"]}
+    assert set(guards) == {"NAT64 from outside the nat64 pools", "NAT64 pool: no new connection in"}
+    assert "fd00:e::" in str(guards["NAT64 from outside the nat64 pools"]["expr"])
     unknown = [r for r in rules if "unknown" in r["comment"]]
     assert unknown and all(TUN in str(r["expr"]) for r in unknown)
     cmds, _ = render_nft(Structure())
     assert not [c for c in cmds if c.get("add", {}).get("rule", {}).get("chain") == "nat_out"]
 
 
-def test_the_cni_result_names_the_resolver_after_a_previous_plugins() -> None:
+def test_the_cni_result_names_the_resolver_before_a_previous_plugins() -> None:
     p = Plumbed("tby1", "ee:ee:ee:ee:ee:ee", "eth0", "02:00:00:00:00:01", "/run/netns/x", 1500,
                 (("fd00:e::5/128", "fe80::1"),), (("::/0", "fe80::1"),))
     assert build("1.1.0", p, None, None, ("fd00:53::1",))["dns"] == {"nameservers": ["fd00:53::1"]}
-    prev = {"dns": {"nameservers": ["fd00::53"], "search": ["example"]}}
-    assert build("1.1.0", p, prev, None, ("fd00:53::1",))["dns"] == {
-        "nameservers": ["fd00::53", "fd00:53::1"], "search": ["example"]}
+    prev = {"dns": {"nameservers": ["fd00::53", "fd00:53::1"], "search": ["example"]}}
+    assert build("1.1.0", p, prev, None, ("fd00:53::1",))["dns"] == {  # DNS64 first, once
+        "nameservers": ["fd00:53::1", "fd00::53"], "search": ["example"]}
+    for odd in (None, "8.8.8.8", [1, None, {}], {"x": 1}):  # a previous plugin's odd value: left out
+        assert build("1.1.0", p, {"dns": {"nameservers": odd}}, None, ("fd00:53::1",))["dns"]["nameservers"] == \
+            ["fd00:53::1"]
     assert "dns" not in build("1.1.0", p)

@@ -62,6 +62,7 @@ def varied_index() -> PolicyIndex:
     for name, cidr, nat in (("p6", "fd00:e::/64", True), ("q6", "fd00:f::/64", False), ("p4", "10.65.0.0/16", True)):
         idx.set_pool(name, validate({"kind": "IPPool", "metadata": {"name": name},
                                      "spec": {"cidr": cidr, "nat_outgoing": nat}}))
+    idx.set_nat64("10.64.0.0/24", ("fd00:e::/64", "fd00:f::/64"))  # NAT64's masquerade and forward guards
     roles = ["web", "db", "cli"]
     for i in range(1, 40):
         idx.set_endpoint(f"e{i}", ep(f"e{i}", i, {"role": roles[i % 3]}, host="h1" if i % 4 else "h2",

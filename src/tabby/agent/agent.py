@@ -52,6 +52,8 @@ from tabby.dataplane.dnsmasq_config import Vm
 from tabby.dataplane.dnsmasq_config import render as render_dnsmasq
 from tabby.dataplane.links import LinkIndex, NeighbourTables, SysctlReconciler, set_host_sysctls
 from tabby.dataplane.nat64 import ExitWatch, Nat64Error, Nat64Reconciler
+from tabby.dataplane.nat64_config import TUN as NAT64_TUN
+from tabby.dataplane.nat64_config import clash as nat64_clash
 from tabby.dataplane.nat64_config import dns_servers as nat64_dns_servers
 from tabby.dataplane.nat64_config import inputs as nat64_inputs
 from tabby.dataplane.nat64_config import render as render_nat64
@@ -320,6 +322,8 @@ class Agent:
                 if now >= self.next_resync:
                     self.full_check_due = True
                     self.next_resync = now + self._jitter()
+                    self.nat64.recheck()  # the tun, its routes and the resolver's address looked at again
+                    self.nat64_dirty = True
                 if retry_at is not None and now >= retry_at:
                     retry_at = None
                 if not self.in_sync:
@@ -509,35 +513,45 @@ class Agent:
             log.error("dnsmasq: %s", e)
             self.dhcp_dirty = True  # try again on the next turn that has anything to do
 
-    def _nat64_step(self) -> None:
+    def _nat64_step(self) -> bool | None:
         """NAT64 and DNS64 run here while a local workload has an address in a nat64 pool (each
         host translates its own workloads); a failure is logged, kept in the status, and tried
-        again on the next turn that has anything to do."""
+        again in RETRY_S (False). A disabled nat64 pool still serves the workloads it has."""
         if not self.nat64_dirty:
-            return
+            return None
         self.nat64_dirty = False
-        pools = [r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
-        nat_pools = [p.cidr for p in pools if p.nat64 and not p.disabled]
-        st = self.index.state
-        wanted = any(ipaddress.ip_address(a) in net for name, plan in self.index.plans.items()
-                     if st.interfaces.get(plan.interface) == name for a in plan.addresses if ":" in a
-                     for net in nat_pools)
-        host = self.fabric.get(f"{kind_prefix('Host')}{self.host}")
-        host_v6 = None if host is None or host.spec.ipv6_address is None else str(host.spec.ipv6_address)
-        inp = nat64_inputs(pools, self.config, host_v6) if wanted else None
-        rendered = render_nat64(inp, self.nat64.run_dir) if inp is not None else None
-        self.policy_index.set_nat64_pool4(inp.pool4 if inp is not None else None)
+        ok = False
         before = self.nat64.status()
-        self.nat64.set_desired(rendered)
         try:
+            pools = [r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
+            nat_pools = [p.cidr for p in pools if p.nat64]
+            st = self.index.state
+            wanted = any(ipaddress.ip_address(a) in net for name, plan in self.index.plans.items()
+                         if st.interfaces.get(plan.interface) == name for a in plan.addresses if ":" in a
+                         for net in nat_pools)
+            host = self.fabric.get(f"{kind_prefix('Host')}{self.host}")
+            host_v6 = None if host is None or host.spec.ipv6_address is None else str(host.spec.ipv6_address)
+            inp = nat64_inputs(pools, self.config, host_v6) if wanted else None
+            clash = nat64_clash(inp, [r for r in self.fabric.values() if getattr(r, "kind", None) in
+                                      ("IPPool", "Host")]) if inp is not None else None
+            if clash is not None:  # refused; what runs now stays as it is
+                raise Nat64Error(f"refused: {clash}")
+            rendered = render_nat64(inp, self.nat64.run_dir) if inp is not None else None
+            self.policy_index.set_nat64(inp.pool4 if inp is not None else None, inp.clients if inp else ())
+            self.nat64.set_desired(rendered)
             self.nat64.apply()
+            ok = True
         except Nat64Error as e:
             log.error("NAT64: %s", e)
-            self.nat64_dirty = True
-        if self.exit_watch is not None:
-            self.exit_watch.watch(self.nat64.pids())
-        if self.nat64.status() != before:
-            self._publish_host_info()
+            self.nat64.last_error = str(e)
+        finally:
+            if not ok:
+                self.nat64_dirty = True  # tried again (an unexpected error is the loop's to log)
+            if self.exit_watch is not None:
+                self.exit_watch.watch(self.nat64.pids())
+            if self.nat64.status() != before:
+                self._publish_host_info()
+        return ok
 
     def _jitter(self) -> float:
         return self.resync_s * random.uniform(0.9, 1.1)
@@ -692,6 +706,9 @@ class Agent:
         if change.kind == "overflow":
             self.full_check_due = True
         elif change.kind == "link":
+            if change.key == NAT64_TUN or (change.deleted and self.links.by_index.get(change.ifindex) == NAT64_TUN):
+                self.nat64.recheck()  # gone, or changed (down: its routes went with it)
+                self.nat64_dirty = True
             if change.deleted:
                 name = self.links.removed(change.ifindex)
                 if name is not None:

@@ -144,6 +144,7 @@ class PolicyIndex:
     pools: dict[str, Any] = field(default_factory=dict)
     workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")
     nat64_pool4: str | None = None  # this host runs NAT64 (agent): masquerade its pool
+    nat64_pools: tuple[str, ...] = ()  # ... for these pools' workloads only
     elements: dict[str, Counter[Element]] = field(default_factory=dict)  # set -> element -> refcount
     delta: dict[str, dict[Element, bool]] = field(default_factory=dict)  # since take_delta()
     _structure: Structure | None = None
@@ -193,9 +194,10 @@ class PolicyIndex:
             self.workload_prefixes = prefixes
             self._structure = None
 
-    def set_nat64_pool4(self, pool4: str | None) -> None:
-        if pool4 != self.nat64_pool4:
-            self.nat64_pool4 = pool4
+    def set_nat64(self, pool4: str | None, pools: tuple[str, ...]) -> None:
+        """This host translates (pool4, and the nat64 pools it translates for), or not (None)."""
+        if (pool4, pools) != (self.nat64_pool4, self.nat64_pools):
+            self.nat64_pool4, self.nat64_pools = pool4, pools
             self._structure = None
 
     def set_pool(self, name: str, pool: Any | None) -> None:
@@ -221,7 +223,8 @@ class PolicyIndex:
                 pools4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4)),
                 nat6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6 and p.nat_outgoing)),
                 nat4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4 and p.nat_outgoing)),
-                workload_prefixes=self.workload_prefixes, nat64_pool4=self.nat64_pool4)
+                workload_prefixes=self.workload_prefixes, nat64_pool4=self.nat64_pool4,
+                nat64_pools=self.nat64_pools)
         return self._structure
 
     def desired_elements(self) -> dict[str, AbstractSet[Element]]:

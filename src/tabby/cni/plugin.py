@@ -303,6 +303,7 @@ def _nameservers(conf: NetConf, ipam: Any, p: Plumbed) -> tuple[str, ...]:
     the result its resolver, never the ADD (the container has its addresses already)."""
     import ipaddress
 
+    from tabby.ipam import IpamError
     from tabby.store import StoreError
 
     try:
@@ -310,7 +311,7 @@ def _nameservers(conf: NetConf, ipam: Any, p: Plumbed) -> tuple[str, ...]:
         if not any(ipaddress.ip_address(a.partition("/")[0]) in net for a, _ in p.ips if ":" in a for net in nat):
             return ()
         server = ipam.config_value(host_name(conf), "dns64_server")
-    except (StoreError, ValueError) as e:
+    except (StoreError, IpamError, ValueError, AttributeError, TypeError) as e:  # the Store, a record it can't read
         import logging
 
         logging.getLogger(__name__).warning("no DNS64 resolver in the result: %s", e)

@@ -37,7 +37,7 @@ def at_least(version: str, floor: str) -> bool:
 
 def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mtu: int | None = None,
           nameservers: tuple[str, ...] = ()) -> dict[str, Any]:
-    """nameservers: resolvers tabby gives this attachment (DNS64 on a nat64 pool), after a
+    """nameservers: resolvers tabby gives this attachment (DNS64 on a nat64 pool), before a
     prevResult's own."""
     v11 = at_least(version, "1.1.0")
     prev = prev or {}
@@ -63,8 +63,11 @@ def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mt
     out: dict[str, Any] = {"cniVersion": version, "interfaces": interfaces, "ips": ips, "routes": routes}
     dns = dict(prev["dns"]) if isinstance(prev.get("dns"), dict) and prev["dns"] else {}
     if nameservers:
-        theirs = [a for a in dns.get("nameservers", []) if isinstance(a, str)]
-        dns["nameservers"] = theirs + [a for a in nameservers if a not in theirs]
+        # ours first: a resolver without DNS64 ahead of it would answer IPv4-only names with nothing
+        # (and glibc reads three); a previous plugin's that are no list of strings are left out
+        theirs = dns.get("nameservers")
+        theirs = [a for a in theirs if isinstance(a, str) and a not in nameservers] if isinstance(theirs, list) else []
+        dns["nameservers"] = [*nameservers, *theirs]
     if dns:
         out["dns"] = dns
     return out

@@ -11,6 +11,8 @@ dropped by the kernel's tun queue, which only this host's workloads use.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import logging
 import os
 import select
@@ -31,13 +33,23 @@ class Nat64Error(Exception):
     pass
 
 
+QUICK_EXIT_S = 10.0  # a daemon that dies sooner than this after its start is crash-looping
+STEADY_S = 60.0  # up this long: its crash count starts again from nothing
+MAX_BACKOFF_S = 60.0
+
+
 class _Daemon:
     """One detached daemon: its config file and pid file, adopted when the pid file's process
-    has our config on its command line."""
+    has our config on its command line. One that keeps dying right after its start is started
+    again after 1, 2, 4 ... 60 s, not at once (a hot loop of starts helps nobody)."""
 
     def __init__(self, name: str, conf: Path, pidfile: Path, argv: Callable[[Path], list[str]]) -> None:
         self.name, self.conf, self.pidfile, self.argv = name, conf, pidfile, argv
         self.revived = 0  # started again with an unchanged config: it had died
+        self._ran = False  # this agent started it (or adopted it) with the config on disk
+        self._started_at = 0.0
+        self._quick_exits = 0
+        self.not_before = 0.0  # crash-looping: no start before this (monotonic)
 
     def pid(self) -> int | None:
         try:
@@ -51,26 +63,42 @@ class _Daemon:
         pid = self.pid()
         if pid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        for _ in range(200):
-            if not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.01)
+        for sig, wait in ((signal.SIGTERM, 200), (signal.SIGKILL, 200)):  # a hung one is killed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            for _ in range(wait):
+                if not _running(pid):
+                    break
+                time.sleep(0.01)
+            else:
+                continue
+            break
         with contextlib.suppress(OSError):
             self.pidfile.unlink()
+        self._ran = False
 
     def ensure(self, text: str) -> bool:
         """Running with this config: True if it was (re)started."""
         same = self.conf.exists() and self.conf.read_text() == text
         pid = self.pid()
+        now = time.monotonic()
         if pid is not None and same:
+            self._ran = True  # running with this config (adopted after an agent restart, too)
+            if self._quick_exits and now - self._started_at > STEADY_S:
+                self._quick_exits = 0
             return False
         if pid is not None:
             self.stop()
-        elif same:
+        elif same and self._ran:  # ours, and gone: it died
+            self._ran = False
             self.revived += 1
+            if now - self._started_at < QUICK_EXIT_S:
+                self._quick_exits += 1
+                self.not_before = self._started_at + min(2.0 ** (self._quick_exits - 1), MAX_BACKOFF_S)
             log.warning("%s was not running (its config unchanged): starting it again", self.name)
+        if now < self.not_before:
+            raise Nat64Error(f"{self.name} keeps dying right after its start ({self._quick_exits} times): "
+                             f"next start in {self.not_before - now:.0f} s (see its log)")
         self.conf.write_text(text)
         with contextlib.suppress(OSError):
             self.pidfile.unlink()
@@ -84,8 +112,17 @@ class _Daemon:
             time.sleep(0.01)
         else:
             raise Nat64Error(f"{self.name} started but wrote no pid file {self.pidfile}")
+        self._ran, self._started_at = True, time.monotonic()
         log.info("%s %s (pid %s)", self.name, "restarted" if pid else "started", self.pid())
         return True
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Nat64Reconciler:
@@ -100,6 +137,13 @@ class Nat64Reconciler:
         self.desired: Nat64Rendered | None = None
         self.last_error: str | None = None
         self._plumbed: tuple[tuple[str, ...], str | None] | None = None
+        # the resolver address this host put on lo, on disk: a restarted agent must find it to remove it
+        self._address_file = run_dir / "dns64.address"
+
+    def recheck(self) -> None:
+        """Look at the tun, its routes and the address again at the next apply (a full check, or
+        the tun's link changed)."""
+        self._plumbed = None
 
     def set_desired(self, rendered: Nat64Rendered | None) -> None:
         self.desired = rendered
@@ -108,11 +152,13 @@ class Nat64Reconciler:
         return {d.name: pid for d in (self.tayga, self.unbound) if (pid := d.pid()) is not None}
 
     def status(self) -> dict[str, object] | None:
-        if self.desired is None:
+        """Read from the health server's thread too: one look at desired."""
+        desired = self.desired
+        if desired is None:
             return None
         pids = self.pids()
         return {"tayga": "up" if "tayga" in pids else "down",
-                "unbound": None if self.desired.unbound is None else ("up" if "unbound" in pids else "down"),
+                "unbound": None if desired.unbound is None else ("up" if "unbound" in pids else "down"),
                 "restarts": self.tayga.revived + self.unbound.revived, "error": self.last_error}
 
     def apply(self) -> bool:
@@ -151,17 +197,34 @@ class Nat64Reconciler:
             if res.returncode != 0:
                 raise Nat64Error(f"tayga --mktun: {(res.stderr or res.stdout).strip()[:500]}")
         self._ip(ip, "link", "set", TUN, "up")
-        if self._plumbed is not None:  # what a previous config put in and this one does not want
-            for dst in set(self._plumbed[0]) - set(r.routes):
-                subprocess.run([ip, "route", "del", dst, "dev", TUN], capture_output=True, timeout=30)
-            if self._plumbed[1] not in (None, r.dns64_address):
-                subprocess.run([ip, "addr", "del", f"{self._plumbed[1]}/128", "dev", "lo"], capture_output=True,
-                               timeout=30)
+        # what a previous config (of this agent or one before it) put in and this one does not want:
+        # the tun's routes as the kernel has them, the address as the file says
+        for fam in ("-6", "-4"):
+            res = subprocess.run([ip, "-j", fam, "route", "show", "dev", TUN], capture_output=True, text=True,
+                                 timeout=30)
+            for route in json.loads(res.stdout or "[]") if res.returncode == 0 else []:
+                dst = str(route.get("dst", ""))
+                if dst and "/" not in dst:
+                    dst += "/128" if ":" in dst else "/32"
+                if route.get("protocol") == "static" and dst not in r.routes:  # ours are proto static
+                    subprocess.run([ip, "route", "del", dst, "dev", TUN], capture_output=True, timeout=30)
+        old = self._old_address()
+        if old not in (None, r.dns64_address):
+            subprocess.run([ip, "addr", "del", f"{old}/128", "dev", "lo"], capture_output=True, timeout=30)
         for dst in r.routes:
             self._ip(ip, "route", "replace", dst, "dev", TUN, "proto", "static")
         if r.dns64_address is not None:
             self._ip(ip, "addr", "replace", f"{r.dns64_address}/128", "dev", "lo", "nodad")
+            self._address_file.write_text(r.dns64_address)
+        else:
+            self._address_file.unlink(missing_ok=True)
         self._plumbed = want
+
+    def _old_address(self) -> str | None:
+        try:
+            return str(ipaddress.IPv6Address(self._address_file.read_text().strip()))
+        except (OSError, ValueError):
+            return None
 
     @staticmethod
     def _ip(*argv: str) -> None:
@@ -176,9 +239,12 @@ class Nat64Reconciler:
         self.unbound.stop()
         if Path(f"/sys/class/net/{TUN}").exists():
             subprocess.run([shutil.which("ip") or "ip", "link", "del", TUN], capture_output=True, timeout=30)
-        if self._plumbed is not None and self._plumbed[1] is not None:
-            subprocess.run([shutil.which("ip") or "ip", "addr", "del", f"{self._plumbed[1]}/128", "dev", "lo"],
+        old = self._old_address()
+        if old is not None:
+            subprocess.run([shutil.which("ip") or "ip", "addr", "del", f"{old}/128", "dev", "lo"],
                            capture_output=True, timeout=30)
+            self._address_file.unlink(missing_ok=True)
+            had = True
         self._plumbed = None
         if had:
             log.info("NAT64 stopped: no workload on a nat64 pool here")
@@ -213,6 +279,7 @@ class ExitWatch:
 
     def _run(self) -> None:
         fds: dict[int, tuple[str, int]] = {}
+        warned: set[tuple[str, int]] = set()
         try:
             while not self._stop:
                 with self._lock:
@@ -227,12 +294,23 @@ class ExitWatch:
                         try:
                             fds[os.pidfd_open(pid)] = (name, pid)
                         except ProcessLookupError:
+                            with self._lock:
+                                self._want.pop(name, None)
                             self.on_exit(name)  # gone before we looked
+                        except OSError as e:  # no pidfd (kernel < 5.3, no fds left): said, then polled
+                            if (name, pid) not in warned:
+                                warned.add((name, pid))
+                                log.error("cannot watch %s (pid %d): %s; looking every 2 s instead", name, pid, e)
+                            if not _running(pid):
+                                with self._lock:
+                                    self._want.pop(name, None)
+                                self.on_exit(name)
+                poll_ms = None if all(n in {v[0] for v in fds.values()} for n in want) else 2000
                 poller = select.poll()
                 poller.register(self._r, select.POLLIN)
                 for fd in fds:
                     poller.register(fd, select.POLLIN)
-                for fd, _ in poller.poll():
+                for fd, _ in poller.poll(poll_ms):
                     if fd == self._r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._r, 4096)

@@ -46,12 +46,34 @@ class Nat64Rendered:
 def inputs(pools: Sequence[Any], cfg: Any, host_v6: str | None) -> Nat64Inputs | None:
     """The pools (IPPool specs) and effective Config -> what this host's NAT64 needs; None without
     a nat64 pool. Pure."""
-    clients = tuple(sorted(str(p.cidr) for p in pools if getattr(p, "nat64", False) and not p.disabled))
+    # a disabled pool takes no new workloads; the ones it has keep NAT64
+    clients = tuple(sorted(str(p.cidr) for p in pools if getattr(p, "nat64", False)))
     if not clients:
         return None
     return Nat64Inputs(prefix=str(cfg.nat64_prefix), pool4=str(cfg.nat64_pool4), clients=clients, host_v6=host_v6,
                        dns64_server=None if cfg.dns64_server is None else str(cfg.dns64_server),
                        upstreams=tuple(str(a) for a in cfg.dns64_upstreams or ()))
+
+
+def clash(inp: Nat64Inputs, records: Sequence[Any]) -> str | None:
+    """Why this NAT64 would take what another resource holds (IPPool and Host records), or None:
+    the resolver's address goes on every host's loopback, the /96 and the IPv4 pool into every
+    translating host's routing table."""
+    prefix, pool4 = ipaddress.ip_network(inp.prefix), ipaddress.ip_network(inp.pool4)
+    server = None if inp.dns64_server is None else ipaddress.ip_address(inp.dns64_server)
+    for r in records:
+        name = f"{r.kind} {r.metadata.name}"
+        if r.kind == "IPPool":
+            cidr = r.spec.cidr
+            if cidr.overlaps(prefix) if cidr.version == 6 else cidr.overlaps(pool4):
+                return f"nat64 {'prefix' if cidr.version == 6 else 'pool4'} overlaps {name} ({cidr})"
+            if server is not None and server in cidr:
+                return f"dns64_server {server} is inside {name} ({cidr})"
+        elif r.kind == "Host":
+            for a in (r.spec.ipv6_address, r.spec.ipv4_address):
+                if a is not None and (a == server or a in prefix or a in pool4):
+                    return f"{name}'s fabric address {a} is the NAT64 prefix's, pool's or resolver's"
+    return None
 
 
 def dns_servers(pool: Any, cfg: Any) -> tuple[Any, ...]:

@@ -330,9 +330,11 @@ class _Rule:
                 raise Unsupported(f"range with {op}")
             self.emit(self.x(f.load, REG_1), self.x(_cmp, ">=", f.enc(lo)), self.x(_cmp, "<=", f.enc(hi)))
         elif f.needs is None and f.size == 16 and isinstance(right, str):  # an interface name
-            if not right.endswith("*") or op not in ("==", "!="):
+            if op not in ("==", "!=") or len(right.rstrip("*")) > 15:
                 raise Unsupported(f"interface name match {right!r}")
-            self.emit(self.x(f.load, REG_1), self.x(_cmp, op, right[:-1].encode()))
+            # "tby*": the prefix's bytes; "tabby64": the whole name, zero-padded to IFNAMSIZ (as nft does)
+            name = right[:-1].encode() if right.endswith("*") else right.encode().ljust(16, b"\0")
+            self.emit(self.x(f.load, REG_1), self.x(_cmp, op, name))
         elif isinstance(right, (int, str)) and not isinstance(right, bool):
             data = f.enc(right)
             if f.base is not None and op == "==":

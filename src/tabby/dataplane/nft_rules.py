@@ -251,6 +251,21 @@ def _nat(t: _Table, s: Structure) -> None:
             {"counter": None}, {"masquerade": None}])
 
 
+def _nat64_guards(t: _Table, s: Structure) -> None:
+    """The translator is this host's nat64 pools' and nobody else's: not another pool's workloads,
+    not the fabric's (each host translates its own); and no new connection comes in through it
+    (answers to the workloads' own are established)."""
+    if s.nat64_pool4 is None:
+        return
+    to_tun = _m(_meta("oifname"), {"set": [NAT64_TUN]})
+    nets = [_net(ipaddress.ip_network(n)) for n in s.nat64_pools]
+    t.rule("forward", "NAT64 from outside the nat64 pools", [
+        to_tun, _m(_meta("nfproto"), "ipv6"), *([_m(_pl("ip6", "saddr"), {"set": nets}, "!=")] if nets else []),
+        *_COUNT_DROP])
+    t.rule("forward", "NAT64 pool: no new connection in", [
+        to_tun, _m(_meta("nfproto"), "ipv4"), _m({"ct": {"key": "state"}}, ["new"], "in"), *_COUNT_DROP])
+
+
 def render(s: Structure) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     """(commands that create the table's sets, chains and rules; chain -> rule comments)."""
     t = _Table()
@@ -277,6 +292,7 @@ def render(s: Structure) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     t.rule("prerouting", "from workload", [_m(_meta("iifname"), "@" + WL_IF), {"jump": {"target": "guard"}}])
     t.chain("forward", type="filter", hook="forward", prio=0, policy="accept")
     _unknown_workloads(t, s, "forward", "oifname")
+    _nat64_guards(t, s)
     t.rule("forward", "from workload", [_m(_meta("iifname"), "@" + WL_IF), {"jump": {"target": "from_wl"}}])
     t.rule("forward", "to workload", [_m(_meta("oifname"), "@" + WL_IF), {"jump": {"target": "to_wl"}}])
     _nat(t, s)

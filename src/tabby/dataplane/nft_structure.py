@@ -62,6 +62,7 @@ class Structure:
     nat6: tuple[str, ...] = ()  # pools with nat_outgoing
     nat4: tuple[str, ...] = ()
     nat64_pool4: str | None = None  # this host translates: its NAT64 pool is masqueraded on the way out
+    nat64_pools: tuple[str, ...] = ()  # the IPv6 pools it translates for (no other source may use it)
     workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")  # unknown interfaces so named: dropped
 
     def set_names(self) -> dict[str, str | list[str]]:

@@ -177,6 +177,8 @@ class IPPoolSpec(_Frozen):
     @classmethod
     def _strict_cidr(cls, v: object) -> object:
         if isinstance(v, str):
+            if "%" in v:  # a zone means nothing in a pool, and its text would reach daemons' configs
+                raise ValueError(f"{v[:60]!r}: a pool is no scoped (%zone) network")
             try:
                 return ipaddress.ip_network(v, strict=True)
             except ValueError as e:
@@ -471,6 +473,8 @@ NAT64_POOL4_DEFAULT = "192.168.255.0/24"  # tayga's example pool; host-local, ma
 
 
 def _nat64_prefix(v: IPv6Network) -> IPv6Network:
+    if v.network_address.scope_id is not None:
+        raise ValueError("a NAT64 prefix has no %zone")
     if v.prefixlen != 96:
         raise ValueError(f"{v}: a NAT64 prefix here is a /96 (the IPv4 address is its last 32 bits)")
     if v.network_address.packed[0] == 0 and str(v) != NAT64_WKP:
@@ -491,9 +495,15 @@ def _nat64_pool4(v: IPv4Network) -> IPv4Network:
 
 
 def _service_address(v: IPv6Address) -> IPv6Address:
-    if v.is_link_local or v.is_multicast or v.is_unspecified or v.is_loopback:
+    if v.is_link_local or v.is_multicast or v.is_unspecified or v.is_loopback or v.ipv4_mapped is not None:
         raise ValueError(f"{v}: a resolver every workload reaches through its host needs a routable address "
-                         "(not link-local, multicast, loopback or ::)")
+                         "(not link-local, multicast, loopback, IPv4-mapped or ::)")
+    return v
+
+
+def _upstream(v: IPv6Address | IPv4Address) -> IPv6Address | IPv4Address:
+    if v.is_multicast or v.is_unspecified or (v.version == 6 and v.ipv4_mapped is not None):
+        raise ValueError(f"{v}: not a resolver's address (multicast, unspecified or IPv4-mapped)")
     return v
 
 
@@ -535,12 +545,18 @@ class ConfigSpec(_Frozen):
     # DNS64: the resolver address every host serves (unbound, on its loopback) for workloads on
     # nat64 pools, synthesizing AAAA records in nat64_prefix; it forwards to dns64_upstreams
     dns64_server: Annotated[V6Addr, AfterValidator(_service_address)] | None = None
-    dns64_upstreams: Annotated[tuple[V6Addr | IPv4Address, ...], Field(max_length=MAX_DNS_SERVERS)] | None = None
+    dns64_upstreams: Annotated[tuple[Annotated[V6Addr | IPv4Address, AfterValidator(_upstream)], ...],
+                               Field(max_length=MAX_DNS_SERVERS)] | None = None
 
     @model_validator(mode="after")
     def _one_mesh_password(self) -> ConfigSpec:
         if self.mesh_password_file is not None and self.mesh_password_secret is not None:
             raise ValueError("mesh_password_secret: one password source, not mesh_password_file as well")
+        if self.dns64_server is not None:
+            if self.nat64_prefix is not None and self.dns64_server in self.nat64_prefix:
+                raise ValueError(f"dns64_server: {self.dns64_server} is inside nat64_prefix {self.nat64_prefix}")
+            if self.dns64_server in (self.dns64_upstreams or ()):
+                raise ValueError(f"dns64_upstreams: {self.dns64_server} is dns64_server itself (a forwarding loop)")
         return self
 
 
