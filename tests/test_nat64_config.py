@@ -50,6 +50,9 @@ def test_nat64_is_for_ipv6_pools_only_and_no_pool_is_scoped() -> None:
         pool("10.0.0.0/24", nat64=True)
     with pytest.raises(InvalidResource, match="no scoped"):  # its text would reach unbound's access-control
         pool("fd00:1::%x\n  local-data: x/64", nat64=True)
+    with pytest.raises(InvalidResource, match="no %zone"):  # nor a rule's (the nftables table)
+        validate({"kind": "Policy", "metadata": {"name": "p"}, "spec": {
+            "selector": "all()", "egress": [{"action": "deny", "dst_nets": ["fd00:64::%x/96"]}]}})
     assert pool("fd00:e::/112", nat64=True).nat64  # type: ignore[attr-defined]
 
 

@@ -312,6 +312,14 @@ class Rule(_Frozen):
     src_ports: tuple[PortSpec, ...] = ()
     dst_ports: tuple[PortSpec, ...] = ()
 
+    @field_validator("src_nets", "dst_nets")
+    @classmethod
+    def _unscoped_nets(cls, v: tuple[IPv6Network | IPv4Network, ...]) -> tuple[IPv6Network | IPv4Network, ...]:
+        for n in v:
+            if n.version == 6 and n.network_address.scope_id is not None:
+                raise ValueError(f"{str(n)[:60]!r}: a rule's network has no %zone")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
         if (self.icmp_type is not None or self.icmp_code is not None) and self.protocol not in ("icmp", "icmpv6"):
