@@ -205,6 +205,9 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
     wait_address(g2, addr2)
     assert lease_duids(qlab, v2, addr2) == duids
     LAPS.lap("2: rebooted guest back, same address and DUID")
+    # host 3's routes to and from the outside router settle after the move (BGP), as in the first test
+    assert L.wait_until(lambda: qlab.wait_routed(30)["ok"], 60)
+    LAPS.lap("2: routed")
     rows = qlab.matrix(("v6",))
     LAPS.lap("2: matrix (v6)")
     assert not [r for r in rows if not r["ok"]], [r for r in rows if not r["ok"]]
