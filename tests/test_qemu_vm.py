@@ -24,15 +24,43 @@ from tabby.model import validate
 from tabby.store import open_store
 
 BOOT_S = 240  # TCG on a loaded 2-core machine; a boot takes ~30-60 s here
+# the configured images the module boots (flavour, IPv4, render), as qemu.Guest.image asks for them
+IMAGES = (("ifupdown", True, "render"), ("networkd", True, "render"), ("ifupdown", True, "none"),
+          ("networkd", False, "cloud-init"))
+
+
+class Laps:
+    """Where the module's seconds go: lap(name) takes the time since the previous lap; the table is
+    printed at the module's end (with -s), so a slow run says which step was slow."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float]] = []
+        self.last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.rows.append((name, now - self.last))
+        self.last = now
+
+    def table(self) -> str:
+        width = max((len(n) for n, _ in self.rows), default=0)
+        lines = [f"{n:<{width}}  {s:6.1f} s" for n, s in self.rows]
+        return "\n".join([*lines, f"{'total':<{width}}  {sum(s for _, s in self.rows):6.1f} s"])
+
+
+LAPS = Laps()
 
 
 @pytest.fixture(scope="module")
 def qlab() -> Iterator[L.Lab]:
-    # the images first (built once per machine, ~2 min on a fresh one), so the lab's wait is for boots
-    t0 = time.monotonic()
+    # the images first (built once per machine, ~1.5 min on a fresh one), so the lab's wait is for boots
+    LAPS.lap("(before the module)")
     for fl in guest_image.FLAVOURS:
         guest_image.pristine(fl)
-    print(f"pristine images ready in {time.monotonic() - t0:.1f} s")
+    LAPS.lap("pristine images (built once per machine)")
+    for flavour, ipv4, render in IMAGES:
+        guest_image.configured(flavour, ipv4, render=render)
+    LAPS.lap("configured images (per guest code)")
     prefix = "q" + uuid.uuid4().hex[:5]
     topo = topology(3, 1, False, prefix)
     h1, h2, _ = topo.hosts
@@ -40,12 +68,18 @@ def qlab() -> Iterator[L.Lab]:
     the_lab = L.Lab(topo, L.default_store(prefix), vm_kind="qemu")
     try:
         the_lab.up()
+        LAPS.lap("lab up (hosts, agents, containers; 2 guests started)")
         yield the_lab
     finally:
         for name, g in the_lab.guests.items():
             if g.console.exists():
                 print(f"--- {name} console\n" + g.console.read_text(errors="replace")[-20000:])
+            log = g.dir / f"qemu-{name}.log"
+            if log.exists():
+                print(f"--- {name} qemu\n" + log.read_text(errors="replace")[-3000:])
         gone = L.down(prefix)
+        LAPS.lap("lab down")
+        print("--- where the module's seconds went\n" + LAPS.table())
         assert not [g for g in the_lab.guests.values() if g.pid() is not None], gone
 
 
@@ -72,6 +106,8 @@ def wait_address(g: qemu.Guest, v6: str, timeout: float = 60) -> float:
 def test_two_guests_configured_only_by_render(qlab: L.Lab) -> None:
     for g in qlab.guests.values():
         g.wait_ready(BOOT_S)
+        print(f"{g.name} ({g.flavour}): agent {time.monotonic() - g.started:.1f} s after qemu start")
+    LAPS.lap("1: both guests' boots to their agents")
     for v in qlab.topo.vms:
         g = qlab.guests[v.name]
         ep = endpoint(qlab, v.name)
@@ -92,10 +128,13 @@ def test_two_guests_configured_only_by_render(qlab: L.Lab) -> None:
         r = g.check()
         print(f"--- guest check in {v.name} ({g.flavour})\n{r['out']}{r['err']}")
         assert r["rc"] == 0 and "FAIL" not in r["out"] and r["out"].count("ok") >= 4, r
+    LAPS.lap("1: addresses, routes, guest check")
     # each guest reaches the other guest, the containers (one on the third host) and the outside
     # router, over both families, ping and TCP; and they reach the guests
     assert L.wait_until(lambda: qlab.wait_routed(30)["ok"], 60)
+    LAPS.lap("1: routed")
     rows = qlab.matrix()
+    LAPS.lap("1: matrix (v6, v4; ping, TCP)")
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad
     names = {v.name for v in qlab.topo.vms}
@@ -127,6 +166,7 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
     duids = lease_duids(qlab, v2, addr2)
     assert len(duids) == 1, duids
     boot = g2.call({"op": "hello"})["boot_id"]
+    LAPS.lap("2: before the reboot")
     with contextlib.suppress(OSError):  # the agent may go before it answers
         g2.run(["systemctl", "reboot"], 5)
 
@@ -143,6 +183,7 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
     moved = dataclasses.replace(g1, host_ns=h3.ns)
     qlab.guests[v1.name] = moved
     t_start = moved.start()
+    LAPS.lap("2: reboot asked, guest 1 stopped and moved")
     moved.wait_ready(BOOT_S)
     t_agent = time.monotonic()
     state = moved.wait_booted(BOOT_S)
@@ -153,6 +194,7 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
     assert L.wait_until(lambda: probe.in_ns(container.ns, lambda: probe.ping(addr1, 0.5))[0], 30, 0.1), \
         moved.addresses()
     t_reached = time.monotonic()
+    LAPS.lap("2: moved guest booted, addressed and reached")
     print(f"moved guest: booted {t_booted - t_start:.1f} s after qemu start, reachable from host 2 "
           f"{t_reached - t_booted:.1f} s after that")
     assert t_reached - t_booted <= 10, f"moved guest reachable only {t_reached - t_booted:.1f} s after its boot"
@@ -162,7 +204,12 @@ def test_reboot_keeps_address_and_moved_guest_is_reachable_fast(qlab: L.Lab) -> 
     assert L.wait_until(lambda: g2.ready(2) and g2.call({"op": "hello"})["boot_id"] != boot, BOOT_S, 1)
     wait_address(g2, addr2)
     assert lease_duids(qlab, v2, addr2) == duids
+    LAPS.lap("2: rebooted guest back, same address and DUID")
+    # host 3's routes to and from the outside router settle after the move (BGP), as in the first test
+    assert L.wait_until(lambda: qlab.wait_routed(30)["ok"], 60)
+    LAPS.lap("2: routed")
     rows = qlab.matrix(("v6",))
+    LAPS.lap("2: matrix (v6)")
     assert not [r for r in rows if not r["ok"]], [r for r in rows if not r["ok"]]
 
 
@@ -185,11 +232,13 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     ep6 = endpoint(qlab, sv.name)
     assert not ep6.spec.ipv4_addresses  # type: ignore[attr-defined]
     want = str(ep6.spec.ipv6_addresses[0]).partition("/")[0]  # type: ignore[attr-defined]
+    LAPS.lap("3: guests stopped, 2 more started")
     for g in (pristine, six):
         g.wait_ready(BOOT_S)
+        print(f"{g.name}: agent {time.monotonic() - g.started:.1f} s after qemu start")
+    LAPS.lap("3: both guests' boots to their agents")
     wait_address(six, want)
-    time.sleep(5)  # the v4 a DHCPv4 client would have had by now
-    assert six.addresses() == {"v6": [want], "v4": []}
+    t_addr = time.monotonic()
     assert six.ip_json("-6", "addr", "show", "dev", "eth0")[0]["addr_info"][0]["prefixlen"] == 128
     assert "10-netplan-eth0.network" in six.run(["ls", "/run/systemd/network"])["out"]  # netplan's doing
     r = six.check()
@@ -200,6 +249,11 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     r = pristine.check()
     print(f"--- guest check in the pristine guest\n{r['out']}")
     assert r["rc"] == 1 and "FAIL eth0 asks DHCPv6 for its address at boot" in r["out"] and "fix:" in r["out"]
+    # 5 s after its IPv6 address (the checks above, read-only, took part of them): the v4 a DHCPv4
+    # client would have had by now
+    time.sleep(max(0.0, 5 - (time.monotonic() - t_addr)))
+    assert six.addresses() == {"v6": [want], "v4": []}
+    LAPS.lap("3: IPv6-only guest, pristine guest checked")
 
     # the seed's recipe by hand in the running pristine guest. First only the interfaces stanza
     # (DHCPv6 with accept_ra), Debian's dhclient-script as it is: Debian 12's ISC dhclient (4.4)
@@ -216,6 +270,7 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     assert L.wait_until(lambda: pristine.ping(want, 2)[0], 20, 0.5)
     r = pristine.run(["ifdown", "eth0"], 60)
     assert r["rc"] == 0 and global6(pristine) == [], r
+    LAPS.lap("3: the seed's interfaces stanza by hand")
 
     # Debian's script installs the bare address (a /128) whatever dhclient says: Debian fixed the
     # seed's problem in its own script. The seed's problem comes back with the upstream ISC script's
@@ -254,6 +309,7 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     # /64-minded client now installs a /128, no on-link route, and the other guest is reached
     patch = ("from tabby.guest.render import patch_script; p = '/sbin/dhclient-script'; "
              "t = patch_script(open(p).read()); open(p, 'w').write(t)")
+    LAPS.lap("3: the upstream script's /64")
     r = pristine.run(["env", f"PYTHONPATH={guest_image.CHECK_DIR}", "python3", "-c", patch])
     assert r["rc"] == 0, r
     run_dhclient(pristine, seed_dhclient)
@@ -261,6 +317,7 @@ def test_pristine_image_has_the_seed_problem_and_ipv6_only_guest_has_no_ipv4(qla
     routes = [r["dst"] for r in pristine.ip_json("-6", "route", "show", "dev", "eth0")]
     assert not [d for d in routes if d.endswith("/64") and not d.startswith("fe80")], routes
     assert L.wait_until(lambda: pristine.ping(want, 2)[0], 20, 0.5)
+    LAPS.lap("3: the fix")
 
 
 def run_dhclient(g: qemu.Guest, argv: list[str]) -> None:

@@ -98,7 +98,9 @@ def main(path: str) -> None:
                 reply["id"] = req.get("id")
             except Exception as e:  # a bad request costs one error reply, never the agent
                 reply = {"id": None, "error": f"{type(e).__name__}: {e}"}
-            os.write(fd, (json.dumps(reply) + "\n").encode())
+            out = memoryview((json.dumps(reply) + "\n").encode())
+            while out:  # a port's write may take part of a long reply (dmesg, journals)
+                out = out[os.write(fd, out):]
 
 
 if __name__ == "__main__":

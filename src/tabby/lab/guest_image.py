@@ -6,7 +6,8 @@ snapshot". Here, in three layers, each a file under CACHE_ROOT:
 1. the *pristine* image of a flavour: Debian packages only, no network configuration at all (the
    flavour's network stack is installed and enabled, nothing tells it what to do). Built once per
    machine, named by a hash of its package list, recipe and tabby's version: a raw ext4 disk plus
-   the kernel and initrd taken out of it (qemu boots them directly: no boot loader to install).
+   the kernel taken out of it (qemu boots it directly: no boot loader to install, and no initrd:
+   the root disk is NVMe and ext4, both built into Debian's cloud kernel).
 2. a *configured* image per configuration (flavour, IPv4 or not, render options): a copy of the
    pristine disk, loop-mounted, written to by ``tabby guest render --root`` and nothing else
    network-related; the lab's guest agent (guest_agent.py, not network configuration: it is how
@@ -50,21 +51,55 @@ FLAVOUR_PACKAGES = {
     "networkd": ("netplan.io",),
 }
 # Documentation and locales are never read by a guest that lives for a test: ~60 MB less to unpack.
-DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
-DISK_SIZE = "1536M"  # the tree is ~650 MB; room for logs and leases
+DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*",
+                 "/lib/modules/*.ko")
+# ...and of the kernel's modules (~85 MB) only those of the devices qemu gives a guest (lab/qemu.py:
+# virtio-net, virtio-serial on virtio-pci; the root disk is NVMe, built in): less to unpack, no
+# initrd to make, and nothing else for udev to load at boot under TCG (crypto modules for -cpu
+# max's features, ATA for the PC's IDE controller, dm, fuse, loop: ~20 modules before)
+MODULES_KEPT = ("drivers/virtio/virtio.ko", "drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio_pci*.ko",
+                "drivers/net/virtio_net.ko", "drivers/net/net_failover.ko", "net/core/failover.ko",
+                "drivers/char/virtio_console.ko")
+DPKG_INCLUDES = tuple(f"/lib/modules/*/kernel/{m}" for m in MODULES_KEPT)
+# Units a lab guest never needs, masked in the pristine image: under TCG every process at boot
+# costs (~50 s to the agent before, most of it these starting beside the ones that matter). No
+# getty (root has no password: the lab talks to the guest agent), no timers (apt, fstrim, e2scrub:
+# a guest lives for a test), none of the pseudo file systems, module preloads, utmp, random seed,
+# pstore or journal flush (the journal stays in /run); e2scrub_reap checks ext4 snapshots a VM
+# never has (it held boot up ~20 s). Networking, udev, journald, sysctl and tmpfiles stay.
+MASKED_UNITS = ("getty.target", "getty-static.service", "dev-hugepages.mount", "dev-mqueue.mount",
+                "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-kernel-config.mount",
+                "sys-fs-fuse-connections.mount", "proc-sys-fs-binfmt_misc.automount", "systemd-binfmt.service",
+                "kmod-static-nodes.service", "systemd-modules-load.service", "modprobe@configfs.service",
+                "modprobe@dm_mod.service", "modprobe@drm.service", "modprobe@efi_pstore.service",
+                "modprobe@fuse.service", "modprobe@loop.service", "systemd-pstore.service",
+                "systemd-random-seed.service", "systemd-update-utmp.service",
+                "systemd-update-utmp-runlevel.service", "systemd-journal-flush.service",
+                "systemd-user-sessions.service", "e2scrub_reap.service", "timers.target")
+# udev's coldplug at boot only for what a lab guest needs of the devices there before udevd: PCI
+# (modalias: virtio-pci's module, then virtio-net's and -console's as their devices appear, which
+# udev sees live), the root disk (dev-nvme0n1.device) and net (lo, which networkd waits for udev to
+# have seen). Every device was ~217 events here (63 virtual consoles, CPUs, memory blocks, ACPI,
+# PnP, ...), each a udev worker's rules under TCG, and the root disk's waited behind them (11-24 s)
+UDEV_TRIGGER = """[Service]
+ExecStart=
+ExecStart=-udevadm trigger --type=subsystems --action=add
+ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=pci --subsystem-match=block \\
+ --subsystem-match=nvme --subsystem-match=net --subsystem-match=virtio --subsystem-match=virtio-ports
+"""
+DISK_SIZE = "1024M"  # the tree is ~280 MB; room for logs and leases
 AGENT_PORT = "org.tabby.agent"  # the virtio-serial port's name (guest: /dev/virtio-ports/<name>)
 AGENT_PATH = "/usr/local/sbin/tabby-guest-agent"
-RECIPE = "3"  # bump when pristine() builds differently (hooks, excludes): a new name, a new build
+RECIPE = "6"  # bump when pristine() builds differently (hooks, excludes): a new name, a new build
 CHECK_DIR = "/usr/local/lib/tabby"  # tabby.guest (render and check), for `python3 -m tabby.guest.check`
 
 
 @dataclass(frozen=True)
 class Image:
-    """A bootable image: its disk (raw ext4, the root file system) and the kernel and initrd in it."""
+    """A bootable image: its disk (raw ext4, the root file system) and the kernel in it."""
 
     disk: Path
     kernel: Path
-    initrd: Path
 
 
 def packages(flavour: str) -> tuple[str, ...]:
@@ -121,18 +156,17 @@ def _prune(keep: str, pattern: str) -> None:
 
 
 def _image_in(d: Path) -> Image:
-    return Image(d / "disk.raw", d / "vmlinuz", d / "initrd.img")
+    return Image(d / "disk.raw", d / "vmlinuz")
 
 
 def pristine(flavour: str) -> tuple[Image, float]:
     """The pristine image of flavour, built if this machine has none; (image, seconds spent building
     it and the other flavours: 0 when it was cached).
 
-    One mmdebstrap run for all flavours (half the time of one per flavour: the download and the
-    initramfs are most of it): the tree with every flavour's packages is the ifupdown image; then
-    from a copy of it, netplan.io is purged: that is the ifupdown image; from the tree itself, ifupdown
-    and ISC dhclient are purged and systemd-networkd enabled (as cloud images ship it, with no
-    .network file to act on): the networkd image."""
+    One mmdebstrap run for all flavours (half the time of one per flavour: the download is most of
+    it): the tree has every flavour's packages; from a copy of it, netplan.io is purged: that is the
+    ifupdown image; from the tree itself, ifupdown and ISC dhclient are purged and systemd-networkd
+    enabled (as cloud images ship it, with no .network file to act on): the networkd image."""
     packages(flavour)
     keys = {f: pristine_key(f) for f in FLAVOURS}
     with _locked(CACHE_ROOT / f".{keys[FLAVOURS[0]]}.lock"):
@@ -147,12 +181,24 @@ def pristine(flavour: str) -> tuple[Image, float]:
             # (the tree as installed has every flavour's packages; each flavour's copy loses the others')
             _run(["mmdebstrap", "--variant=minbase", "--mode=root", f"--include={','.join(every)}",
                   *(f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES),
+                  *(f"--dpkgopt=path-include={p}" for p in DPKG_INCLUDES),
+                  # no initrd is booted (see MODULES_KEPT), so none is made: update-initramfs diverted
+                  # before the kernel's package runs it
+                  "--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename --add "
+                  "/usr/sbin/update-initramfs && ln -s /bin/true \"$1\"/usr/sbin/update-initramfs",
                   # mmdebstrap writes the build host's resolv.conf and hostname; a guest has its own
                   '--customize-hook=rm -f "$1"/etc/resolv.conf; echo guest > "$1"/etc/hostname',
                   # an empty machine-id: systemd makes one at first boot, so each VM's is its own (and
                   # so is networkd's DUID, which is derived from it), kept across reboots in the overlay
                   '--customize-hook=: > "$1"/etc/machine-id; rm -f "$1"/var/lib/dbus/machine-id',
                   SUITE, str(tree)], timeout=900)
+            for unit in MASKED_UNITS:
+                mask = tree / "etc/systemd/system" / unit
+                mask.unlink(missing_ok=True)
+                mask.symlink_to("/dev/null")
+            dropin = tree / "etc/systemd/system/systemd-udev-trigger.service.d"
+            dropin.mkdir(parents=True, exist_ok=True)
+            (dropin / "tabby-lab.conf").write_text(UDEV_TRIGGER)
             for n, fl in enumerate(FLAVOURS):
                 out = tmp / keys[fl]
                 out.mkdir()
@@ -168,8 +214,10 @@ def pristine(flavour: str) -> tuple[Image, float]:
                     _run(["chroot", str(ftree), "systemctl", "enable", "systemd-networkd.service"])
                 boot = ftree / "boot"
                 shutil.copy(next(boot.glob("vmlinuz-*")), out / "vmlinuz")
-                shutil.copy(next(boot.glob("initrd.img-*")), out / "initrd.img")
-                _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(ftree), str(out / "disk.raw"), DISK_SIZE])
+                # inode tables and journal zeroed here, not by each guest's ext4lazyinit under TCG;
+                # no metadata checksums: software crc32c on every metadata block (qemu64 has no SSE4.2)
+                _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                      "-O", "^metadata_csum", "-d", str(ftree), str(out / "disk.raw"), DISK_SIZE])
                 (out / "packages").write_text("\n".join(packages(fl)) + "\n")
                 if ftree != tree:
                     shutil.rmtree(ftree)
@@ -226,14 +274,14 @@ def configured(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: str =
     args = render_args(flavour, ipv4, rs_delay, render)
     src = Path(__file__).parent
     h = hashlib.sha256("\0".join(args).encode())
-    for f in (src / "guest_agent.py", src.parent / "guest" / "render.py", src.parent / "guest" / "check.py",
-              src.parent / "cli" / "guest.py"):
+    for f in (Path(__file__), src / "guest_agent.py", src.parent / "guest" / "render.py",
+              src.parent / "guest" / "check.py", src.parent / "cli" / "guest.py"):
         h.update(f.read_bytes())
     key = f"{base.disk.parent.name}-{render}-{h.hexdigest()[:12]}"
     d = CACHE_ROOT / key
     with _locked(CACHE_ROOT / f".{key}.lock"):
         if (d / "done").exists():
-            return Image(d / "disk.raw", base.kernel, base.initrd)
+            return Image(d / "disk.raw", base.kernel)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=CACHE_ROOT))
         try:
             _run(["cp", "--sparse=always", str(base.disk), str(tmp / "disk.raw")])
@@ -250,7 +298,7 @@ def configured(flavour: str, ipv4: bool = True, rs_delay: int = 1, render: str =
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return Image(d / "disk.raw", base.kernel, base.initrd)
+        return Image(d / "disk.raw", base.kernel)
 
 
 AGENT_UNIT = f"""[Unit]
@@ -279,10 +327,8 @@ def install_agent(root: Path) -> None:
     (pkg / "__init__.py").write_text(f'__version__ = "{tabby.__version__}"\n')
     for f in ("__init__.py", "render.py", "check.py"):
         shutil.copy(src.parent / "guest" / f, pkg / "guest" / f)
-    # e2scrub_reap checks ext4 snapshots a VM never has; it held boot up for ~20 s under TCG
-    mask = root / "etc/systemd/system/e2scrub_reap.service"
-    if not mask.is_symlink():
-        mask.symlink_to("/dev/null")
+    # compiled here by the guest's own python3, not at each VM's first `guest check` under TCG
+    _run(["chroot", str(root), "python3", "-m", "compileall", "-q", CHECK_DIR])
     unit = root / "etc/systemd/system/tabby-guest-agent.service"
     unit.write_text(AGENT_UNIT)
     wants = root / "etc/systemd/system/multi-user.target.wants"
