@@ -27,7 +27,7 @@ from tabby.dataplane.links import (
     read_neigh_thresholds,
     write_neigh_thresholds,
 )
-from tabby.dataplane.netlink import NeighTable, Netlink
+from tabby.dataplane.netlink import neigh_tables
 from tabby.lab import lab as L
 from tabby.lab import netns
 from tabby.model.keys import host_status_key
@@ -72,14 +72,8 @@ def test_in_a_namespace_they_cannot_be_set_and_the_agent_says_so_once(caplog: py
     try:
         assert in_netns(fd, lambda: read_neigh_thresholds()) is None
         assert in_netns(fd, lambda: Path("/proc/sys/net/ipv6/neigh/default").exists()) is False
-        def read_inside() -> list[NeighTable]:
-            sock = Netlink()  # closed at once: an open socket keeps the namespace alive
-            try:
-                return sock.neigh_tables()
-            finally:
-                sock.close()
-
-        inside = {t.name: t.gc_thresh3 for t in in_netns(fd, read_inside)}
+        # neigh_tables closes its sockets: an open one would keep the namespace alive
+        inside = {t.name: t.gc_thresh3 for t in in_netns(fd, neigh_tables)}
         root = read_neigh_thresholds()
         assert root is not None
         assert inside == {"ndisc_cache": root["ipv6"]["gc_thresh3"], "arp_cache": root["ipv4"]["gc_thresh3"]}

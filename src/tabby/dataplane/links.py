@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tabby.dataplane.netlink import NeighTable, Netlink
+from tabby.dataplane.netlink import NeighTable, neigh_tables
 from tabby.dataplane.tracker import DeltaTracker
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class NeighbourTables:
 
     def __init__(self, root: Path = PROC_NET, read_kernel: Callable[[], list[NeighTable]] | None = None) -> None:
         self.root = root
-        self.read_kernel = read_kernel or _kernel_tables
+        self.read_kernel = read_kernel or neigh_tables
         self.wanted: dict[str, int] | None = None
         self._status: dict[str, Any] = {}
         self._said: set[str] = set()
@@ -252,11 +252,3 @@ class NeighbourTables:
 
 
 _FAMILY_NAME = {socket.AF_INET6: "ipv6", socket.AF_INET: "ipv4"}
-
-
-def _kernel_tables() -> list[NeighTable]:
-    nlsock = Netlink()
-    try:
-        return nlsock.neigh_tables()
-    finally:
-        nlsock.close()

@@ -335,21 +335,36 @@ class Netlink:
                 if seq == last and mtype == NLMSG_ERROR:
                     return out
 
-    def neigh_tables(self) -> list[NeighTable]:
-        """The neighbour tables (not their per-device parameter messages, which carry no thresholds)."""
-        out = []
-        for _, msg in self._dump(RTM_GETNEIGHTBL, _NDTMSG.pack(socket.AF_UNSPEC, 0, 0)):
-            family = msg[0]
-            got: dict[int, bytes] = dict(_attrs(msg, _NDTMSG.size))
-            if NDTA_THRESH3 not in got or NDTA_NAME not in got:
-                continue
-            u32 = {k: struct.unpack_from("=I", got[k])[0] for k in (NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3)}
-            cfg, stats = got.get(NDTA_CONFIG, b""), got.get(NDTA_STATS, b"")
-            out.append(NeighTable(
-                got[NDTA_NAME].rstrip(b"\0").decode(), family, u32[NDTA_THRESH1], u32[NDTA_THRESH2],
-                u32[NDTA_THRESH3], struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
-                struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0))  # ndts_table_fulls
-        return out
+def _neigh_table(family: int, msg: bytes) -> NeighTable | None:
+    """One RTM_NEWNEIGHTBL message -> the table, or None for a per-device parameter message."""
+    got: dict[int, bytes] = dict(_attrs(msg, _NDTMSG.size))
+    if NDTA_THRESH3 not in got or NDTA_NAME not in got:
+        return None
+    u32 = {k: struct.unpack_from("=I", got[k])[0] for k in (NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3)}
+    cfg, stats = got.get(NDTA_CONFIG, b""), got.get(NDTA_STATS, b"")
+    return NeighTable(
+        got[NDTA_NAME].rstrip(b"\0").decode(), family, u32[NDTA_THRESH1], u32[NDTA_THRESH2],
+        u32[NDTA_THRESH3], struct.unpack_from("=I", cfg, 4)[0] if len(cfg) >= 8 else 0,
+        struct.unpack_from("=Q", stats, 80)[0] if len(stats) >= 88 else 0)  # ndts_table_fulls
+
+
+def neigh_tables() -> list[NeighTable]:
+    """The neighbour tables (IPv4's, then IPv6's), each read on a socket of its own that is closed
+    once the table's message is in. Why: the kernel sends a table first, then a parameter message
+    per device (which carries no thresholds); reading the whole dump took 0.12 s with 4,000 veths
+    in the namespace and ~3 s with 20,000 (mostly kernel time), against ~10 ms this way. Closing
+    the socket ends the dump."""
+    out = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        sock = Netlink()
+        try:
+            for _, msg in sock._dump(RTM_GETNEIGHTBL, _NDTMSG.pack(family, 0, 0)):
+                if (table := _neigh_table(msg[0], msg)) is not None:
+                    out.append(table)
+                    break
+        finally:
+            sock.close()
+    return out
 
 
 def addr_text(raw: bytes) -> str:
