@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tabby.dataplane.daemon import adopted_pid
 from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, GROUP_ANCHOR, V4_GATEWAY, Rendered, Vm
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,7 @@ class DnsmasqReconciler:
         self.vms = {a: vm for vm in vms for a in (*vm.v6, *vm.v4)}
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            os.kill(pid, 0)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if str(self.conf).encode() in cmdline else None
+        return adopted_pid(self.pidfile, self.conf)
 
     def stop(self) -> None:
         pid = self.pid()

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tabby.dataplane.daemon import adopted_pid
+from tabby.dataplane.daemon import running as _running
 from tabby.dataplane.nat64_config import TUN, Nat64Rendered
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,7 @@ class _Daemon:
         self.not_before = 0.0  # crash-looping: no start before this (monotonic)
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if str(self.conf).encode() in cmdline else None
+        return adopted_pid(self.pidfile, self.conf)
 
     def stop(self) -> None:
         pid = self.pid()
@@ -116,13 +113,6 @@ class _Daemon:
         log.info("%s %s (pid %s)", self.name, "restarted" if pid else "started", self.pid())
         return True
 
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Nat64Reconciler:

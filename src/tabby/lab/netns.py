@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tabby.dataplane.daemon import running
+
 NETNS_DIR = Path("/run/netns")
 # The shortest prefix sweep accepts: a lab's is "<3+ characters>-" (see topology.check_prefix).
 MIN_SWEEP_PREFIX = 4
@@ -67,21 +69,13 @@ def sweep(prefix: str) -> list[str]:
             kill_pid(pid, signal.SIGTERM if attempt < 3 else signal.SIGKILL)
         deadline = time.monotonic() + 3
         while pids and time.monotonic() < deadline:
-            pids = {p for p in pids if _alive(p)}
+            pids = {p for p in pids if running(p)}
             time.sleep(0.05)
         for pid in pids:
             kill_pid(pid, signal.SIGKILL)
     for n in names:
         del_netns(n)
     return names
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its parent (a test's own Popen) to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def add_veth(ns: str, name: str, peer: str, peer_ns: str | None = None, *, mac: str | None = None,
