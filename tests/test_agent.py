@@ -116,8 +116,8 @@ def test_corrupt_records_are_skipped_and_the_rest_served(host_ns: str, sq: Store
     netns.add_veth(host_ns, "tapkeep", "vmkeep")
     apply(sq, endpoint("keep", "h1", "tapkeep", v6=["fd00:e::5"]))
     wait_for(lambda: "fd00:e::5/128" in routes(host_ns), 10)
-    sq.put("/tabby/v1/endpoints/junk", b"{not json")
-    sq.put("/tabby/v1/endpoints/keep", json.dumps({"kind": "Endpoint", "metadata": {"name": "keep"},
+    sq.put("/tabby/v1/endpoints/h1/junk", b"{not json")
+    sq.put("/tabby/v1/endpoints/h1/keep", json.dumps({"kind": "Endpoint", "metadata": {"name": "keep"},
                                                     "spec": {"interface": "tap;reboot"}}).encode())
     apply(sq, endpoint("ok", "h1", "tapok", v6=["fd00:e::8"]))
     wait_for(lambda: "fd00:e::8/128" in routes(host_ns), 10, what="good endpoint served")
@@ -125,3 +125,32 @@ def test_corrupt_records_are_skipped_and_the_rest_served(host_ns: str, sq: Store
     wait_for(lambda: (status(sq, "h1", "keep") or {}).get("state") == "error", 10, what="error status")
     assert "corrupt" in status(sq, "h1", "keep")["reason"]
     assert agent.healthy()
+
+
+def test_one_name_on_two_hosts_is_one_endpoint_and_a_remote_claim_still_wins(host_ns: str, sq: Store,
+                                                                             agent: AgentProc) -> None:
+    """An Endpoint's key names its host, so a live migration is a create here, then a delete
+    there, and the two reach the agent by different watches (its own host's, and the paced one of
+    every other host) in either order: one name on two hosts is one endpoint, this host's copy.
+    Other hosts' endpoints still claim addresses: a newer local endpoint on an address a remote
+    one holds is refused."""
+    from tabby.model import encode
+    from tabby.model.keys import endpoint_key
+
+    netns.add_veth(host_ns, "tapmv", "vmmv")
+    netns.add_veth(host_ns, "tapth", "vmth")
+    apply(sq, endpoint("holder", "h2", "tapx", v6=["fd00:e::50"]), endpoint("mover", "h2", "tapy", v6=["fd00:e::51"]))
+    time.sleep(1.0)  # the paced view of other hosts has both now (it reads every 0.5 s at most)
+    # the move as a client cut short leaves it: the copy here, the old one still there
+    sq.create(endpoint_key("h1", "mover"), encode(endpoint("mover", "h1", "tapmv", v6=["fd00:e::51"])))
+    wait_for(lambda: routes(host_ns).get("fd00:e::51/128") == "tapmv", 10, what="the moved endpoint programmed")
+    wait_for(lambda: (status(sq, "h1", "mover") or {}).get("state") == "up", 10, what="mover up, not a conflict")
+    sq.delete(endpoint_key("h2", "mover"))
+    time.sleep(1.0)
+    assert routes(host_ns).get("fd00:e::51/128") == "tapmv"  # the old copy's delete took nothing away
+    apply(sq, endpoint("thief", "h1", "tapth", v6=["fd00:e::50"]))
+    wait_for(lambda: (status(sq, "h1", "thief") or {}).get("state") == "conflict", 10, what="thief refused")
+    assert "holder" in status(sq, "h1", "thief")["reason"]
+    assert "fd00:e::50/128" not in routes(host_ns)
+    ResourceClient(sq).delete("Endpoint", "holder")
+    wait_for(lambda: routes(host_ns).get("fd00:e::50/128") == "tapth", 10, what="the address free: thief programmed")

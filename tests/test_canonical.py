@@ -13,7 +13,7 @@ from test_light import documents, endpoints, full
 
 from tabby.agent.agent import decode_record
 from tabby.model import InvalidResource, canonical, encode
-from tabby.model.keys import resource_key
+from tabby.model.keys import endpoint_key
 
 # addresses the model refuses or writes otherwise, inside an address list
 HOSTILE_V6 = st.sampled_from(["fe80::5/128", "::ffff:10.0.0.1/128", "::ffff:a00:1/128", "ff02::1/128", "::/128",
@@ -57,7 +57,8 @@ def test_hostile_addresses_and_the_models_own_bytes(spec: dict[str, Any], v6: li
     doc = {"kind": "Endpoint", "metadata": {"name": "e1", "labels": {"app": "web"}},
            "spec": {**spec, "ipv6_addresses": v6 + spec.get("ipv6_addresses", []),
                     "ipv4_addresses": v4 + spec.get("ipv4_addresses", []), "port_security": port_security}}
-    key = resource_key("Endpoint", "e1")
+    host = spec.get("host")
+    key = endpoint_key(host if isinstance(host, str) and host and "/" not in host else "h1", "e1")
     check(key, json.dumps(doc, separators=(",", ":")).encode())
     model = full(key, json.dumps(doc).encode())
     if not isinstance(model, InvalidResource):
@@ -71,10 +72,11 @@ def test_bytes_other_than_the_encoders_take_the_full_path() -> None:
                     "mac": "ee:ee:ee:ee:ee:ee", "ipv6_addresses": ["fd00:e::5/128"], "ipv4_addresses": [],
                     "ipv6_gateway": "fe80::1", "ipv4_gateway": None, "profiles": ["p"], "allowed_sources": [],
                     "port_security": True}}
-    key = resource_key("Endpoint", "e1")
+    key = endpoint_key("h1", "e1")
     raw = encode(full(key, json.dumps(doc).encode()))
     assert canonical.endpoint(key, raw) is not None
-    assert canonical.endpoint(resource_key("Endpoint", "e2"), raw) is None  # a key naming another
+    assert canonical.endpoint(endpoint_key("h1", "e2"), raw) is None  # a key naming another
+    assert canonical.endpoint(endpoint_key("h2", "e1"), raw) is None  # a key under another host
     variants = [
         raw.replace(b'"kind":"Endpoint",', b'"kind":"Endpoint","kind":"Endpoint",'),  # a duplicate key
         raw.replace(b'"host":"h1",', b'"host":"h1","host":"h1",'),

@@ -74,3 +74,45 @@ def test_apply_from_stdin_and_unknown_kind(tmp_path: Path) -> None:
 def test_bad_store_url_is_a_clear_error(tmp_path: Path) -> None:
     r = tabby("redis://x", "get", "hosts")
     assert r.returncode == 1 and "scheme must be sqlite:// or etcd://" in r.stderr
+
+
+def test_an_endpoint_that_changes_host_moves_and_is_never_absent(store_url: str, tmp_path: Path) -> None:
+    """An Endpoint's key names its host (agents watch their own host's range), so a new
+    spec.host is a move: created under the new host first, then deleted under the old, which
+    agents take as one endpoint (agent.py ``_endpoint_record``). Found, shown and deleted by name."""
+    from tabby.client import ResourceClient
+    from tabby.model import validate
+    from tabby.model.keys import ENDPOINTS_PREFIX, endpoint_key
+    from tabby.store import NotFound
+
+    suffix = tmp_path.name[-8:].replace("_", "-").strip("-")
+    name, h1, h2 = f"mover-{suffix}", f"ha-{suffix}", f"hb-{suffix}"
+    doc = json.loads(json.dumps(GOOD[1]))
+    doc["metadata"]["name"], doc["spec"]["host"] = name, h1
+    store = open_store(store_url)
+    try:
+        client = ResourceClient(store)
+        assert client.apply(validate(doc))[0] == "created"
+        before = store.revision()
+        doc["spec"]["host"] = h2
+        assert client.apply(validate(doc))[0] == "updated"
+        assert [kv.key for kv in store.list(ENDPOINTS_PREFIX)[0] if kv.key.endswith(f"/{name}")] == \
+            [endpoint_key(h2, name)]
+        watch = store.watch(ENDPOINTS_PREFIX, before)
+        events = []
+        for ev in watch:
+            events.append((ev.type, ev.key))
+            if len(events) == 2:
+                break
+        watch.close()
+        assert events == [("put", endpoint_key(h2, name)), ("delete", endpoint_key(h1, name))]
+        assert client.get("Endpoint", name).spec.host == h2
+        assert client.apply(validate(doc))[0] == "unchanged"
+        r = tabby(store_url, "get", "endpoint", name, "-o", "json")
+        assert r.returncode == 0 and json.loads(r.stdout)["spec"]["host"] == h2, r.stderr
+        client.delete("Endpoint", name)
+        assert client.get("Endpoint", name) is None
+        with pytest.raises(NotFound):
+            client.delete("Endpoint", name)
+    finally:
+        store.close()

@@ -90,7 +90,7 @@ def test_add_check_del_and_traffic(env: tuple[str, str, Any], tmp_path: Path) ->
             code, res2 = cni(host_ns, "ADD", conf(url), c2, cid="bbbb2222")
             assert code == 0, res2
             assert cni(host_ns, "CHECK", conf(url), c1, cid="aaaa1111")[0] == 0
-            ep = store.get("/tabby/v1/endpoints/net1.aaaa1111.eth0")
+            ep = store.get("/tabby/v1/endpoints/h1/net1.aaaa1111.eth0")
             assert ep is not None and json.loads(ep.value)["spec"]["interface"] == hostif
             # the agent programs the host side; then traffic flows both families
             for fam, dst in (("-6", "fd00:e::2"), ("-4", "10.65.0.2")):
@@ -100,7 +100,7 @@ def test_add_check_del_and_traffic(env: tuple[str, str, Any], tmp_path: Path) ->
             for _ in range(2):
                 assert cni(host_ns, "DEL", conf(url), "", cid="aaaa1111")[0] == 0
             assert hostif not in netns.ip("link", "show", ns=host_ns)
-            assert store.get("/tabby/v1/endpoints/net1.aaaa1111.eth0") is None
+            assert store.get("/tabby/v1/endpoints/h1/net1.aaaa1111.eth0") is None
             assert IPAM(store).handle("net1.aaaa1111/eth0") is None
             assert cni(host_ns, "CHECK", conf(url), c1, cid="aaaa1111")[0] == 1
     finally:
@@ -115,7 +115,7 @@ def test_proxy_ndp_mode_routes_via_the_host_address(env: tuple[str, str, Any], t
             assert cni(host_ns, "ADD", conf(url, ipv6_gateway="proxy-ndp", ipv4=False), c1, cid="pp01")[0] == 0
             assert cni(host_ns, "ADD", conf(url, ipv4=False), c2, cid="pp02")[0] == 0
             assert "default via fd00:f::1" in netns.ip("-6", "route", ns=c1)
-            ep = json.loads(store.get("/tabby/v1/endpoints/net1.pp01.eth0").value)
+            ep = json.loads(store.get("/tabby/v1/endpoints/h1/net1.pp01.eth0").value)
             assert ep["spec"]["ipv6_gateway"] == "fd00:f::1"
             wait_for(lambda: netns.nsexec(c1, ["ping", "-6", "-c", "1", "-W", "1", "fd00:e::2"]).returncode == 0,
                      15, 0.2, "ping through the proxied gateway")
@@ -135,7 +135,7 @@ def test_failed_add_leaves_nothing_and_errors_have_codes(env: tuple[str, str, An
         assert netns.ip("link", "show", ns=host_ns) == links_before
         assert "eth0" not in netns.ip("link", "show", ns=c1)
         assert IPAM(store).handle("net1.dead0001/eth0") is None
-        assert store.get("/tabby/v1/endpoints/net1.dead0001.eth0") is None
+        assert store.get("/tabby/v1/endpoints/h1/net1.dead0001.eth0") is None
         code, res = cni(host_ns, "ADD", '{"cniVersion": "1.1.0", "type": "tabby-cni"}', c1)
         assert code == 1 and res["code"] == 7 and "name" in res["details"]
         code, res = cni(host_ns, "ADD", conf(url, cniVersion="0.2.0"), c1)
@@ -161,8 +161,8 @@ def test_gc_removes_allocation_endpoint_and_veth_of_attachments_not_listed(env: 
             assert cni(host_ns, "GC", conf(url, **valid))[0] == 0
         assert ipam.handle("net1.keep01/eth0") and ipam.handle("other.x")
         assert ipam.handle("net1.stale01/eth0") is None
-        assert store.get("/tabby/v1/endpoints/net1.stale01.eth0") is None
-        assert store.get("/tabby/v1/endpoints/net1.keep01.eth0") is not None
+        assert store.get("/tabby/v1/endpoints/h1/net1.stale01.eth0") is None
+        assert store.get("/tabby/v1/endpoints/h1/net1.keep01.eth0") is not None
         assert stale_if not in netns.ip("link", "show", ns=host_ns)
         assert "eth0" not in netns.ip("link", "show", ns=c2)
         assert "eth0" in netns.ip("link", "show", ns=c1)
@@ -204,7 +204,7 @@ def test_the_warm_server_runs_the_calls_and_the_same_errors_come_back(
         code, res = cni(host_ns, "ADD", conf(url, server_socket=sock, cniVersion="0.2.0"), c1, cid="warm0002")
         assert code == 1 and res["code"] == 7
         assert cni(host_ns, "DEL", conf(url, server_socket=sock), "", cid="warm0001")[0] == 0
-        assert store.get("/tabby/v1/endpoints/net1.warm0001.eth0") is None  # before DEL answers
+        assert store.get("/tabby/v1/endpoints/h1/net1.warm0001.eth0") is None  # before DEL answers
         settle(host_ns, "warm0001")
         assert IPAM(store).handle("net1.warm0001/eth0") is None  # then the rest, under the lock
         assert "tby" not in netns.ip("-o", "link", "show", ns=host_ns)
@@ -261,7 +261,7 @@ def test_every_spec_version_capability_args_and_prev_result(env: tuple[str, str,
         assert res["interfaces"][1]["mac"] == "52:54:00:ab:cd:ef"
         assert [ip["address"] for ip in res["ips"]] == ["fd00:e::99/128", "10.65.7.7/32"]
         assert "52:54:00:ab:cd:ef" in netns.ip("link", "show", "eth9", ns=c1)
-        ep = json.loads(store.get("/tabby/v1/endpoints/net1.caps01.eth9").value)
+        ep = json.loads(store.get("/tabby/v1/endpoints/h1/net1.caps01.eth9").value)
         assert ep["metadata"]["labels"]["app"] == "web" and ep["spec"]["mac"] == "52:54:00:ab:cd:ef"
         assert IPAM(store).handle("net1.caps01/eth9").attachment == "h1/caps01/eth9"
         # a requested address someone else holds: refused, and nothing of the caller's is left

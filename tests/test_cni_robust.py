@@ -98,7 +98,7 @@ def attachment_state(store: Any, host_ns: str, c: str, cid: str) -> str:
     addresses agree (no half of an attachment without the other), once work on it has settled."""
     settle(host_ns, cid)
     handle = IPAM(store).handle(f"net1.{cid}/eth0")
-    kv = store.get(f"/tabby/v1/endpoints/net1.{cid}.eth0")
+    kv = store.get(f"/tabby/v1/endpoints/h1/net1.{cid}.eth0")
     hostif = host_ifname(cid, "eth0")
     host_links = netns.ip("-o", "link", ns=host_ns)
     caddrs = netns.ip("-o", "addr", "show", ns=c)

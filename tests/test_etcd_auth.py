@@ -20,6 +20,7 @@ from tabby.agent.status import StatusWriter
 from tabby.etcd_auth import NEUTRON_USER, ROOT_USER, agent_user, cni_user, provision, roles
 from tabby.lab.etcd import EtcdCluster, Pki
 from tabby.model.keys import (
+    endpoint_key,
     endpoint_status_key,
     host_status_key,
     ipam_affinity_key,
@@ -75,7 +76,7 @@ def denied(store: Store, call: object, key: str) -> None:
 
 def test_agent_reads_resources_and_writes_only_its_own_status(auth_cluster: AuthCluster) -> None:
     root = auth_cluster.open(ROOT_USER)
-    ep_key = resource_key("Endpoint", f"e{uuid.uuid4().hex[:6]}")
+    ep_key = endpoint_key("h1", f"e{uuid.uuid4().hex[:6]}")
     root.put(ep_key, b"{}")
     agent = auth_cluster.open(agent_user("h1"))
     try:
@@ -107,7 +108,8 @@ def test_cni_and_neutron_write_what_they_own(auth_cluster: AuthCluster) -> None:
     neutron = auth_cluster.open(NEUTRON_USER)
     name = f"c{uuid.uuid4().hex[:6]}"
     try:
-        cni.create(resource_key("Endpoint", name), b"{}")
+        cni.create(endpoint_key("h1", name), b"{}")
+        denied(cni, lambda: cni.put(endpoint_key("h2", name), b"{}"), endpoint_key("h2", name))  # another host's
         cni.put(ipam_block_key(f"fd00:{uuid.uuid4().hex[:4]}::/122"), b"{}")
         cni.put(ipam_affinity_key("h1", "fd00:e::/122"), b"{}")
         theirs = ipam_affinity_key("h2", "fd00:e::/122")
@@ -116,7 +118,9 @@ def test_cni_and_neutron_write_what_they_own(auth_cluster: AuthCluster) -> None:
         denied(cni, lambda: cni.put(host_status_key("h1"), b"{}"), host_status_key("h1"))
         neutron.put(resource_key("Profile", name), b"{}")
         neutron.put(resource_key("IPPool", name), b"{}")
-        neutron.delete(resource_key("Endpoint", name))
+        neutron.delete(endpoint_key("h1", name))
+        neutron.put(endpoint_key("h2", name), b"{}")  # the driver writes every host's Endpoints
+        neutron.delete(endpoint_key("h2", name))
         denied(neutron, lambda: neutron.put(resource_key("Host", name), b"{}"), resource_key("Host", name))
         denied(neutron, lambda: neutron.put(ipam_block_key("fd00:e::/122"), b"{}"), ipam_block_key("fd00:e::/122"))
     finally:

@@ -32,10 +32,10 @@ from tabby.model.ipam import Block, decode_ipam
 from tabby.model.keys import (
     IPAM_GC_KEY,
     PREFIX,
+    endpoint_key,
     ipam_affinity_key,
     ipam_block_key,
     ipam_handle_key,
-    resource_key,
 )
 from tabby.store import Store
 
@@ -451,7 +451,7 @@ def test_gc_frees_nothing_on_the_basis_of_a_corrupt_record(store: Store) -> None
                  (ipam_block_key(in_corrupt_block.block), b'{"cidr": "fd00:e::40/122"}')):
         store.update(k, v, store.get(k).mod_revision)
     endpoint(store, "ep-e", "h3", [str(on_corrupt_ep.ip)])
-    ep_key = resource_key("Endpoint", "ep-e")
+    ep_key = endpoint_key("h3", "ep-e")
     store.update(ep_key, b'{"kind": "Endpoint", "metadata": {"name": "ep-e"}, "spec": {"ipv6_addresses": ["'
                  + str(on_corrupt_ep.ip).encode() + b'"]}}', store.get(ep_key).mod_revision)
     for _ in range(3):
@@ -585,7 +585,7 @@ def test_cli_show_check_release_gc_among_corrupt_records(store_url: str, store: 
     bad = {ipam_block_key("fd00:e::400/122"): b'{"cidr": "fd00:e::400/122", "host": "h3", "free": "[evil]"}',
            ipam_handle_key("net.bad"): b'{"handle": "net.bad", "addresses": [], "endpoint": null, "x": 1}',
            ipam_affinity_key("h1", "fd00:e::80/122"): b"\xff\xfe",
-           resource_key("Endpoint", "ep-bad"): b'{"kind": "Endpoint", "metadata": {"name": "ep-bad"}}',
+           endpoint_key("h1", "ep-bad"): b'{"kind": "Endpoint", "metadata": {"name": "ep-bad"}}',
            f"{PREFIX}ipam/handles/x\n[red]forged": b"{}"}
     for k, v in bad.items():
         kv = store.get(k)

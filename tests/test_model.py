@@ -185,7 +185,7 @@ def test_endpoint_addresses_valid_iff_host_routes(v6: list[Any], v4: list[Any], 
         assert not should
         return
     assert should
-    assert decode("/tabby/v1/endpoints/e", encode(res)) == res
+    assert decode("/tabby/v1/endpoints/h/e", encode(res)) == res
 
 
 @given(st.text(min_size=1, max_size=60, alphabet=st.characters(min_codepoint=33, max_codepoint=126)))

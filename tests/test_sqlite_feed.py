@@ -153,8 +153,8 @@ def test_status_commits_wake_only_watches_that_see_status(tmp_path: Path) -> Non
         assert _wait(lambda: [e.key for e in everything] == ["/tabby/status/hosts/h1"], 5), everything
         time.sleep(0.3)
         assert feed.seq(resources) == before and not loud  # not even woken
-        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/endpoints/e1")
-        assert _wait(lambda: [e.key for e in loud] == ["/tabby/v1/endpoints/e1"], 5), loud
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/hosts/h1")
+        assert _wait(lambda: [e.key for e in loud] == ["/tabby/v1/hosts/h1"], 5), loud
         assert _wait(lambda: len(everything) == 2, 5) and len(quiet) == 1
     finally:
         for w in (lw, qw, ew):
@@ -183,9 +183,10 @@ def test_a_deleted_signal_file_is_watched_again(tmp_path: Path) -> None:
 
 
 def test_quiet_prefixes_are_the_models_status_and_ipam_prefixes() -> None:
-    from tabby.model.keys import IPAM_BLOCKS_PREFIX, IPAM_GC_KEY, IPAM_HANDLES_PREFIX, STATUS_PREFIX
+    from tabby.model.keys import ENDPOINTS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_GC_KEY, IPAM_HANDLES_PREFIX, STATUS_PREFIX
 
     assert sq.QUIET_PREFIXES == (STATUS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY)
+    assert sq.ENDPOINTS_PREFIX == ENDPOINTS_PREFIX
 
 
 def test_a_watch_that_excludes_ipam_records_is_not_woken_by_them(tmp_path: Path) -> None:
@@ -193,7 +194,7 @@ def test_a_watch_that_excludes_ipam_records_is_not_woken_by_them(tmp_path: Path)
     writes two or three of those): not woken by them, and never given one; without the
     exclusion the same watch gets them."""
     store = SqliteStore(tmp_path / "s.db")
-    ipam = IPAM_OWN
+    ipam = ("/tabby/v1/endpoints/", *IPAM_OWN)  # the endpoints, too, come by watches of their own
     agent_like, at, aw = _follow(store, "/tabby/v1/", ipam)
     everything, et, ew = _follow(store, "/tabby/v1/")
     try:
@@ -215,4 +216,72 @@ def test_a_watch_that_excludes_ipam_records_is_not_woken_by_them(tmp_path: Path)
             w.close()  # type: ignore[attr-defined]
         for t in (at, et):
             t.join(5)
+        store.close()
+
+
+def test_an_endpoint_commit_wakes_only_its_hosts_watch_and_whole_range_watches(tmp_path: Path) -> None:
+    """The agents' three watches (agent.py): resources less endpoints, this host's endpoints, and
+    every endpoint. A workload add on h2 wakes neither h1's own-endpoints watch nor the resource
+    watch; it reaches the whole-range one. A host segment that is no file name still has a signal."""
+    store = SqliteStore(tmp_path / "s.db")
+    agent_exclude = ("/tabby/v1/endpoints/", *IPAM_OWN)
+    resources, rt, rw = _follow(store, "/tabby/v1/", agent_exclude)
+    mine, mt, mw = _follow(store, "/tabby/v1/endpoints/h1/")
+    every, et, ew = _follow(store, "/tabby/v1/endpoints/", ("/tabby/v1/endpoints/h1/",))
+    try:
+        feed = store.feed()
+        assert feed is not None
+        time.sleep(0.3)
+        quiet = (store.signals_for("/tabby/v1/", agent_exclude), store.signals_for("/tabby/v1/endpoints/h1/"))
+        before = [feed.seq(sig) for sig in quiet]
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/endpoints/h2/c1")
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/endpoints/h10/c2")  # h1's prefix, not its host
+        assert _wait(lambda: [e.key for e in every] == ["/tabby/v1/endpoints/h2/c1", "/tabby/v1/endpoints/h10/c2"],
+                     5), every
+        time.sleep(0.3)
+        assert [feed.seq(sig) for sig in quiet] == before and not resources and not mine  # not even woken
+        _write_elsewhere(tmp_path / "s.db", "/tabby/v1/endpoints/h1/c3")
+        assert _wait(lambda: [e.key for e in mine] == ["/tabby/v1/endpoints/h1/c3"], 5), mine
+        time.sleep(0.2)
+        assert len(every) == 2 and not resources  # excluded there, and not the resource watch's
+        odd = store.signals_for_key("/tabby/v1/endpoints/../x")
+        assert len(odd) == 2 and all(os.path.dirname(s) == str(tmp_path) for s in odd), odd
+    finally:
+        for w in (rw, mw, ew):
+            w.close()  # type: ignore[attr-defined]
+        for t in (rt, mt, et):
+            t.join(5)
+        store.close()
+
+
+def test_a_paced_watch_reads_a_busy_range_in_few_rounds_and_misses_nothing(tmp_path: Path) -> None:
+    """pace_s: once caught up, the watch waits before it reads again, so 20 commits spread over
+    ~0.6 s come in a handful of reads (one each without pacing), every one of them, in order."""
+    store = SqliteStore(tmp_path / "s.db")
+    rounds: list[list[str]] = []
+    last = [0.0]
+    watch = store.watch("/p/", store.revision(), pace_s=0.5)
+
+    def follow() -> None:
+        for ev in watch:
+            now = time.monotonic()
+            if now - last[0] > 0.2:  # a new read: the events of one read come within microseconds
+                rounds.append([])
+            last[0] = now
+            rounds[-1].append(ev.key)
+
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.3)
+        code = ("import time\nfrom tabby.store.sqlite import SqliteStore\n"
+                f"s = SqliteStore({str(tmp_path / 's.db')!r})\n"
+                "for i in range(20):\n    s.put(f'/p/{i:02d}', b'x'); time.sleep(0.03)\n")
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": SRC})
+        want = [f"/p/{i:02d}" for i in range(20)]
+        assert _wait(lambda: [k for r in rounds for k in r] == want, 5), rounds
+        assert len(rounds) <= 4, rounds
+    finally:
+        watch.close()
+        t.join(5)
         store.close()

@@ -427,7 +427,7 @@ def test_etcd_garbage_5xx_and_timeouts_are_typed_errors_naming_the_url() -> None
 # -- the loops, in-process -----------------------------------------------------------------
 
 
-WATCH_RETRY = r"store (?:unavailable|watch failed), attempt (\d+)"  # the syncer's line per retry
+WATCH_RETRY = r"store (?:unavailable|watch failed) \(watch of \S+\), attempt (\d+)"  # the syncer's line per retry
 
 
 def attempts_logged(records: list[logging.LogRecord], pattern: str) -> list[int]:
@@ -638,7 +638,8 @@ def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path, cras
                 pattern = r"status writer: host heartbeat not written, attempt (\d+): store (\S+): read-only"
                 want_code = 200
             else:  # it cannot read: no view, so nothing new is served and nothing is taken away
-                pattern = r"store unavailable, attempt (\d+): store (\S+): read-only"
+                # each of the agent's three watches says so; the resources' one is counted
+                pattern = r"store unavailable \(watch of /tabby/v1/\), attempt (\d+): store (\S+): read-only"
                 want_code = 503
             wait_for(lambda: len(re.findall(pattern, second.output())) >= 3, 15, 0.1, "three attempts")
             assert [(int(n), p) for n, p in re.findall(pattern, second.output())][:3] == [

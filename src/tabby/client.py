@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from tabby.model import InvalidResource, decode, encode, key_of
-from tabby.model.keys import ROOT, kind_prefix, resource_key
+from tabby.model.keys import ENDPOINTS_PREFIX, ROOT, kind_prefix, resource_key
 from tabby.model.records import decode_record
-from tabby.store import AlreadyExists, NotFound, RevisionMismatch, Store, StoreError
+from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store, StoreError
 
 
 class Conflict(StoreError):
@@ -23,9 +23,21 @@ class ResourceClient:
     def __init__(self, store: Store) -> None:
         self.store = store
 
+    def _endpoint_kvs(self, name: str) -> list[KV]:
+        """Every record of the Endpoint called name, oldest first: one, or (after a move that stopped
+        between its create and its delete) one per host. Its key names its host, so finding it by name
+        alone lists them all: what the CLI and the orchestrators do, not the agents."""
+        kvs, _ = self.store.list(ENDPOINTS_PREFIX)
+        return sorted((kv for kv in kvs if kv.key.rsplit("/", 1)[-1] == name), key=lambda kv: kv.create_revision)
+
     def get(self, kind: str, name: str) -> Any | None:
-        """The resource, None if absent; InvalidResource (naming key and field) if corrupt."""
-        kv = self.store.get(resource_key(kind, name))
+        """The resource, None if absent; InvalidResource (naming key and field) if corrupt. Of an
+        Endpoint recorded on two hosts (a move cut short), the newer."""
+        if kind == "Endpoint":
+            found = self._endpoint_kvs(name)
+            kv = found[-1] if found else None
+        else:
+            kv = self.store.get(resource_key(kind, name))
         return decode(kv.key, kv.value) if kv else None
 
     def corrupt_records(self, prefix: str = ROOT) -> list[InvalidResource]:
@@ -62,19 +74,34 @@ class ResourceClient:
         return good, bad
 
     def apply(self, resource: Any, attempts: int = 5) -> tuple[str, int]:
-        """Create or update; returns ("created" | "updated" | "unchanged", revision)."""
+        """Create or update; returns ("created" | "updated" | "unchanged", revision). An Endpoint
+        whose host changed moves: created under the new host, then deleted under the old one, so
+        that it is never absent (agents take one name on two hosts as one endpoint, not a conflict)."""
         key, value = key_of(resource), encode(resource)
         for _ in range(attempts):
+            elsewhere = [kv for kv in self._endpoint_kvs(resource.metadata.name) if kv.key != key] \
+                if resource.kind == "Endpoint" else []
             kv = self.store.get(key)
             try:
                 if kv is None:
-                    return "created", self.store.create(key, value)
-                if kv.value == value:
-                    return "unchanged", kv.mod_revision
-                return "updated", self.store.update(key, value, kv.mod_revision)
+                    outcome, rev = ("updated" if elsewhere else "created"), self.store.create(key, value)
+                elif kv.value == value:
+                    outcome, rev = "unchanged", kv.mod_revision
+                else:
+                    outcome, rev = "updated", self.store.update(key, value, kv.mod_revision)
+                for old in elsewhere:
+                    rev = max(rev, self.store.delete(old.key, expected_revision=old.mod_revision))
+                    outcome = "updated"
+                return outcome, rev
             except (AlreadyExists, RevisionMismatch, NotFound):
                 continue
         raise Conflict(f"{key}: gave up after {attempts} compare-and-swap conflicts")
 
     def delete(self, kind: str, name: str) -> int:
-        return self.store.delete(resource_key(kind, name))
+        """NotFound if there is none; an Endpoint goes from every host that has it."""
+        if kind != "Endpoint":
+            return self.store.delete(resource_key(kind, name))
+        found = self._endpoint_kvs(name)
+        if not found:
+            raise NotFound(f"{ENDPOINTS_PREFIX}*/{name}")
+        return max(self.store.delete(kv.key) for kv in found)

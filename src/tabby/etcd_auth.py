@@ -7,15 +7,15 @@ by key range, so what a range can say is enforced by etcd itself:
 - an agent reads resources and IPAM (``/tabby/v1/``) and writes only its own status: its host's
   liveness and BGP keys and its endpoint statuses under ``/tabby/status/endpoints/<host>/``; it
   cannot write any resource, nor another host's status, nor read other hosts' status;
-- the CNI plugin of a host reads ``/tabby/v1/``, writes Endpoints, IPAM blocks and handles, and
-  only its own host's block affinities;
+- the CNI plugin of a host reads ``/tabby/v1/``, writes its own host's Endpoints
+  (``/tabby/v1/endpoints/<host>/``) and block affinities, and IPAM blocks and handles;
 - the Neutron driver reads ``/tabby/v1/`` and writes Endpoints, Profiles and IPPools.
 
 What a range cannot say (documented in docs/architecture.md, "etcd users and roles"): a record's
-content. Endpoints are flat by name, so a host's CNI user can write an Endpoint whose
-``spec.host`` is another host, or overwrite another host's Endpoint; IPAM blocks are shared
-records, so it can take an address from a block another host holds. Those are the agents' and
-IPAM's checks (conflicts refused, first holder wins), not etcd's.
+content. An Endpoint's key names its host, and a record whose ``spec.host`` is not its key's
+is refused by every reader; but IPAM blocks are shared records, so a CNI user can take an
+address from a block another host holds. That is the agents' and IPAM's check (conflicts
+refused, first holder wins), not etcd's.
 
 ``provision`` is idempotent: roles get exactly these permissions (stale ones revoked), users their
 role and password, and auth is switched on last (as root, which is made first).
@@ -33,6 +33,7 @@ from tabby.model.keys import (
     PREFIX,
     STATUS_PREFIX,
     bgp_status_key,
+    endpoint_prefix,
     host_status_key,
     kind_prefix,
 )
@@ -71,7 +72,7 @@ def agent_perms(host: str) -> list[Perm]:
 
 
 def cni_perms(host: str) -> list[Perm]:
-    return [Perm("READ", PREFIX), Perm("READWRITE", kind_prefix("Endpoint")), Perm("READWRITE", IPAM_BLOCKS_PREFIX),
+    return [Perm("READ", PREFIX), Perm("READWRITE", endpoint_prefix(host)), Perm("READWRITE", IPAM_BLOCKS_PREFIX),
             Perm("READWRITE", IPAM_HANDLES_PREFIX), Perm("READWRITE", f"{IPAM_AFFINITIES_PREFIX}{host}/")]
 
 

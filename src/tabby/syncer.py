@@ -66,10 +66,13 @@ class ResourceSyncer:
         max_retry_s: float = 10.0,
         decoder: Callable[[str, bytes], Any] = decode,
         seed: dict[str, tuple[int, Any]] | None = None,
+        pace_s: float = 0.0,
     ) -> None:
+        """pace_s: the watch's (``Store.watch``), for a range whose news may come late."""
         self.store = store
         self.prefix = prefix
         self.exclude = exclude
+        self.pace_s = pace_s
         self.on_corrupt = on_corrupt
         self.retry_s = retry_s
         self.max_retry_s = max_retry_s
@@ -101,14 +104,14 @@ class ResourceSyncer:
         while not self._stop.is_set():
             self._failed_at = time.monotonic()
             delay = min(self.retry_s * 2 ** min(attempt - 1, 20), self.max_retry_s)
-            self._failing = f"store watch: {error} (attempt {attempt}, next try in {delay:g}s)"
+            self._failing = f"store watch of {self.prefix}: {error} (attempt {attempt}, next try in {delay:g}s)"
             if isinstance(error, StoreError):
-                log.warning("%s, attempt %d: %s; keeping what we have, %s in %gs",
+                log.warning("%s (watch of %s), attempt %d: %s; keeping what we have, %s in %gs",
                             "store unavailable" if isinstance(error, Unavailable) else "store watch failed",
-                            attempt, error, then, delay)
+                            self.prefix, attempt, error, then, delay)
             else:  # not a Store error: a bug, so the traceback too
-                log.error("store watch failed, attempt %d: %r; keeping what we have, %s in %gs",
-                          attempt, error, then, delay, exc_info=error)
+                log.error("store watch failed (watch of %s), attempt %d: %r; keeping what we have, %s in %gs",
+                          self.prefix, attempt, error, then, delay, exc_info=error)
             if self._stop.wait(delay):
                 break
             try:
@@ -194,7 +197,8 @@ class ResourceSyncer:
                 if need_list:
                     yield from self._resync()
                     need_list = False
-                self._watch = self.store.watch(self.prefix, self.revision, exclude=self.exclude)
+                self._watch = self.store.watch(self.prefix, self.revision, exclude=self.exclude,
+                                              pace_s=self.pace_s)
                 if self._stop.is_set():
                     return
                 for ev in self._watch:

@@ -20,6 +20,7 @@ outage leaves the dataplane as it is while the syncer reconnects.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import queue
@@ -64,12 +65,15 @@ from tabby.model import ConfigSpec, canonical, decode, effective_config, refused
 from tabby.model.codec import InvalidResource
 from tabby.model.ipam import decode_ipam
 from tabby.model.keys import (
+    ENDPOINTS_PREFIX,
     IPAM_AFFINITIES_PREFIX,
     IPAM_BLOCKS_PREFIX,
     IPAM_GC_KEY,
     IPAM_HANDLES_PREFIX,
     PREFIX,
     bgp_status_key,
+    endpoint_key,
+    endpoint_prefix,
     kind_prefix,
     parse_key,
 )
@@ -86,6 +90,10 @@ BGP_CHECK_S = 5.0  # how often bird's liveness and sessions are checked
 # failover budget is 2 s); one netlink send for every pair, and only while this host has pairs
 PAIR_PROBE_S = 0.3
 POLICY_CHECK_S = 5.0  # how often the nftables generation is compared (a full compare only if it moved)
+# Other hosts' endpoints are read at most this often: a busy fabric costs an agent a wake-up per
+# 0.5 s, not one per workload add anywhere. Only rule selectors' address sets and fabric-wide
+# address claims wait for them; no route does (those come over BGP).
+REMOTE_PACE_S = 0.5
 
 
 MAX_CORRUPT_REPORTED = 100  # corrupt records named in this host's status (the log names every one)
@@ -102,11 +110,13 @@ def decode_record(key: str, value: bytes) -> Any:
 
 
 def _unbatched(items: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """The queue's items, with the first listing (see ``Agent._feed_store``) as its store items."""
+    """The queue's items, with a syncer's first listing (see ``Agent._feed_store``) as its store
+    items and then ("synced", the syncer's tag)."""
     for kind, item in items:
         if kind == "listing":
-            for update in item:
-                yield "store", update
+            tag, listing = item
+            for update in listing:
+                yield ("synced", tag) if isinstance(update, InSync) else ("store", update)
         else:
             yield kind, item
 
@@ -165,10 +175,23 @@ class Agent:
         self.metrics = Metrics()
         run_dir = run_dir or Path("/run/tabby") / host
         self.last_good = LastGood(run_dir / "last-good.json")
-        self.syncer = ResourceSyncer(
-            store, PREFIX, on_corrupt=self._corrupt, decoder=decode_record, seed=self.last_good.load(decode_record),
-            exclude=(IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY))
-        self.metrics.count_watch_events(lambda: self.syncer.events)
+        seed = self.last_good.load(decode_record)
+        # What an agent watches (docs/architecture.md, "What agents watch"): every resource but the
+        # endpoints; its own host's endpoints as they come; other hosts' endpoints paced (rule
+        # selectors and address claims need them, routes never wait for them).
+        self.syncers = {
+            "resources": ResourceSyncer(
+                store, PREFIX, decoder=decode_record, seed=seed,
+                exclude=(ENDPOINTS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY)),
+            "local": ResourceSyncer(store, endpoint_prefix(host), decoder=decode_record, seed=seed, exclude=()),
+            "remote": ResourceSyncer(store, ENDPOINTS_PREFIX, decoder=decode_record, seed=seed,
+                                     exclude=(endpoint_prefix(host),), pace_s=REMOTE_PACE_S),
+        }
+        for syncer in self.syncers.values():
+            syncer.on_corrupt = functools.partial(self._corrupt, syncer)
+        self.synced: set[str] = set()  # the syncers whose first listing has been folded
+        self.endpoint_copies: dict[str, dict[str, tuple[Any, int]]] = {}  # name -> key -> (record, created)
+        self.metrics.count_watch_events(lambda: sum(s.events for s in self.syncers.values()))
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
         self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why
@@ -216,34 +239,34 @@ class Agent:
 
     # -- feeders -------------------------------------------------------------------------
 
-    def _corrupt(self, key: str, error: Exception | None) -> None:
-        """From the syncer's thread: a record turned corrupt (once per version), or was cured.
+    def _corrupt(self, syncer: ResourceSyncer, key: str, error: Exception | None) -> None:
+        """From a syncer's thread: a record turned corrupt (once per version), or was cured.
         The last good version goes to disk, so that a restarted agent keeps it too."""
         if error is not None:
             self.metrics.corrupt.inc()
         if error is None:
             self.last_good.forget(key)
-        elif (kept := self.syncer.known.get(key)) is not None:  # (none yet: a seed may still serve it)
-            self.last_good.set(key, self.syncer.created.get(key, 0), kept)
+        elif (kept := syncer.known.get(key)) is not None:  # (none yet: a seed may still serve it)
+            self.last_good.set(key, syncer.created.get(key, 0), kept)
         self.q.put(("corrupt", (key, error)))
 
-    def _feed_store(self) -> None:
+    def _feed_store(self, tag: str, syncer: ResourceSyncer) -> None:
         """Items one by one, but the first listing whole, with its InSync: nothing is applied before
         it anyway, and handing thousands of items over one at a time made the two threads take
         turns at the GIL for each (a cold start spent most of its time there)."""
         listing: list[Any] | None = []
         try:
-            for item in self.syncer:
+            for item in syncer:
                 if listing is None:
                     self.q.put(("store", item))
                     continue
                 listing.append(item)
                 if isinstance(item, InSync):
-                    self.q.put(("listing", listing))
+                    self.q.put(("listing", (tag, listing)))
                     listing = None
         except Exception:
-            log.exception("store syncer died")
-            self.q.put(("fatal", "store syncer died"))
+            log.exception("store syncer %s died", tag)
+            self.q.put(("fatal", f"store syncer {tag} died"))
 
     def _feed_netlink(self) -> None:
         while not self.stopping.is_set():
@@ -272,7 +295,7 @@ class Agent:
         nat64 = self.nat64.status()
         if nat64 is not None:
             info["nat64"] = nat64
-        failing = [f for f in (self.syncer.failing, self.status.failing) if f]
+        failing = [f for f in (*(s.failing for s in self.syncers.values()), self.status.failing) if f]
         if not self.status.alive() and not self.stopping.is_set():
             failing.append("status writer thread not running")
         if failing:
@@ -282,7 +305,8 @@ class Agent:
     def start(self) -> None:
         # the Store is listed and decoded while this thread waits on the kernel below (2 cores: the
         # syscalls release the GIL); its items wait in the queue, nothing is folded before run()
-        threading.Thread(target=self._feed_store, name="store-syncer", daemon=True).start()
+        for tag, syncer in self.syncers.items():
+            threading.Thread(target=self._feed_store, args=(tag, syncer), name=f"store-{tag}", daemon=True).start()
         set_host_sysctls()
         self.neighbour_tables.size(0)  # issue 16 item 2: says once (log, host status) when it cannot
         self.links.refresh()
@@ -304,7 +328,8 @@ class Agent:
         self.bfd_wake.set()
         if self.exit_watch is not None:
             self.exit_watch.close()
-        self.syncer.stop()
+        for syncer in self.syncers.values():
+            syncer.stop()
         self.monitor.close()
         self.q.put(("stop", None))
         self.status.stop()
@@ -581,15 +606,17 @@ class Agent:
         return self.resync_s * random.uniform(0.9, 1.1)
 
     def _fold(self, kind: str, item: Any) -> None:
+        if kind == "synced":  # one syncer's first listing is in: in sync once all three are
+            self.synced.add(item)
+            if len(self.synced) == len(self.syncers) and not self.in_sync:
+                log.info("in sync with the store at revision %d: %d local endpoints",
+                         max(s.revision for s in self.syncers.values()), len(self.index.plans))
+                self._resynced()
+            return
         if kind == "store":
-            if isinstance(item, InSync):
-                if not self.in_sync:
-                    log.info("in sync with the store at revision %d: %d local endpoints",
-                             item.revision, len(self.index.plans))
-                self.in_sync = True
-                self.full_check_due = True
-                if self.neighbour_tables.size(len(self.index.plans)):
-                    self._publish_host_info()
+            if isinstance(item, InSync):  # a relist (the watch fell behind compaction, a Store fault)
+                if self.in_sync:
+                    self._resynced()
                 return
             assert isinstance(item, Update)
             self.metrics.store_events.inc()
@@ -615,21 +642,22 @@ class Agent:
                     self._configure()
                 return
             name = parsed[1]
+            resource, created = self._endpoint_record(name, item)
             old = self.index.plans.get(name)
             if (old is not None and old.orchestrator == "vm") or \
-                    (item.resource is not None and item.resource.spec.orchestrator == "vm"):
+                    (resource is not None and resource.spec.orchestrator == "vm"):
                 self.dhcp_dirty = True
             was_local = name in self.index.plans
-            touched = self.index.update(name, item.resource, item.created)
+            touched = self.index.update(name, resource, created)
             if was_local or name in self.index.plans:
                 self.nat64_dirty = True  # a local workload on (or off) a nat64 pool
             self._push(touched)
             if self.in_sync and self.neighbour_tables.size(len(self.index.plans)):  # cheap: steps of 1024
                 self._publish_host_info()
-            if item.resource is None:
+            if resource is None:
                 self.endpoint_records.pop(name, None)
             else:
-                self.endpoint_records[name] = item.resource
+                self.endpoint_records[name] = resource
             for n in {name} | touched.endpoints:
                 self._policy_endpoint(n)
             if was_local and name not in self.index.plans:
@@ -653,6 +681,27 @@ class Agent:
             parsed = parse_key(key)
             if parsed is not None and parsed[0] == "Endpoint" and parsed[1] in self.index.plans:
                 self.dirty.add(parsed[1])  # its status says the last good version is what runs
+
+    def _resynced(self) -> None:
+        self.in_sync = True
+        self.full_check_due = True
+        if self.neighbour_tables.size(len(self.index.plans)):
+            self._publish_host_info()
+
+    def _endpoint_record(self, name: str, item: Update) -> tuple[Any | None, int]:
+        """(record, create revision) of the endpoint called name, after item. One name on two hosts
+        is one endpoint mid-move (``ResourceClient.apply`` creates under the new host, then deletes
+        under the old, and the two arrive by different watches in either order): this host's copy
+        if it has one, else the newest."""
+        copies = self.endpoint_copies.setdefault(name, {})
+        if item.resource is None:
+            copies.pop(item.key, None)
+        else:
+            copies[item.key] = (item.resource, item.created)
+        if not copies:
+            del self.endpoint_copies[name]
+            return None, 0
+        return copies.get(endpoint_key(self.host, name)) or max(copies.values(), key=lambda rc: rc[1])
 
     def _policy_endpoint(self, name: str) -> None:
         """Feed one endpoint to the policy index: local only if it owns its interface here; an
@@ -880,7 +929,7 @@ class Agent:
                      if p in self.sysctls.failures]
         pending = any(r in self.routes.routes.pending_updates for r in routes) or \
             any(n in self.routes.neighbours.pending_updates for n in neighs) or self.sysctls.pending_for(iface)
-        corrupt = self.corrupt.get(f"{kind_prefix('Endpoint')}{name}")
+        corrupt = self.corrupt.get(endpoint_key(self.host, name))
         return endpoint_status(conflict=conflict, interface=iface, present=iface in self.links.by_name,
                                policy_error=self.policy.last_error if self.policy is not None else None,
                                policy_covers=iface in self.policy_interfaces, failures=failures,

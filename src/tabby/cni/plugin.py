@@ -416,7 +416,7 @@ def _unplumb(hostif: str) -> None:
 def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: str, p: Plumbed, gw6: str) -> None:
     """Create the Endpoint; one already there is replaced only if it is this attachment's."""
     from tabby.model import light
-    from tabby.model.keys import resource_key
+    from tabby.model.keys import endpoint_key
     from tabby.store import AlreadyExists, NotFound, RevisionMismatch
 
     spec: dict[str, Any] = {"host": host_name(conf), "orchestrator": "container", "workload_id": handle,
@@ -430,7 +430,7 @@ def _write_endpoint(conf: NetConf, env: Env, req: Request, store: Any, handle: s
         spec["profiles"] = conf.profiles
     labels = {**conf.labels, **req.labels, "cni.network": conf.name}
     name = endpoint_name(conf, env)
-    key = resource_key("Endpoint", name)
+    key = endpoint_key(spec["host"], name)
     value = light.endpoint_record({"kind": "Endpoint", "metadata": {"name": name, "labels": labels}, "spec": spec})
     for _ in range(5):
         try:
@@ -460,9 +460,9 @@ def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: i
     """The attachment as it is, if everything is there: Endpoint, host end, container end paired
     with it, all addresses. None if anything is missing or different."""
     from tabby.model import light
-    from tabby.model.keys import resource_key
+    from tabby.model.keys import endpoint_key
 
-    kv = store.get(resource_key("Endpoint", endpoint_name(conf, env)))
+    kv = store.get(endpoint_key(host_name(conf), endpoint_name(conf, env)))
     if kv is None:
         return None
     try:
@@ -522,12 +522,12 @@ def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hosti
 def _delete_endpoints(conf: NetConf, env: Env, store: Any, handle: str, rec: Any) -> None:
     """The attachment's Endpoint (under its name, and the one its handle names), if it is its."""
     from tabby.model import light
-    from tabby.model.keys import resource_key
+    from tabby.model.keys import endpoint_key
     from tabby.store import NotFound, RevisionMismatch
 
     names = {endpoint_name(conf, env)} | ({rec.endpoint} if rec is not None and rec.endpoint else set())
     for name in sorted(names):
-        kv = store.get(resource_key("Endpoint", name))
+        kv = store.get(endpoint_key(host_name(conf), name))
         if kv is None:
             continue
         try:

@@ -18,6 +18,7 @@ from tabby.model.keys import (
     IPAM_GC_KEY,
     PREFIX,
     STATUS_PREFIX,
+    endpoint_key,
     ipam_affinity_key,
     ipam_block_key,
     ipam_handle_key,
@@ -57,8 +58,8 @@ def _resource(kind: str, name: str, i: int) -> tuple[str, dict[str, Any]]:
     }
     if kind == "Config":
         name = f"host.{name}"
-    return resource_key(kind, name), {"kind": kind, "metadata": {"name": name, "labels": {"a": "b"}},
-                                      "spec": specs[kind]}
+    key = endpoint_key("nowhere", name) if kind == "Endpoint" else resource_key(kind, name)
+    return key, {"kind": kind, "metadata": {"name": name, "labels": {"a": "b"}}, "spec": specs[kind]}
 
 
 def _ipam(kind: str, name: str, i: int) -> tuple[str, dict[str, Any]]:

@@ -24,7 +24,7 @@ from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from typing import Any
 
 from tabby.model.jsontext import MAX_RECORD_BYTES
-from tabby.model.keys import kind_prefix, resource_key
+from tabby.model.keys import endpoint_key, kind_prefix
 from tabby.model.names import canonical_mac, check_interface_name, check_label_key, check_label_value, check_name
 from tabby.model.resources import _WORKLOAD_ID, MAX_ADDRESSES_PER_FAMILY, Endpoint, EndpointSpec, Metadata
 
@@ -109,7 +109,7 @@ def _endpoint(key: str, doc: Any) -> Endpoint:
     if type(meta) is not dict or list(meta) != ["name", "labels"] or type(spec) is not dict or list(spec) != _SPEC_KEYS:
         raise _Slow
     name, labels = _checked(check_name, meta["name"]), meta["labels"]
-    if key != resource_key("Endpoint", name) or type(labels) is not dict or list(labels) != sorted(labels):
+    if key != endpoint_key(str(spec["host"]), name) or type(labels) is not dict or list(labels) != sorted(labels):
         raise _Slow
     for k, lv in labels.items():
         _checked(check_label_key, k)

@@ -22,7 +22,7 @@ from tabby.model.jsontext import (  # noqa: F401  (re-exported: the codec's publ
     load_json,
     strict_json,
 )
-from tabby.model.keys import parse_key, resource_key
+from tabby.model.keys import endpoint_host, endpoint_key, parse_key, resource_key
 from tabby.model.resources import Resource
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Resource)
@@ -61,6 +61,8 @@ def to_plain(resource: Any) -> dict[str, Any]:
 
 
 def key_of(resource: Any) -> str:
+    if resource.kind == "Endpoint":
+        return endpoint_key(resource.spec.host, resource.metadata.name)
     return resource_key(resource.kind, resource.metadata.name)
 
 
@@ -69,11 +71,15 @@ def decode(key: str, value: bytes) -> Any:
     including a record whose kind or name disagrees with its key, and a key outside the layout."""
     expected = parse_key(key)
     if expected is None:
-        raise InvalidResource(key, ["(key): not a resource key of tabby's layout (/tabby/v1/<kind>/<name>)"])
+        raise InvalidResource(key, ["(key): not a resource key of tabby's layout (/tabby/v1/<kind>/<name>, "
+                                    "/tabby/v1/endpoints/<host>/<name>)"])
     resource = validate(load_json(key, value), key)
     if expected != (resource.kind, resource.metadata.name):
         got = f"{resource.kind}/{resource.metadata.name}"
         raise InvalidResource(key, [f"kind: record is {got} but its key says {expected[0]}/{expected[1]}"])
+    if resource.kind == "Endpoint" and endpoint_host(key) != resource.spec.host:
+        raise InvalidResource(key, [f"spec.host: record says {resource.spec.host!r} but its key is under "
+                                    f"{endpoint_host(key)!r}"])
     return resource
 
 

@@ -2,9 +2,9 @@
 
     /tabby/v1/hosts/<name>                      Host
     /tabby/v1/ippools/<name>                    IPPool
-    /tabby/v1/endpoints/<name>                  Endpoint (flat: a live migration is one CAS write
-                                                of spec.host, not a delete under one host and a
-                                                create under another)
+    /tabby/v1/endpoints/<host>/<name>           Endpoint, under its spec.host: an agent watches
+                                                its own host's range (a live migration is a
+                                                create under the new host, then a delete)
     /tabby/v1/profiles/<name>                   Profile
     /tabby/v1/policies/<name>                   Policy
     /tabby/v1/bgppeers/<name>                   BGPPeer
@@ -14,11 +14,12 @@
     /tabby/status/hosts/<host>                  host liveness, written by its agent
     /tabby/status/bgp/<host>                    BGP sessions as that host's bird sees them
 
-Writers put whole JSON documents. Agents watch ``/tabby/v1/`` (skipping IPAM's blocks, handles
-and collector state by key, before any decoding). Why status is not under ``/tabby/v1/``: every
-agent writes it and no agent reads it, and a watch is one key range, so status inside the
-watched range would reach every agent of the fabric (the cost of each agent growing with the
-number of hosts, the fabric's with its square).
+Writers put whole JSON documents. Agents watch ``/tabby/v1/`` less the endpoints and IPAM's
+blocks, handles and collector state; their own host's endpoints as they come; and every other
+host's endpoints paced, in batches (docs/architecture.md, "What agents watch"). Why status is
+not under ``/tabby/v1/``: every agent writes it and no agent reads it, and a watch is one key
+range, so status inside the watched range would reach every agent of the fabric (the cost of
+each agent growing with the number of hosts, the fabric's with its square).
 """
 
 from __future__ import annotations
@@ -53,8 +54,29 @@ def kind_prefix(kind: str) -> str:
     return f"{PREFIX}{KIND_DIRS[kind]}/"
 
 
+ENDPOINTS_PREFIX = PREFIX + "endpoints/"
+
+
 def resource_key(kind: str, name: str) -> str:
+    """The key of a resource of any kind but Endpoint, whose key also names its host."""
+    assert kind != "Endpoint", "an Endpoint's key names its host: endpoint_key(host, name)"
     return kind_prefix(kind) + name
+
+
+def endpoint_prefix(host: str) -> str:
+    return f"{ENDPOINTS_PREFIX}{host}/"
+
+
+def endpoint_key(host: str, name: str) -> str:
+    return endpoint_prefix(host) + name
+
+
+def endpoint_host(key: str) -> str | None:
+    """The host segment of an Endpoint key; None for any other key."""
+    if not key.startswith(ENDPOINTS_PREFIX):
+        return None
+    parts = key[len(ENDPOINTS_PREFIX):].split("/")
+    return parts[0] if len(parts) == 2 and all(parts) else None
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
@@ -62,6 +84,8 @@ def parse_key(key: str) -> tuple[str, str] | None:
     if not key.startswith(PREFIX):
         return None
     parts = key[len(PREFIX):].split("/")
+    if parts[0] == "endpoints":
+        return ("Endpoint", parts[2]) if len(parts) == 3 and parts[1] and parts[2] else None
     if len(parts) != 2 or parts[0] not in DIR_KINDS or not parts[1]:
         return None
     return DIR_KINDS[parts[0]], parts[1]

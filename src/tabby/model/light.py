@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from tabby.model.jsontext import InvalidResource, load_json
-from tabby.model.keys import parse_key
+from tabby.model.keys import endpoint_host, parse_key
 from tabby.model.names import canonical_mac, check_interface_name, check_label_key, check_label_value, check_name
 from tabby.model.plain import Plain
 
@@ -189,7 +189,7 @@ def _resource(key: str, value: bytes, kind: str) -> tuple[dict[str, Any], Meta]:
     return doc["spec"], meta
 
 
-def _pool(spec: Any, meta: Meta) -> Pool:
+def _pool(key: str, spec: Any, meta: Meta) -> Pool:
     d = _fields(spec, ("cidr", "block_size", "nat_outgoing", "disabled", "ipv6_mode", "dns_servers", "nat64"),
                 ("cidr",))
     # SLAAC modes and DNS servers (OpenStack's pools, which CNI never allocates from) are the model's
@@ -222,7 +222,7 @@ _CONF_MODEL_ONLY = ("mesh_bfd", "mesh_password_file", "mesh_password_secret", "b
                     "nat64_pool4", "dns64_server", "dns64_upstreams")
 
 
-def _conf(spec: Any, meta: Meta) -> Conf:
+def _conf(key: str, spec: Any, meta: Meta) -> Conf:
     if meta.name != "global" and not meta.name.startswith("host."):
         raise _Slow
     d = _fields(spec, (*ConfSpec.__slots__, *_CONF_MODEL_ONLY))  # (dns64_server is in both)
@@ -273,7 +273,8 @@ def _host_addresses(v: Any, parse: Any, bits: int) -> tuple[Any, ...]:
     return out
 
 
-def _endpoint(spec: Any, meta: Meta) -> Endpoint:
+def _endpoint(key: str | None, spec: Any, meta: Meta) -> Endpoint:
+    """key: the record's Store key, which must be under its host (None: a document, no key yet)."""
     d = _fields(spec, (*EndpointSpec.__slots__, "allowed_sources", "port_security"),
                 ("host", "orchestrator", "workload_id", "interface", "mac"))
     # allowed sources and port security off (OpenStack's ports, never CNI's) are the model's
@@ -292,8 +293,11 @@ def _endpoint(spec: Any, meta: Meta) -> Endpoint:
     mac = _check(canonical_mac, d["mac"])
     if mac != d["mac"]:
         raise _Slow
+    host = _check(check_name, d["host"])
+    if key is not None and endpoint_host(key) != host:
+        raise _Slow  # the full decoder names the mismatch
     return Endpoint(meta, EndpointSpec(
-        host=_check(check_name, d["host"]), orchestrator=d["orchestrator"],
+        host=host, orchestrator=d["orchestrator"],
         workload_id=_check(_workload_id, d["workload_id"]), interface=_check(check_interface_name, d["interface"]),
         mac=mac, ipv6_addresses=v6, ipv4_addresses=v4,
         ipv6_gateway=None if gw6 is None else _text_form(gw6, ipaddress.IPv6Address),
@@ -308,7 +312,7 @@ def fast(key: str, value: bytes, kind: str) -> Pool | Conf | Endpoint | None:
     """The fast path alone: the light record if it is in tabby's own form, else None (the full
     model decides); InvalidResource for bytes that are no JSON of an object."""
     try:
-        return _READERS[kind](*_resource(key, value, kind))  # type: ignore[no-any-return]
+        return _READERS[kind](key, *_resource(key, value, kind))  # type: ignore[no-any-return]
     except _Slow:
         return None
 
@@ -335,7 +339,7 @@ def endpoint_record(doc: dict[str, Any]) -> bytes:
         meta = _meta(doc.get("metadata"))
         if doc.get("kind") != "Endpoint" or set(doc) != {"kind", "metadata", "spec"}:
             raise _Slow
-        ep = _endpoint(doc["spec"], meta)
+        ep = _endpoint(None, doc["spec"], meta)
     except _Slow:
         from tabby.model.codec import encode, validate
 

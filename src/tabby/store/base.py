@@ -188,9 +188,11 @@ class Store(Protocol):
         """Remove a key (only at that revision, if given); NotFound if absent."""
         ...
 
-    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> Watch:
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = (), pace_s: float = 0.0) -> Watch:
         """Events under prefix with revision > after_revision, in order, then live ones; none
-        under a prefix in exclude (a backend that can tells no one of them at all)."""
+        under a prefix in exclude (a backend that can tells no one of them at all). pace_s > 0:
+        once caught up, wait that long before reading again, so that a busy range costs one
+        wake-up per pace_s instead of one per write (for news that may come late)."""
         ...
 
     def compact(self, revision: int) -> None:

@@ -72,6 +72,7 @@ RIDE_OUT_S = 3.0  # how long a call keeps trying members: an election after a le
 WATCH_RIDE_OUT_S = 10.0  # a watch has no caller waiting on it: it rides out longer before it fails
 WATCH_IDLE_S = 30.0  # a silent watch stream is opened again (a dead path sends no FIN); one request per 30 s idle
 RETRY_PAUSE_S = 0.2  # between rounds over every member
+PACE_WAITED_S = 0.005  # a paced watch's read that took longer waited for etcd: it had caught up
 # A write waits this long for its answer, a read the store's timeout. A follower forwards a write to
 # the leader it knows; if that leader has just died the proposal is lost and etcd itself answers only
 # after its own request timeout (7 s with the default election timeout): 3 s, then the next member,
@@ -479,8 +480,9 @@ class EtcdStore:
             if "compacted" not in str(e):  # already compacted that far: nothing to do
                 raise
 
-    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> EtcdWatch:
-        return EtcdWatch(self, prefix, after_revision, exclude)
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = (),
+              pace_s: float = 0.0) -> EtcdWatch:
+        return EtcdWatch(self, prefix, after_revision, exclude, pace_s)
 
     def admin(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """An etcd API call the Store contract has no verb for (``/auth/...``: users, roles,
@@ -524,10 +526,13 @@ class EtcdWatch:
     """One watch, one streaming request at a time; on another member from the last revision
     delivered when its member fails. ``close`` shuts the socket down so a blocked read returns."""
 
-    def __init__(self, store: EtcdStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> None:
+    def __init__(self, store: EtcdStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = (),
+                 pace_s: float = 0.0) -> None:
         self._store = store
         self._prefix = prefix
         self._exclude = exclude  # etcd's watch is one key range: these are dropped here
+        self._pace_s = pace_s
+        self._paused_at = float("-inf")
         self._after = after_revision
         self._closed = threading.Event()
         self._resp: requests.Response | None = None
@@ -609,11 +614,17 @@ class EtcdWatch:
                 raise failure
             store._authenticate(m, stale=store._token)
         try:
-            for line in self._resp.iter_lines(chunk_size=None):
+            lines = self._resp.iter_lines(chunk_size=None)
+            while True:
+                asked = time.monotonic()
+                line = next(lines, None)
                 if self._closed.is_set():
                     return
+                if line is None:
+                    break
                 if line.strip():
                     yield from self._events(m.url, line)
+                    self._pace(asked)
         except requests.exceptions.ConnectionError as e:
             if self._closed.is_set():
                 return
@@ -627,6 +638,15 @@ class EtcdWatch:
         finally:
             self._shut()
         raise _StreamEnded()
+
+    def _pace(self, asked: float) -> None:
+        """Paced: once a read had to wait for its line (we had caught up), pause, so that what
+        comes meanwhile is read at once; a line already buffered is read without a pause, so the
+        watch never falls behind (at most one pause per ``pace_s``)."""
+        now = time.monotonic()
+        if self._pace_s and now - asked > PACE_WAITED_S and now - self._paused_at >= self._pace_s:
+            self._closed.wait(self._pace_s)
+            self._paused_at = time.monotonic()
 
     def _events(self, url: str, line: bytes) -> Iterator[Event | None]:
         """The events of one line of the watch stream; a line that is not etcd's is BadResponse."""

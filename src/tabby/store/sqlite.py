@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -98,6 +100,13 @@ QUIET_PREFIXES = ("/tabby/status/",)
 # block affinities alone). Quiet too, so an add wakes the agents once, for its Endpoint.
 QUIET_PREFIXES += ("/tabby/v1/ipam/blocks/", "/tabby/v1/ipam/handles/", "/tabby/v1/ipam/gc")
 QUIET_SUFFIX = "-changed-quiet"
+# Endpoints (tabby.model.keys: /tabby/v1/endpoints/<host>/<name>): a commit touches a signal of
+# its host (``-changed-ep-<host>``), which that host's agent listens on, and one of every
+# endpoint (``-changed-ep``) for whole-range watches; so no agent wakes for another host's
+# workload add. A test holds the prefix equal to the model's.
+ENDPOINTS_PREFIX = "/tabby/v1/endpoints/"
+ENDPOINTS_SUFFIX = "-changed-ep"
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FILE_MODE = 0o600  # the database holds every workload's addresses: root's business only
 DIR_MODE = 0o700
 
@@ -289,6 +298,8 @@ class SqliteStore:
                             self._conn.close()
                         self._conn = None
                     self.generation += 1
+                    if self._feed is not None:  # watches asleep in the feed look at it now, not in 30 s
+                        self._feed.changed()
                 raise err from e
 
     def __repr__(self) -> str:
@@ -353,20 +364,37 @@ class SqliteStore:
             except BaseException:
                 _rollback(c)
                 raise
-        self._announce(self.signal_for(key))
+        for signal in self.signals_for_key(key):
+            self._announce(signal)
         return rev
 
-    def signal_for(self, key: str) -> str:
-        """The signal file a commit to key touches."""
-        return self.quiet_path if key.startswith(QUIET_PREFIXES) else self.changed_path
+    def _host_signal(self, segment: str) -> str:
+        """The signal of one host's endpoints; a segment that cannot be a file name (any bytes
+        may be a key) goes by its hash."""
+        if not _SAFE_SEGMENT.fullmatch(segment):
+            segment = "h-" + hashlib.sha256(segment.encode(errors="surrogateescape")).hexdigest()[:32]
+        return f"{self.path}{ENDPOINTS_SUFFIX}-{segment}"
+
+    def signals_for_key(self, key: str) -> tuple[str, ...]:
+        """The signal files a commit to key touches."""
+        if key.startswith(QUIET_PREFIXES):
+            return (self.quiet_path,)
+        if key.startswith(ENDPOINTS_PREFIX):
+            return self.path + ENDPOINTS_SUFFIX, self._host_signal(key[len(ENDPOINTS_PREFIX):].split("/", 1)[0])
+        return (self.changed_path,)
 
     def signals_for(self, prefix: str, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
         """The signal files a watch of prefix (less exclude) listens on: every one whose keys it
         can see."""
+        if prefix.startswith(ENDPOINTS_PREFIX):
+            rest = prefix[len(ENDPOINTS_PREFIX):]
+            one_host = rest.endswith("/") and rest.count("/") == 1
+            return (self._host_signal(rest[:-1]),) if one_host else (self.path + ENDPOINTS_SUFFIX,)
         quiet = any((q.startswith(prefix) or prefix.startswith(q)) and not q.startswith(exclude)
                     for q in QUIET_PREFIXES)
         loud = not any(prefix.startswith(q) for q in QUIET_PREFIXES)
-        return (self.changed_path,) * loud + (self.quiet_path,) * quiet
+        endpoints = ENDPOINTS_PREFIX.startswith(prefix) and not ENDPOINTS_PREFIX.startswith(exclude)
+        return (self.changed_path,) * loud + (self.quiet_path,) * quiet + (self.path + ENDPOINTS_SUFFIX,) * endpoints
 
     def _announce(self, signal: str) -> None:
         """Tell every process's feed that a commit is visible now. The WAL write that inotify
@@ -419,8 +447,9 @@ class SqliteStore:
 
     # -- watch ---------------------------------------------------------------------------
 
-    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> SqliteWatch:
-        return SqliteWatch(self, prefix, after_revision, exclude)
+    def watch(self, prefix: str, after_revision: int, exclude: tuple[str, ...] = (),
+              pace_s: float = 0.0) -> SqliteWatch:
+        return SqliteWatch(self, prefix, after_revision, exclude, pace_s)
 
     def feed(self) -> ChangeFeed | None:
         """The one change feed this process's watches of this file share (started on first use;
@@ -577,10 +606,12 @@ class SqliteWatch:
     """Reads the revision log on its own connection whenever the store's change feed says
     something was committed; ``PRAGMA data_version`` tells it whether it was this file."""
 
-    def __init__(self, store: SqliteStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = ()) -> None:
+    def __init__(self, store: SqliteStore, prefix: str, after_revision: int, exclude: tuple[str, ...] = (),
+                 pace_s: float = 0.0) -> None:
         self._store = store
         self._lo, self._hi = _range(prefix)
         self._exclude = exclude
+        self._pace_s = pace_s
         self._after = after_revision
         self._closed = threading.Event()
 
@@ -597,9 +628,11 @@ class SqliteWatch:
         except (sqlite3.Error, OSError) as e:
             raise fault(path, e) from e
         # opened on a read-only filesystem: SQLite mapped the -shm read-only, and no connection of
-        # this process could write while we hold it; so look once a second, and open again once
-        # the filesystem is read-write
-        read_only_since = time.monotonic() if _read_only_fs(path) else None
+        # this process can write while any connection holds that mapping (it is shared, and lives
+        # as long as one of them is open); so look once a second on a connection of that look
+        # alone, which lets the mapping go once every watch and the store have closed theirs
+        read_only_since: float | None = time.monotonic() if _read_only_fs(path) else None
+        conn_: sqlite3.Connection | None = conn
         try:
             last_version = None
             signals = self._store.signals_for(self._lo, self._exclude)
@@ -618,14 +651,20 @@ class SqliteWatch:
                     stale = read_only_since is not None and now - read_only_since >= 1.0
                     if stale and _read_only_fs(path):
                         read_only_since, stale = now, False
-                    if stale or generation != self._store.generation:  # the store dropped its connection
+                    # none held (read-only), the filesystem read-write again, or the store dropped its own
+                    if conn_ is None or stale or generation != self._store.generation:
                         generation = self._store.generation
-                        conn.close()
-                        conn = _connect(path, self._store.busy_timeout_s)
+                        if conn_ is not None:
+                            conn_.close()
+                        conn_ = conn = _connect(path, self._store.busy_timeout_s)
                         read_only_since = now if _read_only_fs(path) else None
                         last_version = None
                     version = conn.execute("PRAGMA data_version").fetchone()[0]
                     if version == last_version:
+                        if read_only_since is not None:  # not held while asleep (see above)
+                            conn.close()
+                            conn_ = None
+                            last_version = None
                         if feed is not None and feed.alive:
                             # woken by the feed, by close(), or to look at a read-only filesystem again
                             seen = feed.wait(signals, seen, 1.0 if read_only_since is not None else 30.0)
@@ -662,6 +701,9 @@ class SqliteWatch:
                     yield Event(typ, key, bytes(value) if value is not None else None, rev)
                 if len(rows) < 1000:
                     self._after = max(self._after, head)
+                    if rows and self._pace_s:  # paced: what is committed meanwhile comes in one read
+                        self._closed.wait(self._pace_s)
         finally:
             with contextlib.suppress(sqlite3.Error):
-                conn.close()
+                if conn_ is not None:
+                    conn_.close()
