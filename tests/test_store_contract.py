@@ -126,6 +126,38 @@ def test_watch_replays_then_follows_in_order(store: Store, prefix: str) -> None:
     assert [e.revision for e in evs] == sorted({e.revision for e in evs})
 
 
+def test_a_paced_watch_misses_nothing_and_keeps_the_order(store: Store, prefix: str) -> None:
+    """pace_s only delays reads: writes that come while it waits, in bursts and one by one,
+    all arrive, in revision order, and close() ends a watch that is pausing."""
+    _, start = store.list(prefix)
+
+    def writes() -> None:
+        for i in range(30):
+            store.put(f"{prefix}p{i:02d}", b"x")
+            time.sleep(0.001 if i % 10 else 0.3)
+
+    t = threading.Thread(target=writes)
+    t.start()
+    w = store.watch(prefix, start, pace_s=0.4)
+    got: list[Event] = []
+
+    def follow() -> None:
+        for ev in w:
+            got.append(ev)
+
+    f = threading.Thread(target=follow, daemon=True)
+    f.start()
+    t.join()
+    deadline = time.monotonic() + 10
+    while len(got) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.close()
+    f.join(5)
+    assert not f.is_alive()
+    assert [e.key for e in got] == [f"{prefix}p{i:02d}" for i in range(30)]
+    assert [e.revision for e in got] == sorted(e.revision for e in got)
+
+
 def test_watch_resumed_from_last_revision_sees_every_event_once(store: Store, prefix: str) -> None:
     _, start = store.list(prefix)
     for i in range(10):
