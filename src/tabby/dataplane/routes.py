@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterator
+from typing import Any
 
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.links import LinkIndex
@@ -105,19 +106,21 @@ class RoutesReconciler:
         if not ops:
             self._forget_deletes_on_missing_devices()
             return 0, 0
+        trackers: dict[str, tuple[str, bool, DeltaTracker[Any, Any]]] = {
+            f"{verb}-{kind}": (kind, verb == "add", tracker) for verb in ("add", "del")
+            for kind, tracker in (("route", self.routes), ("neigh", self.neighbours), ("proxy", self.proxies))}
         for op, obj, _ in ops:
-            failure = failures.get((op, obj))
-            kind = op.split("-", 1)[1]
-            if failure is not None:
+            kind, add, tracker = trackers[op]
+            if failures and (failure := failures.get((op, obj))) is not None:
                 self.failures[(kind, obj)] = str(failure)
                 log.warning("%s", failure)
                 continue
-            self.failures.pop((kind, obj), None)
-            tracker = {"route": self.routes, "neigh": self.neighbours, "proxy": self.proxies}[kind]
-            if op.startswith("add"):
-                tracker.applied_update(obj, tracker.desired[obj])  # type: ignore[index]
+            if self.failures:
+                self.failures.pop((kind, obj), None)
+            if add:
+                tracker.applied_update(obj, tracker.desired[obj])
             else:
-                tracker.applied_delete(obj)  # type: ignore[arg-type]
+                tracker.applied_delete(obj)
         self._forget_deletes_on_missing_devices()
         return len(ops) - len(failures), len(failures)
 
