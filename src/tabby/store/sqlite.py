@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -372,6 +371,8 @@ class SqliteStore:
         """The signal of one host's endpoints; a segment that cannot be a file name (any bytes
         may be a key) goes by its hash."""
         if not _SAFE_SEGMENT.fullmatch(segment):
+            import hashlib  # here: the CNI plugin's in-process path must not pay for it
+
             segment = "h-" + hashlib.sha256(segment.encode(errors="surrogateescape")).hexdigest()[:32]
         return f"{self.path}{ENDPOINTS_SUFFIX}-{segment}"
 
