@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import ipaddress
 import logging
 import queue
@@ -95,11 +94,6 @@ POLICY_CHECK_S = 5.0  # how often the nftables generation is compared (a full co
 # 0.5 s, not one per workload add anywhere. Only rule selectors' address sets and fabric-wide
 # address claims wait for them; no route does (those come over BGP).
 REMOTE_PACE_S = 0.5
-# Why the cyclic garbage collector waits during a cold start: listing, decoding and folding
-# thousands of endpoints allocates millions of objects that all stay alive, so the collector's
-# ~170 passes (80-100 ms of a 1.2 s start at 2,000 endpoints) find nothing to free. It is
-# enabled again after the first apply, or after this long if the Store never answers.
-COLD_GC_HOLD_S = 30.0
 
 
 MAX_CORRUPT_REPORTED = 100  # corrupt records named in this host's status (the log names every one)
@@ -238,7 +232,6 @@ class Agent:
         self.last_apply_ok = True
         self.started_at = time.monotonic()
         self._links_read_at_start = False
-        self._gc_held = False  # start() disabled the garbage collector: run() enables it again
         self.routes_programmed_at: float | None = None  # first moment every route and neighbour was in
         self.sysctls_programmed_at: float | None = None
         self.health_server = HealthServer(metrics_addr, metrics_port, self.metrics, self.health) \
@@ -310,8 +303,6 @@ class Agent:
         return ok, info
 
     def start(self) -> None:
-        self._gc_held = gc.isenabled()  # see COLD_GC_HOLD_S
-        gc.disable()
         # the Store is listed and decoded while this thread waits on the kernel below (2 cores: the
         # syscalls release the GIL); its items wait in the queue, nothing is folded before run()
         for tag, syncer in self.syncers.items():
@@ -385,8 +376,6 @@ class Agent:
                 if retry_at is not None and now >= retry_at:
                     retry_at = None
                 if not self.in_sync:
-                    if self._gc_held and now - self.started_at > COLD_GC_HOLD_S:
-                        self._release_gc()
                     continue
                 # an unexpected failure in one step (a bug, a record no validator foresaw) is logged
                 # and retried: it never ends the loop, and what is programmed stays as it is
@@ -399,19 +388,10 @@ class Agent:
                         self.metrics.errors.inc()
                         self.full_check_due = True
                         retry_at = time.monotonic() + RETRY_S
-                if self._gc_held:
-                    self._release_gc()
         finally:
-            if self._gc_held:
-                self._release_gc()
             self.stopping.set()
             if self.policy is not None:
                 self.policy.close()
-
-    def _release_gc(self) -> None:
-        """The cold start is over (or the Store does not answer): collect garbage again."""
-        self._gc_held = False
-        gc.enable()
 
     def _pair_step(self) -> None:
         """Which local guests answer for their allowed sources now (see calc.py: a VIP is routed

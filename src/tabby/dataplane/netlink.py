@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import queue
 import socket
 import struct
-import threading
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -185,12 +183,9 @@ def _open(groups: int = 0, rcvbuf: int = 32 << 20) -> socket.socket:
 
 
 class Netlink:
-    """One socket for pipelined writes and dumps. Not thread-safe: one owner thread (``apply``
-    lends it to its own writer thread and takes it back before it returns)."""
+    """One socket for pipelined writes and dumps. Not thread-safe: one owner thread."""
 
-    # Why 32 KiB: the writer starts once the first chunk is packed (~0.5k messages, ~2.5 ms), and
-    # one ack per chunk still leaves the kernel's acks a small share of the receive buffer.
-    SEND_CHUNK = 32 * 1024
+    SEND_CHUNK = 128 * 1024
 
     def __init__(self) -> None:
         self.sock = _open()
@@ -207,60 +202,25 @@ class Netlink:
         Messages go out in chunks of many per ``send``; only the last of each chunk asks for an
         ack, and since the kernel handles a socket's messages in order, that ack means the
         whole chunk is done; failures arrive before it as error messages matched by sequence
-        number. Deleting what is already gone (ESRCH/ENOENT) counts as success.
-
-        Once a first chunk is full, a writer thread sends the chunks while this thread packs the
-        rest: the kernel applies a chunk inside ``send``, without the GIL, so packing (~5 us a
-        message) overlaps the kernel's work instead of preceding it. The socket is the writer's
-        until it is joined, before this returns."""
-        failures: list[Failure] = []
-        chunks: queue.SimpleQueue[tuple[bytearray, int, int, dict[int, tuple[str, object]]] | None] | None = None
-        writer: threading.Thread | None = None
-        errors: list[BaseException] = []
+        number. Deleting what is already gone (ESRCH/ENOENT) counts as success."""
         names: dict[int, tuple[str, object]] = {}
+        failures: list[Failure] = []
         buf = bytearray()
         last = 0
-        try:
-            for name, obj, msg in ops:
-                seq = self.seq
-                self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
-                start = len(buf)
-                buf += msg
-                struct.pack_into("=I", buf, start + 8, seq)
-                names[seq] = (name, obj)
-                last = start
-                if len(buf) >= self.SEND_CHUNK:
-                    if chunks is None:
-                        chunks = queue.SimpleQueue()
-                        writer = threading.Thread(target=self._writer, args=(chunks, failures, errors),
-                                                  name="netlink-writer", daemon=True)
-                        writer.start()
-                    chunks.put((buf, last, seq, names))
-                    buf, names = bytearray(), {}
-            if buf:
-                if chunks is None:
-                    self._send_chunk(buf, last, self.seq - 1 or 0x7FFFFFFF, names, failures)
-                else:
-                    chunks.put((buf, last, self.seq - 1 or 0x7FFFFFFF, names))
-        finally:
-            if chunks is not None and writer is not None:
-                chunks.put(None)
-                writer.join()
-        if errors:
-            raise errors[0]
+        for name, obj, msg in ops:
+            seq = self.seq
+            self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
+            start = len(buf)
+            buf += msg
+            struct.pack_into("=I", buf, start + 8, seq)
+            names[seq] = (name, obj)
+            last = start
+            if len(buf) >= self.SEND_CHUNK:
+                self._send_chunk(buf, last, seq, names, failures)
+                buf.clear()
+        if buf:
+            self._send_chunk(buf, last, self.seq - 1 or 0x7FFFFFFF, names, failures)
         return failures
-
-    def _writer(self, chunks: queue.SimpleQueue[tuple[bytearray, int, int, dict[int, tuple[str, object]]] | None],
-                failures: list[Failure], errors: list[BaseException]) -> None:
-        """The writer thread of one ``apply``: sends its chunks in order until None. After an
-        error it sends nothing more (the caller raises it) but still drains the queue."""
-        while (chunk := chunks.get()) is not None:
-            if errors:
-                continue
-            try:
-                self._send_chunk(*chunk, failures)
-            except BaseException as e:  # handed to the caller's thread, which raises it
-                errors.append(e)
 
     def _send_chunk(self, buf: bytearray, last: int, last_seq: int, names: dict[int, tuple[str, object]],
                     failures: list[Failure]) -> None:

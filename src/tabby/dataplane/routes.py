@@ -9,8 +9,7 @@ so an endpoint whose interface changed is never left without a route in between.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
-from typing import Any
+from collections.abc import Collection
 
 from tabby.dataplane import netlink as nl
 from tabby.dataplane.links import LinkIndex
@@ -99,64 +98,49 @@ class RoutesReconciler:
     def apply(self, hold: Collection[str] = ()) -> tuple[int, int]:
         """Program every pending change whose interface exists, except additions on the
         interfaces in ``hold`` (their policy is not in the kernel yet). Returns (applied, failed)."""
-        ops: list[tuple[str, object, bytes]] = []
-        # packed as the netlink writer sends (a generator): the kernel applies the first chunks
-        # while the rest are packed
-        failures = {(f.op, f.obj): f for f in self.nl.apply(self._ops(hold, ops))}
-        if not ops:
-            self._forget_deletes_on_missing_devices()
-            return 0, 0
-        trackers: dict[str, tuple[str, bool, DeltaTracker[Any, Any]]] = {
-            f"{verb}-{kind}": (kind, verb == "add", tracker) for verb in ("add", "del")
-            for kind, tracker in (("route", self.routes), ("neigh", self.neighbours), ("proxy", self.proxies))}
-        for op, obj, _ in ops:
-            kind, add, tracker = trackers[op]
-            if failures and (failure := failures.get((op, obj))) is not None:
-                self.failures[(kind, obj)] = str(failure)
-                log.warning("%s", failure)
-                continue
-            if self.failures:
-                self.failures.pop((kind, obj), None)
-            if add:
-                tracker.applied_update(obj, tracker.desired[obj])
-            else:
-                tracker.applied_delete(obj)
-        self._forget_deletes_on_missing_devices()
-        return len(ops) - len(failures), len(failures)
-
-    def _ops(self, hold: Collection[str], out: list[tuple[str, object, bytes]]
-             ) -> Iterator[tuple[str, object, bytes]]:
-        """Every pending change as (op, object, message), adds before deletes; each also kept in
-        ``out`` for the bookkeeping after the writes."""
         idx = self.links.by_name
+        ops: list[tuple[str, object, bytes]] = []
         for dst, iface in self.routes.pending_updates.items():
             i = idx.get(iface)
             if i and iface not in hold:
-                out.append(op := ("add-route", dst, nl.route_msg(nl.RTM_NEWROUTE, dst, i, CREATE)))
-                yield op
+                ops.append(("add-route", dst, nl.route_msg(nl.RTM_NEWROUTE, dst, i, CREATE)))
         for key, mac in self.neighbours.pending_updates.items():
             i = idx.get(key[0])
             if i and key[0] not in hold:
-                out.append(op := ("add-neigh", key, nl.neigh_msg(nl.RTM_NEWNEIGH, key[1], i, mac, CREATE)))
-                yield op
+                ops.append(("add-neigh", key, nl.neigh_msg(nl.RTM_NEWNEIGH, key[1], i, mac, CREATE)))
         for key in self.proxies.pending_updates:
             i = idx.get(key[0])
             if i and key[0] not in hold:
-                out.append(op := ("add-proxy", key, nl.neigh_msg(nl.RTM_NEWNEIGH, key[1], i, None, CREATE, proxy=True)))
-                yield op
+                ops.append(("add-proxy", key, nl.neigh_msg(nl.RTM_NEWNEIGH, key[1], i, None, CREATE, proxy=True)))
         for dst in self.routes.pending_deletes:
-            out.append(op := ("del-route", dst, nl.route_msg(nl.RTM_DELROUTE, dst, 0)))
-            yield op
+            ops.append(("del-route", dst, nl.route_msg(nl.RTM_DELROUTE, dst, 0)))
         for key in self.neighbours.pending_deletes:
             i = idx.get(key[0])
             if i:
-                out.append(op := ("del-neigh", key, nl.neigh_msg(nl.RTM_DELNEIGH, key[1], i, None)))
-                yield op
+                ops.append(("del-neigh", key, nl.neigh_msg(nl.RTM_DELNEIGH, key[1], i, None)))
         for key in self.proxies.pending_deletes:
             i = idx.get(key[0])
             if i:
-                out.append(op := ("del-proxy", key, nl.neigh_msg(nl.RTM_DELNEIGH, key[1], i, None, proxy=True)))
-                yield op
+                ops.append(("del-proxy", key, nl.neigh_msg(nl.RTM_DELNEIGH, key[1], i, None, proxy=True)))
+        if not ops:
+            self._forget_deletes_on_missing_devices()
+            return 0, 0
+        failures = {(f.op, f.obj): f for f in self.nl.apply(ops)}
+        for op, obj, _ in ops:
+            failure = failures.get((op, obj))
+            kind = op.split("-", 1)[1]
+            if failure is not None:
+                self.failures[(kind, obj)] = str(failure)
+                log.warning("%s", failure)
+                continue
+            self.failures.pop((kind, obj), None)
+            tracker = {"route": self.routes, "neigh": self.neighbours, "proxy": self.proxies}[kind]
+            if op.startswith("add"):
+                tracker.applied_update(obj, tracker.desired[obj])  # type: ignore[index]
+            else:
+                tracker.applied_delete(obj)  # type: ignore[arg-type]
+        self._forget_deletes_on_missing_devices()
+        return len(ops) - len(failures), len(failures)
 
     def _forget_deletes_on_missing_devices(self) -> None:
         idx = self.links.by_name
