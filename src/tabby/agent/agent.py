@@ -218,7 +218,9 @@ class Agent:
         self.passwords_seen: dict[str, str] = {}
         self.with_password: frozenset[str] = frozenset()  # BGP protocols with a TCP MD5 password
         self.md5_baseline: int | None = None  # the kernel's MD5 drop count when the config was rendered
-        self.monitor = nl.Monitor()
+        # BIRD's routes (metric 32) never replace ours (TABBY_METRIC): their events, one per route
+        # learnt, are dropped in the kernel (netlink.py, _drop_routes_of, measured)
+        self.monitor = nl.Monitor(ignore_route_protos=(nl.RTPROT_BIRD,))
         self.in_sync = False
         self.stopping = threading.Event()
         # Cleared while we write to the kernel: the monitor then leaves the echoes of our own

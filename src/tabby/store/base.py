@@ -192,7 +192,8 @@ class Store(Protocol):
         """Events under prefix with revision > after_revision, in order, then live ones; none
         under a prefix in exclude (a backend that can tells no one of them at all). pace_s > 0:
         once caught up, wait that long before reading again, so that a busy range costs one
-        wake-up per pace_s instead of one per write (for news that may come late)."""
+        wake-up per pace_s instead of one per write (for news that may come late; SQLite then
+        looks every pace_s, busy or not, and no commit wakes it)."""
         ...
 
     def compact(self, revision: int) -> None:

@@ -637,7 +637,9 @@ class SqliteWatch:
         try:
             last_version = None
             signals = self._store.signals_for(self._lo, self._exclude)
-            feed = self._store.feed()
+            # paced: it looks every pace_s and no commit wakes it, nor this process's feed (a busy
+            # range otherwise woke the feed thread, and through it every watch, at each commit)
+            feed = self._store.feed() if not self._pace_s else None
             if feed is not None:
                 try:
                     feed.listen(signals)
@@ -669,6 +671,8 @@ class SqliteWatch:
                         if feed is not None and feed.alive:
                             # woken by the feed, by close(), or to look at a read-only filesystem again
                             seen = feed.wait(signals, seen, 1.0 if read_only_since is not None else 30.0)
+                        elif self._pace_s:
+                            self._closed.wait(self._pace_s)
                         else:
                             time.sleep(pause)
                             pause = min(pause * 2, self._store.idle_poll_interval_s)
