@@ -111,3 +111,29 @@ def test_node_to_node_mesh_off_leaves_only_the_explicit_peers() -> None:
     off = bird_inputs("h1", [me, other], {}, effective_config(config(node_to_node_mesh=False).spec, None))
     assert on is not None and off is not None and on.mesh and not off.mesh
     assert "neighbor 2001:db8::2" in render(on) and "neighbor 2001:db8::2" not in render(off)
+
+
+def test_another_hosts_block_changes_nothing_here_and_an_own_block_re_renders_bgp(tmp_path: Path) -> None:
+    """Only this host's block affinities feed its BIRD config (``bird_inputs``). Another host's
+    claim is neither kept nor marks BGP dirty: at 100 hosts every claim anywhere re-rendered every
+    agent's config, most of the agents' CPU while a lab's containers came up (measured, docs)."""
+    from tabby.model.ipam import Affinity
+    from tabby.model.keys import ipam_affinity_key
+    from tabby.syncer import Update
+
+    store = open_store(f"sqlite://{tmp_path}/store.db")
+    a = Agent(store, "h1", resync_s=90.0, metrics_port=None, bgp=False, policy=False, run_dir=tmp_path / "run")
+    try:
+        a.bgp_dirty = False
+        theirs = ipam_affinity_key("h2", "fd00:e::/122")
+        a._fold("store", Update(theirs, Affinity(host="h2", cidr="fd00:e::/122", state="confirmed", since=1.0), 5))
+        assert theirs not in a.fabric and not a.bgp_dirty
+        mine = ipam_affinity_key("h1", "fd00:e::40/122")
+        a._fold("store", Update(mine, Affinity(host="h1", cidr="fd00:e::40/122", state="confirmed", since=1.0), 6))
+        assert mine in a.fabric and a.bgp_dirty
+        a.bgp_dirty = False
+        a._fold("store", Update(mine, None, 7))
+        assert mine not in a.fabric and a.bgp_dirty
+    finally:
+        a.netlink.close()
+        a.monitor.close()

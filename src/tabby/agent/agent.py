@@ -74,6 +74,7 @@ from tabby.model.keys import (
     bgp_status_key,
     endpoint_key,
     endpoint_prefix,
+    ipam_affinity_prefix,
     kind_prefix,
     parse_key,
 )
@@ -192,7 +193,8 @@ class Agent:
         self.synced: set[str] = set()  # the syncers whose first listing has been folded
         self.endpoint_copies: dict[str, dict[str, tuple[Any, int]]] = {}  # name -> key -> (record, created)
         self.metrics.count_watch_events(lambda: sum(s.events for s in self.syncers.values()))
-        self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, affinities, config
+        self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, config, own affinities
+        self.own_affinities = ipam_affinity_prefix(host)
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
         self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why
         self.config: ConfigSpec = effective_config(None, None)
@@ -622,6 +624,10 @@ class Agent:
                 return
             assert isinstance(item, Update)
             self.metrics.store_events.inc()
+            if item.key.startswith(IPAM_AFFINITIES_PREFIX) and not item.key.startswith(self.own_affinities):
+                # another host's block: BGP says where it is, and nothing here derives from it; it
+                # re-rendered every agent's BIRD config at each block claimed anywhere (measured)
+                return
             parsed = parse_key(item.key)
             if parsed is not None and parsed[0] in ("Policy", "Profile", "IPPool"):
                 setter = {"Policy": self.policy_index.set_policy, "Profile": self.policy_index.set_profile,
