@@ -16,6 +16,7 @@ from tabby.dataplane.bird_config import BirdInputs, render
 from tabby.lab import netns
 from tabby.lab.etcd import free_port
 from tabby.model import validate
+from tabby.model.keys import PREFIX, endpoint_key, resource_key
 from tabby.store import open_store
 
 
@@ -113,22 +114,46 @@ def test_node_to_node_mesh_off_leaves_only_the_explicit_peers() -> None:
     assert "neighbor 2001:db8::2" in render(on) and "neighbor 2001:db8::2" not in render(off)
 
 
-def test_another_hosts_block_changes_nothing_here_and_an_own_block_re_renders_bgp(tmp_path: Path) -> None:
-    """Only this host's block affinities feed its BIRD config (``bird_inputs``). Another host's
-    claim is neither kept nor marks BGP dirty: at 100 hosts every claim anywhere re-rendered every
-    agent's config, most of the agents' CPU while a lab's containers came up (measured, docs)."""
-    from tabby.model.ipam import Affinity
-    from tabby.model.keys import ipam_affinity_key
+def test_the_agents_watches_carry_only_what_it_uses_and_an_own_block_re_renders_bgp(tmp_path: Path) -> None:
+    """Each watch's range holds only what it uses (etcd's watch is one key range: whatever else
+    it holds, etcd sends and the agent drops). Another host's block affinity reaches no watch (at
+    100 hosts every claim anywhere re-rendered every agent's BIRD config: measured, docs); an own
+    one marks BGP dirty."""
+    from tabby.model import encode, key_of
+    from tabby.model.ipam import Affinity, encode_ipam
+    from tabby.model.keys import host_status_key, ipam_affinity_key, ipam_block_key, ipam_handle_key
     from tabby.syncer import Update
 
     store = open_store(f"sqlite://{tmp_path}/store.db")
     a = Agent(store, "h1", resync_s=90.0, metrics_port=None, bgp=False, policy=False, run_dir=tmp_path / "run")
     try:
-        a.bgp_dirty = False
-        theirs = ipam_affinity_key("h2", "fd00:e::/122")
-        a._fold("store", Update(theirs, Affinity(host="h2", cidr="fd00:e::/122", state="confirmed", since=1.0), 5))
-        assert theirs not in a.fabric and not a.bgp_dirty
         mine = ipam_affinity_key("h1", "fd00:e::40/122")
+        writes = {mine: encode_ipam(Affinity(host="h1", cidr="fd00:e::40/122", state="confirmed", since=1.0)),
+                  ipam_affinity_key("h2", "fd00:e::/122"):
+                      encode_ipam(Affinity(host="h2", cidr="fd00:e::/122", state="confirmed", since=1.0)),
+                  ipam_block_key("fd00:e::/122"): b"{}", ipam_handle_key("c1"): b"{}", f"{PREFIX}ipam/gc": b"{}",
+                  host_status_key("h2"): b"{}", f"{PREFIX}widgets/x": b"{}"}
+        for r in (host("h2", "2001:db8::2"), config(log_level="debug"), *(
+                validate({"kind": "Endpoint", "metadata": {"name": f"e{h}"},
+                          "spec": {"host": h, "orchestrator": "container", "workload_id": f"e{h}",
+                                   "interface": f"tb{h}", "mac": "52:54:00:00:00:01",
+                                   "ipv6_addresses": [f"fd00:e::{i + 1}"]}})
+                for i, h in enumerate(("h1", "h2")))):
+            writes[key_of(r)] = encode(r)
+        for key, value in writes.items():
+            store.put(key, value)
+        listed: dict[str, set[str]] = {}
+        for tag, syncer in a.syncers.items():
+            listed[tag] = {u.key for u in syncer._resync() if isinstance(u, Update)}
+            assert not syncer.exclude or tag == "remote", f"{tag}: a range that needs exclusion"
+        assert listed.pop("local") == {endpoint_key("h1", "eh1")}
+        assert listed.pop("remote") == {endpoint_key("h2", "eh2")}
+        assert listed.pop("affinities") == {mine}
+        assert listed.pop("hosts") == {resource_key("Host", "h2")}
+        assert listed.pop("config") == {resource_key("Config", "global")}
+        assert listed == {"ippools": set(), "profiles": set(), "policies": set(), "bgppeers": set()}
+
+        a.bgp_dirty = False
         a._fold("store", Update(mine, Affinity(host="h1", cidr="fd00:e::40/122", state="confirmed", since=1.0), 6))
         assert mine in a.fabric and a.bgp_dirty
         a.bgp_dirty = False

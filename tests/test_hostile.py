@@ -28,7 +28,7 @@ from tabby.lab import netns
 from tabby.lab.hostile import CATEGORIES, FAMILIES, hostile_records
 from tabby.model import validate
 from tabby.model.codec import InvalidResource
-from tabby.model.keys import IPAM_AFFINITIES_PREFIX, IPAM_PREFIX, PREFIX, STATUS_PREFIX
+from tabby.model.keys import KIND_DIRS, PREFIX, ipam_affinity_prefix, kind_prefix
 from tabby.model.records import decode_record
 from tabby.store import Store, open_store
 
@@ -42,21 +42,20 @@ def test_every_generated_record_is_refused_naming_its_key() -> None:
     records = hostile_records(HOSTILE, seed=7)
     assert {r.category for r in records} == set(CATEGORIES)
     assert {r.family for r in records} == set(FAMILIES)
-    for r in records:
+    own = [r for r in hostile_records(HOSTILE, seed=7, affinity_host="h1") if r.family == "Affinity"]
+    assert own and all(r.key.startswith(ipam_affinity_prefix("h1")) or r.category == "foreign_key" for r in own)
+    for r in records + own:
         with pytest.raises(InvalidResource) as e:
             decode_record(r.key, r.value)
         assert e.value.where == r.key and e.value.field, (r.category, r.family)
         assert r.key in str(e.value)
 
 
-def _watched_by_agent(key: str) -> bool:
-    """The agent reads resources and block affinities (what its syncer watches), not IPAM's other
-    records or status; those are the CLI's to name."""
-    if key.startswith(STATUS_PREFIX):
-        return False
-    if key.startswith(IPAM_PREFIX):
-        return key.startswith(IPAM_AFFINITIES_PREFIX)
-    return key.startswith(PREFIX)
+def _watched_by_agent(key: str, host: str) -> bool:
+    """The agent reads the resources of each kind and its own host's block affinities (what its
+    syncers watch): not IPAM's other records, another host's affinities, status, or a key of no
+    kind; those are the CLI's to name."""
+    return key.startswith((*map(kind_prefix, KIND_DIRS), ipam_affinity_prefix(host)))
 
 
 def _kernel(host_ns: str) -> tuple[dict[str, str], set[tuple[str, str]], set[tuple[str, str]]]:
@@ -137,7 +136,8 @@ def test_hostile_records_beside_valid_ones(backend: str) -> None:
         baseline = _kernel(h1.ns)
 
         # names "q0000".."q0519" for the hostile ones; valid ones "q0007v" sort right after a hostile one
-        records = hostile_records(HOSTILE, seed=14 if backend == "sqlite" else 15, stem="q")
+        # the Affinity records pose as h1's own, the only ones its agent reads
+        records = hostile_records(HOSTILE, seed=14 if backend == "sqlite" else 15, stem="q", affinity_host=h1.name)
         step = HOSTILE // VALID
         plan: list[tuple[str, Any]] = []
         for i, r in enumerate(records):
@@ -194,7 +194,7 @@ def test_hostile_records_beside_valid_ones(backend: str) -> None:
 
         # each bad record the agent reads is reported once, with its key
         # (other hosts' endpoints come by the agent's paced watch: up to half a second later)
-        watched = {k: n for k, n in writes.items() if _watched_by_agent(k)}
+        watched = {k: n for k, n in writes.items() if _watched_by_agent(k, h1.name)}
 
         def misreported() -> dict[str, tuple[int, int]]:
             log = (the_lab.dir / f"agent-{h1.name}.log").read_text()

@@ -638,8 +638,8 @@ def test_agent_on_a_store_remounted_read_only(host_ns: str, tmp_path: Path, cras
                 pattern = r"status writer: host heartbeat not written, attempt (\d+): store (\S+): read-only"
                 want_code = 200
             else:  # it cannot read: no view, so nothing new is served and nothing is taken away
-                # each of the agent's three watches says so; the resources' one is counted
-                pattern = r"store unavailable \(watch of /tabby/v1/\), attempt (\d+): store (\S+): read-only"
+                # each of the agent's watches says so; the Hosts' one is counted
+                pattern = r"store unavailable \(watch of /tabby/v1/hosts/\), attempt (\d+): store (\S+): read-only"
                 want_code = 503
             wait_for(lambda: len(re.findall(pattern, second.output())) >= 3, 15, 0.1, "three attempts")
             assert [(int(n), p) for n, p in re.findall(pattern, second.output())][:3] == [

@@ -67,10 +67,7 @@ from tabby.model.ipam import decode_ipam
 from tabby.model.keys import (
     ENDPOINTS_PREFIX,
     IPAM_AFFINITIES_PREFIX,
-    IPAM_BLOCKS_PREFIX,
-    IPAM_GC_KEY,
-    IPAM_HANDLES_PREFIX,
-    PREFIX,
+    KIND_DIRS,
     bgp_status_key,
     endpoint_key,
     endpoint_prefix,
@@ -177,24 +174,25 @@ class Agent:
         run_dir = run_dir or Path("/run/tabby") / host
         self.last_good = LastGood(run_dir / "last-good.json")
         seed = self.last_good.load(decode_record)
-        # What an agent watches (docs/architecture.md, "What agents watch"): every resource but the
-        # endpoints; its own host's endpoints as they come; other hosts' endpoints paced (rule
-        # selectors and address claims need them, routes never wait for them).
-        self.syncers = {
-            "resources": ResourceSyncer(
-                store, PREFIX, decoder=decode_record, seed=seed,
-                exclude=(ENDPOINTS_PREFIX, IPAM_BLOCKS_PREFIX, IPAM_HANDLES_PREFIX, IPAM_GC_KEY)),
-            "local": ResourceSyncer(store, endpoint_prefix(host), decoder=decode_record, seed=seed, exclude=()),
-            "remote": ResourceSyncer(store, ENDPOINTS_PREFIX, decoder=decode_record, seed=seed,
-                                     exclude=(endpoint_prefix(host),), pace_s=REMOTE_PACE_S),
-        }
+        # What an agent watches (docs/architecture.md, "What agents watch"): each kind but the
+        # endpoints, and this host's block affinities, as ranges of their own (etcd's watch is one
+        # range: a range around the endpoints would carry every workload add anywhere); its own
+        # host's endpoints as they come; other hosts' endpoints paced (rule selectors and address
+        # claims need them, routes never wait for them).
+        ranges = {kind_dir: kind_prefix(kind) for kind, kind_dir in KIND_DIRS.items() if kind != "Endpoint"}
+        ranges["affinities"] = ipam_affinity_prefix(host)
+        self.syncers = {tag: ResourceSyncer(store, prefix, decoder=decode_record, seed=seed, exclude=())
+                        for tag, prefix in ranges.items()}
+        self.syncers["local"] = ResourceSyncer(store, endpoint_prefix(host), decoder=decode_record, seed=seed,
+                                               exclude=())
+        self.syncers["remote"] = ResourceSyncer(store, ENDPOINTS_PREFIX, decoder=decode_record, seed=seed,
+                                                exclude=(endpoint_prefix(host),), pace_s=REMOTE_PACE_S)
         for syncer in self.syncers.values():
             syncer.on_corrupt = functools.partial(self._corrupt, syncer)
         self.synced: set[str] = set()  # the syncers whose first listing has been folded
         self.endpoint_copies: dict[str, dict[str, tuple[Any, int]]] = {}  # name -> key -> (record, created)
         self.metrics.count_watch_events(lambda: sum(s.events for s in self.syncers.values()))
         self.fabric: dict[str, Any] = {}  # every other record: hosts, pools, peers, config, own affinities
-        self.own_affinities = ipam_affinity_prefix(host)
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
         self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why
         self.config: ConfigSpec = effective_config(None, None)
@@ -610,7 +608,7 @@ class Agent:
         return self.resync_s * random.uniform(0.9, 1.1)
 
     def _fold(self, kind: str, item: Any) -> None:
-        if kind == "synced":  # one syncer's first listing is in: in sync once all three are
+        if kind == "synced":  # one syncer's first listing is in: in sync once all have
             self.synced.add(item)
             if len(self.synced) == len(self.syncers) and not self.in_sync:
                 log.info("in sync with the store at revision %d: %d local endpoints",
@@ -624,10 +622,6 @@ class Agent:
                 return
             assert isinstance(item, Update)
             self.metrics.store_events.inc()
-            if item.key.startswith(IPAM_AFFINITIES_PREFIX) and not item.key.startswith(self.own_affinities):
-                # another host's block: BGP says where it is, and nothing here derives from it; it
-                # re-rendered every agent's BIRD config at each block claimed anywhere (measured)
-                return
             parsed = parse_key(item.key)
             if parsed is not None and parsed[0] in ("Policy", "Profile", "IPPool"):
                 setter = {"Policy": self.policy_index.set_policy, "Profile": self.policy_index.set_profile,

@@ -182,9 +182,11 @@ def _mutate(category: str, family: str, key: str, doc: dict[str, Any], rng: rand
 
 
 def hostile_records(count: int, seed: int = 14, stem: str = "bad", families: tuple[str, ...] = tuple(FAMILIES),
-                    categories: tuple[str, ...] = CATEGORIES) -> list[Hostile]:
+                    categories: tuple[str, ...] = CATEGORIES, affinity_host: str | None = None) -> list[Hostile]:
     """``count`` hostile records, every family and category covered before any repeats. Names
-    start with ``stem`` and a four-digit index, so callers can place them in key order."""
+    start with ``stem`` and a four-digit index, so callers can place them in key order.
+    affinity_host: the host whose block affinities the Affinity records pose as (an agent reads
+    its own host's alone); by default each is a host of its own name."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -192,6 +194,9 @@ def hostile_records(count: int, seed: int = 14, stem: str = "bad", families: tup
         category = categories[(i // len(families) + i) % len(categories)]
         name = f"{stem}{i:04d}"
         key, doc = FAMILIES[family](family, name, i)
+        if family == "Affinity" and affinity_host is not None:
+            doc["host"] = affinity_host
+            key = ipam_affinity_key(affinity_host, doc["cidr"])
         key, value = _mutate(category, family, key, doc, rng)
         out.append(Hostile(category, family, key, value))
     return out

@@ -14,8 +14,8 @@
     /tabby/status/hosts/<host>                  host liveness, written by its agent
     /tabby/status/bgp/<host>                    BGP sessions as that host's bird sees them
 
-Writers put whole JSON documents. Agents watch ``/tabby/v1/`` less the endpoints and IPAM's
-blocks, handles and collector state; their own host's endpoints as they come; and every other
+Writers put whole JSON documents. Agents watch each kind's directory but the endpoints', and
+their own host's block affinities; their own host's endpoints as they come; and every other
 host's endpoints paced, in batches (docs/architecture.md, "What agents watch"). Why status is
 not under ``/tabby/v1/``: every agent writes it and no agent reads it, and a watch is one key
 range, so status inside the watched range would reach every agent of the fabric (the cost of
@@ -25,7 +25,7 @@ each agent growing with the number of hosts, the fabric's with its square).
 from __future__ import annotations
 
 ROOT = "/tabby/"  # everything tabby keeps: what whole-Store readers (``tabby status``) list
-PREFIX = "/tabby/v1/"  # resources and IPAM: what agents watch
+PREFIX = "/tabby/v1/"  # resources and IPAM
 
 KIND_DIRS: dict[str, str] = {
     "Host": "hosts",
