@@ -158,6 +158,42 @@ def test_a_paced_watch_misses_nothing_and_keeps_the_order(store: Store, prefix: 
     assert [e.revision for e in got] == sorted(e.revision for e in got)
 
 
+def test_a_paced_watch_reads_a_steady_stream_in_few_rounds(store: Store, prefix: str) -> None:
+    """pace_s: every read that had to wait is followed by a pause, so 20 writes spread over ~0.6 s
+    come in a handful of reads (one each without pacing): how an agent's view of other hosts'
+    endpoints costs it a wake-up per pace_s, not one per workload add anywhere. (etcd's watch
+    used to pause at most once per pace_s, and read what came in the half second after as it
+    came, one wake-up each.)"""
+    w = store.watch(prefix, store.revision(), pace_s=0.5)
+    rounds: list[list[str]] = []
+    last = [0.0]
+
+    def follow() -> None:
+        for ev in w:
+            now = time.monotonic()
+            if now - last[0] > 0.2:  # a new read: the lines of one read come within milliseconds
+                rounds.append([])
+            last[0] = now
+            rounds[-1].append(ev.key)
+
+    f = threading.Thread(target=follow, daemon=True)
+    f.start()
+    try:
+        time.sleep(0.3)  # the watch is waiting
+        for i in range(20):
+            store.put(f"{prefix}s{i:02d}", b"x")
+            time.sleep(0.03)
+        want = [f"{prefix}s{i:02d}" for i in range(20)]
+        deadline = time.monotonic() + 5
+        while [k for r in rounds for k in r] != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [k for r in rounds for k in r] == want, rounds
+        assert len(rounds) <= 4, [len(r) for r in rounds]
+    finally:
+        w.close()
+        f.join(5)
+
+
 def test_watch_resumed_from_last_revision_sees_every_event_once(store: Store, prefix: str) -> None:
     _, start = store.list(prefix)
     for i in range(10):

@@ -92,6 +92,9 @@ POLICY_CHECK_S = 5.0  # how often the nftables generation is compared (a full co
 # 0.5 s, not one per workload add anywhere. Only rule selectors' address sets and fabric-wide
 # address claims wait for them; no route does (those come over BGP).
 REMOTE_PACE_S = 0.5
+# and once some came, the loop waits this long for the rest of the read before it folds them: a
+# watch hands its events over one at a time, and each alone cost a whole turn (measured, docs)
+PACED_FOLD_S = 0.05
 
 
 MAX_CORRUPT_REPORTED = 100  # corrupt records named in this host's status (the log names every one)
@@ -105,18 +108,6 @@ def decode_record(key: str, value: bytes) -> Any:
         return decode_ipam(key, value)
     return canonical.endpoint(key, value) or decode(key, value)
 
-
-
-def _unbatched(items: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """The queue's items, with a syncer's first listing (see ``Agent._feed_store``) as its store
-    items and then ("synced", the syncer's tag)."""
-    for kind, item in items:
-        if kind == "listing":
-            tag, listing = item
-            for update in listing:
-                yield ("synced", tag) if isinstance(update, InSync) else ("store", update)
-        else:
-            yield kind, item
 
 
 BFD_POLL_S = 0.05  # the BFD watcher's period: small beside BFD's own 300 ms detection
@@ -159,6 +150,12 @@ class Agent:
         self.overrides = overrides
         self.metrics_addr = metrics_addr
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # a syncer's items after its first listing wait here, and one ("pending", tag) in the queue
+        # says so: the loop takes all that came meanwhile in one turn (a burst of remote adds cost
+        # a whole turn each, the steps after the fold most of it: measured, docs)
+        self.pending: dict[str, list[Any]] = {}
+        self.pending_lock = threading.Lock()
+        self.fold_at: dict[str, float] = {}  # a paced syncer's tag -> when its pending items are folded
         self.index = HostIndex(host)
         self.links = LinkIndex()
         self.netlink = nl.Netlink()
@@ -260,7 +257,12 @@ class Agent:
         try:
             for item in syncer:
                 if listing is None:
-                    self.q.put(("store", item))
+                    with self.pending_lock:
+                        waiting = self.pending.setdefault(tag, [])
+                        waiting.append(item)
+                        first = len(waiting) == 1  # the first since the loop took them: tell it
+                    if first:
+                        self.q.put(("pending", tag))
                     continue
                 listing.append(item)
                 if isinstance(item, InSync):
@@ -269,6 +271,32 @@ class Agent:
         except Exception:
             log.exception("store syncer %s died", tag)
             self.q.put(("fatal", f"store syncer {tag} died"))
+
+    def _unbatched(self, items: list[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """The queue's items, with a syncer's first listing as its store items and then
+        ("synced", the syncer's tag), and a syncer's pending items as they are when reached."""
+        for kind, item in items:
+            if kind == "listing":
+                tag, listing = item
+                for update in listing:
+                    yield ("synced", tag) if isinstance(update, InSync) else ("store", update)
+            elif kind == "pending":
+                if self.syncers[item].pace_s:  # news that may come late: what follows comes in the same turn
+                    self.fold_at.setdefault(item, time.monotonic() + PACED_FOLD_S)
+                else:
+                    yield from self._take(item)
+            else:
+                yield kind, item
+        now = time.monotonic()
+        for tag in [t for t, at in self.fold_at.items() if at <= now]:
+            del self.fold_at[tag]
+            yield from self._take(tag)
+
+    def _take(self, tag: str) -> Iterator[tuple[str, Any]]:
+        with self.pending_lock:
+            taken = self.pending.pop(tag, [])
+        for update in taken:
+            yield "store", update
 
     def _feed_netlink(self) -> None:
         while not self.stopping.is_set():
@@ -350,7 +378,8 @@ class Agent:
                 deadline = min(next_resync, retry_at or next_resync,
                                self.next_bgp_check if self.bird is not None and self.in_sync else next_resync,
                                self.next_policy_check if self.policy is not None and self.in_sync else next_resync,
-                               self.next_pair_probe if self.index.pair_owners and self.in_sync else next_resync)
+                               self.next_pair_probe if self.index.pair_owners and self.in_sync else next_resync,
+                               *self.fold_at.values())
                 items = []
                 try:
                     items.append(self.q.get(timeout=max(0.0, deadline - now)))
@@ -358,7 +387,7 @@ class Agent:
                         items.append(self.q.get_nowait())
                 except queue.Empty:
                     pass
-                for kind, item in _unbatched(items):
+                for kind, item in self._unbatched(items):
                     if kind == "stop":
                         return
                     if kind == "fatal":
@@ -654,7 +683,8 @@ class Agent:
             if was_local or name in self.index.plans:
                 self.nat64_dirty = True  # a local workload on (or off) a nat64 pool
             self._push(touched)
-            if self.in_sync and self.neighbour_tables.size(len(self.index.plans)):  # cheap: steps of 1024
+            if self.in_sync and (was_local or name in self.index.plans) and \
+                    self.neighbour_tables.size(len(self.index.plans)):  # steps of 1024
                 self._publish_host_info()
             if resource is None:
                 self.endpoint_records.pop(name, None)

@@ -532,7 +532,6 @@ class EtcdWatch:
         self._prefix = prefix
         self._exclude = exclude  # etcd's watch is one key range: these are dropped here
         self._pace_s = pace_s
-        self._paused_at = float("-inf")
         self._after = after_revision
         self._closed = threading.Event()
         self._resp: requests.Response | None = None
@@ -642,11 +641,11 @@ class EtcdWatch:
     def _pace(self, asked: float) -> None:
         """Paced: once a read had to wait for its line (we had caught up), pause, so that what
         comes meanwhile is read at once; a line already buffered is read without a pause, so the
-        watch never falls behind (at most one pause per ``pace_s``)."""
-        now = time.monotonic()
-        if self._pace_s and now - asked > PACE_WAITED_S and now - self._paused_at >= self._pace_s:
+        watch never falls behind. Every wait is followed by a pause: with a pause at most once
+        per ``pace_s`` (until 2026-12-02), the lines that came in the half second after one were
+        read as they came, one wake-up each (measured: 148 reads for 400 events in 20 s)."""
+        if self._pace_s and time.monotonic() - asked > PACE_WAITED_S:
             self._closed.wait(self._pace_s)
-            self._paused_at = time.monotonic()
 
     def _events(self, url: str, line: bytes) -> Iterator[Event | None]:
         """The events of one line of the watch stream; a line that is not etcd's is BadResponse."""
