@@ -38,6 +38,11 @@ class BirdReconciler:
         self.pidfile = run_dir / "bird.pid"
         self.log = run_dir / "bird.log"
         self.desired: str | None = None
+        # the config the running bird read, at its start or its last configure (None: not known,
+        # e.g. one adopted after an agent restart). Not the file: a config written while a bird
+        # was starting on the one before was never read by it (seen: a host's block missing from
+        # its kernel for good when three changes came in the agent's first second)
+        self.loaded: str | None = None
         self.last_error: str | None = None
         self.starts = 0
 
@@ -123,14 +128,18 @@ class BirdReconciler:
         pid = self.pid()
         if pid is None:
             self._start(recovering=self.starts > 0 or current is not None)
+            self.loaded = self.desired
+            self.last_error = None
             return True
-        if changed:
+        if self.loaded != self.desired:
             out = self.control("configure")
             if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
                 self.last_error = out.strip()
                 log.error("birdc configure: %s", out.strip())
                 return False
+            self.loaded = self.desired
             log.info("BIRD reconfigured")
+            changed = True
         self.last_error = None
         return changed
 
@@ -143,8 +152,10 @@ class BirdReconciler:
         if r.returncode != 0:
             raise BirdError(argv, r.returncode, self.log.read_text()[-500:])
         self.starts += 1
+        # until it answers as ours: its socket, and its pid file (written after the socket); a
+        # check before the pid file took it for not running, and started a second one
         deadline = time.monotonic() + 5
-        while not self.sock.exists() and time.monotonic() < deadline:
+        while not (self.sock.exists() and self.pid() is not None) and time.monotonic() < deadline:
             time.sleep(0.02)
         log.info("BIRD started (pid %s%s)", self.pid(), ", graceful-restart recovery" if recovering else "")
 

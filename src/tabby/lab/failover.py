@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,13 +69,20 @@ def cut(lab: Lab, h: LabHost, cause: str) -> Callable[[], None]:
     raise ValueError(f"cause {cause!r}: one of {CAUSES}")
 
 
-def host_block(lab: Lab, h: LabHost) -> str:
-    """h's IPv6 block, as its own kernel's blackhole says."""
-    out = netns.ip("-6", "route", "show", "type", "blackhole", ns=h.ns).split()
-    blocks = [w for w in out if w.startswith("fd00:e:")]
-    if not blocks:
-        raise LookupError(f"{h.name} has no block yet")
-    return blocks[0]
+def host_block(lab: Lab, h: LabHost, timeout: float = 30.0) -> str:
+    """h's IPv6 block, as its own kernel's blackhole says, once it has one (``lab up`` returns
+    when the containers are made, not when BIRD has their blocks); how long that took goes to
+    stderr when it was not at once, so a slow agent is seen, not hidden."""
+    t0 = time.monotonic()
+
+    def blocks() -> list[str]:
+        return [w for w in netns.ip("-6", "route", "show", "type", "blackhole", ns=h.ns).split()
+                if w.startswith("fd00:e:")]
+
+    found = netns.wait_for(blocks, timeout, 0.05, f"{h.name}'s block in its kernel (a blackhole route)")
+    if (waited := time.monotonic() - t0) > 0.1:
+        print(f"{h.name}'s block {found[0]} came {waited:.2f} s after it was first looked for", file=sys.stderr)
+    return found[0]
 
 
 def _has_route(ns: str, block: str) -> bool:
