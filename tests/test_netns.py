@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,10 +15,12 @@ def test_sweep_ends_a_process_started_during_the_sweep(tmp_path: Path) -> None:
     marker = tmp_path / "child.pid"
     # like an agent that restarts dnsmasq while it is being stopped: on SIGTERM it starts a
     # long-lived child in the same namespace, then exits
-    script = f"trap 'sleep 1000 & echo $! > {marker}; exit 0' TERM; while :; do sleep 0.05; done"
+    ready = tmp_path / "ready"
+    script = f"trap 'sleep 1000 & echo $! > {marker}; exit 0' TERM; : > {ready}; while :; do sleep 0.05; done"
     proc = netns.spawn(ns, ["sh", "-c", script], tmp_path / "log")
-    netns.wait_for(lambda: subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-                   .stdout.strip() != "", 5)
+    # the trap is set (a process in the namespace may still be `ip netns exec`, or a shell before
+    # its trap: a SIGTERM then ends it with no child, which is the flake this wait ends)
+    netns.wait_for(ready.exists, 5)
     assert netns.sweep(ns) == [ns]
     proc.wait(5)
     assert not netns.netns_exists(ns)
