@@ -12,7 +12,10 @@ ip_batch_s: ``ip -batch`` writing the same routes and neighbours into an identic
 ratio: program_s / ip_batch_s.
 add_p50_ms / add_p99_ms: a running agent; one endpoint written to the Store -> its route in the
   kernel, per backend (SQLite; etcd running inside the namespace).
-Each endpoint has its own veth, as on a real host.
+Each endpoint has its own veth, as on a real host, and the host has an IPv4 address (here a /32 on
+lo; a real host's is on its uplink): with none anywhere, the kernel looks for each IPv4 route's
+preferred source on every device in turn (inet_select_addr), a cost quadratic in veths that no
+host with an IPv4 address pays (measured at 2,000: ip -batch 0.41 s without it, 0.12 s with it).
 """
 
 from __future__ import annotations
@@ -46,8 +49,13 @@ def emit(metric: str, value: float, unit: str, **labels: object) -> None:
           flush=True)
 
 
+HOST_V4 = "10.255.0.1/32"  # the host's own address, inside the bench namespace only
+
+
 def make_veths(ns: str, n: int) -> None:
-    lines = [f"link add tbe{i} type veth peer name tbp{i}" for i in range(n)]
+    """n veths, and the host's IPv4 address (see the docstring: the kernel's preferred source)."""
+    lines = ["link set lo up", f"address add {HOST_V4} dev lo"]
+    lines += [f"link add tbe{i} type veth peer name tbp{i}" for i in range(n)]
     lines += [f"link set tbe{i} up" for i in range(n)]
     netns.ip("-batch", "-", ns=ns, input="\n".join(lines) + "\n")
 
@@ -119,10 +127,10 @@ def cold(n: int, tmp: Path, tag: str) -> None:
 
         ip_batch_s = time_ip_batch(b, tmp / "routes.batch", n, lambda i: f"tbe{i}")
         shape = "veth-per-endpoint"
-        emit("program_s", res["program_s"], "s", n=n, shape=shape, policy="on")
+        emit("program_s", res["program_s"], "s", n=n, shape=shape, policy="on", host_ipv4="lo")
         emit("sysctl_s", res["sysctl_s"], "s", n=n, shape=shape)
-        emit("ip_batch_s", ip_batch_s, "s", n=n, shape=shape)
-        emit("ratio", res["program_s"] / ip_batch_s, "ratio", n=n, shape=shape, policy="on")
+        emit("ip_batch_s", ip_batch_s, "s", n=n, shape=shape, host_ipv4="lo")
+        emit("ratio", res["program_s"] / ip_batch_s, "ratio", n=n, shape=shape, policy="on", host_ipv4="lo")
     finally:
         netns.del_netns(a)
         netns.del_netns(b)

@@ -10,7 +10,9 @@ kernel's neighbour tables, which are the machine's, not the namespace's (see bel
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,45 @@ log = logging.getLogger(__name__)
 PROC_NET = Path("/proc/sys/net")
 
 
+class _IfNameIndex(ctypes.Structure):
+    _fields_ = [("if_index", ctypes.c_uint), ("if_name", ctypes.c_char_p)]
+
+
+def _libc_if_nameindex() -> Callable[[], list[tuple[int, str]]] | None:
+    """libc's if_nameindex through ctypes, which lets go of the GIL for the call; None if this
+    libc cannot be loaded that way (``socket.if_nameindex`` then)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        get, free = libc.if_nameindex, libc.if_freenameindex
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.POINTER(_IfNameIndex)
+    get.argtypes = []
+    free.argtypes = [ctypes.POINTER(_IfNameIndex)]
+    free.restype = None
+
+    def names() -> list[tuple[int, str]]:
+        p = get()
+        if not p:
+            raise OSError(ctypes.get_errno(), "if_nameindex failed")
+        try:
+            out = []
+            i = 0
+            while (e := p[i]).if_index:
+                out.append((e.if_index, os.fsdecode(e.if_name)))  # as socket.if_nameindex
+                i += 1
+            return out
+        finally:
+            free(p)
+    return names
+
+
+# Why not socket.if_nameindex: it keeps the GIL for the whole call (libc dumps every link's
+# attributes: 40-57 ms at 4,000 veths), and at a cold start that stalled the Store listing and
+# decoding that run meanwhile on the other threads.
+_if_nameindex = _libc_if_nameindex() or socket.if_nameindex
+
+
 class LinkIndex:
     def __init__(self) -> None:
         self.by_name: dict[str, int] = {}
@@ -32,7 +73,7 @@ class LinkIndex:
     def refresh(self) -> None:
         # libc's if_nameindex, not a pyroute2 dump: with thousands of veths the dump parses every
         # attribute of every link (seen: 2 s for 4,000 links) when only names and indexes are needed
-        self.by_name = {name: index for index, name in socket.if_nameindex()}
+        self.by_name = {name: index for index, name in _if_nameindex()}
         self.by_index = {i: n for n, i in self.by_name.items()}
 
     def added(self, name: str, index: int) -> None:
@@ -105,9 +146,12 @@ class SysctlReconciler:
 
 
 def set_host_sysctls(root: Path = PROC_NET) -> None:
-    """Forwarding on for both families (the host routes between its workloads and the fabric)."""
+    """Forwarding on for both families (the host routes between its workloads and the fabric).
+    Written only where it is not on yet: a write of ipv6 all/forwarding visits every device under
+    the RTNL (~40 ms with 4,000 veths), and an agent restart finds them on."""
     for path in ("ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding", "ipv4/ip_forward"):
-        (root / path).write_text("1")
+        if (root / path).read_text().strip() != "1":
+            (root / path).write_text("1")
 
 
 # -- neighbour tables ---------------------------------------------------------------------------
