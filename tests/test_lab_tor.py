@@ -60,11 +60,27 @@ def test_links_carry_no_ipv4_and_no_global_ipv6(the_lab: L.Lab) -> None:
             assert addrs and all(a["family"] == "inet6" and a["scope"] == "link" for a in addrs), (ns, dev, addrs)
 
 
+def fabric_trace(the_lab: L.Lab) -> str:
+    """What the fabric did, for a failure's message: the GoBGP ToR's FIB changes, the agents'
+    BFD and BGP lines, and each host's learnt IPv4 routes (a failed row names only its symptom)."""
+    out = []
+    fib = the_lab.dir / "gobgp-fib.log"
+    if fib.exists():
+        out += ["ToR 1 FIB changes:", *fib.read_text().splitlines()[-20:]]
+    for h in the_lab.topo.hosts:
+        log = the_lab.dir / f"agent-{h.name}.log"
+        if log.exists():
+            out += [f"{h.name} agent:", *[line for line in log.read_text().splitlines()
+                                          if "BFD" in line or "BGP" in line or "bird" in line][-10:]]
+        out += [f"{h.name} IPv4 routes:", netns.ip("-4", "route", "show", "proto", "bird", ns=h.ns)]
+    return "\n".join(out)
+
+
 def test_full_matrix_dual_stack_and_ipv4_via_ipv6_next_hops(the_lab: L.Lab) -> None:
     rows = the_lab.matrix(("v6", "v4"))
     # the failed rows whole, as text (pytest shortens a list's repr, and the detail says why)
     assert {r["family"] for r in rows} == {"v6", "v4"} and all(r["ok"] for r in rows), \
-        "\n".join(str(r) for r in rows if not r["ok"])
+        "\n".join(str(r) for r in rows if not r["ok"]) + "\n" + fabric_trace(the_lab)
     h2 = the_lab.topo.hosts[1]
     v4 = [r for r in kernel_routes(h2.ns, "-4") if r.get("protocol") == "bird" and r.get("type") != "blackhole"
           and ipaddress.ip_network(str(r["dst"])).subnet_of(ipaddress.ip_network("10.65.0.0/16"))]
@@ -95,6 +111,10 @@ def test_each_tor_learns_exactly_the_hosts_aggregates(the_lab: L.Lab) -> None:
         out = netns.nsexec(t1, ["gobgp", "-j", "global", "rib", "-a", fam]).stdout
         learnt |= set(json.loads(out or "{}"))
     assert learnt == want
+    # ToR 1's FIB syncer says what it programmed (what a failure's trace shows)
+    fib = (the_lab.dir / "gobgp-fib.log").read_text()
+    assert all(f"route replace {p} via inet6 fe80:" in fib for p in want), fib
+    assert "ToR 1 FIB changes:" in fabric_trace(the_lab)
     sock = str(the_lab.run_dir / "tors" / "bird.ctl")
     out = subprocess.run(["birdc", "-s", sock, "show", "route", "where", "source = RTS_BGP"], capture_output=True,
                          text=True).stdout

@@ -90,8 +90,9 @@ def _kernel() -> dict[str, tuple[str, str]]:
     return have
 
 
-def sync_once() -> int:
-    """One round: read gobgpd, correct the kernel. Returns how many routes were changed."""
+def sync_once() -> list[str]:
+    """One round: read gobgpd, correct the kernel. Returns the changes made (``ip`` commands), each
+    with the error ``ip`` gave, if any."""
     links = neighbour_links(_gobgp("neighbor"))
     want: dict[str, tuple[str, str]] = {}
     for fam in ("ipv6", "ipv4"):
@@ -105,18 +106,19 @@ def sync_once() -> int:
     for prefix in sorted(set(have) - set(want)):
         fam = "-6" if ":" in prefix else "-4"
         script.append(f"{fam} route del {prefix} proto {FIB_PROTO}")
+    done = []
     for line in script:  # every word is a checked address, prefix, interface name or constant
-        subprocess.run(["ip", *line.split()], capture_output=True, text=True)
-    return len(script)
+        r = subprocess.run(["ip", *line.split()], capture_output=True, text=True)
+        done.append(line + (f" (failed: {r.stderr.strip()[:200]})" if r.returncode else ""))
+    return done
 
 
 def run(poll_s: float = POLL_S) -> None:
     """Forever (the lab ends it with its namespace): keep the kernel in line with gobgpd."""
     while True:
         try:
-            n = sync_once()
-            if n:
-                print(f"{time.strftime('%H:%M:%S')} {n} routes changed", flush=True)
+            for line in sync_once():  # every change, so that a gap in the ToR's forwarding can be traced
+                print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
         except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
             print(f"{time.strftime('%H:%M:%S')} {e}", flush=True)
         time.sleep(poll_s)
