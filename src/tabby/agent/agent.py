@@ -166,7 +166,7 @@ class Agent:
         self.links = LinkIndex()
         self.netlink = nl.Netlink()
         self.routes = RoutesReconciler(self.netlink, self.links)
-        self.sysctls = SysctlReconciler(self.links, netlink=self.netlink)
+        self.sysctls = SysctlReconciler(self.links)
         self.policy_index = PolicyIndex()
         self.policy = PolicyReconciler() if policy else None
         self.policy_ok = True

@@ -7,9 +7,8 @@ sequence number as they arrive) lets the kernel apply them faster than ``ip -bat
 for every ack. (The link index uses libc's if_nameindex; see links.py.)
 
 Only the messages tabby needs are spoken: RTM_NEWROUTE/DELROUTE (main table, a device route
-per address), RTM_NEWNEIGH/DELNEIGH (permanent entries and proxy entries), their dumps, the
-multicast groups that report them, and the neighbour tables (RTM_GETNEIGHTBL, and RTM_SETNEIGHTBL
-for a device's parameters). Errors come back per message and are returned, never raised,
+per address), RTM_NEWNEIGH/DELNEIGH (permanent entries and proxy entries), their dumps, and the
+multicast groups that report them. Errors come back per message and are returned, never raised,
 so one bad object never stops a batch.
 """
 
@@ -31,11 +30,8 @@ NLM_F_DUMP = 0x300
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-RTM_GETNEIGHTBL, RTM_SETNEIGHTBL = 66, 67
-NDTA_NAME, NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3, NDTA_CONFIG, NDTA_PARMS, NDTA_STATS = 1, 2, 3, 4, 5, 6, 7
-NDTPA_IFINDEX = 1
-NLA_F_NESTED = 0x8000
-NEIGH_TABLE_NAMES = {socket.AF_INET: b"arp_cache\0", socket.AF_INET6: b"ndisc_cache\0"}
+RTM_GETNEIGHTBL = 66
+NDTA_NAME, NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3, NDTA_CONFIG, NDTA_STATS = 1, 2, 3, 4, 5, 7
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 NDA_DST, NDA_LLADDR, NDA_PROTOCOL = 1, 2, 12
 IFLA_IFNAME = 3
@@ -170,15 +166,6 @@ def neigh_msg(op: int, ip: str, ifindex: int, mac: str | None, flags: int = 0,
     if op == RTM_NEWNEIGH:
         body += _PROTO_ATTR
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), op, NLM_F_REQUEST | flags, 0, 0) + body
-
-
-def neigh_parms_msg(family: int, ifindex: int, parms: Iterable[tuple[int, bytes]]) -> bytes:
-    """RTM_SETNEIGHTBL: one device's neighbour parameters (NDTPA_* attribute, packed value) in the
-    table of ``family``. The kernel sends no notification for it (a sysctl write neither)."""
-    nested = _attr(NDTPA_IFINDEX, struct.pack("=I", ifindex)) + b"".join(_attr(k, v) for k, v in parms)
-    body = _NDTMSG.pack(family, 0, 0) + _attr(NDTA_NAME, NEIGH_TABLE_NAMES[family]) + \
-        _attr(NDTA_PARMS | NLA_F_NESTED, nested)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_SETNEIGHTBL, NLM_F_REQUEST, 0, 0) + body
 
 
 def _open(groups: int = 0, rcvbuf: int = 32 << 20) -> socket.socket:
