@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from lablib import all_ok, birdc, kernel_routes, lab
 
 from tabby.client import ResourceClient
 from tabby.dataplane import bird_config
-from tabby.lab import failover, netns, tor
+from tabby.lab import failover, gobgp, netns, tor
 from tabby.lab import lab as L
 from tabby.lab.netns import wait_for
 from tabby.lab.topology import OUTSIDE_V6
@@ -28,6 +31,9 @@ def the_lab() -> Iterator[L.Lab]:
         assert L.wait_until(lambda: all_ok(built), 60), [r for r in built.matrix() if not r["ok"]]
         # traffic flows over the first ToR up; ECMP once the second one's session is up too
         assert L.wait_until(lambda: ecmp_everywhere(built), 30), [kernel_routes(h.ns) for h in built.topo.hosts]
+        # and ToR 1's kernel has what its gobgpd told the hosts (its FIB syncer polls)
+        state = built.wait_routed(30, interval=0.2)
+        assert state["ok"], state
         yield built
 
 
@@ -89,6 +95,24 @@ def test_full_matrix_dual_stack_and_ipv4_via_ipv6_next_hops(the_lab: L.Lab) -> N
         hops = r["nexthops"]  # type: ignore[index]
         assert sorted(n["dev"] for n in hops) == ["up1", "up2"], r
         assert all(n["via"]["family"] == "inet6" and n["via"]["host"].startswith("fe80:") for n in hops), r
+
+
+def test_routing_state_waits_for_tor_1s_kernel(the_lab: L.Lab) -> None:
+    """A block gobgpd knows but ToR 1's kernel lacks (its FIB syncer held) is missing, and the
+    syncer puts it back."""
+    t1 = tor.tor_ns(the_lab.topo.prefix, 1)
+    pids = subprocess.run(["ip", "netns", "pids", t1], capture_output=True, text=True).stdout.split()
+    syncer = next(int(p) for p in pids if b"tabby.lab.gobgp" in Path(f"/proc/{p}/cmdline").read_bytes())
+    h1 = the_lab.topo.hosts[0]
+    block = next(str(r["dst"]) for r in kernel_routes(h1.ns, "-4") if r.get("type") == "blackhole")
+    os.kill(syncer, signal.SIGSTOP)
+    try:
+        netns.ip("-4", "route", "del", block, "proto", str(gobgp.FIB_PROTO), ns=t1)
+        state = the_lab.routing_state()
+        assert t1 in state["missing"] and state["missing"][t1], state
+    finally:
+        os.kill(syncer, signal.SIGCONT)
+    assert the_lab.wait_routed(10, interval=0.2)["ok"]
 
 
 def test_dual_homed_block_has_two_equal_next_hops(the_lab: L.Lab) -> None:

@@ -557,8 +557,9 @@ class Lab:
             return dict(zip([m for m, _ in members], ex.map(one, [ns for _, ns in members]), strict=True))
 
     def routing_state(self) -> dict[str, Any]:
-        """The cheap signal: agents not in sync (from /healthz), and per namespace the addresses of
-        other hosts' workloads (from the Store's Endpoints) that its kernel has no route for.
+        """The cheap signal: agents not in sync (from /healthz), and per namespace (each host, the
+        outside router, and a ToR between the hosts) the addresses of other hosts' workloads (from
+        the Store's Endpoints) that its kernel has no route for.
         Costs one netlink dump and one HTTP request per host, however many pairs there are."""
         eps, _ = ResourceClient(open_store(self.store_url)).list("Endpoint")
         hosts = {h.name: h.ns for h in self.topo.hosts}
@@ -591,13 +592,34 @@ class Lab:
             finally:
                 p.close()
 
+        def look_tor(ns: str) -> tuple[str | None, list[str] | None]:
+            p = probe.NsProbe(ns, health=False)
+            try:
+                return None, p.routes()
+            except OSError as e:
+                return f"netlink: {e}", None
+            finally:
+                p.close()
+
         # in a pool: a loaded agent may take a while to answer, and 100 of them one by one add up
         with ThreadPoolExecutor(MATRIX_WORKERS) as ex:
             looks = dict(zip(owned, ex.map(look, owned), strict=True))
         not_in_sync = {ns: why for ns, (why, _) in looks.items() if why}
         routes = {ns: r for ns, (_, r) in looks.items() if r is not None}
-        return {"not_in_sync": not_in_sync, "missing": probe.missing_routes(routes, owned),
-                "endpoints": len(eps)}
+        missing = probe.missing_routes(routes, owned)
+        # The ToRs but the one playing the outside (lab/tor.py) forward between the hosts and know
+        # nothing of the outside: their kernels need every workload's route. The hosts' ECMP routes
+        # through ToR 1 come from gobgpd's RIB as soon as it has a path, its kernel from the FIB
+        # syncer up to a poll later: a matrix run in between met "Network is unreachable" from it.
+        workloads = {ns: a for ns, a in owned.items() if ns != self.topo.outside_ns}
+        for t in (tor.tor_ns(self.topo.prefix, i) for i in range(1, self.topo.tors + 1)):
+            if t != self.topo.outside_ns:
+                why, tor_routes = look_tor(t)
+                if why:
+                    not_in_sync[t] = why
+                else:
+                    missing.update(probe.missing_routes({t: tor_routes or []}, {**workloads, t: []}))
+        return {"not_in_sync": not_in_sync, "missing": missing, "endpoints": len(eps)}
 
     def wait_routed(self, timeout: float, interval: float = 1.0) -> dict[str, Any]:
         """Poll ``routing_state`` until every agent is in sync and every route is everywhere (or the
