@@ -56,3 +56,25 @@ def test_bird_routes_are_dropped_in_the_kernel_and_the_rest_arrive() -> None:
     # the plain monitor (the bench's) sees BIRD's routes, added and deleted
     bird = [(c[1], c[3]) for c in everything if c[0] == "route" and c[2] == nl.RTPROT_BIRD]
     assert bird == [(False, "fd00:77::1/128"), (False, "10.77.0.1/32"), (True, "fd00:77::1/128")]
+
+
+def test_a_storm_is_read_in_one_batch_in_order_and_close_ends_a_read() -> None:
+    """Events that queued while the thread was busy come back from one read, in the kernel's
+    order (a neighbour storm cost one wake-up and one GIL handover per event before); a read
+    after close() raises instead of spinning on the shut socket."""
+    n = 600
+    with namespace("s") as ns:
+        netns.ip("link", "add", "tbs0", "type", "veth", "peer", "name", "tbs1", ns=ns)
+        netns.ip("link", "set", "tbs0", "up", ns=ns)
+        mon = probe.in_ns(ns, nl.Monitor)
+        try:
+            time.sleep(0.1)
+            _drain(mon, 0.1)
+            netns.ip("-batch", "-", ns=ns, input="".join(
+                f"route add fd00:78::{i:x}/128 dev tbs0 proto {nl.TABBY_PROTO} metric 10\n" for i in range(1, n + 1)))
+            got = [c.key for c in mon.read() if c.kind == "route"]
+        finally:
+            mon.close()
+        with pytest.raises(OSError):
+            mon.read()
+    assert got == [f"fd00:78::{i:x}/128" for i in range(1, n + 1)]

@@ -426,8 +426,13 @@ def _drop_routes_of(sock: socket.socket, protos: Collection[int]) -> None:
 class Monitor:
     """Listens to link, route and neighbour changes; parses only the fields the agent needs."""
 
+    DRAIN = 4096  # events taken in one read at most, so the loop sees them in bounded batches
+
     def __init__(self, ignore_route_protos: Collection[int] = ()) -> None:
         self.sock = _open(RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        # one buffer for every read: a fresh 1 MiB bytes per recv cost more than parsing its event
+        self._buf = bytearray(1 << 20)
+        self._view = memoryview(self._buf)
         if ignore_route_protos:
             _drop_routes_of(self.sock, ignore_route_protos)
 
@@ -437,13 +442,30 @@ class Monitor:
         self.sock.close()
 
     def read(self) -> list[Change]:
-        """Block for the next batch of events. An overflow (ENOBUFS) returns a 'resync' link change."""
+        """Block for the next events, then take every one already queued (up to DRAIN): a storm
+        (the kernel's garbage collection of thousands of neighbours, as on a host that has just
+        made its veths) costs one wake-up of this thread per batch, not one per event. An overflow
+        (ENOBUFS) returns an 'overflow' change."""
+        out: list[Change] = []
+        flags = 0
         try:
-            data = self.sock.recv(1 << 20)
+            while len(out) < self.DRAIN:
+                try:
+                    n = self.sock.recv_into(self._buf, 0, flags)
+                except BlockingIOError:
+                    break
+                if n == 0:  # shut down (close)
+                    break
+                out += self._parse(bytes(self._view[:n]))
+                flags = socket.MSG_DONTWAIT
         except OSError as e:
             if e.errno == errno.ENOBUFS:
                 return [Change("overflow", False)]
             raise
+        return out
+
+    @staticmethod
+    def _parse(data: bytes) -> list[Change]:
         out: list[Change] = []
         off = 0
         while off + _NLMSGHDR.size <= len(data):
