@@ -19,19 +19,47 @@ from tabby.model import encode, key_of, validate
 from tabby.store import open_store
 
 
+def _timed(cls: type, name: str, spent: list[float]) -> None:
+    """Wrap a method so that the wall time of its calls adds up in spent[0]."""
+    inner = getattr(cls, name)
+
+    def timed(*args: object, **kwargs: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    setattr(cls, name, timed)
+
+
 def cold(url: str, host: str) -> None:
-    """Time a cold agent: Store list + decode + calculation + kernel programming of every endpoint."""
+    """Time a cold agent: Store list + decode + calculation + kernel programming of every endpoint.
+    Also the wall time of its kernel writes until then (kernel_writes_s): the policy transaction
+    (``NftSocket.transaction``: the kernel applies the batch inside its send) and each chunk of
+    route and neighbour messages (``Netlink._send_chunk``: its send, in which the kernel handles
+    them, and the read of its one ack). Two calls per chunk wrapped: no cost worth naming."""
+    from tabby.dataplane.netlink import Netlink
+    from tabby.dataplane.nft_netlink import NftSocket
+
+    spent = [0.0]
+    _timed(NftSocket, "transaction", spent)
+    _timed(Netlink, "_send_chunk", spent)
     store = open_store(url)
     agent = Agent(store, host, metrics_port=None)
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     deadline = time.monotonic() + 300
+    kernel_s = None
     while (agent.routes_programmed_at is None or agent.sysctls_programmed_at is None) and time.monotonic() < deadline:
+        if kernel_s is None and agent.routes_programmed_at is not None:
+            kernel_s = spent[0]  # (the sysctl writes that follow call neither)
         time.sleep(0.005)
     agent.stop()
     print(json.dumps({"program_s": agent.routes_programmed_at - agent.started_at,
                       "sysctl_s": agent.sysctls_programmed_at - agent.routes_programmed_at,
-                      "endpoints": len(agent.index.plans), "pending": agent.routes.waiting()}))
+                      "endpoints": len(agent.index.plans), "pending": agent.routes.waiting(),
+                      "kernel_writes_s": spent[0] if kernel_s is None else kernel_s}))
 
 
 def writer(n: int) -> None:

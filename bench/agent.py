@@ -10,6 +10,11 @@ program_s: a cold agent (in-process, in its own namespace) from start to every r
   writes. The per-interface sysctls that follow are reported on their own as sysctl_s.
 ip_batch_s: ``ip -batch`` writing the same routes and neighbours into an identical namespace.
 ratio: program_s / ip_batch_s.
+kernel_writes_s: of program_s, the wall time of the agent's two kinds of kernel write (the policy
+  transaction, and the chunks of route and neighbour messages: the kernel does their work inside
+  the send); kernel_ratio: kernel_writes_s / ip_batch_s, the ratio an agent would have that spent
+  no time at all outside those writes and did them one after the other (the policy first, as it
+  fails closed).
 add_p50_ms / add_p99_ms: a running agent; one endpoint written to the Store -> its route in the
   kernel, per backend (SQLite; etcd running inside the namespace).
 Each endpoint has its own veth, as on a real host. Label host_ipv4: "lo", the host has an IPv4
@@ -42,7 +47,8 @@ from tabby.lab.etcd import EtcdServer  # noqa: E402
 from tabby.model import encode, key_of, validate  # noqa: E402
 from tabby.store import open_store  # noqa: E402
 
-METRICS = ("program_s", "sysctl_s", "ip_batch_s", "ratio", "add_p50_ms", "add_p99_ms")
+METRICS = ("program_s", "sysctl_s", "ip_batch_s", "ratio", "kernel_writes_s", "kernel_ratio", "add_p50_ms",
+           "add_p99_ms")
 
 WORKER = str(ROOT / "bench" / "_agent_worker.py")
 
@@ -135,6 +141,9 @@ def cold(n: int, tmp: Path, tag: str, host_v4: bool) -> None:
         emit("sysctl_s", res["sysctl_s"], "s", n=n, shape=shape, host_ipv4=label)
         emit("ip_batch_s", ip_batch_s, "s", n=n, shape=shape, host_ipv4=label)
         emit("ratio", res["program_s"] / ip_batch_s, "ratio", n=n, shape=shape, policy="on", host_ipv4=label)
+        emit("kernel_writes_s", res["kernel_writes_s"], "s", n=n, shape=shape, policy="on", host_ipv4=label)
+        emit("kernel_ratio", res["kernel_writes_s"] / ip_batch_s, "ratio", n=n, shape=shape, policy="on",
+             host_ipv4=label)
     finally:
         netns.del_netns(a)
         netns.del_netns(b)
