@@ -88,10 +88,22 @@ def test_bytes_other_than_the_encoders_take_the_full_path() -> None:
         raw.replace(b'"ipv6_gateway":"fe80::1"', b'"ipv6_gateway":"fe80::1%eth0"'),
         raw.replace(b',"port_security":true', b""),  # a field left to its default
         raw.replace(b"tby1", b"tby1" * 5),  # an interface name too long
+        # where the json module and orjson (this path's parser) part ways: it refuses what json
+        # takes, and the full decoder decides
+        raw.replace(b'"port_security":true', b'"port_security":NaN'),
+        raw.replace(b'"port_security":true', b'"port_security":' + b"9" * 30),
+        raw.replace(b'"w1"', b'"w1\\ud800"'),  # a lone surrogate
+        raw.replace(b'"w1"', b'"w\u00e91"'), raw.replace(b'"w1"', '"w\u00e91"'.encode()),  # not ASCII
     ]
     for v in variants:
         assert canonical.endpoint(key, v) is None, v
         check(key, v)
+    # escapes the model itself writes in a workload id (any printable ASCII): the same bytes either way
+    for wid in ('w"1', "w\\1", "w/1<&>"):
+        raw2 = encode(full(key, json.dumps({**doc, "spec": {**doc["spec"], "workload_id": wid}}).encode()))
+        got = canonical.endpoint(key, raw2)
+        assert got is not None and got.spec.workload_id == wid, raw2
+        check(key, raw2)
     for corrupt in (b"", b"{", b"\xff", b"[]", b"null", b'{"kind":"Endpoint"}', raw[:-1], b"[" * 100_000):
         assert canonical.endpoint(key, corrupt) is None
         try:

@@ -17,11 +17,12 @@ the model's).
 
 from __future__ import annotations
 
-import json
 import re
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from typing import Any
+
+import orjson
 
 from tabby.model.jsontext import MAX_RECORD_BYTES
 from tabby.model.keys import endpoint_key, kind_prefix
@@ -82,7 +83,11 @@ def _v4_host(v: Any) -> IPv4Interface:
 
 
 def _hosts(v: Any, parse: Any) -> tuple[Any, ...]:
-    if type(v) is not list or len(v) > MAX_ADDRESSES_PER_FAMILY or len(set(map(_text, v))) != len(v):
+    if type(v) is not list:
+        raise _Slow
+    if len(v) == 1:  # the usual workload: no duplicate to look for
+        return (parse(v[0]),)
+    if len(v) > MAX_ADDRESSES_PER_FAMILY or len(set(map(_text, v))) != len(v):
         raise _Slow
     return tuple(parse(a) for a in v)
 
@@ -133,9 +138,6 @@ def _endpoint(key: str, doc: Any) -> Endpoint:
 
 
 _set = object.__setattr__
-# codec.encode's bytes (pydantic's compact JSON, non-ASCII as UTF-8); one encoder made once, not one
-# per record as json.dumps makes (its construction was ~15% of this path)
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _built(cls: Any, fields: dict[str, Any]) -> Any:
@@ -155,9 +157,14 @@ def endpoint(key: str, value: bytes) -> Endpoint | None:
     if len(value) > MAX_RECORD_BYTES or not key.startswith(_ENDPOINTS):
         return None
     try:
-        doc = json.loads(value)
+        # orjson: 2.2 + 0.6 us a record against the json module's 5.0 + 6.6 (measured here). Its
+        # compact output is codec.encode's for every value this path takes: each string the checks
+        # let through is plain ASCII, so no escape or non-ASCII text can be written two ways; and
+        # what it refuses that json takes (NaN, a lone surrogate, a huge integer) goes to the full
+        # decoder like every other surprise.
+        doc = orjson.loads(value)
         ep = _endpoint(key, doc)
-        if _ENCODE(doc).encode() != value:
+        if orjson.dumps(doc) != value:
             return None
     except Exception:  # not canonical (_Slow), not JSON, or any surprise: the full decoder decides
         return None
