@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tabby.agent.calc import HostIndex, host_state
+from tabby.agent.calc import HostIndex, host_state, plan_endpoint
 from tabby.model import validate
 
 
@@ -131,3 +131,35 @@ def test_touched_covers_every_change(seq: list[Any]) -> None:
         for k in set(sysctls) | set(index.state.sysctls):
             if sysctls.get(k) != index.state.sysctls.get(k):
                 assert k in t.interfaces
+
+
+class _General(HostIndex):
+    """The index without its shortcut for an endpoint that shares nothing: the reference for it."""
+
+    def _alone(self, plan: Any) -> bool:
+        return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps)
+def test_the_shortcut_for_an_endpoint_alone_is_the_general_path(seq: list[Any]) -> None:
+    fast, general = HostIndex("h1"), _General("h1")
+    for item in seq:
+        name = item if isinstance(item, str) else item[0].metadata.name
+        args = (name, None) if isinstance(item, str) else (name, item[0], item[1])
+        assert fast.update(*args) == general.update(*args)
+        assert fast.state == general.state
+        assert (fast.plans, fast.if_owners, fast.addr_owners, fast.remote, fast.created) == \
+            (general.plans, general.if_owners, general.addr_owners, general.remote, general.created)
+
+
+def test_a_cold_start_takes_the_shortcut_and_a_clash_does_not() -> None:
+    index = HostIndex("h1")
+    first = index.update("a", ep("a", iface="tap1", v6=("fd00::1",), gw6="fd00:f::1"), 1)
+    assert first.routes == {"fd00::1/128"} and first.proxies == {("tap1", "fd00:f::1")}
+    assert index.state.routes == {"fd00::1/128": "tap1"} and ("tap1", "fd00:f::1") in index.state.proxies
+    # b wants a's address: not alone, so the general path refuses it
+    assert not index._alone(plan_endpoint(ep("b", iface="tap2", v6=("fd00::1",))))
+    index.update("b", ep("b", iface="tap2", v6=("fd00::1",)), 2)
+    assert index.state.errors["b"] == "conflict: fd00::1 held by a"
+    assert index.state.routes == {"fd00::1/128": "tap1"}
