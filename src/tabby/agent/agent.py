@@ -143,6 +143,27 @@ def read_passwords(paths: list[str], quiet: bool = False) -> tuple[dict[str, str
         log.error("BGP: %s", e)
     return got, errors
 
+class _InThread(threading.Thread):
+    """A call run in a thread of its own; result() waits for it and raises what it raised."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__(name=fn.__name__, daemon=True)
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as e:  # raised again by result(), in the caller's thread
+            self.error = e
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
                  metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
@@ -345,15 +366,17 @@ class Agent:
     def start(self) -> None:
         self._gc_held = gc.isenabled()  # see COLD_GC_HOLD_S
         gc.disable()
-        # a few small writes before the Store threads start: after, each syscall waits out their
-        # GIL slices (5 ms each; three writes took ~90 ms at 2,000 endpoints)
-        set_host_sysctls()
-        # the Store is listed and decoded while this thread waits on the kernel below (2 cores: the
-        # syscalls release the GIL); its items wait in the queue, nothing is folded before run()
+        # the Store is listed and decoded from the first moment, while this thread waits on the
+        # kernel below (2 cores: the syscalls release the GIL); its items wait in the queue,
+        # nothing is folded before run(). The forwarding writes run in a thread of their own:
+        # each of their syscalls waits out the decode's GIL slice when it returns (5 ms each,
+        # ~90 ms in all at 2,000 endpoints), which here would hold up the link dump behind them.
         for tag, syncer in self.syncers.items():
             threading.Thread(target=self._feed_store, args=(tag, syncer), name=f"store-{tag}", daemon=True).start()
+        forwarding = _InThread(set_host_sysctls)
         self.links.refresh()
         self._links_read_at_start = True
+        forwarding.result()
         threading.Thread(target=self._feed_netlink, name="netlink-monitor", daemon=True).start()
         if self.bfd_bird is not None:
             threading.Thread(target=self._watch_bfd, name="bfd-watcher", daemon=True).start()
