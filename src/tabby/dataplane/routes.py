@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 CREATE = nl.NLM_F_CREATE | nl.NLM_F_REPLACE
 
 NeighKey = tuple[str, str]  # (interface, address)
+# an op's name -> (an addition?, what it writes: the key of failures and of the tracker)
+_OPS = {f"{verb}-{kind}": (verb == "add", kind) for verb in ("add", "del") for kind in ("route", "neigh", "proxy")}
 
 
 class RoutesReconciler:
@@ -126,16 +128,17 @@ class RoutesReconciler:
             self._forget_deletes_on_missing_devices()
             return 0, 0
         failures = {(f.op, f.obj): f for f in self.nl.apply(ops)}
-        for op, obj, _ in ops:
-            failure = failures.get((op, obj))
-            kind = op.split("-", 1)[1]
-            if failure is not None:
+        trackers = {"route": self.routes, "neigh": self.neighbours, "proxy": self.proxies}
+        for op, obj, _ in ops:  # 40,000 at a cold start of 10,000: no per-op work that a lookup can do
+            add, kind = _OPS[op]
+            if failures and (failure := failures.get((op, obj))) is not None:
                 self.failures[(kind, obj)] = str(failure)
                 log.warning("%s", failure)
                 continue
-            self.failures.pop((kind, obj), None)
-            tracker = {"route": self.routes, "neigh": self.neighbours, "proxy": self.proxies}[kind]
-            if op.startswith("add"):
+            if self.failures:
+                self.failures.pop((kind, obj), None)
+            tracker = trackers[kind]
+            if add:
                 tracker.applied_update(obj, tracker.desired[obj])  # type: ignore[index]
             else:
                 tracker.applied_delete(obj)  # type: ignore[arg-type]
