@@ -143,6 +143,7 @@ def read_passwords(paths: list[str], quiet: bool = False) -> tuple[dict[str, str
         log.error("BGP: %s", e)
     return got, errors
 
+
 class _InThread(threading.Thread):
     """A call run in a thread of its own; result() waits for it and raises what it raised."""
 

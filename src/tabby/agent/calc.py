@@ -180,7 +180,8 @@ class HostIndex:
         """A new local endpoint that shares nothing: no other claims its interface or any of its
         addresses (as its own or an allowed source), and it lists no allowed sources. That is
         every endpoint of a cold start, and ``_add_alone`` is then the general path's result
-        worked out directly (tests/test_calc.py holds the two equal): ~3x faster."""
+        worked out directly (tests/test_calc.py holds the two equal): half the cost (the update
+        of 2,000 at a cold start: ~110 -> ~60 ms)."""
         owners, pairs = self.addr_owners, self.pair_owners
         return not plan.pairs and plan.interface not in self.if_owners and \
             not any(a in owners or a in pairs for a in plan.addresses)
