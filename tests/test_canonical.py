@@ -93,7 +93,7 @@ def test_bytes_other_than_the_encoders_take_the_full_path() -> None:
         raw.replace(b'"port_security":true', b'"port_security":NaN'),
         raw.replace(b'"port_security":true', b'"port_security":' + b"9" * 30),
         raw.replace(b'"w1"', b'"w1\\ud800"'),  # a lone surrogate
-        raw.replace(b'"w1"', b'"w\u00e91"'), raw.replace(b'"w1"', '"w\u00e91"'.encode()),  # not ASCII
+        raw.replace(b'"w1"', b'"w\\u00e91"'), raw.replace(b'"w1"', '"w\u00e91"'.encode()),  # not ASCII
     ]
     for v in variants:
         assert canonical.endpoint(key, v) is None, v
