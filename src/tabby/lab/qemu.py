@@ -274,12 +274,24 @@ class Guest:
         return str(self.run(["systemctl", "is-system-running", "--wait"], timeout).get("out", "")).strip()
 
     def wait_up(self, timeout: float = 240.0) -> None:
-        """Until the boot is over and eth0 has a global IPv6 address: what `lab up` waits for before
-        its matrix (the agent answers well before the guest's DHCP clients are done)."""
+        """Until the boot is over and eth0 can carry traffic in IPv6: what `lab up` waits for before
+        its matrix (the agent answers well before the guest's DHCP clients are done, and a DHCPv6
+        address can be there, or still tentative, before the first RA has given a default route)."""
         deadline = time.monotonic() + timeout
         self.wait_booted(timeout)
-        netns.wait_for(lambda: bool(self.addresses(2.0)["v6"]), max(1.0, deadline - time.monotonic()), 0.5,
-                       f"an IPv6 address in guest {self.name} (see {self.console})")
+        netns.wait_for(self.usable, max(1.0, deadline - time.monotonic()), 0.5,
+                       f"a usable IPv6 address and a default route in guest {self.name} (see {self.console})")
+
+    def usable(self) -> bool:
+        """eth0 has a global IPv6 address past DAD and an IPv6 default route."""
+        try:
+            addrs = self.ip_json("-6", "addr", "show", "dev", "eth0")
+            routes = self.ip_json("-6", "route", "show", "default", "dev", "eth0")
+        except (OSError, ValueError):
+            return False
+        info = addrs[0].get("addr_info", []) if addrs and isinstance(addrs[0], dict) else []
+        done = [a for a in info if a.get("scope") == "global" and not a.get("tentative") and not a.get("dadfailed")]
+        return bool(done) and bool(routes)
 
     def run(self, argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
         return self.call({"op": "run", "argv": argv, "timeout": timeout}, timeout + 5)
