@@ -115,6 +115,8 @@ def test_two_guests_configured_only_by_render(qlab: L.Lab) -> None:
         want4 = [str(a).partition("/")[0] for a in ep.spec.ipv4_addresses]  # type: ignore[attr-defined]
         print(f"{v.name} ({g.flavour}): address {wait_address(g, want6[0]):.1f} s after its agent answered")
         assert L.wait_until(lambda g=g, want4=want4: g.addresses()["v4"] == want4, 30, 0.5), g.addresses()
+        # the DHCPv6 reply can come before the first RA (networkd: WithoutRA=solicit); RAs come every 10 s
+        assert L.wait_until(g.usable, 15, 0.5), (g.flavour, g.ip_json("-6", "route"), g.ip_json("-6", "addr"))
         addrs = g.ip_json("addr", "show", "dev", "eth0")[0]["addr_info"]
         global6 = [(a["local"], a["prefixlen"]) for a in addrs if a["family"] == "inet6" and a["scope"] == "global"]
         assert global6 == [(want6[0], 128)], (g.flavour, global6)  # exactly the Endpoint's, as a /128
