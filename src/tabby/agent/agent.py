@@ -335,7 +335,7 @@ class Agent:
             self.monitor_may_read.wait(1.0)
             try:
                 changes = self.monitor.read()
-            except OSError:
+            except Exception:  # the socket, or a message it could not parse: the thread goes on
                 if self.stopping.is_set():
                     return
                 log.exception("netlink monitor failed; forcing a full check")
@@ -375,9 +375,11 @@ class Agent:
         for tag, syncer in self.syncers.items():
             threading.Thread(target=self._feed_store, args=(tag, syncer), name=f"store-{tag}", daemon=True).start()
         forwarding = _InThread(set_host_sysctls)
-        self.links.refresh()
+        try:
+            self.links.refresh()
+        finally:
+            forwarding.result()  # waited for and told even when the dump failed (with that as its context)
         self._links_read_at_start = True
-        forwarding.result()
         threading.Thread(target=self._feed_netlink, name="netlink-monitor", daemon=True).start()
         if self.bfd_bird is not None:
             threading.Thread(target=self._watch_bfd, name="bfd-watcher", daemon=True).start()
@@ -744,8 +746,13 @@ class Agent:
                 self._set_state(name, None)
                 self.dirty.discard(name)
         elif kind == "netlink":
-            for change in item:
-                self._on_netlink(change)
+            for change in item:  # one at a time: a batch holds up to Monitor.DRAIN of them
+                try:
+                    self._on_netlink(change)
+                except Exception:
+                    log.exception("folding netlink change %s failed; it is skipped", change)
+                    self.metrics.errors.inc()
+                    self.full_check_due = True
         elif kind == "exited":  # tayga or unbound ended: started again by _nat64_step
             log.warning("NAT64: %s is not running; starting it again", item)
             self.nat64_dirty = True
@@ -854,8 +861,11 @@ class Agent:
             "neighbour_table": self.neighbour_tables.status() or None, "nat64": self.nat64.status()}
 
     def _on_netlink(self, change: nl.Change) -> None:
-        if change.kind == "overflow":
+        if change.kind == "overflow":  # events were lost: whatever a lost one would have set off
             self.full_check_due = True
+            self.nat64.recheck()
+            self.nat64_dirty = True
+            self.dhcp_dirty = True
         elif change.kind == "link":
             if change.key == NAT64_TUN or (change.deleted and self.links.by_index.get(change.ifindex) == NAT64_TUN):
                 self.nat64.recheck()  # gone, or changed (down: its routes went with it)

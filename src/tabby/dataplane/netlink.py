@@ -445,7 +445,8 @@ class Monitor:
         """Block for the next events, then take every one already queued (up to DRAIN): a storm
         (the kernel's garbage collection of thousands of neighbours, as on a host that has just
         made its veths) costs one wake-up of this thread per batch, not one per event. An overflow
-        (ENOBUFS) returns an 'overflow' change."""
+        (ENOBUFS) ends the batch with an 'overflow' change, after the events read before it (the
+        full check it brings does not redo all that they do: a link's NAT64 recheck)."""
         out: list[Change] = []
         flags = 0
         try:
@@ -460,7 +461,8 @@ class Monitor:
                 flags = socket.MSG_DONTWAIT
         except OSError as e:
             if e.errno == errno.ENOBUFS:
-                return [Change("overflow", False)]
+                out.append(Change("overflow", False))
+                return out
             raise
         return out
 
@@ -470,6 +472,8 @@ class Monitor:
         off = 0
         while off + _NLMSGHDR.size <= len(data):
             length, mtype, _, _, _ = _NLMSGHDR.unpack_from(data, off)
+            if length < _NLMSGHDR.size:  # never from a sane kernel; 0 would loop here for ever
+                break
             msg = data[off + 16: off + length]
             off += (length + 3) & ~3
             if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
