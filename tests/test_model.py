@@ -125,6 +125,29 @@ BAD: list[tuple[dict[str, Any], str]] = [
      "spec.ingress.0"),
     ({"kind": "Config", "metadata": {"name": "other"}, "spec": {}}, "(document)"),
     ({"kind": "Gadget", "metadata": {"name": "g"}, "spec": {}}, "(document)"),
+    # a number or a boolean is no address (pydantic's lax mode took true for ::1, 5 for ::5)
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": True, "block_size": 128}}, "spec.cidr"),
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": 2**40, "block_size": 128}}, "spec.cidr"),
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "fd00::/64", "dns_servers": [1]}},
+     "spec.dns_servers.0"),
+    (_endpoint(ipv6_addresses=[5]), "spec.ipv6_addresses.0"),
+    (_endpoint(ipv4_addresses=[167772161]), "spec.ipv4_addresses.0"),
+    (_endpoint(ipv6_gateway=True), "spec.ipv6_gateway"),
+    (_endpoint(ipv4_gateway=1.5), "spec.ipv4_gateway"),
+    ({"kind": "Host", "metadata": {"name": "h"}, "spec": {"ipv6_address": 1}}, "spec.ipv6_address"),
+    ({"kind": "Host", "metadata": {"name": "h"}, "spec": {"ipv6_address": "fd00::1", "router_id": 16909060}},
+     "spec.router_id"),
+    ({"kind": "BGPPeer", "metadata": {"name": "p"}, "spec": {"peer_ip": 5, "asn": 1}}, "spec.peer_ip"),
+    ({"kind": "Policy", "metadata": {"name": "p"}, "spec": {"ingress": [{"action": "allow", "src_nets": [3]}]}},
+     "spec.ingress.0.src_nets.0"),
+    ({"kind": "Config", "metadata": {"name": "global"}, "spec": {"nat64_prefix": 1}}, "spec.nat64_prefix"),
+    ({"kind": "Config", "metadata": {"name": "global"}, "spec": {"dns64_upstreams": [False]}},
+     "spec.dns64_upstreams.0"),
+    # a field of either family names the field, not pydantic's union members
+    ({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "fd00::/64", "dns_servers": ["bogus"]}},
+     "spec.dns_servers.0"),
+    ({"kind": "Policy", "metadata": {"name": "p"}, "spec": {"egress": [{"action": "allow", "dst_nets": ["x"]}]}},
+     "spec.egress.0.dst_nets.0"),
 ]
 
 

@@ -8,6 +8,7 @@ loop over records catch ``InvalidResource`` (a ``ValueError``) and go on with th
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -28,10 +29,19 @@ from tabby.model.resources import Resource
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Resource)
 
 
+def _tag(part: object) -> bool:
+    """A part of an error's location that names no field: a model or union member ("IPv6Address"),
+    or one of pydantic's schema tags ("function-after[_unscoped(), ...]", "lax-or-strict[...]")."""
+    return isinstance(part, str) and (part[:1].isupper() or _SCHEMA_TAG.match(part) is not None)
+
+
+_SCHEMA_TAG = re.compile(r"[a-z-]+\[")
+
+
 def _describe(exc: ValidationError) -> list[str]:
     out = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+        loc = ".".join(str(p) for p in err["loc"] if not _tag(p))
         msg = err["msg"].removeprefix("Value error, ")
         out.append(f"{loc or '(document)'}: {msg}")
     return out

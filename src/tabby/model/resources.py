@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.functional_validators import AfterValidator
+from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from tabby.model.names import (
     canonical_mac,
@@ -50,7 +50,22 @@ def _unscoped(v: IPv6Address) -> IPv6Address:
     return v
 
 
-V6Addr = Annotated[IPv6Address, AfterValidator(_unscoped)]
+_IP_TYPES = (str, IPv4Address, IPv6Address, IPv4Network, IPv6Network, IPv4Interface, IPv6Interface)
+
+
+def _ip_text(v: object) -> object:
+    """An address or network is text in a record (or an ipaddress object, from Python): pydantic's
+    lax mode would take a number, or true, for one ("cidr": true was the pool ::1/128)."""
+    if isinstance(v, _IP_TYPES):
+        return v
+    raise ValueError(f"an address or network is written as text, not as {type(v).__name__} {str(v)[:40]}")
+
+
+_Text = BeforeValidator(_ip_text)
+V6Addr = Annotated[IPv6Address, _Text, AfterValidator(_unscoped)]
+V4Addr = Annotated[IPv4Address, _Text]
+IPAddr = Annotated[V6Addr | V4Addr, _Text]  # the check before the union: one error, not one per member
+IPNet = Annotated[IPv6Network | IPv4Network, _Text]
 Name = Annotated[str, AfterValidator(check_name)]
 InterfaceName = Annotated[str, AfterValidator(check_interface_name)]
 Mac = Annotated[str, AfterValidator(canonical_mac)]
@@ -104,10 +119,10 @@ def derive_router_id(name: str) -> IPv4Address:
 
 class HostSpec(_Frozen):
     ipv6_address: V6Addr | None = None
-    ipv4_address: IPv4Address | None = None
+    ipv4_address: V4Addr | None = None
     asn: ASN | None = None  # None: the fabric's Config default_asn (64512 unless set)
-    router_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
-    route_reflector_cluster_id: Annotated[IPv4Address, AfterValidator(_check_router_id)] | None = None
+    router_id: Annotated[V4Addr, AfterValidator(_check_router_id)] | None = None
+    route_reflector_cluster_id: Annotated[V4Addr, AfterValidator(_check_router_id)] | None = None
 
     @model_validator(mode="after")
     def _one_address(self) -> HostSpec:
@@ -163,12 +178,12 @@ MAX_DNS_SERVERS = 3  # what DHCPv4 clients and resolv.conf use; Neutron's defaul
 
 
 class IPPoolSpec(_Frozen):
-    cidr: IPv6Network | IPv4Network
+    cidr: IPNet
     block_size: int | None = None
     nat_outgoing: bool = False
     disabled: bool = False
     ipv6_mode: Ipv6Mode = "dhcpv6-stateful"
-    dns_servers: Annotated[tuple[V6Addr | IPv4Address, ...], Field(max_length=MAX_DNS_SERVERS)] = ()
+    dns_servers: Annotated[tuple[IPAddr, ...], Field(max_length=MAX_DNS_SERVERS)] = ()
     # IPv6 pools only: its workloads reach IPv4 through their own host's NAT64 (tayga) under the
     # Config's nat64_prefix, and are given its DNS64 resolver (Config dns64_server)
     nat64: bool = False
@@ -176,6 +191,7 @@ class IPPoolSpec(_Frozen):
     @field_validator("cidr", mode="before")
     @classmethod
     def _strict_cidr(cls, v: object) -> object:
+        _ip_text(v)
         if isinstance(v, str):
             if "%" in v:  # a zone means nothing in a pool, and its text would reach daemons' configs
                 raise ValueError(f"{v[:60]!r}: a pool is no scoped (%zone) network")
@@ -224,8 +240,8 @@ def _host_route_v4(v: IPv4Interface) -> IPv4Interface:
     return v
 
 
-V6Host = Annotated[IPv6Interface, AfterValidator(_host_route_v6)]
-V4Host = Annotated[IPv4Interface, AfterValidator(_host_route_v4)]
+V6Host = Annotated[IPv6Interface, _Text, AfterValidator(_host_route_v6)]
+V4Host = Annotated[IPv4Interface, _Text, AfterValidator(_host_route_v4)]
 
 
 # One workload interface with more addresses than this is a mistake or an attack (each is a
@@ -261,7 +277,7 @@ class EndpointSpec(_Frozen):
     ipv6_addresses: Annotated[tuple[V6Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
     ipv4_addresses: Annotated[tuple[V4Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
     ipv6_gateway: V6Addr | None = None
-    ipv4_gateway: IPv4Address | None = None
+    ipv4_gateway: V4Addr | None = None
     profiles: tuple[Name, ...] = ()
     # Neutron's allowed address pairs: sources allowed besides the endpoint's own, and routed to
     # it unless a workload has the address as its own (see agent/calc.py)
@@ -305,8 +321,8 @@ class Rule(_Frozen):
     ip_version: Literal[4, 6] | None = None
     icmp_type: Annotated[int, Field(ge=0, le=255)] | None = None
     icmp_code: Annotated[int, Field(ge=0, le=255)] | None = None
-    src_nets: tuple[IPv6Network | IPv4Network, ...] = ()
-    dst_nets: tuple[IPv6Network | IPv4Network, ...] = ()
+    src_nets: tuple[IPNet, ...] = ()
+    dst_nets: tuple[IPNet, ...] = ()
     src_selector: Selector | None = None
     dst_selector: Selector | None = None
     src_ports: tuple[PortSpec, ...] = ()
@@ -420,7 +436,7 @@ class BGPPeerSpec(_Frozen):
     that link from its IPv6 link-local address (BIRD's dynamic ``neighbor range fe80::/10``,
     passive: the router connects). A link-local peer_ip names the router's address on that link."""
 
-    peer_ip: V6Addr | IPv4Address | None = None
+    peer_ip: IPAddr | None = None
     asn: ASN
     interface: InterfaceName | None = None
     host: Name | None = None  # None: every host peers with it; a name: only that host
@@ -515,8 +531,8 @@ def _upstream(v: IPv6Address | IPv4Address) -> IPv6Address | IPv4Address:
     return v
 
 
-Nat64Prefix = Annotated[IPv6Network, AfterValidator(_nat64_prefix)]
-Nat64Pool4 = Annotated[IPv4Network, AfterValidator(_nat64_pool4)]
+Nat64Prefix = Annotated[IPv6Network, _Text, AfterValidator(_nat64_prefix)]
+Nat64Pool4 = Annotated[IPv4Network, _Text, AfterValidator(_nat64_pool4)]
 
 
 class ConfigSpec(_Frozen):
@@ -553,7 +569,7 @@ class ConfigSpec(_Frozen):
     # DNS64: the resolver address every host serves (unbound, on its loopback) for workloads on
     # nat64 pools, synthesizing AAAA records in nat64_prefix; it forwards to dns64_upstreams
     dns64_server: Annotated[V6Addr, AfterValidator(_service_address)] | None = None
-    dns64_upstreams: Annotated[tuple[Annotated[V6Addr | IPv4Address, AfterValidator(_upstream)], ...],
+    dns64_upstreams: Annotated[tuple[Annotated[IPAddr, AfterValidator(_upstream)], ...],
                                Field(max_length=MAX_DNS_SERVERS)] | None = None
 
     @model_validator(mode="after")
