@@ -31,11 +31,12 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(Resource)
 
 def _tag(part: object) -> bool:
     """A part of an error's location that names no field: a model or union member ("IPv6Address"),
-    or one of pydantic's schema tags ("function-after[_unscoped(), ...]", "lax-or-strict[...]")."""
+    or one of pydantic's schema tags ("function-after[_unscoped(), ...]", "lax-or-strict[...]",
+    "constrained-int"). Field names never hold a hyphen; a label key may, so only these shapes go."""
     return isinstance(part, str) and (part[:1].isupper() or _SCHEMA_TAG.match(part) is not None)
 
 
-_SCHEMA_TAG = re.compile(r"[a-z-]+\[")
+_SCHEMA_TAG = re.compile(r"[a-z-]+\[|constrained-(?:int|str|float|bytes)$")
 
 
 def _describe(exc: ValidationError) -> list[str]:

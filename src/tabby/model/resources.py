@@ -28,6 +28,9 @@ from pydantic import (
     PlainSerializer,
     SecretStr,
     SerializationInfo,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     field_validator,
     model_validator,
 )
@@ -70,7 +73,7 @@ Name = Annotated[str, AfterValidator(check_name)]
 InterfaceName = Annotated[str, AfterValidator(check_interface_name)]
 Mac = Annotated[str, AfterValidator(canonical_mac)]
 Selector = Annotated[str, AfterValidator(check_selector)]
-ASN = Annotated[int, Field(ge=1, le=4_294_967_295)]
+ASN = Annotated[StrictInt, Field(ge=1, le=4_294_967_295)]
 
 DEFAULT_ASN = 64512  # first private 2-byte AS: a lab fabric needs no registered number
 V6_BLOCK_DEFAULT, V6_BLOCK_MIN = 122, 116
@@ -179,14 +182,14 @@ MAX_DNS_SERVERS = 3  # what DHCPv4 clients and resolv.conf use; Neutron's defaul
 
 class IPPoolSpec(_Frozen):
     cidr: IPNet
-    block_size: int | None = None
-    nat_outgoing: bool = False
-    disabled: bool = False
+    block_size: StrictInt | None = None
+    nat_outgoing: StrictBool = False
+    disabled: StrictBool = False
     ipv6_mode: Ipv6Mode = "dhcpv6-stateful"
     dns_servers: Annotated[tuple[IPAddr, ...], Field(max_length=MAX_DNS_SERVERS)] = ()
     # IPv6 pools only: its workloads reach IPv4 through their own host's NAT64 (tayga) under the
     # Config's nat64_prefix, and are given its DNS64 resolver (Config dns64_server)
-    nat64: bool = False
+    nat64: StrictBool = False
 
     @field_validator("cidr", mode="before")
     @classmethod
@@ -285,7 +288,7 @@ class EndpointSpec(_Frozen):
     # False (Neutron's port_security_enabled false): no guards on this interface, neither the
     # anti-spoofing checks (source address, source MAC) nor the RA and DHCP-server drops; the
     # policy (profiles, policies) still applies
-    port_security: bool = True
+    port_security: StrictBool = True
 
     @model_validator(mode="after")
     def _some_address(self) -> EndpointSpec:
@@ -312,15 +315,15 @@ class Endpoint(_Frozen):
 
 
 # [0-9], not \d: the regex engine's \d matches every script's digits, which int() then accepts
-PortSpec = Annotated[int, Field(ge=0, le=65535)] | Annotated[str, Field(pattern=r"^[0-9]{1,5}:[0-9]{1,5}$")]
+PortSpec = Annotated[StrictInt, Field(ge=0, le=65535)] | Annotated[str, Field(pattern=r"^[0-9]{1,5}:[0-9]{1,5}$")]
 
 
 class Rule(_Frozen):
     action: Literal["allow", "deny"]
-    protocol: Literal["tcp", "udp", "sctp", "icmp", "icmpv6"] | Annotated[int, Field(ge=0, le=255)] | None = None
+    protocol: Literal["tcp", "udp", "sctp", "icmp", "icmpv6"] | Annotated[StrictInt, Field(ge=0, le=255)] | None = None
     ip_version: Literal[4, 6] | None = None
-    icmp_type: Annotated[int, Field(ge=0, le=255)] | None = None
-    icmp_code: Annotated[int, Field(ge=0, le=255)] | None = None
+    icmp_type: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
+    icmp_code: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
     src_nets: tuple[IPNet, ...] = ()
     dst_nets: tuple[IPNet, ...] = ()
     src_selector: Selector | None = None
@@ -371,7 +374,7 @@ class Profile(_Frozen):
 
 
 class PolicySpec(_Frozen):
-    order: float = 1000.0
+    order: StrictFloat = 1000.0
     selector: Selector = "all()"
     ingress: tuple[Rule, ...] = ()
     egress: tuple[Rule, ...] = ()
@@ -441,14 +444,14 @@ class BGPPeerSpec(_Frozen):
     interface: InterfaceName | None = None
     host: Name | None = None  # None: every host peers with it; a name: only that host
     # this session also carries IPv4 routes with IPv6 next hops (RFC 8950): an IPv6 session only
-    extended_next_hop: bool = False
-    bfd: bool = False  # BFD (100 ms x 3) on this session; the peer must run BFD too
+    extended_next_hop: StrictBool = False
+    bfd: StrictBool = False  # BFD (100 ms x 3) on this session; the peer must run BFD too
     password_file: SecretPath | None = None  # TCP MD5 password, read by the agent; never in the Store
     password_secret: Name | None = None  # or: the TCP MD5 password is Config bgp_secrets[name]
     # the peer carries the fabric's own routes between hosts (a ToR of a routed fabric, usually with
     # the node mesh off): routes inside the pools are accepted from it, except this host's own blocks
-    fabric: bool = False
-    multihop: Annotated[int, Field(ge=2, le=255)] | None = None  # TTL; None: a directly connected peer
+    fabric: StrictBool = False
+    multihop: Annotated[StrictInt, Field(ge=2, le=255)] | None = None  # TTL; None: a directly connected peer
 
     @model_validator(mode="after")
     def _link_local(self) -> BGPPeerSpec:
@@ -539,16 +542,16 @@ class ConfigSpec(_Frozen):
     """Settings; ``global`` applies everywhere, ``host.<name>`` overrides it for one host."""
 
     log_level: Literal["debug", "info", "warning", "error"] | None = None
-    resync_interval_s: Annotated[float, Field(gt=0, le=86400)] | None = None
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
-    node_to_node_mesh: bool | None = None
-    strict_affinity: bool | None = None
+    resync_interval_s: Annotated[StrictFloat, Field(gt=0, le=86400)] | None = None
+    metrics_port: Annotated[StrictInt, Field(ge=0, le=65535)] | None = None
+    node_to_node_mesh: StrictBool | None = None
+    strict_affinity: StrictBool | None = None
     default_asn: ASN | None = None
     # BFD (100 ms x 3) on the host mesh and reflector sessions; peers withdraw a dead host in < 1 s
     # (~320 ms measured). Off by default: in a full mesh it is N-1 BFD sessions per host, 10 packets
     # a second each way, an idle cost that grows with the fabric (DESIGN: it must stay flat), and
     # the agent's BFD watcher costs ~1.4% of a core per host at idle (measured, 3 hosts)
-    mesh_bfd: bool | None = None
+    mesh_bfd: StrictBool | None = None
     mesh_password_file: SecretPath | None = None  # TCP MD5 password of every mesh/reflector session
     mesh_password_secret: Name | None = None  # or: it is bgp_secrets[name]
     # TCP MD5 passwords by name (BGPPeer password_secret, mesh_password_secret): kept in the Store,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from tabby.model.codec import InvalidResource, _describe, load_json
 from tabby.model.keys import STATUS_PREFIX
@@ -27,7 +27,7 @@ def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
     cut to the limit, so that what an agent writes always decodes."""
     folded = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return folded if len(folded) <= limit else folded[: limit - 1] + "…"
-Timestamp = Annotated[float, Field(ge=0)]
+Timestamp = Annotated[StrictFloat, Field(ge=0)]
 
 
 class _Record(BaseModel):
@@ -51,10 +51,10 @@ class NeighbourTableStatus(_Record):
     """Whether the kernel's (machine-wide) neighbour tables fit this host's endpoints: sized_here
     when the agent could raise them (the root namespace), else note says who must."""
 
-    sized_here: bool
-    fits: bool
-    wanted_gc_thresh3: Annotated[int, Field(ge=0)]
-    gc_thresh3: Annotated[dict[Literal["ipv6", "ipv4"], Annotated[int, Field(ge=0)]], Field(max_length=2)] = \
+    sized_here: StrictBool
+    fits: StrictBool
+    wanted_gc_thresh3: Annotated[StrictInt, Field(ge=0)]
+    gc_thresh3: Annotated[dict[Literal["ipv6", "ipv4"], Annotated[StrictInt, Field(ge=0)]], Field(max_length=2)] = \
         Field(default_factory=dict)
     note: Text = ""
 
@@ -65,7 +65,7 @@ class Nat64Status(_Record):
 
     tayga: Literal["up", "down"]
     unbound: Literal["up", "down"] | None = None  # None: no DNS64 (Config dns64_server unset)
-    restarts: Annotated[int, Field(ge=0)] = 0
+    restarts: Annotated[StrictInt, Field(ge=0)] = 0
     error: Text | None = None
 
 
@@ -96,8 +96,8 @@ class BgpSession(_Record):
     state: Text = ""
     proto_state: Text = ""
     since: Text = ""
-    imported: Annotated[int, Field(ge=0)] = 0
-    exported: Annotated[int, Field(ge=0)] = 0
+    imported: Annotated[StrictInt, Field(ge=0)] = 0
+    exported: Annotated[StrictInt, Field(ge=0)] = 0
     description: Text = ""
     error: Text | None = None
     why: Text | None = None  # why a session that should be up is not (a TCP MD5 password mismatch)
