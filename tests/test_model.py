@@ -325,3 +325,25 @@ def test_hostile_keys_in_an_error_are_escaped_and_bounded() -> None:
     with pytest.raises(InvalidResource) as e:
         decode("/tabby/v1/hosts/" + "k" * 5000, b"{")
     assert len(e.value.where) <= 1000
+
+
+@pytest.mark.parametrize(("key", "doc", "field"), [
+    ("hosts/h1", {"host": "h1", "heartbeat": "5", "expires": None}, "heartbeat"),
+    ("hosts/h1", {"host": "h1", "heartbeat": 5, "expires": True}, "expires"),
+    ("hosts/h1", {"host": "h1", "heartbeat": 5, "expires": None,
+                  "neighbour_table": {"sized_here": "no", "fits": True, "wanted_gc_thresh3": 1}},
+     "neighbour_table.sized_here"),
+    ("hosts/h1", {"host": "h1", "heartbeat": 5, "expires": None, "nat64": {"tayga": "up", "restarts": 1.0}},
+     "nat64.restarts"),
+    ("bgp/h1", {"host": "h1", "sessions": [{"imported": "3"}]}, "sessions.0.imported"),
+])
+def test_status_records_take_json_types_only(key: str, doc: dict[str, Any], field: str) -> None:
+    from tabby.model.keys import STATUS_PREFIX
+    from tabby.model.status import decode_status
+
+    with pytest.raises(InvalidResource) as exc:
+        decode_status(STATUS_PREFIX + key, json.dumps(doc).encode())
+    assert any(e.startswith(field + ":") for e in exc.value.errors), exc.value.errors
+    # an integer where a number is wanted is still a number
+    ok = decode_status(STATUS_PREFIX + "hosts/h1", b'{"host": "h1", "heartbeat": 5, "expires": null}')
+    assert ok.heartbeat == 5.0 and ok.expires is None
