@@ -1,19 +1,25 @@
 """The agent's netlink monitor in a real namespace: the kernel drops BIRD's route events before
 they reach it (a remote workload is a route BIRD installs on every host), and every other event
-still arrives: ours, other programs' routes, their deletes, links."""
+still arrives: ours, other programs' routes, their deletes, links. An overflow keeps what was read
+before it, and in a running agent brings the full check that repairs what the lost events undid."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from agentlib import namespace
 
 from tabby.dataplane import netlink as nl
 from tabby.lab import netns, probe
+from tabby.model import encode, key_of, validate
+from tabby.store import open_store
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -108,3 +114,65 @@ def test_an_overflow_in_the_middle_of_a_drain_keeps_the_events_read_before_it() 
 def test_a_message_whose_length_is_shorter_than_its_header_ends_the_parse() -> None:
     good = nl.route_msg(nl.RTM_NEWROUTE, "fd00:79::3/128", 7)
     assert [c.key for c in nl.Monitor._parse(good + bytes(16))] == ["fd00:79::3/128"]
+
+
+OVERFLOW_WORKER = """
+import gc, json, random, socket, subprocess, sys, threading, time
+from pathlib import Path
+from tabby.agent.agent import Agent
+from tabby.store import open_store
+agent = Agent(open_store(sys.argv[1]), "ho", resync_s=3600, metrics_port=None, bgp=False, run_dir=Path(sys.argv[2]))
+t = threading.Thread(target=agent.run, daemon=True)
+t.start()
+deadline = time.monotonic() + 60
+while (agent.routes_programmed_at is None or not gc.isenabled()) and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert agent.routes_programmed_at is not None, "never programmed"
+ours = ["ip", "-6", "route", "show", "fd00:7b::1/128", "proto", "77"]
+assert subprocess.run(ours, capture_output=True, text=True).stdout.strip(), "route not in"
+agent.monitor.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's smallest queue
+# 400 events that fill that queue, then our route deleted behind the agent's back
+script = "".join(f"neigh add fd00:7a::{i:x} lladdr 52:54:00:00:00:01 dev tbo9 nud permanent\\n" for i in range(1, 401))
+script += "route del fd00:7b::1/128 dev tbo0\\n"
+data = [random.random() for _ in range(3_000_000)]
+p = subprocess.Popen(["ip", "-batch", "-"], stdin=subprocess.PIPE, text=True)
+p.stdin.write(script)
+p.stdin.close()
+sorted(data)  # holds the GIL (about a second): the monitor thread cannot read while the queue overflows
+assert p.wait(10) == 0
+t0 = time.monotonic()
+back = None
+while time.monotonic() < t0 + 10:
+    if subprocess.run(ours, capture_output=True, text=True).stdout.strip():
+        back = time.monotonic() - t0
+        break
+    time.sleep(0.05)
+overflows = agent.metrics.registry.get_sample_value("tabby_netlink_overflows_total")
+print(json.dumps({"back_s": back, "overflows": overflows}))
+agent.stop()
+t.join(10)
+"""
+
+
+def test_an_overflow_brings_a_full_check_that_puts_back_what_the_lost_events_undid(tmp_path: Path) -> None:
+    """The agent's monitor socket overflows while its thread cannot read (the GIL held), and our
+    route's delete is among the events lost: the overflow's full check puts the route back at
+    once, not at the resync (an hour here), and the agent counts the overflow."""
+    url = f"sqlite://{tmp_path}/store.db"
+    store = open_store(url)
+    ep = validate({"kind": "Endpoint", "metadata": {"name": "o1"},
+                   "spec": {"host": "ho", "orchestrator": "container", "workload_id": "w1", "interface": "tbo0",
+                            "mac": "52:54:00:00:7b:01", "ipv6_addresses": ["fd00:7b::1"]}})
+    store.put(key_of(ep), encode(ep))
+    store.close()
+    with namespace("ovf") as ns:
+        netns.ip("-batch", "-", ns=ns, input="link add tbo0 type veth peer name tbo1\nlink set tbo0 up\n"
+                                             "link add tbo9 type veth peer name tbo8\nlink set tbo9 up\n")
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        r = netns.nsexec(ns, [sys.executable, "-c", f"import sys; sys.path.insert(0, {src!r})\n" + OVERFLOW_WORKER,
+                              url, str(tmp_path / "run")], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["overflows"] is not None and got["overflows"] >= 1, (got, r.stderr[-3000:])
+    assert got["back_s"] is not None and got["back_s"] < 5, (got, r.stderr[-3000:])
+    assert "kernel events were lost" in r.stderr, r.stderr[-3000:]

@@ -862,6 +862,9 @@ class Agent:
 
     def _on_netlink(self, change: nl.Change) -> None:
         if change.kind == "overflow":  # events were lost: whatever a lost one would have set off
+            log.warning("kernel events were lost (the netlink monitor's socket overflowed): a full check "
+                        "of routes, neighbours, links, NAT64 and dnsmasq follows")
+            self.metrics.monitor_overflows.inc()
             self.full_check_due = True
             self.nat64.recheck()
             self.nat64_dirty = True

@@ -37,6 +37,10 @@ class Metrics:
                                     registry=self.registry)
         self.corrupt = Counter("tabby_corrupt_records_total", "Store records skipped as corrupt",
                                registry=self.registry)
+        self.monitor_overflows = Counter(
+            "tabby_netlink_overflows_total",
+            "Times kernel events were lost from the netlink monitor's socket (each brings a full check)",
+            registry=self.registry)
 
     def count_watch_events(self, read: Callable[[], int]) -> None:
         """``tabby_store_watch_events_total``: every event the Store watch carried to this agent,
