@@ -65,6 +65,13 @@ def _ip_text(v: object) -> object:
 
 
 _Text = BeforeValidator(_ip_text)
+
+
+def _an_int(v: object) -> object:
+    """A Literal of integers compares by value, so it took 4.0 for 4; a JSON integer only."""
+    if type(v) is not int:
+        raise ValueError(f"an integer is wanted, not {type(v).__name__} {str(v)[:40]}")
+    return v
 V6Addr = Annotated[IPv6Address, _Text, AfterValidator(_unscoped)]
 V4Addr = Annotated[IPv4Address, _Text]
 IPAddr = Annotated[V6Addr | V4Addr, _Text]  # the check before the union: one error, not one per member
@@ -321,7 +328,7 @@ PortSpec = Annotated[StrictInt, Field(ge=0, le=65535)] | Annotated[str, Field(pa
 class Rule(_Frozen):
     action: Literal["allow", "deny"]
     protocol: Literal["tcp", "udp", "sctp", "icmp", "icmpv6"] | Annotated[StrictInt, Field(ge=0, le=255)] | None = None
-    ip_version: Literal[4, 6] | None = None
+    ip_version: Annotated[Literal[4, 6], BeforeValidator(_an_int)] | None = None
     icmp_type: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
     icmp_code: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
     src_nets: tuple[IPNet, ...] = ()
