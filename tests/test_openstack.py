@@ -77,6 +77,11 @@ def test_neutron_networks_ports_and_security_groups_reach_real_vms(tmp_path: Pat
              "port_range_max": 8080, "remote_group_id": sg["id"]},
             {"direction": "egress", "ethertype": "IPv6"},
             {"direction": "egress", "ethertype": "IPv4"},
+            # a protocol by number keeps its ports (it once lost them: all of TCP allowed), and any
+            # protocol Neutron names is read (vrrp once stopped every resync)
+            {"direction": "ingress", "ethertype": "IPv4", "protocol": "6", "port_range_min": 22,
+             "port_range_max": 22, "remote_ip_prefix": "10.66.0.0/24"},
+            {"direction": "ingress", "ethertype": "IPv4", "protocol": "vrrp"},
         ]
         for rule in rules:
             n.post("security-group-rule", {"security_group_id": sg["id"], **rule})
@@ -93,10 +98,12 @@ def test_neutron_networks_ports_and_security_groups_reach_real_vms(tmp_path: Pat
             assert {str(a.ip) for a in (*ep.spec.ipv6_addresses, *ep.spec.ipv4_addresses)} == fixed
             assert ep.spec.profiles == (profile_name(sg["id"]),)
         prof = client.get("Profile", profile_name(sg["id"]))
-        assert prof is not None and len(prof.spec.ingress) == 3 and len(prof.spec.egress) == 2
-        assert {r.protocol for r in prof.spec.ingress} == {"icmpv6", "icmp", "tcp"}
-        tcp = next(r for r in prof.spec.ingress if r.protocol == "tcp")
+        assert prof is not None and len(prof.spec.ingress) == 5 and len(prof.spec.egress) == 2
+        assert sorted(map(str, (r.protocol for r in prof.spec.ingress))) == ["112", "icmp", "icmpv6", "tcp", "tcp"]
+        tcp = next(r for r in prof.spec.ingress if r.protocol == "tcp" and r.ip_version == 6)
         assert tcp.dst_ports == (8080,) and tcp.src_selector == f"has(sg.openstack/{sg['id']})"
+        ssh = next(r for r in prof.spec.ingress if r.protocol == "tcp" and r.ip_version == 4)
+        assert ssh.dst_ports == (22,) and [str(n) for n in ssh.src_nets] == ["10.66.0.0/24"]
         pools = {p.metadata.name: p for p in client.list("IPPool")[0]}
         assert str(pools[f"subnet-{s6['id']}"].spec.cidr) == "fd00:5::/64"
         assert str(pools[f"subnet-{s4['id']}"].spec.cidr) == "10.66.0.0/24"

@@ -75,14 +75,14 @@ class TabbyMechanismDriver(api.MechanismDriver):
     def _check_subnet(self, subnet: dict[str, Any]) -> None:
         try:
             translate.check_subnet(subnet)
-        except translate.Unsupported as e:
+        except (translate.Unsupported, translate.Malformed) as e:
             raise n_exc.InvalidInput(error_message=str(e)) from None
 
     def create_subnet_postcommit(self, context: Any) -> None:
-        self._write(translate.pool_doc(context.current))
+        self._write_translated(translate.pool_doc, context.current)
 
     def update_subnet_postcommit(self, context: Any) -> None:
-        self._write(translate.pool_doc(context.current))
+        self._write_translated(translate.pool_doc, context.current)
 
     def delete_subnet_postcommit(self, context: Any) -> None:
         self._delete("IPPool", translate.pool_name(context.current["id"]))
@@ -113,7 +113,7 @@ class TabbyMechanismDriver(api.MechanismDriver):
     def _check_port(self, port: dict[str, Any]) -> None:
         try:
             translate.check_port(port)
-        except translate.Unsupported as e:
+        except (translate.Unsupported, translate.Malformed) as e:
             raise n_exc.InvalidInput(error_message=str(e)) from None
 
     def create_port_postcommit(self, context: Any) -> None:
@@ -128,7 +128,11 @@ class TabbyMechanismDriver(api.MechanismDriver):
         self._delete("Endpoint", translate.endpoint_name(context.current["id"]))
 
     def _port(self, port: dict[str, Any]) -> None:
-        doc = translate.endpoint_doc(port)
+        try:
+            doc = translate.endpoint_doc(port)
+        except translate.Malformed as e:
+            log.error("Neutron port not translated (the tabby store keeps what it had for it): %s", e)
+            return
         name = translate.endpoint_name(port["id"])
         if doc is None:
             with self.lock:
@@ -152,8 +156,12 @@ class TabbyMechanismDriver(api.MechanismDriver):
             return
         wanted = set()
         for sg in groups:
-            wanted.add(translate.profile_name(sg["id"]))
-            self._write(translate.profile_doc(sg))
+            problems: list[str] = []
+            if isinstance(sg.get("id"), str):
+                wanted.add(translate.profile_name(sg["id"]))  # kept as it is if it cannot be read now
+            self._write_translated(translate.profile_doc, sg, problems)
+            for text in problems:
+                log.error("Neutron security group rule not translated: %s", text)
         try:
             for prof in self.client.list("Profile")[0]:
                 if prof.metadata.labels.get(translate.OWNER_LABEL) == "sg" and prof.metadata.name not in wanted:
@@ -187,7 +195,10 @@ class TabbyMechanismDriver(api.MechanismDriver):
         counts = reconcile(self.client, plugin.get_subnets(ctx), ports, plugin.get_security_groups(ctx))
         with self.lock:
             for p in ports:
-                doc = translate.endpoint_doc(p)
+                try:
+                    doc = translate.endpoint_doc(p)
+                except translate.Malformed:
+                    continue  # reconcile has said so
                 if doc is not None:
                     self.bound.setdefault(p["id"], (doc["spec"]["host"], ""))
         log.info("resynced Neutron into the tabby store: %s", counts)
@@ -219,6 +230,14 @@ class TabbyMechanismDriver(api.MechanismDriver):
                         self.bound[port_id] = (host, status)
 
     # -- Store writes ----------------------------------------------------------------------
+
+    def _write_translated(self, make: Any, *args: Any) -> None:
+        try:
+            doc = make(*args)
+        except translate.Malformed as e:
+            log.error("Neutron record not translated (the tabby store keeps what it had for it): %s", e)
+            return
+        self._write(doc)
 
     def _write(self, doc: dict[str, Any]) -> None:
         try:

@@ -21,8 +21,13 @@ def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], port
               groups: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """Returns counts: created, updated, unchanged, deleted, invalid."""
     counts = {"created": 0, "updated": 0, "unchanged": 0, "deleted": 0, "invalid": 0}
-    wanted: set[tuple[str, str]] = set()
-    for doc in desired(subnets, ports, groups):
+    problems: list[str] = []
+    wanted: set[tuple[str, str]] = set()  # what a record could not be read for stays as the Store has it
+    docs = desired(subnets, ports, groups, problems, wanted)
+    for text in problems:
+        counts["invalid"] += 1
+        log.error("Neutron record not translated (what the Store holds for it is kept): %s", text)
+    for doc in docs:
         try:
             res = validate(doc)
         except ValueError as e:
@@ -69,8 +74,13 @@ def list_all(adapter: Any, path: str, key: str, page_size: int | None = None) ->
     while url is not None and url not in seen:  # a server that links a page to itself ends here
         seen.add(url)
         body = adapter.get(url).json()
-        out.extend(body[key])
-        url = next((link["href"] for link in body.get(f"{key}_links", []) if link.get("rel") == "next"), None)
+        items = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ValueError(f"Neutron's {url} answered without a list under {key!r}")
+        out.extend(items)
+        links = body.get(f"{key}_links") or []
+        url = next((link["href"] for link in links if isinstance(link, dict) and link.get("rel") == "next"
+                    and isinstance(link.get("href"), str)), None) if isinstance(links, list) else None
     return out
 
 
