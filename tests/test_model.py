@@ -106,6 +106,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (_endpoint(ipv6_addresses=[]), "spec"),
     (_endpoint(ipv6_addresses=["fe80::1"]), "spec"),
     (_endpoint(ipv6_addresses=["not-an-address"]), "spec.ipv6_addresses.0"),
+    (_endpoint(ipv6_addresses=["fd00::5", "fd00::5%a"]), "spec.ipv6_addresses.1"),  # a zone hid the duplicate
+    (_endpoint(ipv6_addresses=["fd00::5%$(reboot)/128"]), "spec.ipv6_addresses.0"),
+    (_endpoint(allowed_sources=[{"address": "fd00::2%y"}]), "spec.allowed_sources.0.address"),
     ({"kind": "Endpoint", "metadata": {"name": "bad/name"}, "spec": _endpoint()["spec"]}, "metadata.name"),
     ({"kind": "Host", "metadata": {"name": "h"}, "spec": {"ipv6_address": "fd00::1", "router_id": "0.0.0.0"}},
      "spec.router_id"),

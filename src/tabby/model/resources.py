@@ -239,6 +239,8 @@ class IPPool(_Frozen):
 
 
 def _host_route_v6(v: IPv6Interface) -> IPv6Interface:
+    if "%" in str(v):  # its .ip drops the zone, its text keeps it: it bypassed the duplicate check
+        raise ValueError(f"{v}: a scoped address (%zone) is not accepted here")
     if v.network.prefixlen != 128:
         raise ValueError(f"{v} must be a single address (/128): tabby routes each workload address on its own")
     return v
