@@ -108,6 +108,13 @@ def test_specific_address_and_in_use(sq: Store) -> None:
     assert ipam.handle("port-2") is None
     with pytest.raises(NoPool):
         ipam.assign_address("port-3", "h1", "fd99::1")
+    # a %zone is refused, not stored as the handle's text beside the block's bare address
+    for call in (lambda: ipam.assign_address("port-4", "h1", "fd00:e::111%eth0;x"),
+                 lambda: ipam.assign_attachment("port-5", "h1", "a5", addresses=["fd00:e::112%x"]),
+                 lambda: ipam.release_address("fd00:e::110%x")):
+        with pytest.raises(ValueError, match="scoped"):
+            call()
+    assert ipam.handle("port-4") is None and ipam.handle("port-5") is None
     assert ipam.check() == []
 
 

@@ -85,6 +85,15 @@ MAX_FRUITLESS_ROUNDS = 8
 _calls = threading.local()  # per thread: the keys of corrupt records already logged in this call
 
 
+def plain_address(ip: str | IPAddr) -> IPAddr:
+    """An address as the IPAM holds it. ipaddress keeps a "%zone" in the text it was given, and the
+    IPAM would store that text ("fd00::99%eth0;x") where the block holds the bare address."""
+    addr = ipaddress.ip_address(ip)
+    if "%" in str(addr):
+        raise ValueError(f"{addr}: a scoped address (%zone) is no IPAM address")
+    return addr
+
+
 def one_call(fn: Callable[P, R]) -> Callable[P, R]:
     """Mark a public entry point: a corrupt record is logged once per (outermost) call, however
     many times the call reads it."""
@@ -336,7 +345,7 @@ class IPAM:
         block that vanishes again after each claim (released in a race) ends in ``Contention``
         after MAX_FRUITLESS_ROUNDS; a corrupt block, or a corrupt affinity of this host for it, in
         ``CorruptRecord``."""
-        got = [self._take_specific(handle, host, ipaddress.ip_address(ip))]
+        got = [self._take_specific(handle, host, plain_address(ip))]
         try:
             self._record_handle(handle, got, endpoint)
         except BaseException:
@@ -583,7 +592,7 @@ class IPAM:
     def release_address(self, ip: str | IPAddr, seq: int | None = None) -> str:
         """Free one address (only if it still carries seq, when given); returns its handle. A corrupt
         handle record is left as it is (the address is free all the same)."""
-        addr = ipaddress.ip_address(ip)
+        addr = plain_address(ip)
         pool = self._pool_of(addr)
         assert pool.spec.block_size is not None
         cidr = str(B.block_of(addr, pool.spec.block_size))
@@ -672,7 +681,7 @@ class IPAM:
         All or nothing: on any failure what this call took is freed and its record removed. A
         crash in between leaves a record with fewer addresses than its blocks give it, which
         ``check`` reports and ``release_strays`` (or the leak collector) frees."""
-        wanted = [ipaddress.ip_address(ip) for ip in addresses]
+        wanted = [plain_address(ip) for ip in addresses]
         if ipv6 < 0 or ipv4 < 0 or ipv6 + ipv4 + len(wanted) == 0:
             raise ValueError("ask for at least one address (ipv6 and/or ipv4 count, or addresses)")
         if ipv6 + ipv4 + len(wanted) > MAX_ADDRESSES_PER_HANDLE:
