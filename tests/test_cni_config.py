@@ -48,6 +48,10 @@ def test_every_field_is_read_with_its_json_type() -> None:
     ("ipv6_gateway", "router"), ("ipv6_gateway", ["link-local"]), ("profiles", "open"), ("profiles", [1]),
     ("labels", {"app": 1}), ("labels", []), ("capabilities", {"mac": "yes"}), ("args", []),
     ("prevResult", "x"), ("runtimeConfig", []),
+    # the host goes into Store keys and the socket's name; the socket is a path
+    ("host", "h1/evil"), ("host", "h1 ;x"), ("host", "-h"), ("host", ""),
+    ("server_socket", "run/x.sock"), ("server_socket", "/run/../etc/x.sock"), ("server_socket", "/run//x.sock"),
+    ("server_socket", "/run/x\n.sock"), ("server_socket", "/" + "x" * 107),
 ])
 def test_a_wrong_type_or_value_is_refused_naming_its_key(field: str, value: Any) -> None:
     assert refused({**BASE, field: value}).startswith(f"{field}: ")
@@ -76,3 +80,22 @@ def test_missing_fields_are_all_named() -> None:
     with pytest.raises(ConfError) as e:
         parse(b'{"type": "tabby-cni"}')
     assert str(e.value) == "cniVersion: required; name: required"
+
+
+def test_a_host_from_the_environment_is_checked_before_anything_is_touched() -> None:
+    from tabby.cni.main import run
+
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/nonexistent", "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/opt/cni/bin", "TABBY_STORE": "sqlite:///nonexistent/x.db", "TABBY_HOST": "h1/evil"}
+    code, out = run(env, json.dumps(BASE).encode())
+    err = json.loads(out)
+    assert code == 1 and err["code"] == 4 and "TABBY_HOST" in err["msg"], err
+
+
+def test_the_shim_takes_only_a_plain_socket_path_from_the_config() -> None:
+    from tabby.cni.shim import socket_path
+
+    assert socket_path(json.dumps({**BASE, "server_socket": "/run/tabby/cni/x.sock"}).encode(), {}) == \
+        "/run/tabby/cni/x.sock"
+    for bad in ("x.sock", "/run/../x.sock", "/" + "x" * 107):
+        assert socket_path(json.dumps({**BASE, "server_socket": bad}).encode(), {}) is None, bad

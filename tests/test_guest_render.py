@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tabby.guest import check as C
@@ -61,3 +62,13 @@ def test_check_reads_networkd_files(tmp_path: Path) -> None:
     assert not found["eth0 accepts Router Advertisements"].ok and "IPv6AcceptRA=yes" in \
         found["eth0 accepts Router Advertisements"].fix
     assert not found["eth0 asks DHCPv6 for its address at boot"].ok
+
+
+def test_check_refuses_an_interface_name_that_is_no_name(tmp_path: Path) -> None:
+    """It goes into paths under /proc and root, and into the fixes shown (it once read
+    /proc/sys/net/ipv6/conf/../../../../../x/accept_ra)."""
+    for bad in ("../../../../../tmp/x", "eth0;reboot", "a" * 16, ""):
+        with pytest.raises(ValueError):
+            C.check((bad,), tmp_path)
+    r = tabby("guest", "check", "--interface", "../../etc", "--root", str(tmp_path))
+    assert r.returncode != 0 and "--interface" in r.stderr and "Traceback" not in r.stderr, r.stderr

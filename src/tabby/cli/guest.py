@@ -88,7 +88,10 @@ def guest_check(interface: Annotated[list[str] | None, typer.Option(help="interf
     """Run inside a guest: each requirement met or not, with the fix. Exit 1 if any is not met."""
     from tabby.guest.check import check
 
-    findings = check(tuple(interface or ["eth0"]), root)
+    try:
+        findings = check(tuple(interface or ["eth0"]), root)
+    except ValueError as e:
+        fail(f"--interface: {e}")
     for f in findings:
         mark = "[green]ok[/]  " if f.ok else "[red]FAIL[/]"
         out.print(f"{mark} {f.requirement}: {f.detail}" + ("" if f.ok else f"\n      fix: {f.fix}"), highlight=False)

@@ -12,6 +12,7 @@ from typing import Any
 
 from tabby.cni.inputs import MAX_STDIN_BYTES
 from tabby.cni.shim import SUPPORTED_VERSIONS as _SHIM_VERSIONS
+from tabby.cni.shim import plain_socket_path
 from tabby.model.jsontext import InvalidResource, load_json
 from tabby.model.names import canonical_mac, check_label_key, check_label_value, check_name
 from tabby.model.plain import Plain
@@ -100,6 +101,24 @@ def _optional_string(v: Any) -> str | None:
     return None if v is None else _string(v)
 
 
+def _optional_host(v: Any) -> str | None:
+    """The Host this node is: it becomes part of Store keys and the server's socket name."""
+    if v is None:
+        return None
+    try:
+        return check_name(_string(v))
+    except ValueError:
+        raise ValueError("must be a host name (letters, digits, '.', '_', '-'; at most 253)") from None
+
+
+def _optional_socket(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not plain_socket_path(_string(v)):
+        raise ValueError("must be an absolute path of at most 107 bytes, with no '.' or '..' step")
+    return v
+
+
 def _boolean(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError("must be true or false")
@@ -166,8 +185,8 @@ def _runtime_config(v: Any) -> RuntimeConfig:
 # JSON key -> (NetConf field, check); a key that is absent keeps the field's default
 _FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cniVersion": ("cni_version", _string), "name": ("name", _string), "type": ("type", _string),
-    "store": ("store", _optional_string), "host": ("host", _optional_string),
-    "server_socket": ("server_socket", _optional_string), "ipv6": ("ipv6", _boolean), "ipv4": ("ipv4", _boolean),
+    "store": ("store", _optional_string), "host": ("host", _optional_host),
+    "server_socket": ("server_socket", _optional_socket), "ipv6": ("ipv6", _boolean), "ipv4": ("ipv4", _boolean),
     "ipv6_pool": ("ipv6_pool", _optional_string), "ipv4_pool": ("ipv4_pool", _optional_string),
     "ipv6_gateway": ("ipv6_gateway", _gateway), "mtu": ("mtu", _mtu), "profiles": ("profiles", _strings),
     "labels": ("labels", _string_map), "capabilities": ("capabilities", _flag_map),

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 
 from tabby.cni import inputs
 from tabby.cni.config import SUPPORTED_VERSIONS, ConfError, load, parse
-from tabby.cni.errors import INCOMPATIBLE, INVALID_CONF, IO_FAILURE, CniError
-from tabby.cni.plugin import Context, Phases, add, check, delete, gc, status, version
+from tabby.cni.errors import INCOMPATIBLE, INVALID_CONF, INVALID_ENV, IO_FAILURE, CniError
+from tabby.cni.plugin import Context, Phases, add, check, delete, gc, host_name, status, version
 from tabby.cni.result import at_least
+from tabby.model.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ def run(environ: Mapping[str, str], raw: bytes, ctx: Context | None = None,
         except ConfError as e:
             raise CniError(INVALID_CONF, "invalid network configuration", str(e)) from None
         conf.store = conf.store or environ.get("TABBY_STORE")
-        conf.host = conf.host or environ.get("TABBY_HOST")
+        if not conf.host and environ.get("TABBY_HOST"):
+            try:
+                conf.host = check_name(environ["TABBY_HOST"])
+            except ValueError:
+                raise CniError(INVALID_ENV, "TABBY_HOST cannot name a tabby Host",
+                               f"{environ['TABBY_HOST'][:80]!r}: letters, digits, '.', '_', '-'") from None
+        conf.host = host_name(conf)  # checked here, before anything is touched
         if command in ("STATUS", "GC"):
             if not at_least(ver, "1.1.0"):
                 raise CniError(INCOMPATIBLE, f"{command} needs cniVersion 1.1.0, not {ver}")

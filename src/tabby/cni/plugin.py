@@ -47,6 +47,7 @@ from tabby.cni.errors import (
 from tabby.cni.inputs import Env
 from tabby.cni.lock import AttachmentLock, LockTimeout, sha256
 from tabby.cni.result import Plumbed, at_least, build
+from tabby.model.names import check_name
 
 __all__ = ["HOST_LL", "HOST_MAC", "INVALID_CONF", "INVALID_ENV", "IO_FAILURE", "TRY_AGAIN", "V4_GATEWAY",
            "CniError", "Context", "Env", "add", "check", "delete", "endpoint_name", "gc", "handle_of", "host_ifname",
@@ -177,7 +178,17 @@ def endpoint_name(conf: NetConf, env: Env) -> str:
 
 
 def host_name(conf: NetConf) -> str:
-    return conf.host or os.environ.get("TABBY_HOST") or _socket.gethostname()
+    """The network config's host (checked by its parser), else $TABBY_HOST, else the hostname;
+    refused (naming where it came from) unless it can name a Host: it goes into Store keys."""
+    if conf.host:
+        return conf.host
+    env = os.environ.get("TABBY_HOST")
+    name, source = (env, "TABBY_HOST") if env else (_socket.gethostname(), "this machine's hostname")
+    try:
+        return check_name(name)
+    except ValueError:
+        raise CniError(INVALID_ENV if env else INVALID_CONF, f"{source} cannot name a tabby Host",
+                       f"{name[:80]!r}: set host in the network configuration") from None
 
 
 def _attachment(conf: NetConf, env: Env) -> str:

@@ -49,6 +49,14 @@ def _loads(text: str) -> object:
     return obj
 
 
+def plain_socket_path(path: str) -> bool:
+    """A path a unix socket can have, written plainly: absolute, no "." or ".." step, no empty
+    step, no control character, and short enough for sun_path (108 bytes with its NUL)."""
+    steps = path.split("/")
+    return path.startswith("/") and len(path.encode("utf-8", "surrogatepass")) <= 107 and \
+        all(s not in ("", ".", "..") for s in steps[1:]) and all(c.isprintable() for c in path)
+
+
 def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
     """The server socket for this call: the config's ``server_socket``, else one per host name."""
     try:
@@ -57,8 +65,8 @@ def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
         return None
     if not isinstance(conf, dict):
         return None
-    if isinstance(conf.get("server_socket"), str):
-        return conf["server_socket"]
+    if isinstance(conf.get("server_socket"), str):  # not plain: in-process, where the parser says why
+        return conf["server_socket"] if plain_socket_path(conf["server_socket"]) else None
     host = conf.get("host") or environ.get("TABBY_HOST") or posix.uname().nodename
     if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isascii() or \
             not all(c.isalnum() or c in "._-" for c in host) or not host[0].isalnum():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tabby.guest.render import DHCLIENT_FIX
+from tabby.model.names import check_interface_name
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,10 @@ def running(interface: str) -> list[Finding]:
 
 
 def check(interfaces: tuple[str, ...] = ("eth0",), root: Path = Path("/")) -> list[Finding]:
-    """Files are read under root (an image, or /); sysctls always from this running system."""
+    """Files are read under root (an image, or /); sysctls always from this running system. An
+    interface name becomes part of paths and of the fixes shown: ValueError unless it is one."""
+    for i in interfaces:
+        check_interface_name(i)
     out = []
     proc = Path("/proc/sys/net/ipv6/conf")
     for i in interfaces:
