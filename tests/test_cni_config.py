@@ -49,7 +49,7 @@ def test_every_field_is_read_with_its_json_type() -> None:
     ("labels", {"app": 1}), ("labels", []), ("capabilities", {"mac": "yes"}), ("args", []),
     ("prevResult", "x"), ("runtimeConfig", []),
     # the host goes into Store keys and the socket's name; the socket is a path
-    ("host", "h1/evil"), ("host", "h1 ;x"), ("host", "-h"), ("host", ""),
+    ("host", "h1/evil"), ("host", "h1 ;x"), ("host", "-h"),
     ("server_socket", "run/x.sock"), ("server_socket", "/run/../etc/x.sock"), ("server_socket", "/run//x.sock"),
     ("server_socket", "/run/x\n.sock"), ("server_socket", "/" + "x" * 107),
 ])
@@ -99,3 +99,12 @@ def test_the_shim_takes_only_a_plain_socket_path_from_the_config() -> None:
         "/run/tabby/cni/x.sock"
     for bad in ("x.sock", "/run/../x.sock", "/" + "x" * 107):
         assert socket_path(json.dumps({**BASE, "server_socket": bad}).encode(), {}) is None, bad
+
+
+def test_an_empty_host_or_socket_is_unset_as_before() -> None:
+    from tabby.cni.shim import socket_path
+
+    conf = parse(json.dumps({**BASE, "host": "", "server_socket": ""}).encode())
+    assert conf.host is None and conf.server_socket is None
+    assert socket_path(json.dumps({**BASE, "host": "", "server_socket": ""}).encode(), {"TABBY_HOST": "h2"}) == \
+        "/run/tabby/cni/h2.sock"

@@ -141,6 +141,15 @@ def test_icmp_by_number_keeps_its_type_and_code_and_every_neutron_protocol_name_
     ({"remote_group_id": "x) || all("}, "security group id"),
     ({"remote_ip_prefix": 5}, "remote_ip_prefix"),
     ({"remote_ip_prefix": "fe80::/10%eth0"}, "remote_ip_prefix"),
+    # what Neutron refuses, and what read as it stands would allow more than the rule says, or make
+    # the model refuse the whole group's Profile
+    ({"protocol": "tcp", "port_range_min": 80, "port_range_max": 22}, "above"),
+    ({"protocol": "tcp", "port_range_max": 22}, "without port_range_min"),
+    ({"protocol": "icmp", "port_range_max": 0}, "without port_range_min"),
+    ({"protocol": "gre", "port_range_min": 1}, "no ports"),
+    ({"protocol": "icmp", "port_range_min": 300}, "icmp_type"),
+    ({"protocol": "ipv6-icmp"}, "ethertype"),
+    ({"remote_ip_prefix": "fd00::/64"}, "not IPv4"),
 ])
 def test_a_malformed_rule_is_left_out_and_told(rule: dict[str, Any], field: str) -> None:
     got, problems = _one(rule)
@@ -191,3 +200,16 @@ def test_one_malformed_record_costs_only_itself_and_the_store_keeps_what_it_had(
     assert counts["invalid"] == 1 and counts["deleted"] == 0
     ep = client.get("Endpoint", "os-fedcba9876543210-0000")
     assert ep is not None and [str(a) for a in ep.spec.ipv6_addresses] == ["fd00:5::11/128"]
+
+
+def test_a_bad_rule_costs_only_itself_on_resync(tmp_path: Path) -> None:
+    from tabby.store import open_store
+
+    client = ResourceClient(open_store(f"sqlite://{tmp_path}/s.db"))
+    sg = {"id": "sg1", "security_group_rules": [
+        {"id": "1", "direction": "ingress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 22},
+        {"id": "2", "direction": "ingress", "ethertype": "IPv4", "protocol": "icmp", "port_range_min": 300}]}
+    counts = reconcile(client, [], [], [sg])
+    assert counts["deleted"] == 0 and counts["invalid"] == 1, counts
+    prof = client.get("Profile", "sg-sg1")
+    assert prof is not None and [r.dst_ports for r in prof.spec.ingress] == [(22,)]

@@ -102,8 +102,9 @@ def _optional_string(v: Any) -> str | None:
 
 
 def _optional_host(v: Any) -> str | None:
-    """The Host this node is: it becomes part of Store keys and the server's socket name."""
-    if v is None:
+    """The Host this node is: it becomes part of Store keys and the server's socket name. Empty is
+    unset (a template's empty variable), as before."""
+    if v is None or v == "":
         return None
     try:
         return check_name(_string(v))
@@ -112,7 +113,7 @@ def _optional_host(v: Any) -> str | None:
 
 
 def _optional_socket(v: Any) -> str | None:
-    if v is None:
+    if v is None or v == "":  # unset, as the shim reads it
         return None
     if not plain_socket_path(_string(v)):
         raise ValueError("must be an absolute path of at most 107 bytes, with no '.' or '..' step")

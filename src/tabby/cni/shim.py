@@ -65,8 +65,9 @@ def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:
         return None
     if not isinstance(conf, dict):
         return None
-    if isinstance(conf.get("server_socket"), str):  # not plain: in-process, where the parser says why
-        return conf["server_socket"] if plain_socket_path(conf["server_socket"]) else None
+    sock = conf.get("server_socket")
+    if isinstance(sock, str) and sock:  # not plain: in-process, where the parser says why
+        return sock if plain_socket_path(sock) else None
     host = conf.get("host") or environ.get("TABBY_HOST") or posix.uname().nodename
     if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isascii() or \
             not all(c.isalnum() or c in "._-" for c in host) or not host[0].isalnum():

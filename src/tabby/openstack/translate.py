@@ -21,8 +21,10 @@ from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
+from pydantic import ValidationError
+
 from tabby.model.names import check_label_key
-from tabby.model.resources import MAX_DNS_SERVERS
+from tabby.model.resources import MAX_DNS_SERVERS, Rule
 
 OWNER_LABEL = "openstack"  # on everything this module makes: resync deletes only what carries it
 SG_LABEL = "sg.openstack/"  # + security group id: a port's membership, for remote-group rules
@@ -246,17 +248,25 @@ def _rule(rule: Mapping[str, Any]) -> dict[str, Any] | None:
         raise Malformed(f"{where}: protocol is {_shown(proto)}, not a protocol name or number")
     if number == 1 and version == 6:
         number = 58  # Neutron accepts "icmp" on an IPv6 rule and means ICMPv6
+    if number in (1, 58) and number != (1 if version == 4 else 58):
+        raise Malformed(f"{where}: protocol {proto} is not of ethertype {ethertype}")
     if number:
         out["protocol"] = _NAMED.get(number, number)
     lo = _port_number(rule.get("port_range_min"), f"{where} port_range_min")
     hi = _port_number(rule.get("port_range_max"), f"{where} port_range_max")
+    if lo is None and hi is not None:  # Neutron refuses a max without a min: read alone, it would allow all
+        raise Malformed(f"{where}: port_range_max {hi} without port_range_min")
+    if lo is not None and number not in (6, 17, 132, 1, 58, *_PORTED):
+        raise Malformed(f"{where}: a port range on protocol {_shown(proto)}, which has no ports")
     if number in (6, 17, 132) and lo is not None:
+        if hi is not None and hi < lo:
+            raise Malformed(f"{where}: port_range_min {lo} is above port_range_max {hi}")
         out["dst_ports"] = [lo if hi in (None, lo) else f"{lo}:{hi}"]
     elif number in (1, 58) and lo is not None:
         out["icmp_type"] = lo
         if hi is not None:
             out["icmp_code"] = hi
-    elif number in _PORTED and (lo is not None or hi is not None):
+    elif number in _PORTED and lo is not None:
         return None
     ingress = rule.get("direction") == "ingress"
     if rule.get("remote_ip_prefix"):
@@ -264,6 +274,11 @@ def _rule(rule: Mapping[str, Any]) -> dict[str, Any] | None:
         out["src_nets" if ingress else "dst_nets"] = [str(net)]
     if rule.get("remote_group_id"):
         out["src_selector" if ingress else "dst_selector"] = f"has({_group_label(rule['remote_group_id'], where)})"
+    try:  # the rule alone, so that one the model refuses (an ICMP type of 300, a v6 prefix on an IPv4
+        Rule.model_validate(out)  # rule) is left out alone, not the whole group's Profile with it
+    except ValidationError as e:
+        why = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'rule'}: {x['msg']}" for x in e.errors())
+        raise Malformed(f"{where}: {why}") from None
     return out
 
 
