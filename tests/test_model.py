@@ -354,3 +354,19 @@ def test_status_records_take_json_types_only(key: str, doc: dict[str, Any], fiel
     # an integer where a number is wanted is still a number
     ok = decode_status(STATUS_PREFIX + "hosts/h1", b'{"host": "h1", "heartbeat": 5, "expires": null}')
     assert ok.heartbeat == 5.0 and ok.expires is None
+
+
+def test_yaml_scalars_are_read_as_yaml_1_2_says() -> None:
+    """PyYAML reads YAML 1.1: a port range 10:20 was the base-60 integer 620, 010 was 8, a label
+    value `on` was true (and refused), 1e3 was text (and refused as an order)."""
+    (pol,) = parse_documents("""
+kind: Policy
+metadata: {name: p, labels: {enabled: on, since: 2026-12-01}}
+spec:
+  order: 1e3
+  ingress: [{action: allow, protocol: tcp, dst_ports: [10:20, 010, 0x50]}]
+""")
+    assert pol.metadata.labels == {"enabled": "on", "since": "2026-12-01"}
+    assert pol.spec.order == 1000.0 and pol.spec.ingress[0].dst_ports == ("10:20", 10, 80)
+    with pytest.raises(InvalidResource, match=r"spec\.order"):
+        parse_documents("kind: Policy\nmetadata: {name: p}\nspec: {order: yes}\n")

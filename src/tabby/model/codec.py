@@ -94,6 +94,36 @@ def decode(key: str, value: bytes) -> Any:
     return resource
 
 
+class _Yaml12(yaml.SafeLoader):
+    """YAML 1.2's core schema for plain scalars, where PyYAML reads YAML 1.1's: there ``10:20`` (a
+    port range) is the base-60 integer 620, ``010`` is 8, ``on`` and ``yes`` are true, ``1e3`` is a
+    string and ``2026-12-01`` a date. Here only true/false are booleans, integers are decimal (or 0o, 0x), and a float
+    may have an exponent without a dot; anything else is text, which the model then takes or
+    refuses by name."""
+
+
+_BOOL, _INT, _FLOAT, _TIME = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp"))
+_Yaml12.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIME)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Yaml12.add_implicit_resolver(_FLOAT, re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
+    if digits.startswith(("0o", "0x")):
+        return sign * int(digits[2:], 8 if digits[1] == "o" else 16)
+    return sign * int(digits, 10)  # "010" is ten, not eight
+
+
+_Yaml12.add_constructor(_INT, _yaml12_int)
+
+
 def parse_documents(text: str, source: str = "input") -> list[Any]:
     """Every document in a YAML (multi-document) or JSON text, all validated before any is used.
 
@@ -105,7 +135,7 @@ def parse_documents(text: str, source: str = "input") -> list[Any]:
             loaded = strict_json(text)
             docs = loaded if isinstance(loaded, list) else [loaded]
         else:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs = [d for d in yaml.load_all(text, Loader=_Yaml12) if d is not None]
     except RecursionError:
         raise InvalidResource(source, [f"(document): nested deeper than {MAX_DEPTH} levels"]) from None
     except (ValueError, yaml.YAMLError) as e:
