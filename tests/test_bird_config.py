@@ -179,3 +179,17 @@ def test_a_host_password_source_replaces_the_global_one() -> None:
     assert eff.mesh_password_file == "/etc/tabby/h2.pw" and eff.mesh_password_secret is None
     back = effective_config(ConfigSpec(mesh_password_file="/etc/tabby/all.pw"), ConfigSpec(mesh_password_secret="m"))
     assert back.mesh_password_secret == "m" and back.mesh_password_file is None
+
+
+def test_only_this_hosts_confirmed_blocks_inside_a_pool_become_blackholes_and_announcements() -> None:
+    """Whoever can write this host's affinities (its CNI plugin's credential) could otherwise have
+    it blackhole and announce any prefix, e.g. the subnet the Store's members are on."""
+    from tabby.model.ipam import Affinity
+
+    me = host("h1", "2001:db8:f::1")
+    pool = validate({"kind": "IPPool", "metadata": {"name": "v6"}, "spec": {"cidr": "fd00:e::/112"}})
+    affs = [Affinity(host="h1", cidr=c, state=st, since=1.0) for c, st in (
+        ("fd00:e::40/122", "confirmed"), ("fd00:e::80/122", "pending"), ("10.1.2.0/26", "confirmed"),
+        ("fd00:f::/122", "confirmed"))] + [Affinity(host="h2", cidr="fd00:e::c0/122", state="confirmed", since=1.0)]
+    inp = bird_inputs("h1", [me, pool, *affs], {}, effective_config(None, None))
+    assert inp is not None and inp.blocks == ("fd00:e::40/122",)

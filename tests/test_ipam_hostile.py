@@ -682,3 +682,15 @@ def test_record_fields_take_only_the_json_type_tabby_writes() -> None:
         with pytest.raises(InvalidResource) as e:
             encode_ipam(record)
         assert e.value.field == named, e.value
+
+
+def test_a_zone_in_an_ipam_record_is_refused_naming_the_field() -> None:
+    """An affinity's cidr goes into BIRD's config: a zone may hold `; } protocol static x {`."""
+    from tabby.model.codec import InvalidResource
+    from tabby.model.ipam import decode_ipam
+    from tabby.model.keys import ipam_affinity_key
+
+    cidr = "fd00::%x; } protocol static evil { ipv6; } #/122"
+    with pytest.raises(InvalidResource, match="cidr"):
+        decode_ipam(ipam_affinity_key("h1", cidr), json.dumps(
+            {"host": "h1", "cidr": cidr, "state": "confirmed", "since": 1.0}).encode())

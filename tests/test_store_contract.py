@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,52 @@ def test_eight_processes_cas_increments_lose_nothing(store: Store, store_url: st
     total_conflicts = sum(conflicts.get(timeout=5) for _ in procs)
     assert total_conflicts >= 0  # reported for the log; the count above is the proof
     print(f"{store_url.split(':')[0]}: {total_conflicts} compare-and-swap conflicts retried")
+
+
+def _foreign_put(store: Store, store_url: str, key: bytes, value: object) -> None:
+    """What another program (not tabby) may write: a key that is not UTF-8, a value that is not a BLOB."""
+    if store_url.startswith("sqlite://"):
+        import sqlite3
+
+        c = sqlite3.connect(store_url.removeprefix("sqlite://"), isolation_level=None)
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            rev = c.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0] + 1
+            c.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+            c.execute("INSERT OR REPLACE INTO kv VALUES (CAST(? AS TEXT), ?, ?, ?)", (key, value, rev, rev))
+            c.execute("INSERT INTO log VALUES (?, 'put', CAST(? AS TEXT), ?)", (rev, key, value))
+            c.execute("COMMIT")
+        finally:
+            c.close()
+    else:
+        import base64
+
+        assert isinstance(value, bytes)
+        store._post("/kv/put", {"key": base64.b64encode(key).decode(), "value": base64.b64encode(value).decode()},  # type: ignore[attr-defined]
+                    mutates=True)
+
+
+def test_a_key_that_is_not_utf8_is_one_record_not_a_failed_listing_or_watch(store: Store, store_url: str,
+                                                                           prefix: str) -> None:
+    """It was a UnicodeDecodeError for the whole range (a listing lost every good key with it, and
+    a watch failed on it for ever): now its bytes are kept as lone surrogates, and its reader names
+    it as one corrupt record."""
+    rev = store.put(f"{prefix}a", b"good")
+    _foreign_put(store, store_url, prefix.encode() + b"b\xff", b"{}")
+    store.put(f"{prefix}c", b"good too")
+    kvs, _ = store.list(prefix)
+    assert [kv.key for kv in kvs] == [f"{prefix}a", f"{prefix}b\udcff", f"{prefix}c"]
+    assert [ev.key for ev in collect(store, prefix, rev, 2)] == [f"{prefix}b\udcff", f"{prefix}c"]
+
+
+def test_a_sqlite_value_that_is_not_a_blob_is_read_as_bytes(tmp_path: Path) -> None:
+    """(etcd's values are bytes by construction.) An INTEGER 5 was read as five zero bytes, a
+    TEXT value was a TypeError out of the Store."""
+    url = f"sqlite://{tmp_path}/s.db"
+    store = open_store(url)
+    try:
+        _foreign_put(store, url, b"/t/t", "text")
+        _foreign_put(store, url, b"/t/i", 5)
+        assert {kv.key: kv.value for kv in store.list("/t/")[0]} == {"/t/t": b"text", "/t/i": b""}
+    finally:
+        store.close()

@@ -63,7 +63,7 @@ from tabby.dataplane.nat64_config import render as render_nat64
 from tabby.dataplane.policy import PolicyReconciler
 from tabby.dataplane.routes import RoutesReconciler
 from tabby.model import ConfigSpec, canonical, decode, effective_config, refused_hosts
-from tabby.model.codec import InvalidResource
+from tabby.model.codec import InvalidResource, _printable
 from tabby.model.ipam import decode_ipam
 from tabby.model.keys import (
     ENDPOINTS_PREFIX,
@@ -853,7 +853,8 @@ class Agent:
 
     def _publish_host_info(self) -> None:
         """What this host's status record says beside liveness: refusals, corrupt records seen."""
-        corrupt = [{"key": k, "field": f, "error": e[:4000]}
+        # the key is another program's text: escaped and cut, or it would make this record undecodable
+        corrupt = [{"key": _printable(k, 1000), "field": _printable(f, 1000), "error": _printable(e, 4000)}
                    for k, (f, e) in sorted(self.corrupt.items())[:MAX_CORRUPT_REPORTED]]
         # one assignment: the status thread reads it whole at the next heartbeat
         self.status.host_info = {"started": self.started_wall, "corrupt": corrupt, "refused": [

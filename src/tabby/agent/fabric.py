@@ -7,6 +7,7 @@ and reason its status record says. No I/O; the agent calls these with what it ha
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,13 +48,23 @@ def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], c
     me = next((h for h in hosts if h.metadata.name == host), None)
     if me is None:
         return None
-    blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == host and a.state == "confirmed")
+    pools = tuple(kinds.get("IPPool", []))
+    # only blocks inside a pool: each becomes a blackhole and an announcement, and whoever can write
+    # this host's affinities (its CNI plugin) must not blackhole or announce any prefix it likes
+    nets = [p.spec.cidr for p in pools]
+    blocks = tuple(a.cidr for a in kinds.get("Affinity", []) if a.host == host and a.state == "confirmed"
+                   and any(_inside(a.cidr, n) for n in nets))
     return BirdInputs(host=me, hosts=tuple(hosts), peers=tuple(kinds.get("BGPPeer", [])),
-                      pools=tuple(kinds.get("IPPool", [])), blocks=blocks, mesh=bool(config.node_to_node_mesh),
+                      pools=pools, blocks=blocks, mesh=bool(config.node_to_node_mesh),
                       default_asn=config.default_asn or DEFAULT_ASN, mesh_bfd=bool(config.mesh_bfd),
                       mesh_password=password_key(config.mesh_password_file, config.mesh_password_secret),
                       passwords={**(passwords or {}), **{f"secret:{k}": v.get_secret_value()
                                                          for k, v in (config.bgp_secrets or {}).items()}})
+
+
+def _inside(block: str, pool: ipaddress.IPv6Network | ipaddress.IPv4Network) -> bool:
+    net = ipaddress.ip_network(block)
+    return net.version == pool.version and net.subnet_of(pool)  # type: ignore[arg-type]
 
 
 def endpoint_status(*, conflict: str | None, interface: str, present: bool, policy_error: str | None,

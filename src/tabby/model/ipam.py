@@ -99,6 +99,8 @@ def _name(v: Any) -> str:
 
 def _cidr(v: Any) -> str:
     s = _text(v)
+    if "%" in s:  # ipaddress takes a zone of any text; an affinity's cidr goes into BIRD's config
+        raise ValueError(f"{s!r}: a block has no %zone")
     try:
         net = ipaddress.ip_network(s, strict=True)
     except ValueError as e:
@@ -112,6 +114,8 @@ def _cidr(v: Any) -> str:
 
 def _ip(v: Any) -> str:
     s = _text(v)
+    if "%" in s:
+        raise ValueError(f"{s!r}: an IPAM address has no %zone")
     try:
         ip = ipaddress.ip_address(s)
     except ValueError as e:

@@ -102,8 +102,14 @@ def prefix_end(prefix: str) -> bytes:
     return b"\0"  # empty prefix: every key
 
 
+def _key(data: str | None) -> str:
+    """A key as text. Not UTF-8 (only another program writes such a key): its bytes kept as lone
+    surrogates, so it is one corrupt record named by its reader, not a listing or watch that fails."""
+    return _unb64(data).decode("utf-8", "surrogateescape")
+
+
 def _kv(d: dict[str, Any]) -> KV:
-    return KV(_unb64(d["key"]).decode(), _unb64(d.get("value")), int(d.get("mod_revision", 0)),
+    return KV(_key(d["key"]), _unb64(d.get("value")), int(d.get("mod_revision", 0)),
               int(d.get("create_revision", 0)))
 
 
@@ -679,7 +685,7 @@ class EtcdWatch:
                 kv = ev["kv"]
                 typ = "delete" if ev.get("type") == "DELETE" else "put"  # PUT may carry no "type"
                 value = None if typ == "delete" else _unb64(kv.get("value"))
-                events.append(Event(typ, _unb64(kv["key"]).decode(), value, int(kv.get("mod_revision", 0))))
+                events.append(Event(typ, _key(kv["key"]), value, int(kv.get("mod_revision", 0))))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise _Failed(BadResponse(url, f"watch: {type(e).__name__}: {_short(e)}"), sent=True,
                           transient=False) from e

@@ -203,10 +203,27 @@ def _ensure_file(path: str) -> None:
                 os.chmod(path + suffix, FILE_MODE)
 
 
+def _text(raw: bytes) -> str:
+    """A TEXT cell (a key). Not UTF-8 (only another program writes one): its bytes kept as lone
+    surrogates, so that it is one corrupt record its reader names, not a listing that fails."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _blob(value: object) -> bytes:
+    """A value cell. tabby writes BLOBs; another program's TEXT is taken as its UTF-8 bytes, and
+    anything else (an INTEGER would be read as that many zero bytes) as no bytes: a corrupt record."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return b""
+
+
 def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
     """A connection to an existing file (``mode=rw``: SQLite never creates it with its own mode)."""
     conn = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=busy_timeout_s, isolation_level=None,
                            check_same_thread=False)
+    conn.text_factory = _text
     try:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         conn.execute("PRAGMA journal_mode=WAL")
@@ -311,7 +328,7 @@ class SqliteStore:
             row = c.execute(
                 "SELECT key, value, mod_rev, create_rev FROM kv WHERE key = ?", (key,)
             ).fetchone()
-        return KV(row[0], bytes(row[1]), row[2], row[3]) if row else None
+        return KV(row[0], _blob(row[1]), row[2], row[3]) if row else None
 
     def list(self, prefix: str) -> tuple[list[KV], int]:
         lo, hi = _range(prefix)
@@ -327,7 +344,7 @@ class SqliteStore:
             except BaseException:
                 _rollback(c)
                 raise
-        return [KV(r[0], bytes(r[1]), r[2], r[3]) for r in rows], rev
+        return [KV(r[0], _blob(r[1]), r[2], r[3]) for r in rows], rev
 
     def revision(self) -> int:
         with self._session() as c:
@@ -703,7 +720,7 @@ class SqliteWatch:
                     self._after = rev
                     if key.startswith(self._exclude):
                         continue
-                    yield Event(typ, key, bytes(value) if value is not None else None, rev)
+                    yield Event(typ, key, _blob(value) if value is not None else None, rev)
                 if len(rows) < 1000:
                     self._after = max(self._after, head)
                     if rows and self._pace_s:  # paced: what is committed meanwhile comes in one read
