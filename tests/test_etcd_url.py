@@ -60,6 +60,19 @@ def test_tls_and_user_from_url_or_environment(files: dict[str, str]) -> None:
     ("etcd://a:1?user=u", "needs a password_file"),
     ("etcd://a:1?user=u&user=v", "query may name each of"),
     ("http://a:1", "scheme must be sqlite:// or etcd://"),
+    # loose before: a host of ":1" on 2379, an empty port, digits that are not ASCII, characters
+    # that change the http:// URL the member goes into, and parts of the URL dropped unsaid
+    ("etcd://:1", "is not host:port"),
+    ("etcd://h:", "is not host:port"),
+    ("etcd://127.0.0.1:\u0662\u0663\u0667\u0669", "is not host:port"),
+    ("etcd://h:\u00b2", "is not host:port"),
+    ("etcd://a b:1", "is not host:port"),
+    ("etcd://h%40x:1", "is not host:port"),
+    ("etcd://[x]:1", "is not host:port"),
+    ("etcd://a:1/v3", "has no path"),
+    ("etcd://a:1#frag", "has no path"),
+    ("sqlite:///tmp/x.db?mode=ro", "a file path only"),
+    ("sqlite:///tmp/x.db#frag", "a file path only"),
 ])
 def test_mistakes_refused_naming_the_url(url: str, says: str) -> None:
     with pytest.raises(ValueError, match=says) as e:
@@ -82,3 +95,13 @@ def test_flags_and_cni_config_fold_into_the_url(files: dict[str, str]) -> None:
         parse({**base, "etcd_ca": files["ca"]})
     with pytest.raises(ConfError, match=r"store: .*apply only to etcd"):
         parse({**base, "store": "sqlite:///x.db", "etcd_ca": files["ca"]})
+
+
+def test_an_empty_store_url_or_etcd_option_is_refused_not_taken_as_unset() -> None:
+    """--store '' opened (and made) the default store; --etcd-user '' meant no user."""
+    from tabby.store import store_url
+
+    with pytest.raises(ValueError, match="empty"):
+        store_url("")
+    with pytest.raises(ValueError, match="user is empty"):
+        with_etcd_options("etcd://a:1", user="")

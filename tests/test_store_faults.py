@@ -686,3 +686,19 @@ def assert_threads_alive(agent: AgentProc, ns: str) -> None:
     wait_for(lambda: "fd00:e::a/128" in routes(ns), 3, what="drift repaired")
     assert "Traceback" not in agent.output()
 
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """Pointed at the wrong file (/dev/null, /etc/passwd), the store set its mode to 0600 and only
+    then failed; now it refuses, naming why, and changes nothing."""
+    text = tmp_path / "passwd.txt"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    text.chmod(0o644)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o644)
+    for path, why in ((text, "not a SQLite database"), (fifo, "not a regular file")):
+        with pytest.raises(StoreError, match=why):
+            SqliteStore(str(path)).list("/")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert text.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+    assert not (tmp_path / "passwd.txt-journal").exists() and not (tmp_path / "passwd.txt-wal").exists()

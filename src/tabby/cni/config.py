@@ -246,7 +246,7 @@ def parse(raw: bytes | dict[str, Any]) -> NetConf:
     _check_labels(conf.labels, "labels")
     if not conf.ipv6 and not conf.ipv4:
         raise ConfError("ipv6/ipv4: at least one family must be on")
-    etcd = {k: getattr(conf, f"etcd_{k}") for k in ETCD_OPTIONS}
+    etcd = {k: getattr(conf, f"etcd_{k}") or None for k in ETCD_OPTIONS}  # "" unset, as for host
     if any(etcd.values()):
         if not conf.store:
             raise ConfError(f"store: {', '.join(f'etcd_{k}' for k, v in etcd.items() if v)} need the store URL too")

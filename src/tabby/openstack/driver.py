@@ -53,8 +53,8 @@ cfg.CONF.register_opts(OPTS, "tabby")
 
 class TabbyMechanismDriver(api.MechanismDriver):
     def initialize(self) -> None:
-        url = with_etcd_options(store_url(cfg.CONF.tabby.store_url),
-                                **{k: getattr(cfg.CONF.tabby, f"etcd_{k}") for k in ETCD_OPTIONS})
+        url = with_etcd_options(store_url(cfg.CONF.tabby.store_url or None),  # oslo reads "store_url =" as ""
+                                **{k: getattr(cfg.CONF.tabby, f"etcd_{k}") or None for k in ETCD_OPTIONS})
         self.client = ResourceClient(open_store(url))
         self.bound: dict[str, tuple[str, str]] = {}  # port id -> (host, last status we set)
         self.lock = threading.Lock()

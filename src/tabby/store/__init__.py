@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlparse
@@ -41,6 +42,10 @@ __all__ = [
 
 
 def store_url(explicit: str | None = None) -> str:
+    """The URL given, else $TABBY_STORE, else the default. An empty one given is refused: taken as
+    "not given", it quietly opened (and made) the default store."""
+    if explicit is not None and not explicit.strip():
+        raise ValueError("store URL is empty (leave the option out for $TABBY_STORE or the default)")
     return explicit or os.environ.get("TABBY_STORE") or DEFAULT_STORE_URL
 
 
@@ -71,15 +76,18 @@ def _split_etcd(url: str) -> _EtcdURL:
     one host, and urllib's bracket checks differ between 3.11 patch releases (Debian's 3.11.2
     refuses that list as "Invalid IPv6 URL", 3.11.7 takes it)."""
     scheme, _, rest = url.partition("://")
-    rest = rest.partition("#")[0]
+    rest, hash_, _ = rest.partition("#")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
-    return _EtcdURL(scheme.lower(), netloc, slash + path, query)
+    return _EtcdURL(scheme.lower(), netloc, slash + path + hash_, query)
 
 
 def with_etcd_options(url: str, **options: str | None) -> str:
     """url with these etcd options (ETCD_OPTIONS' names) added to its query, e.g. from CLI flags;
     an option the URL names already is replaced. A sqlite URL refuses them (ValueError)."""
+    empty = [k for k, v in options.items() if v is not None and not v.strip()]
+    if empty:  # dropped as "not given" before, so that --etcd-user "" quietly meant no user
+        raise ValueError(f"etcd option {', '.join(empty)} is empty")
     given = {k: v for k, v in options.items() if v}
     if not given:
         return url
@@ -93,14 +101,21 @@ def with_etcd_options(url: str, **options: str | None) -> str:
     return parsed._replace(query=urlencode(query, safe="/")).text()
 
 
+# a member's host: a name or IPv4 address, or (in brackets) an IPv6 address; nothing that could
+# change the URL it goes into (spaces, %, @, backslashes, further brackets)
+_MEMBER_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def _etcd_members(url: str, netloc: str) -> list[tuple[str, int]]:
     members = []
     for part in netloc.split(","):
-        host, _, port = part.rpartition(":") if not part.endswith("]") else (part, "", "")
-        if not host:  # no port
+        host, colon, port = part.rpartition(":") if not part.endswith("]") else (part, "", "")
+        if not host and not colon:  # no port
             host, port = part, ""
+        good = _MEMBER_HOST.fullmatch(host) is not None and (not colon or _PORT.fullmatch(port) is not None)
         host = host.strip("[]")
-        if not host or (port and not port.isdigit()) or not 0 < int(port or 2379) < 65536:
+        if not good or not 0 < int(port or 2379) < 65536:
             raise ValueError(f"store URL {url!r}: member {part!r} is not host:port "
                              "(e.g. etcd://10.0.0.1:2379,10.0.0.2:2379 or etcds://[fd00::1]:2379)")
         members.append((host, int(port or 2379)))
@@ -114,6 +129,8 @@ def _open_etcd(url: str, environ: Mapping[str, str]) -> Store:
     if not parsed.netloc or "@" in parsed.netloc:
         raise ValueError(f"store URL {url!r}: etcd needs host:port[,host:port...], e.g. etcd://127.0.0.1:2379 "
                          "(a user goes in ?user=, its password in a password_file)")
+    if parsed.path not in ("", "/"):
+        raise ValueError(f"store URL {url!r}: an etcd URL has no path ({parsed.path!r}); options go in its query")
     members = _etcd_members(url, parsed.netloc)
     pairs = parse_qsl(parsed.query, keep_blank_values=True)
     opts = dict(pairs)
@@ -159,5 +176,7 @@ def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
         path = parsed.path if not parsed.netloc else f"/{parsed.netloc}{parsed.path}"
         if not path or path == "/":
             raise ValueError(f"store URL {url!r}: sqlite needs a file path, e.g. sqlite:///var/lib/tabby/tabby.db")
+        if parsed.query or parsed.fragment or parsed.params:  # SQLite's ?mode=ro would be taken and ignored
+            raise ValueError(f"store URL {url!r}: a sqlite URL is a file path only, without ?, ; or #")
         return SqliteStore(path)
     raise ValueError(f"store URL {url!r}: scheme must be sqlite:// or etcd:// (etcds:// with TLS)")

@@ -181,10 +181,33 @@ def _make_dirs(d: Path) -> None:
             os.chmod(m, DIR_MODE)  # exactly 0700 whatever the umask
 
 
+_SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def _check_existing(path: str) -> None:
+    """A file that is already there is a database (or empty) before tabby touches it: pointed at
+    /dev/null or /etc/passwd by mistake, the store once set its mode to 0600 and only then failed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return  # gone meanwhile: the open below makes it
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreCorrupt(path, "not a regular file: tabby neither changes nor uses it as its store")
+    if st.st_size:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(_SQLITE_HEADER))
+        except OSError:
+            return  # unreadable: SQLite's own open says why
+        if head != _SQLITE_HEADER:
+            raise StoreCorrupt(path, "not a SQLite database file: tabby neither changes nor uses it as its store")
+
+
 def _ensure_file(path: str) -> None:
     """The database file exists with mode 0600 before SQLite sees it (SQLite would create it
     0644, and gives ``-wal`` and ``-shm`` the mode of the database file)."""
     _make_dirs(Path(path).parent)
+    _check_existing(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
     except OSError as e:
