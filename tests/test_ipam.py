@@ -310,3 +310,18 @@ def test_strict_affinity_from_config_refuses_to_borrow(sq: Store) -> None:
     with pytest.raises(PoolExhausted):
         IPAM(sq).assign("e", "h3", ipv6=1)
     assert IPAM(sq, strict_affinity=False).assign("e", "h3", ipv6=1)  # an explicit caller choice wins
+
+
+def test_a_bad_handle_or_host_claims_nothing(sq: Store) -> None:
+    """`ipam assign --handle 'a b'` failed only at the handle's record, after it had claimed a
+    block and its affinity for the host."""
+    from tabby.model.keys import IPAM_PREFIX
+
+    pool(sq, "v6", "fd00:e::/112")
+    ipam = IPAM(sq)
+    for call in (lambda: ipam.assign("a b", "h1", ipv6=1), lambda: ipam.assign("", "h1", ipv6=1),
+                 lambda: ipam.assign("ok", "h/x", ipv6=1), lambda: ipam.assign_address("a b", "h1", "fd00:e::5"),
+                 lambda: ipam.assign_attachment("a b", "h1", "att", ipv6=1)):
+        with pytest.raises(ValueError, match=r"^(handle|host) "):
+            call()
+    assert sq.list(IPAM_PREFIX)[0] == []

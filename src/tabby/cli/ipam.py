@@ -81,16 +81,18 @@ def ipam_show(
 def ipam_assign(
     handle: Annotated[str, typer.Option(help="e.g. NETWORK.CONTAINERID or a Neutron port id")],
     host: Annotated[str, typer.Option()],
-    ipv6: Annotated[int, typer.Option(help="how many IPv6 addresses")] = 1,
-    ipv4: Annotated[int, typer.Option(help="how many IPv4 addresses")] = 0,
+    ipv6: Annotated[int | None, typer.Option(help="how many IPv6 addresses (default 1)")] = None,
+    ipv4: Annotated[int | None, typer.Option(help="how many IPv4 addresses (default 0)")] = None,
     address: Annotated[str | None, typer.Option(help="one specific address instead")] = None,
 ) -> None:
     """Allocate addresses to a handle (what the CNI plugin and Neutron driver do)."""
     from tabby.ipam import IpamError
 
+    if address is not None and (ipv6 is not None or ipv4 is not None):
+        fail("--address assigns that one address: give it without --ipv6 or --ipv4", 2)
     try:
-        got = [_ipam().assign_address(handle, host, address)] if address else \
-            _ipam().assign(handle, host, ipv6=ipv6, ipv4=ipv4)
+        got = [_ipam().assign_address(handle, host, address)] if address is not None else \
+            _ipam().assign(handle, host, ipv6=1 if ipv6 is None else ipv6, ipv4=ipv4 or 0)
     except (IpamError, ValueError, StoreError) as e:
         fail(_plain(e))
     for a in got:
@@ -109,6 +111,8 @@ def ipam_release(
 
     if (handle is None) == (address is None):
         fail("give exactly one of --handle or --address", 2)
+    if seq is not None and address is None:
+        fail("--seq applies to --address: a handle's addresses are released whatever their sequence numbers", 2)
     try:
         if handle is not None:
             freed = _ipam().release_handle(handle)

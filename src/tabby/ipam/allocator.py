@@ -51,7 +51,18 @@ from tabby.ipam.blocks import (
     StaleRelease,
 )
 from tabby.model import light
-from tabby.model.ipam import Affinity, Block, GcState, Handle, HandleAddress, IPNetwork, decode_ipam, encode_ipam
+from tabby.model.ipam import (
+    MAX_HANDLE_CHARS,
+    Affinity,
+    Block,
+    GcState,
+    Handle,
+    HandleAddress,
+    IPNetwork,
+    decode_ipam,
+    encode_ipam,
+    good_handle,
+)
 from tabby.model.jsontext import InvalidResource
 from tabby.model.keys import (
     IPAM_BLOCKS_PREFIX,
@@ -63,6 +74,7 @@ from tabby.model.keys import (
     ipam_handle_key,
     kind_prefix,
 )
+from tabby.model.names import check_name
 from tabby.model.plain import Frozen, Plain, replace
 from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store
 
@@ -83,6 +95,18 @@ MAX_ADDRESSES_PER_HANDLE = 128
 MAX_FRUITLESS_ROUNDS = 8
 
 _calls = threading.local()  # per thread: the keys of corrupt records already logged in this call
+
+
+def check_owner(handle: str, host: str) -> None:
+    """A handle and host as the records will hold them, checked before anything is claimed: a bad
+    handle used to fail only at its own record, after a block had been claimed for it."""
+    if not isinstance(handle, str) or not good_handle(handle):
+        raise ValueError(f"handle {str(handle)[:80]!r}: must be 1..{MAX_HANDLE_CHARS} printable ASCII characters "
+                         "without spaces")
+    try:
+        check_name(host)
+    except (ValueError, TypeError):
+        raise ValueError(f"host {str(host)[:80]!r}: not a host name") from None
 
 
 def plain_address(ip: str | IPAddr) -> IPAddr:
@@ -314,6 +338,7 @@ class IPAM:
     def assign(self, handle: str, host: str, *, ipv6: int = 0, ipv4: int = 0,
                pool: str | None = None, endpoint: str | None = None) -> list[Assigned]:
         """ipv6/ipv4 addresses for handle on host, all or nothing (dual-stack in one call)."""
+        check_owner(handle, host)
         if ipv6 < 0 or ipv4 < 0 or ipv6 + ipv4 == 0:
             raise ValueError("ask for at least one address (ipv6 and/or ipv4 count)")
         if ipv6 + ipv4 > MAX_ADDRESSES_PER_HANDLE:
@@ -345,6 +370,7 @@ class IPAM:
         block that vanishes again after each claim (released in a race) ends in ``Contention``
         after MAX_FRUITLESS_ROUNDS; a corrupt block, or a corrupt affinity of this host for it, in
         ``CorruptRecord``."""
+        check_owner(handle, host)
         got = [self._take_specific(handle, host, plain_address(ip))]
         try:
             self._record_handle(handle, got, endpoint)
@@ -681,6 +707,7 @@ class IPAM:
         All or nothing: on any failure what this call took is freed and its record removed. A
         crash in between leaves a record with fewer addresses than its blocks give it, which
         ``check`` reports and ``release_strays`` (or the leak collector) frees."""
+        check_owner(handle, host)
         wanted = [plain_address(ip) for ip in addresses]
         if ipv6 < 0 or ipv4 < 0 or ipv6 + ipv4 + len(wanted) == 0:
             raise ValueError("ask for at least one address (ipv6 and/or ipv4 count, or addresses)")

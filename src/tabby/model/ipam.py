@@ -82,13 +82,13 @@ def _text(v: Any) -> str:
     return v
 
 
-def _good_handle(s: str) -> bool:
+def good_handle(s: str) -> bool:
     return 0 < len(s) <= MAX_HANDLE_CHARS and s.isascii() and s.isprintable() and " " not in s
 
 
 def _handle(v: Any) -> str:
     s = _text(v)
-    if not _good_handle(s):
+    if not good_handle(s):
         raise ValueError(f"must be 1..{MAX_HANDLE_CHARS} printable ASCII characters without spaces")
     return s
 
@@ -254,7 +254,7 @@ class Block(Plain):
             if type(v) is dict and len(v) == 2 and len(k) <= 4 and k.isdigit() and k.isascii() \
                     and (k[0] != "0" or k == "0"):
                 handle, s = v.get("handle"), v.get("seq")
-                if type(s) is int and s >= 0 and type(handle) is str and _good_handle(handle):
+                if type(s) is int and s >= 0 and type(handle) is str and good_handle(handle):
                     a = allocations[int(k)] = new(Allocation)
                     a.handle, a.seq = handle, s
                     continue
