@@ -116,3 +116,18 @@ def test_an_endpoint_that_changes_host_moves_and_is_never_absent(store_url: str,
             client.delete("Endpoint", name)
     finally:
         store.close()
+
+
+def test_apply_reads_regular_files_only_and_errors_forge_no_line(tmp_path: Path) -> None:
+    """A FIFO hung the command, /dev/zero ended in a MemoryError traceback, and a name with a
+    newline or an escape sequence was echoed raw into the error (a forged line, a restyled terminal)."""
+    url = f"sqlite://{tmp_path}/s.db"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, says in ((str(fifo), "not a regular file"), ("/dev/zero", "not a regular file"), ("", "is empty")):
+        r = tabby(url, "apply", "-f", path)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for args in (("apply", "-f", "nofile\nhost/evil created (revision 9)"), ("get", "host", "x\nok: forged\x1b[31m")):
+        r = tabby(url, *args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\\x0a" in r.stderr, \
+            r.stderr

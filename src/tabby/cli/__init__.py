@@ -6,7 +6,7 @@ One module per command group; importing them registers their commands on ``app``
 from __future__ import annotations
 
 from tabby.cli import daemons, guest, ipam, lab, openstack, resources, status  # noqa: F401 - registers commands
-from tabby.cli.common import app, err
+from tabby.cli.common import app, err, one_line
 from tabby.store import StoreError
 
 
@@ -14,10 +14,8 @@ def main() -> None:
     """A Store failure a command did not handle itself is still one clear line, never a traceback."""
     import sys
 
-    from rich.markup import escape
-
     try:
         app()
     except StoreError as e:
-        err.print(f"[bold red]error:[/] store: {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] store: {one_line(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)

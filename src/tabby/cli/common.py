@@ -45,15 +45,24 @@ class State:
 STATE = State()
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+def one_line(text: object) -> str:
+    """Text for one line of rich output: control characters escaped (a newline or an escape
+    sequence in a name given or read must not forge a line or restyle the terminal), markup escaped."""
+    return escape("".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                          for c in str(text)))
+
+
+def fail(message: str, code: int = 1, *, details: list[str] | None = None) -> typer.Exit:
+    """One error line (and an indented line per detail), every part escaped by ``one_line``."""
+    lines = [f"[bold red]error:[/] {one_line(message)}", *(f"  {one_line(d)}" for d in details or [])]
+    err.print("\n".join(lines), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def warn_corrupt(key: str, problem: str) -> None:
     """One line per corrupt record: its key and what is wrong (text from the Store is escaped,
     so a record cannot restyle or forge the terminal's output)."""
-    err.print(f"[yellow]warning:[/] corrupt record {escape(key)} skipped: {escape(problem)}",
+    err.print(f"[yellow]warning:[/] corrupt record {one_line(key)} skipped: {one_line(problem)}",
               highlight=False, soft_wrap=True)
 
 

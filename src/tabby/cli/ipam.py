@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from tabby.cli.common import (
@@ -15,6 +14,7 @@ from tabby.cli.common import (
     emit,
     err,
     fail,
+    one_line,
     out,
 )
 from tabby.store import StoreError
@@ -29,13 +29,6 @@ def _ipam() -> Any:
     return IPAM(STATE.client().store)
 
 
-def _plain(text: object) -> str:
-    """Text from the Store for one line of rich output: control characters escaped (a newline in a
-    key must not forge a line), rich markup escaped (a handle may hold "[")."""
-
-    return escape("".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)))
-
-
 def _quiet_ipam_log() -> None:
     """show, check and gc name each corrupt record themselves, in one warning line: IPAM's own log
     line about it (Python's last-resort handler, on stderr) is not shown as well."""
@@ -47,8 +40,8 @@ def _quiet_ipam_log() -> None:
 def _warn_corrupt(corrupt: list[tuple[str, str, list[str]]]) -> None:
     """One warning line per corrupt record, (key, field, errors) (stderr: stdout stays the report)."""
     for key, field, errors in corrupt:
-        err.print(f"[yellow]warning:[/] corrupt record {_plain(key)} (field {_plain(field)}): "
-                  f"{_plain('; '.join(errors))}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] corrupt record {one_line(key)} (field {one_line(field)}): "
+                  f"{one_line('; '.join(errors))}", highlight=False, soft_wrap=True)
 
 
 @ipam_app.command("show")
@@ -71,7 +64,7 @@ def ipam_show(
         for col in ("BLOCK", "HOST", "USED", "SIZE"):
             table.add_column(col)
         for r in rows:
-            table.add_row(str(r["block"]), _plain(r["host"] or "-"), str(r["used"]), str(r["size"]))
+            table.add_row(str(r["block"]), one_line(r["host"] or "-"), str(r["used"]), str(r["size"]))
         out.print(table)
     if strict and snap.corrupt:
         raise typer.Exit(1)
@@ -94,7 +87,7 @@ def ipam_assign(
         got = [_ipam().assign_address(handle, host, address)] if address is not None else \
             _ipam().assign(handle, host, ipv6=1 if ipv6 is None else ipv6, ipv4=ipv4 or 0)
     except (IpamError, ValueError, StoreError) as e:
-        fail(_plain(e))
+        fail(one_line(e))
     for a in got:
         out.print(f"{a.ip} block {a.block} seq {a.seq}", highlight=False)
 
@@ -116,13 +109,13 @@ def ipam_release(
     try:
         if handle is not None:
             freed = _ipam().release_handle(handle)
-            out.print(f"released {len(freed)} address(es) of {_plain(handle)}: " + ", ".join(map(str, freed)),
+            out.print(f"released {len(freed)} address(es) of {one_line(handle)}: " + ", ".join(map(str, freed)),
                       highlight=False)
         else:
             owner = _ipam().release_address(address, seq)  # type: ignore[arg-type]
-            out.print(f"released {_plain(address)} (handle {_plain(owner)})", highlight=False)
+            out.print(f"released {one_line(address)} (handle {one_line(owner)})", highlight=False)
     except (IpamError, ValueError, StoreError) as e:
-        fail(_plain(e))
+        fail(one_line(e))
 
 
 @ipam_app.command("gc")
@@ -139,21 +132,21 @@ def ipam_gc(
     _quiet_ipam_log()
     report = collect(ipam, grace_s=grace_s, dry_run=dry_run)
     for line in report.corrupt:
-        err.print(f"[yellow]warning:[/] corrupt record {_plain(line)}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] corrupt record {one_line(line)}", highlight=False, soft_wrap=True)
     if report.state_corrupt:
         err.print("[yellow]warning:[/] the collector's own record is corrupt: nothing freed, nothing written; "
                   "delete it to start afresh", highlight=False)
     verb = "would release" if dry_run else "released"
     for handle, ips in report.leaked.items():
         state = verb if handle in report.released else "seen leaked (waiting for the grace period)"
-        out.print(f"handle {_plain(handle)}: {', '.join(ips)}: {state}", highlight=False)
+        out.print(f"handle {one_line(handle)}: {', '.join(ips)}: {state}", highlight=False)
     for handle, why in report.kept_unknown.items():
-        out.print(f"handle {_plain(handle)}: kept, {_plain(why)}", highlight=False)
+        out.print(f"handle {one_line(handle)}: kept, {one_line(why)}", highlight=False)
     for cidr in report.empty_blocks:
         state = verb if cidr in report.released_blocks else "seen empty (waiting for the grace period)"
         out.print(f"block {cidr}: {state}", highlight=False)
     for aff in report.dropped_affinities:
-        out.print(f"stale pending affinity {_plain(aff)}: {verb}", highlight=False)
+        out.print(f"stale pending affinity {one_line(aff)}: {verb}", highlight=False)
     if not (report.leaked or report.empty_blocks or report.dropped_affinities or report.kept_unknown):
         out.print("nothing leaked")
 
@@ -196,9 +189,9 @@ def ipam_check(
     else:
         _warn_corrupt([(c["key"], c["field"], c["errors"]) for c in corrupt])
         for p in problems:
-            out.print(f"[red]problem:[/] {_plain(p)}", highlight=False, soft_wrap=True)
+            out.print(f"[red]problem:[/] {one_line(p)}", highlight=False, soft_wrap=True)
         for f in findings:
-            out.print(f"[red]problem:[/] {f.kind}: {_plain(f.message)}", highlight=False, soft_wrap=True)
+            out.print(f"[red]problem:[/] {f.kind}: {one_line(f.message)}", highlight=False, soft_wrap=True)
         if not (problems or findings):
             out.print("ipam consistent" + (f" ({len(corrupt)} corrupt record(s) skipped)" if corrupt else ""))
     if problems or findings or (strict and corrupt):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -32,11 +33,11 @@ def apply(
     file: Annotated[str, typer.Option("-f", "--file", help="YAML or JSON file, many documents; - for stdin")],
 ) -> None:
     """Create or update resources. Every document is validated first; if one is bad, nothing is written."""
-    text = sys.stdin.read() if file == "-" else _read(file)
+    text = _read_stdin() if file == "-" else _read(file)
     try:
         resources = parse_documents(text, source=file)
     except InvalidResource as e:
-        fail("nothing written:\n  " + "\n  ".join(e.errors))
+        fail("nothing written:", details=e.errors)
     client = STATE.client()
     for res in resources:
         try:
@@ -46,13 +47,33 @@ def apply(
         out.print(f"{res.kind.lower()}/{res.metadata.name} {what} (revision {rev})", highlight=False)
 
 
-def _read(file: str) -> str:
+MAX_APPLY_BYTES = 64 << 20  # far above any real set of resources; /dev/zero ended in a MemoryError
+
+
+def _text(raw: bytes, where: str) -> str:
+    if len(raw) > MAX_APPLY_BYTES:
+        fail(f"cannot read {where}: larger than {MAX_APPLY_BYTES >> 20} MiB")
     try:
-        return Path(file).read_text()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"cannot read {where}: not UTF-8 (byte {e.start})")
+
+
+def _read_stdin() -> str:
+    return _text(sys.stdin.buffer.read(MAX_APPLY_BYTES + 1), "stdin")
+
+
+def _read(file: str) -> str:
+    """A regular file only: a FIFO would block for ever, a device never end (- reads a pipe)."""
+    if not file:
+        fail("--file is empty (give a path, or - for stdin)", 2)
+    try:  # O_NONBLOCK: opening a FIFO waits for a writer otherwise (no effect on a regular file)
+        with open(os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                fail(f"cannot read {file}: not a regular file (use -f - to read a pipe)")
+            return _text(f.read(MAX_APPLY_BYTES + 1), file)
     except OSError as e:
         fail(f"cannot read {file}: {e.strerror}")
-    except UnicodeDecodeError as e:
-        fail(f"cannot read {file}: not UTF-8 (byte {e.start})")
 
 
 def _summary(res: Any) -> str:
