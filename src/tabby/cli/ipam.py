@@ -121,7 +121,8 @@ def ipam_release(
 @ipam_app.command("gc")
 def ipam_gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="report, change nothing")] = False,
-    grace_s: Annotated[float, typer.Option(help="a leak must be seen twice this far apart")] = 300.0,
+    grace_s: Annotated[float, typer.Option(help="a leak must be seen twice this far apart", min=0, max=86400 * 365)
+                       ] = 300.0,
 ) -> None:
     """Free addresses no Endpoint uses and empty blocks, once seen twice across the grace period.
     Nothing is freed on the basis of a corrupt record: each gets a warning line, and what it might
@@ -153,8 +154,8 @@ def ipam_gc(
 
 @ipam_app.command("check")
 def ipam_check(
-    grace_s: Annotated[float, typer.Option(help="report a handle without an Endpoint only once it is this old")
-                       ] = 300.0,
+    grace_s: Annotated[float, typer.Option(help="report a handle without an Endpoint only once it is this old",
+                                           min=0, max=86400 * 365)] = 300.0,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")] = False,
 ) -> None:

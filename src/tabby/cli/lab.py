@@ -56,7 +56,7 @@ def lab_up(
     nat64: Annotated[bool, typer.Option("--nat64", help="the IPv6 pool is a nat64 pool: every host translates its "
                                         "workloads to the outside's IPv4 (tayga) and resolves with DNS64 (unbound); "
                                         "hosts get IPv4 on the fabric")] = False,
-    wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity")] = 60.0,
+    wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity", min=1, max=3600)] = 60.0,
     route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
     store: Annotated[LabStore, typer.Option("--store", help="the embedded SQLite file, or a real etcd on the fabric")
                      ] = LabStore.sqlite,
@@ -81,7 +81,8 @@ def lab_up(
             raise ValueError("--tors and --unnumbered go together (numbered uplinks are not built)")
         topo = topology(hosts, containers, ipv6_only, prefix, (1,) if route_reflector else (), vms, tors=tors,
                         nat64=nat64)
-        L.down(prefix)
+        if tors and store is not LabStore.sqlite:
+            raise ValueError("--tors: the hosts have no shared fabric link to reach etcd on; use the SQLite store")
         if etcd_members > 1 and store is not LabStore.etcd:
             raise ValueError("--etcd-members needs --store etcd")
         from tabby.lab.qemu import KINDS
@@ -95,7 +96,8 @@ def lab_up(
         lab = L.Lab(topo, L.default_store(prefix), store_kind=store.value, etcd_members=etcd_members,
                     vm_kind=vm_kind)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e))  # before anything is torn down: a mistyped option leaves the running lab as it is
+    L.down(prefix)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
         task = progress.add_task("building", total=None)
         try:
