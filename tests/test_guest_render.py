@@ -72,3 +72,15 @@ def test_check_refuses_an_interface_name_that_is_no_name(tmp_path: Path) -> None
             C.check((bad,), tmp_path)
     r = tabby("guest", "check", "--interface", "../../etc", "--root", str(tmp_path))
     assert r.returncode != 0 and "--interface" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_render_writes_nothing_through_a_symlink_out_of_the_image(tmp_path: Path) -> None:
+    """An image's etc -> (this machine's) etc had the files written here, not into the image."""
+    img, outside = tmp_path / "img", tmp_path / "hostetc"
+    img.mkdir()
+    outside.mkdir()
+    (img / "etc").symlink_to(outside)
+    for args in (("--distro", "networkd", "--cloud-init"), ("--distro", "networkd")):
+        r = tabby("guest", "render", *args, "--root", str(img))
+        assert r.returncode == 1 and "leads outside the image" in r.stderr, r.stderr
+    assert list(outside.iterdir()) == []

@@ -53,7 +53,7 @@ def guest_render(
         if root is None:
             print(text, end="")
             return
-        target = root / "etc/netplan/50-tabby.yaml"  # where netplan reads it at boot (its generator)
+        target = _in_image(root, "etc/netplan/50-tabby.yaml")  # where netplan reads it at boot (its generator)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         target.chmod(0o600)  # netplan warns about world-readable files
@@ -69,7 +69,7 @@ def guest_render(
             print(f"# {f.path}" + (" (insert after the first line)" if f.mode != "replace" else ""))
             print(f.text)
             continue
-        target = root / f.path.lstrip("/")
+        target = _in_image(root, f.path.lstrip("/"))
         if f.mode == "replace":
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f.text)
@@ -79,6 +79,21 @@ def guest_render(
             err.print(f"[yellow]warning:[/] {f.path} not in the image: no ISC dhclient to fix")
             continue
         out.print(f"wrote {target}", highlight=False)
+
+
+def _in_image(root: Path, rel: str) -> Path:
+    """root/rel, refused if any step of it that exists leads outside root: an image's symlink
+    (img/etc -> /etc, or an absolute one, meant for the guest's own root) would otherwise have the
+    files written into this machine's /etc."""
+    base = root.resolve()
+    p = base
+    for part in Path(rel).parts:
+        p = p / part
+        if p.is_symlink() or p.exists():
+            real = p.resolve()
+            if not real.is_relative_to(base):
+                fail(f"--root: {root / rel} leads outside the image (to {real}): nothing written there")
+    return base / rel
 
 
 @guest_app.command("check")
