@@ -84,3 +84,10 @@ def test_render_writes_nothing_through_a_symlink_out_of_the_image(tmp_path: Path
         r = tabby("guest", "render", *args, "--root", str(img))
         assert r.returncode == 1 and "leads outside the image" in r.stderr, r.stderr
     assert list(outside.iterdir()) == []
+
+
+def test_sysctl_keys_name_a_dotted_interface() -> None:
+    """sysctl reads each dot as a separator: net.ipv6.conf.eth0.100.accept_ra names no VLAN
+    interface; with slashes its dots stay in its name (sysctl.d(5))."""
+    (f,) = [f for f in R.render("ubuntu", ("eth0.100",), True, 1, "dhcpv6-stateful") if "sysctl.d" in f.path]
+    assert "net/ipv6/conf/eth0.100/accept_ra = 1\n" in f.text and "net.ipv6" not in f.text

@@ -107,7 +107,7 @@ def test_guest_render_and_check_cli(tmp_path: object) -> None:
     assert "router_solicitation_delay = 1\n" in (root / "etc/sysctl.d/30-eth0-rs-delay.conf").read_text()
     seed = subprocess.run([".venv/bin/tabby", "guest", "render", "--distro", "debian", "--rs-delay", "10"],
                           capture_output=True, text=True).stdout
-    assert "net.ipv6.conf.eth0.router_solicitation_delay = 10" in seed  # the seed's own value, on request
+    assert "net/ipv6/conf/eth0/router_solicitation_delay = 10" in seed  # the seed's own value, on request
     ci = subprocess.run([".venv/bin/tabby", "guest", "render", "--distro", "centos", "--cloud-init"],
                         capture_output=True, text=True).stdout
     assert ci.startswith("#cloud-config") and "DHCPV6C=yes" in ci

@@ -83,7 +83,10 @@ def cni_server(
 
     _daemon_setup(host, log_level, "cni-server ")
     path = socket_path or Path(SOCKET_DIR) / f"{host}.sock"
-    server = serve(path, {"TABBY_STORE": STATE.store_url, "TABBY_HOST": host})
+    try:
+        server = serve(path, {"TABBY_STORE": STATE.store_url, "TABBY_HOST": host})
+    except OSError as e:  # a file that is not a socket is there, a directory cannot be made...
+        fail(f"--socket {path}: {e.strerror or e}")
     stop = lambda *_: threading.Thread(target=server.shutdown).start()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

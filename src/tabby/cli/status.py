@@ -116,6 +116,13 @@ def diagnose(
     from tabby.diagnose import diagnose as run
     from tabby.diagnose import lab_route_reader
 
+    if lab is not None:  # refused at once: it only marked the route steps "not checked" (exit 0)
+        from tabby.lab.topology import check_prefix
+
+        try:
+            check_prefix(lab)
+        except ValueError as e:
+            fail(f"--lab: {e}", 2)
     store = STATE.client().store
     try:
         steps = run(store, src, dst, lab_route_reader(lab) if lab else None, tcp_port)

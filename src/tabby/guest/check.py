@@ -94,7 +94,7 @@ def check(interfaces: tuple[str, ...] = ("eth0",), root: Path = Path("/")) -> li
             f = int(fwd.read_text()) if fwd.exists() else 0
             ok = v == 2 or (v == 1 and f == 0)
             out.append(Finding(f"{i} accepts Router Advertisements", ok, f"accept_ra={v} forwarding={f}",
-                               f"sysctl -w net.ipv6.conf.{i}.accept_ra=1 (and add 'accept_ra 1' to its inet6 stanza)"))
+                               f"sysctl -w net/ipv6/conf/{i}/accept_ra=1 (and add 'accept_ra 1' to its inet6 stanza)"))
         else:
             out.append(Finding(f"{i} accepts Router Advertisements", False, "no such interface",
                                "check the interface name"))

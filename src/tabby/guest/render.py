@@ -67,11 +67,11 @@ def render(distro: str, interfaces: tuple[str, ...] = ("eth0",), ipv4: bool = Tr
             proto = "BOOTPROTO=dhcp\n" if ipv4 else "BOOTPROTO=none\n"
             text = f"DEVICE={i}\nONBOOT=yes\nTYPE=Ethernet\n" + proto + v6
             files.append(GuestFile(f"/etc/sysconfig/network-scripts/ifcfg-{i}", text))
-        sysctls = (f"net.ipv6.conf.{i}.router_solicitation_delay = {rs_delay}\n"
-                   f"net.ipv6.conf.{i}.accept_ra = 1\n")
+        # slashes: sysctl.d reads each dot as a separator, so eth0.100's keys would name nothing
+        key = f"net/ipv6/conf/{i}"
+        sysctls = f"{key}/router_solicitation_delay = {rs_delay}\n{key}/accept_ra = 1\n"
         if slaac:  # exactly the EUI-64 address the orchestrator computed
-            sysctls += (f"net.ipv6.conf.{i}.autoconf = 1\nnet.ipv6.conf.{i}.use_tempaddr = 0\n"
-                        f"net.ipv6.conf.{i}.addr_gen_mode = 0\n")
+            sysctls += f"{key}/autoconf = 1\n{key}/use_tempaddr = 0\n{key}/addr_gen_mode = 0\n"
         files.append(GuestFile(f"/etc/sysctl.d/30-{i}-rs-delay.conf", sysctls))
     files.append(GuestFile("/sbin/dhclient-script", DHCLIENT_FIX + "\n", mode="prepend-after-shebang"))
     files.append(GuestFile("/etc/dhcpcd.conf", dhcpcd_conf(interfaces, ipv4, slaac)))
