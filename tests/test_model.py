@@ -370,3 +370,17 @@ spec:
     assert pol.spec.order == 1000.0 and pol.spec.ingress[0].dst_ports == ("10:20", 10, 80)
     with pytest.raises(InvalidResource, match=r"spec\.order"):
         parse_documents("kind: Policy\nmetadata: {name: p}\nspec: {order: yes}\n")
+
+
+def test_yaml_written_by_get_reads_back_the_same() -> None:
+    """PyYAML's dumper wrote the strings 1e3 and 0o17 plain (YAML 1.1 reads them as text), and
+    apply, reading YAML 1.2, took them for numbers."""
+    from tabby.model.codec import dump_yaml
+
+    ep = validate({"kind": "Endpoint", "metadata": {"name": "vm-1e3", "labels": {
+        "a": "1e3", "b": "0o17", "c": "on", "d": "010", "e": "2026-12-01", "f": "true", "g": "0x1F"}},
+        "spec": {"host": "h", "orchestrator": "vm", "workload_id": "12e1", "interface": "tap0",
+                 "mac": "52:54:00:00:00:01", "ipv6_addresses": ["fd00::1"]}})
+    text = dump_yaml([to_plain(ep)])
+    assert parse_documents(text) == [ep]
+    assert yaml.safe_load(text)["metadata"]["labels"] == ep.metadata.labels  # and a YAML 1.1 reader too

@@ -27,8 +27,9 @@ class ResourceClient:
         """Every record of the Endpoint called name, oldest first: one, or (after a move that stopped
         between its create and its delete) one per host. Its key names its host, so finding it by name
         alone lists them all: what the CLI and the orchestrators do, not the agents."""
-        kvs, _ = self.store.list(ENDPOINTS_PREFIX)
-        return sorted((kv for kv in kvs if kv.key.rsplit("/", 1)[-1] == name), key=lambda kv: kv.create_revision)
+        kvs, _ = self.store.list(ENDPOINTS_PREFIX)  # (a key another program wrote, not UTF-8, names no Endpoint)
+        return sorted((kv for kv in kvs if kv.key.rsplit("/", 1)[-1] == name and kv.key.isprintable()),
+                      key=lambda kv: kv.create_revision)
 
     def get(self, kind: str, name: str) -> Any | None:
         """The resource, None if absent; InvalidResource (naming key and field) if corrupt. Of an

@@ -7,11 +7,11 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
 from tabby.client import ResourceClient
+from tabby.model.codec import dump_yaml
 from tabby.store import ETCD_OPTIONS, StoreError, open_store, store_url, with_etcd_options
 
 app = typer.Typer(help="tabby: a pure layer-3 fabric for VMs and containers, IPv6 first.",
@@ -72,7 +72,7 @@ def emit(doc: Any, output: Output) -> bool:
     if output is Output.json:
         print(json.dumps(doc, indent=2))
     elif output is Output.yaml:
-        print(yaml.safe_dump(doc, sort_keys=False), end="")
+        print(dump_yaml([doc]), end="")
     else:
         return False
     return True

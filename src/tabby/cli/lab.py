@@ -105,7 +105,7 @@ def lab_up(
         except Exception as e:
             progress.stop()
             L.down(prefix)
-            fail(f"lab up failed, everything removed again: {e}")
+            fail("lab up failed, everything removed again:", details=str(e).splitlines())
         # the cheap signal (a route dump and /healthz per host), not the O(N²) matrix, in the wait loop
         progress.update(task, description="waiting for every agent in sync and every route on every host")
         fams = families(topo)
@@ -124,7 +124,7 @@ def lab_up(
         except Exception as e:
             progress.stop()
             L.down(prefix)
-            fail(f"lab up failed while checking it, everything removed again: {e}")
+            fail("lab up failed while checking it, everything removed again:", details=str(e).splitlines())
     out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, {len(topo.vms)} VMs, "
               f"{'IPv6-only' if ipv6_only else 'dual-stack'}{' with NAT64' if nat64 else ''}; store {lab.store_url}",
               highlight=False)

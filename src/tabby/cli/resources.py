@@ -9,7 +9,6 @@ import sys
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.markup import escape
 from rich.table import Table
 
@@ -24,6 +23,7 @@ from tabby.cli.common import (
     warn_corrupt,
 )
 from tabby.model import InvalidResource, parse_documents, to_plain
+from tabby.model.codec import dump_yaml
 from tabby.model.keys import KIND_DIRS, resolve_kind
 from tabby.store import StoreError
 
@@ -130,7 +130,7 @@ def get(
         warn_corrupt(key, problem)
     plain = [to_plain(r) for r in items]
     if output is Output.yaml and not name:  # YAML: one document per resource, as apply reads them
-        print(yaml.safe_dump_all(plain, sort_keys=False), end="")
+        print(dump_yaml(plain), end="")
     elif not emit(plain[0] if name else plain, output):
         table = Table(box=None, header_style="bold")
         table.add_column("NAME")

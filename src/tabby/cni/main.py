@@ -37,7 +37,7 @@ def run(environ: Mapping[str, str], raw: bytes, ctx: Context | None = None,
             conf = parse(doc)
         except ConfError as e:
             raise CniError(INVALID_CONF, "invalid network configuration", str(e)) from None
-        conf.store = conf.store or environ.get("TABBY_STORE")
+        conf.store = conf.store or environ.get("TABBY_STORE") or None
         if not conf.host and environ.get("TABBY_HOST"):
             try:
                 conf.host = check_name(environ["TABBY_HOST"])

@@ -142,7 +142,10 @@ class Context:
         from tabby.ipam import IPAM
         from tabby.store import StoreError, open_store, store_url
 
-        url = store_url(url)
+        try:
+            url = store_url(url or None)  # "" (an empty TABBY_STORE) is unset, as before
+        except ValueError as e:
+            raise CniError(INVALID_CONF, "invalid store URL", str(e)) from None
         with self._lock:
             if url in self._cache:
                 return self._cache[url]

@@ -50,11 +50,11 @@ def _loads(text: str) -> object:
 
 
 def plain_socket_path(path: str) -> bool:
-    """A path a unix socket can have, written plainly: absolute, no "." or ".." step, no empty
-    step, no control character, and short enough for sun_path (108 bytes with its NUL)."""
+    """A path a unix socket can have, written plainly: absolute, no "." or ".." step, not ending
+    in "/", no control character, and short enough for sun_path (108 bytes with its NUL)."""
     steps = path.split("/")
-    return path.startswith("/") and len(path.encode("utf-8", "surrogatepass")) <= 107 and \
-        all(s not in ("", ".", "..") for s in steps[1:]) and all(c.isprintable() for c in path)
+    return path.startswith("/") and len(path.encode("utf-8", "surrogatepass")) <= 107 and steps[-1] != "" and \
+        all(s not in (".", "..") for s in steps) and all(c.isprintable() for c in path)
 
 
 def socket_path(raw: bytes, environ: dict[str, str]) -> str | None:

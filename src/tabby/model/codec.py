@@ -113,6 +113,21 @@ _Yaml12.add_implicit_resolver(_FLOAT, re.compile(
     list("-+0123456789."))
 
 
+class _YamlOut(yaml.SafeDumper):
+    """Quotes every string that YAML 1.2 (``_Yaml12``, our apply) or 1.1 (other tools) would read
+    as something else: "1e3" or "0o17" went out plain, and `get -o yaml | apply -f -` read numbers."""
+
+
+_YamlOut.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *_Yaml12.yaml_implicit_resolvers.get(first, [])]
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_Yaml12.yaml_implicit_resolvers}}
+
+
+def dump_yaml(docs: list[Any]) -> str:
+    """Documents as YAML that ``parse_documents`` (and a YAML 1.1 reader) reads back as they are."""
+    return yaml.dump_all(docs, Dumper=_YamlOut, sort_keys=False)
+
+
 def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = str(loader.construct_scalar(node))
     sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
