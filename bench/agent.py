@@ -186,6 +186,8 @@ def add_latency(backend: str, count: int, tmp: Path, tag: str) -> None:
                                  "--metrics-port", "0", "--log-level", "warning"], tmp / f"agent-{backend}.log")
         # a first endpoint, so the agent is past start-up when we measure
         r = netns.nsexec(ns, [sys.executable, WORKER, "adds", url, "hb", "1", "0"], timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"warm-up: {r.stderr[-2000:]}")
         r = netns.nsexec(ns, [sys.executable, WORKER, "adds", url, "hb", str(count), "1"], timeout=600)
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-2000:])

@@ -9,8 +9,11 @@ Prints add_p50_ms, add_p99_ms, del_p50_ms, del_p99_ms with labels plugin (tabby,
 (dual, v4), parallel (1, 8) and mode ("server": the shim hands the call to a warm `tabby
 cni-server`; "in-process": the plugin process does everything itself, which is how ptp always
 runs); server_phase_p50_ms per phase of the server's work (labels phase, verb); then checks that
-all those ADDs and DELs left no veth, no allocation, no record and no host-local lease
-(leaked_objects). ptp dual-stack waits for IPv6 DAD (~1.8 s an ADD) and runs only a few calls.
+all those ADDs and DELs left no veth (counted after each run's DELs, before its container
+namespaces go), no allocation, no record and no host-local lease (leaked_objects); and
+process_start_p50_ms, the start-up floor of each plugin process (VERSION). A "server" run fails
+unless the server logged every one of its calls. ptp dual-stack waits for IPv6 DAD (~1.8 s an
+ADD) and runs only a few calls.
 """
 
 from __future__ import annotations
@@ -68,21 +71,30 @@ class Runner:
         return dt
 
 
-def server_phases(log: Path, pos: int, **labels: object) -> int:
+def server_phases(log: Path, pos: int, calls: int, **labels: object) -> int:
     """Where the server's milliseconds went in the last run: the median of each phase of its
-    log lines (one per call) written since pos; returns the new position."""
-    text = log.read_bytes()[pos:].decode(errors="replace")
+    log lines (one per call) written since pos; returns the new position. Also the proof that the
+    run was served: the shim falls back to running a call itself when the server does not
+    answer, so a "server" figure with fewer than ``calls`` ADDs and DELs logged would be another's."""
+    deadline = time.monotonic() + 5.0  # the line of the last call may follow its answer
+    while True:
+        raw = log.read_bytes()[pos:]
+        text = raw.decode(errors="replace")
+        lines = re.findall(r" (ADD|DEL) \S+ eth0 -> 0 in ([0-9.]+) ms \((.*)\)", text)
+        if len(lines) >= 2 * calls or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if len(lines) < 2 * calls:
+        raise RuntimeError(f"the server logged {len(lines)} of {2 * calls} calls: the rest ran in-process")
     phases: dict[tuple[str, str], list[float]] = {}
-    for line in text.splitlines():
-        m = re.search(r" (ADD|DEL) \S+ eth0 -> 0 in ([0-9.]+) ms \((.*)\)", line)
-        if m:
-            phases.setdefault((m[1], "total"), []).append(float(m[2]))
-            for k, v in re.findall(r"(\w+)=([0-9.]+)", m[3]):
-                phases.setdefault((m[1], k), []).append(float(v))
+    for verb, total, rest in lines:
+        phases.setdefault((verb, "total"), []).append(float(total))
+        for k, v in re.findall(r"(\w+)=([0-9.]+)", rest):
+            phases.setdefault((verb, k), []).append(float(v))
     for (verb, phase), xs in sorted(phases.items()):
         emit(metric="server_phase_p50_ms", value=round(statistics.median(xs), 2), unit="ms", verb=verb,
              phase=phase, calls=len(xs), **labels)
-    return pos + len(text.encode())
+    return pos + len(raw)
 
 
 def main() -> None:
@@ -141,6 +153,7 @@ def main() -> None:
                 runs = [r for r in runs if (r[0] if args.only == "ptp" else r[2]) == args.only and
                         (args.only == "ptp" or r[0] == "tabby")]
             log_pos = 0
+            leaked_veths = 0
             for plugin, family, mode, parallel, calls in runs:
                 names = [f"tbyc{tag}{plugin[0]}{family[0]}{mode[0]}{parallel}x{i}" for i in range(calls)]
                 for c in names:
@@ -161,10 +174,13 @@ def main() -> None:
                         emit(metric=f"{metric}_{label}_ms", value=round(statistics.median(xs) if q == 0.5 else
                                                                          pct(xs, q), 1),
                              unit="ms", plugin=plugin, family=family, mode=mode, parallel=parallel, calls=len(xs))
+                # a veth DEL left behind is counted now: deleting its container namespace destroys it
+                leaked_veths += sum(": tby" in line or ": veth" in line
+                                    for line in netns.ip("-o", "link", "show", ns=host_ns).splitlines())
                 for c in names:
                     netns.del_netns(c)
                 if plugin == "tabby" and mode == "server":
-                    log_pos = server_phases(server_log, log_pos, family=family, parallel=parallel)
+                    log_pos = server_phases(server_log, log_pos, calls, family=family, parallel=parallel)
             # the floor under any plugin process: start-up alone (VERSION, answered without work)
             for name, argv in (("tabby-cni", [str(binary)]), ("ptp", [str(REFERENCE_PLUGINS / "ptp")]),
                                ("python -S", [sys.executable, "-S", "-c", "pass"])):
@@ -176,11 +192,10 @@ def main() -> None:
                     xs.append((time.perf_counter() - t0) * 1000)
                 emit(metric="process_start_p50_ms", value=round(statistics.median(xs), 1), unit="ms", plugin=name,
                      calls=len(xs))
-            links = netns.ip("-o", "link", "show", ns=host_ns).splitlines()
-            veths = [line for line in links if ": tby" in line or ": veth" in line]
             leases = [p for p in (d / "host-local").rglob("*")  # host-local names a lease file by its address
                       if p.is_file() and re.fullmatch(r"[0-9a-f.:]+", p.name)]
-            leaked = len(veths) + len(IPAM(store).handles()) + len(store.list("/tabby/v1/endpoints/")[0]) + len(leases)
+            leaked = leaked_veths + len(IPAM(store).handles()) + len(store.list("/tabby/v1/endpoints/")[0]) + \
+                len(leases)
             emit(metric="leaked_objects", value=leaked, unit="objects", adds_and_dels=2 * len(containers))
         finally:
             if server is not None:

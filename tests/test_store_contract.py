@@ -259,8 +259,7 @@ def test_eight_processes_cas_increments_lose_nothing(store: Store, store_url: st
         p.join(120)
         assert p.exitcode == 0
     assert int(store.get(key).value) == n * writers
-    total_conflicts = sum(conflicts.get(timeout=5) for _ in procs)
-    assert total_conflicts >= 0  # reported for the log; the count above is the proof
+    total_conflicts = sum(conflicts.get(timeout=5) for _ in procs)  # reported for the log; the count is the proof
     print(f"{store_url.split(':')[0]}: {total_conflicts} compare-and-swap conflicts retried")
 
 

@@ -34,7 +34,8 @@ def _lab_prefix(value: str) -> str:
 
 
 PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespaces (several labs can coexist): "
-                                        "3..8 of [a-z0-9], starting with a letter", callback=_lab_prefix)]
+                                        "3..8 lower-case letters and digits, starting with a letter",
+                                        callback=_lab_prefix)]
 
 
 class LabStore(StrEnum):
