@@ -14,7 +14,8 @@ def host(name: str, n: int) -> object:
 def test_bird_inputs_leave_out_refused_hosts_and_a_refused_self() -> None:
     aff = Affinity(host="h1", cidr="2001:db8:e::/122", state="confirmed", since=1.0)
     pending = Affinity(host="h1", cidr="2001:db8:e::40/122", state="pending", since=1.0)
-    recs = [host("h1", 1), host("h2", 2), host("h3", 3), aff, pending]
+    pool = validate({"kind": "IPPool", "metadata": {"name": "p6"}, "spec": {"cidr": "2001:db8:e::/112"}})
+    recs = [host("h1", 1), host("h2", 2), host("h3", 3), pool, aff, pending]
     inp = bird_inputs("h1", recs, {"h3": "conflict: ..."}, effective_config(None, None))
     assert inp is not None and [h.metadata.name for h in inp.hosts] == ["h1", "h2"]
     assert inp.blocks == ("2001:db8:e::/122",) and inp.default_asn == 64512 and inp.mesh

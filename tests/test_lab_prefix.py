@@ -108,8 +108,8 @@ def test_diagnose_refuses_a_hostile_lab_prefix(tmp_path: Path, sentinels: tuple[
             "kind": "Endpoint", "metadata": {"name": n},
             "spec": {"host": "h1", "orchestrator": "container", "workload_id": n, "interface": "tby0",
                      "mac": "ee:ee:ee:ee:ee:ee", "ipv6_addresses": [ip]}}))
-    for prefix in (f"../../{name}", "..", "-n", "tb"):  # ("" is no --lab at all: routes are not read)
+    for prefix in (f"../../{name}", "..", "-n", "tb", ""):  # refused before anything is read (exit 2)
         r = tabby("diagnose", "a", "b", "--lab", prefix, store=url)
-        assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert "lab prefix" in r.stdout, r.stdout
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "lab prefix" in r.stderr, r.stderr
     assert all((d / "keep").read_text() == "x" for d in dirs)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tabby.guest.render import DHCLIENT_FIX
-from tabby.model.names import check_interface_name
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,10 @@ def check(interfaces: tuple[str, ...] = ("eth0",), root: Path = Path("/")) -> li
     """Files are read under root (an image, or /); sysctls always from this running system. An
     interface name becomes part of paths and of the fixes shown: ValueError unless it is one."""
     for i in interfaces:
-        check_interface_name(i)
+        # model.names.check_interface_name's rule, written here: this package is copied alone into
+        # guests (lab/guest_image.py), without tabby.model
+        if i in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", i):
+            raise ValueError(f"invalid interface name {i!r}")
     out = []
     proc = Path("/proc/sys/net/ipv6/conf")
     for i in interfaces:
