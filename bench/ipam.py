@@ -17,6 +17,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -29,10 +30,9 @@ from tabby.store import open_store
 METRICS = ("assigns_per_s",)
 
 
-def _writer(url: str, pool: str, host: str, w: int, n: int, start: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _writer(url: str, pool: str, host: str, w: int, n: int, ready: Any, out: mp.Queue) -> None:  # type: ignore[type-arg]
     ipam = IPAM(open_store(url))
-    while time.time() < start:
-        time.sleep(0.001)
+    ready.wait(timeout=300)  # every writer imported and connected: they all start together
     t0 = time.perf_counter()
     for i in range(n):
         ipam.assign(f"{pool}.w{w}-{i}", host, ipv6=1, pool=pool)
@@ -45,8 +45,8 @@ def run(url: str, backend: str, writers: int, n: int, run_id: int) -> None:
         {"kind": "IPPool", "metadata": {"name": pool}, "spec": {"cidr": f"fd00:{run_id:x}::/104"}}))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    start = time.time() + 2.0  # spawned interpreters import first
-    procs = [ctx.Process(target=_writer, args=(url, pool, f"h{w // 2}", w, n, start, q)) for w in range(writers)]
+    ready = ctx.Barrier(writers)
+    procs = [ctx.Process(target=_writer, args=(url, pool, f"h{w // 2}", w, n, ready, q)) for w in range(writers)]
     for p in procs:
         p.start()
     spans = [q.get(timeout=600) for _ in procs]

@@ -67,7 +67,7 @@ def test_check_reads_networkd_files(tmp_path: Path) -> None:
 def test_check_refuses_an_interface_name_that_is_no_name(tmp_path: Path) -> None:
     """It goes into paths under /proc and root, and into the fixes shown (it once read
     /proc/sys/net/ipv6/conf/../../../../../x/accept_ra)."""
-    for bad in ("../../../../../tmp/x", "eth0;reboot", "a" * 16, ""):
+    for bad in ("../../../../../tmp/x", "eth0;reboot", "a" * 16, "", "..", "-h", ".eth0"):
         with pytest.raises(ValueError):
             C.check((bad,), tmp_path)
     r = tabby("guest", "check", "--interface", "../../etc", "--root", str(tmp_path))

@@ -100,6 +100,16 @@ def test_every_ipv6_only_workload_reaches_the_ipv4_only_service_by_name(lab: L.L
                             L.NAT64_BLOCK_POLICY, "eg") > 0
 
 
+def test_lab_check_refuses_a_seed_it_would_not_use_and_repeats_a_sample_with_one(lab: L.Lab) -> None:
+    """A small lab is checked in full: a --seed alone would change nothing, so it is refused (exit 2)."""
+    r = tabby("lab", "check", "--prefix", lab.topo.prefix, "--seed", "7", check=False)
+    assert r.returncode == 2 and "--seed" in r.stderr and "--sample" in r.stderr, r.stderr
+    runs = [json.loads(tabby("lab", "check", "--prefix", lab.topo.prefix, "--sample", "2", "--seed", "7",
+                             "-o", "json").stdout) for _ in range(2)]
+    pairs = [sorted({(r["src"], r["dst"], r["family"]) for r in rows}) for rows in runs]
+    assert pairs[0] and pairs[0] == pairs[1]
+
+
 def test_a_killed_translator_is_started_again_and_a_hung_one_stops_only_its_host(lab: L.Lab) -> None:
     old = tayga_pid(lab, "h1")
     os.kill(old, signal.SIGKILL)

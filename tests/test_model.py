@@ -99,6 +99,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (_endpoint(interface="a b"), "spec.interface"),
     (_endpoint(interface="$(reboot)"), "spec.interface"),
     (_endpoint(interface="tap0\n"), "spec.interface"),  # `$` in a Python regex matches before a final newline
+    (_endpoint(interface="-h"), "spec.interface"),  # read as an option by a tool it is handed to
+    (_endpoint(interface="--help"), "spec.interface"),
+    (_endpoint(interface=".tap0"), "spec.interface"),
+    (_endpoint(interface=".."), "spec.interface"),
     ({"kind": "Host", "metadata": {"name": "h1\n"}, "spec": {"ipv6_address": "fd00::1"}}, "metadata.name"),
     (_endpoint(mac="01:00:5e:00:00:01"), "spec.mac"),
     (_endpoint(mac="zz:00:00:00:00:01"), "spec.mac"),
@@ -221,6 +225,7 @@ def test_interface_names_accepted_are_safe(name: str) -> None:
     iface = res.spec.interface
     assert 1 <= len(iface) <= 15
     assert not set(iface) & set("/: \t\n;|&$`'\"\\<>()*?![]{}~#%=")
+    assert iface[0] not in "-."
 
 
 @given(st.text(alphabet="abc0123456789-_.", min_size=1, max_size=12), st.sampled_from(list(";|&$`'\"\\<> ()/:")))

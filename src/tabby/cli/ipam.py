@@ -46,7 +46,8 @@ def _warn_corrupt(corrupt: list[tuple[str, str, list[str]]]) -> None:
 
 @ipam_app.command("show")
 def ipam_show(
-    host: Annotated[str | None, typer.Option(help="only this host's blocks")] = None,
+    host: Annotated[str | None, typer.Option(help="only this host's blocks (every corrupt IPAM record still gets its "
+                                             "warning line)")] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any record read is corrupt")] = False,
 ) -> None:

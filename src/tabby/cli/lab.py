@@ -57,7 +57,10 @@ def lab_up(
     nat64: Annotated[bool, typer.Option("--nat64", help="the IPv6 pool is a nat64 pool: every host translates its "
                                         "workloads to the outside's IPv4 (tayga) and resolves with DNS64 (unbound); "
                                         "hosts get IPv4 on the fabric")] = False,
-    wait_s: Annotated[float, typer.Option(help="how long to wait for full connectivity", min=1, max=3600)] = 60.0,
+    wait_s: Annotated[float, typer.Option(help="how long to wait for every agent in sync and every route on every "
+                                          "host (then for the VMs' DHCP clients: half as long, at least 10 s; "
+                                          "qemu guests' boot has its own bound, 240 s each)",
+                                          min=1, max=3600)] = 60.0,
     route_reflector: Annotated[bool, typer.Option("--route-reflector", help="host 1 reflects; no full mesh")] = False,
     store: Annotated[LabStore, typer.Option("--store", help="the embedded SQLite file, or a real etcd on the fabric")
                      ] = LabStore.sqlite,
@@ -145,7 +148,8 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
               sample: Annotated[int | None, typer.Option(
                   "--sample", min=1, help="N random pairs per family, plus every workload once as source and "
                   "as destination (default: every pair up to 20 hosts, 500 above)")] = None,
-              seed: Annotated[int | None, typer.Option(help="seed of the sample (to repeat one)")] = None,
+              seed: Annotated[int | None, typer.Option(
+                  help="seed of the sample (to repeat one); only with a sample")] = None,
               ) -> None:
     """The connectivity matrix: containers to each other and the outside, IPv6 (and IPv4 where dual-stack)."""
     from tabby.lab import lab as L
@@ -159,6 +163,9 @@ def lab_check(output: Annotated[Output, typer.Option("-o", "--output")] = Output
     fams = families(lab.topo)
     if sample is None:
         sample = L.default_sample(len(lab.topo.hosts))
+    if seed is not None and sample is None:  # an option that would change nothing is refused, not ignored
+        fail(f"--seed: this lab of {len(lab.topo.hosts)} hosts is checked in full (every pair); give --sample N "
+             "to sample it", code=2)
     rows = lab.matrix(fams, sample=sample, seed=seed)
     if sample is not None and output is Output.table:
         for fam in fams:

@@ -24,7 +24,8 @@ from tabby.store import StoreError
 
 @app.command()
 def status(
-    host: Annotated[str | None, typer.Option(help="only this host")] = None,
+    host: Annotated[str | None, typer.Option(help="only this host's row and endpoints (the corrupt records are "
+                                             "all listed: a corrupt Policy or Profile is every host's)")] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
     strict: Strict = False,
 ) -> None:
@@ -150,7 +151,8 @@ app.add_typer(bgp_app, name="bgp")
 
 @bgp_app.command("status")
 def bgp_status(
-    host: Annotated[str | None, typer.Option(help="only this host")] = None,
+    host: Annotated[str | None, typer.Option(help="only this host's sessions (a corrupt status record of any "
+                                             "host still gets its warning line)")] = None,
     output: Annotated[Output, typer.Option("-o", "--output")] = Output.table,
 ) -> None:
     """Sessions, state, since when, prefixes in and out, for every host (from the Store)."""

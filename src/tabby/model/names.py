@@ -11,8 +11,9 @@ import re
 # Resource names become Store key segments and BIRD protocol names: no '/', no spaces.
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 # Linux allows more in an interface name, but a conservative set rules out shell
-# metacharacters, '/', ':' (alias syntax) and whitespace in one go.
-_IFACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# metacharacters, '/', ':' (alias syntax) and whitespace in one go; and no leading '-' or '.',
+# so that a name is never read as an option by a tool it is handed to ("-h", "--help").
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 _LABEL_KEY_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}/)?[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
@@ -32,10 +33,10 @@ def check_name(value: str) -> str:
 def check_interface_name(value: str) -> str:
     if not 1 <= len(value) < IFNAMSIZ:
         raise ValueError(f"invalid interface name {value!r}: must be 1..15 characters")
-    if value in (".", "..") or not _IFACE_RE.fullmatch(value):
+    if not _IFACE_RE.fullmatch(value):
         raise ValueError(
             f"invalid interface name {value!r}: only letters, digits, '_', '.' and '-' are "
-            "allowed (no '/', ':', whitespace or shell metacharacters)"
+            "allowed, starting with a letter, digit or '_' (no '/', ':', whitespace or shell metacharacters)"
         )
     return value
 
