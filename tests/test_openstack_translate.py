@@ -200,6 +200,14 @@ def test_one_malformed_record_costs_only_itself_and_the_store_keeps_what_it_had(
     assert counts["invalid"] == 1 and counts["deleted"] == 0
     ep = client.get("Endpoint", "os-fedcba9876543210-0000")
     assert ep is not None and [str(a) for a in ep.spec.ipv6_addresses] == ["fd00:5::11/128"]
+    # read, but refused by the model (a loopback address): kept too, as the driver's own write keeps it
+    refused = {**two, "fixed_ips": [{"ip_address": "::1"}]}
+    counts = reconcile(client, [sub], [PORT, refused], [sg])
+    assert counts["invalid"] == 1 and counts["deleted"] == 0, counts
+    ep = client.get("Endpoint", "os-fedcba9876543210-0000")
+    assert ep is not None and [str(a) for a in ep.spec.ipv6_addresses] == ["fd00:5::11/128"]
+    counts = reconcile(client, [sub], [PORT], [sg])  # the port gone from Neutron: deleted, as ever
+    assert counts["deleted"] == 1 and client.get("Endpoint", "os-fedcba9876543210-0000") is None
 
 
 def test_a_bad_rule_costs_only_itself_on_resync(tmp_path: Path) -> None:
