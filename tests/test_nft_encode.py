@@ -47,6 +47,10 @@ RULES: list[dict[str, Any]] = [
      "icmp_code": 4},
     {"action": "allow", "protocol": "tcp", "src_ports": ["1000:2000", 3000, "0:10"],
      "dst_ports": [65535, "60000:65535", 5, 9, 7]},
+    # anonymous sets too big for one netlink attribute (64 KiB): their elements span several messages
+    {"action": "deny", "protocol": "tcp", "src_nets": [f"fd00:77::{i:x}/128" for i in range(1500)] + ["fd00:78::/64"],
+     "dst_ports": list(range(10_000, 15_000))},
+    {"action": "deny", "dst_nets": [f"10.77.{i // 256}.{i % 256}/32" for i in range(0, 9000, 2)]},
 ]
 
 
@@ -131,6 +135,7 @@ def test_netlink_replace_lists_exactly_like_libnftables() -> None:
                    "meta load iiftype", "ct load state", "set wl_src6 0x1"):
         assert needle in text, needle
     assert re.search(r"payload load 4b @ transport header \+ 0", text)  # sport and dport merged
+    assert "element 0000973a" in text and "element 26234d0a" in text  # the last of 5,000 ports, of 4,500 /32s
 
 
 def test_shapes_the_encoder_does_not_know_are_refused_not_guessed() -> None:

@@ -962,7 +962,13 @@ class Agent:
         if self.policy is None:
             return True
         replaces, patches = self.policy.replaces, self.policy.patches
-        ok = self.policy.apply(self.policy_index)
+        try:
+            ok = self.policy.apply(self.policy_index)
+        except Exception:  # a policy no writer foresaw: the routes of workloads already policed still go in
+            log.exception("policy: writing the table failed; workloads whose policy is not in get no route")
+            self.metrics.errors.inc()
+            self.policy.replace_due = True
+            ok = False
         now = time.monotonic()
         just_replaced = self.policy.replaces != replaces  # the kernel holds exactly what we wrote
         due = full or now >= self.next_policy_check

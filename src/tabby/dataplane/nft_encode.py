@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -472,6 +472,23 @@ def _elem(key: bytes, end: bool = False, nest_type: int = LIST_ELEM, open_: bool
     return _nest(nest_type, flags + _data(ELEM_KEY, key) + (_OPEN_INTERVAL if open_ else b""))
 
 
+NEST_BUDGET = 60_000  # bytes of elements in one message: an attribute's length is 16 bits (64 KiB)
+
+
+def _chunks(elems: list[bytes]) -> Iterator[list[bytes]]:
+    """Elements in runs whose nest stays under NEST_BUDGET (a single run for the usual small set)."""
+    run: list[bytes] = []
+    size = 0
+    for e in elems:
+        if run and size + len(e) > NEST_BUDGET:
+            yield run
+            run, size = [], 0
+        run.append(e)
+        size += len(e)
+    if run:
+        yield run
+
+
 # -- the transaction -----------------------------------------------------------------------
 
 class Batch:
@@ -551,8 +568,9 @@ class Batch:
         self.msgs.append((NEWSET, F_REQUEST | F_CREATE, self._t + _str(SET_NAME, name) + _u32(SET_FLAGS, flags)
                           + _u32(SET_KEY_TYPE, f.dtype) + _u32(SET_KEY_LEN, f.size) + _u32(SET_ID, sid)
                           + _nest(SET_DESC, _u32(SET_DESC_SIZE, size)) + nla(SET_USERDATA, udata)))
-        self.msgs.append((NEWSETELEM, F_REQUEST | F_CREATE, self._t + _str(ELEM_LIST_SET, name)
-                          + _u32(ELEM_LIST_SET_ID, sid) + _nest(ELEM_LIST_ELEMENTS, b"".join(elems))))
+        head = self._t + _str(ELEM_LIST_SET, name) + _u32(ELEM_LIST_SET_ID, sid)
+        for chunk in _chunks(elems):  # a rule's big set (thousands of nets or ports) in several messages, as nft
+            self.msgs.append((NEWSETELEM, F_REQUEST | F_CREATE, head + _nest(ELEM_LIST_ELEMENTS, b"".join(chunk))))
         return name, sid
 
     def chain(self, spec: dict[str, Any]) -> None:
@@ -647,6 +665,7 @@ def replace_messages(table: str, cmds: list[dict[str, Any]], set_types: dict[str
         for name, elems in elements.items():
             if elems:
                 b.elements(name, set_types[name], elems)
-    except (KeyError, ValueError, TypeError, AttributeError, OSError, NftError) as e:  # a shape we misread
+    except (KeyError, ValueError, TypeError, AttributeError, OSError, NftError, struct.error,
+            OverflowError) as e:  # a shape we misread, or a value too big for its field
         raise Unsupported(f"{type(e).__name__}: {e}") from e
     return b.msgs
