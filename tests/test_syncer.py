@@ -142,3 +142,30 @@ def test_last_good_versions_survive_two_restarts(store: Store, prefix: str, tmp_
     store.put(key_of(a), b'{"kind": "Host"}')  # a different incarnation: its predecessor's version is not used
     _, items = agent_run()
     assert [u for u in items if isinstance(u, Update)] == []
+
+
+def test_a_corrupt_block_affinity_keeps_its_last_good_version_across_a_restart(store: Store, prefix: str,
+                                                                                tmp_path: Path) -> None:
+    """Affinities are IPAM records, not resources: remembering one raised AttributeError in the
+    syncer's thread, so its corruption went unreported and a restart withdrew the block."""
+    from tabby.agent.agent import decode_record
+    from tabby.agent.last_good import LastGood
+    from tabby.model.ipam import Affinity, encode_ipam
+    from tabby.model.keys import ipam_affinity_key
+
+    host_name = prefix.strip("/").replace("/", "-")
+    good = Affinity(host=host_name, cidr="fd00:ab::/122", state="confirmed", since=5.0)
+    key = ipam_affinity_key(host_name, good.cidr)
+    store.put(key, encode_ipam(good))
+    path = tmp_path / "last-good.json"
+    lg = LastGood(path)
+    syncer = ResourceSyncer(store, key, decoder=decode_record, seed=lg.load(decode_record), exclude=())
+    syncer.on_corrupt = lambda k, err: lg.set(k, syncer.created.get(k, 0), syncer.known[k]) if err else None
+    assert [u.resource.cidr for u in take(iter(syncer), InSync) if isinstance(u, Update)] == [good.cidr]
+    store.put(key, b'{"host": 1}')
+    syncer._decode(key, b'{"host": 1}', store.get(key).mod_revision)  # as the watch would
+    restarted = ResourceSyncer(store, key, decoder=decode_record, seed=LastGood(path).load(decode_record),
+                               exclude=())
+    items = [u for u in take(iter(restarted), InSync) if isinstance(u, Update)]
+    assert [(u.resource.host, u.resource.cidr, u.resource.state) for u in items] == [
+        (host_name, good.cidr, "confirmed")]

@@ -278,7 +278,10 @@ class Agent:
         if error is None:
             self.last_good.forget(key)
         elif (kept := syncer.known.get(key)) is not None:  # (none yet: a seed may still serve it)
-            self.last_good.set(key, syncer.created.get(key, 0), kept)
+            try:
+                self.last_good.set(key, syncer.created.get(key, 0), kept)
+            except Exception:  # never in the way of the report below
+                log.exception("cannot remember the last good version of %s", key)
         self.q.put(("corrupt", (key, error)))
 
     def _feed_store(self, tag: str, syncer: ResourceSyncer) -> None:

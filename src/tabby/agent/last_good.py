@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tabby.model.codec import MAX_RECORD_BYTES, InvalidResource, load_json
+from tabby.model.ipam import encode_ipam
+from tabby.model.plain import Plain
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,11 @@ class LastGood:
         return out
 
     def set(self, key: str, created: int, good: Any) -> None:
-        """Remember good (a model) as key's last good version (this incarnation: created)."""
-        entry = [created, good.model_dump_json(context={"reveal_secrets": True})]  # as the Store has it
+        """Remember good (a resource, or an IPAM record: this host's block affinities) as key's last
+        good version (this incarnation: created), in the bytes the Store has for it."""
+        text = encode_ipam(good).decode() if isinstance(good, Plain) else \
+            good.model_dump_json(context={"reveal_secrets": True})
+        entry = [created, text]
         if self.entries.get(key) == entry or (key not in self.entries and len(self.entries) >= MAX_ENTRIES):
             return
         self.entries[key] = entry
