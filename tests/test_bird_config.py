@@ -58,15 +58,34 @@ def test_unnumbered_extended_next_hop_bfd_and_password(tmp_path: Path) -> None:
     assert "ipv4 { import filter fabric_in4; export filter bgp_out4; next hop self; gateway direct; " \
            "extended next hop on; };" in tor1
     tor2 = text[text.index('description "peer tor2"'):]
-    assert "neighbor fe80::2%up2 as 65102;" in tor2 and 'password "s3cret pass";' in tor2
+    assert 'neighbor fe80::2 as 65102;\n  interface "up2";' in tor2 and 'password "s3cret pass";' in tor2
     assert "bfd" not in text  # BFD is the liveness BIRD's, apart from the BGP speaker
     assert "route 192.0.2.0/26 blackhole;" in text
     bird_accepts(text, tmp_path)
     assert bfd_targets(inp) == {"fe80::2%up2": ("peer_tor2_" + text.split("protocol bgp peer_tor2_")[1][:6],)}
     live = render_bfd(inp)
-    assert live is not None and "route fe80::2/128 via fe80::2%up2 bfd;" in live
+    assert live is not None and 'neighbor fe80::2 dev "up2";' in live
     assert "min rx interval 100 ms" in live and "multiplier 3" in live and "protocol bgp" not in live
     bird_accepts(live, tmp_path)
+
+
+def test_link_local_peers_on_any_interface_name_a_host_may_have(tmp_path: Path) -> None:
+    """As a bare symbol after '%', BIRD refused a VLAN's "eth0.100", "1up", "up-1" and a keyword
+    ("bfd"): both configs failed to parse, and BGP froze on every host (a global peer)."""
+    me = host("h1", "2001:db8:f::1", asn=65001)
+    names = ("eth0.100", "1up", "up-1", "bfd", "as", "_x")
+    peers = tuple(peer(f"p{i}", peer_ip=f"fe80::{i + 2}", interface=n, asn=65100 + i, bfd=True)
+                  for i, n in enumerate(names))
+    inp = BirdInputs(host=me, hosts=(me,), peers=peers, pools=POOLS, mesh=False)
+    text = render(inp)
+    bird_accepts(text, tmp_path)
+    live = render_bfd(inp)
+    assert live is not None
+    bird_accepts(live, tmp_path)
+    for i, n in enumerate(names):
+        assert f'neighbor fe80::{i + 2} as {65100 + i};\n  interface "{n}";' in text
+        assert f'neighbor fe80::{i + 2} dev "{n}";' in live
+    assert set(bfd_targets(inp)) == {f"fe80::{i + 2}%{n}" for i, n in enumerate(names)}
 
 
 def test_unreadable_password_disables_the_session_and_says_which_file(tmp_path: Path) -> None:
@@ -101,7 +120,7 @@ def test_mesh_bfd_and_password_by_config(tmp_path: Path) -> None:
     bird_accepts(text, tmp_path)
     assert list(bfd_targets(inp)) == ["2001:db8:f::2"]
     live = render_bfd(inp)
-    assert live is not None and "route 2001:db8:f::2/128 via 2001:db8:f::2 bfd;" in live
+    assert live is not None and "  neighbor 2001:db8:f::2;" in live
     bird_accepts(live, tmp_path)
     off = bird_inputs("h1", [me, other], {}, effective_config(ConfigSpec(mesh_bfd=False), None))
     assert off is not None and render_bfd(off) is None
