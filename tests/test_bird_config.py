@@ -62,7 +62,7 @@ def test_unnumbered_extended_next_hop_bfd_and_password(tmp_path: Path) -> None:
     assert "bfd" not in text  # BFD is the liveness BIRD's, apart from the BGP speaker
     assert "route 192.0.2.0/26 blackhole;" in text
     bird_accepts(text, tmp_path)
-    assert bfd_targets(inp) == {"fe80::2%up2": ("peer_tor2_" + text.split("protocol bgp peer_tor2_")[1][:6],)}
+    assert bfd_targets(inp) == {"fe80::2%up2": ("peer_tor2_" + text.split("protocol bgp peer_tor2_")[1][:16],)}
     live = render_bfd(inp)
     assert live is not None and 'neighbor fe80::2 dev "up2";' in live
     assert "min rx interval 100 ms" in live and "multiplier 3" in live and "protocol bgp" not in live
@@ -86,6 +86,20 @@ def test_link_local_peers_on_any_interface_name_a_host_may_have(tmp_path: Path) 
         assert f'neighbor fe80::{i + 2} as {65100 + i};\n  interface "{n}";' in text
         assert f'neighbor fe80::{i + 2} dev "{n}";' in live
     assert set(bfd_targets(inp)) == {f"fe80::{i + 2}%{n}" for i, n in enumerate(names)}
+
+
+def test_protocol_names_of_long_alike_hosts_stay_distinct_and_within_birds_limit(tmp_path: Path) -> None:
+    """The pair a helper found colliding under a 24-bit hash, and the longest unnumbered peer name."""
+    from tabby.dataplane.bird_config import _ident
+
+    a, b = "compute-node-production-eu-west-1a-rack-002226", "compute-node-production-eu-west-1a-rack-004265"
+    assert _ident(f"host {a} v6") != _ident(f"host {b} v6")
+    me = host("h1", "2001:db8:f::1", asn=65001)
+    hosts = (me, host(a, "2001:db8:f::2"), host(b, "2001:db8:f::3"))
+    long_peer = peer("x" * 253, interface="up1", asn=65101)  # unnumbered: a dynamic name from it
+    text = render(BirdInputs(host=me, hosts=hosts, peers=(long_peer,), pools=POOLS))
+    bird_accepts(text, tmp_path)  # "already defined" with the 24-bit hash; "too long" past 47
+    assert text.count(f'description "host {a} v6"') == 1 and text.count(f'description "host {b} v6"') == 1
 
 
 def test_unreadable_password_disables_the_session_and_says_which_file(tmp_path: Path) -> None:
