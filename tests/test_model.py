@@ -103,6 +103,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (_endpoint(interface="--help"), "spec.interface"),
     (_endpoint(interface=".tap0"), "spec.interface"),
     (_endpoint(interface=".."), "spec.interface"),
+    (_endpoint(interface="tbys0"), "spec.interface"),  # tabby's own links, deleted and re-made by name
+    (_endpoint(interface="tbyra0"), "spec.interface"),
+    (_endpoint(interface="tabby64"), "spec.interface"),
     ({"kind": "Host", "metadata": {"name": "h1\n"}, "spec": {"ipv6_address": "fd00::1"}}, "metadata.name"),
     (_endpoint(mac="01:00:5e:00:00:01"), "spec.mac"),
     (_endpoint(mac="zz:00:00:00:00:01"), "spec.mac"),
@@ -389,3 +392,10 @@ def test_yaml_written_by_get_reads_back_the_same() -> None:
     text = dump_yaml([to_plain(ep)])
     assert parse_documents(text) == [ep]
     assert yaml.safe_load(text)["metadata"]["labels"] == ep.metadata.labels  # and a YAML 1.1 reader too
+
+
+@pytest.mark.parametrize("field,value", [("ipv6_address", "fe80::2"), ("ipv4_address", "169.254.0.7")])
+def test_a_link_local_fabric_address_is_refused(field: str, value: str) -> None:
+    """Every other host's BIRD would peer with it as "neighbor fe80::2%None" (no interface is known)."""
+    with pytest.raises(InvalidResource, match="cannot be a fabric address"):
+        validate({"kind": "Host", "metadata": {"name": "a"}, "spec": {field: value}})

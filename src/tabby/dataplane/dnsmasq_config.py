@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ANCHOR = "tbyra0"  # one end of a veth: this kernel has no dummy link type
-ANCHOR_PEER = "tbyra1"
-GROUP_ANCHOR = "tbys"  # + k: the anchors of VMs on SLAAC/stateless pools; + k + "p": their peers
-# (never a CNI veth: those are "tby" + hex digits)
+from tabby.model.names import DNSMASQ_ANCHOR, DNSMASQ_ANCHOR_PEER, DNSMASQ_GROUP_ANCHOR
+
+ANCHOR = DNSMASQ_ANCHOR  # one end of a veth: this kernel has no dummy link type
+ANCHOR_PEER = DNSMASQ_ANCHOR_PEER
+GROUP_ANCHOR = DNSMASQ_GROUP_ANCHOR  # + k: the anchors of VMs on SLAAC/stateless pools; + k + "p": their peers
+# (no Endpoint may name one: model.names.check_workload_interface)
 V4_GATEWAY = "169.254.1.1"
 
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TUN = "tabby64"  # tayga's tun device: not a workload prefix (tap, tby, vnet), not Debian tayga's "nat64"
+from tabby.model.names import NAT64_TUN
+
+TUN = NAT64_TUN  # tayga's tun device: not a workload prefix (tap, tby, vnet), not Debian tayga's "nat64"
 ROUTE_PROTO = 4  # RTPROT_STATIC: the tun's routes are not the workload routes (protocol 77) the agent prunes
 
 

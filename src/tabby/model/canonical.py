@@ -27,7 +27,13 @@ import orjson
 
 from tabby.model.jsontext import MAX_RECORD_BYTES
 from tabby.model.keys import endpoint_key, kind_prefix
-from tabby.model.names import canonical_mac, check_interface_name, check_label_key, check_label_value, check_name
+from tabby.model.names import (
+    canonical_mac,
+    check_label_key,
+    check_label_value,
+    check_name,
+    check_workload_interface,
+)
 from tabby.model.resources import _WORKLOAD_ID, MAX_ADDRESSES_PER_FAMILY, Endpoint, EndpointSpec, Metadata
 
 _SPEC_KEYS = ["host", "orchestrator", "workload_id", "interface", "mac", "ipv6_addresses", "ipv4_addresses",
@@ -130,7 +136,7 @@ def _endpoint(key: str, doc: Any) -> Endpoint:
     return _built(Endpoint, {"kind": "Endpoint", "metadata": _built(Metadata, {"name": name, "labels": labels}),
                              "spec": _built(EndpointSpec, {
         "host": _checked(check_name, s["host"]), "orchestrator": s["orchestrator"], "workload_id": s["workload_id"],
-        "interface": _checked(check_interface_name, s["interface"]), "mac": mac, "ipv6_addresses": v6,
+        "interface": _checked(check_workload_interface, s["interface"]), "mac": mac, "ipv6_addresses": v6,
         "ipv4_addresses": v4,
         "ipv6_gateway": None if gw6 is None else IPv6Address(int.from_bytes(_packed(_text(gw6), AF_INET6), "big")),
         "ipv4_gateway": None if gw4 is None else IPv4Address(int.from_bytes(_packed(_text(gw4), AF_INET), "big")),

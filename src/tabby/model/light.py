@@ -22,7 +22,14 @@ from typing import Any
 
 from tabby.model.jsontext import InvalidResource, load_json
 from tabby.model.keys import endpoint_host, parse_key
-from tabby.model.names import canonical_mac, check_interface_name, check_label_key, check_label_value, check_name
+from tabby.model.names import (
+    canonical_mac,
+    check_interface_name,
+    check_label_key,
+    check_label_value,
+    check_name,
+    check_workload_interface,
+)
 from tabby.model.plain import Plain
 
 # the model's bounds (resources.py), repeated because importing it is what this module avoids
@@ -298,7 +305,7 @@ def _endpoint(key: str | None, spec: Any, meta: Meta) -> Endpoint:
         raise _Slow  # the full decoder names the mismatch
     return Endpoint(meta, EndpointSpec(
         host=host, orchestrator=d["orchestrator"],
-        workload_id=_check(_workload_id, d["workload_id"]), interface=_check(check_interface_name, d["interface"]),
+        workload_id=_check(_workload_id, d["workload_id"]), interface=_check(check_workload_interface, d["interface"]),
         mac=mac, ipv6_addresses=v6, ipv4_addresses=v4,
         ipv6_gateway=None if gw6 is None else _text_form(gw6, ipaddress.IPv6Address),
         ipv4_gateway=None if gw4 is None else _text_form(gw4, ipaddress.IPv4Address),

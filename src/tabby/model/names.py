@@ -20,6 +20,13 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
 IFNAMSIZ = 16  # the kernel's buffer, including the NUL: 15 usable characters
 
+# tabby's own links on a host (dataplane: dnsmasq's anchors, NAT64's tun), which the agent creates
+# and deletes by name: no workload may name one (an Endpoint on "tbys0" had its link deleted and
+# anchor addresses put on it)
+DNSMASQ_ANCHOR, DNSMASQ_ANCHOR_PEER = "tbyra0", "tbyra1"
+DNSMASQ_GROUP_ANCHOR = "tbys"  # + k: one per group of SLAAC/stateless pools (never a CNI veth: "tby" + hex)
+NAT64_TUN = "tabby64"
+
 
 def check_name(value: str) -> str:
     if not _NAME_RE.fullmatch(value):
@@ -38,6 +45,15 @@ def check_interface_name(value: str) -> str:
             f"invalid interface name {value!r}: only letters, digits, '_', '.' and '-' are "
             "allowed, starting with a letter, digit or '_' (no '/', ':', whitespace or shell metacharacters)"
         )
+    return value
+
+
+def check_workload_interface(value: str) -> str:
+    """An Endpoint's interface: a plain interface name that is none of tabby's own links."""
+    check_interface_name(value)
+    if value in (DNSMASQ_ANCHOR, DNSMASQ_ANCHOR_PEER, NAT64_TUN) or value.startswith(DNSMASQ_GROUP_ANCHOR):
+        raise ValueError(f"invalid interface name {value!r}: tabby's own links ({DNSMASQ_ANCHOR}, "
+                         f"{DNSMASQ_ANCHOR_PEER}, {DNSMASQ_GROUP_ANCHOR}*, {NAT64_TUN}) are no workload's")
     return value
 
 

@@ -42,6 +42,7 @@ from tabby.model.names import (
     check_label_key,
     check_label_value,
     check_name,
+    check_workload_interface,
 )
 from tabby.model.selector import check_selector
 
@@ -78,6 +79,7 @@ IPAddr = Annotated[V6Addr | V4Addr, _Text]  # the check before the union: one er
 IPNet = Annotated[IPv6Network | IPv4Network, _Text]
 Name = Annotated[str, AfterValidator(check_name)]
 InterfaceName = Annotated[str, AfterValidator(check_interface_name)]
+WorkloadInterface = Annotated[str, AfterValidator(check_workload_interface)]
 Mac = Annotated[str, AfterValidator(canonical_mac)]
 Selector = Annotated[str, AfterValidator(check_selector)]
 ASN = Annotated[StrictInt, Field(ge=1, le=4_294_967_295)]
@@ -140,7 +142,8 @@ class HostSpec(_Frozen):
             raise ValueError("a host needs a fabric address: set ipv6_address and/or ipv4_address")
         for field in ("ipv6_address", "ipv4_address"):
             addr = getattr(self, field)
-            if addr is not None and (addr.is_unspecified or addr.is_multicast or addr.is_loopback):
+            if addr is not None and (addr.is_unspecified or addr.is_multicast or addr.is_loopback
+                                     or addr.is_link_local):  # every other host's BIRD: "neighbor fe80::2%None"
                 raise ValueError(f"{field}: {addr} cannot be a fabric address")
         return self
 
@@ -284,7 +287,7 @@ class EndpointSpec(_Frozen):
     host: Name
     orchestrator: Literal["vm", "container"]
     workload_id: Annotated[str, Field(pattern=_WORKLOAD_ID)]
-    interface: InterfaceName
+    interface: WorkloadInterface
     mac: Mac
     ipv6_addresses: Annotated[tuple[V6Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
     ipv4_addresses: Annotated[tuple[V4Host, ...], Field(max_length=MAX_ADDRESSES_PER_FAMILY)] = ()
