@@ -6,15 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def adopted_pid(pidfile: Path, conf: Path) -> int | None:
-    """The pid in pidfile if that process runs with conf on its command line (ours, from this
-    agent or one before it), else None: a stale pid file may name anybody's process by now."""
+def adopted_pid(pidfile: Path, conf: Path, program: str) -> int | None:
+    """The pid in pidfile if that process is program run with conf as an argument (ours, from this
+    agent or one before it: ``-c CONF`` or ``--conf-file=CONF``), else None: a stale pid file may
+    name anybody's process by now, and one that merely names the path (an editor on ``CONF``, a
+    ``CONF.bak``) is not ours."""
     try:
         pid = int(pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if str(conf).encode() in cmdline and running(pid) else None
+    raw = str(conf).encode()
+    ours = args[0].rsplit(b"/", 1)[-1] == program.encode() and \
+        any(a == raw or (a.startswith(b"--") and a.endswith(b"=" + raw)) for a in args[1:])
+    return pid if ours and running(pid) else None
 
 
 def running(pid: int) -> bool:

@@ -45,7 +45,7 @@ class DnsmasqReconciler:
         self.vms = {a: vm for vm in vms for a in (*vm.v6, *vm.v4)}
 
     def pid(self) -> int | None:
-        return adopted_pid(self.pidfile, self.conf)
+        return adopted_pid(self.pidfile, self.conf, "dnsmasq")
 
     def stop(self) -> None:
         pid = self.pid()

@@ -54,7 +54,7 @@ class _Daemon:
         self.not_before = 0.0  # crash-looping: no start before this (monotonic)
 
     def pid(self) -> int | None:
-        return adopted_pid(self.pidfile, self.conf)
+        return adopted_pid(self.pidfile, self.conf, self.name)
 
     def stop(self) -> None:
         pid = self.pid()
