@@ -4,6 +4,7 @@ carries only its own network's prefixes and flags."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from tabby.dataplane.dnsmasq_config import ANCHOR, Vm, render
@@ -36,3 +37,25 @@ def test_each_mode_gets_its_ra_and_its_own_anchor() -> None:
                          ("tbys1", ("2001:db8:9::/64",)))
     assert f"bridge-interface={ANCHOR},tapa" in lines
     assert "bridge-interface=tbys0,tapb,tapd" in lines and "bridge-interface=tbys1,tapc" in lines
+
+
+def test_a_stateful_pool_wider_than_a_64_gets_a_range_per_64_that_dnsmasq_takes(tmp_path: Path) -> None:
+    """dnsmasq refuses a range shorter than /64 ("prefix length must be at least 64"): with one in its
+    config it would not start, and every VM on the host lost DHCP and, in time, its default route."""
+    pools = [pool("2001:db8:100::/48"), pool("2001:db8:7::/64"), pool("2001:db8:200::/80")]
+    vms = [Vm("tapa", "52:54:00:00:00:0a", ("2001:db8:100:5::a",), ()),
+           Vm("tapb", "52:54:00:00:00:0b", ("2001:db8:100:5::b",), ()),
+           Vm("tapc", "52:54:00:00:00:0c", ("2001:db8:100:ff00::c",), ()),
+           Vm("tapd", "52:54:00:00:00:0d", ("2001:db8:7::d",), ()),
+           Vm("tape", "52:54:00:00:00:0e", ("2001:db8:200::e",), ())]
+    r = render(vms, pools, tmp_path)
+    ranges = [line for line in r.conf.splitlines() if line.startswith("dhcp-range=")]
+    assert ranges == ["dhcp-range=set:pool0,2001:db8:7::,static,off-link,64,1h",
+                      "dhcp-range=set:pool1,2001:db8:100:5::,static,off-link,64,1h",
+                      "dhcp-range=set:pool1,2001:db8:100:ff00::,static,off-link,64,1h",
+                      "dhcp-range=set:pool2,2001:db8:200::,static,off-link,80,1h"]
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_text(r.conf)
+    (tmp_path / "dnsmasq.hosts").write_text(r.hosts)
+    check = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

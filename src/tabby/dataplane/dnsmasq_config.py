@@ -107,7 +107,12 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
             lines.append(f"ra-param={vm.interface},high,10,1800")  # router lifetime 30 min, RAs every 10 s
     for k, spec in enumerate(used_specs):
         p, tag = spec.cidr, f"pool{k}"
-        if p.version == 6:
+        if p.version == 6 and p.prefixlen < 64:  # stateful only (the model): dnsmasq takes no range wider
+            # than a /64 ("prefix length must be at least 64"), so one per /64 that holds a VM's address
+            nets = sorted({ipaddress.IPv6Network(f"{a}/64", strict=False) for vm in vms for a in vm.v6
+                           if ipaddress.ip_address(a) in p}, key=lambda n: n.network_address)
+            lines += [f"dhcp-range=set:{tag},{n.network_address},static,off-link,64,{lease_time}" for n in nets]
+        elif p.version == 6:
             lines.append(f"dhcp-range=set:{tag},{p.network_address},{_V6_MODE[spec.ipv6_mode]},off-link,{p.prefixlen},"
                          f"{lease_time}")
         else:
