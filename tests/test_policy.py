@@ -240,3 +240,39 @@ def test_workload_interface_prefixes_from_config_shape_the_fail_closed_rules() -
     _, chains = render(idx.structure())
     assert {c.split(":", 1)[1] for c in chains["forward"] if "unknown" in c} == {
         "unknown tap* oifname", "unknown cali* oifname"}
+
+
+LOOPBACK_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from tabby.agent.policy_calc import PolicyIndex
+from tabby.dataplane.policy import PolicyReconciler
+idx = PolicyIndex()
+idx.set_workload_prefixes(("l",))
+assert PolicyReconciler().apply(idx)
+"""
+
+
+def test_a_workload_prefix_that_covers_lo_never_drops_the_hosts_traffic_to_itself() -> None:
+    """Config workload_interface_prefixes "l" dropped every packet the host sent itself over lo (its
+    local etcd, BIRD's control, /healthz); a workload-named unknown link ("lx0") is still dropped."""
+    with namespace("lo") as ns:
+        def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=30)
+
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "add", "lx0", "type", "veth", "peer", "name",
+                                                        "zz0"],
+                    ["ip", "link", "set", "lx0", "up"], ["ip", "link", "set", "zz0", "up"],
+                    ["ip", "addr", "add", "10.200.0.1/24", "dev", "lx0"]):
+            assert run(*cmd).returncode == 0, cmd
+        r = run(sys.executable, "-c", LOOPBACK_SCRIPT, str(Path(__file__).parent))
+        assert r.returncode == 0, r.stderr
+        ping = run("ping", "-c", "1", "-W", "2", "127.0.0.1")
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # from zz0 into lx0, a workload-named interface no endpoint owns: dropped and counted
+        run("ping", "-c", "2", "-W", "1", "-I", "zz0", "10.200.0.1")
+        rules = nft_json(ns, "list", "chain", "inet", "tabby", "prerouting")["nftables"]
+        drops = [x["rule"] for x in rules if "rule" in x and "unknown l* " in x["rule"].get("comment", "")]
+        assert len(drops) == 1
+        counted = [e["counter"]["packets"] for e in drops[0]["expr"] if "counter" in e]
+        assert counted and counted[0] > 0, drops

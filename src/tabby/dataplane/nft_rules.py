@@ -225,12 +225,17 @@ def _unknown_workloads(t: _Table, s: Structure, chain: str, key: str) -> None:
         t.rule(chain, f"unknown {prefix}* {key}", [
             _m(_meta(key), prefix + "*"), _m(_meta(key), "@" + WL_IF, "!="),
             _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER, NAT64_TUN]}, "!="), *_group_anchor(prefix, key),
-            *_COUNT_DROP])
+            *_loopback(prefix, key), *_COUNT_DROP])
 
 
 def _group_anchor(prefix: str, key: str) -> list[Expr]:
     """dnsmasq's group anchors (tbys*) are named like workloads when a prefix covers them."""
     return [_m(_meta(key), GROUP_ANCHOR + "*", "!=")] if GROUP_ANCHOR.startswith(prefix) else []
+
+
+def _loopback(prefix: str, key: str) -> list[Expr]:
+    """A prefix that covers "lo" (Config "l", "lo") must not drop the host's traffic to itself."""
+    return [_m(_meta(key), "lo", "!=")] if "lo".startswith(prefix) else []
 
 
 def _nat(t: _Table, s: Structure) -> None:
