@@ -39,6 +39,10 @@ class DnsmasqReconciler:
         self.vms: dict[str, Vm] = {}  # address -> the VM it belongs to now
         self.last_error: str | None = None
         self._anchored: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # what _anchors last set up
+        # the dnsmasq this reconciler started or signalled: one adopted from an agent before it may
+        # never have read the hosts file on disk (that agent can have died between the write and the
+        # SIGHUP), so it gets one SIGHUP
+        self._told: int | None = None
 
     def set_desired(self, rendered: Rendered | None, vms: list[Vm]) -> None:
         self.desired = rendered
@@ -120,9 +124,10 @@ class DnsmasqReconciler:
             self.hosts.write_text(r.hosts)
         pid = self.pid()
         if pid is not None and not conf_changed:
-            if hosts_changed:
+            if hosts_changed or pid != self._told:
                 os.kill(pid, signal.SIGHUP)
-                log.info("dnsmasq re-read its hosts (SIGHUP)")
+                self._told = pid
+                log.info("dnsmasq re-read its hosts (SIGHUP)%s", "" if hosts_changed else ": adopted, as it runs")
                 return True
             return False
         if pid is not None:
@@ -139,5 +144,6 @@ class DnsmasqReconciler:
                 break
             time.sleep(0.01)
         self.last_error = None
-        log.info("dnsmasq %s (pid %s)", "restarted" if pid else "started", self.pid())
+        self._told = self.pid()
+        log.info("dnsmasq %s (pid %s)", "restarted" if pid else "started", self._told)
         return True
