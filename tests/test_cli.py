@@ -131,3 +131,17 @@ def test_apply_reads_regular_files_only_and_errors_forge_no_line(tmp_path: Path)
         r = tabby(url, *args)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\\x0a" in r.stderr, \
             r.stderr
+
+
+def test_agent_refuses_a_run_dir_or_metrics_address_it_cannot_use_before_touching_anything(tmp_path: Path) -> None:
+    """--run-dir goes into dnsmasq's, tayga's and unbound's configs unquoted: a space or a newline
+    broke (or added) their lines."""
+    url = f"sqlite://{tmp_path}/s.db"
+    for args, says in ((("--run-dir", f"{tmp_path}/a b"), "--run-dir"),
+                       (("--run-dir", f"{tmp_path}/a\nlog-facility=/etc/x"), "--run-dir"),
+                       (("--run-dir", "relative/dir"), "--run-dir"),
+                       (("--run-dir", f"{tmp_path}/../x"), "--run-dir"),
+                       (("--metrics-addr", "not-an-address"), "--metrics-addr")):
+        r = tabby(url, "agent", "--host", "h1", *args)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "s.db").exists()  # refused before the store was opened

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +32,15 @@ def _daemon_setup(host: str, log_level: str | None, what: str) -> None:
                         format=f"%(asctime)s {host} {what}%(levelname)s %(name)s: %(message)s")
 
 
+_PLAIN_PATH = re.compile(r"(/[A-Za-z0-9._+-]+)+/?")
+
+
+def plain_run_dir(path: str) -> bool:
+    """An absolute path that can go into a daemon's config unquoted."""
+    return bool(_PLAIN_PATH.fullmatch(path)) and all(s not in (".", "..") for s in path.split("/")) \
+        and len(path) <= 200
+
+
 @app.command()
 def agent(
     host: Annotated[str, typer.Option(help="the Host this agent serves (its Endpoints have spec.host = HOST)")],
@@ -51,6 +62,15 @@ def agent(
     from tabby.agent.agent import Agent
 
     _daemon_setup(host, log_level, "")
+    if run_dir is not None and not plain_run_dir(str(run_dir)):
+        # it is written into dnsmasq's, tayga's and unbound's configs: a space, quote or newline
+        # would break (or add) their lines
+        fail(f"--run-dir: {str(run_dir)!r} is not an absolute path of letters, digits and '._+-/' "
+             "without '.' or '..' steps", code=2)
+    try:
+        ipaddress.ip_address(metrics_addr)
+    except ValueError:
+        fail(f"--metrics-addr: {metrics_addr!r} is not an IP address", code=2)
     for noisy in ("urllib3", "asyncio"):  # one debug line per message or connection
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
