@@ -162,3 +162,41 @@ def test_the_agents_watches_carry_only_what_it_uses_and_an_own_block_re_renders_
     finally:
         a.netlink.close()
         a.monitor.close()
+
+
+def test_a_workload_prefix_that_covers_the_uplink_never_cuts_the_host_off(tmp_path: Path) -> None:
+    """Config workload_interface_prefixes ["up"] on hosts whose uplink is up0 made every host drop
+    all it received there (the Store's answers, BGP), so the Config could not even be mended. The
+    host's own links (those holding its fabric address, its peers', lo) are exempt; an unknown
+    up-named link is still dropped."""
+    with namespace("upl") as ns, namespace("upr") as peer:
+        def run(where: str, *cmd: str) -> None:
+            r = netns.nsexec(where, list(cmd))
+            assert r.returncode == 0, (cmd, r.stderr)
+
+        for mine, theirs in (("up0", "zz0"), ("up9", "zz9")):
+            run(ns, "ip", "link", "add", mine, "type", "veth", "peer", "name", theirs, "netns", peer)
+        for where, dev, addr in ((ns, "up0", "fd00:c1::1/64"), (peer, "zz0", "fd00:c1::2/64"),
+                                 (ns, "up9", "fd00:c9::1/64"), (peer, "zz9", "fd00:c9::2/64")):
+            run(where, "ip", "addr", "add", addr, "dev", dev, "nodad")
+            run(where, "ip", "link", "set", dev, "up")
+        run(ns, "ip", "link", "set", "lo", "up")
+        url = f"sqlite://{tmp_path}/store.db"
+        apply(open_store(url), host("h1", "fd00:c1::1"), config(workload_interface_prefixes=["up"]))
+        log = tmp_path / "agent.log"
+        proc = netns.spawn(ns, [sys.executable, "-m", "tabby.cli", "--store", url, "agent", "--host", "h1",
+                                "--no-bgp", "--metrics-port", "0", "--run-dir", str(tmp_path / "run")], log)
+        try:
+            def rule() -> str:
+                r = netns.nsexec(ns, ["nft", "list", "chain", "inet", "tabby", "prerouting"])
+                return r.stdout if r.returncode == 0 and "up*" in r.stdout else ""
+
+            netns.wait_for(rule, 20, 0.1, "the policy table with the up* rule")
+            assert 'iifname != "up0"' in rule(), rule()
+            ok = netns.nsexec(peer, ["ping", "-6", "-c", "2", "-W", "2", "fd00:c1::1"])  # the fabric address
+            assert ok.returncode == 0, ok.stdout
+            bad = netns.nsexec(peer, ["ping", "-6", "-c", "2", "-W", "1", "fd00:c9::1"])  # the unknown up9
+            assert bad.returncode != 0, bad.stdout
+        finally:
+            netns.stop(proc)
+            print(log.read_text()[-3000:])

@@ -39,6 +39,7 @@ from tabby.agent.fabric import (
     bfd_actions,
     bird_inputs,
     endpoint_status,
+    host_links,
     missing_secrets,
     password_files,
     password_why,
@@ -259,6 +260,7 @@ class Agent:
         self.ep_states: dict[str, str] = {}
         self.state_counts: Counter[str] = Counter()
         self.full_check_due = True
+        self.host_links_due = True  # this host's own links, exempt from the unknown-workload drops
         self.last_apply_ok = True
         self.started_at = time.monotonic()
         self._links_read_at_start = False
@@ -718,6 +720,8 @@ class Agent:
                     self.created[item.key] = item.created
                 self.bgp_dirty = True
                 self.nat64_dirty = True  # pools, Config and this host's fabric address steer NAT64
+                if parsed is not None and parsed[0] in ("Host", "BGPPeer", "Config"):
+                    self.host_links_due = True  # its fabric address, its peers' links, the prefixes
                 if item.key.startswith(kind_prefix("IPPool")):
                     self.dhcp_dirty = True  # dnsmasq's ranges follow the pools
                 if parsed is not None and parsed[0] == "Host":
@@ -923,6 +927,8 @@ class Agent:
             self.metrics.resyncs.inc()
             self.dirty.update(self.index.plans)
             self.full_check_due = False
+        if full or self.host_links_due:
+            self._host_links()
         policy_ok = self._apply_policy(full)
         if self.policy is None or policy_ok:
             self.policy_interfaces = set(self.index.state.interfaces)
@@ -959,6 +965,24 @@ class Agent:
         self._write_statuses()
         self.last_apply_ok = not (failed or failed_sysctls) and policy_ok
         return self.last_apply_ok and not self._retryable_pending()
+
+    def _host_links(self) -> None:
+        """Which of this host's own links a workload prefix covers (see ``fabric.host_links``): the
+        addresses are dumped only when a link no endpoint owns is named like a workload."""
+        self.host_links_due = False
+        ifaces = self.index.state.interfaces
+        covered = {n for n in self.links.by_name if n.startswith(self.policy_index.workload_prefixes)
+                   and n not in ifaces}
+        addresses: list[tuple[str, str]] = []
+        if covered:
+            try:
+                names = self.links.by_index
+                addresses = [(n, a) for i, a in self.netlink.addresses() if (n := names.get(i, "")) in covered]
+            except OSError as e:  # the links of the last look stay exempt
+                log.warning("cannot read this host's addresses (its links stay as they were): %s", e)
+                self.host_links_due = True
+                return
+        self.policy_index.set_host_links(host_links(self.host, self.fabric.values(), addresses))
 
     def _apply_policy(self, full: bool) -> bool:
         """Policy goes in before routes, so a new workload is never reachable unfiltered."""

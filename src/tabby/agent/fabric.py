@@ -62,6 +62,22 @@ def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], c
                                                          for k, v in (config.bgp_secrets or {}).items()}})
 
 
+def host_links(host: str, records: Iterable[Any], addresses: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """This host's own links, sorted: lo, those holding its fabric addresses (addresses: (link,
+    address) as the kernel has them) and those its BGP peers are on. The policy never drops them as
+    unknown workloads, so no Config prefix can cut a host off the Store or its peers."""
+    mine = {"lo"}
+    fabric: set[str] = set()
+    for r in records:
+        kind = getattr(r, "kind", None)
+        if kind == "Host" and r.metadata.name == host:
+            fabric |= {str(a) for a in (r.spec.ipv6_address, r.spec.ipv4_address) if a is not None}
+        elif kind == "BGPPeer" and r.spec.host in (None, host) and r.spec.interface is not None:
+            mine.add(r.spec.interface)
+    mine |= {link for link, addr in addresses if addr in fabric}
+    return tuple(sorted(mine))
+
+
 def _inside(block: str, pool: ipaddress.IPv6Network | ipaddress.IPv4Network) -> bool:
     net = ipaddress.ip_network(block)
     return net.version == pool.version and net.subnet_of(pool)  # type: ignore[arg-type]

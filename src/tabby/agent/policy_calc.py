@@ -143,6 +143,7 @@ class PolicyIndex:
     profiles: dict[str, Any] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")
+    host_links: tuple[str, ...] = ("lo",)
     nat64_pool4: str | None = None  # this host runs NAT64 (agent): masquerade its pool
     nat64_pools: tuple[str, ...] = ()  # ... for these pools' workloads only
     elements: dict[str, Counter[Element]] = field(default_factory=dict)  # set -> element -> refcount
@@ -194,6 +195,12 @@ class PolicyIndex:
             self.workload_prefixes = prefixes
             self._structure = None
 
+    def set_host_links(self, links: tuple[str, ...]) -> None:
+        """The host's own links (sorted, lo among them), exempt from the unknown-workload drops."""
+        if links != self.host_links:
+            self.host_links = links
+            self._structure = None
+
     def set_nat64(self, pool4: str | None, pools: tuple[str, ...]) -> None:
         """This host translates (pool4, and the nat64 pools it translates for), or not (None)."""
         if (pool4, pools) != (self.nat64_pool4, self.nat64_pools):
@@ -223,7 +230,8 @@ class PolicyIndex:
                 pools4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4)),
                 nat6=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 6 and p.nat_outgoing)),
                 nat4=tuple(sorted(str(p.cidr) for p in pools if p.cidr.version == 4 and p.nat_outgoing)),
-                workload_prefixes=self.workload_prefixes, nat64_pool4=self.nat64_pool4,
+                workload_prefixes=self.workload_prefixes, host_links=self.host_links,
+                nat64_pool4=self.nat64_pool4,
                 nat64_pools=self.nat64_pools)
         return self._structure
 

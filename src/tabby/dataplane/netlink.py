@@ -31,6 +31,8 @@ RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_GETNEIGHTBL = 66
+RTM_GETADDR = 22
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDTA_NAME, NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3, NDTA_CONFIG, NDTA_STATS = 1, 2, 3, 4, 5, 7
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 NDA_DST, NDA_LLADDR, NDA_PROTOCOL = 1, 2, 12
@@ -52,6 +54,7 @@ RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
 _NLMSGHDR = struct.Struct("=IHHII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BBHiHBB")
+_IFADDRMSG = struct.Struct("=BBBBI")
 _IFINFOMSG = struct.Struct("=BBHiII")
 _RTA = struct.Struct("=HH")
 _NLMSGERR = struct.Struct("=i")
@@ -287,6 +290,16 @@ class Netlink:
                 if table != RT_TABLE_MAIN or dst is None:
                     continue
                 out.append(Route(f"{dst}/{dst_len}", oif, rproto, metric))
+        return out
+
+    def addresses(self) -> list[tuple[int, str]]:
+        """(ifindex, address) of every address on this namespace's links, both families."""
+        out = []
+        for _, msg in self._dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            index = _IFADDRMSG.unpack_from(msg)[4]
+            for kind, val in _attrs(msg, _IFADDRMSG.size):
+                if kind in (IFA_ADDRESS, IFA_LOCAL) and len(val) in (4, 16):
+                    out.append((index, addr_text(val)))
         return out
 
     def neighbours(self, proxy: bool = False) -> list[Neigh]:

@@ -225,7 +225,7 @@ def _unknown_workloads(t: _Table, s: Structure, chain: str, key: str) -> None:
         t.rule(chain, f"unknown {prefix}* {key}", [
             _m(_meta(key), prefix + "*"), _m(_meta(key), "@" + WL_IF, "!="),
             _m(_meta(key), {"set": [ANCHOR, ANCHOR_PEER, NAT64_TUN]}, "!="), *_group_anchor(prefix, key),
-            *_loopback(prefix, key), *_COUNT_DROP])
+            *_host_links(s, prefix, key), *_COUNT_DROP])
 
 
 def _group_anchor(prefix: str, key: str) -> list[Expr]:
@@ -233,9 +233,13 @@ def _group_anchor(prefix: str, key: str) -> list[Expr]:
     return [_m(_meta(key), GROUP_ANCHOR + "*", "!=")] if GROUP_ANCHOR.startswith(prefix) else []
 
 
-def _loopback(prefix: str, key: str) -> list[Expr]:
-    """A prefix that covers "lo" (Config "l", "lo") must not drop the host's traffic to itself."""
-    return [_m(_meta(key), "lo", "!=")] if "lo".startswith(prefix) else []
+def _host_links(s: Structure, prefix: str, key: str) -> list[Expr]:
+    """The host's own links a prefix covers (Config "l", "en", "eth"): its traffic to itself, to the
+    Store and to its peers is never a workload's."""
+    covered = sorted(n for n in s.host_links if n.startswith(prefix))
+    if not covered:
+        return []
+    return [_m(_meta(key), covered[0] if len(covered) == 1 else {"set": covered}, "!=")]
 
 
 def _nat(t: _Table, s: Structure) -> None:

@@ -64,6 +64,9 @@ class Structure:
     nat64_pool4: str | None = None  # this host translates: its NAT64 pool is masqueraded on the way out
     nat64_pools: tuple[str, ...] = ()  # the IPv6 pools it translates for (no other source may use it)
     workload_prefixes: tuple[str, ...] = ("tap", "tby", "vnet")  # unknown interfaces so named: dropped
+    # the host's own links (lo, those holding its fabric addresses, its BGP peers'): never dropped
+    # as unknown workloads, whatever a prefix covers (a Config "en" cut every host off the Store)
+    host_links: tuple[str, ...] = ("lo",)
 
     def set_names(self) -> dict[str, str | list[str]]:
         """Every named set and its nftables type (read on every element patch: computed once)."""
