@@ -10,6 +10,7 @@ dnsmasq is started detached (own session, pid file), so an agent restart adopts 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tabby.dataplane.daemon import adopted_pid
+from tabby.dataplane.daemon import adopted_pid, running
 from tabby.dataplane.dnsmasq_config import ANCHOR, ANCHOR_PEER, GROUP_ANCHOR, V4_GATEWAY, Rendered, Vm
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,22 @@ class DnsmasqReconciler:
         return adopted_pid(self.pidfile, self.conf, "dnsmasq")
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s: the next dnsmasq cannot bind while this one lives (a
+        1 s wait alone let a slow exit fail the restart)."""
         pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
-                    break
+        if pid is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
+            if sig == signal.SIGKILL and self.pid() != pid:  # gone meanwhile, its pid perhaps another's
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not running(pid):
+                    return
                 time.sleep(0.01)
+        log.warning("dnsmasq (pid %d) did not end after SIGKILL", pid)
 
     def _anchors(self, anchors: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
         """The main anchor and the group anchors, and no other group anchor."""
