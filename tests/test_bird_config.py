@@ -3,6 +3,7 @@ and that a real ``bird -p`` accepts it (documentation prefixes only)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -107,15 +108,20 @@ def test_unreadable_password_disables_the_session_and_says_which_file(tmp_path: 
     missing = str(tmp_path / "nope")
     bad = tmp_path / "bad"
     bad.write_text('quote"inside')
+    fifo = tmp_path / "fifo"  # opening it blocked until a writer came: the agent's loop hung
+    os.mkfifo(fifo)
     p = (peer("a", peer_ip="2001:db8:f::fe", asn=65100, password_file=missing),
-         peer("b", peer_ip="2001:db8:f::fd", asn=65100, password_file=str(bad)))
+         peer("b", peer_ip="2001:db8:f::fd", asn=65100, password_file=str(bad)),
+         peer("c", peer_ip="2001:db8:f::fc", asn=65100, password_file=str(fifo)),
+         peer("d", peer_ip="2001:db8:f::fb", asn=65100, password_file="/dev/zero"))
     inp = BirdInputs(host=me, hosts=(me,), peers=p, pools=POOLS[:1])
     got, errors = read_passwords(password_files(inp))
-    assert got == {} and len(errors) == 2
+    assert got == {} and len(errors) == 4
     assert any(missing in e for e in errors) and any(str(bad) in e and "quote" not in e.replace(str(bad), "")
                                                       for e in errors)
+    assert sum("not a regular file" in e for e in errors) == 2, errors
     text = render(inp)
-    assert text.count("disabled;") == 2 and "  password " not in text
+    assert text.count("disabled;") == 4 and "  password " not in text
     bird_accepts(text, tmp_path)
 
 

@@ -20,12 +20,15 @@ outage leaves the dataplane as it is while the syncer reconnects.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gc
 import ipaddress
 import logging
+import os
 import queue
 import random
+import stat
 import subprocess
 import threading
 import time
@@ -131,7 +134,12 @@ def read_passwords(paths: list[str], quiet: bool = False) -> tuple[dict[str, str
     errors: list[str] = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
+            # non-blocking, and a regular file only: a BGPPeer may name any path, and opening a FIFO
+            # (or a terminal) would hang the agent's loop
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
                 raw = f.read(256)
             text = raw.decode("ascii").rstrip("\r\n")
             got[path] = check_password(text, f"password file {path}")
