@@ -103,12 +103,13 @@ def main() -> None:
     ap.add_argument("--only", choices=("server", "in-process", "ptp"), help="just these runs (and the start-up floor)")
     args = ap.parse_args()
     tag = uuid.uuid4().hex[:4]
-    host_ns = netns.add_netns(f"tbyc{tag}")
+    host_ns = f"tbyc{tag}"
     containers: list[str] = []
     server = None
     with tempfile.TemporaryDirectory(prefix="tabby-bench-cni-") as tmp:
         d = Path(tmp)
         try:
+            netns.add_netns(host_ns)
             url = f"sqlite://{d}/store.db"
             store = open_store(url)
             client = ResourceClient(store)

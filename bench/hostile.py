@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,11 +56,12 @@ def decode_costs(count: int, reps: int) -> None:
 
 
 def valid_after_hostile(rounds: int, burst: int) -> None:
-    ns = netns.add_netns(f"tbyb{uuid.uuid4().hex[:6]}")
     tmp = Path(tempfile.mkdtemp(prefix="tabby-bench-hostile-"))
     store = f"sqlite://{tmp}/store.db"
     agent = None
+    ns = f"tbyb{uuid.uuid4().hex[:6]}"
     try:
+        netns.add_netns(ns)
         lines = [f"link add tbyv{i} type veth peer name tbyw{i}" for i in range(rounds)]
         lines += [f"link set tbyv{i} up" for i in range(rounds)]
         netns.ip("-batch", "-", ns=ns, input="\n".join(lines) + "\n")
@@ -80,8 +82,6 @@ def valid_after_hostile(rounds: int, burst: int) -> None:
         if agent is not None:
             netns.stop(agent)
         netns.del_netns(ns)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 

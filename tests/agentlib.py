@@ -65,6 +65,13 @@ class AgentProc:
     def healthy(self) -> bool:
         return self.http("/healthz")[0] == 200
 
+    def store_events(self) -> int:
+        """Store updates the agent has folded in so far (its tabby_store_events_total)."""
+        code, body = self.http("/metrics")
+        assert code == 200, body
+        return int(float(next(line.split()[1] for line in body.splitlines()
+                              if line.startswith("tabby_store_events_total "))))
+
     def stop(self) -> None:
         if self.proc is not None:
             netns.stop(self.proc)

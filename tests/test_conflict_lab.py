@@ -3,6 +3,7 @@ workloads back. In a real 3-host lab, with real traffic."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from tabby.lab import lab as L
 from tabby.lab import netns
 from tabby.model import validate
 from tabby.model.status import decode_status
-from tabby.store import open_store
+from tabby.store import NotFound, open_store
 
 GW6 = "fe80::ecee:eeff:feee:eeee"  # the host end of every tabby veth (see TRIALS.md)
 
@@ -65,7 +66,7 @@ def endpoint_state(the_lab: L.Lab, host: str, name: str) -> Any:
     return decode_status(kv.key, kv.value) if kv else None
 
 
-def workload(the_lab: L.Lab, host_ns: str, ns: str, iface: str, addrs: list[str]) -> None:
+def workload(host_ns: str, ns: str, iface: str, addrs: list[str]) -> None:
     """A container's namespace wired as tabby-cni wires one (veth, /128, default via the host end)."""
     netns.add_netns(ns)
     netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", iface, ns=ns)
@@ -98,9 +99,9 @@ def test_an_address_claimed_twice_stays_with_its_first_holder(the_lab: L.Lab) ->
     x = addrs["h1-c1"]["v6"][0]
     holder = the_lab.endpoint_of(next(w for w in the_lab.topo.workloads if w.name == "h1-c1"))
     thief_ns = f"{the_lab.topo.prefix}-thief"
-    workload(the_lab, h2.ns, thief_ns, "tbythief0", [x])
     c = client(the_lab)
     try:
+        workload(h2.ns, thief_ns, "tbythief0", [x])
         before = echo_requests_seen(thief_ns)
         c.apply(endpoint_doc("thief", h2.name, "tbythief0", mac_of(thief_ns), [x]))
         assert L.wait_until(lambda: (st := endpoint_state(the_lab, h2.name, "thief")) is not None
@@ -122,7 +123,8 @@ def test_an_address_claimed_twice_stays_with_its_first_holder(the_lab: L.Lab) ->
         assert {"endpoint": "thief", "host": h2.name, "state": "conflict",
                 "reason": f"conflict: {x} held by {holder}"} in json.loads(r.stdout)["endpoints"]
     finally:
-        c.delete("Endpoint", "thief")
+        with contextlib.suppress(NotFound):  # (not there if the apply above failed: that error shows)
+            c.delete("Endpoint", "thief")
         netns.del_netns(thief_ns)
     assert ping(ns_of(the_lab, "h3-c1"), x)
 
@@ -149,31 +151,34 @@ def test_a_policy_that_cannot_be_written_holds_new_workloads_back(the_lab: L.Lab
     blocker = netns.spawn(h1.ns, [sys.executable, "-c", OWNED_COPY], log)
     new_ns = f"{the_lab.topo.prefix}-late"
     ipam, c = IPAM(open_store(the_lab.store_url)), client(the_lab)
+    got: list[str] = []
     try:
-        netns.wait_for(lambda: "ready" in log.read_text() or "failed" in log.read_text(), 15, 0.1, "owned table")
-        assert "ready" in log.read_text(), log.read_text()
-        got = [str(a.ip) for a in ipam.assign("conflict-test.late", h1.name, ipv6=1, endpoint="late")]
-        workload(the_lab, h1.ns, new_ns, "tbylate0", got)
-        c.apply(endpoint_doc("late", h1.name, "tbylate0", mac_of(new_ns), got))
-        assert L.wait_until(lambda: (st := endpoint_state(the_lab, h1.name, "late")) is not None
-                            and "waiting for policy" in st.reason, 20, 0.2), endpoint_state(the_lab, h1.name, "late")
-        assert endpoint_state(the_lab, h1.name, "late").state == "down"
-        time.sleep(2)
-        assert "tbylate0" not in tabby_routes(h1.ns).values()  # no route while its policy is not in
-        assert not ping(ns_of(the_lab, "h3-c1"), got[0], count=2)
-        # the existing workload keeps its route and its policy (the table as it was)
-        assert tabby_routes(h1.ns).get(old) is not None
-        assert ping(ns_of(the_lab, "h3-c1"), old)
-        assert "h1-c1" in netns.nsexec(h1.ns, ["nft", "list", "table", "inet", "tabby"]).stdout or \
-            old in netns.nsexec(h1.ns, ["nft", "list", "set", "inet", "tabby", "wl_src6"]).stdout
-    finally:
-        netns.stop(blocker)  # its table goes with it; the agent writes its own again
-    try:
+        try:
+            netns.wait_for(lambda: "ready" in log.read_text() or "failed" in log.read_text(), 15, 0.1, "owned table")
+            assert "ready" in log.read_text(), log.read_text()
+            got = [str(a.ip) for a in ipam.assign("conflict-test.late", h1.name, ipv6=1, endpoint="late")]
+            workload(h1.ns, new_ns, "tbylate0", got)
+            c.apply(endpoint_doc("late", h1.name, "tbylate0", mac_of(new_ns), got))
+            assert L.wait_until(lambda: (st := endpoint_state(the_lab, h1.name, "late")) is not None
+                                and "waiting for policy" in st.reason, 20, 0.2), \
+                endpoint_state(the_lab, h1.name, "late")
+            assert endpoint_state(the_lab, h1.name, "late").state == "down"
+            time.sleep(2)
+            assert "tbylate0" not in tabby_routes(h1.ns).values()  # no route while its policy is not in
+            assert not ping(ns_of(the_lab, "h3-c1"), got[0], count=2)
+            # the existing workload keeps its route and its policy (the table as it was)
+            assert tabby_routes(h1.ns).get(old) is not None
+            assert ping(ns_of(the_lab, "h3-c1"), old)
+            assert "h1-c1" in netns.nsexec(h1.ns, ["nft", "list", "table", "inet", "tabby"]).stdout or \
+                old in netns.nsexec(h1.ns, ["nft", "list", "set", "inet", "tabby", "wl_src6"]).stdout
+        finally:
+            netns.stop(blocker)  # its table goes with it; the agent writes its own again
         assert L.wait_until(lambda: "tbylate0" in tabby_routes(h1.ns).values(), 20, 0.2)
         assert L.wait_until(lambda: (st := endpoint_state(the_lab, h1.name, "late")) is not None
                             and st.state == "up", 20, 0.2), endpoint_state(the_lab, h1.name, "late")
         assert L.wait_until(lambda: ping(ns_of(the_lab, "h3-c1"), got[0], count=2), 20, 0.5)
     finally:
-        c.delete("Endpoint", "late")
+        with contextlib.suppress(NotFound):
+            c.delete("Endpoint", "late")
         ipam.release_handle("conflict-test.late")
         netns.del_netns(new_ns)

@@ -14,8 +14,8 @@ or changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -149,7 +149,16 @@ class Containerd:
         path = netns.wait_for(find, timeout, 0.02, f"libcni's cached result for {name}")
         return json.loads(Path(str(path)).read_text())["result"]  # type: ignore[no-any-return]
 
+    def shim_pids(self) -> set[int]:
+        """The shims our containerd started, by the pid files it keeps in each task's bundle."""
+        pids = set()
+        for f in (self.d / "state").glob("io.containerd.runtime.v2.task/*/*/shim.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(f.read_text().strip()))
+        return pids
+
     def __exit__(self, *_: object) -> None:
+        shims = self.shim_pids()  # read first: removing a task removes its bundle
         for c in self.ctr("container", "ls", "-q").stdout.split():
             self.ctr("task", "kill", "-s", "KILL", c)
             time.sleep(0.2)
@@ -157,14 +166,12 @@ class Containerd:
             self.ctr("container", "rm", c)
         if self.proc is not None:
             netns.stop(self.proc)
-        # shims containerd started carry our socket path in their arguments: end those, by pid
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(self.sock).encode() in cmdline and int(pid) != os.getpid():
-                netns.kill_pid(int(pid), signal.SIGKILL)
+        # a shim left running (its task would not go) is ended by the pid its bundle named, if that
+        # pid still runs a shim of ours (its arguments name our socket)
+        for pid in shims | self.shim_pids():
+            with contextlib.suppress(OSError):
+                if str(self.sock).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    netns.kill_pid(pid, signal.SIGKILL)
         for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
             mountpoint = line.split()[4]
             if mountpoint.startswith(str(self.d)):

@@ -34,7 +34,8 @@ from tabby.store import Store, open_store
 
 HOSTILE = 520  # records per run (the issue asks for at least 500)
 VALID = 24  # valid endpoints written among them
-PROGRAM_WITHIN_S = 2.0
+# a stall guard, not a speed: bench/hostile.py times valid endpoints among hostile records
+PROGRAM_WITHIN_S = 15.0
 AGENT_RSS_MB = 200
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import multiprocessing as mp
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -125,10 +124,8 @@ def test_small_pool_exhausted_at_once_without_partial_allocation(sq: Store) -> N
     for i in range(254):  # 256 addresses, the pool's first reserved
         ipam.assign(f"c{i}", hosts[i % 5], ipv6=1)
     assert sum(r["used"] for r in ipam.usage()) == 254
-    t0 = time.monotonic()
     with pytest.raises(PoolExhausted, match="pool exhausted"):
         ipam.assign("two", "h1", ipv6=2)  # one address is left: all or nothing
-    assert time.monotonic() - t0 < 2
     assert ipam.handle("two") is None
     assert sum(r["used"] for r in ipam.usage()) == 254
     ipam.assign("last", "h5", ipv6=1)

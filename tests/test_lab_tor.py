@@ -184,7 +184,9 @@ def test_uplink_cut_keeps_traffic_flowing(the_lab: L.Lab) -> None:
         sent, got = ping_loss(w2.ns, dst, ["ip", "-n", h1.ns, "link", "set", "up2", "down"],
                               ["ip", "-n", h1.ns, "link", "set", "up2", "up"])
         print(f"{fam}: {sent - got} of {sent} pings lost at 10/s")
-        assert sent - got <= 10, (fam, sent, got)  # at most 1 s of pings
+        # far fewer than a hold time's worth (9 s: 90 pings): link state and BFD withdrew the path, not
+        # BGP's timers (how fast is bench/bfd.py's figure)
+        assert sent - got <= 40, (fam, sent, got)
         # back as it was: both next hops again (the BIRD ToR session re-established)
         wait_for(lambda: any(len(r.get("nexthops", [])) == 2 for r in kernel_routes(h2.ns)), 30, 0.2,
                  "ECMP back after the uplink is up again")

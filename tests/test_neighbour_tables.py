@@ -68,8 +68,9 @@ def test_in_a_namespace_they_cannot_be_set_and_the_agent_says_so_once(caplog: py
     """What this kernel does: no net.ipv{4,6}.neigh.default in a namespace other than the root one,
     but RTM_GETNEIGHTBL there reports the machine's (shared) tables."""
     name = netns.add_netns("tnt" + uuid.uuid4().hex[:5])
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    fd = -1
     try:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
         assert in_netns(fd, lambda: read_neigh_thresholds()) is None
         assert in_netns(fd, lambda: Path("/proc/sys/net/ipv6/neigh/default").exists()) is False
         # neigh_tables closes its sockets: an open one would keep the namespace alive
@@ -89,7 +90,8 @@ def test_in_a_namespace_they_cannot_be_set_and_the_agent_says_so_once(caplog: py
         lines = [r for r in caplog.records if "not in this network namespace" in r.getMessage()]
         assert len(lines) == 1, [r.getMessage() for r in caplog.records]
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         netns.del_netns(name)
 
 

@@ -174,5 +174,6 @@ def test_an_overflow_brings_a_full_check_that_puts_back_what_the_lost_events_und
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["overflows"] is not None and got["overflows"] >= 1, (got, r.stderr[-3000:])
-    assert got["back_s"] is not None and got["back_s"] < 5, (got, r.stderr[-3000:])
+    # at the overflow, not at the resync (an hour): any bound far below that shows which
+    assert got["back_s"] is not None and got["back_s"] < 60, (got, r.stderr[-3000:])
     assert "kernel events were lost" in r.stderr, r.stderr[-3000:]

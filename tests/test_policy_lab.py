@@ -19,6 +19,7 @@ from tabby.lab import lab as L
 from tabby.lab import netns
 from tabby.lab.topology import OUTSIDE_V4, OUTSIDE_V6
 from tabby.model import validate
+from tabby.model.status import decode_status
 from tabby.store import open_store
 
 ALT_PORT = 8081  # a second listener in some workloads: the port the test's policy does not allow
@@ -160,32 +161,34 @@ def test_rogue_workload_is_stopped_and_its_neighbour_is_unharmed(the_lab: L.Lab)
     # spoofed sources: addresses the rogue does not own, IPv6 and IPv4
     netns.ip("addr", "add", "fd00:e::fff0/128", "dev", "eth0", "nodad", ns=rogue)
     netns.ip("addr", "add", "10.65.255.250/32", "dev", "eth0", ns=rogue)
-    assert ping(rogue, target6, "-I", "fd00:e::fff0").returncode != 0
-    assert ping(rogue, target4, "-I", "10.65.255.250").returncode != 0
-    assert ping(rogue, target6).returncode == 0  # its own address still works
-    # a foreign source MAC: its own addresses, someone else's MAC
-    mac = json.loads(netns.ip("-j", "link", "show", "eth0", ns=rogue))[0]["address"]
-    netns.ip("link", "set", "eth0", "address", "02:de:ad:be:ef:01", ns=rogue)
     try:
-        assert ping(rogue, target6).returncode != 0
-        assert ping(rogue, target4).returncode != 0
-    finally:
-        netns.ip("link", "set", "eth0", "address", mac, ns=rogue)
-    after = counters(host_ns)
-    grew = {k: after[k] - before[k] for k in after}
-    assert grew["workload RA"] >= 6, grew
-    assert grew["workload DHCPv6 server"] >= 2, grew  # the unicast ones (the host is in no DHCP group)
-    assert grew["workload DHCPv4 server"] >= 3, grew
-    assert grew["spoofed IPv6 source"] >= 2, grew
-    assert grew["spoofed IPv4 source"] >= 2, grew
-    assert grew["foreign source MAC"] >= 4, grew
-    # the rogue's RA changed nothing on the host or in the VM next door
-    assert vm_routes() == vm_routes_before
-    assert "fd00:bad" not in netns.ip("-6", "route", "show", ns=host_ns)
-    assert "fd00:bad" not in netns.ip("-6", "addr", "show", ns=victim)
-    assert "fd00:bad" not in netns.ip("-6", "addr", "show", ns=the_lab.topo.hosts[0].ns)
-    netns.ip("addr", "del", "fd00:e::fff0/128", "dev", "eth0", ns=rogue)
-    netns.ip("addr", "del", "10.65.255.250/32", "dev", "eth0", ns=rogue)
+        assert ping(rogue, target6, "-I", "fd00:e::fff0").returncode != 0
+        assert ping(rogue, target4, "-I", "10.65.255.250").returncode != 0
+        assert ping(rogue, target6).returncode == 0  # its own address still works
+        # a foreign source MAC: its own addresses, someone else's MAC
+        mac = json.loads(netns.ip("-j", "link", "show", "eth0", ns=rogue))[0]["address"]
+        netns.ip("link", "set", "eth0", "address", "02:de:ad:be:ef:01", ns=rogue)
+        try:
+            assert ping(rogue, target6).returncode != 0
+            assert ping(rogue, target4).returncode != 0
+        finally:
+            netns.ip("link", "set", "eth0", "address", mac, ns=rogue)
+        after = counters(host_ns)
+        grew = {k: after[k] - before[k] for k in after}
+        assert grew["workload RA"] >= 6, grew
+        assert grew["workload DHCPv6 server"] >= 2, grew  # the unicast ones (the host is in no DHCP group)
+        assert grew["workload DHCPv4 server"] >= 3, grew
+        assert grew["spoofed IPv6 source"] >= 2, grew
+        assert grew["spoofed IPv4 source"] >= 2, grew
+        assert grew["foreign source MAC"] >= 4, grew
+        # the rogue's RA changed nothing on the host or in the VM next door
+        assert vm_routes() == vm_routes_before
+        assert "fd00:bad" not in netns.ip("-6", "route", "show", ns=host_ns)
+        assert "fd00:bad" not in netns.ip("-6", "addr", "show", ns=victim)
+        assert "fd00:bad" not in netns.ip("-6", "addr", "show", ns=the_lab.topo.hosts[0].ns)
+    finally:  # the rogue is the module's: it gets back only its own addresses
+        netns.ip("addr", "del", "fd00:e::fff0/128", "dev", "eth0", ns=rogue, check=False)
+        netns.ip("addr", "del", "10.65.255.250/32", "dev", "eth0", ns=rogue, check=False)
     assert L.wait_until(lambda: ping(rogue, target4).returncode == 0, 10)
 
 
@@ -265,9 +268,16 @@ def test_hand_edits_are_undone_and_a_corrupt_policy_changes_nothing(the_lab: L.L
     assert L.wait_until(lambda: listing() == good, 15)
     # a corrupt Policy record is skipped: the table and the matrix stay as they were
     store = open_store(the_lab.store_url)
-    store.put("/tabby/v1/policies/broken", b'{"kind": "Policy", "metadata": {"name": "broken"}, "spec": {"order": "x"')
+    broken = "/tabby/v1/policies/broken"
+    store.put(broken, b'{"kind": "Policy", "metadata": {"name": "broken"}, "spec": {"order": "x"')
+
+    def h1_saw_it() -> bool:  # h1's agent names it in its host status once it has read (and skipped) it
+        kv = store.get(f"/tabby/status/hosts/{the_lab.topo.hosts[0].name}")
+        return kv is not None and any(c.key == broken for c in decode_status(kv.key, kv.value).corrupt)
+
     try:
+        assert L.wait_until(h1_saw_it, 15, 0.2)
         assert all_ok(the_lab)
         assert listing() == good
     finally:
-        store.delete("/tabby/v1/policies/broken")
+        store.delete(broken)

@@ -31,8 +31,14 @@ def ip(*args: str, ns: str | None = None, check: bool = True, input: str | None 
 
 
 def add_netns(name: str) -> str:
+    """The namespace with its lo up, or none at all: a caller's cleanup starts only once this
+    returned, so a failure between the two steps must not leave the namespace behind."""
     ip("netns", "add", name)
-    ip("link", "set", "lo", "up", ns=name)
+    try:
+        ip("link", "set", "lo", "up", ns=name)
+    except BaseException:
+        del_netns(name)
+        raise
     return name
 
 
