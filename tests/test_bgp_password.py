@@ -36,10 +36,25 @@ def h1_state(the_lab: L.Lab) -> str:
 
 def test_wrong_password_never_established_says_why_and_leaks_nowhere(tmp_path: Path) -> None:
     with lab(2, 0, ipv6_only=True) as the_lab:
-        right, wrong = tmp_path / "mesh.pw", tmp_path / "mesh-h2.pw"
+        right, wrong = the_lab.bgp_password_dir / "mesh.pw", the_lab.bgp_password_dir / "mesh-h2.pw"
         right.write_text(RIGHT + "\n")
         wrong.write_text(WRONG + "\n")
         client = ResourceClient(open_store(the_lab.store_url))
+
+        def h1_error() -> str:
+            docs = json.loads(cli(the_lab, "bgp", "status", "-o", "json", stderr=False) or "[]")
+            return next((str(d.get("error")) for d in docs if d["host"] == "h1"), "")
+
+        # a file outside the agents' --bgp-password-dir is not read, whatever it holds: the
+        # sessions are disabled, and the status says why
+        outside = tmp_path / "mesh.pw"
+        outside.write_text(RIGHT + "\n")
+        client.apply(validate({"kind": "Config", "metadata": {"name": "global"},
+                               "spec": {"mesh_password_file": str(outside)}}))
+        assert L.wait_until(lambda: "not in the agent's --bgp-password-dir" in h1_error(), 30), h1_error()
+        assert str(outside) in h1_error() and "disabled;" in (the_lab.run_dir / "h1" / "bird.conf").read_text()
+        assert "Established" not in h1_state(the_lab)
+
         client.apply(validate({"kind": "Config", "metadata": {"name": "global"},
                                "spec": {"mesh_password_file": str(right)}}))
         client.apply(validate({"kind": "Config", "metadata": {"name": "host.h2"},

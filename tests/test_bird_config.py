@@ -50,7 +50,7 @@ def test_unnumbered_extended_next_hop_bfd_and_password(tmp_path: Path) -> None:
     inp = BirdInputs(host=me, hosts=(me,), peers=peers, pools=POOLS, blocks=("2001:db8:e::/122", "192.0.2.0/26"),
                      mesh=False)
     assert families(inp) == [6, 4]  # IPv4 routed though the host has no IPv4 address at all
-    passwords, errors = read_passwords(password_files(inp))
+    passwords, errors = read_passwords(password_files(inp), tmp_path)
     assert errors == [] and passwords == {str(pw): "s3cret pass"}
     text = render(BirdInputs(**{**inp.__dict__, "passwords": passwords}))
     tor1 = text[text.index('description "peer tor1"'):text.index('description "peer tor2"')]
@@ -89,6 +89,25 @@ def test_link_local_peers_on_any_interface_name_a_host_may_have(tmp_path: Path) 
     assert set(bfd_targets(inp)) == {f"fe80::{i + 2}%{n}" for i, n in enumerate(names)}
 
 
+def test_an_ipv4_link_local_peer_needs_no_interface(tmp_path: Path) -> None:
+    """169.254/16 peers (a cloud's interconnect) are on-link by the kernel's route: the model asks no
+    interface of them, and the config named none ('interface "None";', a session that never came up)."""
+    me = host("h1", "2001:db8:f::1", asn=65001)  # no IPv4 fabric address: the session speaks from the link's
+    inp = BirdInputs(host=me, hosts=(me,), pools=POOLS, mesh=False, peers=(
+        peer("dx", peer_ip="169.254.255.1", asn=65100, bfd=True),
+        peer("dy", peer_ip="169.254.254.1", interface="eth1", asn=65101, bfd=True)))
+    text = render(inp)
+    bird_accepts(text, tmp_path)
+    assert "None" not in text and families(inp) == [6, 4]
+    dx = text[text.index('description "peer dx"'):text.index('description "peer dy"')]
+    assert "neighbor 169.254.255.1 as 65100;" in dx and "interface" not in dx and "local as 65001;" in dx
+    assert 'neighbor 169.254.254.1 as 65101;\n  interface "eth1";' in text
+    live = render_bfd(inp)
+    assert live is not None and "None" not in live
+    bird_accepts(live, tmp_path)
+    assert "neighbor 169.254.255.1;" in live and 'neighbor 169.254.254.1 dev "eth1";' in live
+
+
 def test_protocol_names_of_long_alike_hosts_stay_distinct_and_within_birds_limit(tmp_path: Path) -> None:
     """The pair a helper found colliding under a 24-bit hash, and the longest unnumbered peer name."""
     from tabby.dataplane.bird_config import _ident
@@ -105,23 +124,33 @@ def test_protocol_names_of_long_alike_hosts_stay_distinct_and_within_birds_limit
 
 def test_unreadable_password_disables_the_session_and_says_which_file(tmp_path: Path) -> None:
     me = host("h1", "2001:db8:f::1")
-    missing = str(tmp_path / "nope")
-    bad = tmp_path / "bad"
+    allowed = tmp_path / "pw"  # the agent's --bgp-password-dir
+    allowed.mkdir()
+    missing = str(allowed / "nope")
+    bad = allowed / "bad"
     bad.write_text('quote"inside')
-    fifo = tmp_path / "fifo"  # opening it blocked until a writer came: the agent's loop hung
+    fifo = allowed / "fifo"  # opening it blocked until a writer came: the agent's loop hung
     os.mkfifo(fifo)
+    (allowed / "zero").symlink_to("/dev/zero")  # an operator's symlink is followed: still no device
+    beside = tmp_path / "pw-beside"  # a good password, but not in the directory (a prefix of its name)
+    beside.mkdir()
+    (beside / "x").write_text("fine\n")
     p = (peer("a", peer_ip="2001:db8:f::fe", asn=65100, password_file=missing),
          peer("b", peer_ip="2001:db8:f::fd", asn=65100, password_file=str(bad)),
          peer("c", peer_ip="2001:db8:f::fc", asn=65100, password_file=str(fifo)),
-         peer("d", peer_ip="2001:db8:f::fb", asn=65100, password_file="/dev/zero"))
+         peer("d", peer_ip="2001:db8:f::fb", asn=65100, password_file=str(allowed / "zero")),
+         peer("e", peer_ip="2001:db8:f::fa", asn=65100, password_file="/dev/zero"),
+         peer("f", peer_ip="2001:db8:f::f9", asn=65100, password_file=str(beside / "x")))
     inp = BirdInputs(host=me, hosts=(me,), peers=p, pools=POOLS[:1])
-    got, errors = read_passwords(password_files(inp))
-    assert got == {} and len(errors) == 4
+    got, errors = read_passwords(password_files(inp), allowed)
+    assert got == {} and len(errors) == 6
     assert any(missing in e for e in errors) and any(str(bad) in e and "quote" not in e.replace(str(bad), "")
                                                       for e in errors)
     assert sum("not a regular file" in e for e in errors) == 2, errors
+    outside = [e for e in errors if f"not in the agent's --bgp-password-dir {allowed}" in e]
+    assert len(outside) == 2 and any("/dev/zero" in e for e in outside) and any(str(beside) in e for e in outside)
     text = render(inp)
-    assert text.count("disabled;") == 4 and "  password " not in text
+    assert text.count("disabled;") == 6 and "  password " not in text
     bird_accepts(text, tmp_path)
 
 
@@ -133,7 +162,7 @@ def test_mesh_bfd_and_password_by_config(tmp_path: Path) -> None:
     cfg = effective_config(ConfigSpec(mesh_password_file=str(pw), mesh_bfd=True), None)
     inp = bird_inputs("h1", [me, other], {}, cfg)
     assert inp is not None
-    passwords, _ = read_passwords(password_files(inp))
+    passwords, _ = read_passwords(password_files(inp), tmp_path)
     text = render(BirdInputs(**{**inp.__dict__, "passwords": passwords}))
     mesh = text[text.index('description "host h2 v6"'):]
     assert 'password "meshpw";' in mesh and "neighbor 2001:db8:f::2 as 64512;" in mesh

@@ -133,7 +133,7 @@ def test_apply_reads_regular_files_only_and_errors_forge_no_line(tmp_path: Path)
             r.stderr
 
 
-def test_agent_refuses_a_run_dir_or_metrics_address_it_cannot_use_before_touching_anything(tmp_path: Path) -> None:
+def test_agent_refuses_a_directory_or_metrics_address_it_cannot_use_before_touching_anything(tmp_path: Path) -> None:
     """--run-dir goes into dnsmasq's, tayga's and unbound's configs unquoted: a space or a newline
     broke (or added) their lines."""
     url = f"sqlite://{tmp_path}/s.db"
@@ -141,6 +141,9 @@ def test_agent_refuses_a_run_dir_or_metrics_address_it_cannot_use_before_touchin
                        (("--run-dir", f"{tmp_path}/a\nlog-facility=/etc/x"), "--run-dir"),
                        (("--run-dir", "relative/dir"), "--run-dir"),
                        (("--run-dir", f"{tmp_path}/../x"), "--run-dir"),
+                       (("--run-dir", "/run/" + "d" * 90), "at most 94"),
+                       (("--bgp-password-dir", "etc/pw"), "--bgp-password-dir"),
+                       (("--bgp-password-dir", "/etc/../root"), "--bgp-password-dir"),
                        (("--metrics-addr", "not-an-address"), "--metrics-addr")):
         r = tabby(url, "agent", "--host", "h1", *args)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -197,6 +197,20 @@ def test_a_workload_prefix_that_covers_the_uplink_never_cuts_the_host_off(tmp_pa
             assert ok.returncode == 0, ok.stdout
             bad = netns.nsexec(peer, ["ping", "-6", "-c", "2", "-W", "1", "fd00:c9::1"])  # the unknown up9
             assert bad.returncode != 0, bad.stdout
+            # a BGP peer by address alone (no interface): the link whose subnet holds it is the host's,
+            # also when that link comes, and gets its address, after the agent started (the
+            # kernel's address event, not the next full check 90 s later, says so)
+            apply(open_store(url), validate({"kind": "BGPPeer", "metadata": {"name": "tor5"},
+                                             "spec": {"peer_ip": "fd00:c5::2", "asn": 65100}}))
+            run(ns, "ip", "link", "add", "up5", "type", "veth", "peer", "name", "zz5", "netns", peer)
+            for where, dev, addr in ((ns, "up5", "fd00:c5::1/64"), (peer, "zz5", "fd00:c5::2/64")):
+                run(where, "ip", "link", "set", dev, "up")
+                time.sleep(0.5)  # the link first, its address a moment later (as DHCP would)
+                run(where, "ip", "addr", "add", addr, "dev", dev, "nodad")
+            netns.wait_for(lambda: '"up5"' in rule(), 20, 0.1, "up5 exempt once it holds the peer's subnet")
+            ok = netns.nsexec(peer, ["ping", "-6", "-c", "2", "-W", "2", "fd00:c5::1"])
+            assert ok.returncode == 0, ok.stdout
+            assert '"up9"' not in rule()
         finally:
             netns.stop(proc)
             print(log.read_text()[-3000:])

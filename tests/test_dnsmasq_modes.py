@@ -54,6 +54,9 @@ def test_a_stateful_pool_wider_than_a_64_gets_a_range_per_64_that_dnsmasq_takes(
                       "dhcp-range=set:pool1,2001:db8:100:5::,static,off-link,64,1h",
                       "dhcp-range=set:pool1,2001:db8:100:ff00::,static,off-link,64,1h",
                       "dhcp-range=set:pool2,2001:db8:200::,static,off-link,80,1h"]
+    # dnsmasq serves a range only through an address of its own in the same /64: one per /64 served
+    assert r.anchors == ((ANCHOR, ("2001:db8:7::/64", "2001:db8:100:5::/64", "2001:db8:100:ff00::/64",
+                                   "2001:db8:200::/80")),)
     conf = tmp_path / "dnsmasq.conf"
     conf.write_text(r.conf)
     (tmp_path / "dnsmasq.hosts").write_text(r.hosts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tabby.agent.fabric import bird_inputs, endpoint_status
+from tabby.agent.fabric import bird_inputs, endpoint_status, host_links
 from tabby.model import effective_config, validate
 from tabby.model.ipam import Affinity
 
@@ -34,3 +34,16 @@ def test_endpoint_status_precedence() -> None:
     assert endpoint_status(**{**base, "policy_error": "refused"}) == ("error", "policy not programmed: refused")
     assert endpoint_status(**{**base, "present": False, "conflict": "conflict: x held by y"})[0] == "conflict"
     assert endpoint_status(**{**base, "present": False}) == ("down", "interface tap1 not present")
+
+
+def test_host_links_are_lo_the_fabric_address_s_and_the_peers_links() -> None:
+    def peer(name: str, **spec: object) -> object:
+        return validate({"kind": "BGPPeer", "metadata": {"name": name}, "spec": {"asn": 65100, **spec}})
+
+    recs = [host("h1", 1), host("h2", 2), peer("named", interface="en7", peer_ip="fe80::1"),
+            peer("by-address", peer_ip="10.1.0.1"), peer("elsewhere", peer_ip="10.9.0.1", host="h2")]
+    held = [("en0", "2001:db8::1/128"), ("en1", "10.1.0.0/31"), ("en2", "10.9.0.2/24"), ("en3", "fe80::5/64"),
+            ("en4", "2001:db8::2/64")]
+    # en2 holds the subnet of h2's own peer, not h1's; en4 h2's address (its subnet is no peer's)
+    assert host_links("h1", recs, held) == ("en0", "en1", "en7", "lo")
+    assert host_links("h2", recs, held) == ("en1", "en2", "en4", "en7", "lo")

@@ -322,3 +322,17 @@ def test_a_bad_handle_or_host_claims_nothing(sq: Store) -> None:
         with pytest.raises(ValueError, match=r"^(handle|host) "):
             call()
     assert sq.list(IPAM_PREFIX)[0] == []
+
+
+def test_every_64s_first_address_of_a_wide_pool_is_reserved(sq: Store) -> None:
+    """A host anchors dnsmasq on the first address of each /64 of a wide stateful pool its VMs use:
+    no workload may hold one (in IPv6 each is the /64's subnet-router anycast address anyway)."""
+    pool(sq, "wide", "fd00:48::/48")
+    ipam = IPAM(sq)
+    with pytest.raises(AddressInUse, match="reserved"):
+        ipam.assign_address("a", "h1", "fd00:48:0:5::")
+    got = ipam.assign_address("b", "h1", "fd00:48:0:5::1")  # the rest of that /64 is handed out
+    assert str(got.ip) == "fd00:48:0:5::1"
+    with pytest.raises(AddressInUse, match="reserved"):
+        ipam.assign_address("c", "h2", "fd00:48:0:ffff::")
+    assert ipam.check() == []

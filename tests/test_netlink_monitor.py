@@ -32,6 +32,9 @@ def _drain(mon: nl.Monitor, settle_s: float = 0.3) -> list[tuple[str, bool, int,
     return out
 
 
+RTPROT_KERNEL = 2
+
+
 def test_bird_routes_are_dropped_in_the_kernel_and_the_rest_arrive() -> None:
     with namespace("m") as ns:
         netns.ip("link", "add", "tbm0", "type", "veth", "peer", "name", "tbm1", ns=ns)
@@ -50,7 +53,9 @@ def test_bird_routes_are_dropped_in_the_kernel_and_the_rest_arrive() -> None:
                 f"route add 10.77.0.2/32 dev tbm0 proto {nl.TABBY_PROTO} metric 10",
                 f"route del fd00:77::1/128 dev tbm0 proto {nl.RTPROT_BIRD} metric 32",
                 f"route del fd00:77::2/128 dev tbm0 proto {nl.TABBY_PROTO} metric 10",
-                "link add tbm2 type veth peer name tbm3"]) + "\n"
+                "link add tbm2 type veth peer name tbm3",
+                "address add fd00:77::9/64 dev tbm1 nodad",
+                "address del fd00:77::9/64 dev tbm1"]) + "\n"
             netns.ip("-batch", "-", ns=ns, input=script)
             got, everything = _drain(filtered), _drain(plain)
         finally:
@@ -58,8 +63,10 @@ def test_bird_routes_are_dropped_in_the_kernel_and_the_rest_arrive() -> None:
             plain.close()
     want = [("route", False, nl.TABBY_PROTO, "fd00:77::2/128"), ("route", False, 4, "fd00:77::3/128"),
             ("route", False, nl.TABBY_PROTO, "10.77.0.2/32"), ("route", True, nl.TABBY_PROTO, "fd00:77::2/128")]
-    assert [c for c in got if c[0] == "route"] == want
+    assert [c for c in got if c[0] == "route" and c[2] != RTPROT_KERNEL] == want  # (the address's own routes)
     assert {c[3] for c in got if c[0] == "link"} == {"tbm2", "tbm3"}
+    assert [c for c in got if c[0] == "addr" and c[3] == "fd00:77::9"] == [("addr", False, 0, "fd00:77::9"),
+                                                                          ("addr", True, 0, "fd00:77::9")]
     # the plain monitor (the bench's) sees BIRD's routes, added and deleted
     bird = [(c[1], c[3]) for c in everything if c[0] == "route" and c[2] == nl.RTPROT_BIRD]
     assert bird == [(False, "fd00:77::1/128"), (False, "10.77.0.1/32"), (True, "fd00:77::1/128")]

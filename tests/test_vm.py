@@ -114,3 +114,43 @@ def test_guest_render_and_check_cli(tmp_path: object) -> None:
     bad = subprocess.run([".venv/bin/tabby", "guest", "render", "--distro", "ubuntu", "--interface", "eth0;x"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "invalid interface name" in bad.stderr
+
+
+def test_vms_on_a_pool_wider_than_a_64_get_their_addresses_in_any_64() -> None:
+    """dnsmasq takes no range wider than a /64 and serves a range only through an address of its
+    own in it: the agent gives it a range and an anchor address per /64 its VMs are in. Two VMs in
+    the 6th and the 10th /64 of a /48 get their addresses by DHCPv6 and reach their host; when the
+    second goes, so does its /64 from the anchor."""
+    from tabby.client import ResourceClient
+    from tabby.lab.topology import LabVm
+    from tabby.model import validate
+    from tabby.store import open_store
+
+    with lab(1, 0, ipv6_only=True, vms=1) as the_lab:
+        host = the_lab.topo.hosts[0]
+        ResourceClient(open_store(the_lab.store_url)).apply(validate({
+            "kind": "IPPool", "metadata": {"name": "wide"},
+            "spec": {"cidr": "fd00:48::/48", "ipv6_mode": "dhcpv6-stateful"}}))
+        wide = {LabVm(host, 7): "fd00:48:0:5::a", LabVm(host, 8): "fd00:48:0:9::b"}
+        for v, addr in wide.items():
+            the_lab.add_vm(v, addresses=(addr,))
+
+        def has(v: LabVm, addr: str) -> bool:  # (and past DAD: a tentative address cannot be a source)
+            return any(a.get("local") == addr and a.get("prefixlen") == 128 and not a.get("tentative")
+                       for a in vm_state(v.ns)[0])
+
+        for v, addr in wide.items():
+            wait_for(lambda v=v, addr=addr: has(v, addr), 60, 0.2, f"{v.name} has {addr} by DHCPv6")
+            assert L.wait_until(lambda v=v, addr=addr: netns.nsexec(
+                v.ns, ["ping", "-6", "-c", "1", "-W", "1", "-I", addr, host.v6]).returncode == 0, 15, 0.2), \
+                (v.name, netns.ip("-6", "route", ns=host.ns), netns.ip("-6", "route", ns=v.ns))
+
+        def anchor() -> set[str]:
+            info = json.loads(netns.ip("-j", "addr", "show", "dev", "tbyra0", ns=host.ns))[0]["addr_info"]
+            return {f"{a['local']}/{a['prefixlen']}" for a in info if a.get("scope") == "global"}
+
+        assert {"fd00:48:0:5::/64", "fd00:48:0:9::/64"} <= anchor()
+        gone = LabVm(host, 8)
+        the_lab.remove_vm(gone)
+        wait_for(lambda: "fd00:48:0:9::/64" not in anchor(), 30, 0.2, "the /64 no VM uses left the anchor")
+        assert "fd00:48:0:5::/64" in anchor()

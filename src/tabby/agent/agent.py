@@ -107,6 +107,8 @@ REMOTE_PACE_S = 0.5
 PACED_FOLD_S = 0.05
 
 
+DEFAULT_BGP_PASSWORD_DIR = Path("/etc/tabby/bgp-passwords")
+
 MAX_CORRUPT_REPORTED = 100  # corrupt records named in this host's status (the log names every one)
 
 
@@ -123,19 +125,32 @@ def decode_record(key: str, value: bytes) -> Any:
 BFD_POLL_S = 0.05  # the BFD watcher's period: small beside BFD's own 300 ms detection
 
 
-def read_passwords(paths: list[str], quiet: bool = False) -> tuple[dict[str, str], list[str]]:
+def read_passwords(paths: list[str], allowed: Path, quiet: bool = False) -> tuple[dict[str, str], list[str]]:
     """Each BGP password file's password (one line; the trailing newline dropped), and an error per
     file that could not be read or holds no usable password. The errors name the file, never its
     contents: they go to the log and the status. A session whose password is missing is rendered
-    disabled, never without its password."""
+    disabled, never without its password.
+
+    Only files under ``allowed`` (the agent's --bgp-password-dir) are read: the path comes from the
+    Store, and the agent is root; anywhere else a Store writer could have a host file (a key, a
+    shadow file) sent as a TCP MD5 key, and learn from the status which files exist. (The check is
+    on the path as written, normalised by the model: a symlink the operator put in the directory
+    is followed, as a mounted secret's are.)"""
     from tabby.model.resources import check_password
 
     got: dict[str, str] = {}
     errors: list[str] = []
+    inside = str(allowed).rstrip("/") + "/"
     for path in paths:
+        if not path.startswith(inside):
+            errors.append(f"password file {path}: not in the agent's --bgp-password-dir {allowed}; "
+                          "its sessions are disabled")
+            continue
         try:
-            # non-blocking, and a regular file only: a BGPPeer may name any path, and opening a FIFO
-            # (or a terminal) would hang the agent's loop
+            # a regular file only, looked at before it is opened (opening some devices acts: a
+            # watchdog arms, a tape rewinds), and opened non-blocking: a FIFO would hang the loop
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
             with os.fdopen(fd, "rb") as f:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -177,10 +192,13 @@ class _InThread(threading.Thread):
 class Agent:
     def __init__(self, store: Store, host: str, *, resync_s: float = 90.0, metrics_addr: str = "127.0.0.1",
                  metrics_port: int | None = 9091, status_ttl_s: float = 30.0, bgp: bool = True,
-                 run_dir: Path | None = None, policy: bool = True, overrides: frozenset[str] = frozenset()) -> None:
+                 run_dir: Path | None = None, policy: bool = True, overrides: frozenset[str] = frozenset(),
+                 bgp_password_dir: Path = DEFAULT_BGP_PASSWORD_DIR) -> None:
         """overrides: the Config fields (log_level, resync_interval_s, metrics_port) the command line
-        set; the Store's Config steers the others, live."""
+        set; the Store's Config steers the others, live. bgp_password_dir: the only directory whose
+        files a BGPPeer's or Config's password_file may name."""
         self.store = store
+        self.bgp_password_dir = bgp_password_dir
         self.host = host
         self.resync_s = resync_s
         self.next_resync = 0.0
@@ -519,7 +537,7 @@ class Agent:
         self.next_bgp_check = now + BGP_CHECK_S
         if not dirty and self.password_paths:
             # a password file changed (rotated, fixed): no Store event says so, so look at every check
-            dirty = read_passwords(self.password_paths, quiet=True)[0] != self.passwords_seen
+            dirty = read_passwords(self.password_paths, self.bgp_password_dir, quiet=True)[0] != self.passwords_seen
         # the config is rendered when the fabric changed, not at every check: its inputs grow
         # with the number of hosts, and an idle agent must not
         if dirty:
@@ -538,7 +556,7 @@ class Agent:
                     self.status.set_doc(bgp_status_key(self.host), {**doc, "at": time.time()})
                 return
             self.password_paths = password_files(inputs)
-            passwords, pw_errors = read_passwords(self.password_paths)
+            passwords, pw_errors = read_passwords(self.password_paths, self.bgp_password_dir)
             self.password_errors, self.passwords_seen = pw_errors, passwords
             inputs = dataclasses.replace(inputs, passwords={**inputs.passwords, **passwords})
             self.password_errors += missing_secrets(inputs)
@@ -901,8 +919,24 @@ class Agent:
                 if not known:
                     self.sysctls.interface_gone(change.key)  # a new device: its sysctls start afresh
                     self._dirty_iface(change.key)
+                    self._maybe_host_link(change.key)
+        elif change.kind == "addr":
+            # an address that is not link-local came or went: if on a link named like a workload's
+            # that no endpoint owns, it may be this host's own (an uplink addressed after start)
+            name = self.links.by_index.get(change.ifindex)
+            try:
+                global_addr = not ipaddress.ip_address(change.key).is_link_local
+            except ValueError:  # no address in the message: look again, to be sure
+                global_addr = True
+            if name is not None and global_addr:
+                self._maybe_host_link(name)
         else:
             self.routes.on_change(change)
+
+    def _maybe_host_link(self, name: str) -> None:
+        """A link that may be one of the host's own: look at the host links again this turn."""
+        if name.startswith(self.policy_index.workload_prefixes) and name not in self.index.state.interfaces:
+            self.host_links_due = True
 
     def _dirty_iface(self, iface: str) -> None:
         owner = self.index.state.interfaces.get(iface)

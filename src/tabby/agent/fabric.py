@@ -63,18 +63,27 @@ def bird_inputs(host: str, records: Iterable[Any], refused: Mapping[str, str], c
 
 
 def host_links(host: str, records: Iterable[Any], addresses: Iterable[tuple[str, str]]) -> tuple[str, ...]:
-    """This host's own links, sorted: lo, those holding its fabric addresses (addresses: (link,
-    address) as the kernel has them) and those its BGP peers are on. The policy never drops them as
-    unknown workloads, so no Config prefix can cut a host off the Store or its peers."""
+    """This host's own links, sorted: lo, those holding its fabric addresses, and those its BGP
+    peers are on (named by the BGPPeer, or the link whose subnet holds the peer's address);
+    addresses: (link, "address/prefixlen") as the kernel has them. The policy never drops them as
+    unknown workloads, so no Config prefix can cut a host off the Store or its peers. (A multihop
+    peer's link is not found this way: its Host address or an ``interface`` names it.)"""
     mine = {"lo"}
     fabric: set[str] = set()
+    peers: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for r in records:
         kind = getattr(r, "kind", None)
         if kind == "Host" and r.metadata.name == host:
             fabric |= {str(a) for a in (r.spec.ipv6_address, r.spec.ipv4_address) if a is not None}
-        elif kind == "BGPPeer" and r.spec.host in (None, host) and r.spec.interface is not None:
-            mine.add(r.spec.interface)
-    mine |= {link for link, addr in addresses if addr in fabric}
+        elif kind == "BGPPeer" and r.spec.host in (None, host):
+            if r.spec.interface is not None:
+                mine.add(r.spec.interface)
+            elif r.spec.peer_ip is not None:
+                peers.append(ipaddress.ip_address(r.spec.peer_ip))
+    for link, text in addresses:
+        held = ipaddress.ip_interface(text)
+        if str(held.ip) in fabric or any(p.version == held.version and p in held.network for p in peers):
+            mine.add(link)
     return tuple(sorted(mine))
 
 

@@ -35,6 +35,11 @@ def _daemon_setup(host: str, log_level: str | None, what: str) -> None:
 _PLAIN_PATH = re.compile(r"(/[A-Za-z0-9._+-]+)+/?")
 
 
+# BIRD's control sockets are RUN_DIR/bird.ctl and RUN_DIR/bfd/bird.ctl, and a Unix socket's path is
+# at most 107 bytes: a longer directory was taken, then BIRD could not bind it (no BGP at all)
+MAX_RUN_DIR = 107 - len("/bfd/bird.ctl")
+
+
 def plain_run_dir(path: str) -> bool:
     """An absolute path that can go into a daemon's config unquoted."""
     return bool(_PLAIN_PATH.fullmatch(path)) and all(s not in (".", "..") for s in path.split("/")) \
@@ -54,6 +59,9 @@ def agent(
     log_level: Annotated[LogLevel | None, typer.Option(help="default: Config log_level, info")] = None,
     bgp: Annotated[bool, typer.Option(help="run and configure BIRD for this host")] = True,
     run_dir: Annotated[Path | None, typer.Option(help="BIRD's files (default /run/tabby/HOST)")] = None,
+    bgp_password_dir: Annotated[Path, typer.Option(
+        help="the only directory whose files a BGP password_file (BGPPeer, Config) may name; a file "
+             "elsewhere is not read and its sessions are disabled")] = Path("/etc/tabby/bgp-passwords"),
 ) -> None:
     """Run the per-host agent in this network namespace, until SIGTERM or SIGINT."""
     import logging
@@ -67,6 +75,14 @@ def agent(
         # would break (or add) their lines
         fail(f"--run-dir: {str(run_dir)!r} is not an absolute path of letters, digits and '._+-/' "
              "without '.' or '..' steps", code=2)
+    effective = str(run_dir or Path("/run/tabby") / host).rstrip("/")
+    if len(effective) > MAX_RUN_DIR:
+        fail(f"--run-dir: {effective[:60]!r}... is {len(effective)} characters; BIRD's control socket "
+             f"{'' if run_dir else '(under the default /run/tabby/HOST) '}needs it at most {MAX_RUN_DIR} "
+             "(a Unix socket path is at most 107 bytes): give a shorter --run-dir", code=2)
+    if not plain_run_dir(str(bgp_password_dir)):
+        fail(f"--bgp-password-dir: {str(bgp_password_dir)!r} is not an absolute path of letters, digits and "
+             "'._+-/' without '.' or '..' steps", code=2)
     try:
         ipaddress.ip_address(metrics_addr)
     except ValueError:
@@ -81,7 +97,7 @@ def agent(
     a = Agent(store, host, resync_s=resync_s or 90.0, metrics_addr=metrics_addr,
               metrics_port=9091 if metrics_port is None else metrics_port, bgp=bgp,
               overrides=frozenset(k for k, v in given.items() if v is not None),
-              run_dir=run_dir)
+              run_dir=run_dir, bgp_password_dir=bgp_password_dir)
     signal.signal(signal.SIGTERM, lambda *_: a.stop())
     signal.signal(signal.SIGINT, lambda *_: a.stop())
     a.run()

@@ -82,8 +82,9 @@ def families(inp: BirdInputs) -> list[int]:
     spec = inp.host.spec
     fams = {f for f, addr in ((6, spec.ipv6_address), (4, spec.ipv4_address)) if addr is not None}
     peers = _peers_here(inp)
-    if any(p.spec.peer_ip is None or p.spec.peer_ip.is_link_local for p in peers):
-        fams.add(6)
+    for p in peers:  # a link-local session speaks from the link's own address, whatever the host has
+        if p.spec.peer_ip is None or p.spec.peer_ip.is_link_local:
+            fams.add(_peer_family(p.spec))
     if any(p.spec.extended_next_hop for p in peers) and any(p.spec.cidr.version == 4 for p in inp.pools):
         fams.add(4)
     return [f for f in (6, 4) if f in fams]
@@ -223,9 +224,8 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
             lines += [f"  neighbor range fe80::/10 as {peer_as};",
                       f"  interface {_quote(str(interface))};",
                       f"  dynamic name \"{_ident(name)}_\";"]
-        elif peer.is_link_local:  # the interface quoted, not "%name": a bare symbol cannot be "eth0.100"
-            lines += [f"  neighbor {peer} as {peer_as};", f"  interface {_quote(str(interface))};"]
-        else:
+        else:  # the interface quoted, not "%name": a bare symbol cannot be "eth0.100". An IPv6 link-local
+            # peer always has one (the model); an IPv4 one (169.254/16) may not: the kernel's route picks
             lines.append(f"  neighbor {peer} as {peer_as};")
             if interface:
                 lines.append(f"  interface {_quote(interface)};")
@@ -236,7 +236,7 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
         else:
             lines.append("  multihop;")
         if bfd and peer is not None:  # BFD is the liveness BIRD's: the agent disables this while it is down
-            key = f"{peer}%{interface}" if peer.is_link_local else str(peer)
+            key = f"{peer}%{interface}" if peer.is_link_local and interface else str(peer)
             targets.setdefault(key, []).append(_ident(name))
         lines += pw
         if rr_client:

@@ -11,6 +11,8 @@ dnsmasq is started detached (own session, pid file), so an agent restart adopts 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -95,6 +97,14 @@ class DnsmasqReconciler:
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise DnsmasqError(f"anchor address {a}: {r.stderr.strip()}")
+        # and none it no longer serves (a /64 of a wide pool whose last VM here went)
+        wanted = {ipaddress.ip_interface(a) for a in addrs}
+        r = subprocess.run([ip, "-j", "addr", "show", "dev", name], capture_output=True, text=True)
+        held = json.loads(r.stdout)[0].get("addr_info", []) if r.returncode == 0 and r.stdout.strip() else []
+        for info in held:
+            have = ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}")
+            if info.get("scope") == "global" and have not in wanted:
+                subprocess.run([ip, "addr", "del", str(have), "dev", name], capture_output=True)
         if any(":" not in a for a in addrs):
             # proxy ARP on a tap answers for 169.254.1.1 only if the host routes it elsewhere (any
             # anchor will do; every change of anchors puts it on one that exists)

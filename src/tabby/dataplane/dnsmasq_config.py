@@ -109,9 +109,8 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
         p, tag = spec.cidr, f"pool{k}"
         if p.version == 6 and p.prefixlen < 64:  # stateful only (the model): dnsmasq takes no range wider
             # than a /64 ("prefix length must be at least 64"), so one per /64 that holds a VM's address
-            nets = sorted({ipaddress.IPv6Network(f"{a}/64", strict=False) for vm in vms for a in vm.v6
-                           if ipaddress.ip_address(a) in p}, key=lambda n: n.network_address)
-            lines += [f"dhcp-range=set:{tag},{n.network_address},static,off-link,64,{lease_time}" for n in nets]
+            lines += [f"dhcp-range=set:{tag},{n.network_address},static,off-link,64,{lease_time}"
+                      for n in _sixty_fours(p, vms)]
         elif p.version == 6:
             lines.append(f"dhcp-range=set:{tag},{p.network_address},{_V6_MODE[spec.ipv6_mode]},off-link,{p.prefixlen},"
                          f"{lease_time}")
@@ -128,7 +127,23 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
     for vm in vms:
         parts = [vm.mac, *vm.v4[:1], *(f"[{a}]" for a in vm.v6)]
         hosts.append(",".join(parts))
-    anchors = tuple((a, tuple(f"{sp.cidr.network_address}/{sp.cidr.prefixlen}" for sp in
-                              sorted(group_pools[a], key=lambda sp: (sp.cidr.version, sp.cidr.network_address))))
+    anchors = tuple((a, tuple(addr for sp in sorted(group_pools[a], key=lambda sp: (sp.cidr.version,
+                                                                                 sp.cidr.network_address))
+                              for addr in _anchor_addresses(sp.cidr, groups[a])))
                     for a in sorted(groups, key=lambda a: (a != ANCHOR, a)))
     return Rendered("\n".join(lines) + "\n", "\n".join(hosts) + ("\n" if hosts else ""), anchors)
+
+
+def _sixty_fours(pool: Any, vms: list[Vm]) -> list[ipaddress.IPv6Network]:
+    """The /64s of a pool wider than a /64 that hold an address of these VMs."""
+    return sorted({ipaddress.IPv6Network(f"{a}/64", strict=False) for vm in vms for a in vm.v6
+                   if ipaddress.ip_address(a) in pool}, key=lambda n: n.network_address)
+
+
+def _anchor_addresses(pool: Any, vms: list[Vm]) -> list[str]:
+    """What the anchor holds for a pool: dnsmasq serves a range only through an address of its own
+    in it (the same /64), so the pool's first address, and for a pool wider than a /64 the first
+    address of each /64 its range covers (IPAM never hands those out: blocks.reserves_first)."""
+    if pool.version == 6 and pool.prefixlen < 64:
+        return [f"{n.network_address}/64" for n in _sixty_fours(pool, vms)]
+    return [f"{pool.network_address}/{pool.prefixlen}"]

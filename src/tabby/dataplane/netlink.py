@@ -31,7 +31,7 @@ RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_GETNEIGHTBL = 66
-RTM_GETADDR = 22
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NDTA_NAME, NDTA_THRESH1, NDTA_THRESH2, NDTA_THRESH3, NDTA_CONFIG, NDTA_STATS = 1, 2, 3, 4, 5, 7
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
@@ -49,6 +49,7 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_GET_STRICT_CHK = 12
 RTMGRP_LINK, RTMGRP_NEIGH = 0x1, 0x4
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -293,13 +294,13 @@ class Netlink:
         return out
 
     def addresses(self) -> list[tuple[int, str]]:
-        """(ifindex, address) of every address on this namespace's links, both families."""
+        """(ifindex, "address/prefixlen") of every address on this namespace's links, both families."""
         out = []
         for _, msg in self._dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            index = _IFADDRMSG.unpack_from(msg)[4]
+            _, plen, _, _, index = _IFADDRMSG.unpack_from(msg)
             for kind, val in _attrs(msg, _IFADDRMSG.size):
                 if kind in (IFA_ADDRESS, IFA_LOCAL) and len(val) in (4, 16):
-                    out.append((index, addr_text(val)))
+                    out.append((index, f"{addr_text(val)}/{plen}"))
         return out
 
     def neighbours(self, proxy: bool = False) -> list[Neigh]:
@@ -407,10 +408,10 @@ def parse_neigh(msg: bytes) -> Neigh | None:
 class Change:
     """One monitor event, parsed just enough to decide what to re-check."""
 
-    kind: str  # "route" | "neigh" | "link"
+    kind: str  # "route" | "neigh" | "link" | "addr"
     deleted: bool
     proto: int = 0
-    key: str = ""  # route dst, neighbour ip, or link name
+    key: str = ""  # route dst, neighbour ip, link name, or address
     ifindex: int = 0
     mac: str | None = None  # neighbours: the link-layer address now in the kernel
 
@@ -442,7 +443,10 @@ class Monitor:
     DRAIN = 4096  # events taken in one read at most, so the loop sees them in bounded batches
 
     def __init__(self, ignore_route_protos: Collection[int] = ()) -> None:
-        self.sock = _open(RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+        # addresses too: an uplink that gets its address after the agent started is the host's own
+        # (see the agent's host links), and one event per new link (its IPv6 link-local) costs little
+        self.sock = _open(RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_IFADDR
+                          | RTMGRP_IPV6_IFADDR)
         # one buffer for every read: a fresh 1 MiB bytes per recv cost more than parsing its event
         self._buf = bytearray(1 << 20)
         self._view = memoryview(self._buf)
@@ -501,4 +505,9 @@ class Monitor:
                 _, _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(msg)
                 name = next((v.rstrip(b"\0").decode() for k, v in _attrs(msg, _IFINFOMSG.size) if k == IFLA_IFNAME), "")
                 out.append(Change("link", mtype == RTM_DELLINK, 0, name, ifindex))
+            elif mtype in (RTM_NEWADDR, RTM_DELADDR):
+                _, _, _, _, ifindex = _IFADDRMSG.unpack_from(msg)
+                addr = next((addr_text(v) for k, v in _attrs(msg, _IFADDRMSG.size)
+                             if k in (IFA_ADDRESS, IFA_LOCAL) and len(v) in (4, 16)), "")
+                out.append(Change("addr", mtype == RTM_DELADDR, 0, addr, ifindex))
         return out

@@ -59,11 +59,19 @@ class CorruptRecord(IpamError):
         return cls(e.where, e.field, e.errors)
 
 
+def reserves_first(cidr: IPNetwork, pool: IPNetwork | None) -> bool:
+    """The pool's first address, and in IPv6 every /64's first (its subnet-router anycast address,
+    RFC 4291 2.6.1, which no interface may take): a host puts the first address of each /64 of a
+    stateful pool that its VMs use on dnsmasq's anchor (dnsmasq serves a /64 only through an address
+    of its own in it), so it must never be a workload's. In IPv4, the pool's network address."""
+    if pool is not None and cidr.network_address == pool.network_address:
+        return True
+    return cidr.version == 6 and int(cidr.network_address) & ((1 << 64) - 1) == 0
+
+
 def new_block(cidr: IPNetwork, host: str | None, pool: IPNetwork | None = None) -> Block:
-    """A fresh block. The pool's first address is reserved: in IPv6 it is the subnet-router anycast
-    address (RFC 4291), in IPv4 the network address, and every host uses it as the local anchor
-    that lets dnsmasq serve the pool on VM taps."""
-    reserved = [0] if pool is not None and cidr.network_address == pool.network_address else []
+    """A fresh block, its reserved first address (``reserves_first``) never handed out."""
+    reserved = [0] if reserves_first(cidr, pool) else []
     return Block(cidr=str(cidr), host=host, free=[o for o in range(cidr.num_addresses) if o not in reserved],
                  reserved=reserved)
 
@@ -152,7 +160,7 @@ def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]
 
 def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
     if o in block.reserved:
-        raise AddressInUse(f"{address(block, o)} is reserved (the pool's first address)")
+        raise AddressInUse(f"{address(block, o)} is reserved (the pool's first address, or in IPv6 a /64's first)")
     if o in block.allocations:
         raise AddressInUse(f"{address(block, o)} is already allocated (handle {block.allocations[o].handle})")
     seq = block.seq + 1

@@ -145,6 +145,11 @@ class Lab:
     def run_dir(self) -> Path:
         return run_dir(self.topo.prefix)
 
+    @property
+    def bgp_password_dir(self) -> Path:
+        """Where the lab's agents read BGP password files (their --bgp-password-dir)."""
+        return self.dir / "bgp-passwords"
+
     # -- building ------------------------------------------------------------------------
 
     def _save_state(self) -> None:
@@ -382,8 +387,10 @@ class Lab:
 
     def _agent(self, h: LabHost) -> None:
         log = self.dir / f"agent-{h.name}.log"
+        self.bgp_password_dir.mkdir(mode=0o700, exist_ok=True)
         netns.spawn(h.ns, [sys.executable, "-m", "tabby.cli", "--store", self.store_url_for(h), "agent",
-                           "--host", h.name, "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name)], log)
+                           "--host", h.name, "--metrics-port", "9091", "--run-dir", str(self.run_dir / h.name),
+                           "--bgp-password-dir", str(self.bgp_password_dir)], log)
 
     def cni_socket(self, h: LabHost) -> Path:
         return self.run_dir / h.name / "cni" / "cni.sock"

@@ -234,7 +234,7 @@ class Block(Plain):
         self.seq = seq
         self.allocations = {} if allocations is None else allocations
         self.free = free
-        self.reserved = [] if reserved is None else reserved  # never handed out (the pool's first address)
+        self.reserved = [] if reserved is None else reserved  # never handed out (blocks.reserves_first)
 
     @classmethod
     def read(cls, doc: Any, errors: list[str]) -> Block:
