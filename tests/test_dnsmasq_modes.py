@@ -62,3 +62,16 @@ def test_a_stateful_pool_wider_than_a_64_gets_a_range_per_64_that_dnsmasq_takes(
     (tmp_path / "dnsmasq.hosts").write_text(r.hosts)
     check = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def test_a_64_whose_first_address_is_a_workload_s_is_not_anchored_and_says_why(tmp_path: Path) -> None:
+    """Handed out before IPAM reserved it: anchoring it would make this host take that workload's
+    traffic for itself. That /64 goes unserved here (named), the others are served."""
+    pools = [pool("2001:db8:100::/48")]
+    vms = [Vm("tapa", "52:54:00:00:00:0a", ("2001:db8:100:5::a",), ()),
+           Vm("tapc", "52:54:00:00:00:0c", ("2001:db8:100:6::c",), ())]
+    r = render(vms, pools, tmp_path, claimed={"2001:db8:100:5::", "2001:db8:100:6::c"})
+    assert r.anchors == ((ANCHOR, ("2001:db8:100:6::/64",)),)
+    assert [line for line in r.conf.splitlines() if line.startswith("dhcp-range=")] == \
+        ["dhcp-range=set:pool0,2001:db8:100:6::,static,off-link,64,1h"]
+    assert len(r.unserved) == 1 and r.unserved[0].startswith("2001:db8:100:5::/64: its first address")

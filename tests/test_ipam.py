@@ -336,3 +336,32 @@ def test_every_64s_first_address_of_a_wide_pool_is_reserved(sq: Store) -> None:
     with pytest.raises(AddressInUse, match="reserved"):
         ipam.assign_address("c", "h2", "fd00:48:0:ffff::")
     assert ipam.check() == []
+
+
+def test_a_block_made_before_the_64_rule_reserves_its_first_address_at_its_next_use(sq: Store) -> None:
+    """Blocks claimed before every /64's first address was reserved have it free (or handed out):
+    the next allocation from one reserves it, and ``check`` names one that a workload holds."""
+    from tabby.model.ipam import decode_ipam, encode_ipam
+    from tabby.model.keys import ipam_block_key
+    from tabby.model.plain import replace
+
+    pool(sq, "wide", "fd00:48::/48")
+    ipam = IPAM(sq)
+    ipam.assign_address("a", "h1", "fd00:48:0:5::2")
+    key = ipam_block_key("fd00:48:0:5::/122")
+
+    def rewrite(**fields: Any) -> None:
+        kv = sq.get(key)
+        assert kv is not None
+        sq.update(key, encode_ipam(replace(decode_ipam(key, kv.value), **fields)), kv.mod_revision)
+
+    rewrite(reserved=[], free=[0, *decode_ipam(key, sq.get(key).value).free])  # as an old block had it
+    got = ipam.assign("b", "h1", ipv6=1)[0]
+    assert str(got.ip) != "fd00:48:0:5::" and got.block == "fd00:48:0:5::/122"
+    block = decode_ipam(key, sq.get(key).value)
+    assert block.reserved == [0] and 0 not in block.free and ipam.check() == []
+    with pytest.raises(AddressInUse, match="reserved"):
+        ipam.assign_address("c", "h1", "fd00:48:0:5::")
+    # one handed out back then: check says so
+    rewrite(reserved=[], allocations={**block.allocations, 0: block.allocations[2]})
+    assert any("a /64's first address" in p for p in ipam.check()), ipam.check()

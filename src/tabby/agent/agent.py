@@ -268,6 +268,7 @@ class Agent:
         self.next_bgp_check = 0.0
         self.next_pair_probe = 0.0
         self.bgp_written: dict[str, Any] | None = None
+        self.dhcp_unserved: tuple[str, ...] = ()  # /64s dnsmasq cannot serve (logged once each time they change)
         self.password_errors: list[str] = []  # BGP password files that could not be read (path only)
         self.password_paths: list[str] = []
         self.passwords_seen: dict[str, str] = {}
@@ -668,7 +669,14 @@ class Agent:
         pools = [r.spec.model_copy(update={"dns_servers": nat64_dns_servers(r.spec, self.config)})
                  if r.spec.nat64 else r.spec for r in self.fabric.values() if getattr(r, "kind", None) == "IPPool"]
         try:
-            self.dnsmasq.set_desired(render_dnsmasq(vms, pools, self.dnsmasq.run_dir) if vms else None, vms)
+            rendered = render_dnsmasq(vms, pools, self.dnsmasq.run_dir, claimed=self.index.addr_owners) \
+                if vms else None
+            unserved = rendered.unserved if rendered is not None else ()
+            if unserved != self.dhcp_unserved:
+                for why in unserved:
+                    log.warning("dnsmasq: %s", why)
+                self.dhcp_unserved = unserved
+            self.dnsmasq.set_desired(rendered, vms)
             self.dnsmasq.apply()
         except (DnsmasqError, OSError, subprocess.SubprocessError) as e:
             log.error("dnsmasq: %s", e)
@@ -919,13 +927,15 @@ class Agent:
                 if not known:
                     self.sysctls.interface_gone(change.key)  # a new device: its sysctls start afresh
                     self._dirty_iface(change.key)
-                    self._maybe_host_link(change.key)
         elif change.kind == "addr":
-            # an address that is not link-local came or went: if on a link named like a workload's
-            # that no endpoint owns, it may be this host's own (an uplink addressed after start)
+            # an address came or went: if on a link named like a workload's that no endpoint owns, it
+            # may be this host's own (an uplink addressed after start). Not IPv6 link-local ones:
+            # every new veth gets one (a CNI add plumbs its veth before the Endpoint is written),
+            # and a workload's host side never holds any other (nor does a new link alone say more)
             name = self.links.by_index.get(change.ifindex)
             try:
-                global_addr = not ipaddress.ip_address(change.key).is_link_local
+                ip = ipaddress.ip_address(change.key)
+                global_addr = not (ip.version == 6 and ip.is_link_local)
             except ValueError:  # no address in the message: look again, to be sure
                 global_addr = True
             if name is not None and global_addr:

@@ -196,7 +196,7 @@ class BirdReconciler:
 
     def bfd_sessions(self) -> dict[str, str]:
         """BFD peer -> state ("Up", "Down", "Init", "AdminDown") of this BIRD's BFD sessions; a
-        link-local peer is keyed "fe80::..%iface", as ``bird_config.bfd_targets`` keys it."""
+        IPv6 link-local peer is keyed "fe80::..%iface", as ``bird_config.bfd_targets`` keys it."""
         out: dict[str, str] = {}
         for line in self.control("show bfd sessions").splitlines():
             parts = line.split()
@@ -206,7 +206,7 @@ class BirdReconciler:
                 ip = ipaddress.ip_address(parts[0])
             except ValueError:
                 continue  # the protocol's name, the heading
-            out[f"{ip}%{parts[1]}" if ip.is_link_local else str(ip)] = parts[2]
+            out[f"{ip}%{parts[1]}" if ip.version == 6 and ip.is_link_local else str(ip)] = parts[2]
         return out
 
 

@@ -236,7 +236,8 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
         else:
             lines.append("  multihop;")
         if bfd and peer is not None:  # BFD is the liveness BIRD's: the agent disables this while it is down
-            key = f"{peer}%{interface}" if peer.is_link_local and interface else str(peer)
+            # scoped by its link only in IPv6 (fe80::/10 is on every link), as bird.bfd_sessions keys them
+            key = f"{peer}%{interface}" if peer.version == 6 and peer.is_link_local else str(peer)
             targets.setdefault(key, []).append(_ident(name))
         lines += pw
         if rr_client:

@@ -91,13 +91,9 @@ class DnsmasqReconciler:
             subprocess.run([ip, "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
             subprocess.run([ip, "link", "set", peer, "up"], check=True)
             subprocess.run([ip, "link", "set", name, "up"], check=True)
-        for a in addrs:
-            extra = ["nodad"] if ":" in a else []
-            r = subprocess.run([ip, "addr", "replace", a, "dev", name, "noprefixroute", *extra],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                raise DnsmasqError(f"anchor address {a}: {r.stderr.strip()}")
-        # and none it no longer serves (a /64 of a wide pool whose last VM here went)
+        # first none it no longer serves (a /64 of a wide pool whose last VM here went), with its
+        # prefix length: the kernel finds an IPv6 address by address alone, so a "replace" of P/64
+        # over a P/56 left the /56, which a removal after it would have taken away
         wanted = {ipaddress.ip_interface(a) for a in addrs}
         r = subprocess.run([ip, "-j", "addr", "show", "dev", name], capture_output=True, text=True)
         held = json.loads(r.stdout)[0].get("addr_info", []) if r.returncode == 0 and r.stdout.strip() else []
@@ -105,6 +101,12 @@ class DnsmasqReconciler:
             have = ipaddress.ip_interface(f"{info['local']}/{info['prefixlen']}")
             if info.get("scope") == "global" and have not in wanted:
                 subprocess.run([ip, "addr", "del", str(have), "dev", name], capture_output=True)
+        for a in addrs:
+            extra = ["nodad"] if ":" in a else []
+            r = subprocess.run([ip, "addr", "replace", a, "dev", name, "noprefixroute", *extra],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise DnsmasqError(f"anchor address {a}: {r.stderr.strip()}")
         if any(":" not in a for a in addrs):
             # proxy ARP on a tap answers for 169.254.1.1 only if the host routes it elsewhere (any
             # anchor will do; every change of anchors puts it on one that exists)

@@ -24,6 +24,7 @@ separate state, and the host's taps all route through the host anyway).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class Rendered:
     conf: str
     hosts: str
     anchors: tuple[tuple[str, tuple[str, ...]], ...]  # (anchor interface, its "addr/len"s), main first
+    unserved: tuple[str, ...] = ()  # /64s of wide pools whose VMs get no DHCPv6 here, and why
 
 
 # dhcp-range mode words per IPPool ipv6_mode (the prefix is off-link in every mode)
@@ -65,8 +67,11 @@ def pools_of(vms: list[Vm], pools: list[Any]) -> list[Any]:
     return sorted(used, key=lambda p: (p.cidr.version, p.cidr.network_address))
 
 
-def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h") -> Rendered:
-    """``specs``: every IPPool's spec (cidr, ipv6_mode, dns_servers)."""
+def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h",
+           claimed: Collection[str] = frozenset()) -> Rendered:
+    """``specs``: every IPPool's spec (cidr, ipv6_mode, dns_servers); ``claimed``: every address a
+    workload anywhere holds (a /64 whose first address is one cannot be anchored here: the host
+    would take that workload's traffic for itself)."""
     used_specs = pools_of(vms, specs)
     used = [p.cidr for p in used_specs]
     # only what a served range covers: dnsmasq has nothing to say about addresses outside the pools
@@ -110,7 +115,7 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
         if p.version == 6 and p.prefixlen < 64:  # stateful only (the model): dnsmasq takes no range wider
             # than a /64 ("prefix length must be at least 64"), so one per /64 that holds a VM's address
             lines += [f"dhcp-range=set:{tag},{n.network_address},static,off-link,64,{lease_time}"
-                      for n in _sixty_fours(p, vms)]
+                      for n in _sixty_fours(p, vms, claimed)]
         elif p.version == 6:
             lines.append(f"dhcp-range=set:{tag},{p.network_address},{_V6_MODE[spec.ipv6_mode]},off-link,{p.prefixlen},"
                          f"{lease_time}")
@@ -129,21 +134,27 @@ def render(vms: list[Vm], specs: list[Any], run_dir: Path, lease_time: str = "1h
         hosts.append(",".join(parts))
     anchors = tuple((a, tuple(addr for sp in sorted(group_pools[a], key=lambda sp: (sp.cidr.version,
                                                                                  sp.cidr.network_address))
-                              for addr in _anchor_addresses(sp.cidr, groups[a])))
+                              for addr in _anchor_addresses(sp.cidr, groups[a], claimed)))
                     for a in sorted(groups, key=lambda a: (a != ANCHOR, a)))
-    return Rendered("\n".join(lines) + "\n", "\n".join(hosts) + ("\n" if hosts else ""), anchors)
+    unserved = tuple(f"{n}: its first address {n.network_address} is a workload's (given out before IPAM reserved "
+                     "it), so this host cannot serve DHCPv6 there; `tabby ipam check` names it"
+                     for sp in used_specs if sp.cidr.version == 6 and sp.cidr.prefixlen < 64
+                     for n in _sixty_fours(sp.cidr, vms) if str(n.network_address) in claimed)
+    return Rendered("\n".join(lines) + "\n", "\n".join(hosts) + ("\n" if hosts else ""), anchors, unserved)
 
 
-def _sixty_fours(pool: Any, vms: list[Vm]) -> list[ipaddress.IPv6Network]:
-    """The /64s of a pool wider than a /64 that hold an address of these VMs."""
-    return sorted({ipaddress.IPv6Network(f"{a}/64", strict=False) for vm in vms for a in vm.v6
-                   if ipaddress.ip_address(a) in pool}, key=lambda n: n.network_address)
+def _sixty_fours(pool: Any, vms: list[Vm], claimed: Collection[str] = frozenset()) -> list[ipaddress.IPv6Network]:
+    """The /64s of a pool wider than a /64 that hold an address of these VMs (but those whose first
+    address is in claimed)."""
+    nets = {ipaddress.IPv6Network(f"{a}/64", strict=False) for vm in vms for a in vm.v6
+            if ipaddress.ip_address(a) in pool}
+    return sorted((n for n in nets if str(n.network_address) not in claimed), key=lambda n: n.network_address)
 
 
-def _anchor_addresses(pool: Any, vms: list[Vm]) -> list[str]:
+def _anchor_addresses(pool: Any, vms: list[Vm], claimed: Collection[str]) -> list[str]:
     """What the anchor holds for a pool: dnsmasq serves a range only through an address of its own
     in it (the same /64), so the pool's first address, and for a pool wider than a /64 the first
     address of each /64 its range covers (IPAM never hands those out: blocks.reserves_first)."""
     if pool.version == 6 and pool.prefixlen < 64:
-        return [f"{n.network_address}/64" for n in _sixty_fours(pool, vms)]
+        return [f"{n.network_address}/64" for n in _sixty_fours(pool, vms, claimed)]
     return [f"{pool.network_address}/{pool.prefixlen}"]

@@ -677,6 +677,10 @@ class IPAM:
                         problems.append(f"{ip} in {cidr} is allocated to handle {alloc.handle}, which does not exist")
                 elif not any(a.ip == ip and a.seq == alloc.seq for a in h.addresses):
                     problems.append(f"{ip} in {cidr} is allocated to {alloc.handle}, whose record lacks it")
+            if 0 in b.allocations and B.starts_a_64(b.network):  # (handed out before it was reserved)
+                problems.append(f"{B.address(b, 0)} in {cidr} is allocated to {b.allocations[0].handle}, but it is "
+                                "a /64's first address, which a host's dnsmasq anchor takes for VMs in that /64: "
+                                "give that workload another address")
             if b.host is not None and (b.host, cidr) not in affinities \
                     and ipam_affinity_key(b.host, cidr) not in bad:
                 problems.append(f"block {cidr} names host {b.host}, which has no affinity record for it")

@@ -66,7 +66,19 @@ def reserves_first(cidr: IPNetwork, pool: IPNetwork | None) -> bool:
     of its own in it), so it must never be a workload's. In IPv4, the pool's network address."""
     if pool is not None and cidr.network_address == pool.network_address:
         return True
+    return starts_a_64(cidr)
+
+
+def starts_a_64(cidr: IPNetwork) -> bool:
     return cidr.version == 6 and int(cidr.network_address) & ((1 << 64) - 1) == 0
+
+
+def _reserve_late(block: Block) -> Block:
+    """A block made before every /64's first address was reserved (2026-12-04): its first, if still
+    free, becomes reserved now, in the record the allocation that is being made writes."""
+    if 0 in block.free and starts_a_64(block.network):
+        return replace(block, free=[o for o in block.free if o != 0], reserved=sorted({*block.reserved, 0}))
+    return block
 
 
 def new_block(cidr: IPNetwork, host: str | None, pool: IPNetwork | None = None) -> Block:
@@ -144,6 +156,7 @@ def address(block: Block, ordinal_: int) -> IPAddr:
 
 def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]]]:
     """Up to n free addresses from the head of the queue: (new block, [(ordinal, seq)])."""
+    block = _reserve_late(block)
     k = min(n, len(block.free))
     if k == 0:
         return block, []
@@ -159,6 +172,7 @@ def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]
 
 
 def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
+    block = _reserve_late(block)
     if o in block.reserved:
         raise AddressInUse(f"{address(block, o)} is reserved (the pool's first address, or in IPv6 a /64's first)")
     if o in block.allocations:
