@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
+from test_bird_config import bird_accepts
 
 from tabby.lab.outside_bird import Neighbour, render
 
@@ -23,23 +23,16 @@ ipv4 { import all; export where proto = "lo4"; }; }
 """
 
 
-def bird_parses(text: str, tmp_path: Path) -> None:
-    conf = tmp_path / "outside.conf"
-    conf.write_text(text)
-    r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr + text
-
-
 def test_dual_stack_golden(tmp_path: Path) -> None:
     text = render("192.0.2.254", 65100, "2001:db8::fe", "192.0.2.254", [Neighbour(1, "2001:db8::1", "192.0.2.1")])
     assert text == GOLDEN
-    bird_parses(text, tmp_path)
+    bird_accepts(text, tmp_path)
 
 
 def test_ipv6_only_has_no_ipv4_at_all(tmp_path: Path) -> None:
     text = render("192.0.2.254", 65100, "2001:db8::fe", None, [Neighbour(1, "2001:db8::1", None)])
     assert "ipv4" not in text and "h1v6" in text
-    bird_parses(text, tmp_path)
+    bird_accepts(text, tmp_path)
 
 
 def test_only_addresses_reach_the_config() -> None:
