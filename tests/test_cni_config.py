@@ -108,3 +108,37 @@ def test_an_empty_host_or_socket_is_unset_as_before() -> None:
     assert conf.host is None and conf.server_socket is None
     assert socket_path(json.dumps({**BASE, "host": "", "server_socket": ""}).encode(), {"TABBY_HOST": "h2"}) == \
         "/run/tabby/cni/h2.sock"
+
+
+def test_a_prev_result_of_the_wrong_shape_is_left_out_of_the_result() -> None:
+    """prevResult {"interfaces": 5} was taken, then the result's build raised TypeError after the
+    attachment was made: ADD plumbed everything and printed no JSON."""
+    from tabby.cni.result import Plumbed, build
+
+    p = Plumbed(host_if="tby0", host_mac="ee:ee:ee:ee:ee:ee", ifname="eth0", mac="52:54:00:00:00:01",
+                sandbox="/run/netns/x", mtu=1500, ips=(("fd00:e::1/128", "fe80::1"),), routes=(("::/0", "fe80::1"),))
+    for prev in ({"interfaces": 5}, {"ips": "x", "routes": {"a": 1}}, {"interfaces": [5, {"name": "lo"}]}):
+        out = build("1.1.0", p, prev)
+        assert [i["name"] for i in out["interfaces"]][-2:] == ["tby0", "eth0"]
+        assert out["ips"][-1]["address"] == "fd00:e::1/128" and out["routes"][-1]["dst"] == "::/0"
+
+
+def test_every_failure_is_a_cni_error_on_stdout() -> None:
+    """A Store that does not answer (GC, CHECK: StoreError is no OSError) and a bug alike come back
+    as CNI error JSON, never as a traceback with an empty stdout."""
+    from tabby.cni import main
+
+    doc = {"cniVersion": "1.1.0", "name": "n", "type": "tabby", "store": "etcd://127.0.0.1:1", "host": "h1",
+           "cni.dev/valid-attachments": []}
+    code, out = main.run({"CNI_COMMAND": "GC", "CNI_PATH": "/x"}, json.dumps(doc).encode())
+    assert code == 1 and json.loads(out)["code"] == 11 and "store" in json.loads(out)["msg"]
+
+    def boom(*_: object) -> None:
+        raise KeyError("a bug")
+
+    real, main.gc = main.gc, boom  # type: ignore[assignment]
+    try:
+        code, out = main.run({"CNI_COMMAND": "GC", "CNI_PATH": "/x"}, json.dumps(doc).encode())
+    finally:
+        main.gc = real  # type: ignore[assignment]
+    assert code == 1 and json.loads(out)["code"] == 999 and "KeyError" in json.loads(out)["details"]

@@ -45,8 +45,10 @@ def test_injection_in_every_variable_is_refused_before_anything_is_made(env: tup
             f"eth0;touch {marker}", f"$(touch {marker})", f"`touch {marker}`", "eth 0", "eth0\tx",
             "a" * 16, "ethé0", "eth0\x00", "eth/0", "eth:0", "..", "-", "",
         ]
+        # the kernel takes these, but an Endpoint name cannot end so (a "try again" for ever, once)
+        bad_ifnames = ["eth0-", "eth0."]
         before = snapshot(host_ns, c1)
-        for p in payloads:
+        for p in [*payloads, *bad_ifnames]:
             code, res = cni(host_ns, "ADD", conf(url), c1, ifname=p) if "\x00" not in p else (1, None)
             if "\x00" in p:
                 continue  # no environment can carry a NUL
@@ -81,6 +83,7 @@ def test_injection_in_every_variable_is_refused_before_anything_is_made(env: tup
                            (json.dumps(conf(url))[:-1] + ', "name": "net2"}', "duplicate"),
                            (json.dumps(conf(url))[:-1] + ', "mtu": NaN}', "NaN"),
                            (json.dumps({**conf(url), "name": "net\n1"}), "name"),
+                           (json.dumps({**conf(url), "name": "n" * 64}), "label value"),  # the cni.network label's
                            (json.dumps({**conf(url), "runtimeConfig": {"mac": "01:00:00:00:00:01"}}), "mac"),
                            (json.dumps({**conf(url), "runtimeConfig": {"ips": ["fd00:e::1; x"]}}), "ips"),
                            (json.dumps({**conf(url), "args": {"cni": {"labels": [{"key": "a b", "value": "v"}]}}}),
@@ -269,3 +272,68 @@ def test_server_sigkilled_mid_add_leaves_nothing_behind(env: tuple[str, str, Any
         assert leftovers(store, host_ns, "keeper01", *(f"victim{i:02d}" for i in range(rounds))) == []
     print(f"server SIGKILLed during {rounds} ADDs: {killed} died mid-call")
     assert killed >= 10, f"only {killed} of {rounds} kills landed mid-ADD"
+
+
+def test_another_network_of_the_same_container_and_ifname_never_removes_a_live_veth(
+        env: tuple[str, str, Any]) -> None:  # noqa: F811
+    """The host veth's name comes from the container id and ifname alone: an ADD for a second network
+    with both the same (a renamed network, a runtime's mistake) found the live one's veth there
+    and removed it on its way out, and a DEL for that network removed it too. Now the live
+    attachment keeps its veth, its addresses and its Endpoint through both."""
+    host_ns, url, store = env
+    with namespace("c") as c1:
+        code, res = cni(host_ns, "ADD", conf(url), c1, cid="twonets1")
+        assert code == 0, res
+        before = snapshot(host_ns, c1)
+        other = conf(url, name="net2")
+        code, res = cni(host_ns, "ADD", other, c1, cid="twonets1")
+        assert code == 1 and res is not None and res["code"] == 5 and "exists" in res["msg"], res
+        settle(host_ns, "twonets1")
+        assert snapshot(host_ns, c1) == before
+        assert IPAM(store).handle("net2.twonets1/eth0") is None  # its addresses went back
+        code, res = cni(host_ns, "DEL", other, c1, cid="twonets1")
+        assert code == 0, res
+        settle(host_ns, "twonets1")
+        assert snapshot(host_ns, c1) == before
+        assert attachment_state(store, host_ns, c1, "twonets1") == "live"
+        assert cni(host_ns, "CHECK", conf(url), c1, cid="twonets1")[0] == 0
+        assert cni(host_ns, "DEL", conf(url), c1, cid="twonets1")[0] == 0
+        assert attachment_state(store, host_ns, c1, "twonets1") == "gone"
+
+
+HANG_UP = r"""
+import json, socket, sys
+sys.path.insert(0, sys.argv[1])
+from tabby.cni.shim import encode_request
+env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": sys.argv[3], "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
+       "CNI_NETNS": sys.argv[4]}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[2])
+s.sendall(encode_request(env, sys.argv[5].encode()))
+s.close()  # gone before the answer, as a runtime that timed the call out
+"""
+
+
+def test_a_del_whose_caller_hung_up_still_finishes_and_frees_the_lock(env: tuple[str, str, Any],  # noqa: F811
+                                                                      tmp_path: Path) -> None:
+    """The server answers DEL first and frees the veth and addresses after, under the attachment's
+    lock: when the answer could not be sent (the caller gone), that work was skipped and the lock
+    kept for the server's life (every later call of the attachment: 120 s, then 'try again')."""
+    host_ns, url, store = env
+    sock = tmp_path / "hangup.sock"
+    server = _serve(host_ns, url, sock, tmp_path / "server.log")
+    try:
+        with namespace("c") as c1:
+            assert cni(host_ns, "ADD", conf(url, server_socket=str(sock)), c1, cid="hangup01")[0] == 0
+            r = netns.nsexec(host_ns, [sys.executable, "-c", HANG_UP, SRC, str(sock), "hangup01", f"/run/netns/{c1}",
+                                       json.dumps(conf(url, server_socket=str(sock)))])
+            assert r.returncode == 0, r.stderr
+            wait_for(lambda: attachment_state(store, host_ns, c1, "hangup01") == "gone", 30, 0.1,
+                     "the DEL's work done, its caller gone")
+            t0 = time.monotonic()
+            code, res = cni(host_ns, "ADD", conf(url, server_socket=str(sock)), c1, cid="hangup01")
+            assert code == 0 and time.monotonic() - t0 < 60, res  # the lock was free (held: 120 s, code 11)
+            assert cni(host_ns, "DEL", conf(url, server_socket=str(sock)), c1, cid="hangup01")[0] == 0
+            assert leftovers(store, host_ns, "hangup01") == []
+    finally:
+        netns.stop(server)

@@ -236,8 +236,11 @@ def parse(raw: bytes | dict[str, Any]) -> NetConf:
         raise ConfError(f"cniVersion: {conf.cni_version} not supported ({', '.join(SUPPORTED_VERSIONS)})")
     try:
         check_name(conf.name)
+        # it is each attachment's "cni.network" label too: one a label cannot hold failed every ADD
+        # late (the veth made, the addresses assigned, then all rolled back as an invalid endpoint)
+        check_label_value(conf.name)
     except ValueError as e:
-        raise ConfError(f"name: {e}") from None
+        raise ConfError(f"name: {e} (a network name is also a label value: at most 63 characters)") from None
     for i, profile in enumerate(conf.profiles):
         try:
             check_name(profile)

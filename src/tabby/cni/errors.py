@@ -7,6 +7,7 @@ from typing import Any
 INCOMPATIBLE, UNSUPPORTED_FIELD, UNKNOWN_CONTAINER, INVALID_ENV, IO_FAILURE, DECODE, INVALID_CONF = 1, 2, 3, 4, 5, 6, 7
 TRY_AGAIN = 11
 NOT_AVAILABLE = 50  # STATUS: the plugin cannot serve ADDs now
+INTERNAL = 999  # a bug in tabby-cni (codes from 100 up are a plugin's own)
 
 
 class CniError(Exception):

@@ -69,12 +69,15 @@ def check_ifname(value: str) -> str:
         raise CniError(INVALID_ENV, "CNI_IFNAME: missing")
     try:
         check_interface_name(value)
-        if not value[0].isalnum():  # stricter than the kernel: "-x" reads as an option to any tool
+        # stricter than the kernel: "-x" reads as an option to any tool, and the name ends the
+        # attachment's Endpoint name, which must end in a letter or digit ("eth0-" was refused only
+        # there, after the veth was made, as a "try again" that never passed)
+        if not (value[0].isalnum() and value[-1].isalnum()):
             raise ValueError(value)
     except ValueError:
         raise CniError(INVALID_ENV, "CNI_IFNAME: invalid interface name",
-                       "1..15 characters of letters, digits, '_', '.' or '-', starting with a letter or digit "
-                       "(no '/', ':', whitespace, control characters)") from None
+                       "1..15 characters of letters, digits, '_', '.' or '-', starting and ending with a letter "
+                       "or digit (no '/', ':', whitespace, control characters)") from None
     return value
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 
 from tabby.cni import inputs
 from tabby.cni.config import SUPPORTED_VERSIONS, ConfError, load, parse
-from tabby.cni.errors import INCOMPATIBLE, INVALID_CONF, INVALID_ENV, IO_FAILURE, CniError
+from tabby.cni.errors import INCOMPATIBLE, INTERNAL, INVALID_CONF, INVALID_ENV, IO_FAILURE, TRY_AGAIN, CniError
 from tabby.cni.plugin import Context, Phases, add, check, delete, gc, host_name, status, version
 from tabby.cni.result import at_least
 from tabby.model.names import check_name
@@ -66,6 +67,13 @@ def run(environ: Mapping[str, str], raw: bytes, ctx: Context | None = None,
     except OSError as e:  # the kernel or a file said no: I/O failure, with what it said
         log.warning("CNI %s: %s", environ.get("CNI_COMMAND"), e)
         return 1, json.dumps(CniError(IO_FAILURE, "system call failed", str(e)).json(ver))
+    except Exception as e:  # never a bare traceback: a CNI error on stdout, whatever it was
+        store = sys.modules.get("tabby.store")  # (imported only by the verbs that use it: the lean path)
+        if store is not None and isinstance(e, store.StoreError):  # a verb's own handling missed it
+            log.warning("CNI %s: %s", environ.get("CNI_COMMAND"), e)
+            return 1, json.dumps(CniError(TRY_AGAIN, "store unavailable", str(e)).json(ver))
+        log.exception("CNI %s failed", environ.get("CNI_COMMAND"))
+        return 1, json.dumps(CniError(INTERNAL, "internal error", f"{type(e).__name__}: {e}"[:2000]).json(ver))
 
 
 def main() -> None:

@@ -302,9 +302,11 @@ def _add_locked(conf: NetConf, env: Env, req: Request, store: Any, ipam: Any, lo
         v6 = [str(a.ip) for a in got if a.ip.version == 6]
         v4 = [str(a.ip) for a in got if a.ip.version == 4]
         plumbed = _plumb_and_record(conf, env, req, store, ns_fd, hostif, handle, v6, v4, ph)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
-            _teardown(conf, env, store, ipam, handle, hostif, deep=False)
+            # the addresses and the Endpoint go back; an interface of the veth's name that was there
+            # before (_Exists) is not this attachment's, and stays
+            _teardown(conf, env, store, ipam, handle, hostif, deep=False, veth=not isinstance(e, _Exists))
             lock.remove()
         raise
     lock.remove()  # done: nothing is in flight for this attachment
@@ -352,6 +354,8 @@ def _plumb_and_record(conf: NetConf, env: Env, req: Request, store: Any, ns_fd: 
     gw6 = _gateway6(conf, store) if v6 else ""
     try:
         plumbed = _plumb(env, ns_fd, hostif, v6, v4, gw6, req.mac, conf.mtu, ph)
+    except _Exists:
+        raise  # the interface of that name is not ours to remove: another network's, of this container
     except nl.NetlinkError as e:
         _unplumb(hostif)
         raise CniError(IO_FAILURE, "interface setup failed", str(e)) from None
@@ -371,6 +375,10 @@ def _plumb_and_record(conf: NetConf, env: Env, req: Request, store: Any, ns_fd: 
     return plumbed
 
 
+class _Exists(CniError):
+    """The veth could not be made: an interface of its name is there already."""
+
+
 def _plumb(env: Env, ns_fd: int, hostif: str, v6: list[str], v4: list[str], gw6: str, mac: str | None,
            mtu: int | None, ph: Phases) -> Plumbed:
     ifname = env.ifname
@@ -378,9 +386,9 @@ def _plumb(env: Env, ns_fd: int, hostif: str, v6: list[str], v4: list[str], gw6:
         try:
             host.add_veth(hostif, HOST_MAC, ifname, ns_fd, peer_mac=mac, mtu=mtu)
         except nl.NetlinkError as e:
-            if e.errno == errno.EEXIST:
-                raise CniError(IO_FAILURE, f"CNI_IFNAME: {ifname} exists in CNI_NETNS (or host interface {hostif} "
-                                           "exists)", str(e)) from None
+            if e.errno == errno.EEXIST:  # nothing was made (a veth is made whole or not at all)
+                raise _Exists(IO_FAILURE, f"CNI_IFNAME: {ifname} exists in CNI_NETNS (or host interface {hostif} "
+                                          "exists)", str(e)) from None
             raise
         # DAD off on the host end before it is up: its link-local must work at once
         nl.write_sysctl(f"ipv6/conf/{hostif}/accept_dad", "0")
@@ -513,17 +521,22 @@ def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: i
 
 # -- DEL, GC -------------------------------------------------------------------------------
 
-def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hostif: str, deep: bool) -> None:
+def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hostif: str, deep: bool,
+              veth: bool = True) -> None:
     """Veth, Endpoint (if it is this attachment's) and allocation; ``deep`` also frees what a
     dead ADD left in this host's blocks without recording it in the handle."""
 
     from tabby.ipam import CorruptRecord
 
-    _unplumb(hostif)
     try:
-        rec = ipam.handle(handle)
+        rec, corrupt = ipam.handle(handle), False
     except CorruptRecord:
-        rec = None  # the Endpoint and veth go all the same; release_handle below reports the record
+        rec, corrupt = None, True  # the Endpoint and veth go all the same; release_handle below reports it
+    if veth and (rec is not None or corrupt or deep):
+        # an attachment's veth lives only while its handle record does (ADD assigns before it plumbs;
+        # every rollback and teardown unplumbs before it releases): with no record, a veth of that
+        # name is another network's attachment of the same container and ifname, and stays
+        _unplumb(hostif)
     _delete_endpoints(conf, env, store, handle, rec)
     ipam.release_handle(handle)
     if deep:

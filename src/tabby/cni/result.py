@@ -41,20 +41,25 @@ def build(version: str, p: Plumbed, prev: dict[str, Any] | None = None, route_mt
     prevResult's own."""
     v11 = at_least(version, "1.1.0")
     prev = prev or {}
-    interfaces = [i for i in prev.get("interfaces", []) if isinstance(i, dict)]
+
+    def listed(key: str) -> list[dict[str, Any]]:  # a previous plugin's entries; anything else is left out
+        got = prev.get(key)
+        return [i for i in got if isinstance(i, dict)] if isinstance(got, list) else []
+
+    interfaces = listed("interfaces")
     base = len(interfaces)
     host = {"name": p.host_if, "mac": p.host_mac}
     cont: dict[str, Any] = {"name": p.ifname, "mac": p.mac, "sandbox": p.sandbox}
     if v11 and p.mtu:
         host["mtu"] = cont["mtu"] = p.mtu
     interfaces += [host, cont]
-    ips = [i for i in prev.get("ips", []) if isinstance(i, dict)]
+    ips = listed("ips")
     for addr, gw in p.ips:
         ip: dict[str, Any] = {"address": addr, "gateway": gw, "interface": base + 1}
         if not at_least(version, "1.0.0"):
             ip = {"version": "6" if ":" in addr else "4", **ip}
         ips.append(ip)
-    routes = [r for r in prev.get("routes", []) if isinstance(r, dict)]
+    routes = listed("routes")
     for dst, gw in p.routes:
         route: dict[str, Any] = {"dst": dst, "gw": gw}
         if v11 and route_mtu:

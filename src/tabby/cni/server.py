@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from tabby.cni.errors import INTERNAL
 from tabby.cni.main import run
 from tabby.cni.plugin import Context, Phases
 from tabby.cni.shim import MAGIC, netns_id, path_id
@@ -75,19 +76,25 @@ class _Handler(socketserver.StreamRequestHandler):
                 code, out = run(env, raw, ctx, phases)
             except Exception as e:  # a bug must not end the server; the caller gets a CNI error
                 log.exception("CNI %s failed", env.get("CNI_COMMAND"))
-                code, out = 1, json.dumps({"cniVersion": "1.1.0", "code": 999, "msg": "internal error",
+                code, out = 1, json.dumps({"cniVersion": "1.1.0", "code": INTERNAL, "msg": "internal error",
                                            "details": str(e)})
-        self.wfile.write(MAGIC + f"{code}\n".encode() + out.encode())
-        if later:  # the shim reads to the end: end the answer, then finish the call's work here
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_WR)
-        phases.mark("answer")
-        cid = env.get("CNI_CONTAINERID", "")
-        shown = cid[:16] if cid.isascii() and cid.isprintable() else "(unprintable)"
-        ifname = env.get("CNI_IFNAME", "")
-        log.info("%s %s %s -> %d in %.1f ms (%s)", env.get("CNI_COMMAND", "")[:8].encode("unicode_escape").decode(),
-                 shown, ifname[:16].encode("unicode_escape").decode(), code, (time.perf_counter() - t0) * 1000, phases)
-        ctx.run_later(later)
+        try:
+            self.wfile.write(MAGIC + f"{code}\n".encode() + out.encode())
+            if later:  # the shim reads to the end: end the answer, then finish the call's work here
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_WR)
+            phases.mark("answer")
+            cid = env.get("CNI_CONTAINERID", "")
+            shown = cid[:16] if cid.isascii() and cid.isprintable() else "(unprintable)"
+            ifname = env.get("CNI_IFNAME", "")
+            log.info("%s %s %s -> %d in %.1f ms (%s)",
+                     env.get("CNI_COMMAND", "")[:8].encode("unicode_escape").decode(), shown,
+                     ifname[:16].encode("unicode_escape").decode(), code, (time.perf_counter() - t0) * 1000, phases)
+        finally:
+            # also when the answer could not be sent (the runtime gave up on the call and closed):
+            # the work deferred holds the attachment's lock, and only it releases the lock and frees
+            # the veth and addresses
+            ctx.run_later(later)
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):
