@@ -69,9 +69,9 @@ def test_allowed_address_pairs_and_port_security() -> None:
     assert [(str(a.address.ip), a.mac) for a in ep.spec.allowed_sources] == [
         ("fd00:5::100", "fa:16:3e:00:00:01"), ("10.66.0.200", "fa:16:3e:00:00:99")]
     assert ep.spec.port_security
-    check_port({"allowed_address_pairs": pairs})
+    check_port({**PORT, "allowed_address_pairs": pairs})
     with pytest.raises(Unsupported, match="single addresses"):
-        check_port({"allowed_address_pairs": [{"ip_address": "10.66.0.0/24"}]})
+        check_port({**PORT, "allowed_address_pairs": [{"ip_address": "10.66.0.0/24"}]})
     assert not validate(endpoint_doc({**PORT, "port_security_enabled": False})).spec.port_security
 
 
@@ -221,3 +221,50 @@ def test_a_bad_rule_costs_only_itself_on_resync(tmp_path: Path) -> None:
     assert counts["deleted"] == 0 and counts["invalid"] == 1, counts
     prof = client.get("Profile", "sg-sg1")
     assert prof is not None and [r.dst_ports for r in prof.spec.ingress] == [(22,)]
+
+
+def test_a_port_the_model_would_refuse_is_refused_before_neutron_commits_it() -> None:
+    """Refused after the commit, a new port had no Endpoint (its VM unreachable, nobody told) and an
+    updated one kept its old Endpoint (the old host, groups, pairs): so the whole Endpoint is judged
+    at precommit, also for a port not bound yet. What is only cosmetic is mended instead."""
+    unbound = {**PORT, "binding:host_id": "", "binding:vif_type": "unbound"}
+    for pairs, why in (([{"ip_address": "fe80::1"}], "cannot be a workload address"),  # VRRPv3's
+                       ([{"ip_address": "224.0.0.18"}], "cannot be a workload address"),
+                       ([{"ip_address": f"10.66.1.{i}"} for i in range(65)], "at most 64")):
+        for port in (PORT, unbound):
+            with pytest.raises(Unsupported, match=why):
+                check_port({**port, "allowed_address_pairs": pairs})
+    # one address written twice (Neutron takes both strings) is one pair
+    twice = {**PORT, "allowed_address_pairs": [{"ip_address": "10.66.0.9"}, {"ip_address": "10.66.0.9/32"}]}
+    check_port(twice)
+    assert [str(a.address.ip) for a in validate(endpoint_doc(twice)).spec.allowed_sources] == ["10.66.0.9"]
+    # device_id is the port owner's free text: the port's id names the workload where it is no id
+    for device in ("my vm", "vm-é", "x" * 300):
+        odd = {**PORT, "device_id": device}
+        check_port(odd)
+        assert validate(endpoint_doc(odd)).spec.workload_id == PORT["id"]
+
+
+def test_resync_refuses_a_listing_without_bindings_and_deletes_only_what_it_made(tmp_path: Path) -> None:
+    """Neutron shows binding:* to admins only: with a project's credentials every port read as
+    unbound and resync deleted every Endpoint. And "made by this integration" is the label's value
+    per kind, not the key alone (a CNI netconf may label its containers "openstack")."""
+    from tabby.openstack.sync import PartialListing
+    from tabby.store import open_store
+
+    client = ResourceClient(open_store(f"sqlite://{tmp_path}/s.db"))
+    sub = {"id": "s6", "cidr": "fd00:5::/64", "ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful"}
+    sg = {"id": "sg-a", "security_group_rules": []}
+    assert reconcile(client, [sub], [PORT], [sg])["created"] == 4
+    cni = validate({"kind": "Endpoint", "metadata": {"name": "net1.c0ffee.eth0", "labels": {"openstack": "yes"}},
+                    "spec": {"host": "h1", "orchestrator": "container", "workload_id": "c0ffee",
+                             "interface": "tby0123456789a", "mac": "ee:ee:ee:ee:ee:ee",
+                             "ipv6_addresses": ["fd00:e::5"]}})
+    client.apply(cni)
+    hidden = {k: v for k, v in PORT.items() if not k.startswith("binding:")}
+    with pytest.raises(PartialListing, match="admin"):
+        reconcile(client, [sub], [hidden], [sg])
+    assert client.get("Endpoint", "os-0123456789abcdef-0000") is not None
+    counts = reconcile(client, [sub], [], [sg])  # the port gone from Neutron
+    assert counts["deleted"] == 1 and client.get("Endpoint", "os-0123456789abcdef-0000") is None
+    assert client.get("Endpoint", "net1.c0ffee.eth0") is not None  # not the integration's

@@ -44,6 +44,7 @@ from tabby.store import (
     StoreLocked,
     StoreReadOnly,
     Unavailable,
+    open_store,
 )
 from tabby.store.etcd import EtcdStore
 from tabby.store.sqlite import SqliteStore, fault
@@ -696,9 +697,41 @@ def test_a_file_that_is_not_a_database_is_refused_and_left_as_it_was(tmp_path: P
     text.chmod(0o644)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o644)
-    for path, why in ((text, "not a SQLite database"), (fifo, "not a regular file")):
+    for path, why in ((text, "not a database"), (fifo, "not a regular file")):
         with pytest.raises(StoreError, match=why):
             SqliteStore(str(path)).list("/")
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert text.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
     assert not (tmp_path / "passwd.txt-journal").exists() and not (tmp_path / "passwd.txt-wal").exists()
+
+
+READ_AND_CLOSE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from tabby.store import open_store
+s = open_store(sys.argv[2])
+print(len(s.list("/")[0]))
+s.close()
+"""
+
+
+def test_a_second_store_on_the_same_file_loses_no_write_of_the_first(tmp_path: Path) -> None:
+    """SQLite's WAL locks are POSIX locks, dropped for the whole process when any descriptor of the
+    file is closed. Opening a second store on the file (as the lab, a CLI or a driver does) read
+    the file's header and closed it: the first store's locks were gone, the next process to close
+    its connection deleted -wal and -shm as if alone, and the first store's writes after that went
+    into the deleted WAL, lost, though each write said it had committed."""
+    url = f"sqlite://{tmp_path}/s.db"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    first = open_store(url)
+    first.put("/t/a", b"1")
+    second = open_store(url)
+    assert second.get("/t/a") is not None  # its own connection opened: the old checks closed a descriptor
+    r = subprocess.run([sys.executable, "-c", READ_AND_CLOSE, src, url], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first.put("/t/b", b"2")
+    second.put("/t/c", b"3")
+    r = subprocess.run([sys.executable, "-c", READ_AND_CLOSE, src, url], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "3", (r.stdout, r.stderr)  # every write is in the file
+    first.close()
+    second.close()

@@ -33,7 +33,7 @@ def openstack_resync(
         from keystoneauth1.exceptions import ClientException
         from openstack.exceptions import SDKException
 
-        from tabby.openstack.sync import from_neutron_api, neutron_adapter, reconcile
+        from tabby.openstack.sync import PartialListing, from_neutron_api, neutron_adapter, reconcile
     except ImportError as e:
         fail(f"tabby openstack resync needs openstacksdk and keystoneauth1 (neutron-server's environment has them; "
              f"pip install 'tabby[openstack]'): {e}")
@@ -44,6 +44,8 @@ def openstack_resync(
         fail(f"cannot read Neutron: {e}")
     try:
         counts = reconcile(STATE.client(), subnets, ports, groups)
+    except PartialListing as e:
+        fail(f"refused: {e}")
     except StoreError as e:
         fail(f"store: {e}")
     out.print(" ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)

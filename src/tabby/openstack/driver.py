@@ -173,14 +173,18 @@ class TabbyMechanismDriver(api.MechanismDriver):
 
     def _background(self) -> None:
         # neutron-server finishes loading its models after the drivers initialize: until it has,
-        # the plugin's queries fail, so the first resync is retried
-        for attempt in range(60):
-            time.sleep(1.0)
+        # the plugin's queries fail, so the first resync is retried; and for as long as it takes
+        # (every 30 s after the first minute): only it writes the no-port-security Profile and mends
+        # what changed while the Store was away, so giving up left that undone until an operator ran it
+        attempt = 0
+        while True:
+            time.sleep(1.0 if attempt < 60 else 30.0)
             try:
                 self.resync()
                 break
             except Exception as e:
-                (log.warning if attempt > 10 else log.debug)("resync not possible yet: %s", e)
+                (log.warning if attempt > 10 else log.debug)("resync not possible yet (attempt %d): %s", attempt + 1, e)
+            attempt += 1
         while True:
             try:
                 self._statuses()

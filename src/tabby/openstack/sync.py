@@ -14,12 +14,27 @@ from tabby.openstack.translate import OWNER_LABEL, desired
 from tabby.store import NotFound
 
 log = logging.getLogger(__name__)
-KINDS = ("Endpoint", "Profile", "IPPool")
+# what translate.py makes of each kind, by the value of its OWNER_LABEL: only those are ever deleted
+# (a CNI netconf's labels may hold an "openstack" key too)
+OWNED = {"Endpoint": ("port",), "Profile": ("sg", "builtin"), "IPPool": ("subnet",)}
+KINDS = tuple(OWNED)
+
+
+class PartialListing(ValueError):
+    """Neutron's listing cannot be the whole truth: reconciling it would delete live records."""
 
 
 def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], ports: Iterable[Mapping[str, Any]],
               groups: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Returns counts: created, updated, unchanged, deleted, invalid."""
+    """Returns counts: created, updated, unchanged, deleted, invalid. PartialListing, before anything
+    is written, for ports listed without their bindings: Neutron shows ``binding:*`` to admins
+    only, and every port would have read as unbound (every Endpoint deleted)."""
+    ports = list(ports)
+    hidden = sum(1 for p in ports if isinstance(p, Mapping) and "binding:vif_type" not in p)
+    if hidden:
+        raise PartialListing(f"{hidden} of {len(ports)} ports were listed without binding:vif_type and "
+                             "binding:host_id (Neutron shows them to admins only): resync needs admin "
+                             "credentials; nothing was changed")
     counts = {"created": 0, "updated": 0, "unchanged": 0, "deleted": 0, "invalid": 0}
     problems: list[str] = []
     wanted: set[tuple[str, str]] = set()  # what a record could not be read for stays as the Store has it
@@ -40,7 +55,7 @@ def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], port
         counts[client.apply(res)[0]] += 1
     for kind in KINDS:
         for res in client.list(kind)[0]:
-            if OWNER_LABEL in res.metadata.labels and (kind, res.metadata.name) not in wanted:
+            if res.metadata.labels.get(OWNER_LABEL) in OWNED[kind] and (kind, res.metadata.name) not in wanted:
                 try:
                     client.delete(kind, res.metadata.name)
                     counts["deleted"] += 1

@@ -17,6 +17,7 @@ No Neutron import here: the ML2 driver (inside neutron-server) and ``tabby opens
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tabby.model.names import check_label_key
-from tabby.model.resources import MAX_DNS_SERVERS, Rule
+from tabby.model.resources import _WORKLOAD_ID, MAX_DNS_SERVERS, Rule
 
 OWNER_LABEL = "openstack"  # on everything this module makes: resync deletes only what carries it
 SG_LABEL = "sg.openstack/"  # + security group id: a port's membership, for remote-group rules
@@ -160,16 +161,30 @@ def check_subnet(subnet: Mapping[str, Any]) -> None:
         raise Unsupported("tabby assigns fixed IPs to VMs by DHCP and RA: enable_dhcp must be true")
 
 
+PRECOMMIT_HOST = "precommit-check"  # a host name for judging a port that is not bound yet
+
+
 def check_port(port: Mapping[str, Any]) -> None:
-    """Raise Unsupported for allowed address pairs tabby cannot serve: a pair is routed to its port
-    as a host route, so it must be one address, not a network (Malformed for a pair not in
-    Neutron's shape)."""
+    """Raise Unsupported for a port tabby cannot serve, before Neutron commits it: an allowed
+    address pair that is a network (each is routed to its port as a host route), and whatever the
+    model would refuse of its Endpoint once the port is bound (a link-local or multicast pair, more
+    than 64 of them...). Refused after the commit, the port had no Endpoint (its VM unreachable,
+    nobody told) or, on an update, kept its old one (old host, old groups, old pairs). Malformed
+    for a port not in Neutron's shape."""
     for i, pair in enumerate(_items(port, "allowed_address_pairs", "port")):
         where = f"port allowed_address_pairs[{i}]"
         net = _network(_record(pair, where).get("ip_address"), f"{where} ip_address")
         if net.prefixlen != net.max_prefixlen:
             raise Unsupported(f"allowed address pair {net}: tabby routes each allowed address on its "
                               "own; give single addresses, not a network")
+    from tabby.model import validate
+
+    doc = endpoint_doc({**port, "binding:vif_type": "tap", "binding:host_id": PRECOMMIT_HOST})
+    if doc is not None:
+        try:
+            validate(doc)
+        except ValueError as e:
+            raise Unsupported(f"tabby cannot serve this port: {e}") from None
 
 
 def pool_doc(subnet: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,10 +226,15 @@ def endpoint_doc(port: Mapping[str, Any]) -> dict[str, Any] | None:
     for i, p in enumerate(_items(port, "allowed_address_pairs", where)):
         at = f"{where} allowed_address_pairs[{i}]"
         net = _network(_record(p, at).get("ip_address"), f"{at} ip_address")
-        if net.prefixlen == net.max_prefixlen:
-            pairs.append({"address": str(net.network_address), "mac": _maybe_text(p, "mac_address", at) or mac})
+        pair = {"address": str(net.network_address), "mac": (_maybe_text(p, "mac_address", at) or mac).lower()}
+        if net.prefixlen == net.max_prefixlen and pair not in pairs:  # "10.0.0.9" and "10.0.0.9/32" are one
+            pairs.append(pair)
+    # device_id is the owner's free text (an instance uuid, or anything a port owner sets): it names
+    # the workload only where it is an id the model takes, else the port's id does
+    device = _maybe_text(port, "device_id", where)
     spec: dict[str, Any] = {
-        "host": host, "orchestrator": "vm", "workload_id": _maybe_text(port, "device_id", where) or pid,
+        "host": host, "orchestrator": "vm",
+        "workload_id": device if device and re.fullmatch(_WORKLOAD_ID, device) else pid,
         "interface": tap_name(pid), "mac": mac,
         "ipv6_addresses": [str(a) for a in ips if a.version == 6],
         "ipv4_addresses": [str(a) for a in ips if a.version == 4], "profiles": profiles}

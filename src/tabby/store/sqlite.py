@@ -181,49 +181,51 @@ def _make_dirs(d: Path) -> None:
             os.chmod(m, DIR_MODE)  # exactly 0700 whatever the umask
 
 
-_SQLITE_HEADER = b"SQLite format 3\0"
+# Why the database file itself is never opened here, only stat'ed and chmod'ed by its path: the
+# locks SQLite coordinates its WAL with are POSIX record locks, which belong to the process, and
+# the kernel drops all of a process's locks on a file when any descriptor of it is closed. A
+# check that opened and closed the file (to read its header, or to create it) while another
+# connection of the same process had it open dropped that connection's locks; the next process
+# to close its last connection then believed itself alone, checkpointed, and deleted -wal and
+# -shm, and every later write of that connection went into the deleted WAL: lost (seen: a lab's
+# Config write "updated" at a revision another process also committed).
 
 
-def _check_existing(path: str) -> None:
-    """A file that is already there is a database (or empty) before tabby touches it: pointed at
-    /dev/null or /etc/passwd by mistake, the store once set its mode to 0600 and only then failed."""
+def _check_existing(path: str) -> bool:
+    """True if there is a file at path. A file that is there must be a regular file before tabby
+    touches it (pointed at /dev/null by mistake, the store once set its mode to 0600 and only then
+    failed); whether it is a database SQLite's own open says (StoreCorrupt), before any chmod."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return  # gone meanwhile: the open below makes it
+        return False
     if not stat.S_ISREG(st.st_mode):
         raise StoreCorrupt(path, "not a regular file: tabby neither changes nor uses it as its store")
-    if st.st_size:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(len(_SQLITE_HEADER))
-        except OSError:
-            return  # unreadable: SQLite's own open says why
-        if head != _SQLITE_HEADER:
-            raise StoreCorrupt(path, "not a SQLite database file: tabby neither changes nor uses it as its store")
+    return True
 
 
 def _ensure_file(path: str) -> None:
-    """The database file exists with mode 0600 before SQLite sees it (SQLite would create it
-    0644, and gives ``-wal`` and ``-shm`` the mode of the database file)."""
+    """The database file exists before SQLite sees it, made 0600 (SQLite would create it 0644,
+    and gives ``-wal`` and ``-shm`` the mode of the database file). A new file is made with
+    O_EXCL: nobody in this process can have it open, so closing that descriptor drops no lock."""
     _make_dirs(Path(path).parent)
-    _check_existing(path)
+    if _check_existing(path):
+        return
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES) or not os.path.exists(path):
-            raise
-        fd = None  # it exists on a read-only filesystem: SQLite opens it read-only
-    if fd is not None:
-        try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
-                os.fchmod(fd, FILE_MODE)
-        finally:
-            os.close(fd)
-    for suffix in ("-wal", "-shm"):  # left over from a version that made them wider
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+    except FileExistsError:  # made meanwhile by someone else: theirs, checked as any existing one
+        _check_existing(path)
+        return
+    os.chmod(path, FILE_MODE)  # exactly 0600 whatever the umask
+
+
+def _fix_modes(path: str) -> None:
+    """Once SQLite has taken the file as a database: it and its -wal and -shm 0600 (left wider by a
+    version that made them so, or by whoever created the file), by path, never by a descriptor."""
+    for p in (path, path + "-wal", path + "-shm"):
         with contextlib.suppress(OSError):
-            if stat.S_IMODE(os.stat(path + suffix).st_mode) & ~FILE_MODE:
-                os.chmod(path + suffix, FILE_MODE)
+            if stat.S_IMODE(os.stat(p).st_mode) != FILE_MODE:
+                os.chmod(p, FILE_MODE)
 
 
 def _text(raw: bytes) -> str:
@@ -303,6 +305,7 @@ class SqliteStore:
         conn = _connect(self.path, self.busy_timeout_s)
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            _fix_modes(self.path)
             if not {"kv", "log", "meta"} <= tables:  # only a new file is written to here
                 conn.execute("BEGIN IMMEDIATE")
                 try:
