@@ -73,6 +73,7 @@ def test_tls_and_user_from_url_or_environment(files: dict[str, str]) -> None:
     ("etcd://a:1#frag", "has no path"),
     ("sqlite:///tmp/x.db?mode=ro", "a file path only"),
     ("sqlite:///tmp/x.db#frag", "a file path only"),
+    ("sqlite:tabby.db", "must be absolute"),  # each process's working directory picked its own file
 ])
 def test_mistakes_refused_naming_the_url(url: str, says: str) -> None:
     with pytest.raises(ValueError, match=says) as e:

@@ -469,6 +469,102 @@ def test_status_writer_retries_with_back_off_and_recovers(tmp_path: Path, caplog
         reader.close()
 
 
+class _SlowDown:
+    """A store whose write of a "down" status waits until told: the window in which it is in flight."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner, self.writing, self.go, self.done = inner, threading.Event(), threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put(self, key: str, value: bytes, lease: Any = None) -> int:
+        if key.startswith("/tabby/status/endpoints/") and b'"down"' in value:
+            self.writing.set()
+            assert self.go.wait(10)
+            try:
+                return self.inner.put(key, value, lease)
+            finally:
+                self.done.set()
+        return self.inner.put(key, value, lease)
+
+
+def test_status_writer_writes_a_state_that_comes_back_while_another_is_in_flight(tmp_path: Path) -> None:
+    """up written, down being written, up again: set() compared "up" with what it had written last
+    and dropped it, and the Store said down until the next full check."""
+    store = _SlowDown(SqliteStore(tmp_path / "tabby.db"))
+    writer = StatusWriter(store, "h1", retry_s=0.05, max_retry_s=0.2)  # type: ignore[arg-type]
+    try:
+        writer.start()
+        writer.set("ep", "up")
+        wait_for(lambda: (status(store.inner, "h1", "ep") or {}).get("state") == "up", 5, what="up written")
+        writer.set("ep", "down", "interface gone")
+        assert store.writing.wait(5)
+        writer.set("ep", "up")  # while down is in flight
+        store.go.set()
+        assert store.done.wait(5)  # down is in the Store now: up must follow it
+        wait_for(lambda: (status(store.inner, "h1", "ep") or {}).get("state") == "up", 5, what="up again")
+    finally:
+        store.go.set()
+        writer.stop()
+        store.inner.close()
+
+
+class _ExpiringLeases:
+    """A store with leases, whose first lease is gone by the time the writer puts with it."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner, self.granted = inner, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def grant_lease(self, ttl_s: float) -> Any:
+        self.granted += 1
+        n = self.granted
+
+        class _L:
+            def keep_alive(self) -> bool:
+                return True
+
+            def revoke(self) -> None:
+                pass
+
+            number = n
+        return _L()
+
+    def put(self, key: str, value: bytes, lease: Any = None) -> int:
+        if lease is not None and lease.number == 1:
+            raise StoreError("store etcd://x: HTTP 404: etcdserver: requested lease not found")
+        return self.inner.put(key, value)
+
+
+def test_a_lease_that_expired_before_its_put_is_replaced(tmp_path: Path) -> None:
+    """The put with a lease that etcd no longer knows fails for ever: the writer kept the lease and
+    retried with it, and the host read as dead until its agent was restarted."""
+    store = _ExpiringLeases(SqliteStore(tmp_path / "tabby.db"))
+    writer = StatusWriter(store, "h1", retry_s=0.05, max_retry_s=0.2)  # type: ignore[arg-type]
+    try:
+        writer.start()
+        wait_for(lambda: store.inner.get("/tabby/status/hosts/h1") is not None, 5, what="a heartbeat written")
+        assert store.granted == 2
+    finally:
+        writer.stop()
+        store.inner.close()
+
+
+def test_etcd_overload_and_nospace_are_not_final_refusals() -> None:
+    """429 (too many requests) was a final error: no other member tried, every syncer relisting, the
+    status writer dropping records. etcd's NOSPACE alarm is a full store, as SQLite's disk full is."""
+    from tabby.store.etcd import _http_failure
+
+    busy = _http_failure("http://e1:2379", 429, json.dumps({"error": "etcdserver: too many requests", "code": 8}))
+    assert isinstance(busy.error, Unavailable) and busy.transient and not busy.sent and not busy.final  # type: ignore[union-attr]
+    full = _http_failure("http://e1:2379", 500, json.dumps({"error": "etcdserver: mvcc: database space exceeded",
+                                                            "code": 8}))
+    assert isinstance(full.error, StoreFull) and not full.sent  # type: ignore[union-attr]
+
+
 def test_status_writer_drops_a_record_that_can_never_be_written(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     store = SqliteStore(tmp_path / "tabby.db")

@@ -142,6 +142,12 @@ def test_last_good_versions_survive_two_restarts(store: Store, prefix: str, tmp_
     store.put(key_of(a), b'{"kind": "Host"}')  # a different incarnation: its predecessor's version is not used
     _, items = agent_run()
     assert [u for u in items if isinstance(u, Update)] == []
+    # mended while no agent ran: the start that finds it good forgets its last good version (kept, it
+    # would come back at a later start, older than what ran since)
+    store.put(key_of(a), encode(a))
+    assert key_of(a) in LastGood(path).load(decode)
+    agent_run()
+    assert key_of(a) not in LastGood(path).load(decode)
 
 
 def test_a_corrupt_block_affinity_keeps_its_last_good_version_across_a_restart(store: Store, prefix: str,

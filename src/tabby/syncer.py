@@ -163,6 +163,7 @@ class ResourceSyncer:
     def _resync(self) -> Iterator[Update | InSync]:
         kvs, rev = self.store.list(self.prefix)
         seen: set[str] = set()
+        seeded: set[str] = set()
         for kv in kvs:
             if not self._wanted(kv.key):
                 continue
@@ -177,10 +178,19 @@ class ResourceSyncer:
                     and seed[0] == kv.create_revision:  # the same incarnation of the record, not a new one
                 log.warning("%s: using its last good version from before the restart", kv.key)
                 self.known[kv.key] = seed[1]
+                seeded.add(kv.key)
                 update = Update(kv.key, seed[1], kv.mod_revision, kv.create_revision)
             if update is not None:
                 yield update
+        # a last good version this listing did not need (the record is good again, gone, or another
+        # incarnation) is told cured, so that its keeper forgets it: kept, it came back at a later
+        # start, older than what the kernel had run since, and counted against the keeper's limit
+        stale = [k for k in self.seed if k.startswith(self.prefix) and self._wanted(k) and k not in seeded]
         self.seed.clear()  # only the first listing after a start falls back to it
+        if self.on_corrupt is not None:
+            for key in stale:
+                if key not in self.corrupt:  # (one corrupt now stays reported; its seed is of another
+                    self.on_corrupt(key, None)  # incarnation, which no later start takes either)
         for key in [k for k in self.created if k not in seen]:
             del self.created[key]
             self._cured(key)

@@ -41,6 +41,7 @@ class StatusWriter:
         self.retry_s = retry_s
         self.max_retry_s = max_retry_s
         self._pending: dict[str, dict[str, Any] | None] = {}
+        self._inflight: dict[str, dict[str, Any] | None] = {}  # the batch being written now
         self._written: dict[str, dict[str, Any]] = {}
         self._docs: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
@@ -83,7 +84,11 @@ class StatusWriter:
         """state: up | down | error, or None to remove the record (endpoint gone from this host)."""
         status = None if state is None else {"host": self.host, "state": state, "reason": reason}
         with self._cond:
-            if status is not None and self._written.get(endpoint) == status and endpoint not in self._pending:
+            # the same as what the Store will hold once what is in flight is written: nothing to do
+            # (compared with the in-flight value first: up, then down being written, then up again
+            # must be written, though "up" is what was written last)
+            last = self._inflight[endpoint] if endpoint in self._inflight else self._written.get(endpoint)
+            if status is not None and last == status and endpoint not in self._pending:
                 return
             self._pending[endpoint] = status
             self._cond.notify()
@@ -112,8 +117,13 @@ class StatusWriter:
                     return
                 batch, self._pending = self._pending, {}
                 docs, self._docs = self._docs, {}
+                self._inflight = dict(batch)
             beat = time.monotonic() >= next_beat
-            failed = self._write(batch, docs, beat)
+            try:
+                failed = self._write(batch, docs, beat)
+            finally:
+                with self._cond:
+                    self._inflight = {}
             if failed is None:
                 if beat:
                     next_beat = time.monotonic() + self.ttl_s / 3
@@ -123,7 +133,9 @@ class StatusWriter:
                 continue
             what, error = failed
             attempt += 1
-            delay = min(self.retry_s * 2 ** min(attempt - 1, 20), self.max_retry_s)
+            # at most a third of the TTL: a heartbeat that waited out a longer back-off let the lease
+            # (or the expiry the record states) pass, and the host read as dead once the Store was back
+            delay = min(self.retry_s * 2 ** min(attempt - 1, 20), self.max_retry_s, self.ttl_s / 3)
             retry_at = time.monotonic() + delay
             self._failing = f"status writes: {what} not written: {error} (attempt {attempt}, next try in {delay:g}s)"
             with self._cond:
@@ -188,8 +200,14 @@ class StatusWriter:
                 self._leases = self._lease is not None
             if self._lease is not None:
                 self._lease_doc = None
-                self.store.put(key, json.dumps({**doc, "heartbeat": time.time(), "expires": None}).encode(),
-                               lease=self._lease)
+                try:
+                    self.store.put(key, json.dumps({**doc, "heartbeat": time.time(), "expires": None}).encode(),
+                                   lease=self._lease)
+                except Exception:
+                    # a lease the put could not use (it expired during an outage: etcd says "requested
+                    # lease not found", for ever): the next try takes a new one
+                    self._lease = None
+                    raise
                 self._lease_doc = doc
                 return
         now = time.time()

@@ -176,6 +176,9 @@ def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
         path = parsed.path if not parsed.netloc else f"/{parsed.netloc}{parsed.path}"
         if not path or path == "/":
             raise ValueError(f"store URL {url!r}: sqlite needs a file path, e.g. sqlite:///var/lib/tabby/tabby.db")
+        if not path.startswith("/"):  # sqlite:tabby.db: each process's working directory would pick its file
+            raise ValueError(f"store URL {url!r}: the sqlite file path must be absolute, e.g. "
+                             "sqlite:///var/lib/tabby/tabby.db")
         if parsed.query or parsed.fragment or parsed.params:  # SQLite's ?mode=ro would be taken and ignored
             raise ValueError(f"store URL {url!r}: a sqlite URL is a file path only, without ?, ; or #")
         return SqliteStore(path)

@@ -64,6 +64,7 @@ from tabby.store.base import (
     PermissionDenied,
     RevisionMismatch,
     StoreError,
+    StoreFull,
     Unavailable,
 )
 
@@ -222,6 +223,10 @@ def _http_failure(url: str, status: int, text: str) -> _Failed | _TokenExpired:
     if "user name is empty" in msg:
         return _Failed(PermissionDenied(url, f"{detail}: etcd has auth on; give the store URL a user and "
                                               "password_file"), sent=False, transient=False, final=True)
+    if "database space exceeded" in msg:  # etcd's NOSPACE alarm: every member refuses writes, reads work
+        return _Failed(StoreFull(url, detail), sent=False, transient=False, final=True)
+    if status == 429 or code == 8 or "too many requests" in msg:  # overloaded: not applied, another member may
+        return _Failed(Unavailable(f"store {url}: overloaded, HTTP {status} ({detail})"), sent=False, transient=True)
     if status >= 500 or code == 14:
         return _Failed(Unavailable(f"store {url}: unavailable, HTTP {status} ({detail})"),
                        sent=not any(w in msg for w in _NOT_APPLIED), transient=True)
