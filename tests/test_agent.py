@@ -113,6 +113,41 @@ def test_drift_repaired_on_the_kernel_s_own_news(host_ns: str, sq: Store, agent:
              "changed MAC put back")
 
 
+def test_an_interface_set_down_and_up_or_renamed_gets_its_routes_back_at_once(host_ns: str, sq: Store,
+                                                                            agent: AgentProc) -> None:
+    """Down, the kernel drops an interface's IPv4 routes and says nothing (IPv6 does say): back up,
+    they came back only at the full check (90 s here). And a rename left the routes on the renamed
+    device while the tracker had them on the old name: a new device of that name got none."""
+    netns.add_veth(host_ns, "tapud", "vmud")
+    apply(sq, endpoint("updown", "h1", "tapud", v6=["fd00:e::21"], v4=["10.65.0.21"]))
+    want = {"fd00:e::21/128": "tapud", "10.65.0.21/32": "tapud"}
+    wait_for(lambda: routes(host_ns) == want, 10, what="programmed")
+    netns.ip("link", "set", "tapud", "down", ns=host_ns)
+    wait_for(lambda: "10.65.0.21/32" not in routes(host_ns), 10, what="the kernel took the IPv4 route")
+    netns.ip("link", "set", "tapud", "up", ns=host_ns)
+    wait_for(lambda: routes(host_ns) == want, 15, what="both routes back, long before the full check")
+    netns.ip("link", "set", "tapud", "down", ns=host_ns)
+    netns.ip("link", "set", "tapud", "name", "tapux", ns=host_ns)
+    netns.ip("link", "set", "tapux", "up", ns=host_ns)
+    netns.add_veth(host_ns, "tapud", "vmud2")  # a new device under the endpoint's interface name
+    wait_for(lambda: routes(host_ns) == want, 15, what="the routes on the new tapud")
+
+
+def test_forwarding_turned_off_is_turned_on_again(host_ns: str, tmp_path: Path) -> None:
+    """Forwarding was set once at start: a `sysctl --system` that turned it off stopped all routing
+    through the host until the agent restarted. The full check puts it back, and says so."""
+    a = AgentProc(host_ns, f"sqlite://{tmp_path}/fwd.db", "h1", tmp_path / "fwd.log", resync_s=1.0).start()
+    try:
+        wait_for(a.healthy, 15, 0.1, "agent healthy")
+        assert sysctl(host_ns, "ipv4/ip_forward") == "1"
+        netns.nsexec(host_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])
+        wait_for(lambda: sysctl(host_ns, "ipv4/ip_forward") == "1" and sysctl(host_ns, "ipv6/conf/all/forwarding")
+                 == "1", 15, what="forwarding on again")
+        wait_for(lambda: "forwarding was turned off" in a.output(), 5, what="and said so")
+    finally:
+        a.stop()
+
+
 def test_corrupt_records_are_skipped_and_the_rest_served(host_ns: str, sq: Store, agent: AgentProc) -> None:
     netns.add_veth(host_ns, "tapok", "vmok")
     netns.add_veth(host_ns, "tapkeep", "vmkeep")

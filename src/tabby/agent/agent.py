@@ -268,6 +268,7 @@ class Agent:
         self.next_bgp_check = 0.0
         self.next_pair_probe = 0.0
         self.bgp_written: dict[str, Any] | None = None
+        self.link_up: dict[int, bool] = {}  # ifindex -> up, as the monitor last said (unknown until it says)
         self.dhcp_unserved: tuple[str, ...] = ()  # /64s dnsmasq cannot serve (logged once each time they change)
         self.password_errors: list[str] = []  # BGP password files that could not be read (path only)
         self.password_paths: list[str] = []
@@ -916,6 +917,7 @@ class Agent:
                 self.nat64.recheck()  # gone, or changed (down: its routes went with it)
                 self.nat64_dirty = True
             if change.deleted:
+                self.link_up.pop(change.ifindex, None)
                 name = self.links.removed(change.ifindex)
                 if name is not None:
                     self.routes.interface_gone(name)
@@ -923,9 +925,25 @@ class Agent:
                     self._dirty_iface(name)
             elif change.key:
                 known = self.links.by_name.get(change.key) == change.ifindex
+                renamed = self.links.by_index.get(change.ifindex)
+                if renamed is not None and renamed != change.key:
+                    # a rename: what was programmed on the old name stays on this device, and a new
+                    # device of the old name must get it all again
+                    self.routes.interface_gone(renamed)
+                    self.sysctls.interface_gone(renamed)
+                    self._dirty_iface(renamed)
                 self.links.added(change.key, change.ifindex)
                 if not known:
                     self.sysctls.interface_gone(change.key)  # a new device: its sysctls start afresh
+                    self._dirty_iface(change.key)
+                was_up = self.link_up.get(change.ifindex)
+                if change.up is not None:
+                    self.link_up[change.ifindex] = change.up
+                if known and was_up is False and change.up:
+                    # set down and up again: the kernel dropped the IPv4 routes on it when it went
+                    # down and said nothing of it (IPv6 does say); they are put back now, not at
+                    # the next full check
+                    self.routes.interface_gone(change.key)
                     self._dirty_iface(change.key)
         elif change.kind == "addr":
             # an address came or went: if on a link named like a workload's that no endpoint owns, it
@@ -975,6 +993,13 @@ class Agent:
                 self._links_read_at_start = False  # start() has just read them for this first check
             else:
                 self.links.refresh()
+                # forwarding too (start() set it): a `sysctl --system` or a distribution's file that
+                # turned it off stopped all routing through this host until a restart
+                try:
+                    if off := set_host_sysctls():
+                        log.warning("forwarding was turned off (%s): on again", ", ".join(off))
+                except OSError as e:
+                    log.error("cannot turn forwarding on: %s", e)
             self.routes.resync()
             self.metrics.resyncs.inc()
             self.dirty.update(self.index.plans)

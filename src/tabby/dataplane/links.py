@@ -156,13 +156,17 @@ class SysctlReconciler:
         return [p for p in self.by_iface.get(iface, {}) if p in self.tracker.pending_updates]
 
 
-def set_host_sysctls(root: Path = PROC_NET) -> None:
-    """Forwarding on for both families (the host routes between its workloads and the fabric).
-    Written only where it is not on yet: a write of ipv6 all/forwarding visits every device under
-    the RTNL (~40 ms with 4,000 veths), and an agent restart finds them on."""
+def set_host_sysctls(root: Path = PROC_NET) -> list[str]:
+    """Forwarding on for both families (the host routes between its workloads and the fabric);
+    returns the ones that were off. Written only where it is not on yet: a write of ipv6
+    all/forwarding visits every device under the RTNL (~40 ms with 4,000 veths), and an agent
+    restart finds them on."""
+    written = []
     for path in ("ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding", "ipv4/ip_forward"):
         if (root / path).read_text().strip() != "1":
             (root / path).write_text("1")
+            written.append(path)
+    return written
 
 
 # -- neighbour tables ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_GET_STRICT_CHK = 12
 RTMGRP_LINK, RTMGRP_NEIGH = 0x1, 0x4
+IFF_UP = 0x1
 RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x10, 0x100
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
 
@@ -414,6 +415,7 @@ class Change:
     key: str = ""  # route dst, neighbour ip, link name, or address
     ifindex: int = 0
     mac: str | None = None  # neighbours: the link-layer address now in the kernel
+    up: bool | None = None  # links: administratively up (IFF_UP)
 
 
 def _drop_routes_of(sock: socket.socket, protos: Collection[int]) -> None:
@@ -502,9 +504,9 @@ class Monitor:
                 if n is not None:
                     out.append(Change("neigh", mtype == RTM_DELNEIGH, n.proto, n.ip, n.ifindex, n.mac))
             elif mtype in (RTM_NEWLINK, RTM_DELLINK):
-                _, _, _, ifindex, _, _ = _IFINFOMSG.unpack_from(msg)
+                _, _, _, ifindex, flags, _ = _IFINFOMSG.unpack_from(msg)
                 name = next((v.rstrip(b"\0").decode() for k, v in _attrs(msg, _IFINFOMSG.size) if k == IFLA_IFNAME), "")
-                out.append(Change("link", mtype == RTM_DELLINK, 0, name, ifindex))
+                out.append(Change("link", mtype == RTM_DELLINK, 0, name, ifindex, up=bool(flags & IFF_UP)))
             elif mtype in (RTM_NEWADDR, RTM_DELADDR):
                 _, _, _, _, ifindex = _IFADDRMSG.unpack_from(msg)
                 addr = next((addr_text(v) for k, v in _attrs(msg, _IFADDRMSG.size)
