@@ -135,6 +135,30 @@ def test_labs_raise_them_for_all_that_is_up_and_the_last_down_restores(
         L.restore_neighbour_tables(b)
 
 
+def test_a_lab_killed_without_down_does_not_keep_them_raised_for_ever(
+        machine_thresholds: dict[str, dict[str, int]]) -> None:
+    """A lab killed mid-run (SIGKILL, a CI timeout) kept its share in the record: the last `lab down`
+    never brought the machine's values back. A share whose lab has no namespace left, sized longer
+    ago than STALE_SHARE_S, is dropped at the next size or restore."""
+    import json
+    import time
+
+    dead, live = "tnd" + uuid.uuid4().hex[:5], "tnl" + uuid.uuid4().hex[:5]
+    try:
+        L.size_neighbour_tables(dead, 40_000)
+        rec = json.loads((L.LAB_ROOT / L.NEIGH_RECORD).read_text())
+        rec["since"][dead] = time.time() - L.STALE_SHARE_S - 1  # killed long ago, nothing of it left
+        (L.LAB_ROOT / L.NEIGH_RECORD).write_text(json.dumps(rec))
+        L.size_neighbour_tables(live, 1_000)  # (sizing only raises: the dead share's values stay till a down)
+        assert set(json.loads((L.LAB_ROOT / L.NEIGH_RECORD).read_text())["labs"]) == {live}
+        L.restore_neighbour_tables(live)
+        assert read_neigh_thresholds() == machine_thresholds
+        assert not (L.LAB_ROOT / L.NEIGH_RECORD).exists()
+    finally:
+        L.restore_neighbour_tables(live)
+        L.restore_neighbour_tables(dead)
+
+
 def test_a_lab_sizes_them_and_its_agents_report_they_cannot(machine_thresholds: dict[str, dict[str, int]]) -> None:
     with lab(hosts=2, containers=1) as the_lab:
         now = read_neigh_thresholds()

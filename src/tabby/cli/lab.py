@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -41,6 +42,10 @@ PrefixOpt = Annotated[str, typer.Option(help="name prefix of this lab's namespac
 class LabStore(StrEnum):
     sqlite = "sqlite"
     etcd = "etcd"
+
+
+def _interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def families(topo: Any) -> tuple[str, ...]:
@@ -102,14 +107,18 @@ def lab_up(
     except ValueError as e:
         fail(str(e))  # before anything is torn down: a mistyped option leaves the running lab as it is
     L.down(prefix)
+    # SIGTERM (a CI job's timeout, `kill`) as Ctrl-C: either leaves nothing behind; before, both
+    # left every namespace, process and raised threshold of a half-built lab, and said nothing
+    signal.signal(signal.SIGTERM, _interrupted)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
         task = progress.add_task("building", total=None)
         try:
             lab.up(lambda step: progress.update(task, description=f"building: {step}"))
-        except Exception as e:
+        except (Exception, KeyboardInterrupt) as e:
             progress.stop()
             L.down(prefix)
-            fail("lab up failed, everything removed again:", details=str(e).splitlines())
+            fail("lab up interrupted, everything removed again" if isinstance(e, KeyboardInterrupt) else
+                 "lab up failed, everything removed again:", details=str(e).splitlines())
         # the cheap signal (a route dump and /healthz per host), not the O(N²) matrix, in the wait loop
         progress.update(task, description="waiting for every agent in sync and every route on every host")
         fams = families(topo)
@@ -125,10 +134,11 @@ def lab_up(
             if state["ok"] and lab.members():
                 progress.update(task, description="checking connectivity (once)")
                 rows = lab.matrix(fams, sample=L.default_sample(hosts))
-        except Exception as e:
+        except (Exception, KeyboardInterrupt) as e:
             progress.stop()
             L.down(prefix)
-            fail("lab up failed while checking it, everything removed again:", details=str(e).splitlines())
+            fail("lab up interrupted, everything removed again" if isinstance(e, KeyboardInterrupt) else
+                 "lab up failed while checking it, everything removed again:", details=str(e).splitlines())
     out.print(f"lab up: {hosts} hosts, {len(topo.workloads)} containers, {len(topo.vms)} VMs, "
               f"{'IPv6-only' if ipv6_only else 'dual-stack'}{' with NAT64' if nat64 else ''}; store {lab.store_url}",
               highlight=False)

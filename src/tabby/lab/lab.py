@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -540,7 +541,7 @@ class Lab:
             from tabby.lab import qemu
 
             qemu.remove_vm(self, v)
-        netns.sweep(v.ns)
+        netns.sweep(v.ns, exact=True)  # (as a prefix, removing h1-v1 also took h1-v10..h1-v19)
         shutil.rmtree(self.dir / f"guest-{v.name}", ignore_errors=True)
 
     # -- looking -------------------------------------------------------------------------
@@ -874,6 +875,26 @@ def _write_record(rec: dict[str, Any]) -> None:
     tmp.replace(LAB_ROOT / NEIGH_RECORD)
 
 
+STALE_SHARE_S = 600.0  # a lab sized this long ago that has no namespace left died without `lab down`
+
+
+def _prune_dead(rec: dict[str, Any], keep: str) -> None:
+    """Drop the shares of labs that are gone without a `lab down` (killed, a CI timeout): kept, the
+    thresholds never came back to what they were. A lab is gone when none of its namespaces is
+    left and it was sized more than STALE_SHARE_S ago (one just sized may not have made any yet)."""
+    since = rec.setdefault("since", {})
+    if not isinstance(since, dict):
+        since = rec["since"] = {}
+    names = [e.name for e in netns.NETNS_DIR.iterdir()] if netns.NETNS_DIR.exists() else []
+    now = time.time()
+    for p in [p for p in rec["labs"] if p != keep]:
+        at = since.get(p)
+        old = not isinstance(at, (int, float)) or now - at > STALE_SHARE_S
+        if old and not any(n.startswith(f"{p}-") for n in names):
+            del rec["labs"][p]
+            since.pop(p, None)
+
+
 def size_neighbour_tables(prefix: str, entries: int) -> list[str]:
     """Raise the root namespace's thresholds for this lab and the others up; returns notes."""
     current = read_neigh_thresholds()
@@ -882,7 +903,9 @@ def size_neighbour_tables(prefix: str, entries: int) -> list[str]:
                 "or size them there (see docs/architecture.md)"]
     with _machine_lock():
         rec = _read_record() or {"original": current, "labs": {}}
+        _prune_dead(rec, prefix)
         rec["labs"][prefix] = entries
+        rec["since"][prefix] = time.time()
         want = neigh_thresholds(sum(rec["labs"].values()))
         written = raise_neigh_thresholds(want)
         rec["set"] = read_neigh_thresholds()
@@ -901,6 +924,8 @@ def restore_neighbour_tables(prefix: str) -> list[str]:
         if rec is None or prefix not in rec["labs"]:
             return []
         del rec["labs"][prefix]
+        _prune_dead(rec, prefix)
+        rec["since"].pop(prefix, None)
         original, was_set, current = rec.get("original") or {}, rec.get("set") or {}, read_neigh_thresholds() or {}
         want = neigh_thresholds(sum(rec["labs"].values())) if rec["labs"] else None
         target: dict[str, dict[str, int]] = {}
@@ -928,8 +953,14 @@ def _parallel(fn: Callable[[Any], None], items: Iterable[Any], workers: int = BU
     Measured here (100 hosts, 5 `ip` calls each): serially 2.2 s, 4 threads 1.25 s, 8 threads 1.16 s:
     namespace and veth creation serialise on the kernel's rtnl lock, so more threads gain nothing;
     the CPU-bound part (process start-up) gains what the 2 cores give."""
-    with ThreadPoolExecutor(workers) as ex:
-        futures = [ex.submit(fn, item) for item in items]
+    ex = ThreadPoolExecutor(workers)
+    futures = [ex.submit(fn, item) for item in items]
+    try:
+        futures_wait(futures)
+    except BaseException:  # Ctrl-C, SIGTERM: what is queued never starts, what runs ends, then the caller cleans up
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown()
     for f in futures:
         f.result()
 

@@ -50,18 +50,20 @@ def netns_exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
 
 
-def sweep(prefix: str) -> list[str]:
+def sweep(prefix: str, exact: bool = False) -> list[str]:
     """Remove every namespace whose name starts with prefix (crash leftovers), and end every process
     in them first. In rounds: a process may start another while it is being stopped (an agent whose
     VMs' taps vanish restarts dnsmasq), and once a namespace is deleted its processes can no longer
     be found by it, so the namespaces go only when a round finds nobody left.
 
     A prefix shorter than MIN_SWEEP_PREFIX characters (the empty one matches every namespace on
-    the machine) is refused with ValueError before anything is touched."""
+    the machine) is refused with ValueError before anything is touched. exact: that one namespace
+    only (its name is a prefix of others': a VM h1-v1's of h1-v10's)."""
     if len(prefix) < MIN_SWEEP_PREFIX:
         raise ValueError(f"sweep prefix {prefix!r}: at least {MIN_SWEEP_PREFIX} characters, or it matches "
                          "namespaces that are not ours")
-    names = sorted(e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)) if NETNS_DIR.exists() else []
+    names = sorted(e.name for e in NETNS_DIR.iterdir() if (e.name == prefix if exact else e.name.startswith(prefix))) \
+        if NETNS_DIR.exists() else []
 
     def members() -> set[int]:
         return {int(p) for n in names for p in

@@ -365,8 +365,8 @@ def load_guests(directory: Path) -> dict[str, Guest]:
     """The guests a lab directory records (for a lab loaded by the CLI after `lab up`)."""
     out = {}
     for p in sorted(directory.glob("qemu-*.json")):
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            g = Guest.load(p)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):  # any bytes:
+            g = Guest.load(p)  # a record that is no object must not stop `lab down` before its sweep
             out[g.name] = g
     return out
 
