@@ -239,5 +239,8 @@ class ResourceSyncer:
                 failures = self._back_off(e, failures + 1, "relisting")
             finally:
                 if self._watch is not None:
+                    # resumed after what the backend said is delivered (past the last event when it
+                    # told us nothing else happened: see Watch.revision), not from the last event
+                    self.revision = max(self.revision, self._watch.revision)
                     self._watch.close()
                     self._watch = None

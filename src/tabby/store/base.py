@@ -144,6 +144,14 @@ class Watch(Protocol):
 
     def __iter__(self) -> Iterator[Event]: ...
 
+    @property
+    def revision(self) -> int:
+        """Every event of the range up to this revision has been delivered: a new watch resumes
+        after it. It moves past the last event when the backend says nothing else happened in
+        the range (etcd's progress notifications, the SQLite log read to its head), so a quiet
+        range is not sent back to a listing by a compaction of other keys' history."""
+        ...
+
     def close(self) -> None: ...
 
 

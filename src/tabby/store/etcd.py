@@ -20,7 +20,15 @@ caller, who knows what it meant, reads and decides (a compare-and-swap retried b
 Watches resume on another member from the revision after the last event delivered (revisions
 are the cluster's, so nothing is lost or repeated); compaction past it is ``HistoryGone`` (the
 syncer lists again). A stream silent for ``WATCH_IDLE_S`` is opened again: a member that vanished
-without a FIN (a host cut off by a firewall) is noticed that way.
+without a FIN (a host cut off by a firewall) is noticed that way. Watches ask for etcd's progress
+notifications, which say "nothing else in your range up to revision R" and move the resume point
+to R: a quiet range (the Config, the BGP peers, a stable fabric's endpoints) is then never older
+than the last notification, and a compaction of other keys' history does not send it back to a
+full listing. etcd sends them every ``--experimental-watch-progress-notify-interval`` (10 min by
+default; 3.6 names it ``--watch-progress-notify-interval``): set below ``WATCH_IDLE_S`` (the lab
+uses 10 s), a healthy stream is never silent that long, so it is not reopened either. Without it,
+every quiet watch of every agent lists again after each compaction (measured: etcd 3.4.23); the
+first silent stream says so in the log, once.
 
 Auth: with a user, a token from ``auth/authenticate`` rides on every request and is fetched again
 when etcd says it expired (tokens live in a member's memory). etcd refuses gateway requests from a
@@ -40,6 +48,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import random
 import socket
 import ssl
@@ -67,6 +76,8 @@ from tabby.store.base import (
     StoreFull,
     Unavailable,
 )
+
+log = logging.getLogger(__name__)
 
 CONNECT_S = 2.0  # a member that does not accept a connection in 2 s is down or cut off: try the next
 RIDE_OUT_S = 3.0  # how long a call keeps trying members: an election after a leader dies is 1-3 s
@@ -261,6 +272,7 @@ class EtcdStore:
         # riding out is for a cluster's election; one member has none, and fails at once as it always did
         self.ride_out_s = min(RIDE_OUT_S, timeout) if len(self._members) > 1 else 0.0
         self.watch_ride_out_s = WATCH_RIDE_OUT_S if len(self._members) > 1 else 0.0
+        self._silence_told = False
         self._tls = (ca, (cert, key) if cert and key else None)
         self._current = random.randrange(len(self._members))  # agents spread over the members
         self._user, self._password = user, password
@@ -279,6 +291,16 @@ class EtcdStore:
 
     def _answered(self, m: _Member) -> None:
         self._current = self._members.index(m)
+
+    def _silent_stream(self, url: str) -> None:
+        """A watch stream said nothing for WATCH_IDLE_S, not even a progress notification: said
+        once, as it costs a listing per quiet watch after every compaction (module docstring)."""
+        if not self._silence_told:
+            self._silence_told = True
+            log.warning("etcd %s sent a watch nothing for %.0f s, not even a progress notification: set its "
+                        "--experimental-watch-progress-notify-interval (etcd 3.6: --watch-progress-notify-interval) "
+                        "below %.0f s, or every quiet watch lists its range again after each compaction",
+                        url, WATCH_IDLE_S, WATCH_IDLE_S)
 
     def session(self) -> requests.Session:
         """A new session configured like the members' (for a watch's own connection)."""
@@ -549,6 +571,10 @@ class EtcdWatch:
         self._session = store.session()
         self._reauth = False  # etcd cancelled the watch for a token it no longer knows
 
+    @property
+    def revision(self) -> int:
+        return self._after
+
     def close(self) -> None:
         self._closed.set()
         self._shut()
@@ -603,6 +629,7 @@ class EtcdWatch:
             "key": b64(self._prefix or b"\0"),
             "range_end": b64(prefix_end(self._prefix)),
             "start_revision": self._after + 1,
+            "progress_notify": True,
         }
         store = self._store
         if self._reauth:
@@ -639,6 +666,7 @@ class EtcdWatch:
             if self._closed.is_set():
                 return
             if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
+                store._silent_stream(m.url)
                 raise _StreamEnded() from e
             raise _transport_failure(m, e) from e
         except (requests.exceptions.RequestException, OSError, AttributeError) as e:
@@ -685,6 +713,13 @@ class EtcdWatch:
                               final=True)
             if result.get("created"):
                 yield None
+            elif not result.get("events"):
+                # a progress notification (clientv3's IsProgressNotify: no events, not created,
+                # cancelled or compacted): every event of the range up to its revision was sent
+                header = result.get("header")
+                if isinstance(header, dict) and header.get("revision") is not None:
+                    self._after = max(self._after, int(header["revision"]))
+                return
             events = []
             for ev in result.get("events") or []:
                 kv = ev["kv"]

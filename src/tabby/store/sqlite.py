@@ -659,6 +659,10 @@ class SqliteWatch:
         self._after = after_revision
         self._closed = threading.Event()
 
+    @property
+    def revision(self) -> int:
+        return self._after
+
     def close(self) -> None:
         self._closed.set()
         if self._store._feed is not None:
