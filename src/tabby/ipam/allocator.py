@@ -445,7 +445,7 @@ class IPAM:
                 return []
             try:
                 self._put_block(new, rev)
-            except RevisionMismatch:
+            except (RevisionMismatch, NotFound):  # changed or gone meanwhile: read it again
                 continue
             if host is not None:
                 hint = (host, block.network.version)
@@ -484,7 +484,7 @@ class IPAM:
                 raise corrupt(e) from None
             aff_rev = kv.mod_revision
         try:
-            self.store.create(ipam_block_key(cidr), encode_ipam(B.new_block(cidr, host, pool)))
+            block_rev = self.store.create(ipam_block_key(cidr), encode_ipam(B.new_block(cidr, host, pool)))
         except AlreadyExists:
             try:
                 cur = self._get_block(str(cidr))
@@ -494,11 +494,46 @@ class IPAM:
                 with contextlib.suppress(NotFound, RevisionMismatch):
                     self.store.delete(aff_key, expected_revision=aff_rev)
                 return False
+        else:
+            if self._yields_to_overlap(cidr, block_rev):
+                with contextlib.suppress(NotFound, RevisionMismatch):
+                    self.store.delete(aff_key, expected_revision=aff_rev)
+                return False
         confirmed = replace(pending, state="confirmed")
-        # someone else may have confirmed or removed it meanwhile: the block record is what counts
-        with contextlib.suppress(RevisionMismatch, NotFound):
+        # someone else may have confirmed it meanwhile: the block record is what counts. Gone (the
+        # collector dropped it with the empty block this claim has just made again): made anew,
+        # or the block would be in use with no affinity, and its host would never announce it
+        try:
             self.store.update(aff_key, encode_ipam(confirmed), aff_rev)
+        except RevisionMismatch:
+            pass
+        except NotFound:
+            with contextlib.suppress(AlreadyExists):
+                self.store.create(aff_key, encode_ipam(confirmed))
         log.info("host %s claimed block %s", host, cidr)
+        return True
+
+    def _yields_to_overlap(self, cidr: IPNetwork, rev: int) -> bool:
+        """Just created block cidr at rev: True (and the block deleted again) if a block record
+        of another size overlapping it was created before it. Two claims that listed the blocks
+        before either was created (a pool whose block size changed while another host still had
+        the old one cached, overlapping pools) each made theirs; the one created later always sees
+        the earlier one here and gives way, so no address is in two blocks."""
+        kvs, _ = self.store.list(IPAM_BLOCKS_PREFIX)
+        first = [kv.key for kv in kvs if kv.create_revision < rev and (n := B.key_network(kv.key)) is not None
+                 and n != cidr and n.version == cidr.version
+                 and (n.subnet_of(cidr) or cidr.subnet_of(n))]  # type: ignore[arg-type]
+        if not first:
+            return False
+        key = ipam_block_key(cidr)
+        try:
+            self.store.delete(key, expected_revision=rev)
+            log.warning("block %s overlaps %s, created just before it: given up", cidr, first[0])
+        except NotFound:
+            pass
+        except RevisionMismatch:  # an allocation went into it meanwhile: it cannot just go
+            log.error("block %s overlaps %s, created just before it, and is in use already: not used further "
+                      "(`tabby ipam check` names the overlap)", cidr, first[0])
         return True
 
     # -- handles -------------------------------------------------------------------------
@@ -572,7 +607,7 @@ class IPAM:
             try:
                 self._put_block(new, rev)
                 return alloc.handle
-            except RevisionMismatch:
+            except (RevisionMismatch, NotFound):  # changed or gone meanwhile: read it again
                 continue
 
     def _rollback(self, got: list[Assigned], handle: str) -> None:
@@ -619,10 +654,12 @@ class IPAM:
         """Free one address (only if it still carries seq, when given); returns its handle. A corrupt
         handle record is left as it is (the address is free all the same)."""
         addr = plain_address(ip)
-        pool = self._pool_of(addr)
-        assert pool.spec.block_size is not None
-        cidr = str(B.block_of(addr, pool.spec.block_size))
-        handle = self._free_in_block(cidr, addr, seq)
+        # the block that holds it, not the one the pool's block size would make now: a pool whose
+        # block size changed, or that was deleted, still has its old blocks to drain
+        holding = [n for n in self._held() if addr in n]
+        if not holding:
+            raise NotAllocated(f"{addr}: no block holds it")
+        handle = self._free_in_block(str(min(holding, key=lambda n: n.num_addresses)), addr, seq)
         key = ipam_handle_key(handle)
         while True:
             kv = self.store.get(key)
@@ -746,8 +783,12 @@ class IPAM:
 
     def _take_specific(self, handle: str, host: str, addr: IPAddr) -> Assigned:
         """One specific address into its block for handle (no handle record written): the block
-        part of ``assign_address``, with its rules (claims a free block, strict affinity, bounded)."""
+        part of ``assign_address``, with its rules (claims a free block, strict affinity, bounded).
+        Never in a disabled pool: its addresses are another allocator's (Neutron's subnets)."""
         pool = self._pool_of(addr)
+        if pool.spec.disabled:
+            raise NoPool(f"{addr} is in pool {pool.metadata.name} ({pool.spec.cidr}), which is disabled: "
+                         "its addresses are not tabby's IPAM's to hand out")
         assert pool.spec.block_size is not None
         cidr = B.block_of(addr, pool.spec.block_size)
         fruitless = 0
@@ -770,7 +811,7 @@ class IPAM:
             new, seq = B.take_specific(block, B.ordinal(block, addr), handle)
             try:
                 self._put_block(new, rev)
-            except RevisionMismatch:
+            except (RevisionMismatch, NotFound):  # changed or gone meanwhile: read it again
                 continue
             return Assigned(addr, block.cidr, seq)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 
-from tabby.model.ipam import Allocation, Block, IPNetwork
+from tabby.model.ipam import MAX_BLOCK_ADDRESSES, Allocation, Block, IPNetwork
 from tabby.model.jsontext import InvalidResource
 from tabby.model.plain import replace
 
@@ -63,8 +63,10 @@ def reserves_first(cidr: IPNetwork, pool: IPNetwork | None) -> bool:
     """The pool's first address, and in IPv6 every /64's first (its subnet-router anycast address,
     RFC 4291 2.6.1, which no interface may take): a host puts the first address of each /64 of a
     stateful pool that its VMs use on dnsmasq's anchor (dnsmasq serves a /64 only through an address
-    of its own in it), so it must never be a workload's. In IPv4, the pool's network address."""
-    if pool is not None and cidr.network_address == pool.network_address:
+    of its own in it), so it must never be a workload's. In IPv4, the pool's network address. A
+    pool of one or two addresses (/32, /31, /128, /127: point-to-point, RFC 3021 and 6164) has no
+    network address to keep: reserving it left a /32 pool nothing to give."""
+    if pool is not None and cidr.network_address == pool.network_address and pool.num_addresses > 2:
         return True
     return starts_a_64(cidr)
 
@@ -95,15 +97,18 @@ def block_of(ip: IPAddr, block_size: int) -> IPNetwork:
 def key_network(key: str) -> IPNetwork | None:
     """The network a block key names ("…/blocks/fd00:e::-122" -> fd00:e::/122), whatever its record
     holds; None when the key names no network. Read leniently (host bits allowed): a record under
-    a key is taken to cover what its key says, corrupt or not."""
+    a key is taken to cover what its key says, corrupt or not; but not one larger than any block
+    can be (``::-0`` would have held every address: one write stopped every claim in the fabric).
+    Such a record is corrupt all the same (``snapshot().corrupt``, ``tabby ipam check``)."""
     segment = key.rsplit("/", 1)[-1]
     text, sep, length = segment.rpartition("-")
     if not sep or not length.isdigit() or len(length) > 3:
         return None
     try:
-        return ipaddress.ip_network(f"{text}/{length}", strict=False)
+        net = ipaddress.ip_network(f"{text}/{length}", strict=False)
     except ValueError:
         return None
+    return net if net.num_addresses <= MAX_BLOCK_ADDRESSES else None
 
 
 def candidate_blocks(pool: IPNetwork, block_size: int, held: Iterable[IPNetwork]) -> Iterator[IPNetwork]:

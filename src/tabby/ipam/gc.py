@@ -145,34 +145,40 @@ def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fal
         report.leaked[handle] = sorted(ips)
         first = state.leaked_handles.get(handle, now)
         seen_leaked[handle] = first
-        if now - first >= grace_s and handle in state.leaked_handles:
+        # and its record as old (its allocator's clock): a run before this one on a clock behind
+        # ours made the first sighting look old, and a workload being set up lost its addresses
+        young = rec is not None and rec.created is not None and now - rec.created < grace_s
+        if now - first >= grace_s and handle in state.leaked_handles and not young:
             report.released[handle] = sorted(ips)
             if writes:
                 _release_all(ipam, handle, allocated.get(handle, {}))
                 del seen_leaked[handle]
 
-    # empty blocks: a host keeps its last one
-    per_host: dict[str, int] = {}
+    # empty blocks: a host keeps its last one of each family
+    per_host: dict[tuple[str, int], int] = {}
     for b, _ in blocks:
         if b.host is not None:
-            per_host[b.host] = per_host.get(b.host, 0) + 1
+            per_host[b.host, b.network.version] = per_host.get((b.host, b.network.version), 0) + 1
     seen_empty: dict[str, float] = {}
     for b, kv in blocks:
-        if b.allocations or (b.host is not None and per_host[b.host] <= 1):
+        mine = (b.host or "", b.network.version)
+        if b.allocations or (b.host is not None and per_host[mine] <= 1):
             continue
         report.empty_blocks.append(b.cidr)
         first = state.empty_blocks.get(b.cidr, now)
         seen_empty[b.cidr] = first
         if now - first >= grace_s and b.cidr in state.empty_blocks:
-            if not writes:
+            if not writes:  # what a real run would do, the last block of a host's family kept
                 report.released_blocks.append(b.cidr)
+                if b.host is not None:
+                    per_host[mine] -= 1
                 continue
             try:  # only if still empty: an allocation since we read it makes this fail
                 ipam.store.delete(ipam_block_key(b.cidr), expected_revision=kv.mod_revision)
             except (RevisionMismatch, NotFound):
                 continue
             if b.host is not None:
-                per_host[b.host] -= 1
+                per_host[mine] -= 1
                 _drop_affinity(ipam, b.host, b.cidr)
             report.released_blocks.append(b.cidr)
             del seen_empty[b.cidr]
@@ -202,7 +208,11 @@ def collect(ipam: IPAM, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = Fal
 
 
 def _drop_affinity(ipam: IPAM, host: str, cidr: str) -> None:
-    """Delete host's affinity for cidr, if it is a good record (a corrupt one is left alone)."""
+    """Delete host's affinity for cidr, if it is a good record (a corrupt one is left alone), and
+    only while the block is still gone: its host may have claimed it again since the block was
+    deleted (the claim reuses the affinity it finds), and a block in use without its affinity is
+    never announced. A claim after this read changes the affinity (its confirm), so the delete
+    at this revision fails; one confirming after the delete makes the affinity again."""
     key = ipam_affinity_key(host, cidr)
     kv = ipam.store.get(key)
     if kv is None:
@@ -211,6 +221,9 @@ def _drop_affinity(ipam: IPAM, host: str, cidr: str) -> None:
         decode_ipam(key, kv.value)
     except InvalidResource as e:
         corrupt(e)
+        return
+    if ipam.store.get(ipam_block_key(cidr)) is not None:
+        log.info("gc: block %s was claimed again meanwhile: its affinity stays", cidr)
         return
     with contextlib.suppress(NotFound, RevisionMismatch):
         ipam.store.delete(key, expected_revision=kv.mod_revision)
