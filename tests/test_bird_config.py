@@ -11,6 +11,7 @@ import pytest
 
 from tabby.agent.agent import read_passwords
 from tabby.agent.fabric import bird_inputs, password_files
+from tabby.dataplane.bird import BirdReconciler
 from tabby.dataplane.bird_config import BirdInputs, bfd_targets, families, render, render_bfd
 from tabby.model import effective_config, validate
 from tabby.model.resources import ConfigSpec
@@ -105,9 +106,49 @@ def test_an_ipv4_link_local_peer_needs_no_interface(tmp_path: Path) -> None:
     live = render_bfd(inp)
     assert live is not None and "None" not in live
     bird_accepts(live, tmp_path)
-    assert "neighbor 169.254.255.1;" in live and "neighbor 169.254.254.1;" in live
-    # keyed as the liveness BIRD's "show bfd sessions" is read back (bird.bfd_sessions): no %iface in IPv4
-    assert set(bfd_targets(inp)) == {"169.254.255.1", "169.254.254.1"}
+    assert "neighbor 169.254.255.1;" in live and 'neighbor 169.254.254.1 dev "eth1";' in live
+    # keyed as the liveness BIRD's "show bfd sessions" is read back (bird.bfd_sessions)
+    assert set(bfd_targets(inp)) == {"169.254.255.1", "169.254.254.1%eth1"}
+
+
+def test_one_link_local_ipv4_peer_address_on_two_uplinks_is_two_bfd_sessions(tmp_path: Path) -> None:
+    """A common per-link pattern: the same 169.254.0.1 on each uplink. One BFD session (no dev)
+    followed one link, and its going down disabled both BGP sessions."""
+    me = host("h1", "2001:db8:f::1", asn=65001)
+    inp = BirdInputs(host=me, hosts=(me,), pools=POOLS, mesh=False, peers=(
+        peer("up1", peer_ip="169.254.0.1", interface="eth1", asn=65100, bfd=True),
+        peer("up2", peer_ip="169.254.0.1", interface="eth2", asn=65100, bfd=True)))
+    targets = bfd_targets(inp)
+    assert set(targets) == {"169.254.0.1%eth1", "169.254.0.1%eth2"}
+    assert all(len(protocols) == 1 for protocols in targets.values())
+    live = render_bfd(inp)
+    assert live is not None
+    assert 'neighbor 169.254.0.1 dev "eth1";' in live and 'neighbor 169.254.0.1 dev "eth2";' in live
+    bird_accepts(live, tmp_path)
+
+    class Shown(BirdReconciler):  # "show bfd sessions" as BIRD 2.0.12 prints it
+        def control(self, command: str, timeout: float = 10.0) -> str:
+            assert command == "show bfd sessions"
+            return ("bfd1:\nIP address                Interface  State      Since         Interval  Timeout\n"
+                    "169.254.0.1               eth1       Up         21:00:00.000    0.100    0.300\n"
+                    "169.254.0.1               eth2       Down       21:00:05.000    1.000    0.000\n"
+                    "169.254.9.9               eth3       Up         21:00:00.000    0.100    0.300\n")
+    states = Shown(tmp_path).bfd_sessions()
+    assert states["169.254.0.1%eth1"] == "Up" and states["169.254.0.1%eth2"] == "Down"
+    assert states["169.254.9.9"] == "Up"  # a peer that names no link is found by its address
+
+
+def test_a_reflector_makes_no_rr_client_of_a_host_in_another_as(tmp_path: Path) -> None:
+    """BIRD refuses the whole file ("Only internal neighbor can be RR client"): the reflector kept
+    its old config, or never started, and every client lost its routes."""
+    rr = validate({"kind": "Host", "metadata": {"name": "rr"},
+                   "spec": {"ipv6_address": "2001:db8:f::1", "route_reflector_cluster_id": "1.1.1.1"}})
+    same, other = host("c1", "2001:db8:f::2"), host("c2", "2001:db8:f::3", asn=65001)
+    text = render(BirdInputs(host=rr, hosts=(rr, same, other), peers=(), pools=POOLS))
+    bird_accepts(text, tmp_path)
+    c1 = text[text.index('description "host c1 v6"'):text.index('description "host c2 v6"')]
+    c2 = text[text.index('description "host c2 v6"'):]
+    assert "rr client" in c1 and "rr client" not in c2 and "neighbor 2001:db8:f::3 as 65001;" in c2
 
 
 def test_protocol_names_of_long_alike_hosts_stay_distinct_and_within_birds_limit(tmp_path: Path) -> None:
@@ -263,3 +304,11 @@ def test_only_this_hosts_confirmed_blocks_inside_a_pool_become_blackholes_and_an
         ("fd00:f::/122", "confirmed"))] + [Affinity(host="h2", cidr="fd00:e::c0/122", state="confirmed", since=1.0)]
     inp = bird_inputs("h1", [me, pool, *affs], {}, effective_config(None, None))
     assert inp is not None and inp.blocks == ("fd00:e::40/122",)
+
+
+@pytest.mark.parametrize("v4", ["240.0.0.1", "255.255.255.255", "224.0.0.5"])
+def test_a_host_whose_ipv4_address_could_be_no_router_id_is_refused_by_the_model(v4: str) -> None:
+    """Accepted, it raised in every agent's conflict check (which then froze fabric-wide) and in its
+    own BGP config, at every turn."""
+    with pytest.raises(ValueError, match="ipv4_address"):
+        host("h9", "2001:db8:f::9", v4=v4)

@@ -196,7 +196,9 @@ class BirdReconciler:
 
     def bfd_sessions(self) -> dict[str, str]:
         """BFD peer -> state ("Up", "Down", "Init", "AdminDown") of this BIRD's BFD sessions; a
-        IPv6 link-local peer is keyed "fe80::..%iface", as ``bird_config.bfd_targets`` keys it."""
+        link-local peer is keyed "addr%iface", as ``bird_config.bfd_targets`` keys one that names
+        its link, and an IPv4 one also by its address alone (a peer that names no link: the
+        kernel's route picks it; the first session of that address, if several)."""
         out: dict[str, str] = {}
         for line in self.control("show bfd sessions").splitlines():
             parts = line.split()
@@ -206,7 +208,12 @@ class BirdReconciler:
                 ip = ipaddress.ip_address(parts[0])
             except ValueError:
                 continue  # the protocol's name, the heading
-            out[f"{ip}%{parts[1]}" if ip.version == 6 and ip.is_link_local else str(ip)] = parts[2]
+            if ip.is_link_local:
+                out[f"{ip}%{parts[1]}"] = parts[2]
+                if ip.version == 4:
+                    out.setdefault(str(ip), parts[2])
+            else:
+                out[str(ip)] = parts[2]
         return out
 
 

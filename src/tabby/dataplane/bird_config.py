@@ -236,8 +236,10 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
         else:
             lines.append("  multihop;")
         if bfd and peer is not None:  # BFD is the liveness BIRD's: the agent disables this while it is down
-            # scoped by its link only in IPv6 (fe80::/10 is on every link), as bird.bfd_sessions keys them
-            key = f"{peer}%{interface}" if peer.version == 6 and peer.is_link_local else str(peer)
+            # a link-local peer scoped by its link when it names one (always in IPv6: fe80::/10 is on
+            # every link; 169.254.0.1 on two uplinks was one BFD session, and one link down took
+            # both sessions down), as bird.bfd_sessions keys them
+            key = f"{peer}%{interface}" if peer.is_link_local and interface else str(peer)
             targets.setdefault(key, []).append(_ident(name))
         lines += pw
         if rr_client:
@@ -260,7 +262,9 @@ def _render(inp: BirdInputs) -> tuple[str, dict[str, tuple[str, ...]], frozenset
             other_rr = other.spec.route_reflector_cluster_id is not None
             if not (is_rr or other_rr):
                 continue  # two clients: they hear each other through the reflectors
-            rr_client = is_rr and not other_rr
+            # an iBGP client only: BIRD refuses the whole file for "rr client" on an eBGP
+            # session (a host of another AS), and the reflector's clients then had no routes
+            rr_client = is_rr and not other_rr and (other.spec.asn or inp.default_asn) == (spec.asn or inp.default_asn)
             export = "rr_out" if is_rr else "bgp_out"
         elif not inp.mesh:
             continue

@@ -145,6 +145,11 @@ class HostSpec(_Frozen):
             if addr is not None and (addr.is_unspecified or addr.is_multicast or addr.is_loopback
                                      or addr.is_link_local):  # every other host's BIRD: "neighbor fe80::2%None"
                 raise ValueError(f"{field}: {addr} cannot be a fabric address")
+        if self.ipv4_address is not None and self.ipv4_address in IPv4Network("224.0.0.0/3"):
+            # multicast, reserved (240/4) or the broadcast address: no host's; and as the router id
+            # (the default) every agent's conflict check and this host's BGP config raised on it
+            raise ValueError(f"ipv4_address: {self.ipv4_address} is in 224.0.0.0/3 (multicast/reserved): "
+                             "it cannot be a fabric address")
         return self
 
 
