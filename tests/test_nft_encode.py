@@ -51,6 +51,9 @@ RULES: list[dict[str, Any]] = [
     {"action": "deny", "protocol": "tcp", "src_nets": [f"fd00:77::{i:x}/128" for i in range(1500)] + ["fd00:78::/64"],
      "dst_ports": list(range(10_000, 15_000))},
     {"action": "deny", "dst_nets": [f"10.77.{i // 256}.{i % 256}/32" for i in range(0, 9000, 2)]},
+    # a /0 alone (nft: the whole field masked with zeros): it sent every replace through libnftables
+    {"action": "deny", "src_nets": ["0.0.0.0/0"], "protocol": "udp", "dst_ports": [9]},
+    {"action": "allow", "dst_nets": ["::/0"], "protocol": "tcp", "dst_ports": [9]},
 ]
 
 

@@ -149,6 +149,46 @@ def test_verdict_follows_order_then_profiles_then_default_deny() -> None:
     assert not v.allowed and "default deny" in v.reason and "ingress to b" in v.reason
 
 
+def test_verdict_takes_an_allowed_source_as_its_endpoint_like_the_kernels_selector_sets() -> None:
+    """A load balancer's VIP (an allowed source of role=lb) is in the kernel's set for role == "lb";
+    verdict looked up only endpoints' own addresses and said default deny."""
+    lb = validate({"kind": "Endpoint", "metadata": {"name": "lb", "labels": {"role": "lb"}}, "spec": {
+        "host": "h1", "orchestrator": "vm", "workload_id": "lb", "interface": "tby1", "mac": "02:00:00:00:00:01",
+        "ipv4_addresses": ["10.65.0.1/32"], "allowed_sources": [{"address": "10.65.0.100/32"}],
+        "profiles": ["open"]}})
+    db = ep("db", 2, {"role": "db"})
+    open_prof = validate({"kind": "Profile", "metadata": {"name": "open"},
+                          "spec": {"ingress": [{"action": "allow"}], "egress": [{"action": "allow"}]}})
+    pol = policy("db", 'role == "db"', 'role == "lb"')
+    from_vip = Packet("10.65.0.100", "10.65.0.2", 6, dst_port=80)
+    assert verdict(lb, db, from_vip, [pol], [open_prof], [lb, db]).allowed
+    idx = PolicyIndex()
+    idx.set_policy("db", pol)
+    idx.set_endpoint("lb", lb, local=False)
+    idx.set_endpoint("db", db, local=True)
+    assert ("10.65.0.100",) in idx.desired_elements()[selector_set('role == "lb"', 4)]  # what the kernel holds
+
+
+def test_diagnose_judges_rules_that_name_source_ports_from_an_ephemeral_port(tmp_path: Path) -> None:
+    """Its TCP packet had no source port, and a rule naming source ports never matched: a deny of
+    ssh from unprivileged ports read as allowed, while the kernel dropped it."""
+    from tabby.client import ResourceClient
+    from tabby.diagnose import _policy_steps
+    from tabby.store import open_store
+
+    store = open_store(f"sqlite://{tmp_path}/s.db")
+    client = ResourceClient(store)
+    a, b = ep("a", 1, {"role": "cli"}, profiles=("open",)), ep("b", 2, {"role": "web"}, profiles=("guard",))
+    for res in (a, b, validate({"kind": "Profile", "metadata": {"name": "open"},
+                                "spec": {"ingress": [{"action": "allow"}], "egress": [{"action": "allow"}]}}),
+                validate({"kind": "Profile", "metadata": {"name": "guard"}, "spec": {
+                    "ingress": [{"action": "deny", "protocol": "tcp", "src_ports": ["1024:65535"], "dst_ports": [22]},
+                                {"action": "allow"}]}})):
+        client.apply(res)
+    steps = _policy_steps(client, client.get("Endpoint", "a"), client.get("Endpoint", "b"), 22)
+    assert steps and all(not s.ok and "rule 0 (deny)" in s.detail for s in steps), steps
+
+
 def nft_json(ns: str, *args: str) -> dict[str, Any]:
     r = subprocess.run(["ip", "netns", "exec", ns, "nft", "-j", *args], capture_output=True, text=True, check=True)
     return json.loads(r.stdout)

@@ -40,6 +40,12 @@ class Step:
         return self.state == "ok"
 
 
+# the first of Linux's ephemeral ports (net.ipv4.ip_local_port_range 32768-60999): a TCP connect's
+# source port. Without one, every rule naming source ports read as not matching (a deny of
+# "src_ports 1024:65535" was never seen, and diagnose said allowed where the kernel dropped)
+EPHEMERAL_PORT = 32768
+
+
 def _step(name: str, ok: bool, detail: str) -> Step:
     return Step(name, "ok" if ok else "failed", detail)
 
@@ -106,8 +112,9 @@ def _policy_steps(client: ResourceClient, s_ep: Any, d_ep: Any, tcp_port: int | 
                                   (4, s_ep.spec.ipv4_addresses, d_ep.spec.ipv4_addresses)):
         if not s_addrs or not d_addrs:
             continue
-        if tcp_port is not None:
-            pkt, what = Packet(str(s_addrs[0].ip), str(d_addrs[0].ip), 6, dst_port=tcp_port), f"TCP {tcp_port}"
+        if tcp_port is not None:  # from a port a connection would have: rules may name source ports
+            pkt = Packet(str(s_addrs[0].ip), str(d_addrs[0].ip), 6, dst_port=tcp_port, src_port=EPHEMERAL_PORT)
+            what = f"TCP {tcp_port} from port {EPHEMERAL_PORT}"
         else:
             pkt = Packet(str(s_addrs[0].ip), str(d_addrs[0].ip), 58 if fam == 6 else 1,
                          icmp_type=128 if fam == 6 else 8, icmp_code=0)

@@ -96,8 +96,11 @@ def _direction(ep: Any, direction: str, pkt: Packet, policies: list[Any], profil
 
 def verdict(src_ep: Any, dst_ep: Any, pkt: Packet, policies: list[Any], profiles: list[Any],
             endpoints: list[Any]) -> Verdict:
-    labels_of = {str(a.ip): dict(e.metadata.labels) for e in endpoints
-                 for a in (*e.spec.ipv6_addresses, *e.spec.ipv4_addresses)}
+    # as the kernel's selector sets hold them: an endpoint's addresses and its allowed sources
+    # (policy_calc.endpoint_info; Neutron's remote-group rules include the pairs too)
+    labels_of = {str(a): dict(e.metadata.labels) for e in endpoints
+                 for a in (*(x.ip for x in (*e.spec.ipv6_addresses, *e.spec.ipv4_addresses)),
+                           *(s.address.ip for s in e.spec.allowed_sources))}
     by_name = {p.metadata.name: p for p in profiles}
     out = _direction(src_ep, "egress", pkt, policies, by_name, labels_of)
     if not out.allowed:

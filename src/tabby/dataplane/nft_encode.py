@@ -353,9 +353,7 @@ class _Rule:
         if op not in ("==", "!=") or f.base != BASE_NETWORK:
             raise Unsupported(f"prefix with {op} on {f.dtype}")
         addr, plen = f.enc(p["addr"]), int(p["len"])
-        if plen == 0:
-            raise Unsupported("a /0 prefix")
-        if plen % 8 == 0:  # byte-aligned: a shorter load
+        if plen and plen % 8 == 0:  # byte-aligned: a shorter load (a /0 is masked whole, as nft does it)
             self.emit(self.x(_payload, f.base, f.offset, plen // 8), self.x(_cmp, op, addr[:plen // 8]))
         else:  # the whole field, masked
             mask = (((1 << plen) - 1) << (f.size * 8 - plen)).to_bytes(f.size, "big")
