@@ -312,3 +312,23 @@ def test_a_host_whose_ipv4_address_could_be_no_router_id_is_refused_by_the_model
     own BGP config, at every turn."""
     with pytest.raises(ValueError, match="ipv4_address"):
         host("h9", "2001:db8:f::9", v4=v4)
+
+
+@pytest.mark.parametrize("reply", ["Reconfiguration already in progress, queueing new config", "Nothing to do"])
+def test_a_configure_bird_queues_or_finds_the_same_is_no_error(tmp_path: Path, reply: str) -> None:
+    """Sent while another reconfiguration runs, BIRD queues the config (and reads it when that one
+    ends): it was reported as an error and sent again 5 s later."""
+    me = host("h1", "2001:db8:f::1", asn=65001)
+    text = render(BirdInputs(host=me, hosts=(me,), peers=(), pools=POOLS, mesh=False))
+
+    class Running(BirdReconciler):  # a BIRD that runs (its pid) and answers configure so
+        def pid(self) -> int | None:
+            return 1
+
+        def control(self, command: str, timeout: float = 10.0) -> str:
+            assert command == "configure"
+            return reply
+
+    bird = Running(tmp_path)
+    bird.set_config(text)
+    assert bird.apply() is True and bird.last_error is None and bird.loaded == text

@@ -167,3 +167,33 @@ def test_a_dry_run_reports_what_a_real_run_releases(sq: Store) -> None:
     dry = collect(ipam, grace_s=60, dry_run=True).released_blocks
     real = collect(ipam, grace_s=60).released_blocks
     assert dry == real and len(real) == 1 and real[0].startswith("10.4.0."), (dry, real)
+
+
+def test_an_ipv4_pools_broadcast_address_is_never_handed_out(sq: Store) -> None:
+    """A host serving the pool's VMs holds its first address with the pool's length (dnsmasq's
+    anchor), and the kernel makes the last a broadcast route (seen: ``broadcast 10.1.0.255`` in
+    the local table): a workload given it was unreachable through that host."""
+    from tabby.ipam import AddressInUse
+    from tabby.ipam.blocks import new_block, take_specific
+    from tabby.model.ipam import decode_ipam, encode_ipam
+
+    pool(sq, "p", "10.1.0.0/24", block_size=26)
+    ipam = IPAM(sq)
+    with pytest.raises(AddressInUse, match="reserved"):
+        ipam.assign_address("h.c1", "h1", "10.1.0.255")
+    ipam.assign_address("h.c2", "h1", "10.1.0.200")
+    key = ipam_block_key("10.1.0.192/26")
+
+    def block() -> Any:
+        kv = sq.get(key)
+        assert kv is not None
+        return decode_ipam(key, kv.value), kv.mod_revision
+    assert 63 in block()[0].reserved
+    # a block made before the reservation: reserved at its next allocation if still free
+    sq.update(key, encode_ipam(take_specific(new_block(block()[0].network, "h1"), 8, "h.c2")[0]), block()[1])
+    assert 63 not in block()[0].reserved
+    ipam.assign_address("h.c3", "h1", "10.1.0.201")
+    assert 63 in block()[0].reserved
+    # one handed out before: `ipam check` names it
+    sq.update(key, encode_ipam(take_specific(new_block(block()[0].network, "h1"), 63, "h.old")[0]), block()[1])
+    assert any("10.1.0.255" in p and "broadcast" in p for p in IPAM(sq).check())

@@ -42,8 +42,9 @@ class IpamMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _free(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
-        # the pool's first address is reserved
-        return net.num_addresses - 1 - sum(1 for ip in self.owner if ipaddress.ip_address(ip) in net)
+        # the pool's first address is reserved, and an IPv4 pool's last (its broadcast address)
+        reserved = 2 if net.version == 4 else 1
+        return net.num_addresses - reserved - sum(1 for ip in self.owner if ipaddress.ip_address(ip) in net)
 
     @rule(host=st.sampled_from(HOSTS), v6=st.integers(0, 3), v4=st.integers(0, 2))
     def assign(self, host: str, v6: int, v4: int) -> None:

@@ -133,7 +133,10 @@ class BirdReconciler:
             return True
         if self.loaded != self.desired:
             out = self.control("configure")
-            if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+            # BIRD's replies that take it (cmd_reconfig_msg): done, in progress, queued behind one
+            # in progress (it is read when that one ends), or the same config
+            if not any(ok in out for ok in ("Reconfigured", "Reconfiguration in progress", "queueing new config",
+                                            "Nothing to do")):
                 self.last_error = out.strip()
                 log.error("birdc configure: %s", out.strip())
                 return False

@@ -261,6 +261,11 @@ class IPAM:
             raise NoPool(f"no enabled IPv{family} pool")
         return sorted(pools, key=lambda p: (p.spec.cidr.network_address, p.spec.cidr.prefixlen))
 
+    def _pool_net(self, block: IPNetwork) -> IPNetwork | None:
+        """The network of the pool a block is in (None if in none now)."""
+        return next((p.spec.cidr for p in self.pools() if block.version == p.spec.cidr.version
+                     and block.subnet_of(p.spec.cidr)), None)  # type: ignore[arg-type]
+
     def _pool_of(self, ip: IPAddr) -> IPPool:
         for p in self.pools():
             if ip in p.spec.cidr:
@@ -440,7 +445,7 @@ class IPAM:
             block, rev = cur
             if host is not None and block.host != host:
                 return []
-            new, picked = B.take(block, n, handle)
+            new, picked = B.take(block, n, handle, self._pool_net(block.network))
             if not picked:
                 return []
             try:
@@ -718,6 +723,11 @@ class IPAM:
                 problems.append(f"{B.address(b, 0)} in {cidr} is allocated to {b.allocations[0].handle}, but it is "
                                 "a /64's first address, which a host's dnsmasq anchor takes for VMs in that /64: "
                                 "give that workload another address")
+            last = b.network.num_addresses - 1
+            if last in b.allocations and B.reserves_last(b.network, self._pool_net(b.network)):
+                problems.append(f"{B.address(b, last)} in {cidr} is allocated to {b.allocations[last].handle}, but it "
+                                "is its IPv4 pool's broadcast address, which a host serving the pool's VMs makes a "
+                                "broadcast route: give that workload another address")
             if b.host is not None and (b.host, cidr) not in affinities \
                     and ipam_affinity_key(b.host, cidr) not in bad:
                 problems.append(f"block {cidr} names host {b.host}, which has no affinity record for it")
@@ -808,7 +818,7 @@ class IPAM:
             block, rev = cur
             if block.host != host and self.strict_for(host):
                 raise AddressInUse(f"{addr}: its block {cidr} belongs to {block.host} and strict affinity is on")
-            new, seq = B.take_specific(block, B.ordinal(block, addr), handle)
+            new, seq = B.take_specific(block, B.ordinal(block, addr), handle, pool.spec.cidr)
             try:
                 self._put_block(new, rev)
             except (RevisionMismatch, NotFound):  # changed or gone meanwhile: read it again

@@ -75,17 +75,32 @@ def starts_a_64(cidr: IPNetwork) -> bool:
     return cidr.version == 6 and int(cidr.network_address) & ((1 << 64) - 1) == 0
 
 
-def _reserve_late(block: Block) -> Block:
-    """A block made before every /64's first address was reserved (2026-12-04): its first, if still
-    free, becomes reserved now, in the record the allocation that is being made writes."""
-    if 0 in block.free and starts_a_64(block.network):
-        return replace(block, free=[o for o in block.free if o != 0], reserved=sorted({*block.reserved, 0}))
+def reserves_last(cidr: IPNetwork, pool: IPNetwork | None) -> bool:
+    """An IPv4 pool's last address (of more than two): its broadcast address. A host serving VMs of
+    the pool holds the pool's first address with the pool's length (dnsmasq's anchor), and the
+    kernel then makes the last one a broadcast route in its local table: a workload given it was
+    unreachable through that host."""
+    return pool is not None and cidr.version == 4 and pool.num_addresses > 2 \
+        and cidr.broadcast_address == pool.broadcast_address
+
+
+def _reserve_late(block: Block, pool: IPNetwork | None = None) -> Block:
+    """A block made before every /64's first address (or its IPv4 pool's last, with pool given)
+    was reserved (2026-12-04): that address, if still free, becomes reserved now, in the record
+    the allocation that is being made writes."""
+    late = {o for o, due in ((0, starts_a_64(block.network)),
+                             (block.network.num_addresses - 1, reserves_last(block.network, pool)))
+            if due and o in block.free}
+    if late:
+        return replace(block, free=[o for o in block.free if o not in late], reserved=sorted({*block.reserved, *late}))
     return block
 
 
 def new_block(cidr: IPNetwork, host: str | None, pool: IPNetwork | None = None) -> Block:
-    """A fresh block, its reserved first address (``reserves_first``) never handed out."""
+    """A fresh block, its reserved addresses (``reserves_first``, ``reserves_last``) never handed out."""
     reserved = [0] if reserves_first(cidr, pool) else []
+    if reserves_last(cidr, pool):
+        reserved.append(cidr.num_addresses - 1)
     return Block(cidr=str(cidr), host=host, free=[o for o in range(cidr.num_addresses) if o not in reserved],
                  reserved=reserved)
 
@@ -159,9 +174,10 @@ def address(block: Block, ordinal_: int) -> IPAddr:
     return ipaddress.ip_address(int(net.network_address) + ordinal_)
 
 
-def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]]]:
-    """Up to n free addresses from the head of the queue: (new block, [(ordinal, seq)])."""
-    block = _reserve_late(block)
+def take(block: Block, n: int, handle: str, pool: IPNetwork | None = None) -> tuple[Block, list[tuple[int, int]]]:
+    """Up to n free addresses from the head of the queue: (new block, [(ordinal, seq)]); pool: the
+    block's, when known (for ``_reserve_late``)."""
+    block = _reserve_late(block, pool)
     k = min(n, len(block.free))
     if k == 0:
         return block, []
@@ -176,10 +192,11 @@ def take(block: Block, n: int, handle: str) -> tuple[Block, list[tuple[int, int]
     return replace(block, free=block.free[k:], allocations=allocations, seq=seq), out
 
 
-def take_specific(block: Block, o: int, handle: str) -> tuple[Block, int]:
-    block = _reserve_late(block)
+def take_specific(block: Block, o: int, handle: str, pool: IPNetwork | None = None) -> tuple[Block, int]:
+    block = _reserve_late(block, pool)
     if o in block.reserved:
-        raise AddressInUse(f"{address(block, o)} is reserved (the pool's first address, or in IPv6 a /64's first)")
+        raise AddressInUse(f"{address(block, o)} is reserved (the pool's first address, in IPv6 a /64's first, "
+                           "in IPv4 the pool's last)")
     if o in block.allocations:
         raise AddressInUse(f"{address(block, o)} is already allocated (handle {block.allocations[o].handle})")
     seq = block.seq + 1
