@@ -243,3 +243,19 @@ def test_the_translator_is_its_hosts_nat64_workloads_alone(lab: L.Lab) -> None:
         subprocess.run(["ip", "-n", out, "route", "del", NAT64_PREFIX, "via", h1.v6], check=True)
     assert not reached, why
     assert dropped() > before
+
+
+def test_the_prefix_learnt_from_a_peer_does_not_take_the_hosts_translator_away(lab: L.Lab) -> None:
+    """A ToR announcing the NAT64 prefix (an upstream NAT64; BIRD puts it in with metric 32) won
+    over the tun's route (IPv6's default metric, 1024): workloads' NAT64 traffic left through the
+    ToR. As BIRD would have it, then where the kernel sends a packet for the prefix."""
+    h1 = lab.topo.hosts[0]
+    learnt = ["ip", "-n", h1.ns, "-6", "route", "add", NAT64_PREFIX, "dev", "lo", "proto", "bird", "metric", "32"]
+    subprocess.run(learnt, check=True)
+    try:
+        got = json.loads(subprocess.run(["ip", "-j", "-n", h1.ns, "-6", "route", "get", SERVICE6],
+                                        capture_output=True, text=True, check=True).stdout)
+        assert got[0]["dev"] == "tabby64", got
+    finally:
+        subprocess.run(["ip", "-n", h1.ns, "-6", "route", "del", NAT64_PREFIX, "dev", "lo", "proto", "bird",
+                        "metric", "32"], check=True)

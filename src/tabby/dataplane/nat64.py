@@ -30,6 +30,8 @@ from tabby.dataplane.nat64_config import TUN, Nat64Rendered
 
 log = logging.getLogger(__name__)
 
+TUN_METRIC = 10  # the tun's routes (see Nat64Reconciler's plumbing)
+
 
 class Nat64Error(Exception):
     pass
@@ -202,7 +204,9 @@ class Nat64Reconciler:
         if old not in (None, r.dns64_address):
             subprocess.run([ip, "addr", "del", f"{old}/128", "dev", "lo"], capture_output=True, timeout=30)
         for dst in r.routes:
-            self._ip(ip, "route", "replace", dst, "dev", TUN, "proto", "static")
+            # below BIRD's 32: a peer announcing the prefix (an upstream NAT64) must not take this
+            # host's workloads away from its own translator (IPv6's default metric is 1024)
+            self._ip(ip, "route", "replace", dst, "dev", TUN, "proto", "static", "metric", str(TUN_METRIC))
         if r.dns64_address is not None:
             self._ip(ip, "addr", "replace", f"{r.dns64_address}/128", "dev", "lo", "nodad")
             self._address_file.write_text(r.dns64_address)
