@@ -332,3 +332,21 @@ def test_a_configure_bird_queues_or_finds_the_same_is_no_error(tmp_path: Path, r
     bird = Running(tmp_path)
     bird.set_config(text)
     assert bird.apply() is True and bird.last_error is None and bird.loaded == text
+
+
+def test_fabric_wide_bgp_settings_come_from_the_global_config_only(tmp_path: Path) -> None:
+    """default_asn is the AS of every Host that names none: a host.b override made b expect 65001
+    of its peers while they expected 64512 of b, and no session came up; a mesh is two-sided."""
+    from tabby.model.resources import ignored_host_settings
+
+    a, b = host("a", "2001:db8:f::1"), host("b", "2001:db8:f::2")
+    override = ConfigSpec(default_asn=65001, node_to_node_mesh=False, mesh_bfd=True)
+    at_b = effective_config(ConfigSpec(default_asn=64512), override)
+    at_a = effective_config(ConfigSpec(default_asn=64512), None)
+    assert (at_b.default_asn, at_b.node_to_node_mesh) == (64512, True) and at_b.mesh_bfd is True  # per host
+    assert ignored_host_settings(override) == ["default_asn", "node_to_node_mesh"]
+    text_b = render(bird_inputs("b", [a, b, *POOLS], {}, at_b))  # type: ignore[arg-type]
+    text_a = render(bird_inputs("a", [a, b, *POOLS], {}, at_a))  # type: ignore[arg-type]
+    assert "local 2001:db8:f::2 as 64512;" in text_b and "neighbor 2001:db8:f::1 as 64512;" in text_b
+    assert "neighbor 2001:db8:f::2 as 64512;" in text_a
+    bird_accepts(text_b, tmp_path)

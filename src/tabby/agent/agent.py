@@ -80,6 +80,7 @@ from tabby.model.keys import (
     kind_prefix,
     parse_key,
 )
+from tabby.model.resources import ignored_host_settings
 from tabby.model.status import MAX_SESSIONS, one_line
 from tabby.store import Store
 from tabby.syncer import InSync, ResourceSyncer, Update
@@ -248,6 +249,7 @@ class Agent:
         self.created: dict[str, int] = {}  # fabric record key -> create revision (older wins conflicts)
         self.refused_hosts: dict[str, str] = {}  # hosts refused fabric-wide -> why
         self.config: ConfigSpec = effective_config(None, None)
+        self.ignored_settings: list[str] = []  # fabric-wide fields this host's Config sets (logged once)
         self.corrupt: dict[str, tuple[str, str]] = {}  # key -> (field, error), as reported by the syncer
         self.policy_interfaces: set[str] = set()  # interfaces whose policy the kernel had at the last good apply
         self.bird = BirdReconciler(run_dir) if bgp else None
@@ -853,6 +855,12 @@ class Agent:
     def _configure(self) -> None:
         """Config records (global, then this host's) -> the settings the agent applies."""
         specs = {r.metadata.name: r.spec for k, r in self.fabric.items() if k.startswith(kind_prefix("Config"))}
+        ignored = ignored_host_settings(specs.get(f"host.{self.host}"))
+        if ignored != self.ignored_settings:
+            self.ignored_settings = ignored
+            if ignored:
+                log.warning("Config host.%s sets %s: fabric-wide, taken from Config global only (a host's own "
+                            "AS is its Host record's asn)", self.host, ", ".join(ignored))
         try:
             cfg = effective_config(specs.get("global"), specs.get(f"host.{self.host}"))
         except ValueError as e:  # two good records that make a bad pair: keep the settings in force

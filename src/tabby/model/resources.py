@@ -635,12 +635,21 @@ CONFIG_DEFAULTS = ConfigSpec(
 _MESH_PASSWORD_SOURCES = frozenset({"mesh_password_file", "mesh_password_secret"})
 
 
+# Settings every host must agree on, so only Config global sets them: default_asn is the AS of
+# every Host that names none (a host.b override made b expect 65001 of its peers while they
+# expected 64512 of b: no session came up), and a mesh session is two-sided. A host's own AS is
+# its Host record's asn.
+FABRIC_WIDE = frozenset({"default_asn", "node_to_node_mesh"})
+
+
 def effective_config(global_cfg: ConfigSpec | None, host_cfg: ConfigSpec | None) -> ConfigSpec:
-    """Per-host settings over global ones over defaults, field by field."""
+    """Per-host settings over global ones over defaults, field by field; FABRIC_WIDE ones from
+    the global layer only (``ignored_host_settings`` names what a host layer sets of them)."""
     merged = CONFIG_DEFAULTS.model_dump()
     for layer in (global_cfg, host_cfg):
         if layer is not None:
-            mine = {k: v for k, v in layer.model_dump(context={"reveal_secrets": True}).items() if v is not None}
+            mine = {k: v for k, v in layer.model_dump(context={"reveal_secrets": True}).items() if v is not None
+                    and not (layer is host_cfg and k in FABRIC_WIDE)}
             if mine.keys() & _MESH_PASSWORD_SOURCES:
                 # one source replaces the other: a host's file over the global secret (or the reverse)
                 # must not make a config with both, which ConfigSpec refuses
@@ -648,6 +657,11 @@ def effective_config(global_cfg: ConfigSpec | None, host_cfg: ConfigSpec | None)
                     merged.pop(k, None)
             merged.update(mine)
     return ConfigSpec(**merged)
+
+
+def ignored_host_settings(host_cfg: ConfigSpec | None) -> list[str]:
+    """The fabric-wide fields a host's Config sets, which ``effective_config`` leaves out."""
+    return sorted(f for f in FABRIC_WIDE if host_cfg is not None and getattr(host_cfg, f) is not None)
 
 
 Resource = Annotated[
