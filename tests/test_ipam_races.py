@@ -197,3 +197,29 @@ def test_an_ipv4_pools_broadcast_address_is_never_handed_out(sq: Store) -> None:
     # one handed out before: `ipam check` names it
     sq.update(key, encode_ipam(take_specific(new_block(block()[0].network, "h1"), 63, "h.old")[0]), block()[1])
     assert any("10.1.0.255" in p and "broadcast" in p for p in IPAM(sq).check())
+
+
+def test_a_handle_write_whose_answer_is_lost_leaves_no_record_naming_freed_addresses(sq: Store) -> None:
+    """etcd applied the last write of an ADD but its answer was lost (OutcomeUnknown): the rollback
+    freed the addresses, and its delete at the old revision failed, so the record stayed, naming
+    them; the runtime's retry rebuilt on them while the next workload got them too."""
+    from tabby.model.keys import ipam_handle_key
+    from tabby.store.base import OutcomeUnknown
+
+    pool(sq, "p", "10.5.0.0/24")
+    key = ipam_handle_key("net.c1/eth0")
+
+    class LostAnswer:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(sq, name)
+
+        def update(self, k: str, value: bytes, rev: int) -> int:
+            out = sq.update(k, value, rev)
+            if k == key:
+                raise OutcomeUnknown(k, "store etcd://x: the answer was lost")
+            return out
+    with pytest.raises(OutcomeUnknown):
+        IPAM(LostAnswer()).assign_attachment("net.c1/eth0", "h1", "c1/eth0", ipv4=1)  # type: ignore[arg-type]
+    assert sq.get(key) is None
+    assert IPAM(sq).check() == []
+    assert all(u["used"] == 0 for u in IPAM(sq).usage())

@@ -787,9 +787,31 @@ class IPAM:
             return got
         except BaseException:
             self._rollback(got, handle)
-            with contextlib.suppress(NotFound, RevisionMismatch):
-                self.store.delete(key, expected_revision=rev)
+            self._drop_own_record(key, rev, created)
             raise
+
+    def _drop_own_record(self, key: str, rev: int, created: float) -> None:
+        """Delete the handle record this call made (at rev, or later if our own last update was
+        applied after all: an etcd write whose answer was lost, OutcomeUnknown). Left, it named
+        the addresses the rollback had just freed, and a retry rebuilt on them while they went
+        to the next workload too."""
+        try:
+            self.store.delete(key, expected_revision=rev)
+            return
+        except NotFound:
+            return
+        except RevisionMismatch:
+            pass
+        kv = self.store.get(key)
+        if kv is None:
+            return
+        try:
+            mine = decode_ipam(key, kv.value).created == created
+        except InvalidResource:
+            mine = False
+        if mine:  # (another ADD of this handle gets HandleExists: only ours has our created)
+            with contextlib.suppress(NotFound, RevisionMismatch):
+                self.store.delete(key, expected_revision=kv.mod_revision)
 
     def _take_specific(self, handle: str, host: str, addr: IPAddr) -> Assigned:
         """One specific address into its block for handle (no handle record written): the block
