@@ -268,3 +268,29 @@ def test_resync_refuses_a_listing_without_bindings_and_deletes_only_what_it_made
     counts = reconcile(client, [sub], [], [sg])  # the port gone from Neutron
     assert counts["deleted"] == 1 and client.get("Endpoint", "os-0123456789abcdef-0000") is None
     assert client.get("Endpoint", "net1.c0ffee.eth0") is not None  # not the integration's
+
+
+def test_a_port_bound_or_moved_while_neutron_was_listed_keeps_what_the_driver_wrote(tmp_path: Path) -> None:
+    """The resync lists Neutron, then reconciles: a port the driver bound (or moved) meanwhile was
+    deleted (or written back to its old host) from the older listing, until its next update."""
+    from tabby.store import open_store
+
+    client = ResourceClient(open_store(f"sqlite://{tmp_path}/s.db"))
+    sub = {"id": "s6", "cidr": "fd00:5::/64", "ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful"}
+    sg = {"id": "sg-a", "security_group_rules": []}
+    moving = {**PORT, "id": "fedcba9876543210-0000", "fixed_ips": [{"ip_address": "fd00:5::11"}]}
+    reconcile(client, [sub], [PORT, moving], [sg])
+    before = client.store.revision()
+    # Neutron listed here (PORT alone, moving still on h1); meanwhile the driver binds a new port and moves one
+    new = {**PORT, "id": "aaaaaaaaaaaaaaaa-0000", "fixed_ips": [{"ip_address": "fd00:5::12"}]}
+    client.apply(validate(endpoint_doc(new)))
+    client.apply(validate(endpoint_doc({**moving, "binding:host_id": "h2"})))
+    counts = reconcile(client, [sub], [PORT, moving], [sg], listed_after=before)
+    assert counts["kept"] == 2 and counts["deleted"] == 0, counts
+    assert client.get("Endpoint", "os-aaaaaaaaaaaaaaaa-0000") is not None
+    moved = client.get("Endpoint", "os-fedcba9876543210-0000")
+    assert moved is not None and moved.spec.host == "h2"
+    # the next resync, with a listing that has them, and one without the new port: deleted as ever
+    counts = reconcile(client, [sub], [PORT, {**moving, "binding:host_id": "h2"}], [sg],
+                       listed_after=client.store.revision())
+    assert counts["deleted"] == 1 and client.get("Endpoint", "os-aaaaaaaaaaaaaaaa-0000") is None

@@ -38,12 +38,16 @@ def openstack_resync(
         fail(f"tabby openstack resync needs openstacksdk and keystoneauth1 (neutron-server's environment has them; "
              f"pip install 'tabby[openstack]'): {e}")
     try:
+        before = STATE.client().store.revision()  # what the driver writes meanwhile is newer than the listing
+    except StoreError as e:
+        fail(f"store: {e}")
+    try:
         adapter = neutron_adapter(cloud, neutron_url)
         subnets, ports, groups = from_neutron_api(adapter, page_size)
     except (ClientException, SDKException, ValueError, KeyError) as e:  # SDKException: clouds.yaml, OS_* errors
         fail(f"cannot read Neutron: {e}")
     try:
-        counts = reconcile(STATE.client(), subnets, ports, groups)
+        counts = reconcile(STATE.client(), subnets, ports, groups, listed_after=before)
     except PartialListing as e:
         fail(f"refused: {e}")
     except StoreError as e:

@@ -195,8 +195,10 @@ class TabbyMechanismDriver(api.MechanismDriver):
     def resync(self) -> dict[str, int]:
         ctx = n_context.get_admin_context()
         plugin = directory.get_plugin()
+        before = self.client.store.revision()  # what the driver writes while Neutron is listed is newer
         ports = plugin.get_ports(ctx)
-        counts = reconcile(self.client, plugin.get_subnets(ctx), ports, plugin.get_security_groups(ctx))
+        counts = reconcile(self.client, plugin.get_subnets(ctx), ports, plugin.get_security_groups(ctx),
+                           listed_after=before)
         with self.lock:
             for p in ports:
                 try:

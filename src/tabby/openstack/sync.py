@@ -9,9 +9,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tabby.client import ResourceClient
-from tabby.model import validate
+from tabby.model import decode, validate
+from tabby.model.keys import kind_prefix
 from tabby.openstack.translate import OWNER_LABEL, desired
-from tabby.store import NotFound
+from tabby.store import KV, NotFound, RevisionMismatch
 
 log = logging.getLogger(__name__)
 # what translate.py makes of each kind, by the value of its OWNER_LABEL: only those are ever deleted
@@ -25,17 +26,35 @@ class PartialListing(ValueError):
 
 
 def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], ports: Iterable[Mapping[str, Any]],
-              groups: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Returns counts: created, updated, unchanged, deleted, invalid. PartialListing, before anything
-    is written, for ports listed without their bindings: Neutron shows ``binding:*`` to admins
-    only, and every port would have read as unbound (every Endpoint deleted)."""
+              groups: Iterable[Mapping[str, Any]], listed_after: int | None = None) -> dict[str, int]:
+    """Returns counts: created, updated, unchanged, deleted, invalid (and kept: records newer than
+    the listing). PartialListing, before anything is written, for ports listed without their
+    bindings: Neutron shows ``binding:*`` to admins only, and every port would have read as unbound
+    (every Endpoint deleted).
+
+    listed_after: the Store's revision before Neutron was listed. A record written after it (the
+    driver's, for a port bound or moved while the listing was read) is newer than what the
+    listing says of it: neither overwritten nor deleted (a port bound meanwhile lost its Endpoint
+    until its next update). Deletes are compare-and-swap on the revision read."""
     ports = list(ports)
     hidden = sum(1 for p in ports if isinstance(p, Mapping) and "binding:vif_type" not in p)
     if hidden:
         raise PartialListing(f"{hidden} of {len(ports)} ports were listed without binding:vif_type and "
                              "binding:host_id (Neutron shows them to admins only): resync needs admin "
                              "credentials; nothing was changed")
-    counts = {"created": 0, "updated": 0, "unchanged": 0, "deleted": 0, "invalid": 0}
+    counts = {"created": 0, "updated": 0, "unchanged": 0, "deleted": 0, "invalid": 0, "kept": 0}
+    current: dict[str, dict[str, list[KV]]] = {}  # kind -> name -> its records (an Endpoint: one per host)
+    for kind in KINDS:
+        for kv in client.store.list(kind_prefix(kind))[0]:
+            current.setdefault(kind, {}).setdefault(kv.key.rsplit("/", 1)[-1], []).append(kv)
+        current.setdefault(kind, {})
+
+    def newer(kv: KV) -> bool:
+        if listed_after is not None and kv.mod_revision > listed_after:
+            counts["kept"] += 1
+            log.info("%s was written after Neutron was listed: kept as the Store has it", kv.key)
+            return True
+        return False
     problems: list[str] = []
     wanted: set[tuple[str, str]] = set()  # what a record could not be read for stays as the Store has it
     docs = desired(subnets, ports, groups, problems, wanted)
@@ -52,15 +71,23 @@ def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], port
                       doc["kind"], doc["metadata"]["name"], e)
             continue
         wanted.add((res.kind, res.metadata.name))
+        if any(newer(kv) for kv in current.get(res.kind, {}).get(res.metadata.name, ())):
+            continue
         counts[client.apply(res)[0]] += 1
-    for kind in KINDS:
-        for res in client.list(kind)[0]:
-            if res.metadata.labels.get(OWNER_LABEL) in OWNED[kind] and (kind, res.metadata.name) not in wanted:
-                try:
-                    client.delete(kind, res.metadata.name)
-                    counts["deleted"] += 1
-                except NotFound:
-                    pass
+    for kind in KINDS:  # what was there before: a record the driver made meanwhile is not in it
+        for kv in (kv for kvs in current[kind].values() for kv in kvs):
+            try:
+                res = decode(kv.key, kv.value)
+            except ValueError:
+                continue  # corrupt: what it is for is unknown, so it is not ours to delete
+            if res.metadata.labels.get(OWNER_LABEL) not in OWNED[kind] or (kind, res.metadata.name) in wanted \
+                    or newer(kv):
+                continue
+            try:
+                client.store.delete(kv.key, expected_revision=kv.mod_revision)
+                counts["deleted"] += 1
+            except (NotFound, RevisionMismatch):
+                pass  # gone, or written meanwhile: the writer knows better than this listing
     return counts
 
 
