@@ -24,6 +24,9 @@ from tabby.ipam import IPAM
 from tabby.lab import netns
 from tabby.lab.netns import wait_for
 from tabby.model import validate
+from tabby.model.ipam import decode_ipam, encode_ipam
+from tabby.model.keys import ipam_handle_key
+from tabby.model.plain import replace
 from tabby.store import open_store
 
 
@@ -156,6 +159,14 @@ def test_gc_removes_allocation_endpoint_and_veth_of_attachments_not_listed(env: 
         code, res = cni(host_ns, "ADD", conf(url), c2, cid="stale01")
         assert code == 0, res
         stale_if = res["interfaces"][0]["name"]
+        # just made, it may be an ADD the runtime's list was made before: left to a later GC
+        valid = {"cni.dev/valid-attachments": [{"containerID": "keep01", "ifname": "eth0"}]}
+        assert cni(host_ns, "GC", conf(url, **valid))[0] == 0
+        assert ipam.handle("net1.stale01/eth0") is not None
+        for handle in ("net1.stale01/eth0", "net1.keep01/eth0"):  # as if made ten minutes ago
+            kv = store.get(ipam_handle_key(handle))
+            old = decode_ipam(kv.key, kv.value)
+            store.update(kv.key, encode_ipam(replace(old, created=old.created - 600)), kv.mod_revision)
         for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):  # 1.1, and libcni's older name
             valid = {key: [{"containerID": "keep01", "ifname": "eth0"}]}
             assert cni(host_ns, "GC", conf(url, **valid))[0] == 0

@@ -521,6 +521,11 @@ def _intact(conf: NetConf, env: Env, store: Any, rec: Any, hostif: str, ns_fd: i
 
 # -- DEL, GC -------------------------------------------------------------------------------
 
+# GC leaves an attachment made this recently (by its handle record's ``created``): the runtime's
+# list of valid attachments is made before it calls GC, so an ADD in flight then is not in it.
+# Longer than an ADD can take (its lock wait is bounded at 120 s, lock.py).
+GC_GRACE_S = 300.0
+
 def _teardown(conf: NetConf, env: Env, store: Any, ipam: Any, handle: str, hostif: str, deep: bool,
               veth: bool = True) -> None:
     """Veth, Endpoint (if it is this attachment's) and allocation; ``deep`` also frees what a
@@ -650,6 +655,7 @@ def gc(conf: NetConf, raw: dict[str, Any], ctx: Context | None = None) -> list[s
     store, ipam = ctx.open(conf.store)
     host = host_name(conf)
     removed = []
+    started = ipam.clock()
     for h in ipam.handles():
         att = h.attachment
         if att is None or not att.startswith(f"{host}/"):
@@ -663,6 +669,18 @@ def gc(conf: NetConf, raw: dict[str, Any], ctx: Context | None = None) -> list[s
         except CniError:
             continue  # not something our ADD wrote
         with _locked(env) as lock:
+            # read again under its lock: an ADD that was running when the runtime made its list (so
+            # the list could not name it) has finished by now; such a young attachment is left to
+            # a later GC, where a list made after it names it if it is live
+            rec = ipam.handle(h.handle)
+            if rec is None:
+                continue
+            if rec.created is not None and rec.created > started - GC_GRACE_S:
+                import logging
+
+                logging.getLogger(__name__).info("GC: %s was made %.0f s before this GC: left to a later one",
+                                                 h.handle, max(0.0, started - rec.created))
+                continue
             _teardown(conf, env, store, ipam, h.handle, host_ifname(cid, ifname), deep=True)
             lock.remove()
         removed.append(h.handle)
