@@ -122,6 +122,7 @@ def test_apply_reads_regular_files_only_and_errors_forge_no_line(tmp_path: Path)
     """A FIFO hung the command, /dev/zero ended in a MemoryError traceback, and a name with a
     newline or an escape sequence was echoed raw into the error (a forged line, a restyled terminal)."""
     url = f"sqlite://{tmp_path}/s.db"
+    open_store(url).close()  # there, so that get reaches the name
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for path, says in ((str(fifo), "not a regular file"), ("/dev/zero", "not a regular file"), ("", "is empty")):
@@ -148,3 +149,33 @@ def test_agent_refuses_a_directory_or_metrics_address_it_cannot_use_before_touch
         r = tabby(url, "agent", "--host", "h1", *args)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "s.db").exists()  # refused before the store was opened
+
+
+def test_apply_refuses_what_no_reader_would_take_and_readers_refuse_a_store_that_is_not_there(tmp_path: Path) -> None:
+    """From a review: YAML's duplicate keys were taken (the last won: kind Host then kind IPPool made
+    an IPPool), a Profile over the 1 MiB a record may hold was written (corrupt for every reader),
+    an empty file was success, a mistyped path made a new empty store that get/status showed as
+    all well, and sqlite://tabby.db made /tabby.db."""
+    url = f"sqlite://{tmp_path}/s.db"
+    dup = "kind: Host\nkind: IPPool\nmetadata: {name: x}\nspec: {cidr: 'fd00:e::/64'}\n"
+    r = tabby(url, "apply", "-f", "-", stdin=dup)
+    assert r.returncode == 1 and "duplicate key 'kind'" in r.stderr, r.stderr
+    big = json.dumps({"kind": "Profile", "metadata": {"name": "huge"},
+                      "spec": {"ingress": [{"action": "allow"}] * 6000}})
+    r = tabby(url, "apply", "-f", "-", stdin=big)
+    assert r.returncode == 1 and "a Store record may hold" in r.stderr and "nothing written" in r.stderr, r.stderr
+    for empty in ("", "---\n# only a comment\n---\n"):
+        r = tabby(url, "apply", "-f", "-", stdin=empty)
+        assert r.returncode == 1 and "no documents" in r.stderr, r.stderr
+    r = tabby(url, "apply", "-f", "-", stdin="x: [" + ",".join(["0"] * (2 << 20)) + "]\n")
+    assert r.returncode == 1 and "give it as JSON" in r.stderr, r.stderr
+    assert not (tmp_path / "s.db").exists()  # nothing of the above made a store
+    for args in (("get", "hosts"), ("status",), ("ipam", "show")):
+        r = tabby(f"sqlite://{tmp_path}/typo.db", *args)
+        assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "typo.db").exists()
+    r = tabby("sqlite://tabby-test-relative.db", "get", "hosts")
+    assert r.returncode == 1 and "three slashes" in r.stderr, r.stderr
+    assert tabby(url, "apply", "-f", "-", stdin="kind: Host\nmetadata: {name: h1}\nspec: {ipv6_address: 'fd00::1'}\n"
+                 ).returncode == 0
+    assert tabby(url, "get", "hosts").returncode == 0

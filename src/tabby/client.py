@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tabby.model import InvalidResource, decode, encode, key_of
+from tabby.model.codec import too_big
 from tabby.model.keys import ENDPOINTS_PREFIX, ROOT, kind_prefix, resource_key
 from tabby.model.records import decode_record
 from tabby.store import KV, AlreadyExists, NotFound, RevisionMismatch, Store, StoreError
@@ -79,6 +80,7 @@ class ResourceClient:
         whose host changed moves: created under the new host, then deleted under the old one, so
         that it is never absent (agents take one name on two hosts as one endpoint, not a conflict)."""
         key, value = key_of(resource), encode(resource)
+        too_big(resource, key, value)  # what no reader would take is not written
         for _ in range(attempts):
             elsewhere = [kv for kv in self._endpoint_kvs(resource.metadata.name) if kv.key != key] \
                 if resource.kind == "Endpoint" else []

@@ -35,9 +35,11 @@ class LogLevel(StrEnum):
 class State:
     store_url: str = ""
 
-    def client(self) -> ResourceClient:
+    def client(self, create: bool = False) -> ResourceClient:
+        """create: a command that writes resources may make a new SQLite store; any other is told
+        when the file is not there (a mistyped path showed an empty fabric, all well)."""
         try:
-            return ResourceClient(open_store(self.store_url))
+            return ResourceClient(open_store(self.store_url, create=create))
         except (ValueError, StoreError, OSError) as e:
             fail(f"cannot open store {self.store_url}: {e}")
 

@@ -38,7 +38,7 @@ def openstack_resync(
         fail(f"tabby openstack resync needs openstacksdk and keystoneauth1 (neutron-server's environment has them; "
              f"pip install 'tabby[openstack]'): {e}")
     try:
-        before = STATE.client().store.revision()  # what the driver writes meanwhile is newer than the listing
+        before = STATE.client(create=True).store.revision()  # what the driver writes meanwhile is newer
     except StoreError as e:
         fail(f"store: {e}")
     try:

@@ -38,7 +38,9 @@ def apply(
         resources = parse_documents(text, source=file)
     except InvalidResource as e:
         fail("nothing written:", details=e.errors)
-    client = STATE.client()
+    if not resources:  # an empty or cut-short file is no success
+        fail(f"no documents in {'stdin' if file == '-' else file}: nothing written")
+    client = STATE.client(create=True)
     for res in resources:
         try:
             what, rev = client.apply(res)
@@ -60,7 +62,12 @@ def _text(raw: bytes, where: str) -> str:
 
 
 def _read_stdin() -> str:
-    return _text(sys.stdin.buffer.read(MAX_APPLY_BYTES + 1), "stdin")
+    if sys.stdin is None:  # started with stdin closed
+        fail("cannot read stdin: it is closed")
+    try:
+        return _text(sys.stdin.buffer.read(MAX_APPLY_BYTES + 1), "stdin")
+    except OSError as e:
+        fail(f"cannot read stdin: {e.strerror or e}")
 
 
 def _read(file: str) -> str:

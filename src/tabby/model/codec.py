@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from tabby.model.jsontext import (  # noqa: F401  (re-exported: the codec's public names)
+from tabby.model.jsontext import (  # (re-exported too: the codec's public names)
     MAX_DEPTH,
     MAX_RECORD_BYTES,
     InvalidResource,
@@ -66,6 +66,16 @@ def encode(resource: Any) -> bytes:
     return resource.model_dump_json(exclude_defaults=False, context={"reveal_secrets": True}).encode()
 
 
+def too_big(resource: Any, where: str, value: bytes | None = None) -> None:
+    """InvalidResource if the record (value: its encoding, when at hand) would be larger than any
+    reader takes (MAX_RECORD_BYTES): written, it was corrupt for every agent (6,000 rules of a
+    Profile, each with its defaults written out)."""
+    size = len(encode(resource) if value is None else value)
+    if size > MAX_RECORD_BYTES:
+        raise InvalidResource(where, [f"(document): encodes to {size} bytes, more than the {MAX_RECORD_BYTES} a "
+                                      "Store record may hold"])
+
+
 def to_plain(resource: Any) -> dict[str, Any]:
     """For people and tools (`tabby get`): secrets shown as <redacted>."""
     return resource.model_dump(mode="json")
@@ -94,12 +104,31 @@ def decode(key: str, value: bytes) -> Any:
     return resource
 
 
-class _Yaml12(yaml.SafeLoader):
+class _Yaml12(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """YAML 1.2's core schema for plain scalars, where PyYAML reads YAML 1.1's: there ``10:20`` (a
     port range) is the base-60 integer 620, ``010`` is 8, ``on`` and ``yes`` are true, ``1e3`` is a
     string and ``2026-12-01`` a date. Here only true/false are booleans, integers are decimal (or 0o, 0x), and a float
     may have an exponent without a dot; anything else is text, which the model then takes or
-    refuses by name."""
+    refuses by name. A key twice in one mapping is refused, as in JSON (PyYAML keeps the last:
+    ``kind: Host`` then ``kind: IPPool`` made an IPPool). libyaml's parser where there is one
+    (the pure-Python one took 69 s and 2 GB for a 6 MB file)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merge keys (<<) first, as SafeConstructor does
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    twice = key in seen
+                except TypeError:  # an unhashable key: SafeConstructor says so
+                    break
+                if twice:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
 
 _BOOL, _INT, _FLOAT, _TIME = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp"))
@@ -139,6 +168,11 @@ def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _Yaml12.add_constructor(_INT, _yaml12_int)
 
 
+# YAML is parsed into a whole tree first (libyaml: 12 s and 1.2 GB for 6 MB of one list, measured):
+# far above any real set of resources, far below what would exhaust a host
+MAX_YAML_CHARS = 4 << 20
+
+
 def parse_documents(text: str, source: str = "input") -> list[Any]:
     """Every document in a YAML (multi-document) or JSON text, all validated before any is used.
 
@@ -150,11 +184,15 @@ def parse_documents(text: str, source: str = "input") -> list[Any]:
             loaded = strict_json(text)
             docs = loaded if isinstance(loaded, list) else [loaded]
         else:
+            if len(text) > MAX_YAML_CHARS:  # the node tree is built before any limit can look at it
+                raise InvalidResource(source, [f"(document): YAML longer than {MAX_YAML_CHARS >> 20} Mi characters "
+                                               "(its parser needs ~200 bytes of memory per character): give it "
+                                               "as JSON"])
             docs = [d for d in yaml.load_all(text, Loader=_Yaml12) if d is not None]
     except RecursionError:
         raise InvalidResource(source, [f"(document): nested deeper than {MAX_DEPTH} levels"]) from None
     except (ValueError, yaml.YAMLError) as e:
-        raise InvalidResource(source, [f"(document): cannot parse: {e}"]) from None
+        raise InvalidResource(source, [f"(document): cannot parse: {' '.join(str(e).split())}"]) from None
     out, errors = [], []
     for i, doc in enumerate(docs):
         where = f"{source} document {i + 1}"
@@ -165,7 +203,9 @@ def parse_documents(text: str, source: str = "input") -> list[Any]:
             kind = doc.get("kind") if isinstance(doc, dict) else None
             if isinstance(name, str) and isinstance(kind, str):
                 where += f" ({_printable(kind, 40)}/{_printable(name, 100)})"
-            out.append(validate(doc, where))
+            res = validate(doc, where)
+            too_big(res, where)
+            out.append(res)
         except InvalidResource as e:
             errors.append(f"{where}: " + "; ".join(e.errors) if not e.where else str(e))
     if errors:

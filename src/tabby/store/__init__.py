@@ -164,16 +164,20 @@ def _open_etcd(url: str, environ: Mapping[str, str]) -> Store:
                      key=opts.get("key") or None, user=opts.get("user") or None, password=password)
 
 
-def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
+def open_store(url: str, environ: Mapping[str, str] | None = None, *, create: bool = True) -> Store:
     """``sqlite:///abs/path.db``, ``etcd://host:port[,host:port...]`` or ``etcds://...`` (TLS), the
-    etcd ones with ETCD_OPTIONS in the query or, where it says nothing, in environ (os.environ)."""
+    etcd ones with ETCD_OPTIONS in the query or, where it says nothing, in environ (os.environ).
+    create=False: a SQLite file that does not exist is a StoreError, not a new store."""
     if _split_etcd(url).scheme in ("etcd", "etcds"):
         return _open_etcd(url, os.environ if environ is None else environ)
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         from tabby.store.sqlite import SqliteStore
 
-        path = parsed.path if not parsed.netloc else f"/{parsed.netloc}{parsed.path}"
+        if parsed.netloc:  # sqlite://tabby.db made /tabby.db; sqlite://var/x.db meant /var/x.db, or var/x.db
+            raise ValueError(f"store URL {url!r}: an absolute file path after sqlite:// (three slashes), e.g. "
+                             "sqlite:///var/lib/tabby/tabby.db")
+        path = parsed.path
         if not path or path == "/":
             raise ValueError(f"store URL {url!r}: sqlite needs a file path, e.g. sqlite:///var/lib/tabby/tabby.db")
         if not path.startswith("/"):  # sqlite:tabby.db: each process's working directory would pick its file
@@ -181,5 +185,5 @@ def open_store(url: str, environ: Mapping[str, str] | None = None) -> Store:
                              "sqlite:///var/lib/tabby/tabby.db")
         if parsed.query or parsed.fragment or parsed.params:  # SQLite's ?mode=ro would be taken and ignored
             raise ValueError(f"store URL {url!r}: a sqlite URL is a file path only, without ?, ; or #")
-        return SqliteStore(path)
+        return SqliteStore(path, create=create)
     raise ValueError(f"store URL {url!r}: scheme must be sqlite:// or etcd:// (etcds:// with TLS)")

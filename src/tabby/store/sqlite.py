@@ -277,8 +277,13 @@ def _rollback(conn: sqlite3.Connection) -> None:
 class SqliteStore:
     def __init__(self, path: str | os.PathLike[str], *, retain: int = DEFAULT_RETAIN,
                  busy_timeout_s: float = 30.0, poll_interval_s: float = 0.002,
-                 idle_poll_interval_s: float = 0.05) -> None:
+                 idle_poll_interval_s: float = 0.05, create: bool = True) -> None:
+        """create=False: a file that is not there is an error (a reader given a mistyped path
+        would make a new, empty store and report an empty fabric as all well)."""
         self.path = str(path)
+        if not create and not os.path.lexists(self.path):
+            raise StoreError(f"store {self.path}: no such file: nothing was ever written to this store (check the "
+                             "path; `tabby apply` makes a new one)")
         self.changed_path = self.path + CHANGED_SUFFIX
         self.quiet_path = self.path + QUIET_SUFFIX
         self.retain = retain
