@@ -129,6 +129,10 @@ def test_an_interface_set_down_and_up_or_renamed_gets_its_routes_back_at_once(ho
     netns.ip("link", "set", "tapud", "down", ns=host_ns)
     netns.ip("link", "set", "tapud", "name", "tapux", ns=host_ns)
     netns.ip("link", "set", "tapux", "up", ns=host_ns)
+    # nothing of tabby's stays on the renamed device, which no endpoint (nor policy chain) names:
+    # it stayed until the full check, after its endpoint was deleted too
+    wait_for(lambda: "tapux" not in routes(host_ns).values() and all(i != "tapux" for i, _ in neighbours(host_ns)),
+             15, what="the routes and neighbours gone from the renamed device")
     netns.add_veth(host_ns, "tapud", "vmud2")  # a new device under the endpoint's interface name
     wait_for(lambda: routes(host_ns) == want, 15, what="the routes on the new tapud")
 

@@ -45,7 +45,9 @@ import subprocess
 subprocess.run(["ip", "link", "del", "tbs0"], check=True)
 rec = SysctlReconciler(links)
 rec.set_interface("tbs0", {"ipv6/neigh/tbs0/proxy_delay": "0", "ipv6/conf/tbs0/accept_ra": "0"})
-out["gone"] = {"failed": rec.apply(), "failures": rec.failures}
+out["gone"] = {"failed": rec.apply(), "failures": dict(rec.failures)}
+rec.set_interface("tbs0", None)  # its endpoint goes too: its failures with it (they grew for ever)
+out["forgotten"] = rec.failures
 print(json.dumps({"want": want, **out}))
 """
 
@@ -68,3 +70,4 @@ def test_sysctls_over_netlink_and_proc_read_back_as_asked(tmp_path: Path) -> Non
     assert gone["failed"] == 2, gone
     assert "No such file or directory" in gone["failures"]["ipv6/conf/tbs0/accept_ra"], gone
     assert "No such file or directory" in gone["failures"]["ipv6/neigh/tbs0/proxy_delay"], gone
+    assert res["forgotten"] == {}

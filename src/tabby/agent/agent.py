@@ -935,9 +935,10 @@ class Agent:
                 known = self.links.by_name.get(change.key) == change.ifindex
                 renamed = self.links.by_index.get(change.ifindex)
                 if renamed is not None and renamed != change.key:
-                    # a rename: what was programmed on the old name stays on this device, and a new
-                    # device of the old name must get it all again
-                    self.routes.interface_gone(renamed)
+                    # a rename: what was programmed on the old name is on this device under its new
+                    # name (removed there unless an endpoint names it), and a new device of the old
+                    # name must get it all again
+                    self.routes.interface_renamed(renamed, change.key)
                     self.sysctls.interface_gone(renamed)
                     self._dirty_iface(renamed)
                 self.links.added(change.key, change.ifindex)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class LastGood:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, list[Any]] = {}  # key -> [create revision, the good record's JSON text]
+        self._lock = threading.Lock()
 
     def load(self, decoder: Callable[[str, bytes], Any]) -> dict[str, tuple[int, Any]]:
         """key -> (create revision, decoded last good version); anything unreadable is dropped."""
@@ -64,19 +66,23 @@ class LastGood:
 
     def set(self, key: str, created: int, good: Any) -> None:
         """Remember good (a resource, or an IPAM record: this host's block affinities) as key's last
-        good version (this incarnation: created), in the bytes the Store has for it."""
+        good version (this incarnation: created), in the bytes the Store has for it. Called from
+        every syncer's thread: one at a time (two at once broke the dict's iteration in json.dump
+        and tore the shared temporary file; a torn file is ignored at the next start)."""
         text = encode_ipam(good).decode() if isinstance(good, Plain) else \
             good.model_dump_json(context={"reveal_secrets": True})
         entry = [created, text]
-        if self.entries.get(key) == entry or (key not in self.entries and len(self.entries) >= MAX_ENTRIES):
-            return
-        self.entries[key] = entry
-        self._write()
+        with self._lock:
+            if self.entries.get(key) == entry or (key not in self.entries and len(self.entries) >= MAX_ENTRIES):
+                return
+            self.entries[key] = entry
+            self._write()
 
     def forget(self, key: str) -> None:
         """The record is good again, or gone."""
-        if self.entries.pop(key, None) is not None:
-            self._write()
+        with self._lock:
+            if self.entries.pop(key, None) is not None:
+                self._write()
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")

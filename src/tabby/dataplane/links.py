@@ -107,6 +107,7 @@ class SysctlReconciler:
         for path in old:
             if not sysctls or path not in sysctls:
                 self.tracker.delete_desired(path)  # left as it is: the device is usually gone
+                self.failures.pop(path, None)  # (kept, one per path of every veth that came and went)
         if sysctls:
             self.by_iface[iface] = dict(sysctls)
             for path, value in sysctls.items():

@@ -86,6 +86,20 @@ class RoutesReconciler:
                 if key in self.proxies.desired or key in self.proxies.dataplane:
                     self.proxies.dataplane_gone(key)
 
+    def interface_renamed(self, old: str, new: str) -> None:
+        """The device called old is now called new, with everything we wrote on it: that is what
+        the kernel holds (so it is removed from new unless an endpoint names new; it was left
+        there, and after its endpoint went, until the full check), and a device called old gets
+        it all again."""
+        for dst, i in list(self.routes.dataplane.items()):
+            if i == old:
+                self.routes.dataplane_is(dst, new)
+        for tracker in (self.neighbours, self.proxies):
+            for key in [k for k in tracker.dataplane if k[0] == old]:
+                value = tracker.dataplane[key]
+                tracker.dataplane_gone(key)
+                tracker.dataplane_is((new, key[1]), value)  # type: ignore[arg-type]
+
     def interface_gone(self, iface: str) -> None:
         """The kernel dropped the device and everything on it."""
         for dst, i in list(self.routes.dataplane.items()):
@@ -104,8 +118,12 @@ class RoutesReconciler:
         ops: list[tuple[str, object, bytes]] = []
         for dst, iface in self.routes.pending_updates.items():
             i = idx.get(iface)
-            if i and iface not in hold:
-                ops.append(("add-route", dst, nl.route_msg(nl.RTM_NEWROUTE, dst, i, CREATE)))
+            if i:
+                if iface not in hold:
+                    ops.append(("add-route", dst, nl.route_msg(nl.RTM_NEWROUTE, dst, i, CREATE)))
+            elif dst in self.routes.dataplane:  # its device is not there, and ours routes it elsewhere (a
+                # device renamed away from the endpoint's name, which no policy chain names): not there
+                ops.append(("del-route", dst, nl.route_msg(nl.RTM_DELROUTE, dst, 0)))
         for key, mac in self.neighbours.pending_updates.items():
             i = idx.get(key[0])
             if i and key[0] not in hold:
@@ -147,9 +165,10 @@ class RoutesReconciler:
 
     def _forget_deletes_on_missing_devices(self) -> None:
         idx = self.links.by_name
-        for tracker in (self.neighbours, self.proxies):
+        for kind, tracker in (("neigh", self.neighbours), ("proxy", self.proxies)):
             for key in [k for k in tracker.pending_deletes if k[0] not in idx]:
                 tracker.applied_delete(key)  # type: ignore[arg-type]
+                self.failures.pop((kind, key), None)  # (its failed delete's reason: kept, it grew for ever)
 
     def waiting(self) -> int:
         trackers = (self.routes, self.neighbours, self.proxies)

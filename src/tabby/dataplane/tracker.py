@@ -41,6 +41,16 @@ class DeltaTracker(Generic[K, V]):
         self.pending_updates = {k: v for k, v in self.desired.items() if actual.get(k, _MISSING) != v}
         self.pending_deletes = {k for k in actual if k not in self.desired}
 
+    def dataplane_is(self, key: K, value: V) -> None:
+        """The kernel holds key with value (learnt otherwise than by our write: a renamed device)."""
+        self.dataplane[key] = value
+        if key not in self.desired:
+            self.pending_deletes.add(key)
+        elif self.desired[key] == value:
+            self.pending_updates.pop(key, None)
+        else:
+            self.pending_updates[key] = self.desired[key]
+
     def dataplane_gone(self, key: K) -> None:
         """The kernel lost it (deleted by hand, device gone): put it back if still desired."""
         self.dataplane.pop(key, None)
