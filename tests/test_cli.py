@@ -179,3 +179,17 @@ def test_apply_refuses_what_no_reader_would_take_and_readers_refuse_a_store_that
     assert tabby(url, "apply", "-f", "-", stdin="kind: Host\nmetadata: {name: h1}\nspec: {ipv6_address: 'fd00::1'}\n"
                  ).returncode == 0
     assert tabby(url, "get", "hosts").returncode == 0
+
+
+def test_ipam_assign_for_a_host_without_its_record_claims_nothing(tmp_path: Path) -> None:
+    """It claimed a whole block for a host no agent serves (announced by nobody)."""
+    url = f"sqlite://{tmp_path}/s.db"
+    assert tabby(url, "apply", "-f", "-", stdin="kind: IPPool\nmetadata: {name: p}\nspec: {cidr: 'fd00:e::/112'}\n"
+                 ).returncode == 0
+    r = tabby(url, "ipam", "assign", "--handle", "h2", "--host", "nohost")
+    assert r.returncode == 1 and "no Host record" in r.stderr, r.stderr
+    assert "fd00:e::" not in tabby(url, "ipam", "show").stdout
+    host = "kind: Host\nmetadata: {name: nohost}\nspec: {ipv6_address: 'fd00::1'}\n"
+    assert tabby(url, "apply", "-f", "-", stdin=host).returncode == 0
+    r = tabby(url, "ipam", "assign", "--handle", "h2", "--host", "nohost")
+    assert r.returncode == 0 and "fd00:e::" in r.stdout, r.stderr

@@ -91,3 +91,16 @@ def test_sysctl_keys_name_a_dotted_interface() -> None:
     interface; with slashes its dots stay in its name (sysctl.d(5))."""
     (f,) = [f for f in R.render("ubuntu", ("eth0.100",), True, 1, "dhcpv6-stateful") if "sysctl.d" in f.path]
     assert "net/ipv6/conf/eth0.100/accept_ra = 1\n" in f.text and "net.ipv6" not in f.text
+
+
+def test_render_into_a_root_that_is_no_directory_or_cannot_take_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A traceback before (NotADirectoryError, IsADirectoryError), and a root that was not there was
+    made: an image not mounted on it got the files."""
+    gone = tmp_path / "not-mounted"
+    r = tabby("guest", "render", "--distro", "ubuntu", "--root", str(gone))
+    assert r.returncode == 1 and "not a directory" in r.stderr and not gone.exists(), r.stderr
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "etc").write_text("a file where a directory should be")
+    r = tabby("guest", "render", "--distro", "ubuntu", "--root", str(img))
+    assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr, r.stderr

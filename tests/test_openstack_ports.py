@@ -282,6 +282,7 @@ def test_slaac_and_dhcpv6_stateless_subnets_give_vms_exactly_neutrons_eui64_addr
     assert not ping(c.ns, vm_addresses(b.ns)[0][0])
     assert guard_counter(h1.ns, "spoofed IPv6 source") > before
     root = cloud.dir / "guest-root"
+    root.mkdir(exist_ok=True)  # as an image's mounted root is there
     r = subprocess.run([sys.executable, "-m", "tabby.cli", "guest", "render", "--distro", "debian", "--ipv6", "slaac",
                         "--no-ipv4", "--root", str(root)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -342,3 +342,20 @@ def test_a_workload_prefix_that_covers_lo_never_drops_the_hosts_traffic_to_itsel
         assert len(drops) == 1
         counted = [e["counter"]["packets"] for e in drops[0]["expr"] if "counter" in e]
         assert counted and counted[0] > 0, drops
+
+
+def test_diagnose_does_not_judge_policy_while_a_policy_record_is_corrupt(tmp_path: Path) -> None:
+    """Left out, a corrupt deny (whose last good version the agents enforce) read as allowed."""
+    from tabby.client import ResourceClient
+    from tabby.diagnose import _policy_steps
+    from tabby.store import open_store
+
+    store = open_store(f"sqlite://{tmp_path}/s.db")
+    client = ResourceClient(store)
+    a, b = ep("a", 1, {"role": "cli"}, profiles=("open",)), ep("b", 2, {"role": "web"}, profiles=("open",))
+    for res in (a, b, validate({"kind": "Profile", "metadata": {"name": "open"},
+                                "spec": {"ingress": [{"action": "allow"}], "egress": [{"action": "allow"}]}})):
+        client.apply(res)
+    store.put("/tabby/v1/policies/deny-web", b'{"kind": "Policy", "metadata": {"name": "deny-web"}, "spec": 5}')
+    steps = _policy_steps(client, client.get("Endpoint", "a"), client.get("Endpoint", "b"), None)
+    assert len(steps) == 1 and not steps[0].ok and "/tabby/v1/policies/deny-web" in steps[0].detail, steps

@@ -105,8 +105,15 @@ def _covering(routes: list[dict[str, Any]], addr: str) -> dict[str, Any] | None:
 
 
 def _policy_steps(client: ResourceClient, s_ep: Any, d_ep: Any, tcp_port: int | None) -> list[Step]:
-    """The policy's verdict on a ping (or a TCP connection to tcp_port), per family both endpoints have."""
-    policies, profiles, endpoints = client.list("Policy")[0], client.list("Profile")[0], client.list("Endpoint")[0]
+    """The policy's verdict on a ping (or a TCP connection to tcp_port), per family both endpoints have.
+    A corrupt Policy or Profile fails the step: the agents run its last good version, which this
+    cannot know (left out, a deny the kernel enforces read as allowed)."""
+    (policies, bad_pol), (profiles, bad_prof) = client.list("Policy"), client.list("Profile")
+    if bad_pol or bad_prof:
+        bad = [key for key, _ in (*bad_pol, *bad_prof)]
+        return [_step("policy verdict", False, f"not judged: {len(bad)} corrupt Policy/Profile record(s), whose "
+                      f"last good version the agents enforce: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")]
+    endpoints = client.list("Endpoint")[0]
     steps = []
     for fam, s_addrs, d_addrs in ((6, s_ep.spec.ipv6_addresses, d_ep.spec.ipv6_addresses),
                                   (4, s_ep.spec.ipv4_addresses, d_ep.spec.ipv4_addresses)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -48,6 +48,18 @@ def guest_render(
         files = R.render(distro, ifaces, ipv4, rs_delay, ipv6)
     except ValueError as e:
         fail(str(e))
+    if root is not None and not root.is_dir():  # an image not mounted there would get the files
+        fail(f"--root {root}: not a directory (mount the image's root filesystem there first)")
+    try:
+        _render_out(distro, files, ifaces, ipv4, rs_delay, ipv6, root, cloud_init)
+    except OSError as e:  # an image that cannot take a file (read-only, a directory in its place)
+        fail(f"--root {root}: cannot write {e.filename or ''}: {e.strerror or e}")
+
+
+def _render_out(distro: str, files: Any, ifaces: tuple[str, ...], ipv4: bool, rs_delay: int, ipv6: str,
+                root: Path | None, cloud_init: bool) -> None:
+    from tabby.guest import render as R
+
     if cloud_init and distro == "networkd":  # cloud images with netplan: network-config v2
         text = R.network_config_v2(ifaces, ipv4, ipv6)
         if root is None:

@@ -84,6 +84,16 @@ def ipam_assign(
 
     if address is not None and (ipv6 is not None or ipv4 is not None):
         fail("--address assigns that one address: give it without --ipv6 or --ipv4", 2)
+    from tabby.model import InvalidResource
+
+    try:  # a block claimed for a host no agent serves would be announced by nobody
+        known = STATE.client().get("Host", host) is not None
+    except InvalidResource:
+        known = True  # a corrupt Host record: there is one, whatever it says
+    except (ValueError, StoreError) as e:
+        fail(one_line(e))
+    if not known:
+        fail(f"--host {one_line(host)}: no Host record of that name (apply one first)")
     try:
         got = [_ipam().assign_address(handle, host, address)] if address is not None else \
             _ipam().assign(handle, host, ipv6=1 if ipv6 is None else ipv6, ipv4=ipv4 or 0)
