@@ -193,3 +193,26 @@ def test_ipam_assign_for_a_host_without_its_record_claims_nothing(tmp_path: Path
     assert tabby(url, "apply", "-f", "-", stdin=host).returncode == 0
     r = tabby(url, "ipam", "assign", "--handle", "h2", "--host", "nohost")
     assert r.returncode == 0 and "fd00:e::" in r.stdout, r.stderr
+
+
+def test_status_lists_every_host_and_marks_what_a_dead_host_last_said(tmp_path: Path) -> None:
+    """It listed only hosts with a heartbeat record (on etcd that goes with the lease: a crashed
+    host vanished), and showed a dead host's endpoints as up."""
+    url = f"sqlite://{tmp_path}/s.db"
+    hosts = "".join(f"---\nkind: Host\nmetadata: {{name: {n}}}\nspec: {{ipv6_address: 'fd00::{i + 1}'}}\n"
+                    for i, n in enumerate(("host-a", "host-b")))
+    assert tabby(url, "apply", "-f", "-", stdin=hosts).returncode == 0
+    store = open_store(url)
+    beat = {"host": "host-a", "heartbeat": 1.0, "expires": 2.0}  # expired long ago
+    store.put("/tabby/status/hosts/host-a", json.dumps(beat).encode())
+    store.put("/tabby/status/endpoints/host-a/web", json.dumps({"host": "host-a", "state": "up", "reason": "",
+                                                                   "at": 1.0}).encode())
+    store.close()
+    r = tabby(url, "status", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {h["host"]: (h["alive"], h["heartbeat"]) for h in doc["hosts"]} == {"host-a": (False, "record"),
+                                                                              "host-b": (False, "none")}
+    assert doc["endpoints"] == [{"endpoint": "web", "host": "host-a", "state": "up", "reason": "", "host_alive": False}]
+    table = tabby(url, "status").stdout
+    assert "host-b" in table and "as last reported" in table

@@ -121,7 +121,7 @@ def test_an_address_claimed_twice_stays_with_its_first_holder(the_lab: L.Lab) ->
                            capture_output=True, text=True)
         assert r.returncode == 0
         assert {"endpoint": "thief", "host": h2.name, "state": "conflict",
-                "reason": f"conflict: {x} held by {holder}"} in json.loads(r.stdout)["endpoints"]
+                "reason": f"conflict: {x} held by {holder}", "host_alive": True} in json.loads(r.stdout)["endpoints"]
     finally:
         with contextlib.suppress(NotFound):  # (not there if the apply above failed: that error shows)
             c.delete("Endpoint", "thief")

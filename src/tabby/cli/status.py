@@ -55,16 +55,27 @@ def status(
         except InvalidResource:
             continue  # listed with the corrupt records below
         if host is None or h.host == host:
-            host_rows.append({"host": h.host, "alive": h.alive(now),
-                              "heartbeat_age_s": h.age(now), "refused": refused.get(h.host, ""),
+            host_rows.append({"host": h.host, "alive": h.alive(now), "heartbeat": "lease" if h.age(now) is None
+                              else "record", "heartbeat_age_s": h.age(now), "refused": refused.get(h.host, ""),
                               "degraded": h.degraded or "", "corrupt_seen": len(h.corrupt),
                               "nat64": h.nat64.model_dump() if h.nat64 else None})
+    # every Host, also one whose agent never beat (or whose lease ran out with it: on etcd the
+    # heartbeat goes with the lease, and a crashed host's row vanished instead of saying no)
+    beating = {r["host"] for r in host_rows}
+    for h, _ in host_records:
+        name = h.metadata.name
+        if name not in beating and (host is None or name == host):
+            host_rows.append({"host": name, "alive": False, "heartbeat": "none", "heartbeat_age_s": None,
+                              "refused": refused.get(name, ""), "degraded": "", "corrupt_seen": 0, "nat64": None})
+    alive = {r["host"] for r in host_rows if r["alive"]}
     for kv in eps:
         try:
             e = decode_status(kv.key, kv.value)
         except InvalidResource:
             continue
-        ep_rows.append({"endpoint": kv.key.rsplit("/", 1)[1], "host": e.host, "state": e.state, "reason": e.reason})
+        # what a host's agent last said: not news of now if that agent is not alive
+        ep_rows.append({"endpoint": kv.key.rsplit("/", 1)[1], "host": e.host, "state": e.state, "reason": e.reason,
+                        "host_alive": e.host in alive})
     bad_rows = [{"key": c.where, "field": c.field, "error": "; ".join(c.errors)} for c in corrupt]
     if output is not Output.table:
         doc = {"hosts": host_rows, "endpoints": ep_rows, "corrupt": bad_rows}
@@ -80,17 +91,18 @@ def status(
                            + (f", error: {n['error']}" if n["error"] else ""))
             notes = "; ".join(x for x in (r["refused"] and f"refused: {r['refused']}",
                                           r["degraded"] and f"degraded: {r['degraded']}", nat64) if x)
-            t.add_row(escape(str(r["host"])), "[green]yes[/]" if r["alive"] else "[red]no[/]",
-                      "lease" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']}s", escape(notes))
+            age = {"lease": "lease", "none": "none"}.get(str(r["heartbeat"]), f"{r['heartbeat_age_s']}s")
+            t.add_row(escape(str(r["host"])), "[green]yes[/]" if r["alive"] else "[red]no[/]", age, escape(notes))
         out.print(t)
         t = Table(box=None, header_style="bold")
         for col in ("ENDPOINT", "HOST", "STATE", "REASON"):
             t.add_column(col)
         colour = {"up": "green", "down": "yellow", "error": "red", "conflict": "red"}
         for r in ep_rows:
-            c = colour.get(str(r["state"]), "white")
+            c = colour.get(str(r["state"]), "white") if r["host_alive"] else "dim"
+            stale = "" if r["host_alive"] else " (its host is not alive: as last reported)"
             t.add_row(escape(str(r["endpoint"])), escape(str(r["host"])), f"[{c}]{r['state']}[/]",
-                      escape(str(r["reason"])))
+                      escape(str(r["reason"]) + stale))
         out.print(t)
         if bad_rows:
             t = Table(box=None, header_style="bold", title="corrupt records (ignored; the last good version, "
