@@ -200,3 +200,27 @@ def test_one_name_on_two_hosts_is_one_endpoint_and_a_remote_claim_still_wins(hos
     assert "fd00:e::50/128" not in routes(host_ns)
     ResourceClient(sq).delete("Endpoint", "holder")
     wait_for(lambda: routes(host_ns).get("fd00:e::50/128") == "tapth", 10, what="the address free: thief programmed")
+
+
+def test_the_status_of_an_endpoint_deleted_while_the_agent_was_down_goes_at_its_next_start(
+        host_ns: str, sq: Store, tmp_path: Path) -> None:
+    """Only the loop's seeing an endpoint go removed its status: one deleted (or moved away) while
+    the agent was down read "up" for ever (after a move: up on two hosts)."""
+    url = f"sqlite://{tmp_path}/store.db"
+    netns.add_veth(host_ns, "tapgo", "vmgo")
+    netns.add_veth(host_ns, "tapst", "vmst")
+    apply(sq, endpoint("goes", "h1", "tapgo", v6=["fd00:e::31"]))
+    apply(sq, endpoint("stays", "h1", "tapst", v6=["fd00:e::32"]))
+    first = AgentProc(host_ns, url, "h1", tmp_path / "first.log").start()
+    try:
+        wait_for(lambda: all((status(sq, "h1", n) or {}).get("state") == "up" for n in ("goes", "stays")), 15,
+                 what="both up")
+    finally:
+        first.stop()
+    ResourceClient(sq).delete("Endpoint", "goes")
+    second = AgentProc(host_ns, url, "h1", tmp_path / "second.log").start()
+    try:
+        wait_for(lambda: status(sq, "h1", "goes") is None, 15, what="the deleted endpoint's status removed")
+        assert (status(sq, "h1", "stays") or {}).get("state") == "up"
+    finally:
+        second.stop()

@@ -128,7 +128,7 @@ def test_store_unreachable_dataplane_unchanged_then_resync(tmp_path: Path) -> No
             server.start()
             cli(ns, server.url, "apply", "-f", "-", stdin=ep_yaml(2))
             wait_for(lambda: len(routes(ns)) == 6, 30, 0.1, "new endpoint after the outage")
-            wait_for(lambda: {"endpoint": "o2", "host": "hout", "state": "up", "reason": ""} in
+            wait_for(lambda: {"endpoint": "o2", "host": "hout", "state": "up", "reason": "", "host_alive": True} in
                      json.loads(cli(ns, server.url, "status", "-o", "json"))["endpoints"], 10, 0.2, "status up")
             assert "store unavailable" in agent.output()
         finally:

@@ -735,6 +735,7 @@ class Agent:
                 log.info("in sync with the store at revision %d: %d local endpoints",
                          max(s.revision for s in self.syncers.values()), len(self.index.plans))
                 self._resynced()
+                self.status.forget_others(set(self.index.plans))  # gone while this agent was not running
             return
         if kind == "store":
             if isinstance(item, InSync):  # a relist (the watch fell behind compaction, a Store fault)

@@ -51,6 +51,7 @@ class StatusWriter:
         self._lease: Lease | None = None
         self._lease_doc: dict[str, Any] | None = None  # what the leased record says
         self._leases = True  # until the Store says it has none
+        self._keep: set[str] | None = None  # forget_others: the endpoints this host has, until looked at
         self._thread = threading.Thread(target=self._run, name="status-writer", daemon=True)
 
     @property
@@ -93,6 +94,14 @@ class StatusWriter:
             self._pending[endpoint] = status
             self._cond.notify()
 
+    def forget_others(self, keep: set[str]) -> None:
+        """Once the agent has its first full view: this host's status records of endpoints not in
+        keep (deleted, or moved away, while the agent was down) are removed. Nothing else removes
+        them: they said "up" for ever, and after a move the endpoint read as up on two hosts."""
+        with self._cond:
+            self._keep = set(keep)
+            self._cond.notify()
+
     def set_doc(self, key: str, doc: dict[str, Any]) -> None:
         """Any other record this host owns (BGP session status), written as it is."""
         with self._cond:
@@ -108,7 +117,7 @@ class StatusWriter:
             with self._cond:
                 while not self._stop:
                     now = time.monotonic()
-                    due = now if self._pending or self._docs else next_beat
+                    due = now if self._pending or self._docs or self._keep is not None else next_beat
                     until = retry_at if retry_at is not None else due  # a retry waits out its back-off
                     if now >= until:
                         break
@@ -120,7 +129,11 @@ class StatusWriter:
                 self._inflight = dict(batch)
             beat = time.monotonic() >= next_beat
             try:
-                failed = self._write(batch, docs, beat)
+                failed = self._look_for_others()
+                if failed is None:
+                    failed = self._write(batch, docs, beat)
+                else:
+                    self._requeue(batch, docs)
             finally:
                 with self._cond:
                     self._inflight = {}
@@ -183,6 +196,26 @@ class StatusWriter:
                     queue.pop(item, None)
             self._requeue(batch, docs)
             return what, e
+        return None
+
+    def _look_for_others(self) -> tuple[str, Exception] | None:
+        """forget_others' listing, in this thread: what it finds is queued for removal."""
+        keep = self._keep
+        if keep is None:
+            return None
+        try:
+            kvs, _ = self.store.list(endpoint_status_key(self.host, ""))
+        except Exception as e:  # tried again with the next pass
+            return "the listing of this host's endpoint statuses", e
+        with self._cond:
+            self._keep = None
+            stale = [n for kv in kvs if (n := kv.key.rsplit("/", 1)[1]) not in keep and n not in self._pending
+                     and n not in self._written]
+            for name in stale:
+                self._pending[name] = None
+            if stale:
+                log.info("removing the status of %d endpoint(s) this host no longer has: %s", len(stale),
+                         ", ".join(stale[:10]) + (" ..." if len(stale) > 10 else ""))
         return None
 
     def _beat(self) -> None:
