@@ -106,6 +106,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (_endpoint(interface="tbys0"), "spec.interface"),  # tabby's own links, deleted and re-made by name
     (_endpoint(interface="tbyra0"), "spec.interface"),
     (_endpoint(interface="tabby64"), "spec.interface"),
+    (_endpoint(interface="lo"), "spec.interface"),  # the host's loopback, through the guard's drops
     ({"kind": "Host", "metadata": {"name": "h1\n"}, "spec": {"ipv6_address": "fd00::1"}}, "metadata.name"),
     (_endpoint(mac="01:00:5e:00:00:01"), "spec.mac"),
     (_endpoint(mac="zz:00:00:00:00:01"), "spec.mac"),
@@ -399,3 +400,33 @@ def test_a_link_local_fabric_address_is_refused(field: str, value: str) -> None:
     """Every other host's BIRD would peer with it as "neighbor fe80::2%None" (no interface is known)."""
     with pytest.raises(InvalidResource, match="cannot be a fabric address"):
         validate({"kind": "Host", "metadata": {"name": "a"}, "spec": {field: value}})
+
+
+def test_what_a_review_found_the_decoders_took_or_choked_on() -> None:
+    """Pools over addresses no workload may hold (IPAM handed out 127.0.0.1 and fe80::1, and each
+    ADD failed after), a record of half a million bad values (2 GB and seconds to refuse, a
+    MemoryError under a limit), YAML tags past the text checks, an IPAM seq of 4,300 digits."""
+    import json
+
+    from tabby.model import InvalidResource, decode, parse_documents
+    from tabby.model.ipam import decode_ipam
+
+    for cidr in ("127.0.0.0/24", "224.0.0.0/24", "169.254.0.0/16", "fe80::/64", "::/0", "0.0.0.0/0", "ff02::/16"):
+        with pytest.raises(InvalidResource, match="spec"):
+            validate({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": cidr}})
+        raw = json.dumps({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": cidr}}).encode()
+        with pytest.raises(InvalidResource):
+            decode("/tabby/v1/ippools/p", raw)
+    validate({"kind": "IPPool", "metadata": {"name": "p"}, "spec": {"cidr": "fd00:e::/64"}})
+    huge = json.dumps({"kind": "Policy", "metadata": {"name": "p"},
+                       "spec": {"ingress": [{"action": "allow", "src_nets": [1] * 520_000}]}},
+                      separators=(",", ":")).encode()  # 1,040,094 bytes: under the 1 MiB a record may hold
+    with pytest.raises(InvalidResource, match="more than 100000 values"):
+        decode("/tabby/v1/policies/p", huge)
+    with pytest.raises(InvalidResource, match="no JSON value"):
+        parse_documents("kind: Policy\nmetadata: {name: p}\nspec:\n  selector: !!binary cm9sZSA9PSAieCIK\n")
+    block = {"cidr": "10.0.0.0/26", "host": "h1", "seq": int("9" * 4300), "allocations": {},
+             "free": list(range(1, 63)), "reserved": [0, 63]}
+    text = json.dumps(block).encode()
+    with pytest.raises(InvalidResource, match="seq"):
+        decode_ipam("/tabby/v1/ipam/blocks/10.0.0.0-26", text)

@@ -54,6 +54,8 @@ def _integer(v: Any) -> int:
         raise ValueError(f"must be an integer, not {_kind(v)}")
     if v < 0:
         raise ValueError(f"must be 0 or more, not {v}")
+    if v >= 1 << 63:  # a seq of 4,300 digits decoded, and the next allocation's write raised
+        raise ValueError("must be below 2**63")
     return v
 
 

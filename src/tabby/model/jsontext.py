@@ -25,6 +25,10 @@ _FORBIDDEN_CHARS = frozenset(
 # Values and keys a walk may visit: a 1 MiB record holds fewer, and a YAML document whose aliases
 # fan out (the "billion laughs") is refused instead of being walked for ever.
 MAX_NODES = 500_000
+# one Store record's values (a Profile of 60,000 networks is far below): 520,000 bad list items in a
+# 1 MiB record took pydantic 1.6 s and 2 GB to refuse, and under a memory limit a MemoryError, or a
+# pydantic-core panic that hung the agent. Counted by the commas, before anything is parsed.
+MAX_RECORD_VALUES = 100_000
 
 
 class InvalidResource(ValueError):
@@ -97,8 +101,15 @@ def _check_tree(doc: Any) -> None:
         elif isinstance(node, list):
             items = ((str(i), v) for i, v in enumerate(node))
         else:
-            if isinstance(node, str) and (why := _bad_text(node)):
-                raise InvalidResource("", [f"{path or '(document)'}: {why}"])
+            if isinstance(node, str):
+                if why := _bad_text(node):
+                    raise InvalidResource("", [f"{path or '(document)'}: {why}"])
+            elif node is not None and type(node) not in (int, float, bool):
+                # YAML's explicit tags make other values (!!binary bytes, !!set, !!timestamp): pydantic
+                # read bytes as text, past the control-character check, so the record was corrupt
+                # for every reader once written
+                raise InvalidResource("", [f"{path or '(document)'}: a {type(node).__name__} value (a YAML tag?) "
+                                           "is no JSON value"])
             continue
         if depth > MAX_DEPTH:
             raise InvalidResource("", [f"{path or '(document)'}: nested deeper than {MAX_DEPTH} levels"])
@@ -120,6 +131,8 @@ def load_json(key: str, value: bytes, max_bytes: int = MAX_RECORD_BYTES) -> Any:
     """Any bytes -> plain JSON data, or InvalidResource naming the key (and the field)."""
     if len(value) > max_bytes:
         raise InvalidResource(key, [f"(document): {len(value)} bytes, more than the {max_bytes} allowed"])
+    if value.count(b",") >= MAX_RECORD_VALUES:  # (an upper bound of its values, counted in C)
+        raise InvalidResource(key, [f"(document): more than {MAX_RECORD_VALUES} values"])
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -28,6 +28,7 @@ from tabby.model.names import (
     check_label_key,
     check_label_value,
     check_name,
+    check_pool_network,
     check_workload_interface,
 )
 from tabby.model.plain import Plain
@@ -203,6 +204,10 @@ def _pool(key: str, spec: Any, meta: Meta) -> Pool:
     if d.get("ipv6_mode", "dhcpv6-stateful") != "dhcpv6-stateful" or d.get("dns_servers", []) != []:
         raise _Slow
     cidr = _text_form(d["cidr"], lambda s: ipaddress.ip_network(s, strict=True))
+    try:
+        check_pool_network(cidr)
+    except ValueError:
+        raise _Slow from None  # the model words it
     v6 = cidr.version == 6
     lo, default, hi = (V6_BLOCK_MIN, V6_BLOCK_DEFAULT, 128) if v6 else (V4_BLOCK_MIN, V4_BLOCK_DEFAULT, 32)
     bs = d.get("block_size")

@@ -6,6 +6,7 @@ is checked here once, so nothing downstream ever has to quote or escape it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # Resource names become Store key segments and BIRD protocol names: no '/', no spaces.
@@ -49,8 +50,11 @@ def check_interface_name(value: str) -> str:
 
 
 def check_workload_interface(value: str) -> str:
-    """An Endpoint's interface: a plain interface name that is none of tabby's own links."""
+    """An Endpoint's interface: a plain interface name that is none of tabby's own links, nor the
+    host's loopback (taken for a workload's, its traffic went through the guard's spoofing drops)."""
     check_interface_name(value)
+    if value == "lo":
+        raise ValueError("invalid interface name 'lo': the host's loopback is no workload's")
     if value in (DNSMASQ_ANCHOR, DNSMASQ_ANCHOR_PEER, NAT64_TUN) or value.startswith(DNSMASQ_GROUP_ANCHOR):
         raise ValueError(f"invalid interface name {value!r}: tabby's own links ({DNSMASQ_ANCHOR}, "
                          f"{DNSMASQ_ANCHOR_PEER}, {DNSMASQ_GROUP_ANCHOR}*, {NAT64_TUN}) are no workload's")
@@ -79,3 +83,18 @@ def canonical_mac(value: str) -> str:
     if mac == "00:00:00:00:00:00":
         raise ValueError(f"invalid MAC address {value!r}: all zeroes")
     return mac
+
+
+# no workload may hold these (the Endpoint model refuses them), so no pool may hold any either: a
+# pool over one handed them out, and each ADD failed after its allocation
+_NOT_FOR_POOLS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "::/127", "fe80::/10", "ff00::/8"))
+
+
+def check_pool_network(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    """ValueError if the pool overlaps unspecified, loopback, link-local or multicast space."""
+    for bad in _NOT_FOR_POOLS:
+        if bad.version == net.version and net.overlaps(bad):  # type: ignore[arg-type]
+            raise ValueError(f"{net} overlaps {bad} (unspecified, loopback, link-local or multicast), which no "
+                             "workload may hold")
+

@@ -42,6 +42,7 @@ from tabby.model.names import (
     check_label_key,
     check_label_value,
     check_name,
+    check_pool_network,
     check_workload_interface,
 )
 from tabby.model.selector import check_selector
@@ -221,6 +222,7 @@ class IPPoolSpec(_Frozen):
 
     @model_validator(mode="after")
     def _block(self) -> IPPoolSpec:
+        check_pool_network(self.cidr)
         v6 = self.cidr.version == 6
         if self.nat64 and not v6:
             raise ValueError(f"nat64: only for IPv6 pools (NAT64 gives IPv6 workloads IPv4), not {self.cidr}")
