@@ -91,14 +91,14 @@ def ipam_assign(
     except InvalidResource:
         known = True  # a corrupt Host record: there is one, whatever it says
     except (ValueError, StoreError) as e:
-        fail(one_line(e))
+        fail(str(e))
     if not known:
         fail(f"--host {one_line(host)}: no Host record of that name (apply one first)")
     try:
         got = [_ipam().assign_address(handle, host, address)] if address is not None else \
             _ipam().assign(handle, host, ipv6=1 if ipv6 is None else ipv6, ipv4=ipv4 or 0)
     except (IpamError, ValueError, StoreError) as e:
-        fail(one_line(e))
+        fail(str(e))
     for a in got:
         out.print(f"{a.ip} block {a.block} seq {a.seq}", highlight=False)
 
@@ -126,7 +126,7 @@ def ipam_release(
             owner = _ipam().release_address(address, seq)  # type: ignore[arg-type]
             out.print(f"released {one_line(address)} (handle {one_line(owner)})", highlight=False)
     except (IpamError, ValueError, StoreError) as e:
-        fail(one_line(e))
+        fail(str(e))
 
 
 @ipam_app.command("gc")
