@@ -216,3 +216,21 @@ def test_status_lists_every_host_and_marks_what_a_dead_host_last_said(tmp_path: 
     assert doc["endpoints"] == [{"endpoint": "web", "host": "host-a", "state": "up", "reason": "", "host_alive": False}]
     table = tabby(url, "status").stdout
     assert "host-b" in table and "as last reported" in table
+
+
+def test_a_key_outside_the_layout_neither_hides_an_endpoint_nor_is_deleted_by_its_apply(tmp_path: Path) -> None:
+    """endpoints/junk/x/e1 made get of e1 fail (not a resource key), and an apply of e1 deleted it."""
+    from tabby.client import ResourceClient
+    from tabby.model import validate
+
+    store = open_store(f"sqlite://{tmp_path}/s.db")
+    client = ResourceClient(store)
+    ep = validate({"kind": "Endpoint", "metadata": {"name": "e1"}, "spec": {
+        "host": "h1", "orchestrator": "vm", "workload_id": "w", "interface": "tap1", "mac": "52:54:00:00:00:01",
+        "ipv6_addresses": ["fd00::5"]}})
+    client.apply(ep)
+    store.put("/tabby/v1/endpoints/junk/x/e1", b"whatever")
+    assert client.get("Endpoint", "e1").spec.host == "h1"
+    assert client.apply(ep)[0] == "unchanged"
+    assert store.get("/tabby/v1/endpoints/junk/x/e1") is not None
+    store.close()

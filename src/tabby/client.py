@@ -29,7 +29,10 @@ class ResourceClient:
         between its create and its delete) one per host. Its key names its host, so finding it by name
         alone lists them all: what the CLI and the orchestrators do, not the agents."""
         kvs, _ = self.store.list(ENDPOINTS_PREFIX)  # (a key another program wrote, not UTF-8, names no Endpoint)
-        return sorted((kv for kv in kvs if kv.key.rsplit("/", 1)[-1] == name and kv.key.isprintable()),
+        # only keys of the layout, <host>/<name>: endpoints/junk/x/<name> hid the Endpoint from get
+        # (its "not a resource key"), and an apply of it deleted the stray as its other copy
+        return sorted((kv for kv in kvs if kv.key.rsplit("/", 1)[-1] == name and kv.key.isprintable()
+                       and kv.key.count("/", len(ENDPOINTS_PREFIX)) == 1),
                       key=lambda kv: kv.create_revision)
 
     def get(self, kind: str, name: str) -> Any | None:
