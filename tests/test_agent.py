@@ -124,8 +124,12 @@ def test_an_interface_set_down_and_up_or_renamed_gets_its_routes_back_at_once(ho
     wait_for(lambda: routes(host_ns) == want, 10, what="programmed")
     netns.ip("link", "set", "tapud", "down", ns=host_ns)
     wait_for(lambda: "10.65.0.21/32" not in routes(host_ns), 10, what="the kernel took the IPv4 route")
+    # and the status says so (it said up, with no IPv4 route, until the link came back)
+    wait_for(lambda: (status(sq, "h1", "updown") or {}).get("reason") == "interface tapud is down", 10,
+             what="status down")
     netns.ip("link", "set", "tapud", "up", ns=host_ns)
     wait_for(lambda: routes(host_ns) == want, 15, what="both routes back, long before the full check")
+    wait_for(lambda: (status(sq, "h1", "updown") or {}).get("state") == "up", 10, what="status up again")
     netns.ip("link", "set", "tapud", "down", ns=host_ns)
     netns.ip("link", "set", "tapud", "name", "tapux", ns=host_ns)
     netns.ip("link", "set", "tapux", "up", ns=host_ns)

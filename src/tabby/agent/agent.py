@@ -949,6 +949,8 @@ class Agent:
                 was_up = self.link_up.get(change.ifindex)
                 if change.up is not None:
                     self.link_up[change.ifindex] = change.up
+                    if known and was_up is not None and was_up != change.up:
+                        self._dirty_iface(change.key)  # its endpoint's status says down (or up again)
                 if known and was_up is False and change.up:
                     # set down and up again: the kernel dropped the IPv4 routes on it when it went
                     # down and said nothing of it (IPv6 does say); they are put back now, not at
@@ -1146,7 +1148,9 @@ class Agent:
         pending = any(r in self.routes.routes.pending_updates for r in routes) or \
             any(n in self.routes.neighbours.pending_updates for n in neighs) or self.sysctls.pending_for(iface)
         corrupt = self.corrupt.get(endpoint_key(self.host, name))
-        return endpoint_status(conflict=conflict, interface=iface, present=iface in self.links.by_name,
+        index = self.links.by_name.get(iface)
+        return endpoint_status(conflict=conflict, interface=iface, present=index is not None,
                                policy_error=self.policy.last_error if self.policy is not None else None,
                                policy_covers=iface in self.policy_interfaces, failures=failures,
-                               corrupt=corrupt[1] if corrupt else None, pending=pending)
+                               corrupt=corrupt[1] if corrupt else None, pending=pending,
+                               link_down=index is not None and self.link_up.get(index) is False)

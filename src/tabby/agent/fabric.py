@@ -93,13 +93,17 @@ def _inside(block: str, pool: ipaddress.IPv6Network | ipaddress.IPv4Network) -> 
 
 
 def endpoint_status(*, conflict: str | None, interface: str, present: bool, policy_error: str | None,
-                    policy_covers: bool, failures: list[str], corrupt: str | None, pending: bool) -> tuple[str, str]:
-    """(state, reason): conflict > down (no interface, or waiting for policy) > error > down
-    (programming) > up."""
+                    policy_covers: bool, failures: list[str], corrupt: str | None, pending: bool,
+                    link_down: bool = False) -> tuple[str, str]:
+    """(state, reason): conflict > down (no interface, set down, or waiting for policy) > error >
+    down (programming) > up. link_down: the interface is administratively down (the kernel has
+    dropped its IPv4 routes; they are put back when it comes up)."""
     if conflict:
         return "conflict", conflict
     if not present:
         return "down", f"interface {interface} not present"
+    if link_down:
+        return "down", f"interface {interface} is down"
     if policy_error and not policy_covers:
         return "down", f"waiting for policy (no route until it is in the kernel): {policy_error}"
     reasons = list(failures)
