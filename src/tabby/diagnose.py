@@ -111,8 +111,8 @@ def _policy_steps(client: ResourceClient, s_ep: Any, d_ep: Any, tcp_port: int | 
     (policies, bad_pol), (profiles, bad_prof) = client.list("Policy"), client.list("Profile")
     if bad_pol or bad_prof:
         bad = [key for key, _ in (*bad_pol, *bad_prof)]
-        return [_step("policy verdict", False, f"not judged: {len(bad)} corrupt Policy/Profile record(s), whose "
-                      f"last good version the agents enforce: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")]
+        return [Step("policy verdict", "not checked", f"{len(bad)} corrupt Policy/Profile record(s), whose last "
+                     f"good version the agents enforce: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")]
     endpoints = client.list("Endpoint")[0]
     steps = []
     for fam, s_addrs, d_addrs in ((6, s_ep.spec.ipv6_addresses, d_ep.spec.ipv6_addresses),
