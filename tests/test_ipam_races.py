@@ -223,3 +223,12 @@ def test_a_handle_write_whose_answer_is_lost_leaves_no_record_naming_freed_addre
     assert sq.get(key) is None
     assert IPAM(sq).check() == []
     assert all(u["used"] == 0 for u in IPAM(sq).usage())
+
+
+def test_release_by_address_looks_past_a_stray_smaller_key_that_covers_it(sq: Store) -> None:
+    """From the review of the fix above: the smallest key holding the address was taken, and a stray
+    or corrupt one inside the real block made the release fail (CorruptRecord)."""
+    pool(sq, "p", "10.0.0.0/16", block_size=26)
+    got = IPAM(sq).assign("h1", "host-a", ipv4=3)
+    sq.put(ipam_block_key("10.0.0.0/30"), b"garbage")
+    assert IPAM(sq).release_address(got[1].ip) == "h1"

@@ -43,3 +43,16 @@ def test_syncer_threads_at_once_leave_a_whole_file_with_every_entry(tmp_path: Pa
     kept = {k for k in records if int(k.rsplit("-", 1)[1]) % 2 == 0}
     assert set(json.loads(path.read_text())) == kept
     assert set(LastGood(path).load(lambda k, v: v)) == kept
+
+
+def test_a_file_of_big_records_is_not_refused_by_one_records_bound(tmp_path: Path) -> None:
+    """The per-record bound (100,000 values) was applied to the whole file: two good Policies of
+    60,000 networks each, both corrupt later, were lost at the next start."""
+    path = tmp_path / "last-good.json"
+    keeper = LastGood(path)
+    for name in ("a", "b"):
+        nets = [f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}/32" for i in range(60_000)]
+        keeper.set(f"/tabby/v1/policies/{name}", 1, validate({"kind": "Policy", "metadata": {"name": name},
+                                                            "spec": {"ingress": [{"action": "deny",
+                                                                                   "src_nets": nets}]}}))
+    assert sorted(LastGood(path).load(lambda k, v: v)) == ["/tabby/v1/policies/a", "/tabby/v1/policies/b"]

@@ -430,3 +430,14 @@ def test_what_a_review_found_the_decoders_took_or_choked_on() -> None:
     text = json.dumps(block).encode()
     with pytest.raises(InvalidResource, match="seq"):
         decode_ipam("/tabby/v1/ipam/blocks/10.0.0.0-26", text)
+    # what the readers refuse is not written either: more values than a record may hold, in 578 KB
+    many = {"kind": "Policy", "metadata": {"name": "p"}, "spec": {"ingress": [
+        {"action": "allow", "protocol": "tcp", "dst_ports": list(range(1, 50_001))} for _ in range(2)]}}
+    with pytest.raises(InvalidResource, match="more than 100000 values"):
+        parse_documents(json.dumps(many))
+    # YAML merge keys still let a mapping's own key override the merged one
+    docs = parse_documents("kind: Profile\nmetadata: {name: p}\nspec:\n  ingress:\n"
+                           "  - &web {action: allow, protocol: tcp, dst_ports: [80]}\n"
+                           "  - <<: *web\n    dst_ports: [443]\n")
+    assert [r.dst_ports for r in docs[0].spec.ingress] == [(80,), (443,)]
+

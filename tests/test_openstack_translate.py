@@ -294,3 +294,19 @@ def test_a_port_bound_or_moved_while_neutron_was_listed_keeps_what_the_driver_wr
     counts = reconcile(client, [sub], [PORT, {**moving, "binding:host_id": "h2"}], [sg],
                        listed_after=client.store.revision())
     assert counts["deleted"] == 1 and client.get("Endpoint", "os-aaaaaaaaaaaaaaaa-0000") is None
+
+
+def test_a_security_group_too_big_for_a_record_costs_only_itself_on_resync(tmp_path: Path) -> None:
+    """It raised out of the resync (Profiles go first: nothing after it was written, the delete pass
+    never ran, and the driver retried for ever)."""
+    from tabby.store import open_store
+
+    client = ResourceClient(open_store(f"sqlite://{tmp_path}/s.db"))
+    sub = {"id": "s6", "cidr": "fd00:5::/64", "ip_version": 6, "ipv6_address_mode": "dhcpv6-stateful"}
+    big = {"id": "sg-big", "security_group_rules": [
+        {"id": f"r{i}", "direction": "ingress", "ethertype": "IPv6", "protocol": "tcp", "port_range_min": 1 + i,
+         "port_range_max": 1 + i, "remote_ip_prefix": f"fd00:{i:x}::/64"} for i in range(6000)]}
+    small = {"id": "sg-a", "security_group_rules": []}
+    counts = reconcile(client, [sub], [PORT], [big, small])
+    assert counts["invalid"] == 1, counts
+    assert client.get("Profile", "sg-sg-a") is not None and client.get("Endpoint", "os-0123456789abcdef-0000")

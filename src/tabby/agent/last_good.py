@@ -47,7 +47,7 @@ class LastGood:
             log.warning("ignoring %s: %d bytes, more than %d", self.path, len(raw), MAX_FILE_BYTES)
             return {}
         try:
-            doc = load_json(str(self.path), raw, max_bytes=MAX_FILE_BYTES)
+            doc = load_json(str(self.path), raw, max_bytes=MAX_FILE_BYTES, max_values=None)  # each entry: its own
         except InvalidResource as e:
             log.warning("ignoring %s: %s", self.path, e)
             return {}

@@ -129,7 +129,7 @@ class StatusWriter:
                 self._inflight = dict(batch)
             beat = time.monotonic() >= next_beat
             try:
-                failed = self._look_for_others()
+                failed = self._look_for_others(batch)
                 if failed is None:
                     failed = self._write(batch, docs, beat)
                 else:
@@ -198,8 +198,9 @@ class StatusWriter:
             return what, e
         return None
 
-    def _look_for_others(self) -> tuple[str, Exception] | None:
-        """forget_others' listing, in this thread: what it finds is queued for removal."""
+    def _look_for_others(self, batch: dict[str, dict[str, Any] | None]) -> tuple[str, Exception] | None:
+        """forget_others' listing, in this thread: what it finds is queued for removal (not what is
+        set since, in the batch about to be written or queued after it)."""
         keep = self._keep
         if keep is None:
             return None
@@ -210,7 +211,7 @@ class StatusWriter:
         with self._cond:
             self._keep = None
             stale = [n for kv in kvs if (n := kv.key.rsplit("/", 1)[1]) not in keep and n not in self._pending
-                     and n not in self._written]
+                     and n not in self._written and n not in batch]
             for name in stale:
                 self._pending[name] = None
             if stale:

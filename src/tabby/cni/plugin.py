@@ -638,6 +638,7 @@ def gc(conf: NetConf, raw: dict[str, Any], ctx: Context | None = None) -> list[s
     ``cni.dev/valid-attachments`` (or libcni's older ``cni.dev/attachments``): allocation,
     Endpoint and veth. Without either list nothing is removed. Returns the handles removed."""
     from tabby.cni.inputs import check_container_id, check_ifname
+    from tabby.ipam import IpamError
 
     listed = raw.get("cni.dev/valid-attachments", raw.get("cni.dev/attachments"))
     if listed is None:
@@ -672,8 +673,12 @@ def gc(conf: NetConf, raw: dict[str, Any], ctx: Context | None = None) -> list[s
             # read again under its lock: an ADD that was running when the runtime made its list (so
             # the list could not name it) has finished by now; such a young attachment is left to
             # a later GC, where a list made after it names it if it is live
-            rec = ipam.handle(h.handle)
-            if rec is None:
+            try:
+                rec = ipam.handle(h.handle)
+            except IpamError:  # turned corrupt meanwhile: skipped, as the listing skips one
+                continue
+            if rec is None:  # a DEL took it meanwhile
+                lock.remove()
                 continue
             if rec.created is not None and rec.created > started - GC_GRACE_S:
                 import logging

@@ -476,6 +476,7 @@ class IPAM:
         is corrupt). CorruptRecord if this host's affinity record for it is corrupt (left as it is:
         the block cannot be claimed without rewriting it)."""
         aff_key = ipam_affinity_key(host, cidr)
+        usable = True
         pending = Affinity(host=host, cidr=str(cidr), state="pending", since=self.clock())
         try:
             aff_rev = self.store.create(aff_key, encode_ipam(pending))
@@ -500,10 +501,12 @@ class IPAM:
                     self.store.delete(aff_key, expected_revision=aff_rev)
                 return False
         else:
-            if self._yields_to_overlap(cidr, block_rev):
+            overlap = self._yields_to_overlap(cidr, block_rev)
+            if overlap == "gone":
                 with contextlib.suppress(NotFound, RevisionMismatch):
                     self.store.delete(aff_key, expected_revision=aff_rev)
                 return False
+            usable = overlap is None  # "kept": in use already, so its affinity is confirmed; this claim moves on
         confirmed = replace(pending, state="confirmed")
         # someone else may have confirmed it meanwhile: the block record is what counts. Gone (the
         # collector dropped it with the empty block this claim has just made again): made anew,
@@ -516,11 +519,12 @@ class IPAM:
             with contextlib.suppress(AlreadyExists):
                 self.store.create(aff_key, encode_ipam(confirmed))
         log.info("host %s claimed block %s", host, cidr)
-        return True
+        return usable
 
-    def _yields_to_overlap(self, cidr: IPNetwork, rev: int) -> bool:
-        """Just created block cidr at rev: True (and the block deleted again) if a block record
-        of another size overlapping it was created before it. Two claims that listed the blocks
+    def _yields_to_overlap(self, cidr: IPNetwork, rev: int) -> str | None:
+        """Just created block cidr at rev: "gone" (the block deleted again) if a block record of
+        another size overlapping it was created before it, "kept" if so but an allocation went into
+        it meanwhile (it cannot just go), None if no other overlaps it. Two claims that listed the blocks
         before either was created (a pool whose block size changed while another host still had
         the old one cached, overlapping pools) each made theirs; the one created later always sees
         the earlier one here and gives way, so no address is in two blocks."""
@@ -529,17 +533,19 @@ class IPAM:
                  and n != cidr and n.version == cidr.version
                  and (n.subnet_of(cidr) or cidr.subnet_of(n))]  # type: ignore[arg-type]
         if not first:
-            return False
+            return None
         key = ipam_block_key(cidr)
         try:
             self.store.delete(key, expected_revision=rev)
             log.warning("block %s overlaps %s, created just before it: given up", cidr, first[0])
         except NotFound:
             pass
-        except RevisionMismatch:  # an allocation went into it meanwhile: it cannot just go
-            log.error("block %s overlaps %s, created just before it, and is in use already: not used further "
-                      "(`tabby ipam check` names the overlap)", cidr, first[0])
-        return True
+        except RevisionMismatch:  # an allocation went into it meanwhile: it stays, and so does its
+            # affinity (in use without one, it would never be announced); `ipam check` names the overlap
+            log.error("block %s overlaps %s, created just before it, and is in use already: kept, with its "
+                      "affinity (`tabby ipam check` names the overlap)", cidr, first[0])
+            return "kept"
+        return "gone"
 
     # -- handles -------------------------------------------------------------------------
 
@@ -661,10 +667,18 @@ class IPAM:
         addr = plain_address(ip)
         # the block that holds it, not the one the pool's block size would make now: a pool whose
         # block size changed, or that was deleted, still has its old blocks to drain
-        holding = [n for n in self._held() if addr in n]
+        holding = sorted((n for n in self._held() if addr in n), key=lambda n: n.num_addresses)
         if not holding:
             raise NotAllocated(f"{addr}: no block holds it")
-        handle = self._free_in_block(str(min(holding, key=lambda n: n.num_addresses)), addr, seq)
+        errors: list[IpamError] = []
+        for net in holding:  # a stray or corrupt key may cover it too: the block that has it decides
+            try:
+                handle = self._free_in_block(str(net), addr, seq)
+                break
+            except (CorruptRecord, NotAllocated) as e:
+                errors.append(e)
+        else:
+            raise errors[0]
         key = ipam_handle_key(handle)
         while True:
             kv = self.store.get(key)

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from tabby.model.jsontext import (  # (re-exported too: the codec's public names)
     MAX_DEPTH,
     MAX_RECORD_BYTES,
+    MAX_RECORD_VALUES,
     InvalidResource,
     _check_tree,
     _printable,
@@ -73,10 +74,13 @@ def too_big(resource: Any, where: str, value: bytes | None = None) -> None:
     """InvalidResource if the record (value: its encoding, when at hand) would be larger than any
     reader takes (MAX_RECORD_BYTES): written, it was corrupt for every agent (6,000 rules of a
     Profile, each with its defaults written out)."""
-    size = len(encode(resource) if value is None else value)
-    if size > MAX_RECORD_BYTES:
-        raise InvalidResource(where, [f"(document): encodes to {size} bytes, more than the {MAX_RECORD_BYTES} a "
+    data = encode(resource) if value is None else value
+    if len(data) > MAX_RECORD_BYTES:
+        raise InvalidResource(where, [f"(document): encodes to {len(data)} bytes, more than the {MAX_RECORD_BYTES} a "
                                       "Store record may hold"])
+    if data.count(b",") >= MAX_RECORD_VALUES:  # what every reader counts (load_json)
+        raise InvalidResource(where, [f"(document): more than {MAX_RECORD_VALUES} values, more than a Store record "
+                                      "may hold"])
 
 
 def to_plain(resource: Any) -> dict[str, Any]:
@@ -118,9 +122,11 @@ class _Yaml12(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)  # merge keys (<<) first, as SafeConstructor does
+            # the mapping's own keys only: a merge (<<: *anchor) brings keys its own may override
             seen: set[Any] = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 try:
                     twice = key in seen

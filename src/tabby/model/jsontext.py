@@ -127,12 +127,14 @@ def strict_json(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_constant, parse_float=_finite)
 
 
-def load_json(key: str, value: bytes, max_bytes: int = MAX_RECORD_BYTES) -> Any:
-    """Any bytes -> plain JSON data, or InvalidResource naming the key (and the field)."""
+def load_json(key: str, value: bytes, max_bytes: int = MAX_RECORD_BYTES,
+              max_values: int | None = MAX_RECORD_VALUES) -> Any:
+    """Any bytes -> plain JSON data, or InvalidResource naming the key (and the field). max_values:
+    a Store record's bound (None for a file of many records, each decoded and bounded on its own)."""
     if len(value) > max_bytes:
         raise InvalidResource(key, [f"(document): {len(value)} bytes, more than the {max_bytes} allowed"])
-    if value.count(b",") >= MAX_RECORD_VALUES:  # (an upper bound of its values, counted in C)
-        raise InvalidResource(key, [f"(document): more than {MAX_RECORD_VALUES} values"])
+    if max_values is not None and value.count(b",") >= max_values:  # (an upper bound, counted in C)
+        raise InvalidResource(key, [f"(document): more than {max_values} values"])
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:

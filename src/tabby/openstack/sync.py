@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tabby.client import ResourceClient
-from tabby.model import decode, validate
+from tabby.model import InvalidResource, decode, validate
 from tabby.model.keys import kind_prefix
 from tabby.openstack.translate import OWNER_LABEL, desired
 from tabby.store import KV, NotFound, RevisionMismatch
@@ -73,7 +73,12 @@ def reconcile(client: ResourceClient, subnets: Iterable[Mapping[str, Any]], port
         wanted.add((res.kind, res.metadata.name))
         if any(newer(kv) for kv in current.get(res.kind, {}).get(res.metadata.name, ())):
             continue
-        counts[client.apply(res)[0]] += 1
+        try:
+            counts[client.apply(res)[0]] += 1
+        except InvalidResource as e:  # larger than a record may hold: kept as the Store has it, the rest goes on
+            counts["invalid"] += 1
+            log.error("Neutron %s %s cannot be written (what the Store holds for it is kept): %s", res.kind,
+                      res.metadata.name, e)
     for kind in KINDS:  # what was there before: a record the driver made meanwhile is not in it
         for kv in (kv for kvs in current[kind].values() for kv in kvs):
             try:
